@@ -1,0 +1,17 @@
+"""matfn: matrix functions for matrix-function optimizers.
+
+Polar factor (``msign``), matrix sign (``mcsgn``), singular-value clipping (``mclip``), the
+derivative of msign through Sylvester equations, and the O(n²) inverse of diagonal-plus-low-rank
+triangular matrices. Torch tensors in and out, any leading batch dims, CPU or CUDA (fused Triton
+kernels behind the same call on CUDA).
+"""
+
+from .coefficients import polar_express_coefficients
+from .msign import msign
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "msign",
+    "polar_express_coefficients",
+]

@@ -1,0 +1,267 @@
+r"""Newton–Schulz polynomial schedules.
+
+Every Newton–Schulz method in :mod:`matfn` iterates ``X ← a X + b (X Xᵀ) X + c (X Xᵀ)² X`` with a
+per-step triple ``(a, b, c)``. On the singular values this is the scalar map
+``x ↦ p_t(x) = a x + b x³ + c x⁵``, so a schedule is judged by the composition
+``f = p_T ∘ … ∘ p_1`` on ``[ℓ, 1]`` (math spec §1.2–1.3).
+
+Schedules here:
+
+* ``keller``: Keller Jordan's fixed quintic ``(3.4445, −4.7750, 2.0315)``.
+* ``tuned``: Su Jianlin's per-step tables (Ours-X3 for 5 steps, Ours-X for 6).
+* ``polar_express``: the greedy minimax (Remez) quintics of Amsel et al., generated for any step
+  count and lower bound by :func:`polar_express_coefficients` and cached.
+* ``cubic``: the classic ``(1.5, −0.5)``.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Literal
+
+import numpy as np
+
+__all__ = [
+    "KELLER",
+    "CUBIC",
+    "CONVERGENT_QUINTIC",
+    "TUNED_5",
+    "TUNED_6",
+    "DEFAULT_STEPS",
+    "Coefficients",
+    "polar_express_coefficients",
+    "schedule",
+    "scalar_map",
+    "max_scalar_error",
+    "auto_schedule",
+]
+
+Coefficients = tuple[float, float, float]
+Method = Literal["polar_express", "tuned", "keller", "cubic"]
+
+#: Keller Jordan's quintic; maximises the slope at 0, does not converge to 1 (fixed points
+#: 0.868 and 1.264): after 5 steps ``[0.01, 1]`` maps into ``[0.68, 1.13]``.
+KELLER: Coefficients = (3.4445, -4.7750, 2.0315)
+#: The classic cubic Newton–Schulz step ``1.5 x − 0.5 x³``.
+CUBIC: Coefficients = (1.5, -0.5, 0.0)
+#: The quintic with fixed point 1 and zero first and second derivative there (cubic convergence).
+CONVERGENT_QUINTIC: Coefficients = (15 / 8, -10 / 8, 3 / 8)
+
+#: Su's "Ours-X3" 5-step table (kexue.fm/archives/10922): max |f − 1| = 0.050 on [1e-2, 1].
+TUNED_5: tuple[Coefficients, ...] = (
+    (4.6182, -12.9582, 9.3299),
+    (3.8496, -7.9585, 4.3052),
+    (3.5204, -7.2918, 4.0606),
+    (3.2067, -6.8243, 4.2802),
+    (3.2978, -5.7848, 3.8917),
+)
+#: Su's "Ours-X" (k = 50) 6-step table, numbers /1024: max |f − 1| = 0.025 on [1e-3, 1].
+TUNED_6: tuple[Coefficients, ...] = tuple(
+    (a / 1024, b / 1024, c / 1024)
+    for a, b, c in (
+        (4140, -7553, 3571),
+        (3892, -6637, 2973),
+        (3668, -6456, 3021),
+        (3248, -6211, 3292),
+        (2792, -5759, 3796),
+        (3176, -5507, 4048),
+    )
+)
+
+#: Default step count per method (``steps=None``).
+DEFAULT_STEPS: dict[str, int] = {"polar_express": 5, "tuned": 5, "keller": 5, "cubic": 12}
+
+
+def _poly(coeffs: Coefficients, x: float) -> float:
+    return sum(v * x ** (2 * i + 1) for i, v in enumerate(coeffs))
+
+
+def _optimal_quintic(lower: float, upper: float) -> Coefficients:
+    """Minimax odd quintic for the constant 1 on ``[lower, upper]`` (simplified Remez).
+
+    The optimum equioscillates at ``lower`` (value ``1 − E``), its two interior critical points
+    (``1 + E``, ``1 − E``) and ``upper`` (``1 + E``); alternate between solving that 4×4 linear
+    system for ``(a, b, c, E)`` and moving the interior points to the roots of ``p′``.
+    """
+    if lower / upper >= 1 - 5e-6:
+        return (15 / 8 / upper, -10 / 8 / upper**3, 3 / 8 / upper**5)
+    # Arithmetic mirrors the authors' reference code operation for operation: near-degenerate
+    # intervals make the 4×4 system ill-conditioned and the published tables are its output.
+    lo, hi = lower, upper
+    q, r = (3 * lo + hi) / 4, (lo + 3 * hi) / 4
+    err, err_prev = math.inf, None
+    for _ in range(1000):
+        if err_prev is not None and abs(err_prev - err) <= 1e-15:
+            break
+        err_prev = err
+        system = np.array(
+            [
+                [lo, lo**3, lo**5, 1],
+                [q, q**3, q**5, -1],
+                [r, r**3, r**5, 1],
+                [hi, hi**3, hi**5, -1],
+            ]
+        )
+        a, b, c, err = np.linalg.solve(system, np.ones(4))
+        q, r = np.sqrt((-3 * b + np.array([-1, 1]) * math.sqrt(9 * b**2 - 20 * a * c)) / (10 * c))
+    return (float(a), float(b), float(c))
+
+
+@lru_cache(maxsize=256)
+def _polar_express_cached(
+    steps: int, lower: float, safety: float, cushion: float
+) -> tuple[Coefficients, ...]:
+    upper = 1.0
+    out = []
+    for t in range(steps):
+        fit_lower = max(lower, cushion * upper) if cushion > 0 else lower
+        coeffs = _optimal_quintic(fit_lower, upper)
+        if cushion * upper > lower:
+            # Fitted on [λu, u]; recentre so the true interval [ℓ, u] is centred on 1.
+            gamma = 2 / (_poly(coeffs, lower) + _poly(coeffs, upper))
+            coeffs = tuple(gamma * v for v in coeffs)
+        if t < steps - 1:
+            # p(x / sf): a singular value slightly above u (rounding) cannot blow up. The last
+            # step stays unscaled so that the limit fixed point is exactly 1.
+            coeffs = tuple(v / safety ** (2 * i + 1) for i, v in enumerate(coeffs))
+        out.append(tuple(float(v) for v in coeffs))
+        lower = _poly(coeffs, lower)
+        upper = 2 - lower
+        lower = min(lower, upper)
+    return tuple(out)
+
+
+def polar_express_coefficients(
+    steps: int,
+    lower: float = 1e-3,
+    safety: float = 1.01,
+    cushion: float = 0.02,
+) -> list[Coefficients]:
+    r"""Polar-Express schedule: the greedy minimax odd quintics for ``steps`` steps.
+
+    Step ``t`` is the minimax odd quintic approximating 1 on the current interval
+    ``[ℓ_t, u_t]`` (``ℓ_1 = lower``, ``u_1 = 1``); its image defines the next interval,
+    ``ℓ_{t+1} = p_t(ℓ_t)``, ``u_{t+1} = 2 − ℓ_{t+1}``. Amsel et al. prove this greedy choice is
+    optimal among all compositions of ``steps`` quintics. Two finite-precision changes follow the
+    authors' code (math spec §1.3(d)):
+
+    * **cushion** ``λ``: fit on ``[max(ℓ_t, λ u_t), u_t]`` and rescale by
+      ``2 / (p(ℓ_t) + p(u_t))`` so the first steps do not crush values near 1;
+    * **safety** ``sf``: every step but the last is ``p(x / sf)``, i.e. ``(a/sf, b/sf³, c/sf⁵)``.
+      Use the same factor in the input normalisation ``X₀ = M / (sf ‖M‖_F)``.
+
+    Parameters
+    ----------
+    steps : int
+        Number of quintic steps ``T ≥ 1``. A safety-factored table depends on ``T`` (the last step
+        is unscaled), so it is built for exactly this ``T``.
+    lower : float
+        The smallest normalised singular value ``ℓ`` in ``(0, 1)`` the schedule must lift.
+    safety : float
+        The factor ``sf ≥ 1``. ``1.0`` disables it.
+    cushion : float
+        ``λ`` in ``[0, 1)``; ``0`` gives the plain minimax composition.
+
+    Returns
+    -------
+    list of (a, b, c)
+        One triple per step, float64 values.
+
+    Notes
+    -----
+    Cost: ``steps`` 4×4 Remez solves, cached per argument tuple. ``(5, 1e-3, 1.02, 0.02)`` gives
+    the 5-step table of modded-nanogpt; ``(8, 1e-3, 1.0, 0.02407327424182761)`` the raw
+    published table (both to 1e-13). With the defaults, ``T = 8`` converges to 1 within 1e-15 on
+    ``[1e-3, 1]`` in float64; ``T = 5`` leaves max ``|f − 1| ≈ 0.14`` there.
+
+    References
+    ----------
+    N. Amsel, D. Persson, C. Musco, R. M. Gower, "The Polar Express: Optimal Matrix Sign Methods
+    and Their Application to the Muon Algorithm", arXiv:2505.16932 (2025);
+    Su Jianlin, kexue.fm/archives/10996.
+
+    Examples
+    --------
+    >>> import matfn
+    >>> a, b, c = matfn.polar_express_coefficients(5, lower=1e-3, safety=1.02)[0]
+    >>> round(a, 6), round(b, 6), round(c, 6)
+    (8.156555, -22.483293, 15.87877)
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"`steps` must be a positive int, got {steps!r}")
+    if not (0 < lower < 1):
+        raise ValueError(f"`lower` must lie in (0, 1), got {lower!r}")
+    if not (safety >= 1):
+        raise ValueError(f"`safety` must be >= 1, got {safety!r}")
+    if not (0 <= cushion < 1):
+        raise ValueError(f"`cushion` must lie in [0, 1), got {cushion!r}")
+    return list(_polar_express_cached(steps, float(lower), float(safety), float(cushion)))
+
+
+def schedule(method: Method, steps: int) -> tuple[list[Coefficients], float]:
+    """Coefficients for ``steps`` steps of ``method`` and the input normalisation factor.
+
+    The iteration starts from ``X₀ = M / (factor · ‖M‖_F)``.
+
+    Raises
+    ------
+    ValueError
+        Unknown method, non-positive ``steps``, or ``tuned`` with fewer than 5 steps (the
+        published tables have 5 and 6 steps; longer runs append the convergent quintic
+        ``(15/8, −10/8, 3/8)``).
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"`steps` must be a positive int, 'auto' or None, got {steps!r}")
+    if method == "polar_express":
+        return polar_express_coefficients(steps), 1.01
+    if method == "keller":
+        return [KELLER] * steps, 1.0
+    if method == "cubic":
+        return [CUBIC] * steps, 1.0
+    if method == "tuned":
+        if steps < 5:
+            raise ValueError(
+                f"method='tuned' has tables for 5 and 6 steps, got steps={steps}; "
+                "use method='polar_express' for fewer steps"
+            )
+        base = TUNED_5 if steps == 5 else TUNED_6
+        return list(base) + [CONVERGENT_QUINTIC] * (steps - len(base)), 1.0
+    raise ValueError(
+        f"`method` must be one of 'polar_express', 'tuned', 'keller', 'cubic', 'svd'; "
+        f"got {method!r}"
+    )
+
+
+def scalar_map(coeffs: list[Coefficients], x: np.ndarray | float) -> np.ndarray:
+    """Apply the schedule to scalars in float64: ``f(x) = p_T(… p_1(x))``."""
+    y = np.asarray(x, dtype=np.float64)
+    for a, b, c in coeffs:
+        y2 = y * y
+        y = y * (a + y2 * (b + c * y2))
+    return y
+
+
+def max_scalar_error(coeffs: list[Coefficients], lower: float, upper: float = 1.0) -> float:
+    """``max |f(x) − 1|`` over ``[lower, upper]`` on a dense log-spaced grid (float64)."""
+    x = np.concatenate([np.geomspace(lower, upper, 4001), np.linspace(lower, upper, 4001)])
+    return float(np.max(np.abs(scalar_map(coeffs, x) - 1)))
+
+
+@lru_cache(maxsize=32)
+def _auto_schedule_cached(lower: float, tol: float) -> tuple[Coefficients, ...]:
+    for steps in range(1, 40):
+        coeffs = polar_express_coefficients(steps, lower)
+        # The input is divided by 1.01‖M‖_F, so the normalised σ lie in [lower/1.01, 1/1.01].
+        if max_scalar_error(coeffs, lower / 1.01, 1 / 1.01) <= tol:
+            return tuple(coeffs)
+    raise ValueError(f"no Polar-Express schedule reaches tol={tol} from lower={lower}")
+
+
+def auto_schedule(lower: float, tol: float) -> list[Coefficients]:
+    """The shortest Polar-Express schedule whose scalar error on ``[lower, 1]`` is ≤ ``tol``.
+
+    Used by ``steps="auto"``; math spec §1.3(d) tabulates the resulting step counts
+    (e.g. 8 steps for ``lower = 1e-3``, ``tol = 1e-12``).
+    """
+    return list(_auto_schedule_cached(float(lower), float(tol)))
