@@ -7,11 +7,16 @@ kernels behind the same call on CUDA).
 """
 
 from .coefficients import polar_express_coefficients
+from .mclip import mclip
+from .mcsgn import MatrixSignConvergenceError, mcsgn
 from .msign import msign
 
 __version__ = "0.1.0"
 
 __all__ = [
     "msign",
+    "mcsgn",
+    "mclip",
+    "MatrixSignConvergenceError",
     "polar_express_coefficients",
 ]

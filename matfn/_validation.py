@@ -73,13 +73,11 @@ def check_matrix(
         )
     if x.ndim < min_ndim:
         raise ValueError(
-            f"`{name}` must have at least {min_ndim} dimensions (..., n, m), "
-            f"got shape {_shape(x)}"
+            f"`{name}` must have at least {min_ndim} dimensions (..., n, m), got shape {_shape(x)}"
         )
     if square and x.shape[-1] != x.shape[-2]:
         raise ValueError(
-            f"`{name}` must be square in its last two dimensions (..., n, n), "
-            f"got shape {_shape(x)}"
+            f"`{name}` must be square in its last two dimensions (..., n, n), got shape {_shape(x)}"
         )
     if check_finite:
         assert_finite(x, name)

@@ -3,6 +3,7 @@ r"""msign: the polar factor ``U Vᵀ`` of a real matrix by Newton–Schulz itera
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -132,26 +133,43 @@ def _msign_svd(X: torch.Tensor) -> torch.Tensor:
     return (U * keep.unsqueeze(-2)) @ Vh
 
 
-def _iterate_auto(X: torch.Tensor, algorithm: str, what: str = "msign") -> torch.Tensor:
+def polish_until_converged(
+    X: torch.Tensor, step: Callable[[torch.Tensor], torch.Tensor], tol: float
+) -> tuple[torch.Tensor, bool]:
+    """Apply ``step`` until it moves X by ≤ ``tol`` (relative Frobenius, worst matrix).
+
+    Also stops once the change has fallen below 1e-2 and then fails to halve: the iterate has
+    reached its rounding floor (non-normal input in float32, for example). One host sync per step.
+    """
+    acc = _accumulate_dtype(X.dtype)
+    previous = float("inf")
+    for _ in range(AUTO_MAX_POLISH):
+        X_next = step(X)
+        diff = torch.linalg.matrix_norm((X_next - X).to(acc))
+        size = torch.linalg.matrix_norm(X.to(acc)).clamp_min(torch.finfo(acc).tiny)
+        change = float((diff / size).max())
+        X = X_next
+        if change <= tol or (previous < 1e-2 and change > 0.5 * previous):
+            return X, True
+        previous = change
+    return X, False
+
+
+def _iterate_auto(X: torch.Tensor, algorithm: str) -> torch.Tensor:
     lower, target = AUTO_TARGETS[X.dtype]
     X = run_newton_schulz(X, auto_schedule(lower, target), algorithm)
     tol = AUTO_TOL[X.dtype]
-    for _ in range(AUTO_MAX_POLISH):
-        X_next = newton_schulz_torch(X, [CONVERGENT_QUINTIC])
-        acc = _accumulate_dtype(X.dtype)
-        change = torch.linalg.matrix_norm((X_next - X).to(acc)) / torch.linalg.matrix_norm(
-            X.to(acc)
-        ).clamp_min(torch.finfo(acc).tiny)
-        X = X_next
-        if float(change.max()) <= tol:
-            return X
-    warnings.warn(
-        f"{what}(steps='auto') did not converge to tol={tol:g} after the schedule and "
-        f"{AUTO_MAX_POLISH} polishing steps: singular values below about "
-        f"{lower:g}·‖M‖_F converge slowly (numerically rank-deficient input?)",
-        RuntimeWarning,
-        stacklevel=3,
+    X, converged = polish_until_converged(
+        X, lambda Y: newton_schulz_torch(Y, [CONVERGENT_QUINTIC]), tol
     )
+    if not converged:
+        warnings.warn(
+            f"msign(steps='auto') did not converge to tol={tol:g} after the schedule and "
+            f"{AUTO_MAX_POLISH} polishing steps: singular values below about "
+            f"{lower:g}·‖M‖_F converge slowly (numerically rank-deficient input?)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return X
 
 

@@ -1,4 +1,4 @@
-"""Test-suite set-up: Triton's CPU interpreter, hypothesis profiles, float64 oracles."""
+"""Test-suite set-up (tests and doctests): Triton CPU interpreter, hypothesis profiles."""
 
 import os
 

@@ -1,0 +1,281 @@
+r"""Triton matrix products for the Newton–Schulz family (batched, fused epilogue).
+
+One kernel, two tilings:
+
+* **symmetric** (``SYMMETRIC=True``): the output ``C = α A B + β D + γ I`` is known to be
+  symmetric (``X Xᵀ``, ``A²`` of a symmetric A, products of commuting polynomials in a Gram
+  matrix). Only the lower-triangle tiles ``i ≥ j`` are computed; each off-diagonal tile is stored
+  twice, at ``(i, j)`` and transposed at ``(j, i)``. That halves the FLOPs of the product.
+* **general**: every tile, grouped ("super-grouped") tile order for L2 reuse.
+
+The epilogue ``α·acc + β·D + γ·I`` runs in float32 on the accumulator before the single store,
+so ``bA + cA²`` and ``aX + BX`` cost no extra pass through memory. Operands are bf16/fp16 (fp32
+works, with IEEE-exact dots); accumulation is float32. A batch ``(Bt, M, K) @ (Bt, K, N)`` is
+one launch: the batch index and the tile index share grid axis 0 (no 65535 limit), and the
+batch offset is 64-bit. Every operand is addressed through its strides, so ``X.mT`` views need
+no copy; a batch stride of 0 broadcasts.
+
+The torch twins are in :mod:`matfn.msign` (``ns_step_torch`` and friends).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["INTERPRET", "gram_triton", "matmul_triton"]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _tile_coords(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 GROUP_M: tl.constexpr, SYMMETRIC: tl.constexpr):
+    if SYMMETRIC:
+        # Linear index over the lower triangle, row by row: t = i (i + 1) / 2 + j, j ≤ i.
+        i = ((tl.sqrt((8 * pid + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
+        i = tl.where((i + 1) * (i + 2) // 2 <= pid, i + 1, i)
+        i = tl.where(i * (i + 1) // 2 > pid, i - 1, i)
+        pid_m = i
+        pid_n = pid - i * (i + 1) // 2
+    else:
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        in_group = GROUP_M * num_n
+        group = pid // in_group
+        first_m = group * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % in_group) % size_m
+        pid_n = (pid % in_group) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _mm_kernel(
+    a_ptr, b_ptr, d_ptr, c_ptr,
+    M, N, K, BATCH,
+    stride_ab, stride_am, stride_ak,
+    stride_bb, stride_bk, stride_bn,
+    stride_db, stride_dm, stride_dn,
+    stride_cb, stride_cm, stride_cn,
+    alpha, beta, gamma,
+    SYMMETRIC: tl.constexpr, HAS_D: tl.constexpr, HAS_DIAG: tl.constexpr,
+    IEEE: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    num_m = tl.cdiv(M, BLOCK_M)
+    if SYMMETRIC:
+        tiles = num_m * (num_m + 1) // 2
+    else:
+        tiles = num_m * tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    bid = (pid // tiles).to(tl.int64)
+    pid_m, pid_n = _tile_coords(pid % tiles, M, N, BLOCK_M, BLOCK_N, GROUP_M, SYMMETRIC)
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    # Out-of-range rows/columns wrap to valid ones (their results are never stored), so the
+    # operand loads need no M/N mask.
+    am = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)
+    bn = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
+    a_ptrs = a_ptr + bid * stride_ab + am[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptrs = b_ptr + bid * stride_bb + rk[:, None] * stride_bk + bn[None, :] * stride_bn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=rk[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=rk[:, None] < k_left, other=0.0)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    out = acc * alpha
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if HAS_D:
+        d_ptrs = d_ptr + bid * stride_db + rm[:, None] * stride_dm + rn[None, :] * stride_dn
+        out += beta * tl.load(d_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DIAG:
+        out += tl.where(rm[:, None] == rn[None, :], gamma, 0.0)
+    out = out.to(c_ptr.dtype.element_ty)
+    c_base = c_ptr + bid * stride_cb
+    tl.store(c_base + rm[:, None] * stride_cm + rn[None, :] * stride_cn, out, mask=mask)
+    if SYMMETRIC:
+        # Mirror the strictly lower part into the upper triangle: whole off-diagonal tiles, and
+        # on diagonal tiles the upper half is overwritten by the lower (exactly symmetric).
+        mask_t = (rn[:, None] < N) & (rm[None, :] < M) & (rm[None, :] > rn[:, None])
+        tl.store(c_base + rn[:, None] * stride_cm + rm[None, :] * stride_cn, tl.trans(out),
+                 mask=mask_t)
+
+
+def _config(bm: int, bn: int, bk: int, stages: int, warps: int) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+        num_stages=stages,
+        num_warps=warps,
+    )
+
+
+# Short Hopper lists (H100/H200, bf16): square tiles for the triangle, wider ones allowed for
+# the general product. Small tiles keep small matrices (≤ 1024) from running on a few SMs.
+_SYMMETRIC_CONFIGS = [
+    _config(128, 128, 64, 4, 8),
+    _config(128, 128, 64, 3, 4),
+    _config(64, 64, 64, 4, 4),
+]
+_GENERAL_CONFIGS = [
+    _config(128, 256, 64, 3, 8),
+    _config(128, 128, 64, 4, 8),
+    _config(64, 128, 64, 4, 4),
+    _config(64, 64, 64, 4, 4),
+]
+
+
+def _prune(configs, named_args, **kwargs):
+    # Tiles far larger than the matrix only waste work: keep those that fit (or the smallest).
+    m, n = named_args["M"], named_args["N"]
+    fit = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_M"] <= max(m, 64) and c.kwargs["BLOCK_N"] <= max(n, 64)
+    ]
+    return fit or configs[-1:]
+
+
+_mm_heuristic = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(
+    _mm_kernel
+)
+_KEY = ["M", "N", "K", "BATCH", "SYMMETRIC", "HAS_D"]
+_PRUNE = {"early_config_prune": _prune}
+_sym_tuned = triton.autotune(_SYMMETRIC_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_mm_heuristic)
+_gen_tuned = triton.autotune(_GENERAL_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_mm_heuristic)
+
+#: Fixed tiles under the CPU interpreter (no autotuning there); 16 is tl.dot's minimum.
+INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
+
+
+def _grid_size(M: int, N: int, batch: int, bm: int, bn: int, symmetric: bool) -> int:
+    if symmetric:
+        t = triton.cdiv(M, bm)
+        return batch * (t * (t + 1) // 2)
+    return batch * triton.cdiv(M, bm) * triton.cdiv(N, bn)
+
+
+def _launch(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    D: torch.Tensor | None,
+    out: torch.Tensor,
+    alpha: float,
+    beta: float,
+    gamma: float,
+    symmetric: bool,
+) -> torch.Tensor:
+    batch, M, K = A.shape
+    N = B.shape[-1]
+    if batch == 0 or M == 0 or N == 0:
+        return out
+    if K == 0:
+        # Empty inner dimension: the product is zero, only the epilogue remains.
+        res = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+        if D is not None:
+            res += beta * D.float()
+        if gamma:
+            res.diagonal(dim1=-2, dim2=-1).add_(gamma)
+        return out.copy_(res)
+    d = D if D is not None else out
+    args = (
+        A, B, d, out, M, N, K, batch,
+        *A.stride(), *B.stride(), *d.stride(), *out.stride(),
+        float(alpha), float(beta), float(gamma),
+    )
+    flags = dict(
+        SYMMETRIC=symmetric,
+        HAS_D=D is not None,
+        HAS_DIAG=gamma != 0,
+        IEEE=A.dtype == torch.float32,
+    )
+    if INTERPRET:
+        blocks = INTERPRET_BLOCKS
+        grid = (_grid_size(M, N, batch, blocks["BLOCK_M"], blocks["BLOCK_N"], symmetric),)
+        _mm_heuristic[grid](*args, **flags, **blocks)
+        return out
+    kernel = _sym_tuned if symmetric else _gen_tuned
+    kernel[
+        lambda meta: (_grid_size(M, N, batch, meta["BLOCK_M"], meta["BLOCK_N"], symmetric),)
+    ](*args, **flags)
+    return out
+
+
+def _check(name: str, T: torch.Tensor) -> None:
+    if T.dim() != 3:
+        raise ValueError(f"`{name}` must be a 3-D batch (B, n, m), got shape {tuple(T.shape)}")
+
+
+def _out_like(A: torch.Tensor, M: int, N: int, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return torch.empty(A.shape[0], M, N, dtype=A.dtype, device=A.device)
+    return out
+
+
+def matmul_triton(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    D: torch.Tensor | None = None,
+    *,
+    alpha: float = 1.0,
+    beta: float = 0.0,
+    gamma: float = 0.0,
+    symmetric: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""``C = α A B + β D + γ I`` for batches ``A (Bt, M, K)``, ``B (Bt, K, N)``, one launch.
+
+    ``symmetric=True`` promises that the result is symmetric (``M = N``): only the lower
+    triangle of tiles is computed and mirrored, half the FLOPs of the product (``M K N`` instead
+    of ``2 M K N``). The caller guarantees symmetry (``X Xᵀ``, ``A A`` with A symmetric,
+    ``P(R) Q(R)`` for polynomials of one symmetric R); the upper triangle is otherwise the
+    transpose of the lower one, not ``A B``. Output dtype = ``A.dtype``; float32 accumulation;
+    any strides (views such as ``X.mT`` are read in place).
+    """
+    _check("A", A)
+    _check("B", B)
+    if A.shape[0] != B.shape[0] or A.shape[2] != B.shape[1]:
+        raise ValueError(f"shapes {tuple(A.shape)} and {tuple(B.shape)} cannot be multiplied")
+    M, N = A.shape[1], B.shape[2]
+    if symmetric and M != N:
+        raise ValueError(f"symmetric=True needs a square result, got {M}×{N}")
+    if D is not None:
+        _check("D", D)
+        D = D.expand(A.shape[0], M, N) if D.shape[0] == 1 else D
+        if tuple(D.shape) != (A.shape[0], M, N):
+            raise ValueError(f"`D` must have shape {(A.shape[0], M, N)}, got {tuple(D.shape)}")
+    out = _out_like(A, M, N, out)
+    return _launch(A, B, D, out, alpha, beta, gamma, symmetric)
+
+
+def gram_triton(
+    X: torch.Tensor,
+    D: torch.Tensor | None = None,
+    *,
+    alpha: float = 1.0,
+    beta: float = 0.0,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Symmetric Gram product ``α X Xᵀ + β D`` of a batch ``X (Bt, s, L)``: lower tiles only.
+
+    Cost ``s² L`` FLOPs (half of ``2 s² L``).
+    """
+    _check("X", X)
+    return matmul_triton(X, X.mT, D, alpha=alpha, beta=beta, symmetric=True, out=out)

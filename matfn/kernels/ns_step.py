@@ -1,0 +1,94 @@
+r"""Newton–Schulz iterations on the Triton products of :mod:`matfn.kernels.gram`.
+
+Each function mirrors a torch twin in :mod:`matfn.msign` operation for operation, with the
+symmetric products computed on the lower triangle of tiles only and every ``α·P + β·D`` formed
+in the product's epilogue:
+
+* quintic step: ``A = X Xᵀ`` (symmetric, ``s² L``), ``B = c A A + b A`` (symmetric, ``s³``),
+  ``X ← B X + a X`` (general, ``2 s² L``): ``3 s² L + s³`` FLOPs instead of ``4 s² L + 2 s³``;
+* cubic step (``c = 0``): ``X ← b A X + a X``, no ``B``;
+* Gram iteration: every s×s product is a product of commuting polynomials in ``R = X Xᵀ``,
+  hence symmetric;
+* the general-square sign step ``X ← a X + (b X² + c X⁴) X`` (mcsgn; no symmetry).
+
+Inputs are 3-D batches; the whole batch is one launch per product.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .gram import gram_triton, matmul_triton
+
+__all__ = [
+    "ns_step_triton",
+    "newton_schulz_triton",
+    "gram_newton_schulz_triton",
+    "sign_step_triton",
+]
+
+Coefficients = tuple[float, float, float]
+
+
+def ns_step_triton(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
+    """One step ``a X + (b A + c A²) X`` with ``A = X Xᵀ`` for ``X (Bt, s, L)``, s ≤ L."""
+    A = gram_triton(X)
+    if c == 0:
+        return matmul_triton(A, X, X, alpha=b, beta=a)
+    B = matmul_triton(A, A, A, alpha=c, beta=b, symmetric=True)
+    return matmul_triton(B, X, X, alpha=1.0, beta=a)
+
+
+def newton_schulz_triton(X: torch.Tensor, coeffs: Sequence[Coefficients]) -> torch.Tensor:
+    """The standard iteration, one :func:`ns_step_triton` per triple."""
+    for a, b, c in coeffs:
+        X = ns_step_triton(X, a, b, c)
+    return X
+
+
+def _poly_gram(R: torch.Tensor, b: float, c: float) -> torch.Tensor:
+    """``Z = b R + c R²`` (symmetric)."""
+    if c == 0:
+        return R * b
+    return matmul_triton(R, R, R, alpha=c, beta=b, symmetric=True)
+
+
+def gram_newton_schulz_triton(
+    X: torch.Tensor, coeffs: Sequence[Coefficients], restarts: Sequence[int] = ()
+) -> torch.Tensor:
+    r"""Gram Newton–Schulz (see ``gram_newton_schulz_torch``): iterate on ``R = X Xᵀ``.
+
+    Per step ``Z = b R + c R²``, ``Q ← Q Z + a Q`` (or ``Z + a I`` after a (re)start),
+    ``R ← (Z + aI) R (Z + aI)`` as ``RZ = R Z + a R``, ``R = Z·RZ + a RZ`` (skipped when the next
+    step restarts or there is none); all symmetric. ``restarts``: steps before which
+    ``X ← Q X``, ``R ← X Xᵀ``, ``Q ← I``.
+    """
+    T = len(coeffs)
+    R = gram_triton(X)
+    Q = None
+    for t, (a, b, c) in enumerate(coeffs):
+        if t in restarts and Q is not None:
+            X = matmul_triton(Q, X)
+            R = gram_triton(X)
+            Q = None
+        Z = _poly_gram(R, b, c)
+        if Q is None:
+            Q = Z.clone()
+            Q.diagonal(dim1=-2, dim2=-1).add_(a)
+        else:
+            Q = matmul_triton(Q, Z, Q, beta=a, symmetric=True)
+        if t + 1 < T and t + 1 not in restarts:
+            RZ = matmul_triton(R, Z, R, beta=a, symmetric=True)
+            R = matmul_triton(Z, RZ, RZ, beta=a, symmetric=True)
+    return X if Q is None else matmul_triton(Q, X)
+
+
+def sign_step_triton(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
+    """One matrix-sign step ``a X + (b X² + c X⁴) X`` for square ``X (Bt, N, N)`` (general)."""
+    X2 = matmul_triton(X, X)
+    if c == 0:
+        return matmul_triton(X2, X, X, alpha=b, beta=a)
+    B = matmul_triton(X2, X2, X2, alpha=c, beta=b)
+    return matmul_triton(B, X, X, alpha=1.0, beta=a)
