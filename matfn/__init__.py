@@ -7,9 +7,12 @@ kernels behind the same call on CUDA).
 """
 
 from .coefficients import polar_express_coefficients
+from .derivatives import msign_jvp, msign_vjp
 from .mclip import mclip
 from .mcsgn import MatrixSignConvergenceError, mcsgn
 from .msign import msign
+from .sylvester import solve_sylvester
+from .triangular import tri_inv, tri_solve
 
 __version__ = "0.1.0"
 
@@ -19,4 +22,9 @@ __all__ = [
     "mclip",
     "MatrixSignConvergenceError",
     "polar_express_coefficients",
+    "solve_sylvester",
+    "msign_jvp",
+    "msign_vjp",
+    "tri_inv",
+    "tri_solve",
 ]

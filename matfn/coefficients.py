@@ -104,7 +104,13 @@ def _optimal_quintic(lower: float, upper: float) -> Coefficients:
             ]
         )
         a, b, c, err = np.linalg.solve(system, np.ones(4))
-        q, r = np.sqrt((-3 * b + np.array([-1, 1]) * math.sqrt(9 * b**2 - 20 * a * c)) / (10 * c))
+        disc = 9 * b**2 - 20 * a * c
+        roots = (-3 * b + np.array([-1, 1]) * math.sqrt(max(disc, 0.0))) / (10 * c)
+        if disc < 0 or not np.all(roots > 0):
+            # A nearly degenerate interval (ℓ/u → 1) makes the 4×4 system singular to working
+            # precision; the limit of the minimax quintic there is the convergent one.
+            return (15 / 8 / upper, -10 / 8 / upper**3, 3 / 8 / upper**5)
+        q, r = np.sqrt(roots)
     return (float(a), float(b), float(c))
 
 

@@ -49,7 +49,12 @@ def sign_iteration_torch(X: torch.Tensor, coeffs: list[Coefficients]) -> torch.T
 
 
 def _run_sign_iteration(X: torch.Tensor, coeffs: list[Coefficients]) -> torch.Tensor:
-    return sign_iteration_torch(X, coeffs)
+    """The iteration through :mod:`matfn.kernels.dispatch` (Triton for half precision on CUDA)."""
+    from .kernels.dispatch import sign_step
+
+    for a, b, c in coeffs:
+        X = sign_step(X, a, b, c)
+    return X
 
 
 def _normalize_trace(
@@ -215,11 +220,11 @@ def mcsgn(
         X, converged = polish_until_converged(
             X, lambda Y: _run_sign_iteration(Y, [CONVERGENT_QUINTIC]), tol
         )
-        if not converged:
+        if not converged and check_convergence:
             raise MatrixSignConvergenceError(
                 f"mcsgn(steps='auto') did not converge to tol={tol:g}: M has eigenvalues on or "
-                "near the imaginary axis, or nonzero eigenvalues below "
-                f"{lower:g}·√tr(M²)"
+                "near the imaginary axis, or eigenvalues below "
+                f"{lower:g}·√tr(M²) (for exact zeros, which map to 0, pass an int `steps`)"
             )
         bound = 0.0
     else:

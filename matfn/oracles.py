@@ -20,6 +20,8 @@ __all__ = [
     "polar_oracle",
     "sylvester_oracle",
     "rank_tolerance",
+    "msign_jvp_oracle",
+    "msign_vjp_oracle",
 ]
 
 
@@ -105,9 +107,74 @@ def sylvester_oracle(A: object, B: object, C: object) -> np.ndarray:
     from scipy.linalg import solve_sylvester
 
     a, b, c = as_float64(A), as_float64(B), as_float64(C)
-    a, b, c = np.broadcast_arrays(a, b, c) if a.shape[:-2] == c.shape[:-2] else (a, b, c)
-    fa = a.reshape(-1, *a.shape[-2:])
-    fb = b.reshape(-1, *b.shape[-2:])
-    fc = c.reshape(-1, *c.shape[-2:])
+    batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2], c.shape[:-2])
+    fa = np.broadcast_to(a, batch + a.shape[-2:]).reshape(-1, *a.shape[-2:])
+    fb = np.broadcast_to(b, batch + b.shape[-2:]).reshape(-1, *b.shape[-2:])
+    fc = np.broadcast_to(c, batch + c.shape[-2:]).reshape(-1, *c.shape[-2:])
     out = [solve_sylvester(x, y, z) for x, y, z in zip(fa, fb, fc, strict=True)]
-    return np.stack(out).reshape(c.shape)
+    return np.stack(out).reshape(batch + c.shape[-2:])
+
+
+def _full_svd_parts(M: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Full SVD ``M = U Σ Vᵀ`` (U n×n, V m×m), σ padded with zeros to length n and m, rank r."""
+    U, s, Vh = np.linalg.svd(M, full_matrices=True)
+    r = int(np.sum(s > rank_tolerance(s, M.shape))) if s.size else 0
+    s = np.where(np.arange(s.size) < r, s, 0.0)
+    n, m = M.shape
+    sn = np.zeros(n)
+    sm = np.zeros(m)
+    sn[: s.size] = s
+    sm[: s.size] = s
+    return U, Vh.T, np.add.outer(sn, sm), r
+
+
+def _divided(num: np.ndarray, denom: np.ndarray) -> np.ndarray:
+    """``num / denom`` with 0 where ``denom = 0`` (the pseudo-inverse convention, spec §4.4)."""
+    out = np.zeros_like(num)
+    np.divide(num, denom, out=out, where=denom > 0)
+    return out
+
+
+def msign_jvp_oracle(M: object, dM: object) -> np.ndarray:
+    """Directional derivative of msign at M along dM, by the SVD closed form (spec §4.2).
+
+    With the full SVD ``M = U Σ Vᵀ`` of rank r and ``X̃ = Uᵀ dM V``: range–range entries
+    ``(X̃ᵢⱼ − X̃ⱼᵢ)/(σᵢ + σⱼ)``, range–null and null–range entries ``X̃ᵢⱼ/(σᵢ + σⱼ)``, null–null
+    entries 0; ``dO = U Y Vᵀ``. Exact for full-rank M; for rank-deficient M it is the derivative
+    along rank-preserving directions only (the pseudo-inverse convention). Batched, float64.
+    """
+    A, D = np.broadcast_arrays(as_float64(M), as_float64(dM))
+    flat_a = A.reshape(-1, *A.shape[-2:])
+    flat_d = D.reshape(-1, *A.shape[-2:])
+    out = np.zeros_like(flat_a)
+    for k, (a, d) in enumerate(zip(flat_a, flat_d, strict=True)):
+        if a.size == 0:
+            continue
+        U, V, denom, r = _full_svd_parts(a)
+        Xt = U.T @ d @ V
+        num = Xt.copy()
+        num[:r, :r] = Xt[:r, :r] - Xt[:r, :r].T
+        num[r:, r:] = 0.0
+        out[k] = U @ _divided(num, denom) @ V.T
+    return out.reshape(A.shape)
+
+
+def msign_vjp_oracle(M: object, G: object) -> np.ndarray:
+    """Gradient at M of ``⟨G, msign(M)⟩`` by the SVD closed form (spec §4.2).
+
+    ``Y = (Uᵀ G V) ⊘ (σᵢ + σⱼ)`` (0 where both σ are 0), then ``U (Y − [Yᵀ]_{r×r}) Vᵀ``: the
+    Sylvester solution ``X`` of ``(M Oᵀ) X + X (Oᵀ M) = G`` mapped by ``X − O Xᵀ O``. Batched,
+    float64.
+    """
+    A, C = np.broadcast_arrays(as_float64(M), as_float64(G))
+    flat_a = A.reshape(-1, *A.shape[-2:])
+    flat_c = C.reshape(-1, *A.shape[-2:])
+    out = np.zeros_like(flat_a)
+    for k, (a, c) in enumerate(zip(flat_a, flat_c, strict=True)):
+        if a.size == 0:
+            continue
+        U, V, denom, r = _full_svd_parts(a)
+        Y = _divided(U.T @ c @ V, denom)
+        Y[:r, :r] -= Y[:r, :r].T.copy()
+        out[k] = U @ Y @ V.T
+    return out.reshape(A.shape)

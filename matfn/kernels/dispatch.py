@@ -1,6 +1,13 @@
 """Kernel dispatch: Triton on CUDA tensors, the torch reference path everywhere else.
 
-Importing this module never imports Triton; :func:`use_triton` probes it lazily once.
+Importing this module never imports Triton; :func:`use_triton` probes it lazily once and the
+kernel modules are imported on the first CUDA call.
+
+Newton–Schulz entry points (each picks the Triton kernels of :mod:`matfn.kernels.ns_step` for
+bf16/fp16 CUDA batches, and the torch twins of :mod:`matfn.msign` otherwise, e.g. on CPU, in
+float32/float64, or with ``MATFN_DISABLE_TRITON=1``): :func:`ns_step`, :func:`newton_schulz`,
+:func:`gram_newton_schulz`, :func:`sign_step` (general square, for mcsgn) and
+:func:`newton_schulz_grouped` (a list of matrices of mixed shapes).
 """
 
 from __future__ import annotations
@@ -8,10 +15,36 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from collections.abc import Sequence
 
 import torch
 
-__all__ = ["triton_available", "use_triton"]
+__all__ = [
+    "triton_available",
+    "use_triton",
+    "kernels_apply",
+    "gram_accurate",
+    "ns_step",
+    "newton_schulz",
+    "gram_newton_schulz",
+    "sign_step",
+    "newton_schulz_grouped",
+    "GRAM_HALF_DTYPE",
+]
+
+Coefficients = tuple[float, float, float]
+
+#: The Gram path iterates bf16 batches in this dtype:
+#: R = X Xᵀ has entries in [−1, 1] and its fp16 rounding is 8× finer than bf16's (math spec
+#: §1.3(f); the gram-newton-schulz project does the same). See docs/benchmarks.md for the
+#: measured accuracy.
+GRAM_HALF_DTYPE = torch.float16
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+#: Smallest problem (``batch · s² · L`` multiply-adds per product) sent to the Triton kernels.
+#: Below it the Python launch overhead of Triton (about 50 µs a launch measured on the H100
+#: host, against a few µs for a cuBLAS call) outweighs the halved symmetric products, so cuBLAS
+#: through the torch path is faster: 1024² took 1.09 ms with the kernels against 0.30 ms.
+MIN_TRITON_WORK = 2**34
 
 
 @functools.cache
@@ -32,3 +65,105 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if not all(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors):
         return False
     return triton_available()
+
+
+def kernels_apply(X: torch.Tensor) -> bool:
+    """Whether the Newton–Schulz Triton kernels run for ``X (B, s, L)``.
+
+    CUDA, bf16/fp16, Triton on, and at least :data:`MIN_TRITON_WORK` multiply-adds per product.
+    """
+    if X.dtype not in _KERNEL_DTYPES or not use_triton(X):
+        return False
+    s, L = sorted(X.shape[-2:])
+    return X[..., :1, :1].numel() * s * s * L >= MIN_TRITON_WORK
+
+
+def gram_accurate(X: torch.Tensor) -> bool:
+    """Whether ``algorithm="auto"`` may pick the Gram path for ``X`` (a hook per dtype/device).
+
+    Always true now: bf16 batches run Gram NS in fp16 (:func:`gram_newton_schulz`), which with
+    the restarts of :func:`matfn.msign.gram_restarts` was measured at least as accurate as
+    standard bf16 NS (docs/benchmarks.md, "Newton–Schulz kernels"); fp16/fp32/fp64 iterate in
+    their own dtype with the same restarts.
+    """
+    return True
+
+
+def ns_step(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
+    """One Newton–Schulz step ``a X + (b A + c A²) X``, ``A = X Xᵀ``, ``X (B, s, L)``, s ≤ L."""
+    if kernels_apply(X):
+        from .ns_step import ns_step_triton
+
+        return ns_step_triton(X, a, b, c)
+    from ..msign import ns_step_torch
+
+    return ns_step_torch(X, a, b, c)
+
+
+def newton_schulz(X: torch.Tensor, coeffs: Sequence[Coefficients]) -> torch.Tensor:
+    """The standard iteration on a normalised wide batch ``(B, s, L)``."""
+    if kernels_apply(X):
+        from .ns_step import newton_schulz_triton
+
+        return newton_schulz_triton(X, coeffs)
+    from ..msign import newton_schulz_torch
+
+    return newton_schulz_torch(X, list(coeffs))
+
+
+def gram_newton_schulz(
+    X: torch.Tensor, coeffs: Sequence[Coefficients], restarts: Sequence[int] | None = None
+) -> torch.Tensor:
+    """Gram Newton–Schulz on a normalised wide batch; bf16 batches iterate in fp16.
+
+    bf16 Gram NS is not stable (R ← Z R Z compounds bf16's 2⁻⁸ rounding: σ up to 11 after 8
+    Polar-Express steps on a 32×96 input); :data:`GRAM_HALF_DTYPE` (fp16, 8× finer, ample range
+    for the normalised R) is, on every device. The result is cast back to bf16.
+    """
+    from ..msign import gram_newton_schulz_torch, gram_restarts
+
+    coeffs = list(coeffs)
+    restarts = tuple(gram_restarts(coeffs) if restarts is None else restarts)
+    dtype = X.dtype
+    if dtype == torch.bfloat16:
+        X = X.to(GRAM_HALF_DTYPE)
+    if kernels_apply(X):
+        from .ns_step import gram_newton_schulz_triton
+
+        out = gram_newton_schulz_triton(X, coeffs, restarts)
+    else:
+        out = gram_newton_schulz_torch(X, coeffs, restarts)
+    return out.to(dtype)
+
+
+def sign_step(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
+    """One matrix-sign step ``a X + (b X² + c X⁴) X`` for square ``X (B, N, N)`` (mcsgn)."""
+    if kernels_apply(X):
+        from .ns_step import sign_step_triton
+
+        return sign_step_triton(X, a, b, c)
+    from ..mcsgn import sign_step_torch
+
+    return sign_step_torch(X, a, b, c)
+
+
+def newton_schulz_grouped(
+    Xs: Sequence[torch.Tensor], coeffs: Sequence[Coefficients], algorithm: str = "auto"
+) -> list[torch.Tensor]:
+    """Run the iteration on many normalised wide matrices ``(s_i, L_i)`` of mixed shapes.
+
+    Matrices of one shape (and dtype/device) are stacked and run as one batch, so each product
+    is one launch per distinct shape; results come back in input order.
+    """
+    from ..msign import run_newton_schulz
+
+    groups: dict[tuple, list[int]] = {}
+    for i, X in enumerate(Xs):
+        groups.setdefault((tuple(X.shape), X.dtype, X.device), []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(Xs)
+    for idx in groups.values():
+        batch = torch.stack([Xs[i] for i in idx])
+        res = run_newton_schulz(batch, list(coeffs), algorithm)
+        for j, i in enumerate(idx):
+            out[i] = res[j]
+    return out  # type: ignore[return-value]

@@ -12,8 +12,9 @@ The epilogue ``α·acc + β·D + γ·I`` runs in float32 on the accumulator befo
 so ``bA + cA²`` and ``aX + BX`` cost no extra pass through memory. Operands are bf16/fp16 (fp32
 works, with IEEE-exact dots); accumulation is float32. A batch ``(Bt, M, K) @ (Bt, K, N)`` is
 one launch: the batch index and the tile index share grid axis 0 (no 65535 limit), and the
-batch offset is 64-bit. Every operand is addressed through its strides, so ``X.mT`` views need
-no copy; a batch stride of 0 broadcasts.
+batch offset is 64-bit (offsets inside one matrix are 32-bit: up to 2³¹ elements a matrix).
+Every operand is addressed through its strides, so ``X.mT`` views need no copy; a batch stride
+of 0 broadcasts.
 
 The torch twins are in :mod:`matfn.msign` (``ns_step_torch`` and friends).
 """
@@ -32,10 +33,18 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _tile_coords(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 GROUP_M: tl.constexpr, SYMMETRIC: tl.constexpr):
-    if SYMMETRIC:
-        # Linear index over the lower triangle, row by row: t = i (i + 1) / 2 + j, j ≤ i.
+def _tile_coords(
+    pid,
+    M,
+    N,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    TRIANGLE: tl.constexpr,
+):
+    if TRIANGLE:
+        # Square tiles of a symmetric result: a linear index over the lower triangle, row by
+        # row, t = i (i + 1) / 2 + j with j ≤ i (no program is launched for the upper half).
         i = ((tl.sqrt((8 * pid + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
         i = tl.where((i + 1) * (i + 2) // 2 <= pid, i + 1, i)
         i = tl.where(i * (i + 1) // 2 > pid, i - 1, i)
@@ -55,25 +64,56 @@ def _tile_coords(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 @triton.jit
 def _mm_kernel(
-    a_ptr, b_ptr, d_ptr, c_ptr,
-    M, N, K, BATCH,
-    stride_ab, stride_am, stride_ak,
-    stride_bb, stride_bk, stride_bn,
-    stride_db, stride_dm, stride_dn,
-    stride_cb, stride_cm, stride_cn,
-    alpha, beta, gamma,
-    SYMMETRIC: tl.constexpr, HAS_D: tl.constexpr, HAS_DIAG: tl.constexpr,
-    IEEE: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    a_ptr,
+    b_ptr,
+    d_ptr,
+    c_ptr,
+    M,
+    N,
+    K,
+    BATCH,
+    stride_ab,
+    stride_am,
+    stride_ak,
+    stride_bb,
+    stride_bk,
+    stride_bn,
+    stride_db,
+    stride_dm,
+    stride_dn,
+    stride_cb,
+    stride_cm,
+    stride_cn,
+    alpha,
+    beta,
+    gamma,
+    SYMMETRIC: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_DIAG: tl.constexpr,
+    IEEE: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
+    # Symmetric results with square tiles launch only the lower triangle of tiles; with
+    # rectangular tiles (wider ones run faster) the full grid is launched and tiles lying wholly
+    # above the diagonal skip their K loop and store nothing.
+    TRIANGLE = SYMMETRIC and BLOCK_M == BLOCK_N
     num_m = tl.cdiv(M, BLOCK_M)
-    if SYMMETRIC:
+    if TRIANGLE:
         tiles = num_m * (num_m + 1) // 2
     else:
         tiles = num_m * tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0)
     bid = (pid // tiles).to(tl.int64)
-    pid_m, pid_n = _tile_coords(pid % tiles, M, N, BLOCK_M, BLOCK_N, GROUP_M, SYMMETRIC)
+    pid_m, pid_n = _tile_coords(pid % tiles, M, N, BLOCK_M, BLOCK_N, GROUP_M, TRIANGLE)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    if SYMMETRIC and not TRIANGLE:
+        # A tile wholly above the diagonal skips its K loop; the `rm ≥ rn` store masks below
+        # keep it from storing anything.
+        k_tiles = tl.where(pid_n * BLOCK_N <= pid_m * BLOCK_M + BLOCK_M - 1, k_tiles, 0)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -86,7 +126,7 @@ def _mm_kernel(
     b_ptrs = b_ptr + bid * stride_bb + rk[:, None] * stride_bk + bn[None, :] * stride_bn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(0, k_tiles):
         if EVEN_K:
             a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
@@ -103,6 +143,11 @@ def _mm_kernel(
 
     out = acc * alpha
     mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if SYMMETRIC:
+        # Each program stores the lower-triangle part of its tile, then mirrors the strictly
+        # lower part into the upper triangle: every element is written exactly once and the
+        # result is exactly symmetric.
+        mask = mask & (rm[:, None] >= rn[None, :])
     if HAS_D:
         d_ptrs = d_ptr + bid * stride_db + rm[:, None] * stride_dm + rn[None, :] * stride_dn
         out += beta * tl.load(d_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -112,11 +157,10 @@ def _mm_kernel(
     c_base = c_ptr + bid * stride_cb
     tl.store(c_base + rm[:, None] * stride_cm + rn[None, :] * stride_cn, out, mask=mask)
     if SYMMETRIC:
-        # Mirror the strictly lower part into the upper triangle: whole off-diagonal tiles, and
-        # on diagonal tiles the upper half is overwritten by the lower (exactly symmetric).
         mask_t = (rn[:, None] < N) & (rm[None, :] < M) & (rm[None, :] > rn[:, None])
-        tl.store(c_base + rn[:, None] * stride_cm + rm[None, :] * stride_cn, tl.trans(out),
-                 mask=mask_t)
+        tl.store(
+            c_base + rn[:, None] * stride_cm + rm[None, :] * stride_cn, tl.trans(out), mask=mask_t
+        )
 
 
 def _config(bm: int, bn: int, bk: int, stages: int, warps: int) -> triton.Config:
@@ -127,13 +171,18 @@ def _config(bm: int, bn: int, bk: int, stages: int, warps: int) -> triton.Config
     )
 
 
-# Short Hopper lists (H100/H200, bf16): square tiles for the triangle, wider ones allowed for
-# the general product. Small tiles keep small matrices (≤ 1024) from running on a few SMs.
+# Short Hopper lists (H100/H200, bf16); small tiles keep small matrices from running on a few
+# SMs. Symmetric results take square tiles (triangle grid). 128×256 tiles (full grid, upper
+# tiles idle) are supported and tested in the interpreter but not yet timed on a GPU: opt in with
+# MATFN_NS_WIDE_SYMMETRIC_TILES=1.
 _SYMMETRIC_CONFIGS = [
     _config(128, 128, 64, 4, 8),
     _config(128, 128, 64, 3, 4),
     _config(64, 64, 64, 4, 4),
 ]
+_SYMMETRIC_WIDE_CONFIGS = [_config(128, 256, 64, 3, 8)]
+if os.environ.get("MATFN_NS_WIDE_SYMMETRIC_TILES") == "1":
+    _SYMMETRIC_CONFIGS = _SYMMETRIC_WIDE_CONFIGS + _SYMMETRIC_CONFIGS
 _GENERAL_CONFIGS = [
     _config(128, 256, 64, 3, 8),
     _config(128, 128, 64, 4, 8),
@@ -166,7 +215,7 @@ INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
 
 
 def _grid_size(M: int, N: int, batch: int, bm: int, bn: int, symmetric: bool) -> int:
-    if symmetric:
+    if symmetric and bm == bn:
         t = triton.cdiv(M, bm)
         return batch * (t * (t + 1) // 2)
     return batch * triton.cdiv(M, bm) * triton.cdiv(N, bn)
@@ -196,9 +245,21 @@ def _launch(
         return out.copy_(res)
     d = D if D is not None else out
     args = (
-        A, B, d, out, M, N, K, batch,
-        *A.stride(), *B.stride(), *d.stride(), *out.stride(),
-        float(alpha), float(beta), float(gamma),
+        A,
+        B,
+        d,
+        out,
+        M,
+        N,
+        K,
+        batch,
+        *A.stride(),
+        *B.stride(),
+        *d.stride(),
+        *out.stride(),
+        float(alpha),
+        float(beta),
+        float(gamma),
     )
     flags = dict(
         SYMMETRIC=symmetric,
@@ -212,9 +273,9 @@ def _launch(
         _mm_heuristic[grid](*args, **flags, **blocks)
         return out
     kernel = _sym_tuned if symmetric else _gen_tuned
-    kernel[
-        lambda meta: (_grid_size(M, N, batch, meta["BLOCK_M"], meta["BLOCK_N"], symmetric),)
-    ](*args, **flags)
+    kernel[lambda meta: (_grid_size(M, N, batch, meta["BLOCK_M"], meta["BLOCK_N"], symmetric),)](
+        *args, **flags
+    )
     return out
 
 

@@ -158,7 +158,8 @@ def max_logit_triton(
     if q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         precision = "tf32"
     num_m = triton.cdiv(Sq, bm)
-    partial = torch.empty((B * H * num_m,), dtype=torch.float32, device=q.device)
+    # NaN-poisoned: a program that fails to write shows up in the amax
+    partial = torch.full((B * H * num_m,), float("nan"), dtype=torch.float32, device=q.device)
     grid = (num_m, B * H)
     _max_logit_kernel[grid](
         q,

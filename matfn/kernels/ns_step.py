@@ -31,14 +31,34 @@ __all__ = [
 
 Coefficients = tuple[float, float, float]
 
+#: Backend of the general (non-symmetric) products ``B X + a X`` and ``Q X``: ``"triton"``
+#: (:func:`matmul_triton`, fused epilogue) or ``"cublas"`` (``torch.baddbmm``, whose ``beta``
+#: epilogue is fused too). The symmetric products always use the Triton kernel.
+GENERAL_BACKEND = "triton"
+
+
+def _general(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    D: torch.Tensor | None = None,
+    alpha: float = 1.0,
+    beta: float = 0.0,
+) -> torch.Tensor:
+    """``α A B + β D`` for batches (general product)."""
+    if GENERAL_BACKEND == "cublas" and A.is_cuda:
+        if D is None:
+            return torch.bmm(A, B) if alpha == 1 else torch.bmm(A, B).mul_(alpha)
+        return torch.baddbmm(D, A, B, beta=beta, alpha=alpha)
+    return matmul_triton(A, B, D, alpha=alpha, beta=beta)
+
 
 def ns_step_triton(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
     """One step ``a X + (b A + c A²) X`` with ``A = X Xᵀ`` for ``X (Bt, s, L)``, s ≤ L."""
     A = gram_triton(X)
     if c == 0:
-        return matmul_triton(A, X, X, alpha=b, beta=a)
+        return _general(A, X, X, alpha=b, beta=a)
     B = matmul_triton(A, A, A, alpha=c, beta=b, symmetric=True)
-    return matmul_triton(B, X, X, alpha=1.0, beta=a)
+    return _general(B, X, X, alpha=1.0, beta=a)
 
 
 def newton_schulz_triton(X: torch.Tensor, coeffs: Sequence[Coefficients]) -> torch.Tensor:
@@ -70,7 +90,7 @@ def gram_newton_schulz_triton(
     Q = None
     for t, (a, b, c) in enumerate(coeffs):
         if t in restarts and Q is not None:
-            X = matmul_triton(Q, X)
+            X = _general(Q, X)
             R = gram_triton(X)
             Q = None
         Z = _poly_gram(R, b, c)
@@ -82,13 +102,13 @@ def gram_newton_schulz_triton(
         if t + 1 < T and t + 1 not in restarts:
             RZ = matmul_triton(R, Z, R, beta=a, symmetric=True)
             R = matmul_triton(Z, RZ, RZ, beta=a, symmetric=True)
-    return X if Q is None else matmul_triton(Q, X)
+    return X if Q is None else _general(Q, X)
 
 
 def sign_step_triton(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
     """One matrix-sign step ``a X + (b X² + c X⁴) X`` for square ``X (Bt, N, N)`` (general)."""
-    X2 = matmul_triton(X, X)
+    X2 = _general(X, X)
     if c == 0:
-        return matmul_triton(X2, X, X, alpha=b, beta=a)
-    B = matmul_triton(X2, X2, X2, alpha=c, beta=b)
-    return matmul_triton(B, X, X, alpha=1.0, beta=a)
+        return _general(X2, X, X, alpha=b, beta=a)
+    B = _general(X2, X2, X2, alpha=c, beta=b)
+    return _general(B, X, X, alpha=1.0, beta=a)

@@ -1,0 +1,738 @@
+r"""Triton kernels for ``tri_inv`` / ``tri_solve`` on ``T = Λ + tril(Q Kᵀ, −1)`` (math spec §5).
+
+Torch twins: :mod:`matfn.triangular` (``_tri_inv_torch`` and the chunked forms). Everything runs in
+float32; ``precision`` picks the ``tl.dot`` mode (``"ieee"``: exact fp32 FMA, the default;
+``"tf32x3"``: three tf32 tensor-core products, about fp32 accuracy).
+
+**Chunk kernel** (one program per ``C``-row chunk): ``A = tril(Q_c K_cᵀ, −1)``,
+``N = Λ_c⁻¹ A`` and ``Y_cc = (I + N)⁻¹ Λ_c⁻¹``. The inverse is built from ``BS×BS`` diagonal
+blocks (row-by-row forward substitution, all blocks at once as a 3-D tile) merged by doubling:
+``Y_{2s} = Y_s − Y_s (N ⊙ M_s) Y_s`` with ``M_s`` the off-diagonal ``s``-blocks inside each
+``2s``-block (the block formula ``[[A,0],[C,B]]⁻¹ = [[A⁻¹,0],[−B⁻¹CA⁻¹,B⁻¹]]``). It also writes
+``P = Y_cc Q_c``, ``R = Y_ccᵀ K_c`` and, for the solve, ``U = Y_cc V_c``.
+
+**Inverse** (divide and conquer). With ``P^{(s)} = blkdiag_s(T)⁻¹ Q`` and
+``R^{(s)} = blkdiag_s(T)⁻ᵀ K`` (blocks of ``s`` rows), the off-diagonal block of a ``2s``-block
+``[[A,0],[C,B]]`` (``C = Q₂K₁ᵀ`` is rank ``d``) is ``−B⁻¹Q₂K₁ᵀA⁻¹ = −P₂^{(s)} R₁^{(s)ᵀ}``.
+Levels are built bottom-up, each fully parallel: ``G_b = K_bᵀ P_b^{(s)}`` (``d×d`` per block),
+then ``P₂^{(2s)} = P₂^{(s)} (I − G₁)`` and ``R₁^{(2s)} = R₁^{(s)} (I − G₂)ᵀ``. One last launch
+writes every ``C×C`` tile ``(I, J)``, ``I > J``, as ``−P_I^{(s)} R_J^{(s)ᵀ}`` at the level
+``s = C·2^{⌊log₂(I xor J)⌋}`` where the two chunks first share a block. Launches:
+``2 + 2(L − 1)`` with ``L = ⌈log₂(n/C)⌉``; FLOPs ``d n² + 4 n d² L`` plus the chunk inverses.
+
+**Solve** (two-level scan, 4 launches). Chunks form ``NG ≈ √(n/C)`` groups. (1) chunk kernel:
+``W = [Y_cc V_c | Y_cc Q_c]``; (2) inside each group, sequentially over its chunks, the chunk
+recursion on ``W``'s columns from a zero state (parallel over groups × column tiles), giving
+``[X^{grp} | P^{grp}]`` and the group sums ``[K_gᵀ X^{grp} | K_gᵀ P^{grp}] = [B_g | G_g]``;
+(3) the state scan ``Z_{g+1} = (I − G_g) Z_g + B_g`` over groups (parallel over ``e`` tiles);
+(4) ``X_g = X^{grp}_g − P^{grp}_g Z_g`` (parallel).
+
+All offsets are 64-bit. ``tl.dot`` needs every block dim ≥ 16.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["tri_inv_triton", "tri_solve_triton", "PRECISIONS"]
+
+PRECISIONS = ("ieee", "tf32x3")
+
+
+@triton.jit
+def _chunk_inverse(
+    A, lam, BC: tl.constexpr, BS: tl.constexpr, LOG_M: tl.constexpr, PREC: tl.constexpr
+):
+    """``(Λ + A)⁻¹`` for a strictly lower ``BC×BC`` tile ``A`` and the diagonal ``lam``."""
+    NB: tl.constexpr = BC // BS
+    N = A / lam[:, None]
+    bi = tl.arange(0, NB)
+    same = bi[:, None, None, None] == bi[None, None, :, None]
+    N3 = tl.sum(tl.where(same, tl.reshape(N, (NB, BS, NB, BS)), 0.0), axis=2)
+    r = tl.arange(0, BS)
+    eye = (r[:, None] == r[None, :]).to(tl.float32)
+    Z3 = tl.zeros((NB, BS, BS), dtype=tl.float32) + eye[None, :, :]
+    # forward substitution in every BS-block at once: Z_i = e_i − Σ_{j<i} N_ij Z_j
+    for i in range(1, BS):
+        sel = (r == i)[None, :, None]
+        n_i = tl.sum(tl.where(sel, N3, 0.0), axis=1)
+        z_i = tl.sum(n_i[:, :, None] * Z3, axis=1)
+        Z3 = tl.where(sel, Z3 - z_i[:, None, :], Z3)
+    Y = tl.reshape(tl.where(same, Z3[:, :, None, :], 0.0), (BC, BC))
+    rows = tl.arange(0, BC)
+    for lv in tl.static_range(LOG_M):
+        s = BS * (1 << lv)
+        pair = (rows[:, None] // (2 * s)) == (rows[None, :] // (2 * s))
+        off = pair & ((rows[:, None] // s) != (rows[None, :] // s))
+        NY = tl.dot(tl.where(off, N, 0.0), Y, input_precision=PREC)
+        Y = Y - tl.dot(Y, NY, input_precision=PREC)
+    return Y / lam[None, :]
+
+
+@triton.jit
+def _tri_chunk_kernel(
+    q_ptr,
+    k_ptr,
+    lam_ptr,
+    v_ptr,
+    y_ptr,
+    p_ptr,
+    r_ptr,
+    u_ptr,
+    n,
+    d,
+    e,
+    stride_qb,
+    stride_qn,
+    stride_lb,
+    stride_vb,
+    stride_vn,
+    stride_yb,
+    stride_yn,
+    stride_pb,
+    stride_pn,
+    stride_ub,
+    stride_un,
+    BC: tl.constexpr,
+    BS: tl.constexpr,
+    LOG_M: tl.constexpr,
+    BD: tl.constexpr,
+    BE: tl.constexpr,
+    STORE_Y: tl.constexpr,
+    STORE_P: tl.constexpr,
+    STORE_R: tl.constexpr,
+    HAS_V: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    c = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    ar = tl.arange(0, BC)
+    rows = c * BC + ar
+    rm = rows < n
+    qb = q_ptr + b * stride_qb
+    kb = k_ptr + b * stride_qb
+    A = tl.zeros((BC, BC), dtype=tl.float32)
+    for d0 in range(0, d, BD):
+        cols = d0 + tl.arange(0, BD)
+        m = rm[:, None] & (cols < d)[None, :]
+        qt = tl.load(qb + rows[:, None] * stride_qn + cols[None, :], mask=m, other=0.0)
+        kt = tl.load(kb + rows[:, None] * stride_qn + cols[None, :], mask=m, other=0.0)
+        A += tl.dot(qt, tl.trans(kt), input_precision=PREC)
+    A = tl.where(ar[:, None] > ar[None, :], A, 0.0)
+    lam = tl.load(lam_ptr + b * stride_lb + rows, mask=rm, other=1.0)
+    Y = _chunk_inverse(A, lam, BC, BS, LOG_M, PREC)
+    if STORE_Y:
+        yp = y_ptr + b * stride_yb + rows[:, None] * stride_yn + rows[None, :]
+        tl.store(yp, Y, mask=rm[:, None] & rm[None, :])
+    if STORE_P or STORE_R:
+        for d0 in range(0, d, BD):
+            cols = d0 + tl.arange(0, BD)
+            m = rm[:, None] & (cols < d)[None, :]
+            off = b * stride_pb + rows[:, None] * stride_pn + cols[None, :]
+            if STORE_P:
+                qt = tl.load(qb + rows[:, None] * stride_qn + cols[None, :], mask=m, other=0.0)
+                tl.store(p_ptr + off, tl.dot(Y, qt, input_precision=PREC), mask=m)
+            if STORE_R:
+                kt = tl.load(kb + rows[:, None] * stride_qn + cols[None, :], mask=m, other=0.0)
+                tl.store(r_ptr + off, tl.dot(tl.trans(Y), kt, input_precision=PREC), mask=m)
+    if HAS_V:
+        for e0 in range(0, e, BE):
+            cols = e0 + tl.arange(0, BE)
+            m = rm[:, None] & (cols < e)[None, :]
+            vt = tl.load(
+                v_ptr + b * stride_vb + rows[:, None] * stride_vn + cols[None, :], mask=m, other=0.0
+            )
+            up = u_ptr + b * stride_ub + rows[:, None] * stride_un + cols[None, :]
+            tl.store(up, tl.dot(Y, vt, input_precision=PREC), mask=m)
+
+
+@triton.jit
+def _tri_gram_kernel(
+    k_ptr,
+    p_ptr,
+    g_ptr,
+    n,
+    d,
+    s,
+    stride_kb,
+    stride_kn,
+    stride_pb,
+    stride_pn,
+    stride_gb,
+    stride_gk,
+    BT: tl.constexpr,
+    BG: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """``G_blk = K_blkᵀ P_blk`` over the ``s`` rows of block ``blk`` (one ``BG×BG`` tile)."""
+    blk = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    ng = tl.cdiv(d, BG)
+    ci = (t // ng) * BG + tl.arange(0, BG)
+    cj = (t % ng) * BG + tl.arange(0, BG)
+    start = blk * s
+    end = tl.minimum(start + s, n)
+    acc = tl.zeros((BG, BG), dtype=tl.float32)
+    for it in range(0, tl.cdiv(end - start, BT)):
+        rows = start + it * BT + tl.arange(0, BT)
+        rm = rows < end
+        kt = tl.load(
+            k_ptr + b * stride_kb + rows[:, None] * stride_kn + ci[None, :],
+            mask=rm[:, None] & (ci < d)[None, :],
+            other=0.0,
+        )
+        pt = tl.load(
+            p_ptr + b * stride_pb + rows[:, None] * stride_pn + cj[None, :],
+            mask=rm[:, None] & (cj < d)[None, :],
+            other=0.0,
+        )
+        acc += tl.dot(tl.trans(kt), pt, input_precision=PREC)
+    gp = g_ptr + b * stride_gb + blk * stride_gk + ci[:, None] * d + cj[None, :]
+    tl.store(gp, acc, mask=(ci < d)[:, None] & (cj < d)[None, :])
+
+
+@triton.jit
+def _tri_update_kernel(
+    pin_ptr,
+    rin_ptr,
+    g_ptr,
+    pout_ptr,
+    rout_ptr,
+    n,
+    d,
+    s,
+    stride_pb,
+    stride_pn,
+    stride_gb,
+    stride_gk,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Level ``s → 2s``: ``P₂ ← P₂ (I − G₁)`` on second halves, ``R₁ ← R₁ (I − G₂)ᵀ`` on first.
+
+    One ``BT×BD`` output tile per program; ``BT`` divides ``s``, so a tile lies in one block.
+    """
+    t = tl.program_id(0).to(tl.int64)
+    jt = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    rows = t * BT + tl.arange(0, BT)
+    rm = rows < n
+    blk = (t * BT) // s
+    odd = (blk % 2) == 1
+    partner = (blk + 1) * s < n
+    base = b * stride_pb + rows[:, None] * stride_pn
+    cj = jt * BD + tl.arange(0, BD)
+    mj = rm[:, None] & (cj < d)[None, :]
+    accP = tl.load(pin_ptr + base + cj[None, :], mask=mj, other=0.0)
+    accR = tl.load(rin_ptr + base + cj[None, :], mask=mj, other=0.0)
+    if odd:
+        gb = g_ptr + b * stride_gb + (blk - 1) * stride_gk
+        for k0 in range(0, d, BD):
+            ck = k0 + tl.arange(0, BD)
+            mk = rm[:, None] & (ck < d)[None, :]
+            xk = tl.load(pin_ptr + base + ck[None, :], mask=mk, other=0.0)
+            gt = tl.load(
+                gb + ck[:, None] * d + cj[None, :],
+                mask=(ck < d)[:, None] & (cj < d)[None, :],
+                other=0.0,
+            )
+            accP -= tl.dot(xk, gt, input_precision=PREC)
+    elif partner:
+        gb = g_ptr + b * stride_gb + (blk + 1) * stride_gk
+        for k0 in range(0, d, BD):
+            ck = k0 + tl.arange(0, BD)
+            mk = rm[:, None] & (ck < d)[None, :]
+            xk = tl.load(rin_ptr + base + ck[None, :], mask=mk, other=0.0)
+            gt = tl.load(
+                gb + cj[None, :] * d + ck[:, None],
+                mask=(ck < d)[:, None] & (cj < d)[None, :],
+                other=0.0,
+            )
+            accR -= tl.dot(xk, gt, input_precision=PREC)
+    tl.store(pout_ptr + base + cj[None, :], accP, mask=mj)
+    tl.store(rout_ptr + base + cj[None, :], accR, mask=mj)
+
+
+@triton.jit
+def _tri_offdiag_kernel(
+    p_ptr,
+    r_ptr,
+    y_ptr,
+    n,
+    d,
+    stride_pl,
+    stride_pb,
+    stride_pn,
+    stride_yb,
+    stride_yn,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Tile ``(I, J)``: zeros above the diagonal, ``−P_I^{(s)} R_J^{(s)ᵀ}`` below it."""
+    ti = tl.program_id(0)
+    tj = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    ri = ti.to(tl.int64) * BT + tl.arange(0, BT)
+    rj = tj.to(tl.int64) * BT + tl.arange(0, BT)
+    mi = ri < n
+    mj = rj < n
+    yp = y_ptr + b * stride_yb + ri[:, None] * stride_yn + rj[None, :]
+    if ti < tj:
+        tl.store(yp, tl.zeros((BT, BT), dtype=tl.float32), mask=mi[:, None] & mj[None, :])
+    elif ti > tj:
+        x = ti ^ tj
+        lvl = 0
+        for k in tl.static_range(1, 31):
+            lvl += ((x >> k) > 0).to(tl.int32)
+        pb = p_ptr + lvl.to(tl.int64) * stride_pl + b * stride_pb
+        rb = r_ptr + lvl.to(tl.int64) * stride_pl + b * stride_pb
+        acc = tl.zeros((BT, BT), dtype=tl.float32)
+        for d0 in range(0, d, BD):
+            cd = d0 + tl.arange(0, BD)
+            md = (cd < d)[None, :]
+            pt = tl.load(
+                pb + ri[:, None] * stride_pn + cd[None, :], mask=mi[:, None] & md, other=0.0
+            )
+            rt = tl.load(
+                rb + rj[:, None] * stride_pn + cd[None, :], mask=mj[:, None] & md, other=0.0
+            )
+            acc -= tl.dot(pt, tl.trans(rt), input_precision=PREC)
+        tl.store(yp, acc, mask=mi[:, None] & mj[None, :])
+
+
+@triton.jit
+def _tri_group_kernel(
+    w_ptr,
+    k_ptr,
+    wg_ptr,
+    sg_ptr,
+    n,
+    d,
+    e,
+    F,
+    GS,
+    stride_wb,
+    stride_wn,
+    stride_kb,
+    stride_kn,
+    stride_sb,
+    stride_sg,
+    BC: tl.constexpr,
+    BF: tl.constexpr,
+    DP: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Chunk recursion from a zero state inside group ``g`` on ``BF`` columns of ``[U | P]``."""
+    g = tl.program_id(0).to(tl.int64)
+    ft = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    cf = ft * BF + tl.arange(0, BF)
+    mf = (cf < F)[None, :]
+    cd = tl.arange(0, DP)
+    md = (cd < d)[None, :]
+    S = tl.zeros((DP, BF), dtype=tl.float32)
+    for c in range(0, GS):
+        rows = (g * GS + c) * BC + tl.arange(0, BC)
+        rm = (rows < n)[:, None]
+        wrow = w_ptr + b * stride_wb + rows[:, None] * stride_wn
+        Wc = tl.load(wrow + cf[None, :], mask=rm & mf, other=0.0)
+        Pc = tl.load(wrow + e + cd[None, :], mask=rm & md, other=0.0)
+        Kc = tl.load(
+            k_ptr + b * stride_kb + rows[:, None] * stride_kn + cd[None, :], mask=rm & md, other=0.0
+        )
+        Xc = Wc - tl.dot(Pc, S, input_precision=PREC)
+        tl.store(wg_ptr + b * stride_wb + rows[:, None] * stride_wn + cf[None, :], Xc, mask=rm & mf)
+        S += tl.dot(tl.trans(Kc), Xc, input_precision=PREC)
+    sp = sg_ptr + b * stride_sb + g * stride_sg + cd[:, None] * F + cf[None, :]
+    tl.store(sp, S, mask=(cd < d)[:, None] & mf)
+
+
+@triton.jit
+def _tri_state_kernel(
+    sg_ptr,
+    z_ptr,
+    d,
+    e,
+    F,
+    NG,
+    stride_sb,
+    stride_sg,
+    stride_zb,
+    stride_zg,
+    DP: tl.constexpr,
+    BE: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Across groups: store the incoming state ``Z_g``, then ``Z ← Z − G_g Z + B_g``."""
+    et = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    ce = et * BE + tl.arange(0, BE)
+    me = (ce < e)[None, :]
+    cd = tl.arange(0, DP)
+    md = (cd < d)[:, None]
+    Z = tl.zeros((DP, BE), dtype=tl.float32)
+    for g in range(0, NG):
+        tl.store(
+            z_ptr + b * stride_zb + g * stride_zg + cd[:, None] * e + ce[None, :], Z, mask=md & me
+        )
+        sb = sg_ptr + b * stride_sb + g * stride_sg + cd[:, None] * F
+        G = tl.load(sb + e + cd[None, :], mask=md & (cd < d)[None, :], other=0.0)
+        Bg = tl.load(sb + ce[None, :], mask=md & me, other=0.0)
+        Z = Z - tl.dot(G, Z, input_precision=PREC) + Bg
+
+
+@triton.jit
+def _tri_correct_kernel(
+    wg_ptr,
+    z_ptr,
+    x_ptr,
+    n,
+    d,
+    e,
+    GROUP_ROWS,
+    stride_wb,
+    stride_wn,
+    stride_zb,
+    stride_zg,
+    stride_xb,
+    stride_xn,
+    BT: tl.constexpr,
+    BE: tl.constexpr,
+    DP: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """``X = X^{grp} − P^{grp} Z_g`` for one ``BT×BE`` tile."""
+    t = tl.program_id(0).to(tl.int64)
+    et = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    rows = t * BT + tl.arange(0, BT)
+    rm = (rows < n)[:, None]
+    ce = et * BE + tl.arange(0, BE)
+    me = (ce < e)[None, :]
+    cd = tl.arange(0, DP)
+    g = (t * BT) // GROUP_ROWS
+    wrow = wg_ptr + b * stride_wb + rows[:, None] * stride_wn
+    Xg = tl.load(wrow + ce[None, :], mask=rm & me, other=0.0)
+    Pg = tl.load(wrow + e + cd[None, :], mask=rm & (cd < d)[None, :], other=0.0)
+    Zg = tl.load(
+        z_ptr + b * stride_zb + g * stride_zg + cd[:, None] * e + ce[None, :],
+        mask=(cd < d)[:, None] & me,
+        other=0.0,
+    )
+    X = Xg - tl.dot(Pg, Zg, input_precision=PREC)
+    tl.store(x_ptr + b * stride_xb + rows[:, None] * stride_xn + ce[None, :], X, mask=rm & me)
+
+
+def _pow2(x: int, lo: int = 16) -> int:
+    return max(lo, 1 << max(0, (x - 1).bit_length()))
+
+
+def _check(
+    Q: torch.Tensor,
+    K: torch.Tensor,
+    lam: torch.Tensor,
+    chunk_size: int,
+    block_s: int,
+    precision: str,
+) -> None:
+    if Q.dtype != torch.float32 or K.dtype != torch.float32 or lam.dtype != torch.float32:
+        raise TypeError("the triangular kernels take float32 Q, K and diag")
+    if Q.ndim != 3 or K.shape != Q.shape or lam.shape != Q.shape[:2]:
+        raise ValueError(
+            f"expected Q, K (B, n, d) and diag (B, n), got {Q.shape}, {K.shape}, {lam.shape}"
+        )
+    if chunk_size not in (16, 32, 64) or block_s not in (16, 32) or block_s > chunk_size:
+        raise ValueError(
+            f"chunk_size must be 16/32/64 and block_s 16/32 ≤ chunk_size, got "
+            f"{chunk_size}, {block_s}"
+        )
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def _out(out: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=torch.float32, device=device)
+    if out.shape != shape or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"`out` must be a contiguous float32 tensor of shape {shape}")
+    return out
+
+
+def _chunk_meta(chunk_size: int, block_s: int) -> dict:
+    return {"BC": chunk_size, "BS": block_s, "LOG_M": int(math.log2(chunk_size // block_s))}
+
+
+def tri_inv_triton(
+    Q: torch.Tensor,
+    K: torch.Tensor,
+    lam: torch.Tensor,
+    *,
+    chunk_size: int = 64,
+    block_s: int = 16,
+    precision: str = "ieee",
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``T⁻¹`` for float32 ``Q, K`` ``(B, n, d)`` and ``λ`` ``(B, n)``; returns ``(B, n, n)``.
+
+    ``out``: an optional contiguous float32 ``(B, n, n)`` result buffer (tests poison it).
+    """
+    _check(Q, K, lam, chunk_size, block_s, precision)
+    Q, K, lam = Q.contiguous(), K.contiguous(), lam.contiguous()
+    B, n, d = Q.shape
+    Y = _out(out, (B, n, n), Q.device)
+    if B == 0 or n == 0:
+        return Y
+    C = chunk_size
+    NC = triton.cdiv(n, C)
+    L = (NC - 1).bit_length()
+    BD = min(64, _pow2(d))
+    if L:
+        P_all = torch.empty(L, B, n, d, dtype=torch.float32, device=Q.device)
+        R_all = torch.empty_like(P_all)
+        p0, r0 = P_all[0], R_all[0]
+    else:
+        P_all = R_all = p0 = r0 = Y
+    _tri_chunk_kernel[(NC, B)](
+        Q,
+        K,
+        lam,
+        Q,
+        Y,
+        p0,
+        r0,
+        Q,
+        n,
+        d,
+        0,
+        Q.stride(0),
+        Q.stride(1),
+        lam.stride(0),
+        0,
+        0,
+        Y.stride(0),
+        Y.stride(1),
+        n * d,
+        d,
+        0,
+        0,
+        BD=BD,
+        BE=16,
+        STORE_Y=True,
+        STORE_P=L > 0,
+        STORE_R=L > 0,
+        HAS_V=False,
+        PREC=precision,
+        num_warps=4,
+        **_chunk_meta(C, block_s),
+    )
+    if L == 0:
+        return Y
+    BG = min(32, _pow2(d))
+    ngt = triton.cdiv(d, BG) ** 2
+    G = torch.empty(B, triton.cdiv(n, C), d, d, dtype=torch.float32, device=Q.device)
+    for lv in range(L - 1):
+        s = C << lv
+        nblk = triton.cdiv(n, s)
+        _tri_gram_kernel[(nblk, ngt, B)](
+            K,
+            P_all[lv],
+            G,
+            n,
+            d,
+            s,
+            K.stride(0),
+            K.stride(1),
+            n * d,
+            d,
+            G.stride(0),
+            G.stride(1),
+            BT=C,
+            BG=BG,
+            PREC=precision,
+            num_warps=4,
+        )
+        BTu = min(32, C)  # more programs: at B = 1 a level is only n/BTu × d/BD tiles
+        _tri_update_kernel[(triton.cdiv(n, BTu), triton.cdiv(d, BD), B)](
+            P_all[lv],
+            R_all[lv],
+            G,
+            P_all[lv + 1],
+            R_all[lv + 1],
+            n,
+            d,
+            s,
+            n * d,
+            d,
+            G.stride(0),
+            G.stride(1),
+            BT=BTu,
+            BD=BD,
+            PREC=precision,
+            num_warps=4,
+        )
+    _tri_offdiag_kernel[(NC, NC, B)](
+        P_all,
+        R_all,
+        Y,
+        n,
+        d,
+        P_all.stride(0),
+        P_all.stride(1),
+        P_all.stride(2),
+        Y.stride(0),
+        Y.stride(1),
+        BT=C,
+        BD=BD,
+        PREC=precision,
+        num_warps=4,
+    )
+    return Y
+
+
+def tri_solve_triton(
+    Q: torch.Tensor,
+    K: torch.Tensor,
+    V: torch.Tensor,
+    lam: torch.Tensor,
+    *,
+    chunk_size: int = 64,
+    block_s: int = 16,
+    group_size: int | None = None,
+    precision: str = "ieee",
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``T⁻¹ V`` for float32 ``Q, K`` ``(B, n, d)``, ``V`` ``(B, n, e)``, ``λ`` ``(B, n)``.
+
+    ``group_size``: chunks per group of the two-level scan (default ``≈ √(n/C)``); ``out``: an
+    optional contiguous float32 ``(B, n, e)`` result buffer.
+    """
+    _check(Q, K, lam, chunk_size, block_s, precision)
+    if V.dtype != torch.float32 or V.ndim != 3 or V.shape[:2] != Q.shape[:2]:
+        raise ValueError(f"expected float32 V (B, n, e), got {V.dtype} {tuple(V.shape)}")
+    if Q.shape[-1] > 128:
+        # the group/state kernels keep d-wide tiles in shared memory (> 227 KB for d = 256)
+        raise ValueError(f"tri_solve_triton supports d ≤ 128, got d = {Q.shape[-1]}")
+    Q, K, V, lam = Q.contiguous(), K.contiguous(), V.contiguous(), lam.contiguous()
+    B, n, d = Q.shape
+    e = V.shape[-1]
+    X = _out(out, (B, n, e), Q.device)
+    if B == 0 or n == 0 or e == 0:
+        return X
+    C = chunk_size
+    NC = triton.cdiv(n, C)
+    # balance the two sequential parts: a group step costs ≈ 4·C·d per column, a state step
+    # ≈ 2·d² per column, so GS ≈ √(NC · d / 2C) chunks per group (8 for n = 4096, d = 128, C = 64)
+    GS = group_size or max(1, round(math.sqrt(NC * d / (2 * C))))
+    NG = triton.cdiv(NC, GS)
+    F = e + d
+    DP = _pow2(d)
+    BD = min(64, DP)
+    W = torch.empty(B, n, F, dtype=torch.float32, device=Q.device)
+    _tri_chunk_kernel[(NC, B)](
+        Q,
+        K,
+        lam,
+        V,
+        W,
+        W[..., e:],
+        W,
+        W,
+        n,
+        d,
+        e,
+        Q.stride(0),
+        Q.stride(1),
+        lam.stride(0),
+        V.stride(0),
+        V.stride(1),
+        0,
+        0,
+        W.stride(0),
+        W.stride(1),
+        W.stride(0),
+        W.stride(1),
+        BD=BD,
+        BE=32,
+        STORE_Y=False,
+        STORE_P=True,
+        STORE_R=False,
+        HAS_V=True,
+        PREC=precision,
+        num_warps=4,
+        **_chunk_meta(C, block_s),
+    )
+    Wg = torch.empty_like(W)
+    Sg = torch.empty(B, NG, d, F, dtype=torch.float32, device=Q.device)
+    BF = 16
+    _tri_group_kernel[(NG, triton.cdiv(F, BF), B)](
+        W,
+        K,
+        Wg,
+        Sg,
+        n,
+        d,
+        e,
+        F,
+        GS,
+        W.stride(0),
+        W.stride(1),
+        K.stride(0),
+        K.stride(1),
+        Sg.stride(0),
+        Sg.stride(1),
+        BC=C,
+        BF=BF,
+        DP=DP,
+        PREC=precision,
+        num_warps=4 if DP <= 64 else 8,
+    )
+    if NG == 1:
+        X.copy_(Wg[..., :e])
+        return X
+    Z = torch.empty(B, NG, d, e, dtype=torch.float32, device=Q.device)
+    BE = 16
+    _tri_state_kernel[(triton.cdiv(e, BE), B)](
+        Sg,
+        Z,
+        d,
+        e,
+        F,
+        NG,
+        Sg.stride(0),
+        Sg.stride(1),
+        Z.stride(0),
+        Z.stride(1),
+        DP=DP,
+        BE=BE,
+        PREC=precision,
+        num_warps=4 if DP <= 64 else 8,
+    )
+    BEc = 32
+    _tri_correct_kernel[(NC, triton.cdiv(e, BEc), B)](
+        Wg,
+        Z,
+        X,
+        n,
+        d,
+        e,
+        GS * C,
+        Wg.stride(0),
+        Wg.stride(1),
+        Z.stride(0),
+        Z.stride(1),
+        X.stride(0),
+        X.stride(1),
+        BT=C,
+        BE=BEc,
+        DP=DP,
+        PREC=precision,
+        num_warps=4,
+    )
+    return X

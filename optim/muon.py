@@ -1,0 +1,861 @@
+r"""Muon for whole models: orthogonalised momentum for matrices, AdamW for everything else.
+
+Layout follows ``torch.optim``: the :class:`Muon` class gathers parameters and state, the
+functional :func:`muon` performs the update, and it dispatches to :func:`_batched_muon` (matrices
+of the same shape, dtype and device are orthogonalised together in one batched call) or
+:func:`_single_tensor_muon` (one matrix at a time; the readable reference). The orthogonalisation
+itself is :func:`orthogonalize` / :func:`orthogonalize_bucket`, separate from the momentum and the
+apply steps so that a distributed variant can reuse it on the matrices each rank owns.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.optim.adam import adam
+from torch.optim.optimizer import Optimizer, ParamsT
+
+from matfn._batching import to_wide
+from matfn.msign import METHODS, default_compute_dtype, msign_wide, normalize, run_newton_schulz
+
+__all__ = ["Muon", "muon", "muon_param_groups", "orthogonalize", "orthogonalize_bucket"]
+
+AdjustLR = Literal["original", "match_rms_adamw"] | None
+Update = Literal["msign", "mclip"]
+MatrixView = Literal["auto", "flatten", "batch"]
+
+ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
+UPDATES = ("msign", "mclip")
+MATRIX_VIEWS = ("auto", "flatten", "batch")
+NS_ALGORITHMS = ("auto", "standard", "gram")
+#: Parameters stored in these dtypes keep their momentum buffer in float32.
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+try:  # torch ≥ 2.8; squeezes a 1-element tensor lr to 0-d, keeps floats
+    from torch.optim.optimizer import _to_scalar
+except ImportError:  # pragma: no cover - older torch
+
+    def _to_scalar(x: float | Tensor) -> float | Tensor:
+        return x.squeeze() if isinstance(x, Tensor) and x.dim() != 0 else x
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes: which matrices a parameter holds, and the learning-rate shape factor
+# --------------------------------------------------------------------------------------------
+
+
+def matrix_shape(
+    shape: torch.Size | Sequence[int], matrix_view: str = "auto"
+) -> tuple[int, int, int]:
+    """``(k, n, m)``: a parameter of ``shape`` is optimised as ``k`` matrices of size ``n×m``.
+
+    2-D: one matrix. ``matrix_view="auto"``: 3-D ``(E, n, m)`` is E expert matrices, ≥ 4-D
+    (conv ``(out, in, kh, kw)``) is flattened to ``(out, in·kh·kw)`` as in Keller's Muon.
+    ``"flatten"`` flattens every ≥ 3-D parameter (use it for Conv1d weights ``(out, in, k)``);
+    ``"batch"`` treats all leading dims as a batch of ``shape[-2] × shape[-1]`` matrices.
+    """
+    shape = tuple(shape)
+    if len(shape) < 2:
+        raise ValueError(f"Muon needs parameters with ndim >= 2, got shape {shape}")
+    if len(shape) == 2:
+        return 1, shape[0], shape[1]
+    flatten = matrix_view == "flatten" or (matrix_view == "auto" and len(shape) >= 4)
+    if flatten:
+        return 1, shape[0], math.prod(shape[1:])
+    return math.prod(shape[:-2]), shape[-2], shape[-1]
+
+
+def adjust_lr_ratio(adjust_lr_fn: str | None, n: int, m: int) -> float:
+    r"""The shape factor ``r(A, B)`` of torch.optim.Muon for an ``A×B`` matrix (``A = n``).
+
+    ``None``/``"original"``: ``√max(1, A/B)`` (update RMS ``1/√B`` for full rank);
+    ``"match_rms_adamw"``: ``0.2·√max(A, B)`` (update RMS 0.2, AdamW's typical value).
+    """
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return math.sqrt(max(1.0, n / m))
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(n, m))
+    raise ValueError(f"`adjust_lr_fn` must be one of {ADJUST_LR_FNS}, got {adjust_lr_fn!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Orthogonalisation (no state, no parameters): reusable by a distributed variant
+# --------------------------------------------------------------------------------------------
+
+
+def _mclip_wide(
+    X: Tensor,
+    *,
+    method: str,
+    steps: int | None,
+    algorithm: str,
+    eps: float,
+    compute_dtype: torch.dtype,
+    mclip_scale: float,
+) -> Tensor:
+    from matfn.mclip import mclip  # lazy: keeps `import optim` light
+
+    acc = X.to(torch.float64 if X.dtype == torch.float64 else torch.float32)
+    # threshold c = κ·‖X‖_F/√s: the RMS singular value (times κ) of each matrix.
+    c = torch.linalg.matrix_norm(acc, keepdim=True) * (mclip_scale / math.sqrt(X.shape[-2]))
+    Xn = (acc / c.clamp_min(eps)).to(compute_dtype)
+    return mclip(
+        Xn,
+        max_sv=1.0,
+        method=method,
+        steps=steps,
+        algorithm=algorithm,
+        eps=eps,
+        compute_dtype=compute_dtype,
+        check_finite=False,
+    )
+
+
+def orthogonalize(X: Tensor, group: Mapping[str, Any]) -> Tensor:
+    r"""The Muon direction of each matrix in a stacked batch ``X`` of shape ``(B, n, m)``.
+
+    ``update="msign"``: ``msign(X_b) ≈ U Vᵀ`` by Newton–Schulz. With ``ns_coefficients=(a, b, c)``
+    this is torch.optim.Muon's fixed quintic: ``X₀ = X / max(‖X‖_F, eps)``, then ``ns_steps``
+    (default 5) steps ``X ← aX + (bA + cA²)X``, ``A = XXᵀ``; otherwise the ``msign`` method's
+    schedule (:func:`matfn.msign`). ``update="mclip"``: ``mclip(X_b / c_b)`` with
+    ``c_b = mclip_scale·‖X_b‖_F/√s``: singular values ``min(σ/c, 1)``.
+
+    Only the keys ``msign, ns_coefficients, ns_steps, eps, ns_algorithm, ns_dtype, update,
+    mclip_scale`` of ``group`` are read. Returns ``(B, n, m)`` in the iteration dtype
+    (``ns_dtype``; default bfloat16 on CUDA, float32 on CPU, float64 for float64). ``X`` is
+    never modified.
+    """
+    if X.numel() == 0:
+        return torch.zeros_like(X)
+    X, transposed = to_wide(X)
+    compute_dtype = group.get("ns_dtype") or default_compute_dtype(X)
+    algorithm = group.get("ns_algorithm", "auto")
+    eps = group["eps"]
+    coefficients = group.get("ns_coefficients")
+    steps = group.get("ns_steps")
+    if group.get("update", "msign") == "mclip":
+        O = _mclip_wide(
+            X,
+            method=group["msign"],
+            steps=steps,
+            algorithm=algorithm,
+            eps=eps,
+            compute_dtype=compute_dtype,
+            mclip_scale=group.get("mclip_scale", 1.0),
+        )
+    elif coefficients is not None:
+        X0 = normalize(X, 1.0, eps, compute_dtype)
+        coeffs = [tuple(float(v) for v in coefficients)] * (5 if steps is None else steps)
+        O = run_newton_schulz(X0, coeffs, algorithm)
+    else:
+        O = msign_wide(
+            X,
+            method=group["msign"],
+            steps=steps,
+            algorithm=algorithm,
+            eps=eps,
+            compute_dtype=compute_dtype,
+        )
+    return O.mT if transposed else O
+
+
+def orthogonalize_bucket(updates: Sequence[Tensor], group: Mapping[str, Any]) -> list[Tensor]:
+    """Orthogonalise a list of same-shape matrices ``(n, m)`` (or ``(k, n, m)``) in one call.
+
+    The building block for single-process and distributed Muon: stack, one batched
+    :func:`orthogonalize`, split. Outputs have the inputs' shapes and dtype; inputs are not
+    modified.
+    """
+    if not updates:
+        return []
+    shape = updates[0].shape
+    if any(u.shape != shape for u in updates):
+        raise ValueError(f"`updates` must share one shape, got {[tuple(u.shape) for u in updates]}")
+    X = torch.stack(list(updates)).reshape(-1, shape[-2], shape[-1])
+    O = orthogonalize(X, group).to(updates[0].dtype)
+    return list(O.reshape(len(updates), *shape).unbind(0))
+
+
+# --------------------------------------------------------------------------------------------
+# Momentum and apply steps (shared by both paths)
+# --------------------------------------------------------------------------------------------
+
+
+def _momentum_inputs(
+    grads: list[Tensor], bufs: list[Tensor], momentum: float, nesterov: bool
+) -> list[Tensor]:
+    r"""EMA momentum ``B ← μB + (1−μ)G`` in place; returns ``(1−μ)G + μB`` (Nesterov) or ``B``.
+
+    Same-dtype pairs use ``lerp`` exactly like torch.optim.Muon; a float32 buffer of a bf16/fp16
+    parameter uses ``μB + (1−μ)G`` (``lerp`` needs equal dtypes). Gradients are not modified.
+    """
+    out: list[Tensor | None] = [None] * len(grads)
+    same = [i for i in range(len(grads)) if grads[i].dtype == bufs[i].dtype]
+    mixed = [i for i in range(len(grads)) if grads[i].dtype != bufs[i].dtype]
+    if same:
+        b = [bufs[i] for i in same]
+        g = [grads[i] for i in same]
+        torch._foreach_lerp_(b, g, 1 - momentum)
+        res = torch._foreach_lerp(g, b, momentum) if nesterov else b
+        for i, r in zip(same, res, strict=True):
+            out[i] = r
+    if mixed:
+        b = [bufs[i] for i in mixed]
+        g = [grads[i] for i in mixed]
+        torch._foreach_mul_(b, momentum)
+        torch._foreach_add_(b, g, alpha=1 - momentum)
+        if nesterov:
+            res = torch._foreach_mul(b, momentum)
+            torch._foreach_add_(res, g, alpha=1 - momentum)
+        else:
+            res = b
+        for i, r in zip(mixed, res, strict=True):
+            out[i] = r
+    return out  # type: ignore[return-value]
+
+
+def _foreach_ok(tensors: list[Tensor]) -> bool:
+    """Whether scalar ``torch._foreach_*`` ops are exact here.
+
+    On CPU they round a Python scalar to a bf16/fp16 list's dtype first (``0.998`` becomes
+    ``0.9961``), so low-precision CPU tensors take per-tensor ops, which compute in float32.
+    """
+    return not any(t.dtype in _LOW_PRECISION and t.device.type == "cpu" for t in tensors)
+
+
+def _weight_decay(params: list[Tensor], lr: float | Tensor, weight_decay: float) -> None:
+    """Decoupled decay with the unadjusted lr: ``W ← (1 − η λ) W``."""
+    if weight_decay == 0 or not params:
+        return
+    factor = 1 - lr * weight_decay
+    if not _foreach_ok(params):
+        for p in params:
+            p.mul_(factor.to(p.device) if isinstance(factor, Tensor) else factor)
+    elif isinstance(factor, Tensor):
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for p in params:
+            by_device.setdefault(p.device, []).append(p)
+        for device, ps in by_device.items():
+            torch._foreach_mul_(ps, factor.to(device))
+    else:
+        torch._foreach_mul_(params, factor)
+
+
+def _apply(params: list[Tensor], updates: list[Tensor], scale: float | Tensor) -> None:
+    """``W ← W + scale·O`` for same-shape pairs (updates already in the params' dtype)."""
+    if isinstance(scale, Tensor):
+        updates = torch._foreach_mul(updates, scale.to(updates[0].device))
+        torch._foreach_add_(params, updates)
+    elif not _foreach_ok(params):
+        for p, u in zip(params, updates, strict=True):
+            p.add_(u, alpha=scale)
+    else:
+        torch._foreach_add_(params, updates, alpha=scale)
+
+
+# --------------------------------------------------------------------------------------------
+# The two code paths
+# --------------------------------------------------------------------------------------------
+
+
+def _single_tensor_muon(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_bufs: list[Tensor],
+    *,
+    lr: float | Tensor,
+    weight_decay: float,
+    momentum: float,
+    nesterov: bool,
+    adjust_lr_fn: str | None,
+    group: Mapping[str, Any],
+) -> None:
+    """One parameter at a time (its expert stack batched); the reference for the batched path."""
+    view = group.get("matrix_view", "auto")
+    for param, grad, buf in zip(params, grads, momentum_bufs, strict=True):
+        (u,) = _momentum_inputs([grad], [buf], momentum, nesterov)
+        k, n, m = matrix_shape(param.shape, view)
+        O = orthogonalize(u.reshape(k, n, m), group).to(param.dtype)
+        _weight_decay([param], lr, weight_decay)
+        scale = -lr * adjust_lr_ratio(adjust_lr_fn, n, m)
+        if isinstance(scale, Tensor):
+            param.add_((O * scale.to(O.device)).reshape(param.shape))
+        else:
+            param.add_(O.reshape(param.shape), alpha=scale)
+
+
+def _batched_muon(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_bufs: list[Tensor],
+    *,
+    lr: float | Tensor,
+    weight_decay: float,
+    momentum: float,
+    nesterov: bool,
+    adjust_lr_fn: str | None,
+    group: Mapping[str, Any],
+) -> None:
+    """Megabatched Muon: one orthogonalisation call per (wide shape, dtype, device) bucket.
+
+    Tall matrices are transposed into their wide bucket (``msign(Mᵀ) = msign(M)ᵀ``), so a
+    transformer block's ``d×4d`` and ``4d×d`` weights share one batched call. Momentum and weight
+    decay are ``torch._foreach_*`` calls over the whole group.
+    """
+    view = group.get("matrix_view", "auto")
+    updates = _momentum_inputs(grads, momentum_bufs, momentum, nesterov)
+
+    # bucket key: (device, update dtype, s, L); within a bucket, members sorted by
+    # (n, m, param shape, param dtype) so that each "run" of equal members is a contiguous slice
+    buckets: dict[tuple, list[tuple]] = {}
+    for i, (p, u) in enumerate(zip(params, updates, strict=True)):
+        k, n, m = matrix_shape(p.shape, view)
+        key = (u.device, u.dtype, min(n, m), max(n, m))
+        buckets.setdefault(key, []).append(((n, m, k, tuple(p.shape), str(p.dtype)), i))
+
+    runs: list[tuple[tuple, list[int], Tensor]] = []
+    for members in buckets.values():
+        members.sort(key=lambda t: t[0])
+        parts = []
+        for (n, m, k, _, _), i in members:
+            X = updates[i].reshape(k, n, m)
+            parts.append(X.mT if n > m else X)
+        O = orthogonalize(torch.cat(parts) if len(parts) > 1 else parts[0], group)
+        start = 0
+        for run_key, run in itertools.groupby(members, key=lambda t: t[0]):
+            idx = [i for _, i in run]
+            n, m, k = run_key[:3]
+            block = O[start : start + len(idx) * k]
+            runs.append((run_key, idx, block.mT if n > m else block))
+            start += len(idx) * k
+
+    _weight_decay(params, lr, weight_decay)
+    for (n, m, _, shape, _), idx, block in runs:
+        # one cast+copy per run into the params' dtype and layout, then one foreach add
+        upd = block.to(dtype=params[idx[0]].dtype, memory_format=torch.contiguous_format)
+        _apply(
+            [params[i] for i in idx],
+            list(upd.reshape(len(idx), *shape).unbind(0)),
+            -lr * adjust_lr_ratio(adjust_lr_fn, n, m),
+        )
+
+
+def muon(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_bufs: list[Tensor],
+    *,
+    lr: float | Tensor,
+    weight_decay: float,
+    momentum: float,
+    nesterov: bool,
+    ns_coefficients: tuple[float, float, float] | None = None,
+    ns_steps: int | None = None,
+    eps: float = 1e-7,
+    adjust_lr_fn: AdjustLR = None,
+    msign: str = "polar_express",
+    update: Update = "msign",
+    mclip_scale: float = 1.0,
+    ns_algorithm: str = "auto",
+    ns_dtype: torch.dtype | None = None,
+    matrix_view: MatrixView = "auto",
+    batched: bool = True,
+    has_complex: bool = False,
+) -> None:
+    r"""Functional Muon: update ``params`` in place from ``grads``; see :class:`Muon`.
+
+    ``momentum_bufs`` (one per param, any float dtype) are updated in place; ``grads`` are not.
+    ``batched=True`` groups same-shape matrices into one orthogonalisation call.
+    """
+    if has_complex:
+        raise TypeError(
+            "Muon does not support complex parameters; optimise real and imaginary parts"
+        )
+    if not params:
+        return
+    group = {
+        "ns_coefficients": ns_coefficients,
+        "ns_steps": ns_steps,
+        "eps": eps,
+        "msign": msign,
+        "update": update,
+        "mclip_scale": mclip_scale,
+        "ns_algorithm": ns_algorithm,
+        "ns_dtype": ns_dtype,
+        "matrix_view": matrix_view,
+    }
+    fn = _batched_muon if batched else _single_tensor_muon
+    fn(
+        params,
+        grads,
+        momentum_bufs,
+        lr=_to_scalar(lr),
+        weight_decay=weight_decay,
+        momentum=momentum,
+        nesterov=nesterov,
+        adjust_lr_fn=adjust_lr_fn,
+        group=group,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The optimizer
+# --------------------------------------------------------------------------------------------
+
+_MUON_KEYS = (
+    "ns_coefficients",
+    "ns_steps",
+    "eps",
+    "msign",
+    "update",
+    "mclip_scale",
+    "ns_algorithm",
+    "ns_dtype",
+    "matrix_view",
+)
+
+
+class Muon(Optimizer):
+    r"""Muon (momentum orthogonalised by Newton–Schulz) for matrices, AdamW for the rest.
+
+    A drop-in replacement for ``torch.optim.AdamW(model.parameters(), ...)`` and a superset of
+    ``torch.optim.Muon``: the positional arguments and their defaults are torch's, so code
+    written for torch.optim.Muon runs unchanged, and with ``ns_coefficients=(3.4445, -4.7750,
+    2.0315)`` the update is torch's (to bf16 rounding: torch iterates in bf16, this class in
+    float32 on CPU and bf16 on CUDA unless ``ns_dtype`` says otherwise).
+
+    For a parameter ``W`` routed to Muon (group key ``use_muon``; default ``W.ndim >= 2``)::
+
+        B ← μ B + (1 − μ) G                        (EMA momentum, lerp; state "momentum_buffer")
+        U ← (1 − μ) G + μ B   if nesterov else B
+        O ← msign(U)   or   mclip(U / c)            (per matrix; see `update`)
+        W ← (1 − η λ) W − η · r(A, B) · O          (decoupled decay with the unadjusted η)
+
+    Every other parameter gets AdamW (``torch.optim.adam.adam`` with
+    ``decoupled_weight_decay=True``; state ``exp_avg``, ``exp_avg_sq``, ``step``) with
+    ``lr = adamw_lr or lr``, ``weight_decay = adamw_weight_decay or weight_decay``,
+    ``betas = adamw_betas``, ``eps = adamw_eps``.
+
+    Parameters
+    ----------
+    params : iterable of Tensor or dict
+        Parameters or param groups. A group may set any keyword below, plus ``use_muon``
+        (``True``: every param must be ≥ 2-D; ``False``: all AdamW; absent/None: by ndim). See
+        :func:`muon_param_groups` for the usual split (embeddings, head and 1-D params on AdamW).
+    lr : float or Tensor
+        Learning rate η (a 1-element tensor is accepted).
+    weight_decay : float
+        Decoupled weight decay λ, multiplied by the unadjusted lr.
+    momentum : float
+        μ in ``[0, 1)``.
+    nesterov : bool
+        Use the Nesterov input ``(1 − μ)G + μB``.
+    ns_coefficients : (a, b, c) or None
+        A fixed quintic for every step (torch's behaviour; torch's default is Keller's
+        ``(3.4445, -4.7750, 2.0315)``), normalised by ``max(‖U‖_F, eps)``. ``None``: the
+        schedule of the ``msign`` method (Polar Express by default: a different, convergent
+        polynomial per step).
+    eps : float
+        Normalisation floor: a zero gradient gives a zero update.
+    ns_steps : int or None
+        Newton–Schulz steps; ``None``: 5 with ``ns_coefficients``, else the method's default.
+    adjust_lr_fn : {None, "original", "match_rms_adamw"}
+        Shape factor ``r(A, B)`` for an ``A×B`` matrix: ``√max(1, A/B)`` (None/"original",
+        Keller) or ``0.2·√max(A, B)`` (Moonlight: update RMS 0.2, so AdamW's lr and weight decay
+        carry over). ``A×B`` is the 2-D view: ``(out, in·kh·kw)`` for conv, ``(n, m)`` per expert.
+    msign : {"polar_express", "tuned", "keller", "cubic", "svd"}
+        Newton–Schulz schedule when ``ns_coefficients`` is None (see :func:`matfn.msign`).
+    update : {"msign", "mclip"}
+        ``"mclip"``: spectrally clipped update ``O = mclip(U/c)``, ``c = mclip_scale·‖U‖_F/√s``
+        (``s = min(A, B)``): singular values ``min(σᵢ/c, 1)``. Directions with small singular
+        values stay small instead of being lifted to 1; ``‖O‖₂ ≤ 1`` as for msign.
+    mclip_scale : float
+        κ in the clipping threshold above (κ → 0 recovers msign).
+    ns_algorithm : {"auto", "standard", "gram"}
+        Newton–Schulz algorithm (see :func:`matfn.msign`).
+    ns_dtype : torch.dtype or None
+        Iteration dtype; default bfloat16 on CUDA, float32 on CPU.
+    matrix_view : {"auto", "flatten", "batch"}
+        How ≥ 3-D params become matrices: ``auto`` batches 3-D ``(E, n, m)`` per expert and
+        flattens ≥ 4-D conv weights with ``view(out, -1)``; ``flatten`` also flattens 3-D
+        (Conv1d); ``batch`` batches over all leading dims.
+    adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay
+        Hyper-parameters of the built-in AdamW (``None`` lr/decay: reuse ``lr``/``weight_decay``;
+        an LR scheduler then scales both).
+    batched : bool
+        Orthogonalise same-shape matrices in one batched call (``False``: one at a time).
+    process_group : ProcessGroup, DeviceMesh, True or None
+        Distributed Muon (:mod:`optim.distributed`). DTensor parameters (FSDP2 ``fully_shard``)
+        are detected and need nothing here. For plain parameters replicated by DDP pass the DDP
+        group (``True``: the default group): each rank orthogonalises its share and the results
+        are all-gathered. ``None`` (default): plain parameters are single-process.
+
+    Notes
+    -----
+    **Update RMS.** For a full-rank ``A×B`` matrix ``‖msign(U)‖_F² = min(A, B)``, so
+    ``RMS(O) = 1/√max(A, B)`` and ``RMS(r·O)`` is ``1/√B`` ("original") or exactly 0.2
+    ("match_rms_adamw"). With ``update="mclip"``, ``‖O‖_F² = Σ min(σᵢ²/c², 1) ≤ min(s, s/κ²)``
+    (because ``Σσᵢ² = ‖U‖_F² = s c²/κ²``). The same ``r(A, B)`` is used, so the msign RMS is an
+    upper bound (times ``min(1, 1/κ)``), reached when U's spectrum is flat (then mclip = msign
+    for κ ≤ 1); a rank-1 U gives the same update under both. ``‖O‖₂ ≤ 1`` still holds, so
+    decoupled decay keeps bounding ``‖W‖₂`` as with msign.
+
+    **Cost** per step: the Newton–Schulz iterations, ``T(4s²L + 2s³)`` FLOPs per matrix
+    (``algorithm="gram"``: ``4s²L + 8Ts³``), in one batched call per (shape, dtype, device)
+    bucket (tall matrices are transposed into the wide bucket), plus O(#params) elementwise
+    work in ``torch._foreach_*`` calls.
+
+    **State.** ``momentum_buffer`` has the param's shape; it is float32 for bf16/fp16 params
+    (kept float32 across ``load_state_dict``, which would otherwise cast it to the param dtype).
+    ``step`` exists only for AdamW params. NaN/Inf gradients propagate (no host sync).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from optim import Muon, muon_param_groups
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    >>> opt = Muon(muon_param_groups(model), lr=0.02, adamw_lr=3e-3)
+    >>> model(torch.randn(4, 8)).square().mean().backward()
+    >>> opt.step()
+    >>> opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: tuple[float, float, float] | None = None,
+        eps: float = 1e-7,
+        ns_steps: int | None = None,
+        adjust_lr_fn: AdjustLR = None,
+        *,
+        msign: str = "polar_express",
+        update: Update = "msign",
+        mclip_scale: float = 1.0,
+        ns_algorithm: str = "auto",
+        ns_dtype: torch.dtype | None = None,
+        matrix_view: MatrixView = "auto",
+        adamw_lr: float | Tensor | None = None,
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-8,
+        adamw_weight_decay: float | None = None,
+        batched: bool = True,
+        process_group: Any = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_coefficients=ns_coefficients,
+            eps=eps,
+            ns_steps=ns_steps,
+            adjust_lr_fn=adjust_lr_fn,
+            msign=msign,
+            update=update,
+            mclip_scale=mclip_scale,
+            ns_algorithm=ns_algorithm,
+            ns_dtype=ns_dtype,
+            matrix_view=matrix_view,
+            adamw_lr=adamw_lr,
+            adamw_betas=adamw_betas,
+            adamw_eps=adamw_eps,
+            adamw_weight_decay=adamw_weight_decay,
+            batched=batched,
+            use_muon=None,
+        )
+        _check_hyper(defaults)
+        super().__init__(params, defaults)
+        # -- distributed hook (optim/distributed.py): DTensor params, or DDP via `process_group`
+        self._process_group: Any = None
+        self._distributed = False
+        if process_group is not None or "torch.distributed.tensor" in sys.modules:
+            from .distributed import attach
+
+            self._process_group, self._distributed = attach(self, process_group)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; validates its hyper-parameters and its ``use_muon`` routing."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_hyper(group)
+        if group["use_muon"]:
+            for p in group["params"]:
+                matrix_shape(p.shape, group["matrix_view"])  # raises for ndim < 2
+
+    @staticmethod
+    def _uses_muon(p: Tensor, group: Mapping[str, Any]) -> bool:
+        flag = group["use_muon"]
+        return p.ndim >= 2 if flag is None else bool(flag)
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        m_params: list[Tensor],
+        m_grads: list[Tensor],
+        m_bufs: list[Tensor],
+        a_params: list[Tensor],
+        a_grads: list[Tensor],
+        a_avgs: list[Tensor],
+        a_sqs: list[Tensor],
+        a_steps: list[Tensor],
+    ) -> None:
+        # flat list arguments: torch.compile's optimizer support calls `_init_group` eagerly
+        # and propagates the lists it fills (lists nested in tuples would be lost)
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if torch.is_complex(p) or torch.is_complex(p.grad):
+                raise TypeError(
+                    "Muon does not support complex parameters; view them as real "
+                    "(torch.view_as_real) or optimise them with another optimizer"
+                )
+            if p.grad.is_sparse:
+                raise TypeError(
+                    "Muon does not support sparse gradients; use nn.Embedding(sparse=False) "
+                    "or torch.optim.SparseAdam for those parameters"
+                )
+            state = self.state[p]
+            if self._uses_muon(p, group):
+                if "momentum_buffer" not in state:
+                    dtype = torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+                    state["momentum_buffer"] = torch.zeros_like(
+                        p, dtype=dtype, memory_format=torch.preserve_format
+                    )
+                m_params.append(p)
+                m_grads.append(p.grad)
+                m_bufs.append(state["momentum_buffer"])
+            else:
+                if "step" not in state:
+                    # like torch.optim.AdamW (not capturable/fused): step lives on the CPU
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                a_params.append(p)
+                a_grads.append(p.grad)
+                a_avgs.append(state["exp_avg"])
+                a_sqs.append(state["exp_avg_sq"])
+                a_steps.append(state["step"])
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """Perform one step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            muon_lists: tuple = ([], [], [])
+            adam_lists: tuple = ([], [], [], [], [])
+            self._init_group(group, *muon_lists, *adam_lists)
+            # -- distributed hook (optim/distributed.py): DTensor params, or DDP via `process_group`
+            if muon_lists[0] and getattr(self, "_distributed", False):
+                from .distributed import step_distributed
+
+                step_distributed(self, group, *muon_lists)
+                muon_lists = ([], [], [])
+            if muon_lists[0]:
+                muon(
+                    *muon_lists,
+                    lr=group["lr"],
+                    weight_decay=group["weight_decay"],
+                    momentum=group["momentum"],
+                    nesterov=group["nesterov"],
+                    adjust_lr_fn=group["adjust_lr_fn"],
+                    batched=group["batched"],
+                    **{k: group[k] for k in _MUON_KEYS},
+                )
+            if adam_lists[0]:
+                beta1, beta2 = group["adamw_betas"]
+                lr = group["adamw_lr"] if group["adamw_lr"] is not None else group["lr"]
+                wd = group["adamw_weight_decay"]
+                adam(
+                    *adam_lists[:4],
+                    [],
+                    adam_lists[4],
+                    decoupled_weight_decay=True,
+                    amsgrad=False,
+                    beta1=beta1,
+                    beta2=beta2,
+                    lr=_to_scalar(lr),
+                    weight_decay=group["weight_decay"] if wd is None else wd,
+                    eps=group["adamw_eps"],
+                    maximize=False,
+                )
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state; momentum buffers keep their saved dtype (torch would cast to the param's).
+
+        Also accepts a ``torch.optim.Muon`` state dict: missing group keys take this
+        optimizer's defaults, and its ``ns_coefficients``/``ns_steps`` keep torch's iteration.
+        """
+        saved = {
+            pid: s["momentum_buffer"]
+            for pid, s in state_dict["state"].items()
+            if isinstance(s, Mapping) and isinstance(s.get("momentum_buffer"), Tensor)
+        }
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:  # e.g. a torch.optim.Muon checkpoint lacks our keys
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(ids, params, strict=True):
+            if pid in saved:
+                self.state[p]["momentum_buffer"] = saved[pid].to(device=p.device, copy=True)
+
+
+def _check_hyper(group: Mapping[str, Any]) -> None:
+    """Validate one group's hyper-parameters (quoting the bad value, as torch.optim does)."""
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Tensor `lr` must have 1 element, got shape {tuple(lr.shape)}")
+    elif not 0.0 <= lr:
+        raise ValueError(f"`lr` must be >= 0, got {lr}")
+    if not 0.0 <= group["weight_decay"]:
+        raise ValueError(f"`weight_decay` must be >= 0, got {group['weight_decay']}")
+    if not 0.0 <= group["momentum"] < 1.0:
+        raise ValueError(f"`momentum` must lie in [0, 1), got {group['momentum']}")
+    if not group["eps"] > 0:
+        raise ValueError(f"`eps` must be > 0, got {group['eps']}")
+    coeffs = group["ns_coefficients"]
+    if coeffs is not None and (len(tuple(coeffs)) != 3):
+        raise ValueError(f"`ns_coefficients` must be None or (a, b, c), got {coeffs!r}")
+    steps = group["ns_steps"]
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"`ns_steps` must be a positive int or None, got {steps!r}")
+    if group["adjust_lr_fn"] not in ADJUST_LR_FNS:
+        raise ValueError(
+            f"`adjust_lr_fn` must be one of {ADJUST_LR_FNS}, got {group['adjust_lr_fn']!r}"
+        )
+    if group["msign"] not in METHODS:
+        raise ValueError(f"`msign` must be one of {METHODS}, got {group['msign']!r}")
+    if group["msign"] == "tuned" and steps is not None and steps < 5 and coeffs is None:
+        raise ValueError(f"msign='tuned' needs ns_steps >= 5, got {steps}")
+    if group["update"] not in UPDATES:
+        raise ValueError(f"`update` must be one of {UPDATES}, got {group['update']!r}")
+    if group["update"] == "mclip" and coeffs is not None:
+        raise ValueError(
+            "`ns_coefficients` applies to update='msign' only; choose the schedule of "
+            "update='mclip' with `msign=`"
+        )
+    if not group["mclip_scale"] > 0:
+        raise ValueError(f"`mclip_scale` must be > 0, got {group['mclip_scale']}")
+    if group["ns_algorithm"] not in NS_ALGORITHMS:
+        raise ValueError(
+            f"`ns_algorithm` must be one of {NS_ALGORITHMS}, got {group['ns_algorithm']!r}"
+        )
+    dt = group["ns_dtype"]
+    if dt is not None and dt not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"`ns_dtype` must be a floating dtype or None, got {dt!r}")
+    if group["matrix_view"] not in MATRIX_VIEWS:
+        raise ValueError(
+            f"`matrix_view` must be one of {MATRIX_VIEWS}, got {group['matrix_view']!r}"
+        )
+    b1, b2 = group["adamw_betas"]
+    if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+        raise ValueError(f"`adamw_betas` must lie in [0, 1), got {group['adamw_betas']!r}")
+    if not group["adamw_eps"] >= 0:
+        raise ValueError(f"`adamw_eps` must be >= 0, got {group['adamw_eps']}")
+    wd = group["adamw_weight_decay"]
+    if wd is not None and not wd >= 0:
+        raise ValueError(f"`adamw_weight_decay` must be >= 0 or None, got {wd}")
+    alr = group["adamw_lr"]
+    if alr is not None and not isinstance(alr, Tensor) and not alr >= 0:
+        raise ValueError(f"`adamw_lr` must be >= 0 or None, got {alr}")
+
+
+# --------------------------------------------------------------------------------------------
+# Param-group helper
+# --------------------------------------------------------------------------------------------
+
+HEAD_NAMES = ("lm_head", "head", "output", "classifier", "fc_out", "out_proj_head")
+
+
+def muon_param_groups(
+    model: nn.Module,
+    *,
+    head_names: Iterable[str] = HEAD_NAMES,
+    last_linear_to_adamw: bool = True,
+    muon_options: Mapping[str, Any] | None = None,
+    adamw_options: Mapping[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Split a model's trainable parameters into a Muon group and an AdamW group.
+
+    AdamW gets: every parameter with ndim < 2 (biases, norm gains), every ``nn.Embedding`` /
+    ``nn.EmbeddingBag`` weight, the output head (a module whose name's last component is in
+    ``head_names``, and the last ``nn.Linear`` in registration order if
+    ``last_linear_to_adamw``), and any weight shared (tied) with one of these. Muon gets the
+    other ≥ 2-D parameters; ``nn.Conv1d`` weights go to a third group with
+    ``matrix_view="flatten"``. Empty groups are dropped; frozen parameters are left out.
+
+    Parameters
+    ----------
+    model : nn.Module
+    head_names : iterable of str
+        Module names (last dotted component) treated as the output head.
+    last_linear_to_adamw : bool
+        Treat the last ``nn.Linear`` as the head.
+    muon_options, adamw_options : mapping, optional
+        Extra keys for the Muon / AdamW groups (e.g. ``{"lr": 3e-4}`` for the AdamW group).
+
+    Returns
+    -------
+    list of dict
+        Param groups for :class:`Muon` (``use_muon`` set in each).
+    """
+    heads = set(head_names)
+    adamw_ids: set[int] = set()
+    conv1d_ids: set[int] = set()
+    last_linear: nn.Linear | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding | nn.EmbeddingBag):
+            adamw_ids.add(id(module.weight))
+        if isinstance(module, nn.Linear):
+            last_linear = module
+            if name.rsplit(".", 1)[-1] in heads:
+                adamw_ids.update(id(p) for p in module.parameters(recurse=False))
+        elif name and name.rsplit(".", 1)[-1] in heads:
+            adamw_ids.update(id(p) for p in module.parameters(recurse=False))
+        if isinstance(module, nn.Conv1d):
+            conv1d_ids.add(id(module.weight))
+    if last_linear_to_adamw and last_linear is not None:
+        adamw_ids.update(id(p) for p in last_linear.parameters(recurse=False))
+
+    muon_params, conv1d_params, adamw_params = [], [], []
+    # parameters() deduplicates tied weights; the id sets already hold the shared tensor
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or id(p) in adamw_ids:
+            adamw_params.append(p)
+        elif id(p) in conv1d_ids:
+            conv1d_params.append(p)
+        else:
+            muon_params.append(p)
+    groups = []
+    if muon_params:
+        groups.append({"params": muon_params, "use_muon": True, **(muon_options or {})})
+    if conv1d_params:
+        groups.append(
+            {
+                "params": conv1d_params,
+                "use_muon": True,
+                "matrix_view": "flatten",
+                **(muon_options or {}),
+            }
+        )
+    if adamw_params:
+        groups.append({"params": adamw_params, "use_muon": False, **(adamw_options or {})})
+    return groups

@@ -1,0 +1,513 @@
+"""GPU benchmark and accuracy check of matfn's Newton–Schulz kernels against torch and peers.
+
+Run on a CUDA machine (not collected by pytest)::
+
+    PYTHONUNBUFFERED=1 python3 tests/bench/gpu_newton_schulz.py [--sections env,acc,time,graph,gram]
+        [--cases 4096x4096,64x512x512] [--json out.json]
+
+Sections
+--------
+env    versions, device, which peers import, where torch.optim.Muon's NS lives.
+acc    bf16 accuracy against a float64 oracle on matrices with a known SVD
+       (``M = U diag(σ) Vᵀ``): relative error to the schedule-exact result ``U f(Σ̂) Vᵀ`` and
+       max |σ − 1|, for the Triton path, the torch path, standard and Gram.
+time   per case: ours (``matfn.msign`` end to end, bf16), torch.optim.Muon's NS (a loop for
+       batches), the torch reference batched with ``baddbmm``, and each peer; median, p20/p80
+       (``triton.testing.do_bench``), achieved TFLOP/s counting the plain algorithm's FLOPs
+       ``T(4 s² L + 2 s³)`` and the FLOPs actually performed, fraction of the cuBLAS bf16 rate
+       measured at 8192³ in the same process.
+graph  small cases with and without CUDA-graph capture.
+gram   the symmetric Gram kernel alone against cuBLAS ``X @ X.T``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import matfn  # noqa: E402
+from matfn.coefficients import scalar_map, schedule  # noqa: E402
+from matfn.msign import (  # noqa: E402
+    choose_algorithm,
+    gram_newton_schulz_torch,
+    gram_restarts,
+    newton_schulz_torch,
+    normalize,
+)
+
+STEPS = 5
+CASES = {
+    # name: (batch, n, m)
+    "1024x1024": (1, 1024, 1024),
+    "2048x2048": (1, 2048, 2048),
+    "4096x4096": (1, 4096, 4096),
+    "8192x8192": (1, 8192, 8192),
+    "4096x16384": (1, 4096, 16384),
+    "64x512x512": (64, 512, 512),
+    "1000x1000": (1, 1000, 1000),
+    "1294x929": (1, 1294, 929),
+    "4096x14336": (1, 4096, 14336),
+    "32x128x4096": (32, 128, 4096),
+    "128x768x2048": (128, 768, 2048),
+}
+TARGETS_MS = {
+    "4096x4096": 2.2,
+    "8192x8192": 18.0,
+    "4096x16384": 5.0,
+    "1024x1024": 0.1,
+    "64x512x512": 0.5,
+}
+SMALL = ["1024x1024", "1000x1000", "1294x929", "64x512x512", "32x128x4096"]
+RESULTS: dict = {"sections": {}}
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def bench(fn, rep_ms: float | None = None) -> tuple[float, float, float]:
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    est = (time.perf_counter() - t0) * 1e3
+    rep = rep_ms or max(100.0, min(600.0, 30 * est))
+    q = triton.testing.do_bench(fn, warmup=max(25, 3 * est), rep=rep, quantiles=[0.5, 0.2, 0.8])
+    return tuple(q)  # type: ignore[return-value]
+
+
+def plain_flops(batch: int, n: int, m: int, steps: int = STEPS) -> float:
+    s, L = min(n, m), max(n, m)
+    return batch * steps * (4 * s * s * L + 2 * s**3)
+
+
+def performed_flops(batch: int, n: int, m: int, algo: str, coeffs) -> float:
+    s, L = min(n, m), max(n, m)
+    T = len(coeffs)
+    if algo == "gram":
+        k = len(gram_restarts(coeffs))
+        return batch * ((3 + 3 * k) * s * s * L + 4 * T * s**3)
+    return batch * T * (3 * s * s * L + s**3)
+
+
+# --------------------------------------------------------------------------------------- env
+def section_env():
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": torch.cuda.get_device_name(),
+        "sms": torch.cuda.get_device_properties(0).multi_processor_count,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception as e:  # pragma: no cover - reported
+        info["triton"] = f"unavailable: {e}"
+    try:
+        from torch.optim import _muon
+
+        info["torch_muon_ns"] = (
+            "torch.optim._muon._zeropower_via_newtonschulz"
+            if hasattr(_muon, "_zeropower_via_newtonschulz")
+            else f"not found; names: {[n for n in dir(_muon) if 'newton' in n.lower()]}"
+        )
+    except Exception as e:
+        info["torch_muon_ns"] = f"unavailable: {e}"
+    for mod in ("emerging_optimizers", "gram_newton_schulz", "heavyball"):
+        try:
+            m = importlib.import_module(mod)
+            info[mod] = getattr(m, "__version__", "imported")
+        except Exception as e:
+            info[mod] = f"import failed: {type(e).__name__}: {e}"
+    for k, v in info.items():
+        log(f"  {k:>22}: {v}")
+    RESULTS["env"] = info
+
+
+def cublas_peak() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = bench(lambda: a @ b)[0]
+    return 2 * 8192**3 / ms / 1e9
+
+
+# --------------------------------------------------------------------------------------- peers
+def make_peers():
+    """name -> callable(M) on a (B, n, m) bf16 tensor, or a string saying why not."""
+    peers: dict = {}
+    try:
+        from torch.optim._muon import _zeropower_via_newtonschulz as zp
+
+        coeffs = (3.4445, -4.7750, 2.0315)
+
+        def torch_muon(M):
+            return [zp(M[i], coeffs, STEPS, 1e-7) for i in range(M.shape[0])]
+
+        peers["torch.optim.Muon NS"] = torch_muon
+    except Exception as e:
+        peers["torch.optim.Muon NS"] = f"{type(e).__name__}: {e}"
+    try:
+        from emerging_optimizers.orthogonalized_optimizers.muon_utils import newton_schulz
+
+        def emerging(M):
+            prev = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision("medium")  # their bf16 / SYRK path
+            try:
+                if M.shape[0] == 1:
+                    return newton_schulz(M[0].float(), STEPS, "polar_express", use_syrk=True)
+                return newton_schulz(M.float(), STEPS, "polar_express")  # SYRK is 2-D only
+            finally:
+                torch.set_float32_matmul_precision(prev)
+
+        peers["emerging-optimizers (SYRK)"] = emerging
+    except Exception as e:
+        peers["emerging-optimizers (SYRK)"] = f"{type(e).__name__}: {e}"
+    try:
+        from gram_newton_schulz import GramNewtonSchulz
+
+        gns = GramNewtonSchulz(ns_use_kernels=False)  # CuTeDSL kernels: package too big to carry
+
+        peers["gram-newton-schulz (torch, no CuTeDSL)"] = lambda M: gns(M)
+    except Exception as e:
+        peers["gram-newton-schulz (torch, no CuTeDSL)"] = f"{type(e).__name__}: {e}"
+    try:
+        from heavyball.utils import zeropower_via_newtonschulz5
+
+        peers["heavyball"] = lambda M: zeropower_via_newtonschulz5(M, 5)
+    except Exception as e:
+        peers["heavyball"] = f"{type(e).__name__}: {e}"
+    return peers
+
+
+# --------------------------------------------------------------------------------------- ours
+def ours(M):
+    return matfn.msign(M, steps=STEPS, check_finite=False)
+
+
+def ours_algo(M, algorithm):
+    return matfn.msign(M, steps=STEPS, check_finite=False, algorithm=algorithm)
+
+
+def forced(M):
+    """Ours with the Triton kernels even below the size threshold."""
+    from matfn.kernels import dispatch
+
+    old = dispatch.MIN_TRITON_WORK
+    dispatch.MIN_TRITON_WORK = 0
+    try:
+        return ours(M)
+    finally:
+        dispatch.MIN_TRITON_WORK = old
+
+
+def cublas_gen(M):
+    """Ours with the general (non-symmetric) products on cuBLAS, symmetric ones on Triton."""
+    from matfn.kernels import ns_step
+
+    old = ns_step.GENERAL_BACKEND
+    ns_step.GENERAL_BACKEND = "cublas"
+    try:
+        return ours(M)
+    finally:
+        ns_step.GENERAL_BACKEND = old
+
+
+def torch_batched(M):
+    """The torch reference (baddbmm) on the whole batch, bf16, same schedule as ours."""
+    coeffs, factor = schedule("polar_express", STEPS)
+    X = M if M.shape[-2] <= M.shape[-1] else M.mT
+    X0 = normalize(X, factor, 1e-7, torch.bfloat16)
+    return newton_schulz_torch(X0, coeffs)
+
+
+# --------------------------------------------------------------------------------------- acc
+def known_svd(s: int, L: int, seed: int, cond: float = 10.0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(s, s, device="cuda", dtype=torch.float64, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(L, s, device="cuda", dtype=torch.float64, generator=g))
+    sig = torch.logspace(0, -math.log10(cond), s, device="cuda", dtype=torch.float64)
+    M = (U * sig) @ V.T
+    return M, U, sig, V
+
+
+def section_acc():
+    from matfn.kernels import dispatch
+
+    coeffs, factor = schedule("polar_express", STEPS)
+    restarts = gram_restarts(coeffs)
+    rows = []
+    for s, L in [(1024, 1024), (2048, 2048), (1024, 4096), (2048, 8192), (4096, 16384)]:
+        M64, U, sig, V = known_svd(s, L, seed=s + L)
+        x = (sig / (factor * sig.norm())).cpu().numpy()
+        f = torch.as_tensor(scalar_map(coeffs, x), device="cuda")
+        oracle = (U * f) @ V.T
+        X0 = normalize(M64.unsqueeze(0), factor, 1e-7, torch.bfloat16)
+        variants = {
+            "triton standard bf16": lambda X0=X0: dispatch.newton_schulz(X0, coeffs),
+            "triton gram fp16": lambda X0=X0: dispatch.gram_newton_schulz(X0, coeffs, restarts),
+            "torch standard bf16": lambda X0=X0: newton_schulz_torch(X0, coeffs),
+            "torch gram bf16": lambda X0=X0: gram_newton_schulz_torch(X0, coeffs, restarts),
+            "torch gram fp16": lambda X0=X0: gram_newton_schulz_torch(
+                X0.half(), coeffs, restarts
+            ),
+            "triton gram bf16 (no fp16)": lambda X0=X0: __import__(
+                "matfn.kernels.ns_step", fromlist=["x"]
+            ).gram_newton_schulz_triton(X0, coeffs, restarts),
+        }
+        for name, fn in variants.items():
+            out = fn()[0].double()
+            if not torch.isfinite(out).all():
+                rows.append((f"{s}x{L}", name, float("nan"), float("nan")))
+                continue
+            rel = float(torch.linalg.norm(out - oracle) / torch.linalg.norm(oracle))
+            ev = torch.linalg.eigvalsh(out @ out.T).clamp_min(0).sqrt()
+            dev = float((ev - 1).abs().max())
+            rows.append((f"{s}x{L}", name, rel, dev))
+        sched_err = float(abs(scalar_map(coeffs, x) - 1).max())
+        rows.append((f"{s}x{L}", "(schedule, exact arithmetic)", 0.0, sched_err))
+        del M64, U, V, oracle
+        torch.cuda.empty_cache()
+    log(f"  {'shape':>11} {'variant':<30} {'rel err vs U f(Σ) Vᵀ':>20} {'max|σ−1|':>10}")
+    for r in rows:
+        log(f"  {r[0]:>11} {r[1]:<30} {r[2]:>20.3e} {r[3]:>10.3e}")
+    RESULTS["sections"]["acc"] = rows
+
+
+# --------------------------------------------------------------------------------------- time
+def section_time(cases, peak, peer_cases, peer_names):
+    peers = {k: v for k, v in make_peers().items() if any(n in k for n in peer_names)}
+    coeffs, _ = schedule("polar_express", STEPS)
+    rows = []
+    for name in cases:
+        batch, n, m = CASES[name]
+        g = torch.Generator(device="cuda").manual_seed(0)
+        M = torch.randn(batch, n, m, device="cuda", dtype=torch.bfloat16, generator=g)
+        s, L = min(n, m), max(n, m)
+        from matfn.kernels import dispatch
+
+        X0 = M if n <= m else M.mT
+        algo = choose_algorithm(
+            "auto",
+            s,
+            L,
+            STEPS,
+            restarts=len(gram_restarts(coeffs)),
+            symmetric=dispatch.kernels_apply(X0),
+            gram_ok=dispatch.gram_accurate(X0),
+        )
+        pf = plain_flops(batch, n, m)
+        kernels = dispatch.kernels_apply(X0)
+        entries = [(f"ours ({algo}{'' if kernels else ', torch path'})", lambda M=M: ours(M))]
+        if kernels:
+            entries.append((f"ours ({algo}, cuBLAS general products)", lambda M=M: cublas_gen(M)))
+        else:
+            entries.append((f"ours ({algo}, Triton forced)", lambda M=M: forced(M)))
+        other = "standard" if algo == "gram" else "gram"
+        if s < L:
+            entries.append((f"ours ({other})", lambda M=M, o=other: ours_algo(M, o)))
+        entries.append(("torch ref batched (baddbmm)", lambda M=M: torch_batched(M)))
+        for pname, p in peers.items():
+            if not pname.startswith("torch.optim") and name not in peer_cases:
+                continue
+            if isinstance(p, str):
+                rows.append((name, pname, None, None, None, p))
+                log(f"  {name:>13} {pname:<40} cannot run: {p}")
+                continue
+            loop = " (loop)" if batch > 1 and "torch.optim" in pname else ""
+            entries.append((pname + loop, lambda M=M, p=p: p(M)))
+        base = None
+        for ename, fn in entries:
+            try:
+                med, p20, p80 = bench(fn)
+            except Exception as e:
+                rows.append((name, ename, None, None, None, f"{type(e).__name__}: {str(e)[:80]}"))
+                traceback.print_exc(limit=2)
+                continue
+            if base is None:
+                base = med
+            rows.append((name, ename, med, p20, p80, ""))
+            tf = pf / med / 1e9
+            extra = ""
+            if ename.startswith("ours ("):
+                algo_e = "gram" if ename.startswith("ours (gram") else "standard"
+                done = performed_flops(batch, n, m, algo_e, coeffs)
+                extra = f" performed {done / med / 1e9:6.0f} TF/s"
+            log(
+                f"  {name:>13} {ename:<40} {med:9.4f} ms [{p20:8.4f},{p80:8.4f}] "
+                f"x{med / base:6.2f} of ours  {tf:6.0f} TF/s ({tf / peak:5.1%}){extra}"
+            )
+        tgt = TARGETS_MS.get(name)
+        if tgt:
+            log(f"  {name:>13} target ≤ {tgt} ms: {'MET' if base <= tgt else 'missed'}")
+        del M
+        torch.cuda.empty_cache()
+    RESULTS["sections"]["time"] = rows
+
+
+def section_graph(cases):
+    rows = []
+    for name in cases:
+        batch, n, m = CASES[name]
+        M = torch.randn(batch, n, m, device="cuda", dtype=torch.bfloat16)
+        for label, fn in (
+            ("ours", ours),
+            ("ours, Triton forced", forced),
+            ("torch ref batched", torch_batched),
+        ):
+            fn(M)
+            eager = bench(lambda fn=fn: fn(M))[0]
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    fn(M)
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn(M)
+            g = bench(graph.replay)[0]
+            rows.append((name, label, eager, g))
+            log(f"  {name:>13} {label:<20} eager {eager:8.4f} ms   graph {g:8.4f} ms")
+    RESULTS["sections"]["graph"] = rows
+
+
+def section_gram():
+    from matfn.kernels.gram import gram_triton
+
+    rows = []
+    for s, L in [(8192, 8192), (4096, 4096), (4096, 16384)]:
+        X = torch.randn(1, s, L, device="cuda", dtype=torch.bfloat16)
+        G = gram_triton(X)
+        ref = (X[0].float() @ X[0].float().T)
+        err = float((G[0].float() - ref).abs().max() / ref.abs().max())
+        t_ours = bench(lambda X=X: gram_triton(X))[0]
+        t_cub = bench(lambda X=X: X[0] @ X[0].T)[0]
+        rows.append((f"{s}x{L}", t_ours, t_cub, t_cub / t_ours, err))
+        log(
+            f"  gram {s}x{L}: ours {t_ours:.3f} ms, cuBLAS X@X.T {t_cub:.3f} ms, "
+            f"speed-up {t_cub / t_ours:.2f}x, rel err {err:.1e}, "
+            f"{2 * s * s * L / t_ours / 1e9:.0f} plain TF/s"
+        )
+    RESULTS["sections"]["gram"] = rows
+
+
+def section_check():
+    """Triton vs torch at the same dtype, poisoned outputs, odd sizes (quick)."""
+    from matfn.kernels.gram import matmul_triton
+    from matfn.kernels.ns_step import ns_step_triton, sign_step_triton
+    from matfn.mcsgn import sign_step_torch
+    from matfn.msign import ns_step_torch
+
+    worst = 0.0
+    for b, s, L in [(1, 1000, 1000), (3, 129, 257), (2, 777, 1500), (1, 4096, 4096)]:
+        # σ_max(X) ≈ 1, so that every term of the step matters in the comparison.
+        X = torch.randn(b, s, L, device="cuda", dtype=torch.bfloat16) / (s**0.5 + L**0.5)
+        out = torch.full((b, s, s), float("nan"), device="cuda", dtype=torch.bfloat16)
+        matmul_triton(X, X.mT, symmetric=True, out=out)
+        ref = X.float() @ X.float().mT
+        e1 = float((out.float() - ref).abs().max() / ref.abs().max())
+        y = ns_step_triton(X, 3.4, -4.7, 2.0)
+        r = ns_step_torch(X, 3.4, -4.7, 2.0)
+        e2 = float((y.float() - r.float()).norm() / r.float().norm())
+        Sq = X[:, :, :s].contiguous() * ((s**0.5 + L**0.5) / (2 * s**0.5))
+        z = sign_step_triton(Sq, 1.5, -0.5, 0.1)
+        zr = sign_step_torch(Sq, 1.5, -0.5, 0.1)
+        e3 = float((z.float() - zr.float()).norm() / zr.float().norm())
+        log(f"  check {b}x{s}x{L}: gram {e1:.1e}  ns_step {e2:.1e}  sign_step {e3:.1e}")
+        worst = max(worst, e1, e2, e3)
+    from matfn.kernels import gram as G
+
+    sym_cfgs = G._SYMMETRIC_CONFIGS + [
+        c for c in G._SYMMETRIC_WIDE_CONFIGS if c not in G._SYMMETRIC_CONFIGS
+    ]
+    for cfg in sym_cfgs + G._GENERAL_CONFIGS:
+        sym = cfg in sym_cfgs
+        for b, s, L in [(2, 1000, 1000), (1, 777, 1500)]:
+            X = torch.randn(b, s, L, device="cuda", dtype=torch.bfloat16) / math.sqrt(L)
+            A = X if sym else X[:, :, :s]
+            D = torch.randn(b, s, s, device="cuda", dtype=torch.bfloat16)
+            D = D + D.mT
+            out = torch.full((b, s, s), float("nan"), device="cuda", dtype=torch.bfloat16)
+            Bm = X.mT if sym else X[:, :, :s].mT.contiguous()
+            G._mm_heuristic[
+                (G._grid_size(s, s, b, cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], sym),)
+            ](
+                A, Bm, D, out, s, s, A.shape[2], b,
+                *A.stride(), *Bm.stride(), *D.stride(), *out.stride(),
+                0.5, -1.5, 2.0,
+                SYMMETRIC=sym, HAS_D=True, HAS_DIAG=True, IEEE=False,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.kwargs,
+            )
+            ref = 0.5 * A.float() @ Bm.float() - 1.5 * D.float()
+            ref += 2 * torch.eye(s, device="cuda")
+            e = float((out.float() - ref).abs().max() / ref.abs().max())
+            log(f"  config {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages} sym={sym} "
+                f"{b}x{s}x{L}: rel err {e:.1e}")
+            worst = max(worst, e)
+    log(f"  check worst relative difference triton vs torch (bf16): {worst:.1e}")
+    RESULTS["sections"]["check"] = worst
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sections", default="env,check,acc,gram,time,graph")
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--peer-cases", default=",".join(CASES), help="cases that time the peers")
+    ap.add_argument("--peers", default="torch.optim,emerging,gram-newton,heavyball")
+    args = ap.parse_args()
+    sections = args.sections.split(",")
+    cases = [c for c in args.cases.split(",") if c]
+    torch.backends.cuda.matmul.allow_tf32 = False
+    t0 = time.time()
+    if "env" in sections:
+        log("== env")
+        section_env()
+    peak = None
+    if "time" in sections or "peak" in sections:
+        peak = cublas_peak()
+        RESULTS["peak_tflops"] = peak
+        log(f"== cuBLAS bf16 8192³: {peak:.0f} TFLOP/s")
+    for name, fn in (
+        ("check", section_check),
+        ("acc", section_acc),
+        ("gram", section_gram),
+        (
+            "time",
+            lambda: section_time(
+                cases, peak, args.peer_cases.split(","), args.peers.split(",")
+            ),
+        ),
+        ("graph", lambda: section_graph([c for c in SMALL if c in cases])),
+    ):
+        if name in sections:
+            log(f"== {name} ({time.time() - t0:.0f} s)")
+            try:
+                fn()
+            except Exception:
+                traceback.print_exc()
+    log(f"== done in {time.time() - t0:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(RESULTS, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,296 @@
+"""GPU check + timing table for ``tri_inv`` / ``tri_solve`` (Triton) against torch and fla-core.
+
+Run on a CUDA machine from the repository root::
+
+    PYTHONUNBUFFERED=1 python3 tests/bench/gpu_triangular.py [--quick] [--json out.json]
+
+1. Correctness: every launcher variant on odd sizes and batches, outputs poisoned with NaN,
+   compared with the float64 chunked torch form (relative Frobenius error).
+2. n = 4096, d = 128, fp32: ours (variants) vs ``torch.linalg.solve_triangular(T, I)`` /
+   ``torch.linalg.inv(T)`` for the inverse and ``solve_triangular(T, V)`` (e = 128) for the solve;
+   median of ``triton.testing.do_bench`` and of ``do_bench_cudagraph`` (launch gaps removed).
+3. Doubling n at d = 128: time/n² (inverse) and time/n (solve).
+4. DeltaNet chunks (batch 8, 16 heads, length 4096, 64×64 chunks, L2-normalised keys, β ∈ (0, 1)):
+   fla-core's ``solve_tril`` (from A) and ``chunk_scaled_dot_kkt_fwd`` + ``solve_tril``
+   (from k, β) against our chunk kernel (from Q = diag(β)K and K), then the general case
+   (random Λ, Q ≠ K) on the same shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+
+import torch
+import triton
+from rich.console import Console
+from rich.table import Table as RichTable
+from triton.testing import do_bench, do_bench_cudagraph
+
+from matfn.kernels.triangular import tri_inv_triton, tri_solve_triton
+from matfn.triangular import _tri_inv_chunked_torch, _tri_solve_chunked_torch, tri_inv, tri_solve
+
+console = Console(width=160)
+
+
+class Table(RichTable):
+    """A rich table that also prints each row as it is added (partial results survive a kill)."""
+
+    def add_row(self, *cells, **kw):
+        console.print(f"[dim]{self.title}[/dim] | " + " | ".join(str(c) for c in cells))
+        super().add_row(*cells, **kw)
+
+
+dev = "cuda"
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a = a.double()
+    if not torch.isfinite(a).all():
+        return float("nan")
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def dense_T(Q, K, lam):
+    return torch.diag_embed(lam) + torch.tril(Q @ K.mT, -1)
+
+
+def make(B, n, d, e=0, kind="general", seed=0):
+    g = torch.Generator(device=dev).manual_seed(seed)
+    K = torch.nn.functional.normalize(torch.randn(B, n, d, device=dev, generator=g), dim=-1)
+    if kind == "deltanet":
+        beta = torch.rand(B, n, device=dev, generator=g)
+        Q = K * beta[..., None]
+        lam = torch.ones(B, n, device=dev)
+    else:
+        Q = 0.5 * torch.nn.functional.normalize(torch.randn(B, n, d, device=dev, generator=g),
+                                                dim=-1)
+        K = 0.5 * K
+        lam = (1 + torch.rand(B, n, device=dev, generator=g)) * torch.where(
+            torch.rand(B, n, device=dev, generator=g) < 0.3, -1.0, 1.0)
+    V = torch.randn(B, n, e, device=dev, generator=g) if e else None
+    return Q, K, lam, V
+
+
+def ms(fn, graph=True):
+    t = do_bench(fn, warmup=25, rep=100, return_mode="median")
+    tg = float("nan")
+    if graph:
+        try:
+            tg = do_bench_cudagraph(fn, rep=100, return_mode="median")
+        except Exception as exc:  # noqa: BLE001
+            console.print(f"[yellow]cudagraph failed: {exc}")
+    return t, tg
+
+
+# Each (chunk_size, block_s, precision) compiles its own chunk kernel (~30-50 s of single-thread
+# compile time for C = 64 on first use, cached on disk afterwards), so the default run keeps two.
+VARIANTS_INV = [
+    dict(chunk_size=64, block_s=16, precision="ieee"),
+    dict(chunk_size=32, block_s=16, precision="ieee"),
+]
+VARIANTS_SOLVE = [
+    dict(chunk_size=64, block_s=16, precision="ieee"),
+    dict(chunk_size=32, block_s=16, precision="ieee"),
+    dict(chunk_size=64, block_s=16, precision="ieee", group_size=4),
+    dict(chunk_size=64, block_s=16, precision="ieee", group_size=16),
+]
+EXTRA_VARIANTS = [
+    dict(chunk_size=64, block_s=16, precision="tf32x3"),
+    dict(chunk_size=64, block_s=32, precision="ieee"),
+]
+
+
+def vname(v):
+    s = f"C{v['chunk_size']}/S{v['block_s']}/{v['precision']}"
+    return s + (f"/G{v['group_size']}" if "group_size" in v else "")
+
+
+def correctness(quick: bool) -> bool:
+    ok = True
+    shapes = [(1, 1, 1, 1), (3, 17, 5, 3), (2, 100, 16, 50), (1, 1000, 128, 128),
+              (2, 777, 100, 33), (1, 4096, 128, 128)]
+    if quick:
+        shapes = shapes[:4]
+    tab = Table(title="correctness vs float64 (rel. Frobenius), outputs poisoned with NaN")
+    for c in ("B", "n", "d", "e", "variant", "kind", "inv err", "solve err", "‖T⁻¹‖_max"):
+        tab.add_column(c)
+    for B, n, d, e in shapes:
+        for kind in ("general", "deltanet"):
+            Q, K, lam, V = make(B, n, d, e, kind, seed=n + d)
+            Yr = _tri_inv_chunked_torch(Q.double(), K.double(), lam.double())
+            Xr = _tri_solve_chunked_torch(Q.double(), K.double(), V.double(), lam.double())
+            for v in VARIANTS_INV:
+                vs = {k: x for k, x in v.items()}
+                Y = torch.full((B, n, n), float("nan"), device=dev)
+                tri_inv_triton(Q, K, lam, out=Y, **vs)
+                X = torch.full((B, n, e), float("nan"), device=dev)
+                tri_solve_triton(Q, K, V, lam, out=X, **vs)
+                torch.cuda.synchronize()
+                ei, es = rel(Y, Yr), rel(X, Xr)
+                bad = not (ei < 1e-5 and es < 1e-5)
+                ok &= not bad
+                tab.add_row(str(B), str(n), str(d), str(e), vname(v), kind, f"{ei:.1e}",
+                            f"{es:.1e}", f"{Yr.abs().max().item():.1e}",
+                            style="red" if bad else None)
+    # the public API dispatches to the kernels on CUDA
+    Q, K, lam, V = make(2, 300, 20, 7)
+    e1 = rel(tri_inv(Q, K, lam), _tri_inv_chunked_torch(Q.double(), K.double(), lam.double()))
+    e2 = rel(tri_solve(Q, K, V, lam),
+             _tri_solve_chunked_torch(Q.double(), K.double(), V.double(), lam.double()))
+    tab.add_row("2", "300", "20", "7", "public API", "general", f"{e1:.1e}", f"{e2:.1e}", "")
+    ok &= e1 < 1e-5 and e2 < 1e-5
+    console.print(tab)
+    return ok
+
+
+def main_table(results, n=4096, d=128, e=128):
+    Q, K, lam, V = make(1, n, d, e, "general", seed=1)
+    T = dense_T(Q, K, lam)
+    Yr = _tri_inv_chunked_torch(Q.double(), K.double(), lam.double())
+    Xr = _tri_solve_chunked_torch(Q.double(), K.double(), V.double(), lam.double())
+    eye = torch.eye(n, device=dev)
+    tab = Table(title=f"n={n}, d={d}, e={e}, fp32, one matrix (median ms)")
+    for c in ("op", "impl", "do_bench", "cudagraph", "vs baseline", "rel err vs fp64"):
+        tab.add_column(c)
+    t_base, _ = ms(lambda: torch.linalg.solve_triangular(T, eye, upper=False), graph=False)
+    t_invb, _ = ms(lambda: torch.linalg.inv(T), graph=False)
+    e_base = rel(torch.linalg.solve_triangular(T, eye, upper=False), Yr)
+    e_invb = rel(torch.linalg.inv(T), Yr)
+    tab.add_row("tri_inv", "torch solve_triangular(T, I)", f"{t_base:.3f}", "", "1.00",
+                f"{e_base:.1e}")
+    tab.add_row("tri_inv", "torch inv(T)", f"{t_invb:.3f}", "", f"{t_base / t_invb:.2f}",
+                f"{e_invb:.1e}")
+    results["inv_baseline_ms"] = t_base
+    results["inv_torch_inv_ms"] = t_invb
+    for v in VARIANTS_INV:
+        t, tg = ms(lambda v=v: tri_inv_triton(Q, K, lam, **v))
+        err = rel(tri_inv_triton(Q, K, lam, **v), Yr)
+        tab.add_row("tri_inv", "ours " + vname(v), f"{t:.3f}", f"{tg:.3f}", f"{t_base / t:.1f}x",
+                    f"{err:.1e}")
+        results[f"inv {vname(v)}"] = dict(ms=t, ms_graph=tg, err=err)
+    t_sb, _ = ms(lambda: torch.linalg.solve_triangular(T, V, upper=False), graph=False)
+    e_sb = rel(torch.linalg.solve_triangular(T, V, upper=False), Xr)
+    tab.add_row("tri_solve", "torch solve_triangular(T, V)", f"{t_sb:.3f}", "", "1.00",
+                f"{e_sb:.1e}")
+    results["solve_baseline_ms"] = t_sb
+    for v in VARIANTS_SOLVE:
+        t, tg = ms(lambda v=v: tri_solve_triton(Q, K, V, lam, **v))
+        err = rel(tri_solve_triton(Q, K, V, lam, **v), Xr)
+        tab.add_row("tri_solve", "ours " + vname(v), f"{t:.3f}", f"{tg:.3f}", f"{t_sb / t:.1f}x",
+                    f"{err:.1e}")
+        results[f"solve {vname(v)}"] = dict(ms=t, ms_graph=tg, err=err)
+    console.print(tab)
+
+
+def scaling(results, d=128, e=128):
+    tab = Table(title=f"doubling n (d={d}, e={e}, fp32, default variant C64/S16/ieee)")
+    for c in ("n", "inv ms", "inv ns/n²", "solve_tri(T,I) ms", "solve ms", "solve ns/n",
+              "solve_tri(T,V) ms"):
+        tab.add_column(c)
+    for n in (1024, 2048, 4096, 8192):
+        Q, K, lam, V = make(1, n, d, e, "general", seed=n)
+        T = dense_T(Q, K, lam)
+        eye = torch.eye(n, device=dev)
+        ti, _ = ms(lambda: tri_inv_triton(Q, K, lam), graph=False)
+        ts, _ = ms(lambda: tri_solve_triton(Q, K, V, lam), graph=False)
+        bi, _ = ms(lambda: torch.linalg.solve_triangular(T, eye, upper=False), graph=False)
+        bs, _ = ms(lambda: torch.linalg.solve_triangular(T, V, upper=False), graph=False)
+        tab.add_row(str(n), f"{ti:.3f}", f"{ti * 1e6 / n**2:.3f}", f"{bi:.3f}", f"{ts:.3f}",
+                    f"{ts * 1e6 / n:.2f}", f"{bs:.3f}")
+        results[f"scaling n={n}"] = dict(inv=ti, solve=ts, base_inv=bi, base_solve=bs)
+    console.print(tab)
+
+
+def deltanet(results, B=8, H=16, T=4096, d=128, BT=64):
+    tab = Table(title=f"DeltaNet chunks: B={B}, H={H}, T={T}, {BT}×{BT} chunks, d={d}, fp32 "
+                      "(median ms)")
+    for c in ("impl", "input", "do_bench", "cudagraph", "rel err vs fp64"):
+        tab.add_column(c)
+    g = torch.Generator(device=dev).manual_seed(3)
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, d, device=dev, generator=g), dim=-1)
+    beta = torch.rand(B, T, H, device=dev, generator=g)
+    # our layout: one (BT, d) matrix per (b, h, chunk)
+    Kc = k.view(B, T // BT, BT, H, d).permute(0, 3, 1, 2, 4).reshape(-1, BT, d).contiguous()
+    bc = beta.view(B, T // BT, BT, H).permute(0, 3, 1, 2).reshape(-1, BT).contiguous()
+    Qc = (Kc * bc[..., None]).contiguous()
+    ones = torch.ones(Kc.shape[:2], device=dev)
+    sub = slice(0, 256)
+    Yr = _tri_inv_chunked_torch(Qc[sub].double(), Kc[sub].double(), ones[sub].double())
+    try:
+        from fla.ops.common.chunk_scaled_dot_kkt import chunk_scaled_dot_kkt_fwd
+        from fla.ops.utils.solve_tril import solve_tril
+
+        A = chunk_scaled_dot_kkt_fwd(k, beta=beta, chunk_size=BT)
+        # exact A for the "solve_tril only" row, so its error is solve_tril's own
+        Aex = torch.tril(Qc @ Kc.mT, -1)
+        Aex = Aex.view(B, H, T // BT, BT, BT).permute(0, 2, 3, 1, 4).reshape(B, T, H, BT)
+        Aex = Aex.contiguous()
+
+        def to_ours(Ai):
+            return Ai.view(B, T // BT, BT, H, BT).permute(0, 3, 1, 2, 4).reshape(-1, BT, BT)
+
+        t, tg = ms(lambda: solve_tril(Aex))
+        err = rel(to_ours(solve_tril(Aex))[sub], Yr)
+        tab.add_row("fla solve_tril", "A (fp32, precomputed)", f"{t:.3f}", f"{tg:.3f}",
+                    f"{err:.1e}")
+        results["fla solve_tril"] = dict(ms=t, ms_graph=tg, err=err)
+
+        def fla_full():
+            return solve_tril(chunk_scaled_dot_kkt_fwd(k, beta=beta, chunk_size=BT))
+
+        t, tg = ms(fla_full)
+        err = rel(to_ours(fla_full())[sub], Yr)
+        tab.add_row("fla kkt + solve_tril", "k, β (fp32)", f"{t:.3f}", f"{tg:.3f}", f"{err:.1e}")
+        results["fla kkt+solve_tril"] = dict(ms=t, ms_graph=tg, err=err)
+        del A
+    except Exception as exc:  # noqa: BLE001
+        console.print(f"[red]fla-core unavailable: {exc!r}")
+    for v in [x for x in VARIANTS_INV if x["chunk_size"] == BT]:
+        t, tg = ms(lambda v=v: tri_inv_triton(Qc, Kc, ones, **v))
+        err = rel(tri_inv_triton(Qc, Kc, ones, **v)[sub], Yr)
+        tab.add_row("ours " + vname(v), "Q=βK, K (fp32)", f"{t:.3f}", f"{tg:.3f}", f"{err:.1e}")
+        results[f"deltanet ours {vname(v)}"] = dict(ms=t, ms_graph=tg, err=err)
+    # general case on the same shapes: random Λ (both signs), Q ≠ K
+    Qg, Kg, lam, _ = make(Kc.shape[0], BT, d, 0, "general", seed=5)
+    Yg = _tri_inv_chunked_torch(Qg[sub].double(), Kg[sub].double(), lam[sub].double())
+    t, tg = ms(lambda: tri_inv_triton(Qg, Kg, lam))
+    err = rel(tri_inv_triton(Qg, Kg, lam)[sub], Yg)
+    tab.add_row("ours C64/S16/ieee", "general Λ, Q≠K", f"{t:.3f}", f"{tg:.3f}", f"{err:.1e}")
+    results["deltanet-shape general ours"] = dict(ms=t, ms_graph=tg, err=err)
+    console.print(tab)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--skip", default="", help="comma list of: correct,main,scaling,deltanet")
+    ap.add_argument("--all-variants", action="store_true",
+                    help="also time tf32x3 dots and 32×32 base blocks (two more compiles)")
+    a = ap.parse_args()
+    if a.all_variants:
+        VARIANTS_INV.extend(EXTRA_VARIANTS)
+        VARIANTS_SOLVE.extend(EXTRA_VARIANTS)
+    skip = set(a.skip.split(","))
+    props = torch.cuda.get_device_properties(0)
+    results = dict(device=props.name, date=datetime.datetime.now(datetime.UTC).isoformat(),
+                   torch=torch.__version__, triton=triton.__version__)
+    console.print(results)
+    if "correct" not in skip:
+        results["correct"] = correctness(a.quick)
+        console.print(f"correctness ok: {results['correct']}")
+    if "main" not in skip:
+        main_table(results)
+    if "scaling" not in skip:
+        scaling(results)
+    if "deltanet" not in skip:
+        deltanet(results)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Every GPU benchmark and correctness check in one device call (a lease is short: one start).
+#   bash tests/bench/run_gpu_suite.sh            # writes logs and JSON under $OUT (or ./out)
+# Peers (benchmark-only) come from wheels in .whl/ when present. Each script has its own
+# time limit so that one slow compile cannot starve the others.
+set -u
+OUT=${OUT:-out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+date -u +%FT%TZ
+run() {  # run NAME SECONDS CMD...: log to $OUT/NAME.log, keep the tail visible
+  local name=$1 secs=$2; shift 2
+  echo "=== $name (limit ${secs}s)"
+  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1; echo "exit $? ($name)"
+  grep -v "AUTOTUNE\|triton_\|SingleProcess\|strides:\|dtypes:\|Autotune\|E1123" "$OUT/$name.log" | tail -n "${TAIL:-40}"
+}
+run muon 90 python3 tests/bench/gpu_muon.py --json "$OUT/muon.json"
+run max_logit 75 python3 tests/bench/gpu_max_logit.py
+TAIL=60 run newton_schulz 190 python3 tests/bench/gpu_newton_schulz.py --json "$OUT/ns.json" \
+  --sections "${NS_SECTIONS:-env,check,acc,time}" \
+  --cases "${NS_CASES:-1024x1024,4096x4096,8192x8192,4096x16384,64x512x512,1294x929,128x768x2048}" \
+  --peer-cases "${NS_PEER_CASES:-4096x4096,4096x16384,64x512x512}"
+run triangular 150 python3 tests/bench/gpu_triangular.py --json "$OUT/tri.json"
+run derivatives 45 python3 tests/bench/gpu_derivatives.py --sizes 256 1024 2048 --reps 2

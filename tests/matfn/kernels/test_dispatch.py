@@ -1,0 +1,161 @@
+"""Kernel dispatch: which path runs, the Gram option, and msign end to end through the kernels.
+
+The Triton path is exercised on CPU by forcing ``use_triton`` (the interpreter then runs the
+kernels on CPU tensors, in float32 — the interpreter has no bf16). Tolerances: kernels vs the
+torch path in float32 differ by summation order only (≤ 2e-5 relative after 5–8 steps); the Gram
+and standard iterations compute the same polynomial, equal in float64 to 1e-12 (the restart
+criterion bounds the amplification of rounding by |q| ≤ 60).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given
+
+from matfn.coefficients import schedule
+from matfn.kernels import dispatch
+from matfn.msign import (
+    choose_algorithm,
+    gram_newton_schulz_torch,
+    gram_restarts,
+    newton_schulz_torch,
+    normalize,
+    run_newton_schulz,
+)
+from tests.strategies import matrices
+
+
+def test_use_triton_cpu_and_disable(monkeypatch):
+    x = torch.zeros(2, 3)
+    assert not dispatch.use_triton(x)
+    assert not dispatch.use_triton()
+    assert not dispatch.kernels_apply(x[None])
+    monkeypatch.setenv("MATFN_DISABLE_TRITON", "1")
+    assert not dispatch.use_triton(x)
+
+
+def test_import_matfn_does_not_import_triton():
+    code = "import sys, matfn, matfn.kernels.dispatch; print('triton' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_gram_restarts():
+    pe5, _ = schedule("polar_express", 5)
+    assert gram_restarts(pe5) == (1, 3)
+    assert gram_restarts(schedule("polar_express", 8)[0]) == (1, 4)
+    assert gram_restarts(schedule("keller", 5)[0]) == (2,)
+    assert gram_restarts(schedule("cubic", 12)[0]) == (6,)
+    assert gram_restarts([(1.875, -1.25, 0.375)]) == ()
+
+
+def test_choose_algorithm():
+    assert choose_algorithm("standard", 10, 1000, 5) == "standard"
+    assert choose_algorithm("gram", 10, 10, 5) == "gram"
+    assert choose_algorithm("auto", 64, 64, 5) == "standard"  # square: Gram costs more
+    assert choose_algorithm("auto", 64, 4096, 5) == "gram"
+    assert choose_algorithm("auto", 64, 4096, 5, gram_ok=False) == "standard"
+    # symmetric kernels: standard 65 s³ vs Gram with two restarts 56 s³ at L = 4s (< 20 % gain)
+    assert choose_algorithm("auto", 4096, 16384, 5, restarts=2, symmetric=True) == "standard"
+    assert choose_algorithm("auto", 4096, 16384, 5, restarts=1, symmetric=True) == "gram"
+
+
+METHODS = [("polar_express", 5), ("polar_express", 8), ("tuned", 6), ("keller", 5), ("cubic", 9)]
+
+
+@given(case=matrices(dtypes=(torch.float64,), max_side=40, rank_deficient=True, scales=None))
+def test_gram_equals_standard_float64(case):
+    """Gram NS (with its restarts) and standard NS are the same polynomial: equal in float64."""
+    M = case.tensor()
+    X = M.reshape(-1, *M.shape[-2:])
+    X = X if X.shape[-2] <= X.shape[-1] else X.mT
+    for method, steps in METHODS:
+        coeffs, factor = schedule(method, steps)
+        X0 = normalize(X, factor, 1e-7, torch.float64)
+        std = newton_schulz_torch(X0, coeffs)
+        gram = gram_newton_schulz_torch(X0, coeffs)
+        # Both orders of rounding (≈ 1e-16 per product) are amplified by the schedule's slope on
+        # null/noise directions, ∏ a_t ≈ 2e3 for 8 Polar-Express steps: 1e-11 leaves 5× margin.
+        torch.testing.assert_close(gram, std, rtol=0, atol=1e-11, msg=f"{method} {steps}")
+
+
+@pytest.fixture
+def force_kernels(monkeypatch):
+    """Route CPU float32 batches to the Triton kernels (interpreter) and count the calls."""
+    import matfn.kernels.ns_step as ns
+
+    calls = {"n": 0}
+    monkeypatch.setattr(dispatch, "use_triton", lambda *t: True)
+    monkeypatch.setattr(dispatch, "MIN_TRITON_WORK", 0)
+    monkeypatch.setattr(dispatch, "_KERNEL_DTYPES", (torch.float32, torch.float16))
+    real = ns.gram_triton
+
+    def spy(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(ns, "gram_triton", spy)
+    return calls
+
+
+@pytest.mark.parametrize("algorithm", ["standard", "gram"])
+@pytest.mark.parametrize("shape", [(2, 12, 30), (1, 17, 17), (3, 1, 20)], ids=str)
+def test_run_newton_schulz_kernels_match_torch(force_kernels, algorithm, shape):
+    coeffs, factor = schedule("polar_express", 5)
+    g = torch.Generator().manual_seed(0)
+    X0 = normalize(torch.randn(shape, generator=g), factor, 1e-7, torch.float32)
+    out = run_newton_schulz(X0, coeffs, algorithm)
+    assert force_kernels["n"] > 0, "the Triton path did not run"
+    ref = (newton_schulz_torch if algorithm == "standard" else gram_newton_schulz_torch)(
+        X0.double(), coeffs
+    )
+    atol = 2e-4 if algorithm == "gram" else 2e-5
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize(
+    "method,steps", [("polar_express", 5), ("polar_express", 8), ("tuned", 6), ("cubic", 6)]
+)
+def test_msign_through_kernels(force_kernels, method, steps):
+    """msign end to end (batch dims, tall input, per-step schedules) with the kernels forced."""
+    import matfn
+
+    g = torch.Generator().manual_seed(1)
+    M = torch.randn(2, 24, 10, generator=g)  # tall: iterated as (2, 10, 24)
+    out = matfn.msign(M, method=method, steps=steps)
+    assert force_kernels["n"] > 0
+    ref = matfn.msign(M.double(), method=method, steps=steps).float()
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
+
+
+def test_sign_step_and_grouped_dispatch(force_kernels):
+    from matfn.mcsgn import sign_step_torch
+
+    g = torch.Generator().manual_seed(2)
+    S = torch.randn(2, 9, 9, generator=g) / 9
+    torch.testing.assert_close(
+        dispatch.sign_step(S, 1.5, -0.5, 0.0), sign_step_torch(S, 1.5, -0.5, 0.0)
+    )
+    coeffs, factor = schedule("polar_express", 5)
+    Xs = [
+        normalize(torch.randn(1, *s, generator=g), factor, 1e-7, torch.float32)[0]
+        for s in [(5, 20), (8, 8), (5, 20)]
+    ]
+    outs = dispatch.newton_schulz_grouped(Xs, coeffs, "standard")
+    for X, out in zip(Xs, outs, strict=True):
+        torch.testing.assert_close(out, newton_schulz_torch(X[None], coeffs)[0], rtol=0, atol=2e-5)
+
+
+def test_gram_keeps_dtype_and_cpu_path():
+    coeffs, factor = schedule("polar_express", 5)
+    X0 = normalize(torch.randn(1, 6, 30), factor, 1e-7, torch.float32)
+    out = dispatch.gram_newton_schulz(X0, coeffs)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, gram_newton_schulz_torch(X0, coeffs))

@@ -1,0 +1,110 @@
+"""Newton–Schulz iterations on the Triton products vs their torch twins in matfn.msign.
+
+Runs in the Triton interpreter on CPU (fp32/fp16; the interpreter has no bf16). Tolerances:
+float32 kernels and torch differ only in summation order, ~1e-6 after 5 steps of polynomials with
+coefficients ≤ 25 (we allow 2e-5 relative); fp16 operands round every product to 2⁻¹¹, and the
+steps amplify it by up to the coefficient size, so we allow 3e-2 on the result (whose entries are
+O(1/√s)) — still far below the O(1) difference of a wrong step.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import matfn.kernels.gram as gram  # noqa: E402
+from matfn.coefficients import schedule  # noqa: E402
+from matfn.kernels.ns_step import (  # noqa: E402
+    gram_newton_schulz_triton,
+    newton_schulz_triton,
+    ns_step_triton,
+    sign_step_triton,
+)
+from matfn.mcsgn import sign_step_torch  # noqa: E402
+from matfn.msign import (  # noqa: E402
+    gram_newton_schulz_torch,
+    gram_restarts,
+    newton_schulz_torch,
+    normalize,
+    ns_step_torch,
+)
+
+ON_GPU = bool(os.environ.get("MATFN_TEST_ON_GPU")) and torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+RTOL = {torch.float32: 2e-5, torch.float16: 3e-2}
+# (batch, s, L), s ≤ L: odd sizes across 16-tiles, batch, a single row, square.
+SHAPES = [(1, 17, 40), (3, 24, 24), (2, 33, 70), (1, 1, 9)]
+
+
+@pytest.fixture(autouse=True)
+def _rect_blocks(monkeypatch):
+    # Rectangular interpreter tiles: the symmetric products use the full grid with idle upper
+    # tiles, the case the square tiles of test_gram.py do not cover here.
+    monkeypatch.setattr(
+        gram, "INTERPRET_BLOCKS", {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}
+    )
+
+
+def _x0(shape, dtype, seed, factor=1.01):
+    g = torch.Generator().manual_seed(seed)
+    M = torch.randn(shape, generator=g, dtype=torch.float64)
+    return normalize(M, factor, 1e-7, dtype).to(DEVICE)
+
+
+def _close(out, ref, dtype, rtol=None):
+    rtol = rtol or RTOL[dtype]
+    assert torch.isfinite(out).all()
+    err = (out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)
+    assert err <= rtol, f"relative error {err:.2e} > {rtol:.0e}"
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize(
+    "abc", [(3.4445, -4.775, 2.0315), (1.5, -0.5, 0.0)], ids=["quintic", "cubic"]
+)
+def test_ns_step(shape, dtype, abc):
+    X = _x0(shape, dtype, seed=shape[1])
+    before = X.clone()
+    _close(ns_step_triton(X, *abc), ns_step_torch(X.float(), *abc), dtype)
+    assert torch.equal(X, before)
+
+
+@pytest.mark.parametrize("method", ["polar_express", "tuned", "cubic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+def test_newton_schulz_schedules(method, dtype):
+    coeffs, factor = schedule(method, 5 if method != "cubic" else 6)
+    X = _x0((2, 20, 45), dtype, seed=7, factor=factor)
+    _close(newton_schulz_triton(X, coeffs), newton_schulz_torch(X.float(), coeffs), dtype)
+
+
+@pytest.mark.parametrize("shape", [(2, 20, 45), (1, 33, 33), (1, 3, 50)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+def test_gram_newton_schulz(shape, dtype):
+    coeffs, factor = schedule("polar_express", 5)
+    restarts = gram_restarts(coeffs)
+    X = _x0(shape, dtype, seed=11, factor=factor)
+    out = gram_newton_schulz_triton(X, coeffs, restarts)
+    # The Gram recurrence (R ← Z R Z, Q ← Q Z) amplifies float32 rounding by the polynomial
+    # values (|q| ≤ 3e2 for this schedule, see gram_restarts): 2e-4 in float32.
+    rtol = 2e-4 if dtype == torch.float32 else None
+    _close(out, gram_newton_schulz_torch(X.float(), coeffs, restarts), dtype, rtol)
+    # and the same polynomial as the standard iteration
+    _close(out, newton_schulz_torch(X.double(), coeffs), dtype, rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("abc", [(1.875, -1.25, 0.375), (1.5, -0.5, 0.0)], ids=["quintic", "cubic"])
+def test_sign_step_general_square(dtype, abc):
+    """mcsgn's step: X² is not symmetric, the general kernel must be used throughout."""
+    g = torch.Generator().manual_seed(3)
+    Q = torch.randn(2, 21, 21, generator=g, dtype=torch.float64)
+    lam = torch.linspace(-0.9, 0.9, 21, dtype=torch.float64)
+    M = Q @ torch.diag_embed(lam.expand(2, -1)) @ torch.linalg.inv(Q)
+    M = (M / torch.linalg.matrix_norm(M, keepdim=True)).to(dtype).to(DEVICE)
+    assert not torch.allclose(M, M.mT)
+    _close(sign_step_triton(M, *abc), sign_step_torch(M.float(), *abc), dtype)
