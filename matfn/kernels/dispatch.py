@@ -45,6 +45,11 @@ _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 #: host, against a few µs for a cuBLAS call) outweighs the halved symmetric products, so cuBLAS
 #: through the torch path is faster: 1024² took 1.09 ms with the kernels against 0.30 ms.
 MIN_TRITON_WORK = 2**34
+#: Smallest short side ``s`` sent to the Triton kernels. Batches of many small matrices are
+#: launch-bound too: GPT-2-small's Muon step (48 × 768² and 24 × 768×3072, above
+#: MIN_TRITON_WORK) measured 7.29 ms with the kernels and 6.68 ms with cuBLAS on the H100, while a
+#: single 4096² ran 3.11 ms with the kernels against 3.43 ms with cuBLAS (docs/benchmarks.md).
+MIN_TRITON_SIDE = 2048
 
 
 @functools.cache
@@ -70,12 +75,13 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 def kernels_apply(X: torch.Tensor) -> bool:
     """Whether the Newton–Schulz Triton kernels run for ``X (B, s, L)``.
 
-    CUDA, bf16/fp16, Triton on, and at least :data:`MIN_TRITON_WORK` multiply-adds per product.
+    CUDA, bf16/fp16, Triton on, at least :data:`MIN_TRITON_WORK` multiply-adds per product and
+    a short side of at least :data:`MIN_TRITON_SIDE`.
     """
     if X.dtype not in _KERNEL_DTYPES or not use_triton(X):
         return False
     s, L = sorted(X.shape[-2:])
-    return X[..., :1, :1].numel() * s * s * L >= MIN_TRITON_WORK
+    return s >= MIN_TRITON_SIDE and X[..., :1, :1].numel() * s * s * L >= MIN_TRITON_WORK
 
 
 def gram_accurate(X: torch.Tensor) -> bool:

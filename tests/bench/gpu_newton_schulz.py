@@ -209,12 +209,12 @@ def forced(M):
     """Ours with the Triton kernels even below the size threshold."""
     from matfn.kernels import dispatch
 
-    old = dispatch.MIN_TRITON_WORK
-    dispatch.MIN_TRITON_WORK = 0
+    old = dispatch.MIN_TRITON_WORK, dispatch.MIN_TRITON_SIDE
+    dispatch.MIN_TRITON_WORK = dispatch.MIN_TRITON_SIDE = 0
     try:
         return ours(M)
     finally:
-        dispatch.MIN_TRITON_WORK = old
+        dispatch.MIN_TRITON_WORK, dispatch.MIN_TRITON_SIDE = old
 
 
 def cublas_gen(M):

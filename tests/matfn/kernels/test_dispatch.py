@@ -94,6 +94,7 @@ def force_kernels(monkeypatch):
     calls = {"n": 0}
     monkeypatch.setattr(dispatch, "use_triton", lambda *t: True)
     monkeypatch.setattr(dispatch, "MIN_TRITON_WORK", 0)
+    monkeypatch.setattr(dispatch, "MIN_TRITON_SIDE", 0)
     monkeypatch.setattr(dispatch, "_KERNEL_DTYPES", (torch.float32, torch.float16))
     real = ns.gram_triton
 
