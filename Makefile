@@ -19,7 +19,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -n 2 --benchmark-disable -q
+	$(PY) -m pytest -n 2 --benchmark-disable -q --nbmake tests matfn optim notebooks
 
 bench: $(STAMP)
 	$(PY) -m pytest tests/bench -q --benchmark-only
