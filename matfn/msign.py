@@ -377,8 +377,11 @@ def msign(
         step; warns if it does not converge.
     algorithm : {"auto", "standard", "gram"}
         ``standard`` forms ``X Xᵀ`` every step; ``gram`` iterates on the s×s Gram matrix and
-        applies the product once (cheaper for rectangular inputs); ``auto`` picks the one with
-        fewer FLOPs.
+        applies the product once (cheaper for rectangular inputs; restarted where
+        :func:`gram_restarts` says, and iterated in fp16 for bf16 inputs); ``auto`` picks Gram
+        when its FLOP count, restarts included, is below 0.8× the standard one (for 5
+        Polar-Express steps with their two restarts: ``L > 8.5 s`` with general products,
+        ``L > 5.3 s`` with the symmetric CUDA kernels).
     eps : float
         Normalisation floor: ``X₀ = M / max(sf·‖M‖_F, eps)``. msign(0) = 0 exactly.
     compute_dtype : torch.dtype, optional
