@@ -41,13 +41,6 @@ def sign_step_torch(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tens
     return torch.baddbmm(X, B, X, beta=a, alpha=1.0)
 
 
-def sign_iteration_torch(X: torch.Tensor, coeffs: list[Coefficients]) -> torch.Tensor:
-    """Apply the schedule to a normalised square batch (torch reference path)."""
-    for a, b, c in coeffs:
-        X = sign_step_torch(X, a, b, c)
-    return X
-
-
 def _run_sign_iteration(X: torch.Tensor, coeffs: list[Coefficients]) -> torch.Tensor:
     """The iteration through :mod:`matfn.kernels.dispatch` (Triton for half precision on CUDA)."""
     from .kernels.dispatch import sign_step
