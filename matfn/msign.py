@@ -61,10 +61,15 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def normalize(X: torch.Tensor, factor: float, eps: float, dtype: torch.dtype) -> torch.Tensor:
-    """``X / max(factor·‖X‖_F, eps)`` per matrix, the norm in float32 or better, cast last."""
-    acc = X.to(_accumulate_dtype(X.dtype))
-    norm = torch.linalg.matrix_norm(acc, ord="fro", keepdim=True)
-    return (acc / (norm * factor).clamp_min(eps)).to(dtype)
+    """``X / max(factor·‖X‖_F, eps)`` per matrix, the norm in float32 or better, cast last.
+
+    One read of X for the norm and one fused divide-and-cast pass (no float32 copy of X).
+    """
+    norm = torch.linalg.matrix_norm(X, ord="fro", keepdim=True, dtype=_accumulate_dtype(X.dtype))
+    denom = (norm * factor).clamp_min(eps)
+    if X.requires_grad and torch.is_grad_enabled():  # out= does not record autograd
+        return (X / denom).to(dtype)
+    return torch.div(X, denom, out=torch.empty_like(X, dtype=dtype))
 
 
 def ns_step_torch(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
@@ -72,6 +77,14 @@ def ns_step_torch(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor
 
     Cost ``4 s² L + 2 s³`` FLOPs (``4 s² L`` for a cubic step, ``c = 0``).
     """
+    if X.shape[0] == 1 and X.shape[1] > 1:
+        # One matrix: 2-D GEMMs (cuBLASLt, epilogue fused) instead of batched ones. Row vectors
+        # (s = 1) stay batched: a 1×L view has orientation-dependent strides, and mm rounds
+        # differently for them, which would break msign(Mᵀ) == msign(M)ᵀ bit for bit.
+        Y = X[0].contiguous()
+        A = Y @ Y.mT
+        B = torch.addmm(A, A, A, beta=b, alpha=c) if c != 0 else A * b
+        return torch.addmm(Y, B, Y, beta=a).unsqueeze(0)
     A = torch.bmm(X, X.mT)
     B = torch.baddbmm(A, A, A, beta=b, alpha=c) if c != 0 else A * b
     return torch.baddbmm(X, B, X, beta=a, alpha=1.0)

@@ -248,7 +248,7 @@ def _weight_decay(params: list[Tensor], lr: float | Tensor, weight_decay: float)
 
 
 def _apply(params: list[Tensor], updates: list[Tensor], scale: float | Tensor) -> None:
-    """``W ← W + scale·O`` for same-shape pairs (updates already in the params' dtype)."""
+    """``W ← W + scale·O`` for same-shape pairs (O in W's dtype or one the add promotes)."""
     if isinstance(scale, Tensor):
         updates = torch._foreach_mul(updates, scale.to(updates[0].device))
         torch._foreach_add_(params, updates)
@@ -290,6 +290,26 @@ def _single_tensor_muon(
             param.add_(O.reshape(param.shape), alpha=scale)
 
 
+def _stack(parts: list[Tensor], group: Mapping[str, Any]) -> Tensor:
+    """``torch.cat(parts)``, cast in the same pass to a bf16/fp16 iteration dtype.
+
+    For ``update="msign"`` the stack is normalised and rounded to the iteration dtype anyway
+    (torch.optim.Muon rounds ``G.bfloat16()`` first too), so writing it in that dtype saves a
+    float32 write and read of every update. mclip normalises in float32 and gets the float32
+    stack.
+    """
+    dtype = group.get("ns_dtype") or default_compute_dtype(parts[0])
+    cast = (
+        group.get("update", "msign") == "msign"
+        and dtype in _LOW_PRECISION
+        and parts[0].dtype not in _LOW_PRECISION
+    )
+    if not cast:
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+    out = parts[0].new_empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]), dtype=dtype)
+    return torch.cat(parts, out=out)
+
+
 def _batched_muon(
     params: list[Tensor],
     grads: list[Tensor],
@@ -326,7 +346,7 @@ def _batched_muon(
         for (n, m, k, _, _), i in members:
             X = updates[i].reshape(k, n, m)
             parts.append(X.mT if n > m else X)
-        O = orthogonalize(torch.cat(parts) if len(parts) > 1 else parts[0], group)
+        O = orthogonalize(_stack(parts, group), group)
         start = 0
         for run_key, run in itertools.groupby(members, key=lambda t: t[0]):
             idx = [i for _, i in run]
@@ -337,13 +357,14 @@ def _batched_muon(
 
     _weight_decay(params, lr, weight_decay)
     for (n, m, _, shape, _), idx, block in runs:
-        # one cast+copy per run into the params' dtype and layout, then one foreach add
-        upd = block.to(dtype=params[idx[0]].dtype, memory_format=torch.contiguous_format)
-        _apply(
-            [params[i] for i in idx],
-            list(upd.reshape(len(idx), *shape).unbind(0)),
-            -lr * adjust_lr_ratio(adjust_lr_fn, n, m),
-        )
+        ps = [params[i] for i in idx]
+        scale = -lr * adjust_lr_ratio(adjust_lr_fn, n, m)
+        if isinstance(scale, Tensor) or not _foreach_ok(ps):
+            # one cast+copy per run into the params' dtype and layout
+            block = block.to(dtype=ps[0].dtype, memory_format=torch.contiguous_format)
+        # else the add reads the bf16 (maybe transposed) update directly and promotes per
+        # element: one pass over W instead of a cast copy first
+        _apply(ps, list(block.reshape(len(idx), *shape).unbind(0)), scale)
 
 
 def muon(

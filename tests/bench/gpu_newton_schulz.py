@@ -18,6 +18,8 @@ time   per case: ours (``matfn.msign`` end to end, bf16), torch.optim.Muon's NS 
        measured at 8192³ in the same process.
 graph  small cases with and without CUDA-graph capture.
 gram   the symmetric Gram kernel alone against cuBLAS ``X @ X.T``.
+components  each product of a step, cuBLAS vs Triton, eager and graph-replayed, at Muon's
+       shapes (48×768², 24×768×3072, 64×512², 1024², 4096²).
 """
 
 from __future__ import annotations
@@ -408,6 +410,56 @@ def section_gram():
     RESULTS["sections"]["gram"] = rows
 
 
+COMPONENT_SHAPES = [(48, 768, 768), (24, 768, 3072), (64, 512, 512), (1, 1024, 1024),
+                    (1, 4096, 4096)]
+
+
+def section_components():
+    """Each product of a quintic step, cuBLAS vs Triton, eager and CUDA-graph replayed.
+
+    ``A = X Xᵀ`` (bmm vs the symmetric Gram kernel), ``B = c A² + b A`` (baddbmm vs the
+    symmetric kernel), ``X ← B X + a X`` (baddbmm, which first copies X into its output, vs the
+    fused epilogue): where the Triton path wins or loses at the sizes Muon sees.
+    """
+    from triton.testing import do_bench_cudagraph
+
+    from matfn.kernels.gram import gram_triton, matmul_triton
+
+    rows = []
+    a, b, c = 3.4445, -4.7750, 2.0315
+    for B, n, m in COMPONENT_SHAPES:
+        X = torch.randn(B, n, m, device="cuda", dtype=torch.bfloat16) / math.sqrt(m)
+        A = X @ X.mT
+        P = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        products = {
+            "A = X Xᵀ": (lambda: torch.bmm(X, X.mT), lambda: gram_triton(X)),
+            "B = cA² + bA": (
+                lambda: torch.baddbmm(A, A, A, beta=b, alpha=c),
+                lambda: matmul_triton(A, A, A, alpha=c, beta=b, symmetric=True),
+            ),
+            "X ← BX + aX": (
+                lambda: torch.baddbmm(X, P, X, beta=a),
+                lambda: matmul_triton(P, X, X, beta=a),
+            ),
+        }
+        for pname, (f_cublas, f_triton) in products.items():
+            times = []
+            for f in (f_cublas, f_triton):
+                f()
+                eager = bench(f)[0]
+                try:
+                    graph = do_bench_cudagraph(f, rep=50, return_mode="median")
+                except Exception as exc:  # noqa: BLE001
+                    log(f"  cudagraph failed: {exc}")
+                    graph = float("nan")
+                times += [eager, graph]
+            rows.append(((B, n, m), pname, *times))
+            log(f"  {B}x{n}x{m} {pname:<14} cuBLAS {times[0]:.4f} (graph {times[1]:.4f}) ms   "
+                f"Triton {times[2]:.4f} (graph {times[3]:.4f}) ms   "
+                f"Triton/cuBLAS graph {times[3] / times[1]:.2f}")
+    RESULTS["sections"]["components"] = rows
+
+
 def section_check():
     """Triton vs torch at the same dtype, poisoned outputs, odd sizes (quick)."""
     from matfn.kernels.gram import matmul_triton
@@ -496,6 +548,7 @@ def main():
             ),
         ),
         ("graph", lambda: section_graph([c for c in SMALL if c in cases])),
+        ("components", section_components),
     ):
         if name in sections:
             log(f"== {name} ({time.time() - t0:.0f} s)")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 
 import torch
 import triton
@@ -38,11 +39,13 @@ class Table(RichTable):
     """A rich table that also prints each row as it is added (partial results survive a kill)."""
 
     def add_row(self, *cells, **kw):
-        console.print(f"[dim]{self.title}[/dim] | " + " | ".join(str(c) for c in cells))
+        if TIMING:
+            console.print(f"[dim]{self.title}[/dim] | " + " | ".join(str(c) for c in cells))
         super().add_row(*cells, **kw)
 
 
 dev = "cuda"
+TIMING = True  # False: run each timed function once (the precompile workers)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -74,6 +77,9 @@ def make(B, n, d, e=0, kind="general", seed=0):
 
 
 def ms(fn, graph=True):
+    if not TIMING:
+        fn()
+        return float("nan"), float("nan")
     t = do_bench(fn, warmup=25, rep=100, return_mode="median")
     tg = float("nan")
     if graph:
@@ -84,35 +90,86 @@ def ms(fn, graph=True):
     return t, tg
 
 
-# Each (chunk_size, block_s, precision) compiles its own chunk kernel (~30-50 s of single-thread
-# compile time for C = 64 on first use, cached on disk afterwards), so the default run keeps two.
+# Each (chunk_size, block_s, precision) compiles its own chunk kernel (10-50 s of single-thread
+# compile time for C = 64 on first use, cached on disk afterwards), so `precompile` warms every
+# (variant, shape) pair in parallel processes first.
 VARIANTS_INV = [
+    dict(chunk_size=64, block_s=16, precision="tf32x3"),  # the default
     dict(chunk_size=64, block_s=16, precision="ieee"),
-    dict(chunk_size=32, block_s=16, precision="ieee"),
+    dict(chunk_size=64, block_s=32, precision="tf32x3"),
+    dict(chunk_size=64, block_s=16, precision="tf32x3", chunk_warps=8),
+    dict(chunk_size=32, block_s=16, precision="tf32x3"),
+    dict(chunk_size=64, block_s=16, precision="tf32x3", chunk_impl="blocked"),
+    dict(chunk_size=64, block_s=16, precision="ieee", chunk_impl="blocked"),
 ]
-VARIANTS_SOLVE = [
-    dict(chunk_size=64, block_s=16, precision="ieee"),
-    dict(chunk_size=32, block_s=16, precision="ieee"),
-    dict(chunk_size=64, block_s=16, precision="ieee", group_size=4),
-    dict(chunk_size=64, block_s=16, precision="ieee", group_size=16),
+VARIANTS_SOLVE = VARIANTS_INV + [
+    dict(chunk_size=64, block_s=16, precision="tf32x3", group_size=4),
+    dict(chunk_size=64, block_s=16, precision="tf32x3", group_size=16),
 ]
 EXTRA_VARIANTS = [
-    dict(chunk_size=64, block_s=16, precision="tf32x3"),
-    dict(chunk_size=64, block_s=32, precision="ieee"),
+    dict(chunk_size=64, block_s=1, precision="tf32x3"),
+    dict(chunk_size=32, block_s=16, precision="ieee"),
 ]
+CORRECTNESS_SHAPES = [(1, 1, 1, 1), (3, 17, 5, 3), (2, 100, 16, 50), (2, 777, 100, 33),
+                      (1, 4096, 128, 128)]
+
+
+def _warm(task) -> tuple[str, float]:
+    """Compile one variant's kernels for one shape (runs in a worker process)."""
+    import time
+
+    v, (B, n, d, e) = task
+    t0 = time.perf_counter()
+    Q, K, lam, V = make(B, n, d, e)
+    tri_inv_triton(Q, K, lam, **{k: x for k, x in v.items() if k != "group_size"})
+    if e:
+        tri_solve_triton(Q, K, V, lam, **v)
+    torch.cuda.synchronize()
+    return f"{vname(v)} {(B, n, d, e)}", time.perf_counter() - t0
+
+
+def _warm_fla() -> tuple[str, float]:
+    """Run fla-core's autotuning once (its results are cached on disk for the main process)."""
+    import time
+
+    t0 = time.perf_counter()
+    try:
+        deltanet({}, timing=False)
+    except Exception as exc:  # noqa: BLE001
+        return f"fla warm-up failed: {exc!r}", time.perf_counter() - t0
+    return "fla-core + ours on the DeltaNet shapes", time.perf_counter() - t0
+
+
+def precompile(workers: int) -> None:
+    """Fill Triton's on-disk cache for every (variant, shape) pair, ``workers`` at a time."""
+    import concurrent.futures
+    import multiprocessing
+    import time
+
+    shapes = CORRECTNESS_SHAPES + [(1, 1024, 128, 128), (16, 64, 128, 0)]
+    variants = [v for v in VARIANTS_SOLVE if "group_size" not in v]
+    tasks = [(v, sh) for v in variants for sh in shapes]
+    t0 = time.perf_counter()
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        # fla-core autotunes 16+ configs one after another: start it first
+        futures = [pool.submit(_warm_fla)] + [pool.submit(_warm, t) for t in tasks]
+        times = sorted((f.result() for f in futures), key=lambda r: -r[1])
+    console.print(f"precompiled {len(tasks)} (variant, shape) pairs in "
+                  f"{time.perf_counter() - t0:.0f} s with {workers} processes; slowest: "
+                  + ", ".join(f"{k} {t:.0f} s" for k, t in times[:3]))
 
 
 def vname(v):
     s = f"C{v['chunk_size']}/S{v['block_s']}/{v['precision']}"
+    s += f"/w{v['chunk_warps']}" if "chunk_warps" in v else ""
+    s += "/blocked" if v.get("chunk_impl") == "blocked" else ""
     return s + (f"/G{v['group_size']}" if "group_size" in v else "")
 
 
 def correctness(quick: bool) -> bool:
     ok = True
-    shapes = [(1, 1, 1, 1), (3, 17, 5, 3), (2, 100, 16, 50), (1, 1000, 128, 128),
-              (2, 777, 100, 33), (1, 4096, 128, 128)]
-    if quick:
-        shapes = shapes[:4]
+    shapes = CORRECTNESS_SHAPES[:3] if quick else CORRECTNESS_SHAPES
     tab = Table(title="correctness vs float64 (rel. Frobenius), outputs poisoned with NaN")
     for c in ("B", "n", "d", "e", "variant", "kind", "inv err", "solve err", "‖T⁻¹‖_max"):
         tab.add_column(c)
@@ -121,10 +178,11 @@ def correctness(quick: bool) -> bool:
             Q, K, lam, V = make(B, n, d, e, kind, seed=n + d)
             Yr = _tri_inv_chunked_torch(Q.double(), K.double(), lam.double())
             Xr = _tri_solve_chunked_torch(Q.double(), K.double(), V.double(), lam.double())
-            for v in VARIANTS_INV:
-                vs = {k: x for k, x in v.items()}
+            for v in VARIANTS_SOLVE:
+                vs = dict(v)
                 Y = torch.full((B, n, n), float("nan"), device=dev)
-                tri_inv_triton(Q, K, lam, out=Y, **vs)
+                tri_inv_triton(Q, K, lam, out=Y, **{k: x for k, x in vs.items()
+                                                     if k != "group_size"})
                 X = torch.full((B, n, e), float("nan"), device=dev)
                 tri_solve_triton(Q, K, V, lam, out=X, **vs)
                 torch.cuda.synchronize()
@@ -185,7 +243,7 @@ def main_table(results, n=4096, d=128, e=128):
 
 
 def scaling(results, d=128, e=128):
-    tab = Table(title=f"doubling n (d={d}, e={e}, fp32, default variant C64/S16/ieee)")
+    tab = Table(title=f"doubling n (d={d}, e={e}, fp32, default variant C64/S16/tf32x3)")
     for c in ("n", "inv ms", "inv ns/n²", "solve_tri(T,I) ms", "solve ms", "solve ns/n",
               "solve_tri(T,V) ms"):
         tab.add_column(c)
@@ -203,7 +261,9 @@ def scaling(results, d=128, e=128):
     console.print(tab)
 
 
-def deltanet(results, B=8, H=16, T=4096, d=128, BT=64):
+def deltanet(results, B=8, H=16, T=4096, d=128, BT=64, timing=True):
+    global TIMING
+    TIMING = timing
     tab = Table(title=f"DeltaNet chunks: B={B}, H={H}, T={T}, {BT}×{BT} chunks, d={d}, fp32 "
                       "(median ms)")
     for c in ("impl", "input", "do_bench", "cudagraph", "rel err vs fp64"):
@@ -255,11 +315,13 @@ def deltanet(results, B=8, H=16, T=4096, d=128, BT=64):
     # general case on the same shapes: random Λ (both signs), Q ≠ K
     Qg, Kg, lam, _ = make(Kc.shape[0], BT, d, 0, "general", seed=5)
     Yg = _tri_inv_chunked_torch(Qg[sub].double(), Kg[sub].double(), lam[sub].double())
-    t, tg = ms(lambda: tri_inv_triton(Qg, Kg, lam))
-    err = rel(tri_inv_triton(Qg, Kg, lam)[sub], Yg)
-    tab.add_row("ours C64/S16/ieee", "general Λ, Q≠K", f"{t:.3f}", f"{tg:.3f}", f"{err:.1e}")
-    results["deltanet-shape general ours"] = dict(ms=t, ms_graph=tg, err=err)
-    console.print(tab)
+    for v in [x for x in VARIANTS_INV if x["chunk_size"] == BT]:
+        t, tg = ms(lambda v=v: tri_inv_triton(Qg, Kg, lam, **v))
+        err = rel(tri_inv_triton(Qg, Kg, lam, **v)[sub], Yg)
+        tab.add_row("ours " + vname(v), "general Λ, Q≠K", f"{t:.3f}", f"{tg:.3f}", f"{err:.1e}")
+        results[f"deltanet-shape general ours {vname(v)}"] = dict(ms=t, ms_graph=tg, err=err)
+    if TIMING:
+        console.print(tab)
 
 
 def main() -> None:
@@ -268,11 +330,15 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--skip", default="", help="comma list of: correct,main,scaling,deltanet")
     ap.add_argument("--all-variants", action="store_true",
-                    help="also time tf32x3 dots and 32×32 base blocks (two more compiles)")
+                    help="also time 32×32 base blocks and C32/S1/tf32x3 (two more compiles)")
+    ap.add_argument("--workers", type=int, default=min(15, (os.cpu_count() or 2) - 1),
+                    help="processes that precompile the kernels (0: compile on first use)")
     a = ap.parse_args()
     if a.all_variants:
         VARIANTS_INV.extend(EXTRA_VARIANTS)
         VARIANTS_SOLVE.extend(EXTRA_VARIANTS)
+    if a.workers > 0:
+        precompile(a.workers)
     skip = set(a.skip.split(","))
     props = torch.cuda.get_device_properties(0)
     results = dict(device=props.name, date=datetime.datetime.now(datetime.UTC).isoformat(),

@@ -612,3 +612,17 @@ def test_compiled_step_equals_eager():
     for x, y in zip(compiled, eager, strict=True):
         # inductor may fuse/reorder the float32 elementwise work: rounding-level differences
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_stack_casts_to_a_half_iteration_dtype_in_one_pass():
+    from optim.muon import _stack
+
+    parts = [torch.randn(2, 3, 5), torch.randn(1, 5, 3).mT]
+    ref = torch.cat(parts)
+    half = {"ns_dtype": torch.bfloat16, "update": "msign"}
+    out = _stack(parts, half)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref.bfloat16())
+    # mclip normalises in float32 and the default CPU iteration is float32: no cast
+    assert _stack(parts, {**half, "update": "mclip"}).dtype == torch.float32
+    assert torch.equal(_stack(parts, {"update": "msign"}), ref)
+    assert _stack(parts[:1], {"update": "msign"}) is parts[0]

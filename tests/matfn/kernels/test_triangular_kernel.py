@@ -49,6 +49,8 @@ CASES = [
     (1, 200, 3, 5, 64, 16),
     (3, 64, 16, 16, 64, 32),
     (1, 1, 1, 1, 16, 16),
+    (2, 90, 9, 4, 32, 1),  # block_s = 1: the whole chunk inverse by doubling
+    (1, 1, 1, 1, 16, 1),
 ]
 
 
@@ -128,3 +130,59 @@ def test_launcher_rejects_bad_arguments():
         tri_inv_triton(Q, K, lam, out=torch.empty(1, 20, 21))
     with pytest.raises(ValueError, match="d ≤ 128"):
         tri_solve_triton(torch.zeros(1, 20, 129), torch.zeros(1, 20, 129), V, lam)
+
+
+# chunk_impl="blocked" (C = 64 on explicit 16×16 blocks): n not divisible by 64 (partial row
+# blocks in the last chunk), one row, one chunk, several levels, d not a power of two (also
+# d > BD = 64 for the d loop), batch > 1; make() gives negative and small (≥ 0.5) λ
+BLOCKED_CASES = [
+    (2, 37, 5, 3),
+    (1, 100, 20, 17),
+    (1, 200, 100, 5),
+    (1, 1, 1, 1),
+    (3, 64, 16, 16),
+    (2, 128, 20, 40),
+    (1, 300, 7, 2),
+    (2, 17, 130, 9),
+]
+
+
+@pytest.mark.parametrize("prec", ["ieee", "tf32x3"])
+@pytest.mark.parametrize(
+    "B, n, d, e", BLOCKED_CASES, ids=[f"b{c[0]}-n{c[1]}-d{c[2]}-e{c[3]}" for c in BLOCKED_CASES]
+)
+def test_blocked_chunk_kernel_matches_reference(B, n, d, e, prec):
+    Q, K, lam, V = make(B, n, d, e, seed=n + d)
+    Yr = tri._tri_inv_torch(Q.double(), K.double(), lam.double())
+    Y = torch.full((B, n, n), float("nan"))
+    tri_inv_triton(Q, K, lam, chunk_size=64, precision=prec, chunk_impl="blocked", out=Y)
+    assert rel(Y, Yr) < RTOL
+    assert torch.equal(torch.triu(Y, 1), torch.zeros_like(Y))
+    if d <= 128:  # the solve's limit
+        Xr = tri._tri_solve_torch(Q.double(), K.double(), V.double(), lam.double())
+        X = torch.full((B, n, e), float("nan"))
+        tri_solve_triton(Q, K, V, lam, chunk_size=64, precision=prec, chunk_impl="blocked", out=X)
+        assert rel(X, Xr) < RTOL
+
+
+def test_blocked_matches_dense_on_deltanet_chunks():
+    """Many independent 64×64 chunks (the DeltaNet shape in miniature): both chunk kernels agree."""
+    Q, K, lam, V = make(5, 64, 32, 8, seed=3, deltanet=True)
+    Yd = tri_inv_triton(Q, K, lam, chunk_impl="dense")
+    Yb = tri_inv_triton(Q, K, lam, chunk_impl="blocked")
+    Yr = tri._tri_inv_torch(Q.double(), K.double(), lam.double())
+    assert rel(Yb, Yr) < RTOL and rel(Yb, Yd.double()) < RTOL
+    Xb = tri_solve_triton(Q, K, V, lam, chunk_impl="blocked")
+    assert rel(Xb, Yr @ V.double()) < RTOL
+
+
+def test_bad_chunk_impl_rejected():
+    Q, K, lam, V = make(1, 20, 4, 2)
+    with pytest.raises(ValueError, match="chunk_impl"):
+        tri_inv_triton(Q, K, lam, chunk_impl="fla")
+    with pytest.raises(ValueError, match="chunk_impl"):
+        tri_solve_triton(Q, K, V, lam, chunk_impl="Blocked")
+    with pytest.raises(ValueError, match="chunk_impl"):
+        tri_inv_triton(Q, K, lam, chunk_size=32, chunk_impl="blocked")
+    with pytest.raises(ValueError, match="chunk_impl"):
+        tri_solve_triton(Q, K, V, lam, chunk_size=16, chunk_impl="blocked")
