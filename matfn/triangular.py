@@ -343,7 +343,7 @@ def tri_inv(
     if d > 0 and _use_kernels(Qf) and Qf.dtype == torch.float32:
         from .kernels.triangular import tri_inv_triton
 
-        Y = tri_inv_triton(Qf, Kf, lamf, chunk_size=_kernel_chunk(chunk_size))
+        Y = tri_inv_triton(Qf, Kf, lamf, **_kernel_options(n, chunk_size))
     else:
         Y = _tri_inv_chunked_torch(Qf, Kf, lamf, chunk_size)
     return Y.reshape(*batch, n, n).to(dtype)
@@ -424,7 +424,7 @@ def tri_solve(
     if 0 < d <= 128 and _use_kernels(Qf) and Qf.dtype == torch.float32:
         from .kernels.triangular import tri_solve_triton
 
-        X = tri_solve_triton(Qf, Kf, Vf, lamf, chunk_size=_kernel_chunk(chunk_size))
+        X = tri_solve_triton(Qf, Kf, Vf, lamf, **_kernel_options(n, chunk_size))
     else:
         X = _tri_solve_chunked_torch(Qf, Kf, Vf, lamf, chunk_size)
     return X.reshape(*batch, n, e).to(dtype)
@@ -434,3 +434,18 @@ def _kernel_chunk(chunk_size: int) -> int:
     """The kernels take a power-of-two chunk in [16, 64]; round the request to one."""
     c = 1 << max(0, (chunk_size - 1).bit_length())
     return min(64, max(16, c))
+
+
+def _kernel_options(n: int, chunk_size: int) -> dict:
+    """Launcher options, from the H100 measurements in docs/benchmarks.md.
+
+    A single 64-row chunk per matrix (DeltaNet's many independent chunks) is all chunk kernel:
+    there the explicit 16×16-block kernel with fp32 FMA dots was fastest (0.89 ms against 1.16
+    for the dense tf32x3 one at 8192 chunks, d = 128). Longer matrices spend their time in the
+    off-diagonal and level kernels, where tf32x3 tensor-core dots win (n = 4096: 0.23 ms
+    graph-replayed against 0.41 for the blocked fp32 variant).
+    """
+    C = _kernel_chunk(chunk_size)
+    if C == 64 and n <= 64:
+        return {"chunk_size": 64, "chunk_impl": "blocked", "precision": "ieee"}
+    return {"chunk_size": C, "chunk_impl": "dense", "precision": "tf32x3"}

@@ -4,7 +4,8 @@ Importing this module never imports Triton; :func:`use_triton` probes it lazily 
 kernel modules are imported on the first CUDA call.
 
 Newton–Schulz entry points (each picks the Triton kernels of :mod:`matfn.kernels.ns_step` for
-bf16/fp16 CUDA batches, and the torch twins of :mod:`matfn.msign` otherwise, e.g. on CPU, in
+large bf16/fp16 CUDA batches, cuBLAS products with the Triton ``BX + aX`` epilogue for GPU-bound
+batches of smaller matrices, and the torch twins of :mod:`matfn.msign` otherwise, e.g. on CPU, in
 float32/float64, or with ``MATFN_DISABLE_TRITON=1``): :func:`ns_step`, :func:`newton_schulz`,
 :func:`gram_newton_schulz`, :func:`sign_step` (general square, for mcsgn) and
 :func:`newton_schulz_grouped` (a list of matrices of mixed shapes).
@@ -23,6 +24,7 @@ __all__ = [
     "triton_available",
     "use_triton",
     "kernels_apply",
+    "fused_update_applies",
     "gram_accurate",
     "ns_step",
     "newton_schulz",
@@ -84,6 +86,21 @@ def kernels_apply(X: torch.Tensor) -> bool:
     return s >= MIN_TRITON_SIDE and X[..., :1, :1].numel() * s * s * L >= MIN_TRITON_WORK
 
 
+def fused_update_applies(X: torch.Tensor) -> bool:
+    """Whether the mixed path runs for ``X (B, s, L)``: cuBLAS products, Triton ``BX + aX``.
+
+    For GPU-bound batches of matrices with a short side below :data:`MIN_TRITON_SIDE` (Muon's
+    buckets): cuBLAS is faster for ``X Xᵀ`` and ``cA² + bA`` there, but ``baddbmm`` first copies
+    X into its output, and the Triton product with the ``+ aX`` epilogue measured 0.70–0.78× of
+    cuBLAS's time for that last product (48×768², 24×768×3072, 64×512² on the H100; see
+    docs/benchmarks.md, "Per product").
+    """
+    if X.dtype not in _KERNEL_DTYPES or not use_triton(X):
+        return False
+    s, L = sorted(X.shape[-2:])
+    return s < MIN_TRITON_SIDE and X[..., :1, :1].numel() * s * s * L >= MIN_TRITON_WORK
+
+
 def gram_accurate(X: torch.Tensor) -> bool:
     """Whether ``algorithm="auto"`` may pick the Gram path for ``X`` (a hook per dtype/device).
 
@@ -101,6 +118,10 @@ def ns_step(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
         from .ns_step import ns_step_triton
 
         return ns_step_triton(X, a, b, c)
+    if fused_update_applies(X):
+        from .ns_step import ns_step_fused_update
+
+        return ns_step_fused_update(X, a, b, c)
     from ..msign import ns_step_torch
 
     return ns_step_torch(X, a, b, c)
@@ -112,6 +133,12 @@ def newton_schulz(X: torch.Tensor, coeffs: Sequence[Coefficients]) -> torch.Tens
         from .ns_step import newton_schulz_triton
 
         return newton_schulz_triton(X, coeffs)
+    if fused_update_applies(X):
+        from .ns_step import ns_step_fused_update
+
+        for a, b, c in coeffs:
+            X = ns_step_fused_update(X, a, b, c)
+        return X
     from ..msign import newton_schulz_torch
 
     return newton_schulz_torch(X, list(coeffs))

@@ -24,6 +24,7 @@ from .gram import gram_triton, matmul_triton
 
 __all__ = [
     "ns_step_triton",
+    "ns_step_fused_update",
     "newton_schulz_triton",
     "gram_newton_schulz_triton",
     "sign_step_triton",
@@ -59,6 +60,19 @@ def ns_step_triton(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tenso
         return _general(A, X, X, alpha=b, beta=a)
     B = matmul_triton(A, A, A, alpha=c, beta=b, symmetric=True)
     return _general(B, X, X, alpha=1.0, beta=a)
+
+
+def ns_step_fused_update(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
+    """:func:`ns_step_torch`'s step with only the last product on Triton (``B X + a X``).
+
+    ``A = X Xᵀ`` and ``B = c A² + b A`` stay on cuBLAS (faster than the symmetric kernel below
+    4096²); the fused epilogue saves ``baddbmm``'s copy of X into its output.
+    """
+    A = torch.bmm(X, X.mT)
+    if c == 0:
+        return matmul_triton(A, X, X, alpha=b, beta=a)
+    B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+    return matmul_triton(B, X, X, alpha=1.0, beta=a)
 
 
 def newton_schulz_triton(X: torch.Tensor, coeffs: Sequence[Coefficients]) -> torch.Tensor:

@@ -97,10 +97,11 @@ VARIANTS_INV = [
     dict(chunk_size=64, block_s=16, precision="tf32x3"),  # the default
     dict(chunk_size=64, block_s=16, precision="ieee"),
     dict(chunk_size=64, block_s=32, precision="tf32x3"),
-    dict(chunk_size=64, block_s=16, precision="tf32x3", chunk_warps=8),
     dict(chunk_size=32, block_s=16, precision="tf32x3"),
     dict(chunk_size=64, block_s=16, precision="tf32x3", chunk_impl="blocked"),
     dict(chunk_size=64, block_s=16, precision="ieee", chunk_impl="blocked"),
+    dict(chunk_size=64, block_s=16, precision="ieee", chunk_impl="blocked", chunk_warps=2),
+    dict(chunk_size=64, block_s=16, precision="ieee", chunk_impl="blocked", chunk_warps=1),
 ]
 VARIANTS_SOLVE = VARIANTS_INV + [
     dict(chunk_size=64, block_s=16, precision="tf32x3", group_size=4),
@@ -114,21 +115,30 @@ CORRECTNESS_SHAPES = [(1, 1, 1, 1), (3, 17, 5, 3), (2, 100, 16, 50), (2, 777, 10
                       (1, 4096, 128, 128)]
 
 
-def _warm(task) -> tuple[str, float]:
-    """Compile one variant's kernels for one shape (runs in a worker process)."""
+def _warm(task) -> tuple[str, float, str | None]:
+    """Compile one variant's kernels for one shape (in a worker process; launches blocking so
+    that a faulting kernel is named). Returns (label, seconds, error or None)."""
     import time
+    import traceback
 
+    os.environ["CUDA_LAUNCH_BLOCKING"] = "1"
     v, (B, n, d, e) = task
     t0 = time.perf_counter()
-    Q, K, lam, V = make(B, n, d, e)
-    tri_inv_triton(Q, K, lam, **{k: x for k, x in v.items() if k != "group_size"})
-    if e:
-        tri_solve_triton(Q, K, V, lam, **v)
-    torch.cuda.synchronize()
-    return f"{vname(v)} {(B, n, d, e)}", time.perf_counter() - t0
+    try:
+        Q, K, lam, V = make(B, n, d, e)
+        tri_inv_triton(Q, K, lam, **{k: x for k, x in v.items() if k != "group_size"})
+        if e:
+            tri_solve_triton(Q, K, V, lam, **v)
+        torch.cuda.synchronize()
+        err = None
+    except Exception as exc:  # noqa: BLE001
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if "matfn" in f.filename]
+        where = f" at {frames[-1].filename.split('/')[-1]}:{frames[-1].lineno}" if frames else ""
+        err = f"{type(exc).__name__}: {str(exc)[:120]}{where}"
+    return f"{vname(v)} {(B, n, d, e)}", time.perf_counter() - t0, err
 
 
-def _warm_fla() -> tuple[str, float]:
+def _warm_fla() -> tuple[str, float, str | None]:
     """Run fla-core's autotuning once (its results are cached on disk for the main process)."""
     import time
 
@@ -136,11 +146,11 @@ def _warm_fla() -> tuple[str, float]:
     try:
         deltanet({}, timing=False)
     except Exception as exc:  # noqa: BLE001
-        return f"fla warm-up failed: {exc!r}", time.perf_counter() - t0
-    return "fla-core + ours on the DeltaNet shapes", time.perf_counter() - t0
+        return "fla-warm-up", time.perf_counter() - t0, repr(exc)[:200]
+    return "fla-core+ours on the DeltaNet shapes", time.perf_counter() - t0, None
 
 
-def precompile(workers: int) -> None:
+def precompile(workers: int) -> set[str]:
     """Fill Triton's on-disk cache for every (variant, shape) pair, ``workers`` at a time."""
     import concurrent.futures
     import multiprocessing
@@ -151,13 +161,23 @@ def precompile(workers: int) -> None:
     tasks = [(v, sh) for v in variants for sh in shapes]
     t0 = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    # one process per task: a kernel that faults poisons its process's CUDA context
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx,
+                                                max_tasks_per_child=1) as pool:
         # fla-core autotunes 16+ configs one after another: start it first
         futures = [pool.submit(_warm_fla)] + [pool.submit(_warm, t) for t in tasks]
         times = sorted((f.result() for f in futures), key=lambda r: -r[1])
     console.print(f"precompiled {len(tasks)} (variant, shape) pairs in "
                   f"{time.perf_counter() - t0:.0f} s with {workers} processes; slowest: "
-                  + ", ".join(f"{k} {t:.0f} s" for k, t in times[:3]))
+                  + ", ".join(f"{k} {t:.0f} s" for k, t, _ in times[:3]))
+    failed = {label.split(" ")[0] for label, _, err in times if err}
+    for label, _, err in times:
+        if err:
+            console.print(f"[red]FAILED {label}: {err}")
+    # a variant that faults (illegal address) would poison the CUDA context of this process
+    for lst in (VARIANTS_INV, VARIANTS_SOLVE):
+        lst[:] = [v for v in lst if vname(v).split("/G")[0] not in failed]
+    return failed
 
 
 def vname(v):
@@ -337,12 +357,11 @@ def main() -> None:
     if a.all_variants:
         VARIANTS_INV.extend(EXTRA_VARIANTS)
         VARIANTS_SOLVE.extend(EXTRA_VARIANTS)
-    if a.workers > 0:
-        precompile(a.workers)
+    failed = sorted(precompile(a.workers)) if a.workers > 0 else []
     skip = set(a.skip.split(","))
     props = torch.cuda.get_device_properties(0)
     results = dict(device=props.name, date=datetime.datetime.now(datetime.UTC).isoformat(),
-                   torch=torch.__version__, triton=triton.__version__)
+                   torch=torch.__version__, triton=triton.__version__, failed_variants=failed)
     console.print(results)
     if "correct" not in skip:
         results["correct"] = correctness(a.quick)

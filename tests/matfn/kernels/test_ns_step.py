@@ -21,6 +21,7 @@ from matfn.coefficients import schedule  # noqa: E402
 from matfn.kernels.ns_step import (  # noqa: E402
     gram_newton_schulz_triton,
     newton_schulz_triton,
+    ns_step_fused_update,
     ns_step_triton,
     sign_step_triton,
 )
@@ -71,6 +72,19 @@ def test_ns_step(shape, dtype, abc):
     X = _x0(shape, dtype, seed=shape[1])
     before = X.clone()
     _close(ns_step_triton(X, *abc), ns_step_torch(X.float(), *abc), dtype)
+    assert torch.equal(X, before)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize(
+    "abc", [(3.4445, -4.775, 2.0315), (1.5, -0.5, 0.0)], ids=["quintic", "cubic"]
+)
+def test_ns_step_fused_update(shape, dtype, abc):
+    """The mixed path (torch products, Triton ``BX + aX``) is the same step."""
+    X = _x0(shape, dtype, seed=shape[1] + 1)
+    before = X.clone()
+    _close(ns_step_fused_update(X, *abc), ns_step_torch(X.float(), *abc), dtype)
     assert torch.equal(X, before)
 
 
