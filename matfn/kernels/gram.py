@@ -210,6 +210,9 @@ _PRUNE = {"early_config_prune": _prune}
 _sym_tuned = triton.autotune(_SYMMETRIC_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_mm_heuristic)
 _gen_tuned = triton.autotune(_GENERAL_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_mm_heuristic)
 
+#: Autotuned config per problem (shape, batch, flags, dtypes), filled on first use.
+_BEST_CONFIG: dict[tuple, triton.Config] = {}
+
 #: Fixed tiles under the CPU interpreter (no autotuning there); 16 is tl.dot's minimum.
 INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
 
@@ -272,10 +275,20 @@ def _launch(
         grid = (_grid_size(M, N, batch, blocks["BLOCK_M"], blocks["BLOCK_N"], symmetric),)
         _mm_heuristic[grid](*args, **flags, **blocks)
         return out
-    kernel = _sym_tuned if symmetric else _gen_tuned
-    kernel[lambda meta: (_grid_size(M, N, batch, meta["BLOCK_M"], meta["BLOCK_N"], symmetric),)](
-        *args, **flags
-    )
+    key = (symmetric, M, N, K, batch, D is not None, A.dtype, out.dtype)
+    best = _BEST_CONFIG.get(key)
+    if best is None:
+        kernel = _sym_tuned if symmetric else _gen_tuned
+        kernel[
+            lambda meta: (_grid_size(M, N, batch, meta["BLOCK_M"], meta["BLOCK_N"], symmetric),)
+        ](*args, **flags)
+        if getattr(kernel, "best_config", None) is not None:
+            _BEST_CONFIG[key] = kernel.best_config
+        return out
+    # Later calls launch the chosen config directly: the autotuner's per-call Python (key,
+    # cache lookup, config merge) is a large part of a launch's host time at Muon's sizes.
+    grid = (_grid_size(M, N, batch, best.kwargs["BLOCK_M"], best.kwargs["BLOCK_N"], symmetric),)
+    _mm_heuristic[grid](*args, **flags, **best.all_kwargs())
     return out
 
 

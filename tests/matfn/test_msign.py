@@ -382,7 +382,10 @@ def test_batch_equals_loop(case):
     M = case.tensor()
     X = matfn.msign(M)
     flat, Xf = M.reshape(-1, case.n, case.m), X.reshape(-1, case.n, case.m)
-    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 8e-3}[case.dtype]
+    # One matrix runs 2-D GEMMs, a batch runs bmm: the same math with different summation order.
+    # The iteration amplifies a rounding difference near σ = 0 by up to ∏ a_t ≈ 1010 for Polar
+    # Express 5, so float32 (u = 6e-8) may differ by ≈ 6e-5; a batching bug differs by O(1).
+    tol = {torch.float64: 1e-12, torch.float32: 1e-4, torch.bfloat16: 8e-3}[case.dtype]
     for i in range(flat.shape[0]):
         torch.testing.assert_close(Xf[i], matfn.msign(flat[i]), atol=tol, rtol=0)
 
