@@ -94,20 +94,20 @@ def ms(fn, graph=True):
 # compile time for C = 64 on first use, cached on disk afterwards), so `precompile` warms every
 # (variant, shape) pair in parallel processes first.
 VARIANTS_INV = [
-    dict(chunk_size=64, block_s=16, precision="tf32x3"),  # the default
+    dict(chunk_size=64, block_s=16, precision="tf32x3"),  # the default for n > 64
     dict(chunk_size=64, block_s=16, precision="ieee"),
     dict(chunk_size=64, block_s=32, precision="tf32x3"),
     dict(chunk_size=32, block_s=16, precision="tf32x3"),
-    dict(chunk_size=64, block_s=16, precision="tf32x3", chunk_impl="blocked"),
-    dict(chunk_size=64, block_s=16, precision="ieee", chunk_impl="blocked"),
-    dict(chunk_size=64, block_s=16, precision="ieee", chunk_impl="blocked", chunk_warps=2),
-    dict(chunk_size=64, block_s=16, precision="ieee", chunk_impl="blocked", chunk_warps=1),
+    dict(chunk_size=64, block_s=16, precision="ieee", chunk_impl="blocked"),  # n ≤ 64
 ]
 VARIANTS_SOLVE = VARIANTS_INV + [
     dict(chunk_size=64, block_s=16, precision="tf32x3", group_size=4),
     dict(chunk_size=64, block_s=16, precision="tf32x3", group_size=16),
 ]
+# measured once (docs/benchmarks.md) and slower; --all-variants adds them
 EXTRA_VARIANTS = [
+    dict(chunk_size=64, block_s=16, precision="tf32x3", chunk_impl="blocked"),
+    dict(chunk_size=64, block_s=16, precision="ieee", chunk_impl="blocked", chunk_warps=2),
     dict(chunk_size=64, block_s=1, precision="tf32x3"),
     dict(chunk_size=32, block_s=16, precision="ieee"),
 ]
@@ -350,7 +350,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--skip", default="", help="comma list of: correct,main,scaling,deltanet")
     ap.add_argument("--all-variants", action="store_true",
-                    help="also time 32×32 base blocks and C32/S1/tf32x3 (two more compiles)")
+                    help="also time the slower variants of EXTRA_VARIANTS (more compiles)")
     ap.add_argument("--workers", type=int, default=min(15, (os.cpu_count() or 2) - 1),
                     help="processes that precompile the kernels (0: compile on first use)")
     a = ap.parse_args()
