@@ -245,17 +245,17 @@ def run_newton_schulz(X: torch.Tensor, coeffs: list[Coefficients], algorithm: st
     from .kernels import dispatch
 
     s, L = X.shape[-2], X.shape[-1]
-    if algorithm == "auto" and X.is_cuda and not dispatch.kernels_apply(X):
-        # Below the kernels' size threshold CUDA runs are launch-bound, and Gram NS issues more
-        # launches per step (32×128×4096: Gram 0.79 ms against 0.54 ms standard on the H100).
-        algorithm = "standard"
     if algorithm == "auto":
         symmetric = dispatch.kernels_apply(X)
         gram_ok = dispatch.gram_accurate(X)
+        if X.is_cuda and not dispatch.gpu_bound(X):
+            # Launch-bound: Gram NS issues more launches per step (32×128×4096: Gram 0.79 ms
+            # against 0.54 ms standard on the H100).
+            algorithm = "standard"
         # Gram without restarts is its cheapest case: when even that loses, skip the (cached
         # but, for long schedules, slow) restart search.
-        if choose_algorithm("auto", s, L, len(coeffs), restarts=0, symmetric=symmetric,
-                            gram_ok=gram_ok) == "gram":  # fmt: skip
+        elif choose_algorithm("auto", s, L, len(coeffs), restarts=0, symmetric=symmetric,
+                              gram_ok=gram_ok) == "gram":  # fmt: skip
             algorithm = choose_algorithm(
                 "auto",
                 s,

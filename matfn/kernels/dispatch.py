@@ -23,6 +23,7 @@ import torch
 __all__ = [
     "triton_available",
     "use_triton",
+    "gpu_bound",
     "kernels_apply",
     "fused_update_applies",
     "gram_accurate",
@@ -74,16 +75,27 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return triton_available()
 
 
+def gpu_bound(X: torch.Tensor) -> bool:
+    """Whether ``X (B, s, L)`` has at least :data:`MIN_TRITON_WORK` multiply-adds per product.
+
+    Below it a CUDA Newton–Schulz run is bound by launches, not by the products.
+    """
+    s, L = sorted(X.shape[-2:])
+    return X[..., :1, :1].numel() * s * s * L >= MIN_TRITON_WORK
+
+
+def _kernel_batch(X: torch.Tensor) -> bool:
+    """CUDA, bf16/fp16, Triton on, and :func:`gpu_bound`: the Triton products may run."""
+    return X.dtype in _KERNEL_DTYPES and use_triton(X) and gpu_bound(X)
+
+
 def kernels_apply(X: torch.Tensor) -> bool:
     """Whether the Newton–Schulz Triton kernels run for ``X (B, s, L)``.
 
     CUDA, bf16/fp16, Triton on, at least :data:`MIN_TRITON_WORK` multiply-adds per product and
     a short side of at least :data:`MIN_TRITON_SIDE`.
     """
-    if X.dtype not in _KERNEL_DTYPES or not use_triton(X):
-        return False
-    s, L = sorted(X.shape[-2:])
-    return s >= MIN_TRITON_SIDE and X[..., :1, :1].numel() * s * s * L >= MIN_TRITON_WORK
+    return _kernel_batch(X) and min(X.shape[-2:]) >= MIN_TRITON_SIDE
 
 
 def fused_update_applies(X: torch.Tensor) -> bool:
@@ -95,10 +107,7 @@ def fused_update_applies(X: torch.Tensor) -> bool:
     cuBLAS's time for that last product (48×768², 24×768×3072, 64×512² on the H100; see
     docs/benchmarks.md, "Per product").
     """
-    if X.dtype not in _KERNEL_DTYPES or not use_triton(X):
-        return False
-    s, L = sorted(X.shape[-2:])
-    return s < MIN_TRITON_SIDE and X[..., :1, :1].numel() * s * s * L >= MIN_TRITON_WORK
+    return _kernel_batch(X) and min(X.shape[-2:]) < MIN_TRITON_SIDE
 
 
 def gram_accurate(X: torch.Tensor) -> bool:

@@ -36,6 +36,9 @@ def test_use_triton_cpu_and_disable(monkeypatch):
     assert not dispatch.use_triton()
     assert not dispatch.kernels_apply(x[None])
     assert not dispatch.fused_update_applies(x[None])
+    # the size rule alone (device-independent): B·s²·L ≥ 2³⁴ multiply-adds per product
+    assert dispatch.gpu_bound(torch.empty(1, 1, 1).expand(24, 768, 3072))
+    assert not dispatch.gpu_bound(torch.empty(1, 1, 1).expand(32, 128, 4096))
     monkeypatch.setenv("MATFN_DISABLE_TRITON", "1")
     assert not dispatch.use_triton(x)
 
