@@ -4,11 +4,12 @@ Importing this module never imports Triton; :func:`use_triton` probes it lazily 
 kernel modules are imported on the first CUDA call.
 
 Newton–Schulz entry points (each picks the Triton kernels of :mod:`matfn.kernels.ns_step` for
-large bf16/fp16 CUDA batches, cuBLAS products with the Triton ``BX + aX`` epilogue for GPU-bound
-batches of smaller matrices, and the torch twins of :mod:`matfn.msign` otherwise, e.g. on CPU, in
-float32/float64, or with ``MATFN_DISABLE_TRITON=1``): :func:`ns_step`, :func:`newton_schulz`,
-:func:`gram_newton_schulz`, :func:`sign_step` (general square, for mcsgn) and
-:func:`newton_schulz_grouped` (a list of matrices of mixed shapes).
+large bf16/fp16 CUDA batches, the folded step ``(B + aI) X`` — cuBLAS ``X Xᵀ`` and last product,
+``cA² + bA + aI`` in a Triton epilogue for larger batches — for the other bf16/fp16 CUDA batches,
+bf16 ones iterated in fp16 (:func:`iteration_dtype`), and the torch twins of :mod:`matfn.msign`
+otherwise, e.g. on CPU, in float32/float64, or with ``MATFN_DISABLE_TRITON=1``):
+:func:`ns_step`, :func:`newton_schulz`, :func:`gram_newton_schulz`, :func:`sign_step` (general
+square, for mcsgn) and :func:`newton_schulz_grouped` (a list of matrices of mixed shapes).
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ __all__ = [
     "sign_step",
     "newton_schulz_grouped",
     "GRAM_HALF_DTYPE",
+    "FOLDED_HALF_DTYPE",
+    "MIXED_UPDATE",
+    "FOLD_LAUNCH_BOUND",
+    "iteration_dtype",
+    "cast",
 ]
 
 Coefficients = tuple[float, float, float]
@@ -99,7 +105,7 @@ def kernels_apply(X: torch.Tensor) -> bool:
 
 
 def fused_update_applies(X: torch.Tensor) -> bool:
-    """Whether the mixed path runs for ``X (B, s, L)``: cuBLAS products, Triton ``BX + aX``.
+    """Whether the mixed path runs for ``X (B, s, L)`` (its last product: :data:`MIXED_UPDATE`).
 
     For GPU-bound batches of matrices with a short side below :data:`MIN_TRITON_SIDE` (Muon's
     buckets): cuBLAS is faster for ``X Xᵀ`` and ``cA² + bA`` there, but ``baddbmm`` first copies
@@ -121,19 +127,66 @@ def gram_accurate(X: torch.Tensor) -> bool:
     return True
 
 
-def ns_step(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
-    """One Newton–Schulz step ``a X + (b A + c A²) X``, ``A = X Xᵀ``, ``X (B, s, L)``, s ≤ L."""
+#: The last product ``X ← B X + a X`` of the mixed path (:func:`fused_update_applies`):
+#: ``"triton"`` (the fused ``+ aX`` epilogue) or ``"folded"`` (cuBLAS ``(B + aI) X``,
+#: :func:`matfn.kernels.ns_step.ns_step_folded`).
+MIXED_UPDATE = "folded"
+#: Whether launch-bound CUDA bf16/fp16 batches (below :func:`gpu_bound`) take the folded
+#: cuBLAS step instead of the torch reference's ``baddbmm`` (which copies X first).
+FOLD_LAUNCH_BOUND = True
+
+
+#: bf16 batches on the folded path iterate in this dtype (None: in bf16). Folding rounds
+#: ``a + B_ii`` to the iteration dtype; in bf16 that measured 1.1–1.3× the relative error of the
+#: torch path (docs/benchmarks.md), in fp16 (2⁻¹¹, 8× finer) every product is rounded more
+#: finely too. Normalised iterates stay within |x| ≤ 1.2 and ``|B| < 100``, far inside fp16's
+#: range; the Gram path iterates in fp16 for the same reason (:data:`GRAM_HALF_DTYPE`).
+FOLDED_HALF_DTYPE: torch.dtype | None = torch.float16
+
+
+def iteration_dtype(X: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a normalised batch of ``X``'s shape and device in ``dtype`` is iterated in.
+
+    :data:`FOLDED_HALF_DTYPE` for bf16 batches that take the folded step, else ``dtype``.
+    Callers normalise straight into it (no extra cast pass) and cast the result back.
+    """
+    if dtype != torch.bfloat16 or FOLDED_HALF_DTYPE is None:
+        return dtype
+    probe = torch.empty((), dtype=dtype, device=X.device).expand(X.shape)
+    return FOLDED_HALF_DTYPE if _step_function(probe).__name__ == "ns_step_folded" else dtype
+
+
+def cast(X: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``X.to(dtype)``; one vectorised Triton pass for contiguous CUDA half-precision tensors."""
+    if X.dtype != dtype and dtype in _KERNEL_DTYPES and X.dtype in _KERNEL_DTYPES and use_triton(X):
+        from .muon_update import cast as cast_triton
+
+        return cast_triton(X, dtype)
+    return X.to(dtype)
+
+
+def _step_function(X: torch.Tensor):
+    """The one-step function for ``X``: Triton, mixed, folded cuBLAS or the torch reference."""
     if kernels_apply(X):
         from .ns_step import ns_step_triton
 
-        return ns_step_triton(X, a, b, c)
+        return ns_step_triton
     if fused_update_applies(X):
-        from .ns_step import ns_step_fused_update
+        from .ns_step import ns_step_folded, ns_step_fused_update
 
-        return ns_step_fused_update(X, a, b, c)
+        return ns_step_fused_update if MIXED_UPDATE == "triton" else ns_step_folded
+    if FOLD_LAUNCH_BOUND and X.dtype in _KERNEL_DTYPES and use_triton(X):
+        from .ns_step import ns_step_folded
+
+        return ns_step_folded
     from ..msign import ns_step_torch
 
-    return ns_step_torch(X, a, b, c)
+    return ns_step_torch
+
+
+def ns_step(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
+    """One Newton–Schulz step ``a X + (b A + c A²) X``, ``A = X Xᵀ``, ``X (B, s, L)``, s ≤ L."""
+    return _step_function(X)(X, a, b, c)
 
 
 def newton_schulz(X: torch.Tensor, coeffs: Sequence[Coefficients]) -> torch.Tensor:
@@ -142,15 +195,13 @@ def newton_schulz(X: torch.Tensor, coeffs: Sequence[Coefficients]) -> torch.Tens
         from .ns_step import newton_schulz_triton
 
         return newton_schulz_triton(X, coeffs)
-    if fused_update_applies(X):
-        from .ns_step import ns_step_fused_update
-
-        for a, b, c in coeffs:
-            X = ns_step_fused_update(X, a, b, c)
-        return X
-    from ..msign import newton_schulz_torch
-
-    return newton_schulz_torch(X, list(coeffs))
+    step = _step_function(X)
+    dtype = X.dtype
+    if step.__name__ == "ns_step_folded" and iteration_dtype(X, dtype) != dtype:
+        X = X.to(FOLDED_HALF_DTYPE)
+    for a, b, c in coeffs:
+        X = step(X, a, b, c)
+    return cast(X, dtype)
 
 
 def gram_newton_schulz(

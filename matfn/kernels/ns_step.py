@@ -25,6 +25,7 @@ from .gram import gram_triton, matmul_triton
 __all__ = [
     "ns_step_triton",
     "ns_step_fused_update",
+    "ns_step_folded",
     "newton_schulz_triton",
     "gram_newton_schulz_triton",
     "sign_step_triton",
@@ -36,6 +37,17 @@ Coefficients = tuple[float, float, float]
 #: (:func:`matmul_triton`, fused epilogue) or ``"cublas"`` (``torch.baddbmm``, whose ``beta``
 #: epilogue is fused too). The symmetric products always use the Triton kernel.
 GENERAL_BACKEND = "triton"
+
+
+#: Backend of ``cA² + bA + aI`` in :func:`ns_step_folded`: ``"cublas"`` (``baddbmm``, which
+#: copies A into its output first, then a diagonal add), ``"triton"`` (the general product
+#: with the whole polynomial in its epilogue) or ``"auto"``: Triton from
+#: :data:`MIN_TRITON_POLY_WORK` multiply-adds, where it measured 0.64–0.76× cuBLAS's time
+#: (48×768², 24×768², 64×512² on the H100), cuBLAS below (a Triton launch costs more host
+#: time, and single small matrices are launch-bound).
+FOLDED_POLY_BACKEND = "auto"
+#: ``batch · s³`` from which ``"auto"`` takes the Triton product (64×512² is 2³³).
+MIN_TRITON_POLY_WORK = 2**32
 
 
 def _general(
@@ -73,6 +85,28 @@ def ns_step_fused_update(X: torch.Tensor, a: float, b: float, c: float) -> torch
         return matmul_triton(A, X, X, alpha=b, beta=a)
     B = torch.baddbmm(A, A, A, beta=b, alpha=c)
     return matmul_triton(B, X, X, alpha=1.0, beta=a)
+
+
+def ns_step_folded(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
+    """:func:`ns_step_torch`'s step on cuBLAS alone, with ``a`` folded into B: ``(B + aI) X``.
+
+    ``baddbmm(X, B, X, beta=a)`` first copies X into its output (a pass over the s×L iterate);
+    adding ``a`` to B's diagonal instead costs s entries per matrix, and the last product is a
+    plain ``bmm``. ``cA² + bA`` is cuBLAS ``baddbmm`` or the Triton product with ``+ bA + aI``
+    in its epilogue (:data:`FOLDED_POLY_BACKEND`). The one extra rounding is of ``a + B_ii``
+    to the iteration dtype: relative ``2⁻⁹`` (bf16; ``2⁻¹¹`` in fp16, which the dispatcher
+    iterates bf16 batches in) of the diagonal term, the size of the output's own rounding.
+    """
+    A = torch.bmm(X, X.mT)
+    backend = FOLDED_POLY_BACKEND
+    if backend == "auto":
+        backend = "triton" if X.shape[0] * X.shape[1] ** 3 >= MIN_TRITON_POLY_WORK else "cublas"
+    if c != 0 and backend == "triton":
+        B = matmul_triton(A, A, A, alpha=c, beta=b, gamma=a)  # cA² + bA + aI, one pass
+    else:
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c) if c != 0 else A.mul_(b)
+        B.diagonal(dim1=-2, dim2=-1).add_(a)
+    return torch.bmm(B, X)
 
 
 def newton_schulz_triton(X: torch.Tensor, coeffs: Sequence[Coefficients]) -> torch.Tensor:

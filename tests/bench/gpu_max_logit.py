@@ -62,9 +62,7 @@ def main() -> None:
                            rel_err_vs_ref=err)  # fmt: skip
                 if S <= 2048:
                     o64 = _max_logit_torch(q.double(), k.double(), causal=causal, scale=sc)
-                    row["rel_err_vs_f64"] = (
-                        ((out.double() - o64).abs() / o64.abs()).max().item()
-                    )
+                    row["rel_err_vs_f64"] = ((out.double() - o64).abs() / o64.abs()).max().item()
                 good = err < 1e-4 and not torch.isnan(out).any()
                 ok &= good
                 row["ok"] = good
@@ -93,8 +91,16 @@ def main() -> None:
     B, H, S, D = 2, 16, 2048, 128
     q = torch.randn(B, H, S, D, device=dev, dtype=torch.bfloat16)
     k = torch.randn(B, H, S, D, device=dev, dtype=torch.bfloat16)
-    for bm, bn, nw, ns in [(128, 64, 8, 2), (128, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3),
-                           (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 4, 2), (256, 64, 8, 2)]:
+    for bm, bn, nw, ns in [
+        (128, 64, 8, 2),
+        (128, 64, 4, 3),
+        (128, 128, 8, 2),
+        (128, 128, 8, 3),
+        (64, 64, 4, 3),
+        (128, 32, 4, 3),
+        (64, 128, 4, 2),
+        (256, 64, 8, 2),
+    ]:
         for causal in (True, False):
             ms = do_bench(lambda bm=bm, bn=bn, nw=nw, ns=ns, c=causal: max_logit_triton(
                 q, k, causal=c, scale=0.088, block_m=bm, block_n=bn, num_warps=nw,

@@ -15,6 +15,7 @@ per-matrix path; Triton off), the orthogonalisation alone, torch.optim.Muon and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -122,7 +123,88 @@ def checks(params, grads) -> list[tuple[str, float, float, bool]]:
         s = torch.linalg.svdvals(orthogonalize(G, group).double())
         worst = max(worst, (s - 1).abs().max().item())
     rows.append(("default msign: max |σ − 1|", worst, 0.19, worst < 0.19))
+    # 4. the Triton element-wise kernels vs the torch._foreach path: three steps, same msign
+    a, b = fresh(params, grads), fresh(params, grads)
+    opt_a, opt_b = Muon(a, lr=0.02, weight_decay=0.1), Muon(b, lr=0.02, weight_decay=0.1)
+    for _ in range(3):
+        opt_a.step()
+        with foreach_elementwise():
+            opt_b.step()
+    worst = max(
+        ((x - y).norm() / (x - p).norm()).item() for x, y, p in zip(a, b, params, strict=True)
+    )
+    rows.append(("fused element-wise vs foreach, 3 steps: ‖Δ‖/‖move‖", worst, 0.02, worst < 0.02))
+    worst = max(
+        ((opt_a.state[x]["momentum_buffer"] - opt_b.state[y]["momentum_buffer"]).norm()
+         / opt_b.state[y]["momentum_buffer"].norm()).item()
+        for x, y in zip(a, b, strict=True)
+    )  # fmt: skip
+    rows.append(("  momentum buffers: max relative ‖Δ‖", worst, 1e-6, worst < 1e-6))
+    # 5. CUDA-graph replay (cuda_graphs=True) vs eager orthogonalisation: 4 steps, same kernels
+    a, b = fresh(params, grads), fresh(params, grads)
+    opt_a, opt_b = Muon(a, lr=0.02, cuda_graphs=True), Muon(b, lr=0.02)
+    for _ in range(4):
+        opt_a.step()
+        opt_b.step()
+    worst = max(
+        ((x - y).norm() / (x - p).norm()).item() for x, y, p in zip(a, b, params, strict=True)
+    )
+    rows.append(
+        (f"graph replay ({len(opt_a._graphs)} graphs) vs eager, 4 steps", worst, 1e-5, worst < 1e-5)
+    )
     return rows
+
+
+@contextlib.contextmanager
+def foreach_elementwise():
+    """The step's element-wise passes on torch._foreach_* (the fused Triton kernels off)."""
+    import optim.muon as muon_mod
+
+    real = muon_mod._fused_kernels_apply
+    muon_mod._fused_kernels_apply = lambda *a: False
+    try:
+        yield
+    finally:
+        muon_mod._fused_kernels_apply = real
+
+
+@contextlib.contextmanager
+def mixed_update(how: str):
+    """Pick the last product of the mixed Newton–Schulz path (dispatch.MIXED_UPDATE)."""
+    from matfn.kernels import dispatch
+
+    old = dispatch.MIXED_UPDATE
+    dispatch.MIXED_UPDATE = how
+    try:
+        yield
+    finally:
+        dispatch.MIXED_UPDATE = old
+
+
+@contextlib.contextmanager
+def folded_poly(how: str):
+    """Pick the backend of ``cA² + bA + aI`` in the folded step (ns_step.FOLDED_POLY_BACKEND)."""
+    from matfn.kernels import ns_step
+
+    old = ns_step.FOLDED_POLY_BACKEND
+    ns_step.FOLDED_POLY_BACKEND = how
+    try:
+        yield
+    finally:
+        ns_step.FOLDED_POLY_BACKEND = old
+
+
+def _within(ctx_factory, step_factory):
+    def factory(P, G):
+        step = step_factory(P, G)
+
+        def run():
+            with ctx_factory():
+                step()
+
+        return run
+
+    return factory
 
 
 def _bf16_step(params, grads):
@@ -172,6 +254,36 @@ CASES = [
         "ours: update='mclip' (F3, 3 inner msign)",
         "bench",
         lambda P, G: Muon(fresh(P, G), update="mclip").step,
+    ),
+    (
+        "ours: cuda_graphs=True (bucket graphs replayed)",
+        "bench",
+        lambda P, G: Muon(fresh(P, G), cuda_graphs=True).step,
+    ),
+    (
+        "ours: host time of step(), cuda_graphs=True",
+        "host",
+        lambda P, G: Muon(fresh(P, G), cuda_graphs=True).step,
+    ),
+    (
+        "ours: element-wise on torch._foreach (kernels off)",
+        "bench",
+        _within(foreach_elementwise, lambda P, G: Muon(fresh(P, G)).step),
+    ),
+    (
+        "ours: NS last product folded, cuBLAS (B+aI)X",
+        "bench",
+        _within(lambda: mixed_update("folded"), lambda P, G: Muon(fresh(P, G)).step),
+    ),
+    (
+        "ours: folded, cA²+bA+aI on cuBLAS (baddbmm + diag add)",
+        "bench",
+        _within(lambda: folded_poly("cublas"), lambda P, G: Muon(fresh(P, G)).step),
+    ),
+    (
+        "ours: NS last product Triton BX+aX",
+        "bench",
+        _within(lambda: mixed_update("triton"), lambda P, G: Muon(fresh(P, G)).step),
     ),
     ("ours: bf16 params (fp32 momentum)", "bench", _bf16_step),
     ("ours: Triton off (torch bmm path)", "bench", _triton_off_step),

@@ -231,6 +231,19 @@ def cublas_gen(M):
         ns_step.GENERAL_BACKEND = old
 
 
+def unfolded(M):
+    """Ours as before the folded step: Triton ``BX + aX`` for GPU-bound batches below the
+    full-Triton size, the torch reference (``baddbmm``, bf16) for launch-bound ones."""
+    from matfn.kernels import dispatch
+
+    old = dispatch.MIXED_UPDATE, dispatch.FOLD_LAUNCH_BOUND
+    dispatch.MIXED_UPDATE, dispatch.FOLD_LAUNCH_BOUND = "triton", False
+    try:
+        return ours(M)
+    finally:
+        dispatch.MIXED_UPDATE, dispatch.FOLD_LAUNCH_BOUND = old
+
+
 def torch_batched(M):
     """The torch reference (baddbmm) on the whole batch, bf16, same schedule as ours."""
     coeffs, factor = schedule("polar_express", STEPS)
@@ -255,7 +268,22 @@ def section_acc():
     coeffs, factor = schedule("polar_express", STEPS)
     restarts = gram_restarts(coeffs)
     rows = []
-    for s, L in [(1024, 1024), (2048, 2048), (1024, 4096), (2048, 8192), (4096, 16384)]:
+    from matfn.kernels.ns_step import ns_step_folded, ns_step_fused_update
+
+    def steps_of(step, X0):
+        for a, b, c in coeffs:
+            X0 = step(X0, a, b, c)
+        return X0
+
+    for s, L in [
+        (768, 768),
+        (768, 3072),
+        (1024, 1024),
+        (2048, 2048),
+        (1024, 4096),
+        (2048, 8192),
+        (4096, 16384),
+    ]:
         M64, U, sig, V = known_svd(s, L, seed=s + L)
         x = (sig / (factor * sig.norm())).cpu().numpy()
         f = torch.as_tensor(scalar_map(coeffs, x), device="cuda")
@@ -265,10 +293,11 @@ def section_acc():
             "triton standard bf16": lambda X0=X0: dispatch.newton_schulz(X0, coeffs),
             "triton gram fp16": lambda X0=X0: dispatch.gram_newton_schulz(X0, coeffs, restarts),
             "torch standard bf16": lambda X0=X0: newton_schulz_torch(X0, coeffs),
+            "mixed bf16 (Triton BX+aX)": lambda X0=X0: steps_of(ns_step_fused_update, X0),
+            "folded bf16 (cuBLAS (B+aI)X)": lambda X0=X0: steps_of(ns_step_folded, X0),
+            "folded fp16 (the default)": lambda X0=X0: steps_of(ns_step_folded, X0.half()),
             "torch gram bf16": lambda X0=X0: gram_newton_schulz_torch(X0, coeffs, restarts),
-            "torch gram fp16": lambda X0=X0: gram_newton_schulz_torch(
-                X0.half(), coeffs, restarts
-            ),
+            "torch gram fp16": lambda X0=X0: gram_newton_schulz_torch(X0.half(), coeffs, restarts),
             "triton gram bf16 (no fp16)": lambda X0=X0: __import__(
                 "matfn.kernels.ns_step", fromlist=["x"]
             ).gram_newton_schulz_triton(X0, coeffs, restarts),
@@ -321,6 +350,7 @@ def section_time(cases, peak, peer_cases, peer_names):
             entries.append((f"ours ({algo}, cuBLAS general products)", lambda M=M: cublas_gen(M)))
         else:
             entries.append((f"ours ({algo}, Triton forced)", lambda M=M: forced(M)))
+            entries.append((f"ours ({algo}, unfolded: baddbmm/BX+aX)", lambda M=M: unfolded(M)))
         other = "standard" if algo == "gram" else "gram"
         if s < L:
             entries.append((f"ours ({other})", lambda M=M, o=other: ours_algo(M, o)))
@@ -371,6 +401,7 @@ def section_graph(cases):
         for label, fn in (
             ("ours", ours),
             ("ours, Triton forced", forced),
+            ("ours, unfolded", unfolded),
             ("torch ref batched", torch_batched),
         ):
             fn(M)
@@ -397,7 +428,7 @@ def section_gram():
     for s, L in [(8192, 8192), (4096, 4096), (4096, 16384)]:
         X = torch.randn(1, s, L, device="cuda", dtype=torch.bfloat16)
         G = gram_triton(X)
-        ref = (X[0].float() @ X[0].float().T)
+        ref = X[0].float() @ X[0].float().T
         err = float((G[0].float() - ref).abs().max() / ref.abs().max())
         t_ours = bench(lambda X=X: gram_triton(X))[0]
         t_cub = bench(lambda X=X: X[0] @ X[0].T)[0]
@@ -410,8 +441,13 @@ def section_gram():
     RESULTS["sections"]["gram"] = rows
 
 
-COMPONENT_SHAPES = [(48, 768, 768), (24, 768, 3072), (64, 512, 512), (1, 1024, 1024),
-                    (1, 4096, 4096)]
+COMPONENT_SHAPES = [
+    (48, 768, 768),
+    (24, 768, 3072),
+    (64, 512, 512),
+    (1, 1024, 1024),
+    (1, 4096, 4096),
+]
 
 
 def section_components():
@@ -441,6 +477,15 @@ def section_components():
                 lambda: torch.baddbmm(X, P, X, beta=a),
                 lambda: matmul_triton(P, X, X, beta=a),
             ),
+            "B' = cA² + bA + aI": (
+                lambda: torch.baddbmm(A, A, A, beta=b, alpha=c).diagonal(-2, -1).add_(a),
+                lambda: matmul_triton(A, A, A, alpha=c, beta=b, gamma=a),
+            ),
+            # the folded form: a added to B's diagonal (s entries), then a plain bmm
+            "X ← (B+aI)X": (
+                lambda: (P.diagonal(dim1=-2, dim2=-1).add_(0.0), torch.bmm(P, X)),
+                lambda: matmul_triton(P, X, X, beta=a),
+            ),
         }
         for pname, (f_cublas, f_triton) in products.items():
             times = []
@@ -454,9 +499,11 @@ def section_components():
                     graph = float("nan")
                 times += [eager, graph]
             rows.append(((B, n, m), pname, *times))
-            log(f"  {B}x{n}x{m} {pname:<14} cuBLAS {times[0]:.4f} (graph {times[1]:.4f}) ms   "
+            log(
+                f"  {B}x{n}x{m} {pname:<14} cuBLAS {times[0]:.4f} (graph {times[1]:.4f}) ms   "
                 f"Triton {times[2]:.4f} (graph {times[3]:.4f}) ms   "
-                f"Triton/cuBLAS graph {times[3] / times[1]:.2f}")
+                f"Triton/cuBLAS graph {times[3] / times[1]:.2f}"
+            )
     RESULTS["sections"]["components"] = rows
 
 
@@ -501,17 +548,36 @@ def section_check():
             G._mm_heuristic[
                 (G._grid_size(s, s, b, cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], sym),)
             ](
-                A, Bm, D, out, s, s, A.shape[2], b,
-                *A.stride(), *Bm.stride(), *D.stride(), *out.stride(),
-                0.5, -1.5, 2.0,
-                SYMMETRIC=sym, HAS_D=True, HAS_DIAG=True, IEEE=False,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.kwargs,
+                A,
+                Bm,
+                D,
+                out,
+                s,
+                s,
+                A.shape[2],
+                b,
+                *A.stride(),
+                *Bm.stride(),
+                *D.stride(),
+                *out.stride(),
+                0.5,
+                -1.5,
+                2.0,
+                SYMMETRIC=sym,
+                HAS_D=True,
+                HAS_DIAG=True,
+                IEEE=False,
+                num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
+                **cfg.kwargs,
             )
             ref = 0.5 * A.float() @ Bm.float() - 1.5 * D.float()
             ref += 2 * torch.eye(s, device="cuda")
             e = float((out.float() - ref).abs().max() / ref.abs().max())
-            log(f"  config {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages} sym={sym} "
-                f"{b}x{s}x{L}: rel err {e:.1e}")
+            log(
+                f"  config {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages} sym={sym} "
+                f"{b}x{s}x{L}: rel err {e:.1e}"
+            )
             worst = max(worst, e)
     log(f"  check worst relative difference triton vs torch (bf16): {worst:.1e}")
     RESULTS["sections"]["check"] = worst
@@ -543,9 +609,7 @@ def main():
         ("gram", section_gram),
         (
             "time",
-            lambda: section_time(
-                cases, peak, args.peer_cases.split(","), args.peers.split(",")
-            ),
+            lambda: section_time(cases, peak, args.peer_cases.split(","), args.peers.split(",")),
         ),
         ("graph", lambda: section_graph([c for c in SMALL if c in cases])),
         ("components", section_components),

@@ -6,7 +6,8 @@ Run on a CUDA machine from the repository root::
 
 Per case: wall time per call (synchronised), host time to issue one call on an idle queue,
 the summed GPU kernel time, the number of kernel launches per call, the top kernels by GPU
-time, and any host-device synchronisation caught by ``torch.cuda.set_sync_debug_mode``.
+time, any host-device synchronisation caught by ``torch.cuda.set_sync_debug_mode``, and a
+cProfile of the host side (where the Python issue time goes).
 """
 
 from __future__ import annotations
@@ -112,13 +113,32 @@ def report(name: str, fn, reps: int = 10) -> None:
     events = prof.key_averages()
     gpu_us = sum(e.self_device_time_total for e in events) / 3
     launches = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 3
-    print(f"\n=== {name}: wall {wall:.3f} ms/call · host (idle queue) "
-          f"{sorted(host)[reps // 2]:.3f} ms · GPU kernels {gpu_us / 1e3:.3f} ms · "
-          f"{launches:.0f} kernels/call")
+    print(
+        f"\n=== {name}: wall {wall:.3f} ms/call · host (idle queue) "
+        f"{sorted(host)[reps // 2]:.3f} ms · GPU kernels {gpu_us / 1e3:.3f} ms · "
+        f"{launches:.0f} kernels/call"
+    )
     syncs = [str(w.message).splitlines()[0] for w in caught]
     print(f"syncs caught: {len(syncs)}", *sorted(set(syncs))[:5], sep="\n  ")
     print(events.table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=70))
     print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=70))
+    host_profile(fn)
+
+
+def host_profile(fn, reps: int = 5, rows: int = 22) -> None:
+    """cProfile of the host side: which Python functions the issue time goes to."""
+    import cProfile
+    import pstats
+
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(reps):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    print(f"host (cProfile, {reps} calls; tottime/cumtime in s):")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(rows)
 
 
 def main() -> None:

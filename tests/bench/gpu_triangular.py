@@ -67,11 +67,13 @@ def make(B, n, d, e=0, kind="general", seed=0):
         Q = K * beta[..., None]
         lam = torch.ones(B, n, device=dev)
     else:
-        Q = 0.5 * torch.nn.functional.normalize(torch.randn(B, n, d, device=dev, generator=g),
-                                                dim=-1)
+        Q = 0.5 * torch.nn.functional.normalize(
+            torch.randn(B, n, d, device=dev, generator=g), dim=-1
+        )
         K = 0.5 * K
         lam = (1 + torch.rand(B, n, device=dev, generator=g)) * torch.where(
-            torch.rand(B, n, device=dev, generator=g) < 0.3, -1.0, 1.0)
+            torch.rand(B, n, device=dev, generator=g) < 0.3, -1.0, 1.0
+        )
     V = torch.randn(B, n, e, device=dev, generator=g) if e else None
     return Q, K, lam, V
 
@@ -111,8 +113,13 @@ EXTRA_VARIANTS = [
     dict(chunk_size=64, block_s=1, precision="tf32x3"),
     dict(chunk_size=32, block_s=16, precision="ieee"),
 ]
-CORRECTNESS_SHAPES = [(1, 1, 1, 1), (3, 17, 5, 3), (2, 100, 16, 50), (2, 777, 100, 33),
-                      (1, 4096, 128, 128)]
+CORRECTNESS_SHAPES = [
+    (1, 1, 1, 1),
+    (3, 17, 5, 3),
+    (2, 100, 16, 50),
+    (2, 777, 100, 33),
+    (1, 4096, 128, 128),
+]
 
 
 def _warm(task) -> tuple[str, float, str | None]:
@@ -162,14 +169,17 @@ def precompile(workers: int) -> set[str]:
     t0 = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
     # one process per task: a kernel that faults poisons its process's CUDA context
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx,
-                                                max_tasks_per_child=1) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=ctx, max_tasks_per_child=1
+    ) as pool:
         # fla-core autotunes 16+ configs one after another: start it first
         futures = [pool.submit(_warm_fla)] + [pool.submit(_warm, t) for t in tasks]
         times = sorted((f.result() for f in futures), key=lambda r: -r[1])
-    console.print(f"precompiled {len(tasks)} (variant, shape) pairs in "
-                  f"{time.perf_counter() - t0:.0f} s with {workers} processes; slowest: "
-                  + ", ".join(f"{k} {t:.0f} s" for k, t, _ in times[:3]))
+    console.print(
+        f"precompiled {len(tasks)} (variant, shape) pairs in "
+        f"{time.perf_counter() - t0:.0f} s with {workers} processes; slowest: "
+        + ", ".join(f"{k} {t:.0f} s" for k, t, _ in times[:3])
+    )
     failed = {label.split(" ")[0] for label, _, err in times if err}
     for label, _, err in times:
         if err:
@@ -201,22 +211,34 @@ def correctness(quick: bool) -> bool:
             for v in VARIANTS_SOLVE:
                 vs = dict(v)
                 Y = torch.full((B, n, n), float("nan"), device=dev)
-                tri_inv_triton(Q, K, lam, out=Y, **{k: x for k, x in vs.items()
-                                                     if k != "group_size"})
+                tri_inv_triton(
+                    Q, K, lam, out=Y, **{k: x for k, x in vs.items() if k != "group_size"}
+                )
                 X = torch.full((B, n, e), float("nan"), device=dev)
                 tri_solve_triton(Q, K, V, lam, out=X, **vs)
                 torch.cuda.synchronize()
                 ei, es = rel(Y, Yr), rel(X, Xr)
                 bad = not (ei < 1e-5 and es < 1e-5)
                 ok &= not bad
-                tab.add_row(str(B), str(n), str(d), str(e), vname(v), kind, f"{ei:.1e}",
-                            f"{es:.1e}", f"{Yr.abs().max().item():.1e}",
-                            style="red" if bad else None)
+                tab.add_row(
+                    str(B),
+                    str(n),
+                    str(d),
+                    str(e),
+                    vname(v),
+                    kind,
+                    f"{ei:.1e}",
+                    f"{es:.1e}",
+                    f"{Yr.abs().max().item():.1e}",
+                    style="red" if bad else None,
+                )
     # the public API dispatches to the kernels on CUDA
     Q, K, lam, V = make(2, 300, 20, 7)
     e1 = rel(tri_inv(Q, K, lam), _tri_inv_chunked_torch(Q.double(), K.double(), lam.double()))
-    e2 = rel(tri_solve(Q, K, V, lam),
-             _tri_solve_chunked_torch(Q.double(), K.double(), V.double(), lam.double()))
+    e2 = rel(
+        tri_solve(Q, K, V, lam),
+        _tri_solve_chunked_torch(Q.double(), K.double(), V.double(), lam.double()),
+    )
     tab.add_row("2", "300", "20", "7", "public API", "general", f"{e1:.1e}", f"{e2:.1e}", "")
     ok &= e1 < 1e-5 and e2 < 1e-5
     console.print(tab)
@@ -236,36 +258,58 @@ def main_table(results, n=4096, d=128, e=128):
     t_invb, _ = ms(lambda: torch.linalg.inv(T), graph=False)
     e_base = rel(torch.linalg.solve_triangular(T, eye, upper=False), Yr)
     e_invb = rel(torch.linalg.inv(T), Yr)
-    tab.add_row("tri_inv", "torch solve_triangular(T, I)", f"{t_base:.3f}", "", "1.00",
-                f"{e_base:.1e}")
-    tab.add_row("tri_inv", "torch inv(T)", f"{t_invb:.3f}", "", f"{t_base / t_invb:.2f}",
-                f"{e_invb:.1e}")
+    tab.add_row(
+        "tri_inv", "torch solve_triangular(T, I)", f"{t_base:.3f}", "", "1.00", f"{e_base:.1e}"
+    )
+    tab.add_row(
+        "tri_inv", "torch inv(T)", f"{t_invb:.3f}", "", f"{t_base / t_invb:.2f}", f"{e_invb:.1e}"
+    )
     results["inv_baseline_ms"] = t_base
     results["inv_torch_inv_ms"] = t_invb
     for v in VARIANTS_INV:
         t, tg = ms(lambda v=v: tri_inv_triton(Q, K, lam, **v))
         err = rel(tri_inv_triton(Q, K, lam, **v), Yr)
-        tab.add_row("tri_inv", "ours " + vname(v), f"{t:.3f}", f"{tg:.3f}", f"{t_base / t:.1f}x",
-                    f"{err:.1e}")
+        tab.add_row(
+            "tri_inv",
+            "ours " + vname(v),
+            f"{t:.3f}",
+            f"{tg:.3f}",
+            f"{t_base / t:.1f}x",
+            f"{err:.1e}",
+        )
         results[f"inv {vname(v)}"] = dict(ms=t, ms_graph=tg, err=err)
     t_sb, _ = ms(lambda: torch.linalg.solve_triangular(T, V, upper=False), graph=False)
     e_sb = rel(torch.linalg.solve_triangular(T, V, upper=False), Xr)
-    tab.add_row("tri_solve", "torch solve_triangular(T, V)", f"{t_sb:.3f}", "", "1.00",
-                f"{e_sb:.1e}")
+    tab.add_row(
+        "tri_solve", "torch solve_triangular(T, V)", f"{t_sb:.3f}", "", "1.00", f"{e_sb:.1e}"
+    )
     results["solve_baseline_ms"] = t_sb
     for v in VARIANTS_SOLVE:
         t, tg = ms(lambda v=v: tri_solve_triton(Q, K, V, lam, **v))
         err = rel(tri_solve_triton(Q, K, V, lam, **v), Xr)
-        tab.add_row("tri_solve", "ours " + vname(v), f"{t:.3f}", f"{tg:.3f}", f"{t_sb / t:.1f}x",
-                    f"{err:.1e}")
+        tab.add_row(
+            "tri_solve",
+            "ours " + vname(v),
+            f"{t:.3f}",
+            f"{tg:.3f}",
+            f"{t_sb / t:.1f}x",
+            f"{err:.1e}",
+        )
         results[f"solve {vname(v)}"] = dict(ms=t, ms_graph=tg, err=err)
     console.print(tab)
 
 
 def scaling(results, d=128, e=128):
     tab = Table(title=f"doubling n (d={d}, e={e}, fp32, default variant C64/S16/tf32x3)")
-    for c in ("n", "inv ms", "inv ns/n²", "solve_tri(T,I) ms", "solve ms", "solve ns/n",
-              "solve_tri(T,V) ms"):
+    for c in (
+        "n",
+        "inv ms",
+        "inv ns/n²",
+        "solve_tri(T,I) ms",
+        "solve ms",
+        "solve ns/n",
+        "solve_tri(T,V) ms",
+    ):
         tab.add_column(c)
     for n in (1024, 2048, 4096, 8192):
         Q, K, lam, V = make(1, n, d, e, "general", seed=n)
@@ -275,8 +319,15 @@ def scaling(results, d=128, e=128):
         ts, _ = ms(lambda: tri_solve_triton(Q, K, V, lam), graph=False)
         bi, _ = ms(lambda: torch.linalg.solve_triangular(T, eye, upper=False), graph=False)
         bs, _ = ms(lambda: torch.linalg.solve_triangular(T, V, upper=False), graph=False)
-        tab.add_row(str(n), f"{ti:.3f}", f"{ti * 1e6 / n**2:.3f}", f"{bi:.3f}", f"{ts:.3f}",
-                    f"{ts * 1e6 / n:.2f}", f"{bs:.3f}")
+        tab.add_row(
+            str(n),
+            f"{ti:.3f}",
+            f"{ti * 1e6 / n**2:.3f}",
+            f"{bi:.3f}",
+            f"{ts:.3f}",
+            f"{ts * 1e6 / n:.2f}",
+            f"{bs:.3f}",
+        )
         results[f"scaling n={n}"] = dict(inv=ti, solve=ts, base_inv=bi, base_solve=bs)
     console.print(tab)
 
@@ -284,8 +335,9 @@ def scaling(results, d=128, e=128):
 def deltanet(results, B=8, H=16, T=4096, d=128, BT=64, timing=True):
     global TIMING
     TIMING = timing
-    tab = Table(title=f"DeltaNet chunks: B={B}, H={H}, T={T}, {BT}×{BT} chunks, d={d}, fp32 "
-                      "(median ms)")
+    tab = Table(
+        title=f"DeltaNet chunks: B={B}, H={H}, T={T}, {BT}×{BT} chunks, d={d}, fp32 (median ms)"
+    )
     for c in ("impl", "input", "do_bench", "cudagraph", "rel err vs fp64"):
         tab.add_column(c)
     g = torch.Generator(device=dev).manual_seed(3)
@@ -313,8 +365,9 @@ def deltanet(results, B=8, H=16, T=4096, d=128, BT=64, timing=True):
 
         t, tg = ms(lambda: solve_tril(Aex))
         err = rel(to_ours(solve_tril(Aex))[sub], Yr)
-        tab.add_row("fla solve_tril", "A (fp32, precomputed)", f"{t:.3f}", f"{tg:.3f}",
-                    f"{err:.1e}")
+        tab.add_row(
+            "fla solve_tril", "A (fp32, precomputed)", f"{t:.3f}", f"{tg:.3f}", f"{err:.1e}"
+        )
         results["fla solve_tril"] = dict(ms=t, ms_graph=tg, err=err)
 
         def fla_full():
@@ -349,10 +402,17 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument("--skip", default="", help="comma list of: correct,main,scaling,deltanet")
-    ap.add_argument("--all-variants", action="store_true",
-                    help="also time the slower variants of EXTRA_VARIANTS (more compiles)")
-    ap.add_argument("--workers", type=int, default=min(15, (os.cpu_count() or 2) - 1),
-                    help="processes that precompile the kernels (0: compile on first use)")
+    ap.add_argument(
+        "--all-variants",
+        action="store_true",
+        help="also time the slower variants of EXTRA_VARIANTS (more compiles)",
+    )
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=min(15, (os.cpu_count() or 2) - 1),
+        help="processes that precompile the kernels (0: compile on first use)",
+    )
     a = ap.parse_args()
     if a.all_variants:
         VARIANTS_INV.extend(EXTRA_VARIANTS)
@@ -360,8 +420,13 @@ def main() -> None:
     failed = sorted(precompile(a.workers)) if a.workers > 0 else []
     skip = set(a.skip.split(","))
     props = torch.cuda.get_device_properties(0)
-    results = dict(device=props.name, date=datetime.datetime.now(datetime.UTC).isoformat(),
-                   torch=torch.__version__, triton=triton.__version__, failed_variants=failed)
+    results = dict(
+        device=props.name,
+        date=datetime.datetime.now(datetime.UTC).isoformat(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        failed_variants=failed,
+    )
     console.print(results)
     if "correct" not in skip:
         results["correct"] = correctness(a.quick)

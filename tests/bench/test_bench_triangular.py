@@ -61,13 +61,20 @@ def test_bench_triangular(benchmark, op, n):
     seconds = stats.stats.median if stats else once
     is_solve = op in ("tri_solve", "solve_triangular(T,V)")
     benchmark.extra_info.update(
-        n=n, d=D, e=E, op=op, median_s=seconds,
+        n=n,
+        d=D,
+        e=E,
+        op=op,
+        median_s=seconds,
         **({"ns_per_n": seconds * 1e9 / n} if is_solve else {"ns_per_n2": seconds * 1e9 / n**2}),
     )
     if not op.startswith("tri_"):
         return
     # smoke check: same answer as the dense float32 baseline (float32 forward-substitution error
     # on this well-conditioned T, |q·k| ≤ 0.5 and λ ∈ [1, 2], is ~1e-6 relative)
-    ref = (torch.linalg.solve_triangular(T, V, upper=False) if is_solve
-           else torch.linalg.solve_triangular(T, torch.eye(n), upper=False))
+    ref = (
+        torch.linalg.solve_triangular(T, V, upper=False)
+        if is_solve
+        else torch.linalg.solve_triangular(T, torch.eye(n), upper=False)
+    )
     assert ((out - ref).norm() / ref.norm()).item() < 1e-4

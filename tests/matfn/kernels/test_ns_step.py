@@ -21,6 +21,7 @@ from matfn.coefficients import schedule  # noqa: E402
 from matfn.kernels.ns_step import (  # noqa: E402
     gram_newton_schulz_triton,
     newton_schulz_triton,
+    ns_step_folded,
     ns_step_fused_update,
     ns_step_triton,
     sign_step_triton,
@@ -86,6 +87,66 @@ def test_ns_step_fused_update(shape, dtype, abc):
     before = X.clone()
     _close(ns_step_fused_update(X, *abc), ns_step_torch(X.float(), *abc), dtype)
     assert torch.equal(X, before)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize(
+    "abc", [(3.4445, -4.775, 2.0315), (1.5, -0.5, 0.0)], ids=["quintic", "cubic"]
+)
+@pytest.mark.parametrize("poly", ["cublas", "triton", "auto"])
+def test_ns_step_folded(shape, dtype, abc, poly, monkeypatch):
+    """``(B + aI) X`` is the same step (one more rounding: a + B_ii in ``dtype``), with
+    ``cA² + bA + aI`` from baddbmm + diagonal add or from the Triton epilogue."""
+    import matfn.kernels.ns_step as ns
+
+    monkeypatch.setattr(ns, "FOLDED_POLY_BACKEND", poly)
+    X = _x0(shape, dtype, seed=shape[1] + 2)
+    before = X.clone()
+    _close(ns_step_folded(X, *abc), ns_step_torch(X.float(), *abc), dtype)
+    assert torch.equal(X, before)
+
+
+@pytest.mark.parametrize("mixed", ["triton", "folded"])
+@pytest.mark.parametrize("fold_small", [False, True])
+def test_dispatch_routes_cuda_steps(monkeypatch, mixed, fold_small):
+    """The size predicates and the two switches pick the step function."""
+    from matfn.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "use_triton", lambda *t: True)
+    monkeypatch.setattr(dispatch, "_KERNEL_DTYPES", (torch.float32,))
+    monkeypatch.setattr(dispatch, "MIXED_UPDATE", mixed)
+    monkeypatch.setattr(dispatch, "FOLD_LAUNCH_BOUND", fold_small)
+    monkeypatch.setattr(dispatch, "MIN_TRITON_WORK", 8 * 8 * 16)
+    monkeypatch.setattr(dispatch, "MIN_TRITON_SIDE", 16)
+    big, small, wide = torch.zeros(1, 8, 16), torch.zeros(1, 4, 8), torch.zeros(1, 16, 16)
+    expect_big = ns_step_fused_update if mixed == "triton" else ns_step_folded
+    assert dispatch._step_function(big) is expect_big
+    assert dispatch._step_function(small) is (ns_step_folded if fold_small else ns_step_torch)
+    assert dispatch._step_function(wide) is ns_step_triton
+    assert dispatch._step_function(big.double()) is ns_step_torch
+
+
+def test_folded_path_iterates_bf16_in_fp16_and_is_more_accurate(monkeypatch):
+    """bf16 batches on the folded path run in fp16: dtype restored, error below torch bf16's."""
+    from matfn.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "use_triton", lambda *t: True)
+    monkeypatch.setattr(dispatch, "MIN_TRITON_WORK", 0)
+    monkeypatch.setattr(dispatch, "MIN_TRITON_SIDE", 10**6)
+    monkeypatch.setattr(dispatch, "MIXED_UPDATE", "folded")
+    coeffs, factor = schedule("polar_express", 5)
+    X = _x0((2, 24, 64), torch.float64, seed=3, factor=factor)
+    assert dispatch.iteration_dtype(X, torch.bfloat16) == torch.float16
+    assert dispatch.iteration_dtype(X, torch.float32) == torch.float32
+    exact = newton_schulz_torch(X, coeffs)
+    folded = dispatch.newton_schulz(X.bfloat16(), coeffs)
+    assert folded.dtype == torch.bfloat16
+    err_folded = torch.linalg.norm(folded.double() - exact)
+    err_torch = torch.linalg.norm(newton_schulz_torch(X.bfloat16(), coeffs).double() - exact)
+    assert err_folded < err_torch, (err_folded, err_torch)
+    monkeypatch.setattr(dispatch, "FOLDED_HALF_DTYPE", None)
+    assert dispatch.iteration_dtype(X, torch.bfloat16) == torch.bfloat16
 
 
 @pytest.mark.parametrize("method", ["polar_express", "tuned", "cubic"])

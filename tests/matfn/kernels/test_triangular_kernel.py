@@ -120,11 +120,17 @@ def test_public_api_dispatches_to_kernels(monkeypatch):
 
 def test_public_api_kernel_options():
     # one 64-row chunk: the blocked fp32 kernel; longer or smaller chunks: dense tf32x3
-    assert tri._kernel_options(64, 64) == {"chunk_size": 64, "chunk_impl": "blocked",
-                                           "precision": "ieee"}
+    assert tri._kernel_options(64, 64) == {
+        "chunk_size": 64,
+        "chunk_impl": "blocked",
+        "precision": "ieee",
+    }
     assert tri._kernel_options(65, 64)["chunk_impl"] == "dense"
-    assert tri._kernel_options(40, 20) == {"chunk_size": 32, "chunk_impl": "dense",
-                                           "precision": "tf32x3"}
+    assert tri._kernel_options(40, 20) == {
+        "chunk_size": 32,
+        "chunk_impl": "dense",
+        "precision": "tf32x3",
+    }
 
 
 def test_launcher_rejects_bad_arguments():
