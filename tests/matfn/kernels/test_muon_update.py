@@ -85,6 +85,41 @@ def test_momentum_stack_matches_torch(shape, nesterov, dtypes):
     torch.testing.assert_close(partials.sum(1).sqrt(), norms, rtol=1e-5, atol=0)
 
 
+@settings(deadline=None, max_examples=20)
+@given(
+    n=st.integers(1, 40),
+    m=st.integers(1, 40),
+    k=st.integers(1, 3),
+    count=st.integers(1, 3),
+    momentum=st.sampled_from([0.0, 0.5, 0.9, 0.95, 0.999]),
+    nesterov=st.booleans(),
+    scale=st.sampled_from([1e-30, 1e-6, 1.0, 1e6]),
+    seed=st.integers(0, 2**16),
+)
+def test_momentum_stack_property(n, m, k, count, momentum, nesterov, scale, seed):
+    """Any shape/orientation, momentum and gradient scale (tiny to huge): the torch ops' result."""
+    gen = torch.Generator().manual_seed(seed)
+    full = (k, n, m) if k > 1 else (n, m)
+    grads = [(torch.randn(full, generator=gen) * scale).to(DEVICE) for _ in range(count)]
+    bufs = [(torch.randn(full, generator=gen) * scale).to(DEVICE) for _ in range(count)]
+    expected = [_reference(g, b, momentum, nesterov) for g, b in zip(grads, bufs, strict=True)]
+    out = torch.empty(count * k, min(n, m), max(n, m), device=DEVICE)
+    partials = torch.empty(count * k, muon_update.num_tiles(n, m), device=DEVICE)
+    muon_update.momentum_stack(
+        grads, bufs, out, partials, n=n, m=m, momentum=momentum, nesterov=nesterov
+    )
+    tol = dict(rtol=1e-6, atol=1e-6 * scale)
+    for b, (b_ref, _) in zip(bufs, expected, strict=True):
+        torch.testing.assert_close(b, b_ref, **tol)
+    u_ref = torch.cat([u.reshape(k, n, m) for _, u in expected])
+    torch.testing.assert_close(out, u_ref.mT if n > m else u_ref, **tol)
+    # Squares of entries ~1e-30 underflow float32 (as in torch's float32 norm): harmless, since
+    # the normalisation divides by max(norm, eps = 1e-7) and both sides are then eps.
+    norms = torch.linalg.matrix_norm(out.double()).clamp_min(1e-7)
+    got = partials.double().sum(1).sqrt().clamp_min(1e-7)
+    torch.testing.assert_close(got, norms, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_apply_update_matches_torch(shape, dtype):
