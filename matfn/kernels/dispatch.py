@@ -39,6 +39,7 @@ __all__ = [
     "FOLD_LAUNCH_BOUND",
     "iteration_dtype",
     "cast",
+    "GROUPED_LAUNCH",
 ]
 
 Coefficients = tuple[float, float, float]
@@ -165,6 +166,13 @@ def cast(X: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return X.to(dtype)
 
 
+#: Whether :func:`newton_schulz_grouped` runs lists of mixed shapes on the grouped kernel
+#: (:mod:`matfn.kernels.grouped`: three launches per step for all shapes) instead of one
+#: stacked batch per shape. Off until it is timed on a GPU (tests/bench/gpu_newton_schulz.py,
+#: section ``grouped``).
+GROUPED_LAUNCH = False
+
+
 def _step_function(X: torch.Tensor):
     """The one-step function for ``X``: Triton, mixed, folded cuBLAS or the torch reference."""
     if kernels_apply(X):
@@ -246,10 +254,22 @@ def newton_schulz_grouped(
     """Run the iteration on many normalised wide matrices ``(s_i, L_i)`` of mixed shapes.
 
     Matrices of one shape (and dtype/device) are stacked and run as one batch, so each product
-    is one launch per distinct shape; results come back in input order.
+    is one launch per distinct shape; results come back in input order. With
+    :data:`GROUPED_LAUNCH` (CUDA, bf16/fp16, standard algorithm) every product is instead one
+    grouped launch for all shapes.
     """
     from ..msign import run_newton_schulz
 
+    if (
+        GROUPED_LAUNCH
+        and algorithm in ("auto", "standard")
+        and len({tuple(X.shape) for X in Xs}) > 1
+        and all(X.dtype in _KERNEL_DTYPES for X in Xs)
+        and use_triton(*Xs)
+    ):
+        from .grouped import newton_schulz_grouped_launch
+
+        return newton_schulz_grouped_launch(Xs, coeffs)
     groups: dict[tuple, list[int]] = {}
     for i, X in enumerate(Xs):
         groups.setdefault((tuple(X.shape), X.dtype, X.device), []).append(i)

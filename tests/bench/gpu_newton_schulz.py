@@ -20,6 +20,7 @@ graph  small cases with and without CUDA-graph capture.
 gram   the symmetric Gram kernel alone against cuBLAS ``X @ X.T``.
 components  each product of a step, cuBLAS vs Triton, eager and graph-replayed, at Muon's
        shapes (48×768², 24×768×3072, 64×512², 1024², 4096²).
+grouped  lists of mixed shapes: one grouped launch per product vs one stacked batch per shape.
 """
 
 from __future__ import annotations
@@ -507,6 +508,51 @@ def section_components():
     RESULTS["sections"]["components"] = rows
 
 
+GROUPED_CASES = {
+    # name: list of (count, s, L) wide matrices of mixed shapes
+    "gpt2-small (48×768², 24×768×3072)": [(48, 768, 768), (24, 768, 3072)],
+    "mixed small (16×256², 16×256×1024, 8×512², 8×128×4096)": [
+        (16, 256, 256),
+        (16, 256, 1024),
+        (8, 512, 512),
+        (8, 128, 4096),
+    ],
+}
+
+
+def section_grouped():
+    """Mixed shapes: one grouped launch per product for all shapes vs one stacked batch per
+    shape (``dispatch.newton_schulz_grouped`` with ``GROUPED_LAUNCH`` on and off)."""
+    from matfn.kernels import dispatch
+
+    coeffs, factor = schedule("polar_express", STEPS)
+    rows = []
+    for name, spec in GROUPED_CASES.items():
+        Xs = [
+            normalize(torch.randn(1, s, L, device="cuda"), factor, 1e-7, torch.bfloat16)[0]
+            for count, s, L in spec
+            for _ in range(count)
+        ]
+        results = {}
+        for label, on in (("stacked per shape", False), ("grouped launch", True)):
+            old = dispatch.GROUPED_LAUNCH
+            dispatch.GROUPED_LAUNCH = on
+            try:
+                fn = lambda Xs=Xs: dispatch.newton_schulz_grouped(Xs, coeffs, "standard")  # noqa: E731
+                results[label] = fn()
+                med = bench(fn)[0]
+            finally:
+                dispatch.GROUPED_LAUNCH = old
+            rows.append((name, label, med))
+            log(f"  {name:<58} {label:<18} {med:8.3f} ms")
+        diff = max(
+            float((a.float() - b.float()).norm() / b.float().norm())
+            for a, b in zip(results["grouped launch"], results["stacked per shape"], strict=True)
+        )
+        log(f"  {name:<58} grouped vs stacked: max relative difference {diff:.1e}")
+    RESULTS["sections"]["grouped"] = rows
+
+
 def section_check():
     """Triton vs torch at the same dtype, poisoned outputs, odd sizes (quick)."""
     from matfn.kernels.gram import matmul_triton
@@ -613,6 +659,7 @@ def main():
         ),
         ("graph", lambda: section_graph([c for c in SMALL if c in cases])),
         ("components", section_components),
+        ("grouped", section_grouped),
     ):
         if name in sections:
             log(f"== {name} ({time.time() - t0:.0f} s)")

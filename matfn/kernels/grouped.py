@@ -1,0 +1,191 @@
+r"""Grouped products: matrices of mixed shapes multiplied in one Triton launch.
+
+:func:`grouped_matmul` computes, for every group ``i`` of a list,
+
+.. math:: C_i = \alpha A_i B_i + \beta D_i + \gamma I, \qquad A_i \in ℝ^{M_i×K_i},\;
+          B_i \in ℝ^{K_i×N_i},
+
+in **one** launch: each program owns one ``BLOCK_M × BLOCK_N`` output tile of one group, found
+from a prefix sum of the groups' tile counts; operands are read through tables of their
+addresses and strides (any strides, e.g. ``X.mT`` in place), outputs are slices of one buffer.
+Float32 accumulation, output in the operands' dtype, the whole ``αAB + βD + γI`` in the epilogue.
+
+:func:`newton_schulz_grouped_launch` runs the standard iteration on a list of wide matrices of
+mixed shapes with three grouped launches per step (``A = X Xᵀ``; ``B = cA² + bA + aI``;
+``X ← B X``), where stacking by shape (:func:`matfn.kernels.dispatch.newton_schulz_grouped`)
+needs three launches per step *per distinct shape*. Cost: the plain algorithm's FLOPs; no
+symmetric savings. Importing this module imports Triton.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["grouped_matmul", "newton_schulz_grouped_launch"]
+
+Coefficients = tuple[float, float, float]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+#: Tile shape: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Not autotuned (the shapes
+#: differ per group); small tiles under the interpreter.
+BLOCKS = (16, 16, 16, 1, 1) if INTERPRET else (128, 128, 64, 8, 3)
+
+_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def _grouped_mm_kernel(
+    a_table,
+    b_table,
+    d_table,
+    c_table,
+    dims,  # int64 (G, 3): M, N, K
+    strides,  # int64 (G, 8): A (m, k), B (k, n), D (m, n), C (m, n)
+    tile_start,  # int64 (G + 1,): prefix sum of the groups' tile counts
+    G,
+    alpha,
+    beta,
+    gamma,
+    HAS_D: tl.constexpr,
+    DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    g = 0
+    while tl.load(tile_start + g + 1) <= pid:  # the group owning this tile (G is small)
+        g += 1
+    M = tl.load(dims + 3 * g)
+    N = tl.load(dims + 3 * g + 1)
+    K = tl.load(dims + 3 * g + 2)
+    local = pid - tl.load(tile_start + g)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    rm = (local // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = (local % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    s = strides + 8 * g
+    a_ptr = tl.load(a_table + g).to(tl.pointer_type(DTYPE))
+    b_ptr = tl.load(b_table + g).to(tl.pointer_type(DTYPE))
+    a_ptrs = a_ptr + rm[:, None] * tl.load(s) + rk[None, :] * tl.load(s + 1)
+    b_ptrs = b_ptr + rk[:, None] * tl.load(s + 2) + rn[None, :] * tl.load(s + 3)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k0 * BLOCK_K
+        a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(rk[:, None] < k_left) & (rn[None, :] < N), other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * tl.load(s + 1)
+        b_ptrs += BLOCK_K * tl.load(s + 2)
+    acc = acc * alpha
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if HAS_D:
+        d_ptr = tl.load(d_table + g).to(tl.pointer_type(DTYPE))
+        d_ptrs = d_ptr + rm[:, None] * tl.load(s + 4) + rn[None, :] * tl.load(s + 5)
+        acc += beta * tl.load(d_ptrs, mask=mask, other=0.0).to(tl.float32)
+    acc += tl.where(rm[:, None] == rn[None, :], gamma, 0.0)
+    c_ptr = tl.load(c_table + g).to(tl.pointer_type(DTYPE))
+    c_ptrs = c_ptr + rm[:, None] * tl.load(s + 6) + rn[None, :] * tl.load(s + 7)
+    tl.store(c_ptrs, acc.to(DTYPE), mask=mask)
+
+
+def _tables(parts: list[list[int]], device: torch.device) -> list[torch.Tensor]:
+    """The int64 tables, one host-to-device copy (pinned, asynchronous: no wait on the GPU)."""
+    host = torch.tensor([v for part in parts for v in part], dtype=torch.int64)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    flat = host.to(device, non_blocking=True)
+    return list(flat.split([len(part) for part in parts]))
+
+
+def grouped_matmul(
+    As: Sequence[torch.Tensor],
+    Bs: Sequence[torch.Tensor],
+    Ds: Sequence[torch.Tensor] | None = None,
+    *,
+    alpha: float = 1.0,
+    beta: float = 0.0,
+    gamma: float = 0.0,
+) -> list[torch.Tensor]:
+    r"""``[α A_i B_i + β D_i + γ I for i]`` for 2-D matrices of mixed shapes, one launch.
+
+    All operands share one dtype (float32/bf16/fp16) and device; any strides. ``γ I`` adds γ to
+    the main diagonal (square or not). Returns contiguous outputs in the operands' dtype (slices
+    of one buffer). Cost: ``Σ 2 M_i N_i K_i`` FLOPs.
+    """
+    if len(As) != len(Bs) or (Ds is not None and len(Ds) != len(As)):
+        raise ValueError("`As`, `Bs` (and `Ds`) must have the same length")
+    if not As:
+        return []
+    dtype, device = As[0].dtype, As[0].device
+    for name, group in (("As", As), ("Bs", Bs), ("Ds", Ds or [])):
+        for x in group:
+            if x.ndim != 2 or x.dtype != dtype or x.device != device:
+                raise ValueError(f"`{name}` must be 2-D {dtype} tensors on {device}")
+    if dtype not in _TL:
+        raise TypeError(f"grouped_matmul supports float32/bf16/fp16, got {dtype}")
+    dims, strides, starts, offsets = [], [], [0], [0]
+    BM, BN, BK, warps, stages = BLOCKS
+    for i, (A, B) in enumerate(zip(As, Bs, strict=True)):
+        (M, K), (K2, N) = A.shape, B.shape
+        if K != K2:
+            raise ValueError(f"group {i}: {tuple(A.shape)} @ {tuple(B.shape)} do not multiply")
+        if Ds is not None and Ds[i].shape != (M, N):
+            raise ValueError(f"group {i}: `Ds[{i}]` must have shape {(M, N)}")
+        dims += [M, N, K]
+        starts.append(starts[-1] + triton.cdiv(M, BM) * triton.cdiv(N, BN))
+        offsets.append(offsets[-1] + M * N)
+    flat = torch.empty(offsets[-1], dtype=dtype, device=device)
+    outs = [
+        flat[o : o + A.shape[0] * B.shape[1]].view(A.shape[0], B.shape[1])
+        for o, A, B in zip(offsets, As, Bs, strict=False)
+    ]
+    for i, (A, B, C) in enumerate(zip(As, Bs, outs, strict=True)):
+        D = Ds[i] if Ds is not None else C
+        strides += [*A.stride(), *B.stride(), *D.stride(), *C.stride()]
+    if starts[-1] == 0:
+        return outs
+    ptrs = [[x.data_ptr() for x in xs] for xs in (As, Bs, Ds if Ds is not None else outs, outs)]
+    _grouped_mm_kernel[(starts[-1],)](
+        *_tables([*ptrs, dims, strides, starts], device),
+        len(As),
+        float(alpha),
+        float(beta),
+        float(gamma),
+        HAS_D=Ds is not None and beta != 0,
+        DTYPE=_TL[dtype],
+        PRECISION="ieee" if dtype == torch.float32 else "tf32",  # fp32: no silent tf32
+        BLOCK_M=BM,
+        BLOCK_N=BN,
+        BLOCK_K=BK,
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return outs
+
+
+def newton_schulz_grouped_launch(
+    Xs: Sequence[torch.Tensor], coeffs: Sequence[Coefficients]
+) -> list[torch.Tensor]:
+    """The standard iteration on normalised wide matrices ``(s_i, L_i)`` of mixed shapes.
+
+    Per step three grouped launches for all matrices: ``A = X Xᵀ``, ``B = cA² + bA + aI``,
+    ``X ← B X`` (for a cubic step, ``X ← b A X + a X``). Same polynomial as
+    :func:`matfn.msign.newton_schulz_torch`, one rounding more (``a + B_ii``, as in
+    :func:`matfn.kernels.ns_step.ns_step_folded`).
+    """
+    Xs = list(Xs)
+    for a, b, c in coeffs:
+        As = grouped_matmul(Xs, [X.mT for X in Xs])
+        if c == 0:
+            Xs = grouped_matmul(As, Xs, Xs, alpha=b, beta=a)
+            continue
+        Bs = grouped_matmul(As, As, As, alpha=c, beta=b, gamma=a)
+        Xs = grouped_matmul(Bs, Xs)
+    return Xs
