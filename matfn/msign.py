@@ -72,24 +72,22 @@ def normalize(X: torch.Tensor, factor: float, eps: float, dtype: torch.dtype) ->
     return torch.div(X, denom, out=torch.empty_like(X, dtype=dtype))
 
 
-def normalize_(
+def normalize_by(
     X: torch.Tensor,
     norms: torch.Tensor,
     factor: float,
     eps: float,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
-    """``X / max(factor·norms, eps)`` for a scratch batch whose norms are known.
+    """``X / max(factor·norms, eps)`` in ``dtype`` for a batch whose norms are already known.
 
     ``norms`` holds ``‖X_b‖_F`` for each matrix (shape ``(B,)``, float32 or better), e.g. from
     the kernel that wrote X (:func:`matfn.kernels.muon_update.momentum_stack`); this saves
-    :func:`normalize`'s read of X for the norm. In place when ``dtype`` is None or X's dtype,
-    else into a new tensor of ``dtype``. One Triton pass on CUDA.
+    :func:`normalize`'s read of X for the norm. One Triton pass on CUDA; X is not modified.
     """
     from .kernels.dispatch import use_triton
 
-    dtype = dtype or X.dtype
-    out = X if dtype == X.dtype else torch.empty_like(X, dtype=dtype)
+    out = torch.empty_like(X, dtype=dtype, memory_format=torch.contiguous_format)
     if use_triton(X) and X.is_contiguous():
         from .kernels.muon_update import divide_by_norms
 
@@ -383,9 +381,8 @@ def msign_wide(
     The result is in ``compute_dtype``, or in fp16 where a bf16 batch took the folded CUDA path
     (:func:`matfn.kernels.dispatch.iteration_dtype`); callers cast it (to save a pass when the
     next consumer reads any float dtype, as the optimizer's update does).
-    ``norms``: ``‖X_b‖_F`` when the caller already has them; X must then be a scratch batch in
-    ``compute_dtype``, which is consumed (:func:`normalize_`: in place, or into the fp16
-    iteration dtype of the folded CUDA path, :func:`matfn.kernels.dispatch.iteration_dtype`).
+    ``norms``: ``‖X_b‖_F`` when the caller already has them (:func:`normalize_by` then skips
+    the read of X for the norm).
     """
     from .kernels.dispatch import iteration_dtype
 
@@ -393,7 +390,7 @@ def msign_wide(
         dtype = iteration_dtype(X, compute_dtype)  # bf16 → fp16 on the folded CUDA path
         if norms is None:
             return normalize(X, factor, eps, dtype)
-        return normalize_(X, norms, factor, eps, dtype)
+        return normalize_by(X, norms, factor, eps, dtype)
 
     if method == "svd":
         return _msign_svd(X).to(compute_dtype)

@@ -28,7 +28,7 @@ from matfn.msign import (
     default_compute_dtype,
     msign_wide,
     normalize,
-    normalize_,
+    normalize_by,
     run_newton_schulz,
 )
 
@@ -140,10 +140,9 @@ def orthogonalize(X: Tensor, group: Mapping[str, Any], norms: Tensor | None = No
     mclip_scale`` of ``group`` are read. Returns ``(B, n, m)`` in the iteration dtype
     (``ns_dtype``; default bfloat16 on CUDA, float32 on CPU, float64 for float64; fp16 where
     a bf16 batch takes the folded CUDA path, see :func:`matfn.kernels.dispatch.iteration_dtype`;
-    callers cast). ``X`` is
-    not modified, except with ``norms``: the Frobenius norms of X's matrices, shape ``(B,)``,
-    when the caller computed them while writing X (a wide scratch stack in the iteration
-    dtype, ``update="msign"``); X is then normalised in place.
+    callers cast). ``X`` is never modified. ``norms``: the Frobenius norms of X's matrices,
+    shape ``(B,)``, when the caller computed them while writing X (``update="msign"``), which
+    saves a read of X.
     """
     if X.numel() == 0:
         return torch.zeros_like(X)
@@ -168,7 +167,7 @@ def orthogonalize(X: Tensor, group: Mapping[str, Any], norms: Tensor | None = No
         if norms is None:
             X0 = normalize(X, 1.0, eps, dtype)
         else:
-            X0 = normalize_(X, norms, 1.0, eps, dtype)
+            X0 = normalize_by(X, norms, 1.0, eps, dtype)
         coeffs = [tuple(float(v) for v in coefficients)] * (5 if steps is None else steps)
         O = run_newton_schulz(X0, coeffs, algorithm)
     else:
