@@ -88,12 +88,34 @@ def normalize_by(
     from .kernels.dispatch import use_triton
 
     out = torch.empty_like(X, dtype=dtype, memory_format=torch.contiguous_format)
-    if use_triton(X) and X.is_contiguous():
+    kernel_dtypes = (torch.float32, torch.bfloat16, torch.float16)  # the kernel divides in fp32
+    if use_triton(X) and X.is_contiguous() and {X.dtype, dtype} <= set(kernel_dtypes):
         from .kernels.muon_update import divide_by_norms
 
         return divide_by_norms(X, norms, factor, eps, out)
     denom = (norms.reshape(-1, 1, 1) * factor).clamp_min(eps)
     return torch.div(X, denom, out=out)
+
+
+def normalize_for_iteration(
+    X: torch.Tensor,
+    factor: float,
+    eps: float,
+    compute_dtype: torch.dtype,
+    norms: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``X₀ = X / max(factor·‖X‖_F, eps)`` in the dtype the iteration will run in.
+
+    That is ``compute_dtype``, or fp16 for bf16 batches on the folded CUDA path
+    (:func:`matfn.kernels.dispatch.iteration_dtype`): normalising straight into it saves a cast
+    pass. ``norms``: the Frobenius norms when the caller already has them (:func:`normalize_by`).
+    """
+    from .kernels.dispatch import iteration_dtype
+
+    dtype = iteration_dtype(X, compute_dtype)
+    if norms is None:
+        return normalize(X, factor, eps, dtype)
+    return normalize_by(X, norms, factor, eps, dtype)
 
 
 def ns_step_torch(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
@@ -384,13 +406,9 @@ def msign_wide(
     ``norms``: ``‖X_b‖_F`` when the caller already has them (:func:`normalize_by` then skips
     the read of X for the norm).
     """
-    from .kernels.dispatch import iteration_dtype
 
     def normalized(factor: float) -> torch.Tensor:
-        dtype = iteration_dtype(X, compute_dtype)  # bf16 → fp16 on the folded CUDA path
-        if norms is None:
-            return normalize(X, factor, eps, dtype)
-        return normalize_by(X, norms, factor, eps, dtype)
+        return normalize_for_iteration(X, factor, eps, compute_dtype, norms)
 
     if method == "svd":
         return _msign_svd(X).to(compute_dtype)

@@ -22,13 +22,12 @@ from torch.optim.adam import adam
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from matfn._batching import to_wide
-from matfn.kernels.dispatch import iteration_dtype, use_triton
+from matfn.kernels.dispatch import use_triton
 from matfn.msign import (
     METHODS,
     default_compute_dtype,
     msign_wide,
-    normalize,
-    normalize_by,
+    normalize_for_iteration,
     run_newton_schulz,
 )
 
@@ -163,11 +162,7 @@ def orthogonalize(X: Tensor, group: Mapping[str, Any], norms: Tensor | None = No
             mclip_scale=group.get("mclip_scale", 1.0),
         )
     elif coefficients is not None:
-        dtype = iteration_dtype(X, compute_dtype)  # bf16 → fp16 on the folded CUDA path
-        if norms is None:
-            X0 = normalize(X, 1.0, eps, dtype)
-        else:
-            X0 = normalize_by(X, norms, 1.0, eps, dtype)
+        X0 = normalize_for_iteration(X, 1.0, eps, compute_dtype, norms)
         coeffs = [tuple(float(v) for v in coefficients)] * (5 if steps is None else steps)
         O = run_newton_schulz(X0, coeffs, algorithm)
     else:

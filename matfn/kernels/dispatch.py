@@ -205,8 +205,8 @@ def newton_schulz(X: torch.Tensor, coeffs: Sequence[Coefficients]) -> torch.Tens
         return newton_schulz_triton(X, coeffs)
     step = _step_function(X)
     dtype = X.dtype
-    if step.__name__ == "ns_step_folded" and iteration_dtype(X, dtype) != dtype:
-        X = X.to(FOLDED_HALF_DTYPE)
+    if step.__name__ == "ns_step_folded" and dtype == torch.bfloat16 and FOLDED_HALF_DTYPE:
+        X = X.to(FOLDED_HALF_DTYPE)  # what iteration_dtype(X, bf16) says for this step
     for a, b, c in coeffs:
         X = step(X, a, b, c)
     return cast(X, dtype)

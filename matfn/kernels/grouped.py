@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tables import int64_table
+
 __all__ = ["grouped_matmul", "newton_schulz_grouped_launch"]
 
 Coefficients = tuple[float, float, float]
@@ -96,11 +98,8 @@ def _grouped_mm_kernel(
 
 
 def _tables(parts: list[list[int]], device: torch.device) -> list[torch.Tensor]:
-    """The int64 tables, one host-to-device copy (pinned, asynchronous: no wait on the GPU)."""
-    host = torch.tensor([v for part in parts for v in part], dtype=torch.int64)
-    if device.type == "cuda":
-        host = host.pin_memory()
-    flat = host.to(device, non_blocking=True)
+    """The kernel's int64 tables in one host-to-device copy."""
+    flat = int64_table([v for part in parts for v in part], device)
     return list(flat.split([len(part) for part in parts]))
 
 

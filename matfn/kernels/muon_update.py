@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tables import int64_table
+
 __all__ = ["BLOCK", "momentum_stack", "apply_update", "divide_by_norms", "cast", "num_tiles"]
 
 #: Square tile edge: ``BLOCK × BLOCK`` elements per program. Square, so that a matrix and its
@@ -45,6 +47,14 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 def num_tiles(n: int, m: int) -> int:
     """Tiles per ``(n, m)`` matrix, the second dimension of :func:`momentum_stack`'s partials."""
     return triton.cdiv(n, BLOCK) * triton.cdiv(m, BLOCK)
+
+
+@triton.jit
+def _tile(t, tiles_m, n, m, BLOCK: tl.constexpr):
+    """Rows, columns and in-bounds mask of tile ``t`` of an ``(n, m)`` matrix (row-major tiles)."""
+    rows = (t // tiles_m) * BLOCK + tl.arange(0, BLOCK)
+    cols = (t % tiles_m) * BLOCK + tl.arange(0, BLOCK)
+    return rows, cols, (rows[:, None] < n) & (cols[None, :] < m)
 
 
 @triton.jit
@@ -66,9 +76,7 @@ def _momentum_stack_kernel(
 ):
     t = tl.program_id(0)
     b = tl.program_id(1)
-    rows = (t // tiles_m) * BLOCK + tl.arange(0, BLOCK)
-    cols = (t % tiles_m) * BLOCK + tl.arange(0, BLOCK)
-    mask = (rows[:, None] < n) & (cols[None, :] < m)
+    rows, cols, mask = _tile(t, tiles_m, n, m, BLOCK)
     src = rows[:, None] * m + cols[None, :]
 
     g_ptr = tl.load(grad_table + b).to(tl.pointer_type(GRAD_DTYPE))
@@ -115,9 +123,7 @@ def _apply_update_kernel(
 ):
     t = tl.program_id(0)
     b = tl.program_id(1)
-    rows = (t // tiles_m) * BLOCK + tl.arange(0, BLOCK)
-    cols = (t % tiles_m) * BLOCK + tl.arange(0, BLOCK)
-    mask = (rows[:, None] < n) & (cols[None, :] < m)
+    rows, cols, mask = _tile(t, tiles_m, n, m, BLOCK)
     w_ptr = tl.load(param_table + b).to(tl.pointer_type(PARAM_DTYPE))
     if ALIGNED:
         w_ptr = tl.multiple_of(w_ptr, 16)
@@ -192,12 +198,8 @@ def cast(X: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=256)
 def _table_on(addresses: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    # Pinned + non_blocking: a pageable copy would make the host wait for the GPU queue. The
-    # cache keeps parameter and buffer tables (stable addresses) from being rebuilt every step.
-    table = torch.tensor(addresses, dtype=torch.int64)
-    if device.type == "cuda":
-        return table.pin_memory().to(device, non_blocking=True)
-    return table
+    # cached: parameter and buffer tables (stable addresses) are not rebuilt every step
+    return int64_table(addresses, device)
 
 
 def _matrix_addresses(tensors: Sequence[torch.Tensor], n: int, m: int) -> tuple[int, ...]:

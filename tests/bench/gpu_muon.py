@@ -15,12 +15,12 @@ per-matrix path; Triton off), the orthogonalisation alone, torch.optim.Muon and 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
 import sys
 import time
+from unittest import mock
 
 import torch
 
@@ -155,43 +155,25 @@ def checks(params, grads) -> list[tuple[str, float, float, bool]]:
     return rows
 
 
-@contextlib.contextmanager
 def foreach_elementwise():
     """The step's element-wise passes on torch._foreach_* (the fused Triton kernels off)."""
     import optim.muon as muon_mod
 
-    real = muon_mod._fused_kernels_apply
-    muon_mod._fused_kernels_apply = lambda *a: False
-    try:
-        yield
-    finally:
-        muon_mod._fused_kernels_apply = real
+    return mock.patch.object(muon_mod, "_fused_kernels_apply", lambda *a: False)
 
 
-@contextlib.contextmanager
 def mixed_update(how: str):
     """Pick the last product of the mixed Newton–Schulz path (dispatch.MIXED_UPDATE)."""
     from matfn.kernels import dispatch
 
-    old = dispatch.MIXED_UPDATE
-    dispatch.MIXED_UPDATE = how
-    try:
-        yield
-    finally:
-        dispatch.MIXED_UPDATE = old
+    return mock.patch.object(dispatch, "MIXED_UPDATE", how)
 
 
-@contextlib.contextmanager
 def folded_poly(how: str):
     """Pick the backend of ``cA² + bA + aI`` in the folded step (ns_step.FOLDED_POLY_BACKEND)."""
     from matfn.kernels import ns_step
 
-    old = ns_step.FOLDED_POLY_BACKEND
-    ns_step.FOLDED_POLY_BACKEND = how
-    try:
-        yield
-    finally:
-        ns_step.FOLDED_POLY_BACKEND = old
+    return mock.patch.object(ns_step, "FOLDED_POLY_BACKEND", how)
 
 
 def _within(ctx_factory, step_factory):
