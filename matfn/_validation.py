@@ -93,6 +93,29 @@ def assert_finite(x: torch.Tensor, name: str) -> None:
         )
 
 
+def assert_all_finite(extra: torch.Tensor | None = None, **tensors: torch.Tensor | None) -> bool:
+    """:func:`assert_finite` for several tensors with one host sync instead of one each.
+
+    Raises for the first named tensor (in argument order) that holds NaN or ±Inf. ``extra``: an
+    optional boolean scalar tensor fetched in the same sync, whose value is returned (so a caller
+    can fold one more device-side test, e.g. "is any pivot zero", into this sync).
+    """
+    named = [(k, v) for k, v in tensors.items() if v is not None and v.numel()]
+    flags = [torch.isfinite(v).all() for _, v in named]
+    if extra is not None:
+        flags.append(extra.reshape(()))
+    if not flags:
+        return False
+    values = torch.stack(flags).tolist()
+    for (name, _), ok in zip(named, values, strict=False):
+        if not ok:
+            raise ValueError(
+                f"`{name}` contains NaN or Inf; pass finite values "
+                "(or check_finite=False to skip this check)"
+            )
+    return bool(values[-1]) if extra is not None else False
+
+
 def check_same_device(**tensors: torch.Tensor | None) -> None:
     """Raise ``ValueError`` if the given tensors do not all live on one device."""
     named = [(k, v) for k, v in tensors.items() if v is not None]

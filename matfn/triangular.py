@@ -26,7 +26,7 @@ from numbers import Real
 
 import torch
 
-from ._validation import check_matrix, check_same_device
+from ._validation import assert_all_finite, check_matrix, check_same_device
 
 __all__ = ["tri_inv", "tri_solve", "SingularTriangularError"]
 
@@ -56,14 +56,15 @@ def _check_inputs(
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.dtype]:
     """Validate and return ``(Q, K, V, λ, result dtype)`` with ``λ`` of shape ``Q.shape[:-1]``."""
-    Q = check_matrix(Q, "Q", check_finite=check_finite)
-    K = check_matrix(K, "K", check_finite=check_finite)
+    # finiteness of every input and the zero-pivot test are fetched in one host sync, below
+    Q = check_matrix(Q, "Q", check_finite=False)
+    K = check_matrix(K, "K", check_finite=False)
     if Q.shape != K.shape:
         raise ValueError(
             f"`Q` and `K` must have the same shape (..., n, d), got Q {_shape(Q)} and K {_shape(K)}"
         )
     if V is not None:
-        V = check_matrix(V, "V", check_finite=check_finite)
+        V = check_matrix(V, "V", check_finite=False)
         if V.shape[:-1] != Q.shape[:-1]:
             raise ValueError(
                 "`V` must have shape (..., n, e) with the batch dims and n of `Q`, "
@@ -103,11 +104,10 @@ def _check_inputs(
             f"got {type(diag).__name__}"
         )
     check_same_device(Q=Q, K=K, V=V, diag=lam)
-    if lam.numel():
-        if check_finite and not bool(torch.isfinite(lam).all()):
-            raise ValueError("`diag` contains NaN or Inf; pass finite values")
+    if lam.numel() or check_finite:
         zero = lam == 0
-        if bool(zero.any()):
+        inputs = {"Q": Q, "K": K, "V": V, "diag": lam} if check_finite else {}
+        if assert_all_finite(zero.any(), **inputs):
             idx = tuple(int(i) for i in zero.nonzero()[0])
             raise SingularTriangularError(
                 f"T is singular: its diagonal `diag` is zero at index {idx[-1]} "
@@ -305,8 +305,10 @@ def tri_inv(
     as rank-``d`` products ``Y[I, J] = −P_I^{(s)} R_J^{(s)ᵀ}``, where ``P^{(s)}`` and
     ``R^{(s)}`` are the block-diagonal solves ``blkdiag_s(T)⁻¹ Q`` and ``blkdiag_s(T)⁻ᵀ K`` at the
     level ``s`` where chunks ``I`` and ``J`` first fall into one block; the levels are built
-    bottom-up with ``P₂ ← P₂ (I − K₁ᵀ P₁)`` and ``R₁ ← R₁ (I − K₂ᵀ P₂)ᵀ``: ``d n²`` FLOPs for
-    the tiles plus ``4 n d²`` per level, ``log₂(n/C)`` levels, every step parallel.
+    bottom-up with ``P₂ ← P₂ (I − G₁)`` and ``R₁ ← R₁ (I − G₂)ᵀ``, where the ``d×d`` Grams
+    ``G = Kᵀ P`` of a level follow from the level below, ``G = G₁ + G₂ − G₂ G₁``: ``d n²`` FLOPs
+    for the tiles plus ``2 n d²`` per level and ``d³`` per block pair, ``log₂(n/C)`` levels,
+    every step parallel.
 
     **Accuracy and conditioning.** The recursion is forward substitution, so it is backward
     stable row by row, and the error of ``Y`` is about ``u · κ(T)`` relative (``u`` the unit
@@ -343,7 +345,7 @@ def tri_inv(
     if d > 0 and _use_kernels(Qf) and Qf.dtype == torch.float32:
         from .kernels.triangular import tri_inv_triton
 
-        Y = tri_inv_triton(Qf, Kf, lamf, **_kernel_options(n, chunk_size))
+        Y = tri_inv_triton(Qf, Kf, lamf, **_kernel_options("inv", chunk_size))
     else:
         Y = _tri_inv_chunked_torch(Qf, Kf, lamf, chunk_size)
     return Y.reshape(*batch, n, n).to(dtype)
@@ -424,7 +426,7 @@ def tri_solve(
     if 0 < d <= 128 and _use_kernels(Qf) and Qf.dtype == torch.float32:
         from .kernels.triangular import tri_solve_triton
 
-        X = tri_solve_triton(Qf, Kf, Vf, lamf, **_kernel_options(n, chunk_size))
+        X = tri_solve_triton(Qf, Kf, Vf, lamf, **_kernel_options("solve", chunk_size))
     else:
         X = _tri_solve_chunked_torch(Qf, Kf, Vf, lamf, chunk_size)
     return X.reshape(*batch, n, e).to(dtype)
@@ -436,16 +438,16 @@ def _kernel_chunk(chunk_size: int) -> int:
     return min(64, max(16, c))
 
 
-def _kernel_options(n: int, chunk_size: int) -> dict:
-    """Launcher options, from the H100 measurements in docs/benchmarks.md.
+def _kernel_options(op: str, chunk_size: int) -> dict:
+    """Launcher options, from the H100 measurements in docs/benchmarks.md (session 4).
 
-    A single 64-row chunk per matrix (DeltaNet's many independent chunks) is all chunk kernel:
-    there the explicit 16×16-block kernel with fp32 FMA dots was fastest (0.89 ms against 1.16
-    for the dense tf32x3 one at 8192 chunks, d = 128). Longer matrices spend their time in the
-    off-diagonal and level kernels, where tf32x3 tensor-core dots win (n = 4096: 0.23 ms
-    graph-replayed against 0.41 for the blocked fp32 variant).
+    Dense chunk kernel with ``"3xtf32"`` dots everywhere (fp32-accurate, ≈ 1e-6 relative at
+    n = 4096). The inverse keeps ``C = 64`` (n = 4096: 0.148 ms graph-replayed, against 0.21 for
+    ``C = 32``; DeltaNet's 8192 single chunks: 0.635 ms, against 0.90 for the blocked fp32-FMA
+    kernel); the solve takes ``C = 32`` (0.100 ms against 0.116 for ``C = 64``). A smaller
+    requested chunk is honoured.
     """
     C = _kernel_chunk(chunk_size)
-    if C == 64 and n <= 64:
-        return {"chunk_size": 64, "chunk_impl": "blocked", "precision": "ieee"}
-    return {"chunk_size": C, "chunk_impl": "dense", "precision": "tf32x3"}
+    if op == "solve":
+        C = min(C, 32)
+    return {"chunk_size": C, "precision": "3xtf32"}

@@ -35,6 +35,7 @@ __all__ = [
     "newton_schulz_grouped",
     "GRAM_HALF_DTYPE",
     "FOLDED_HALF_DTYPE",
+    "GROUPED_MIN_SHAPES",
     "MIXED_UPDATE",
     "FOLD_LAUNCH_BOUND",
     "iteration_dtype",
@@ -166,11 +167,15 @@ def cast(X: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return X.to(dtype)
 
 
-#: Whether :func:`newton_schulz_grouped` runs lists of mixed shapes on the grouped kernel
+#: Whether :func:`newton_schulz_grouped` may run lists of mixed shapes on the grouped kernel
 #: (:mod:`matfn.kernels.grouped`: three launches per step for all shapes) instead of one
-#: stacked batch per shape. Off until it is timed on a GPU (tests/bench/gpu_newton_schulz.py,
-#: section ``grouped``).
-GROUPED_LAUNCH = False
+#: stacked batch per shape; it does when they have at least :data:`GROUPED_MIN_SHAPES` distinct
+#: shapes. H100, 5 bf16 steps (docs/benchmarks.md): 16 shapes (2 each, 128…1088 × 2048) 7.6 ms
+#: against 9.7 stacked (2.1 against 2.7 graph-replayed); 4 shapes 10.4 against 2.2 and 2 shapes
+#: (GPT-2) 12.1 against 3.4, where the grouped path's per-group host work dominates (its
+#: graph-replayed GPU time is within 1.2× of the stacked one there).
+GROUPED_LAUNCH = True
+GROUPED_MIN_SHAPES = 16
 
 
 def _step_function(X: torch.Tensor):
@@ -248,6 +253,16 @@ def sign_step(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
     return sign_step_torch(X, a, b, c)
 
 
+def _recast(Xs: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """``[X.to(dtype) for X in Xs]`` in two launches (a concatenation and a cast).
+
+    Not one launch per matrix: the grouped path's lists are long and its launches host-bound.
+    """
+    flat = torch.cat([X.reshape(-1) for X in Xs]).to(dtype)
+    parts = flat.split([X.numel() for X in Xs])
+    return [p.view(X.shape) for p, X in zip(parts, Xs, strict=True)]
+
+
 def newton_schulz_grouped(
     Xs: Sequence[torch.Tensor], coeffs: Sequence[Coefficients], algorithm: str = "auto"
 ) -> list[torch.Tensor]:
@@ -256,20 +271,25 @@ def newton_schulz_grouped(
     Matrices of one shape (and dtype/device) are stacked and run as one batch, so each product
     is one launch per distinct shape; results come back in input order. With
     :data:`GROUPED_LAUNCH` (CUDA, bf16/fp16, standard algorithm) every product is instead one
-    grouped launch for all shapes.
+    grouped launch for all shapes once there are :data:`GROUPED_MIN_SHAPES` distinct shapes;
+    bf16 matrices then iterate in :data:`FOLDED_HALF_DTYPE` as the stacked folded step does.
     """
     from ..msign import run_newton_schulz
 
     if (
         GROUPED_LAUNCH
         and algorithm in ("auto", "standard")
-        and len({tuple(X.shape) for X in Xs}) > 1
-        and all(X.dtype in _KERNEL_DTYPES for X in Xs)
+        and len({tuple(X.shape) for X in Xs}) >= GROUPED_MIN_SHAPES
+        and len({X.dtype for X in Xs}) == 1
+        and Xs[0].dtype in _KERNEL_DTYPES
         and use_triton(*Xs)
     ):
         from .grouped import newton_schulz_grouped_launch
 
-        return newton_schulz_grouped_launch(Xs, coeffs)
+        dtype = Xs[0].dtype
+        if dtype != torch.bfloat16 or not FOLDED_HALF_DTYPE:
+            return newton_schulz_grouped_launch(Xs, coeffs)
+        return _recast(newton_schulz_grouped_launch(_recast(Xs, FOLDED_HALF_DTYPE), coeffs), dtype)
     groups: dict[tuple, list[int]] = {}
     for i, X in enumerate(Xs):
         groups.setdefault((tuple(X.shape), X.dtype, X.device), []).append(i)

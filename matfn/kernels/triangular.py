@@ -1,13 +1,18 @@
 r"""Triton kernels for ``tri_inv`` / ``tri_solve`` on ``T = Λ + tril(Q Kᵀ, −1)`` (math spec §5).
 
 Torch twins: :mod:`matfn.triangular` (``_tri_inv_torch`` and the chunked forms). Everything runs in
-float32; ``precision`` picks the ``tl.dot`` mode of the chunk and inverse kernels (``"tf32x3"``,
-the default: three tf32 tensor-core products, about fp32 accuracy, measured 3× faster than
-``"ieee"`` on the H100 at n = 4096 with 3.6e-7 relative error against float64; ``"ieee"``: fp32
-FMA). The solve's scan kernels always use ``"ieee"``: with tf32x3 there (dots contracting over
-``d`` = 100 or 128 in one ``tl.dot``) the H100 run with Triton 3.6 returned wrong solves (0.3–1.1
-relative error) while the same launch with ``"ieee"`` was exact to 3e-7; they do ``O(n d e)``
-work, so the cost is small.
+float32. ``precision`` / ``scan_precision`` pick how the products are done: ``"3xtf32"`` (the
+default) splits each fp32 operand into a tf32 ``hi`` and a ``lo`` part in the kernel and adds three
+tf32 tensor-core products (:func:`matfn.kernels.triangular_chunk._mm`), fp32-accurate (≈ 1e-6
+relative at n = 4096 against float64) and the fastest measured; ``"tf32x3"`` is Triton's own
+version of it; ``"ieee"`` is fp32 FMA (3–4× slower); ``"tf32"`` is one tf32 product (≈ 1e-4
+relative, as fla's ``chunk_scaled_dot_kkt``; an option for speed, never a default).
+
+Known trap (H100, Triton 3.6): a tensor-core ``tl.dot`` of a 64-row tile by a 16-column tile in a
+kernel launched with 8 warps returned wrong results in the solve's group kernel (0.6 relative
+error, with ``"tf32x3"`` and ``"3xtf32"`` alike; the interpreter and ``"ieee"`` were right). The
+same kernel with 4 warps, with 32 columns, or with 32-row chunks is right (errors ≤ 1.5e-6), so
+the launcher never picks that shape (``scan_block`` is 32 for 64-row chunks with 8 warps).
 
 **Chunk kernel** (one program per ``C``-row chunk, :mod:`matfn.kernels.triangular_chunk`):
 ``Y_cc = (Λ_c + tril(Q_c K_cᵀ, −1))⁻¹`` and the products ``P = Y_cc Q_c``, ``R = Y_ccᵀ K_c``,
@@ -17,10 +22,14 @@ work, so the cost is small.
 ``R^{(s)} = blkdiag_s(T)⁻ᵀ K`` (blocks of ``s`` rows), the off-diagonal block of a ``2s``-block
 ``[[A,0],[C,B]]`` (``C = Q₂K₁ᵀ`` is rank ``d``) is ``−B⁻¹Q₂K₁ᵀA⁻¹ = −P₂^{(s)} R₁^{(s)ᵀ}``.
 Levels are built bottom-up, each fully parallel: ``G_b = K_bᵀ P_b^{(s)}`` (``d×d`` per block),
-then ``P₂^{(2s)} = P₂^{(s)} (I − G₁)`` and ``R₁^{(2s)} = R₁^{(s)} (I − G₂)ᵀ``. One last launch
-writes every ``C×C`` tile ``(I, J)``, ``I > J``, as ``−P_I^{(s)} R_J^{(s)ᵀ}`` at the level
-``s = C·2^{⌊log₂(I xor J)⌋}`` where the two chunks first share a block. Launches:
-``2 + 2(L − 1)`` with ``L = ⌈log₂(n/C)⌉``; FLOPs ``d n² + 4 n d² L`` plus the chunk inverses.
+then ``P₂^{(2s)} = P₂^{(s)} (I − G₁)`` and ``R₁^{(2s)} = R₁^{(s)} (I − G₂)ᵀ``. Only the chunks'
+Grams contract over rows (one launch); a parent's Gram follows from its children's,
+``G = G₁ + G₂ − G₂ G₁`` (``d³`` per pair), computed by extra programs of the level launch before
+it, so each level is one launch. One last launch writes every ``C×C`` tile ``(I, J)``, ``I > J``,
+as ``−P_I^{(s)} R_J^{(s)ᵀ}`` at the level ``s = C·2^{⌊log₂(I xor J)⌋}`` where the two chunks
+first share a block. Launches: ``L + 2`` with ``L = ⌈log₂(n/C)⌉`` (8 at n = 4096, C = 64;
+contracting each level's Grams over its ``s`` rows took ``2L + 2`` launches and 72 µs of the
+230 µs on the H100); FLOPs ``d n² + 2 n d² L + (n/C) d³`` plus the chunk inverses.
 
 **Solve** (two-level scan, 4 launches). Chunks form ``NG ≈ √(n/C)`` groups. (1) chunk kernel:
 ``W = [Y_cc V_c | Y_cc Q_c]``; (2) inside each group, sequentially over its chunks, the chunk
@@ -40,11 +49,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .triangular_chunk import _tri_chunk_blocked_kernel, _tri_chunk_kernel
+from .triangular_chunk import _mm, _tri_chunk_blocked_kernel, _tri_chunk_kernel
 
 __all__ = ["tri_inv_triton", "tri_solve_triton", "PRECISIONS", "CHUNK_IMPLS"]
 
-PRECISIONS = ("ieee", "tf32x3")
+PRECISIONS = ("ieee", "tf32x3", "3xtf32", "tf32")
 CHUNK_IMPLS = ("dense", "blocked")
 
 
@@ -89,13 +98,16 @@ def _tri_gram_kernel(
             mask=rm[:, None] & (cj < d)[None, :],
             other=0.0,
         )
-        acc += tl.dot(tl.trans(kt), pt, input_precision=PREC)
+        acc += _mm(tl.trans(kt), pt, PREC)
     gp = g_ptr + b * stride_gb + blk * stride_gk + ci[:, None] * d + cj[None, :]
     tl.store(gp, acc, mask=(ci < d)[:, None] & (cj < d)[None, :])
 
 
 @triton.jit
-def _tri_update_kernel(
+def _update_tile(
+    t,
+    jt,
+    b,
     pin_ptr,
     rin_ptr,
     g_ptr,
@@ -112,13 +124,11 @@ def _tri_update_kernel(
     BD: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Level ``s → 2s``: ``P₂ ← P₂ (I − G₁)`` on second halves, ``R₁ ← R₁ (I − G₂)ᵀ`` on first.
+    """Level ``s → 2s`` on one ``BT×BD`` tile of ``P`` and ``R``.
 
-    One ``BT×BD`` output tile per program; ``BT`` divides ``s``, so a tile lies in one block.
+    ``P₂ ← P₂ (I − G₁)`` on second halves, ``R₁ ← R₁ (I − G₂)ᵀ`` on first halves (``BT`` divides
+    ``s``, so a tile lies in one block).
     """
-    t = tl.program_id(0).to(tl.int64)
-    jt = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
     rows = t * BT + tl.arange(0, BT)
     rm = rows < n
     blk = (t * BT) // s
@@ -140,7 +150,7 @@ def _tri_update_kernel(
                 mask=(ck < d)[:, None] & (cj < d)[None, :],
                 other=0.0,
             )
-            accP -= tl.dot(xk, gt, input_precision=PREC)
+            accP -= _mm(xk, gt, PREC)
     elif partner:
         gb = g_ptr + b * stride_gb + (blk + 1) * stride_gk
         for k0 in range(0, d, BD):
@@ -152,9 +162,124 @@ def _tri_update_kernel(
                 mask=(ck < d)[:, None] & (cj < d)[None, :],
                 other=0.0,
             )
-            accR -= tl.dot(xk, gt, input_precision=PREC)
+            accR -= _mm(xk, gt, PREC)
     tl.store(pout_ptr + base + cj[None, :], accP, mask=mj)
     tl.store(rout_ptr + base + cj[None, :], accR, mask=mj)
+
+
+@triton.jit
+def _gram_combine_tile(
+    pair,
+    tile,
+    b,
+    gin_ptr,
+    gout_ptr,
+    nblk,
+    d,
+    stride_gb,
+    stride_gk,
+    BG: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """One ``BG×BG`` tile of the parent Gram ``G = G₁ + G₂ − G₂ G₁``.
+
+    The children are blocks ``2·pair`` and ``2·pair + 1`` (``G₂ = 0`` when the second lies past
+    ``n``): with ``P₂^{(2s)} = P₂ (I − G₁)``, ``K_bᵀ P_b^{(2s)} = G₁ + G₂ (I − G₁)``.
+    """
+    ng = tl.cdiv(d, BG)
+    ci = (tile // ng) * BG + tl.arange(0, BG)
+    cj = (tile % ng) * BG + tl.arange(0, BG)
+    mij = (ci < d)[:, None] & (cj < d)[None, :]
+    g1 = gin_ptr + b * stride_gb + (2 * pair) * stride_gk
+    g2 = g1 + stride_gk
+    acc = tl.load(g1 + ci[:, None] * d + cj[None, :], mask=mij, other=0.0)
+    if 2 * pair + 1 < nblk:
+        acc += tl.load(g2 + ci[:, None] * d + cj[None, :], mask=mij, other=0.0)
+        for k0 in range(0, d, BG):
+            ck = k0 + tl.arange(0, BG)
+            a = tl.load(
+                g2 + ci[:, None] * d + ck[None, :],
+                mask=(ci < d)[:, None] & (ck < d)[None, :],
+                other=0.0,
+            )
+            c = tl.load(
+                g1 + ck[:, None] * d + cj[None, :],
+                mask=(ck < d)[:, None] & (cj < d)[None, :],
+                other=0.0,
+            )
+            acc -= _mm(a, c, PREC)
+    tl.store(
+        gout_ptr + b * stride_gb + pair * stride_gk + ci[:, None] * d + cj[None, :], acc, mask=mij
+    )
+
+
+@triton.jit
+def _tri_level_kernel(
+    pin_ptr,
+    rin_ptr,
+    gin_ptr,
+    pout_ptr,
+    rout_ptr,
+    gout_ptr,
+    n,
+    d,
+    s,
+    n_update,
+    stride_pb,
+    stride_pn,
+    stride_gb,
+    stride_gk,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+    BG: tl.constexpr,
+    COMBINE: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """One level ``s → 2s`` in one launch.
+
+    Programs ``< n_update`` update ``P, R`` tiles (:func:`_update_tile`); with ``COMBINE`` the
+    rest build the next level's Grams from this level's (:func:`_gram_combine_tile`).
+    """
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    if pid < n_update:
+        ntj = tl.cdiv(d, BD)
+        _update_tile(
+            (pid // ntj).to(tl.int64),
+            (pid % ntj).to(tl.int64),
+            b,
+            pin_ptr,
+            rin_ptr,
+            gin_ptr,
+            pout_ptr,
+            rout_ptr,
+            n,
+            d,
+            s,
+            stride_pb,
+            stride_pn,
+            stride_gb,
+            stride_gk,
+            BT,
+            BD,
+            PREC,
+        )
+    elif COMBINE:
+        q = pid - n_update
+        ngt = tl.cdiv(d, BG) * tl.cdiv(d, BG)
+        _gram_combine_tile(
+            (q // ngt).to(tl.int64),
+            q % ngt,
+            b,
+            gin_ptr,
+            gout_ptr,
+            tl.cdiv(n, s),
+            d,
+            stride_gb,
+            stride_gk,
+            BG,
+            PREC,
+        )
 
 
 @triton.jit
@@ -201,7 +326,7 @@ def _tri_offdiag_kernel(
             rt = tl.load(
                 rb + rj[:, None] * stride_pn + cd[None, :], mask=mj[:, None] & md, other=0.0
             )
-            acc -= tl.dot(pt, tl.trans(rt), input_precision=PREC)
+            acc -= _mm(pt, tl.trans(rt), PREC)
         tl.store(yp, acc, mask=mi[:, None] & mj[None, :])
 
 
@@ -245,9 +370,9 @@ def _tri_group_kernel(
         Kc = tl.load(
             k_ptr + b * stride_kb + rows[:, None] * stride_kn + cd[None, :], mask=rm & md, other=0.0
         )
-        Xc = Wc - tl.dot(Pc, S, input_precision=PREC)
+        Xc = Wc - _mm(Pc, S, PREC)
         tl.store(wg_ptr + b * stride_wb + rows[:, None] * stride_wn + cf[None, :], Xc, mask=rm & mf)
-        S += tl.dot(tl.trans(Kc), Xc, input_precision=PREC)
+        S += _mm(tl.trans(Kc), Xc, PREC)
     sp = sg_ptr + b * stride_sb + g * stride_sg + cd[:, None] * F + cf[None, :]
     tl.store(sp, S, mask=(cd < d)[:, None] & mf)
 
@@ -283,7 +408,7 @@ def _tri_state_kernel(
         sb = sg_ptr + b * stride_sb + g * stride_sg + cd[:, None] * F
         G = tl.load(sb + e + cd[None, :], mask=md & (cd < d)[None, :], other=0.0)
         Bg = tl.load(sb + ce[None, :], mask=md & me, other=0.0)
-        Z = Z - tl.dot(G, Z, input_precision=PREC) + Bg
+        Z = Z - _mm(G, Z, PREC) + Bg
 
 
 @triton.jit
@@ -324,7 +449,7 @@ def _tri_correct_kernel(
         mask=(cd < d)[:, None] & me,
         other=0.0,
     )
-    X = Xg - tl.dot(Pg, Zg, input_precision=PREC)
+    X = Xg - _mm(Pg, Zg, PREC)
     tl.store(x_ptr + b * stride_xb + rows[:, None] * stride_xn + ce[None, :], X, mask=rm & me)
 
 
@@ -382,7 +507,7 @@ def tri_inv_triton(
     *,
     chunk_size: int = 64,
     block_s: int = 16,
-    precision: str = "tf32x3",
+    precision: str = "3xtf32",
     chunk_impl: str = "dense",
     chunk_warps: int = 4,
     out: torch.Tensor | None = None,
@@ -408,6 +533,8 @@ def tri_inv_triton(
     if L:
         P_all = torch.empty(L, B, n, d, dtype=torch.float32, device=Q.device)
         R_all = torch.empty_like(P_all)
+        G_cur = torch.empty(B, NC, d, d, dtype=torch.float32, device=Q.device)
+        G_next = torch.empty_like(G_cur)
         p0, r0 = P_all[0], R_all[0]
     else:
         P_all = R_all = p0 = r0 = Y
@@ -446,49 +573,57 @@ def tri_inv_triton(
     )
     if L == 0:
         return Y
+    # Grams of the chunks, G_c = K_cᵀ P_c; each level's launch also combines its Grams into
+    # the next level's (G = G₁ + G₂ − G₂ G₁), so no launch contracts over more than C rows
     BG = min(32, _pow2(d))
     ngt = triton.cdiv(d, BG) ** 2
-    G = torch.empty(B, triton.cdiv(n, C), d, d, dtype=torch.float32, device=Q.device)
+    _tri_gram_kernel[(NC, ngt, B)](
+        K,
+        P_all[0],
+        G_cur,
+        n,
+        d,
+        C,
+        K.stride(0),
+        K.stride(1),
+        n * d,
+        d,
+        G_cur.stride(0),
+        G_cur.stride(1),
+        BT=C,
+        BG=BG,
+        PREC=precision,
+        num_warps=4,
+    )
+    BTu = min(32, C)  # more programs: at B = 1 a level is only n/BTu × d/BD tiles
+    n_update = triton.cdiv(n, BTu) * triton.cdiv(d, BD)
     for lv in range(L - 1):
         s = C << lv
-        nblk = triton.cdiv(n, s)
-        _tri_gram_kernel[(nblk, ngt, B)](
-            K,
-            P_all[lv],
-            G,
-            n,
-            d,
-            s,
-            K.stride(0),
-            K.stride(1),
-            n * d,
-            d,
-            G.stride(0),
-            G.stride(1),
-            BT=C,
-            BG=BG,
-            PREC=precision,
-            num_warps=4,
-        )
-        BTu = min(32, C)  # more programs: at B = 1 a level is only n/BTu × d/BD tiles
-        _tri_update_kernel[(triton.cdiv(n, BTu), triton.cdiv(d, BD), B)](
+        combine = lv < L - 2  # the last level's Grams are not used
+        n_combine = triton.cdiv(triton.cdiv(n, s), 2) * ngt if combine else 0
+        _tri_level_kernel[(n_update + n_combine, B)](
             P_all[lv],
             R_all[lv],
-            G,
+            G_cur,
             P_all[lv + 1],
             R_all[lv + 1],
+            G_next,
             n,
             d,
             s,
+            n_update,
             n * d,
             d,
-            G.stride(0),
-            G.stride(1),
+            G_cur.stride(0),
+            G_cur.stride(1),
             BT=BTu,
             BD=BD,
+            BG=BG,
+            COMBINE=combine,
             PREC=precision,
             num_warps=4,
         )
+        G_cur, G_next = G_next, G_cur
     _tri_offdiag_kernel[(NC, NC, B)](
         P_all,
         R_all,
@@ -514,21 +649,33 @@ def tri_solve_triton(
     V: torch.Tensor,
     lam: torch.Tensor,
     *,
-    chunk_size: int = 64,
+    chunk_size: int = 32,
     block_s: int = 16,
     group_size: int | None = None,
-    precision: str = "tf32x3",
+    precision: str = "3xtf32",
     chunk_impl: str = "dense",
     chunk_warps: int = 4,
+    scan_precision: str = "3xtf32",
+    scan_warps: int | None = None,
+    scan_block: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``T⁻¹ V`` for float32 ``Q, K`` ``(B, n, d)``, ``V`` ``(B, n, e)``, ``λ`` ``(B, n)``.
 
     ``group_size``: chunks per group of the two-level scan (default ``≈ √(n/C)``); ``out``: an
     optional contiguous float32 ``(B, n, e)`` result buffer; ``chunk_impl``: as in
-    :func:`tri_inv_triton`.
+    :func:`tri_inv_triton`; ``scan_precision``: the dot mode of the group, state and correction
+    kernels; ``scan_warps`` / ``scan_block``: warps and column-tile width of the group and state
+    kernels (tuning knobs for the benchmark; default 4 warps for ``d ≤ 64``, else 8, and 16
+    columns, or 32 for 64-row chunks with 8 warps: the module docstring's known trap).
     """
     _check(Q, K, lam, chunk_size, block_s, precision)
+    if scan_precision not in PRECISIONS:
+        raise ValueError(f"scan_precision must be one of {PRECISIONS}, got {scan_precision!r}")
+    if scan_block not in (None, 16, 32, 64) or scan_warps not in (None, 1, 2, 4, 8):
+        raise ValueError(
+            f"scan_block must be 16/32/64 and scan_warps 1/2/4/8, got {scan_block}, {scan_warps}"
+        )
     chunk_kernel, chunk_meta = _chunk_kernel(chunk_impl, chunk_size, block_s)
     if V.dtype != torch.float32 or V.ndim != 3 or V.shape[:2] != Q.shape[:2]:
         raise ValueError(f"expected float32 V (B, n, e), got {V.dtype} {tuple(V.shape)}")
@@ -551,6 +698,9 @@ def tri_solve_triton(
     DP = _pow2(d)
     BD = min(64, DP)
     W = torch.empty(B, n, F, dtype=torch.float32, device=Q.device)
+    Wg = torch.empty_like(W)
+    Sg = torch.empty(B, NG, d, F, dtype=torch.float32, device=Q.device)
+    Z = torch.empty(B, NG, d, e, dtype=torch.float32, device=Q.device)
     chunk_kernel[(NC, B)](
         Q,
         K,
@@ -584,9 +734,8 @@ def tri_solve_triton(
         num_warps=chunk_warps,
         **chunk_meta,
     )
-    Wg = torch.empty_like(W)
-    Sg = torch.empty(B, NG, d, F, dtype=torch.float32, device=Q.device)
-    BF = 16
+    warps = scan_warps or (4 if DP <= 64 else 8)
+    BF = scan_block or (32 if C >= 64 and warps == 8 else 16)
     _tri_group_kernel[(NG, triton.cdiv(F, BF), B)](
         W,
         K,
@@ -606,14 +755,13 @@ def tri_solve_triton(
         BC=C,
         BF=BF,
         DP=DP,
-        PREC="ieee",
-        num_warps=4 if DP <= 64 else 8,
+        PREC=scan_precision,
+        num_warps=warps,
     )
     if NG == 1:
         X.copy_(Wg[..., :e])
         return X
-    Z = torch.empty(B, NG, d, e, dtype=torch.float32, device=Q.device)
-    BE = 16
+    BE = BF
     _tri_state_kernel[(triton.cdiv(e, BE), B)](
         Sg,
         Z,
@@ -627,8 +775,8 @@ def tri_solve_triton(
         Z.stride(1),
         DP=DP,
         BE=BE,
-        PREC="ieee",
-        num_warps=4 if DP <= 64 else 8,
+        PREC=scan_precision,
+        num_warps=warps,
     )
     BEc = 32
     _tri_correct_kernel[(NC, triton.cdiv(e, BEc), B)](
@@ -648,7 +796,7 @@ def tri_solve_triton(
         BT=C,
         BE=BEc,
         DP=DP,
-        PREC="ieee",
+        PREC=scan_precision,
         num_warps=4,
     )
     return X

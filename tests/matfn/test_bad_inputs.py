@@ -152,3 +152,18 @@ def test_mixed_devices(func):
     a, b = (torch.zeros(2, 2, device=d) for d in _devices()[:2])
     with pytest.raises(ValueError, match="`B` is on .* but `A` is on"):
         check_same_device(A=a, B=b)
+
+
+def test_assert_all_finite_names_the_first_bad_tensor_in_one_sync():
+    """One host sync for several tensors (tri_inv/tri_solve check Q, K, V, diag and the zero
+    pivots together): the first non-finite one in argument order is named; ``extra`` is fetched
+    in the same sync and returned."""
+    from matfn._validation import assert_all_finite
+
+    ok, bad = torch.ones(3), torch.tensor([1.0, float("inf")])
+    assert assert_all_finite(torch.tensor(True), a=ok, b=None, c=torch.empty(0)) is True
+    assert assert_all_finite(a=ok) is False
+    with pytest.raises(ValueError, match="`b` contains NaN or Inf"):
+        assert_all_finite(torch.tensor(False), a=ok, b=bad, c=bad * float("nan"))
+    with pytest.raises(ValueError, match="`c` contains"):
+        assert_all_finite(a=ok, c=torch.tensor([float("nan")]))

@@ -51,7 +51,8 @@ def test_grouped_matmul_matches_torch(shapes, transposed, with_d, dtype, seed):
     before = [a.clone() for a in As]
     outs = grouped_matmul(As, Bs, Ds, alpha=alpha, beta=beta, gamma=gamma)
     for i, (A, B, C) in enumerate(zip(As, Bs, outs, strict=True)):
-        ref = alpha * (A.double() @ B.double()) + gamma * torch.eye(*C.shape, dtype=torch.float64)
+        ref = alpha * (A.double() @ B.double())
+        ref += gamma * torch.eye(*C.shape, dtype=torch.float64, device=A.device)
         if with_d:
             ref += beta * Ds[i].double()
         assert C.dtype == dtype and C.is_contiguous()
@@ -88,7 +89,8 @@ def test_newton_schulz_grouped_launch_matches_torch(method, steps, dtype):
 
 
 def test_dispatch_grouped_launch(monkeypatch):
-    """``newton_schulz_grouped`` takes the grouped kernel when switched on; same results."""
+    """``newton_schulz_grouped`` takes the grouped kernel from GROUPED_MIN_SHAPES distinct shapes
+    on (lowered to 2 here); same results. One shape: the stacked path."""
     from matfn.kernels import dispatch, grouped
 
     coeffs, factor = schedule("polar_express", 5)
@@ -108,8 +110,75 @@ def test_dispatch_grouped_launch(monkeypatch):
     monkeypatch.setattr(dispatch, "use_triton", lambda *t: True)
     monkeypatch.setattr(dispatch, "_KERNEL_DTYPES", (torch.float32,))
     monkeypatch.setattr(dispatch, "GROUPED_LAUNCH", True)
+    monkeypatch.setattr(dispatch, "GROUPED_MIN_SHAPES", 2)
     outs = dispatch.newton_schulz_grouped([X.to(DEVICE) for X in Xs], coeffs, "standard")
+    assert calls["n"] == 1
+    dispatch.newton_schulz_grouped([X.to(DEVICE) for X in Xs[:1]], coeffs, "standard")
     assert calls["n"] == 1
     for X, out in zip(Xs, outs, strict=True):
         ref = newton_schulz_torch(X[None], coeffs)[0]
         torch.testing.assert_close(out.cpu(), ref, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("layout", ["row-col", "col-row", "mixed"])
+def test_grouped_matmul_layout_and_alignment_paths(layout):
+    """Dims that are multiples of 8 take the aligned (hinted) path; a group list that mixes
+    layouts takes the general-stride path. Same result either way."""
+    from matfn.kernels import grouped
+
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(16, 24, 32), (8, 40, 16), (24, 8, 8)]
+    a_t = {"row-col": [False] * 3, "col-row": [True] * 3, "mixed": [False, True, False]}[layout]
+    As = [_operand((M, K), t, gen, torch.float32) for (M, N, K), t in zip(shapes, a_t, strict=True)]
+    Bs = [
+        _operand((K, N), not t, gen, torch.float32)
+        for (M, N, K), t in zip(shapes, a_t, strict=True)
+    ]
+    expected = {"row-col": ("row", "col"), "col-row": ("col", "row"), "mixed": ("any", "any")}
+    (_, _, a_layout, a_aligned), (_, _, b_layout, _) = map(grouped._describe, (As, Bs))
+    assert (a_layout, b_layout) == expected[layout]
+    assert a_aligned == (layout != "mixed")
+    for A, B, C in zip(As, Bs, grouped_matmul(As, Bs, alpha=2.0), strict=True):
+        torch.testing.assert_close(C.double(), 2 * A.double() @ B.double(), **TOL[torch.float32])
+
+
+def test_grouped_matmul_many_groups_find_their_tiles():
+    """Nine groups of 1 to 6 tiles each (16×16 tiles under the interpreter): every program finds
+    its group by binary search over the tile prefix sums."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(17, 33, 5), (1, 1, 1), (40, 16, 9), (16, 16, 16), (3, 50, 2), (33, 17, 8),
+              (8, 8, 8), (48, 20, 3), (20, 48, 4)]  # fmt: skip
+    As = [_operand((M, K), False, gen, torch.float32) for M, N, K in shapes]
+    Bs = [_operand((K, N), False, gen, torch.float32) for M, N, K in shapes]
+    for A, B, C in zip(As, Bs, grouped_matmul(As, Bs), strict=True):
+        torch.testing.assert_close(C.double(), A.double() @ B.double(), **TOL[torch.float32])
+
+
+def test_dispatch_grouped_launch_bf16_iterates_in_fp16(monkeypatch):
+    """bf16 lists on the grouped path iterate in FOLDED_HALF_DTYPE (fp16) and come back bf16, as
+    the stacked folded step does; the error vs the float64 iteration is fp16's, not bf16's
+    (fp16 rounding is 2⁻¹¹, bf16's 2⁻⁸: measured ≈ 1e-3 vs ≈ 1e-2 on the H100)."""
+    from matfn.kernels import dispatch, grouped
+
+    coeffs, factor = schedule("polar_express", 5)
+    gen = torch.Generator().manual_seed(5)
+    Xs = [
+        normalize(torch.randn(1, s, L, generator=gen), factor, 1e-7, torch.float32)[0]
+        for s, L in [(16, 32), (8, 24), (16, 32)]
+    ]
+    seen = []
+    real = grouped.newton_schulz_grouped_launch
+
+    def spy(Ys, cs):
+        seen.append({Y.dtype for Y in Ys})
+        return real(Ys, cs)
+
+    monkeypatch.setattr(grouped, "newton_schulz_grouped_launch", spy)
+    monkeypatch.setattr(dispatch, "use_triton", lambda *t: True)
+    monkeypatch.setattr(dispatch, "GROUPED_MIN_SHAPES", 2)
+    outs = dispatch.newton_schulz_grouped([X.to(DEVICE, torch.bfloat16) for X in Xs], coeffs)
+    assert seen == [{torch.float16}]
+    for X, out in zip(Xs, outs, strict=True):
+        assert out.dtype == torch.bfloat16 and out.shape == X.shape
+        ref = newton_schulz_torch(X.double()[None], coeffs)[0]
+        assert ((out.cpu().double() - ref).norm() / ref.norm()).item() < 1e-2

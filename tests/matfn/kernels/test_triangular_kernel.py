@@ -14,8 +14,12 @@ import torch
 
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from matfn import triangular as tri  # noqa: E402
 from matfn.kernels.triangular import tri_inv_triton, tri_solve_triton  # noqa: E402
+from matfn.kernels.triangular_chunk import _tf32_split  # noqa: E402
 
 RTOL = 1e-5
 
@@ -51,6 +55,7 @@ CASES = [
     (1, 1, 1, 1, 16, 16),
     (2, 90, 9, 4, 32, 1),  # block_s = 1: the whole chunk inverse by doubling
     (1, 1, 1, 1, 16, 1),
+    (1, 500, 12, 7, 16, 16),  # 32 chunks: 5 levels, Grams combined 3 times
 ]
 
 
@@ -72,19 +77,92 @@ def test_kernels_match_reference(B, n, d, e, chunk, bs):
     assert rel(X, Xr) < RTOL
 
 
+@pytest.mark.parametrize("scan_precision", ["ieee", "3xtf32"])
 @pytest.mark.parametrize("group_size", [1, 2, 5])
-def test_solve_group_sizes(group_size):
+def test_solve_group_sizes(group_size, scan_precision):
     Q, K, lam, V = make(2, 90, 6, 20, seed=1)
     Xr = tri._tri_solve_torch(Q.double(), K.double(), V.double(), lam.double())
-    X = tri_solve_triton(Q, K, V, lam, chunk_size=16, group_size=group_size)
+    X = torch.full_like(V, float("nan"))
+    tri_solve_triton(
+        Q, K, V, lam, chunk_size=16, group_size=group_size, scan_precision=scan_precision, out=X
+    )
     assert rel(X, Xr) < RTOL
+
+
+@pytest.mark.parametrize("chunk_impl", ["dense", "blocked"])
+def test_3xtf32_everywhere(chunk_impl):
+    """The defaults, precision = scan_precision = "3xtf32" (the in-kernel hi/lo split), at C = 64
+    on several levels and groups (the default scan tile there is 32 columns).
+
+    The interpreter runs the tf32 products in fp32, so this checks the plumbing and the
+    recombination; the split's accuracy is checked by the test_tf32_split_* tests below.
+    """
+    Q, K, lam, V = make(2, 300, 40, 24, seed=5)
+    Yr = tri._tri_inv_torch(Q.double(), K.double(), lam.double())
+    Y = torch.full((2, 300, 300), float("nan"))
+    tri_inv_triton(Q, K, lam, chunk_size=64, chunk_impl=chunk_impl, out=Y)
+    assert rel(Y, Yr) < RTOL
+    X = torch.full_like(V, float("nan"))
+    tri_solve_triton(Q, K, V, lam, chunk_size=64, chunk_impl=chunk_impl, out=X)
+    assert rel(X, Yr @ V.double()) < RTOL
+
+
+@triton.jit
+def _split_kernel(x_ptr, hi_ptr, lo_ptr, N: tl.constexpr):
+    r = tl.arange(0, N)
+    hi, lo = _tf32_split(tl.load(x_ptr + r))
+    tl.store(hi_ptr + r, hi)
+    tl.store(lo_ptr + r, lo)
+
+
+def _split_on_device(x):
+    hi, lo = torch.empty_like(x), torch.empty_like(x)
+    _split_kernel[(1,)](x, hi, lo, N=x.numel())
+    return hi, lo
+
+
+def _tf32(x):
+    """Truncate float32 to tf32 (what a tensor core reads: 10 mantissa bits)."""
+    return (x.view(torch.int32) & -8192).view(torch.float32)
+
+
+def test_tf32_split_is_exact_and_tf32():
+    """hi is a tf32 value, hi + lo == x exactly, |lo| ≤ 2⁻¹⁰ |x| (the 13 dropped bits)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, generator=g) * torch.logspace(-30, 30, 1024)
+    x[:4] = torch.tensor([0.0, -0.0, 1.0, -3.0])
+    hi, lo = _split_on_device(x)
+    assert torch.equal(hi.view(torch.int32) & 8191, torch.zeros(1024, dtype=torch.int32))
+    assert torch.equal(hi + lo, x)
+    assert (lo.abs() <= 2.0**-10 * x.abs()).all()
+
+
+def test_3xtf32_product_accuracy_with_tf32_inputs():
+    """The three products of the split, each with its inputs truncated to tf32 as on a tensor
+    core (emulated here, float64 accumulation), stay fp32-accurate; one tf32 product does not."""
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(64, 128, generator=g), torch.randn(128, 16, generator=g)
+    ref = a.double() @ b.double()
+    a_hi, a_lo = _split_on_device(a.flatten())
+    b_hi, b_lo = _split_on_device(b.flatten())
+    a_hi, a_lo = a_hi.view_as(a), a_lo.view_as(a)
+    b_hi, b_lo = b_hi.view_as(b), b_lo.view_as(b)
+
+    def mm(x, y):
+        return _tf32(x).double() @ _tf32(y).double()
+
+    three = mm(a_hi, b_lo) + mm(a_lo, b_hi) + mm(a_hi, b_hi)
+    one = mm(a, b)
+    err3 = ((three - ref).norm() / ref.norm()).item()
+    err1 = ((one - ref).norm() / ref.norm()).item()
+    assert err3 < 2e-6 < 1e-4 < err1
 
 
 def test_deltanet_batch_of_chunks_and_tf32x3_option():
     """The DeltaNet benchmark shape in miniature: many independent 64×64 chunks."""
     Q, K, lam, _ = make(5, 64, 32, 1, seed=3, deltanet=True)
     Yr = tri._tri_inv_torch(Q.double(), K.double(), lam.double())
-    for prec in ("ieee", "tf32x3"):  # the interpreter computes both exactly in fp32
+    for prec in ("ieee", "tf32x3", "tf32"):  # the interpreter computes all exactly in fp32
         Y = tri_inv_triton(Q, K, lam, chunk_size=64, precision=prec)
         assert rel(Y, Yr) < RTOL
         assert Y.abs().max() <= 1 + 1e-5
@@ -119,18 +197,11 @@ def test_public_api_dispatches_to_kernels(monkeypatch):
 
 
 def test_public_api_kernel_options():
-    # one 64-row chunk: the blocked fp32 kernel; longer or smaller chunks: dense tf32x3
-    assert tri._kernel_options(64, 64) == {
-        "chunk_size": 64,
-        "chunk_impl": "blocked",
-        "precision": "ieee",
-    }
-    assert tri._kernel_options(65, 64)["chunk_impl"] == "dense"
-    assert tri._kernel_options(40, 20) == {
-        "chunk_size": 32,
-        "chunk_impl": "dense",
-        "precision": "tf32x3",
-    }
+    # dense kernel, 3xtf32 dots; the inverse keeps C = 64, the solve takes at most 32
+    assert tri._kernel_options("inv", 64) == {"chunk_size": 64, "precision": "3xtf32"}
+    assert tri._kernel_options("solve", 64) == {"chunk_size": 32, "precision": "3xtf32"}
+    assert tri._kernel_options("inv", 20)["chunk_size"] == 32
+    assert tri._kernel_options("solve", 10)["chunk_size"] == 16
 
 
 def test_launcher_rejects_bad_arguments():
@@ -140,7 +211,11 @@ def test_launcher_rejects_bad_arguments():
     with pytest.raises(ValueError, match="chunk_size"):
         tri_inv_triton(Q, K, lam, chunk_size=48)
     with pytest.raises(ValueError, match="precision"):
-        tri_inv_triton(Q, K, lam, precision="tf32")
+        tri_inv_triton(Q, K, lam, precision="fp32")
+    with pytest.raises(ValueError, match="scan_precision"):
+        tri_solve_triton(Q, K, V, lam, scan_precision="bf16")
+    with pytest.raises(ValueError, match="scan_block"):
+        tri_solve_triton(Q, K, V, lam, scan_block=8)
     with pytest.raises(ValueError, match="out"):
         tri_inv_triton(Q, K, lam, out=torch.empty(1, 20, 21))
     with pytest.raises(ValueError, match="d ≤ 128"):
@@ -187,7 +262,7 @@ def test_blocked_matches_dense_on_deltanet_chunks():
     Yb = tri_inv_triton(Q, K, lam, chunk_impl="blocked")
     Yr = tri._tri_inv_torch(Q.double(), K.double(), lam.double())
     assert rel(Yb, Yr) < RTOL and rel(Yb, Yd.double()) < RTOL
-    Xb = tri_solve_triton(Q, K, V, lam, chunk_impl="blocked")
+    Xb = tri_solve_triton(Q, K, V, lam, chunk_size=64, chunk_impl="blocked")
     assert rel(Xb, Yr @ V.double()) < RTOL
 
 
