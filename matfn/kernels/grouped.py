@@ -9,12 +9,16 @@ in **one** launch: each program owns one ``BLOCK_M × BLOCK_N`` output tile of o
 from a prefix sum of the groups' tile counts; operands are read through tables of their
 addresses and strides (any strides, e.g. ``X.mT`` in place), outputs are slices of one buffer.
 Float32 accumulation, output in the operands' dtype, the whole ``αAB + βD + γI`` in the epilogue.
+When every operand list shares a layout (which stride is 1) and its addresses, strides and dims
+are 16-byte / 8-element aligned, the kernel is told so (constexpr layout, ``tl.multiple_of``)
+and loads with 16-byte ``cp.async`` in 3 stages; otherwise it reads element by element.
 
 :func:`newton_schulz_grouped_launch` runs the standard iteration on a list of wide matrices of
 mixed shapes with three grouped launches per step (``A = X Xᵀ``; ``B = cA² + bA + aI``;
 ``X ← B X``), where stacking by shape (:func:`matfn.kernels.dispatch.newton_schulz_grouped`)
 needs three launches per step *per distinct shape*. Cost: the plain algorithm's FLOPs; no
-symmetric savings. Importing this module imports Triton.
+symmetric savings. On the H100 it beats the stacked path from about 16 distinct shapes
+(docs/benchmarks.md). Importing this module imports Triton.
 """
 
 from __future__ import annotations
@@ -82,7 +86,7 @@ def _grouped_mm_kernel(
 ):
     pid = tl.program_id(0).to(tl.int64)
     # the group owning this tile: the last g with tile_start[g] ≤ pid, by binary search
-    # (a linear scan costs G dependent loads per program: 7× slower at G = 72 on the H100)
+    # (⌈log₂ G⌉ dependent loads per program; a linear scan costs up to G)
     g = pid * 0
     hi = pid * 0 + G - 1
     for _ in tl.static_range(LOG_G):

@@ -697,6 +697,13 @@ def tri_solve_triton(
     F = e + d
     DP = _pow2(d)
     BD = min(64, DP)
+    warps = scan_warps or (4 if DP <= 64 else 8)
+    BF = scan_block or (32 if C >= 64 and warps == 8 else 16)
+    if C >= 64 and BF == 16 and warps == 8 and scan_precision != "ieee":
+        raise ValueError(
+            "chunk_size=64 with scan_block=16 and 8 scan warps gives wrong tensor-core products "
+            "on the H100 with Triton 3.6 (module docstring); use scan_block=32 or scan_warps=4"
+        )
     W = torch.empty(B, n, F, dtype=torch.float32, device=Q.device)
     Wg = torch.empty_like(W)
     Sg = torch.empty(B, NG, d, F, dtype=torch.float32, device=Q.device)
@@ -734,8 +741,6 @@ def tri_solve_triton(
         num_warps=chunk_warps,
         **chunk_meta,
     )
-    warps = scan_warps or (4 if DP <= 64 else 8)
-    BF = scan_block or (32 if C >= 64 and warps == 8 else 16)
     _tri_group_kernel[(NG, triton.cdiv(F, BF), B)](
         W,
         K,

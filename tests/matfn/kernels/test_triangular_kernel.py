@@ -276,3 +276,13 @@ def test_bad_chunk_impl_rejected():
         tri_inv_triton(Q, K, lam, chunk_size=32, chunk_impl="blocked")
     with pytest.raises(ValueError, match="chunk_impl"):
         tri_solve_triton(Q, K, V, lam, chunk_size=16, chunk_impl="blocked")
+
+
+def test_solve_refuses_the_known_miscompiled_scan_shape():
+    """64-row chunks, 16-column scan tiles, 8 warps and tensor-core dots: wrong on the H100 with
+    Triton 3.6 (module docstring), so the launcher refuses it rather than return wrong values."""
+    Q, K, lam, V = make(1, 130, 100, 8)
+    with pytest.raises(ValueError, match="scan_block=32 or scan_warps=4"):
+        tri_solve_triton(Q, K, V, lam, chunk_size=64, scan_block=16, scan_warps=8)
+    X = tri_solve_triton(Q, K, V, lam, chunk_size=64, scan_block=16, scan_warps=4)
+    assert rel(X, tri._tri_solve_torch(Q.double(), K.double(), V.double(), lam.double())) < RTOL
