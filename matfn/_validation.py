@@ -86,11 +86,7 @@ def check_matrix(
 
 def assert_finite(x: torch.Tensor, name: str) -> None:
     """Raise ``ValueError`` if ``x`` holds NaN or ±Inf (one host sync)."""
-    if x.numel() and not bool(torch.isfinite(x).all()):
-        raise ValueError(
-            f"`{name}` contains NaN or Inf; pass finite values "
-            "(or check_finite=False to skip this check)"
-        )
+    assert_all_finite(**{name: x})
 
 
 def assert_all_finite(extra: torch.Tensor | None = None, **tensors: torch.Tensor | None) -> bool:

@@ -104,7 +104,7 @@ def _check_inputs(
             f"got {type(diag).__name__}"
         )
     check_same_device(Q=Q, K=K, V=V, diag=lam)
-    if lam.numel() or check_finite:
+    if lam.numel():  # else Q, K, V are empty too
         zero = lam == 0
         inputs = {"Q": Q, "K": K, "V": V, "diag": lam} if check_finite else {}
         if assert_all_finite(zero.any(), **inputs):

@@ -170,10 +170,9 @@ def cast(X: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 #: Whether :func:`newton_schulz_grouped` may run lists of mixed shapes on the grouped kernel
 #: (:mod:`matfn.kernels.grouped`: three launches per step for all shapes) instead of one
 #: stacked batch per shape; it does when they have at least :data:`GROUPED_MIN_SHAPES` distinct
-#: shapes. H100, 5 bf16 steps (docs/benchmarks.md): 16 shapes (2 each, 128…1088 × 2048) 7.6 ms
-#: against 9.7 stacked (2.1 against 2.7 graph-replayed); 4 shapes 10.4 against 2.2 and 2 shapes
-#: (GPT-2) 12.1 against 3.4, where the grouped path's per-group host work dominates (its
-#: graph-replayed GPU time is within 1.2× of the stacked one there).
+#: shapes. H100, 5 bf16 steps, graph-replayed (docs/benchmarks.md): 16 shapes (2 each,
+#: 128…1088 × 2048) 2.46 ms against 2.69 stacked; 4 shapes 0.70 against 0.54 and 2 shapes
+#: (GPT-2) 5.07 against 3.59. Eager, the grouped path's per-group host work adds more.
 GROUPED_LAUNCH = True
 GROUPED_MIN_SHAPES = 16
 

@@ -64,7 +64,6 @@ def _tri_gram_kernel(
     g_ptr,
     n,
     d,
-    s,
     stride_kb,
     stride_kn,
     stride_pb,
@@ -75,30 +74,30 @@ def _tri_gram_kernel(
     BG: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """``G_blk = K_blkᵀ P_blk`` over the ``s`` rows of block ``blk`` (one ``BG×BG`` tile)."""
+    """``G_c = K_cᵀ P_c`` over the ``BT`` rows of chunk ``c`` (one ``BG×BG`` tile).
+
+    Only the chunks' Grams contract over rows; the levels above combine them
+    (:func:`_gram_combine_tile`).
+    """
     blk = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     ng = tl.cdiv(d, BG)
     ci = (t // ng) * BG + tl.arange(0, BG)
     cj = (t % ng) * BG + tl.arange(0, BG)
-    start = blk * s
-    end = tl.minimum(start + s, n)
-    acc = tl.zeros((BG, BG), dtype=tl.float32)
-    for it in range(0, tl.cdiv(end - start, BT)):
-        rows = start + it * BT + tl.arange(0, BT)
-        rm = rows < end
-        kt = tl.load(
-            k_ptr + b * stride_kb + rows[:, None] * stride_kn + ci[None, :],
-            mask=rm[:, None] & (ci < d)[None, :],
-            other=0.0,
-        )
-        pt = tl.load(
-            p_ptr + b * stride_pb + rows[:, None] * stride_pn + cj[None, :],
-            mask=rm[:, None] & (cj < d)[None, :],
-            other=0.0,
-        )
-        acc += _mm(tl.trans(kt), pt, PREC)
+    rows = blk * BT + tl.arange(0, BT)
+    rm = rows < n
+    kt = tl.load(
+        k_ptr + b * stride_kb + rows[:, None] * stride_kn + ci[None, :],
+        mask=rm[:, None] & (ci < d)[None, :],
+        other=0.0,
+    )
+    pt = tl.load(
+        p_ptr + b * stride_pb + rows[:, None] * stride_pn + cj[None, :],
+        mask=rm[:, None] & (cj < d)[None, :],
+        other=0.0,
+    )
+    acc = _mm(tl.trans(kt), pt, PREC)
     gp = g_ptr + b * stride_gb + blk * stride_gk + ci[:, None] * d + cj[None, :]
     tl.store(gp, acc, mask=(ci < d)[:, None] & (cj < d)[None, :])
 
@@ -534,7 +533,7 @@ def tri_inv_triton(
         P_all = torch.empty(L, B, n, d, dtype=torch.float32, device=Q.device)
         R_all = torch.empty_like(P_all)
         G_cur = torch.empty(B, NC, d, d, dtype=torch.float32, device=Q.device)
-        G_next = torch.empty_like(G_cur)
+        G_next = torch.empty_like(G_cur) if L > 2 else G_cur  # L ≤ 2: no level combines
         p0, r0 = P_all[0], R_all[0]
     else:
         P_all = R_all = p0 = r0 = Y
@@ -583,7 +582,6 @@ def tri_inv_triton(
         G_cur,
         n,
         d,
-        C,
         K.stride(0),
         K.stride(1),
         n * d,
