@@ -30,6 +30,15 @@ import triton.language as tl
 __all__ = ["INTERPRET", "gram_triton", "matmul_triton"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+#: Tensor-memory-accelerator loads (:mod:`matfn.kernels.matmul_tma`) where the operands allow
+#: them: ``"auto"`` on GPUs of compute capability ≥ 9 (Hopper, Blackwell), ``"always"`` wherever
+#: the operands allow (the interpreter tests), ``"never"``. Environment: ``MATFN_NS_TMA``.
+TMA = os.environ.get("MATFN_NS_TMA", "auto")
+#: Smallest product (``batch · M · N · K`` multiply-adds) that ``"auto"`` sends to the TMA
+#: kernel. Each TMA launch builds five descriptors on the host; below this size the launch, not
+#: the loads, bounds the product (on the H100 host a 1024² TMA product took 0.16–0.19 ms eager
+#: against 0.012 ms graph-replayed), so the cheaper pointer-kernel launch is kept there.
+TMA_MIN_WORK = 2**34
 
 
 @triton.jit
@@ -191,6 +200,41 @@ _GENERAL_CONFIGS = [
 ]
 
 
+def _tma_config(
+    bm: int, bn: int, bk: int, stages: int, warps: int, persistent: bool = False
+) -> triton.Config:
+    from .matmul_tma import set_block_shapes
+
+    config = _config(bm, bn, bk, stages, warps)
+    # persistent: one program per SM, each looping over tiles (matmul_tma's PROGRAMS)
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    config.kwargs["PROGRAMS"] = sms if persistent else 0
+    config.pre_hook = set_block_shapes
+    return config
+
+
+# TMA lists (bm, bn, bk, stages, warps, persistent), from the per-config timings of
+# docs/benchmarks.md (H100): square symmetric tiles (triangle grid) win up to 4096 rows, 128×256
+# ones (full grid, the tiles above the diagonal return at once) at 8192; the general product
+# prefers 128×256 tiles, persistent. Persistent 128×256 symmetric tiles need 278 KB of shared
+# memory on Triton 3.6 (more than the H100's 227 KB) and are left out.
+_TMA_SYMMETRIC_BLOCKS = [
+    (128, 128, 64, 4, 8, False),
+    (128, 128, 64, 4, 8, True),
+    (128, 128, 64, 3, 4, False),
+    (128, 256, 64, 3, 8, False),
+    (256, 128, 64, 3, 8, False),
+]
+_TMA_GENERAL_BLOCKS = [
+    (128, 256, 64, 3, 8, True),
+    (128, 256, 64, 3, 8, False),
+    (256, 128, 64, 3, 8, False),
+    (128, 128, 64, 4, 8, False),
+]
+#: Symmetric results with at least this many rows take rectangular TMA tiles, fewer square ones.
+TMA_WIDE_SYMMETRIC_ROWS = 6144
+
+
 def _prune(configs, named_args, **kwargs):
     # Tiles far larger than the matrix only waste work: keep those that fit (or the smallest).
     m, n = named_args["M"], named_args["N"]
@@ -209,6 +253,46 @@ _KEY = ["M", "N", "K", "BATCH", "SYMMETRIC", "HAS_D"]
 _PRUNE = {"early_config_prune": _prune}
 _sym_tuned = triton.autotune(_SYMMETRIC_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_mm_heuristic)
 _gen_tuned = triton.autotune(_GENERAL_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_mm_heuristic)
+_tma_tuned: dict[bool, object] = {}  # symmetric → autotuned TMA kernel, built on first use
+
+
+def _tma_prune(configs, named_args, **kwargs):
+    # the autotuner passes positional arguments in named_args, keyword ones (the flags) apart
+    if kwargs.get("SYMMETRIC", named_args.get("SYMMETRIC")):
+        wide = named_args["M"] >= TMA_WIDE_SYMMETRIC_ROWS
+        configs = [c for c in configs if (c.kwargs["BLOCK_M"] != c.kwargs["BLOCK_N"]) == wide]
+    return _prune(configs, named_args)
+
+
+def _tma_kernel(symmetric: bool):
+    if symmetric not in _tma_tuned:
+        from .matmul_tma import _mm_tma_kernel
+
+        blocks = _TMA_SYMMETRIC_BLOCKS if symmetric else _TMA_GENERAL_BLOCKS
+        key = ["M", "N", "K", "BATCH", "SYMMETRIC", "HAS_D", "A_T", "B_T"]
+        _tma_tuned[symmetric] = triton.autotune(
+            [_tma_config(*b) for b in blocks],
+            key=key,
+            prune_configs_by={"early_config_prune": _tma_prune},
+        )(_mm_tma_kernel)
+    return _tma_tuned[symmetric]
+
+
+def _use_tma(A: torch.Tensor, B: torch.Tensor, D: torch.Tensor | None, out: torch.Tensor) -> bool:
+    """Whether this product takes :mod:`matfn.kernels.matmul_tma` (see :data:`TMA`)."""
+    if TMA == "never":
+        return False
+    if TMA == "auto" and (
+        INTERPRET
+        or not A.is_cuda
+        or A.shape[0] * A.shape[1] * A.shape[2] * B.shape[2] < TMA_MIN_WORK
+        or torch.cuda.get_device_capability(A.device)[0] < 9
+    ):
+        return False
+    from .matmul_tma import tma_applies
+
+    return tma_applies(A, B, D, out)
+
 
 #: Autotuned config per problem (shape, batch, flags, dtypes), filled on first use.
 _BEST_CONFIG: dict[tuple, triton.Config] = {}
@@ -246,6 +330,8 @@ def _launch(
         if gamma:
             res.diagonal(dim1=-2, dim2=-1).add_(gamma)
         return out.copy_(res)
+    if _use_tma(A, B, D, out):
+        return _launch_tma(A, B, D, out, alpha, beta, gamma, symmetric)
     d = D if D is not None else out
     args = (
         A,
@@ -289,6 +375,42 @@ def _launch(
     # cache lookup, config merge) is a large part of a launch's host time at Muon's sizes.
     grid = (_grid_size(M, N, batch, best.kwargs["BLOCK_M"], best.kwargs["BLOCK_N"], symmetric),)
     _mm_heuristic[grid](*args, **flags, **best.all_kwargs())
+    return out
+
+
+def _launch_tma(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    D: torch.Tensor | None,
+    out: torch.Tensor,
+    alpha: float,
+    beta: float,
+    gamma: float,
+    symmetric: bool,
+) -> torch.Tensor:
+    from .matmul_tma import launch_tma
+
+    batch, M, _ = A.shape
+    N = B.shape[-1]
+
+    def grid(meta: dict) -> tuple[int]:
+        tiles = _grid_size(M, N, batch, meta["BLOCK_M"], meta["BLOCK_N"], symmetric)
+        return (min(tiles, meta.get("PROGRAMS") or tiles),)
+
+    args = (A, B, D, out, alpha, beta, gamma, symmetric, grid)
+    if INTERPRET:
+        launch_tma(*args, config=INTERPRET_BLOCKS)
+        return out
+    key = ("tma", symmetric, M, N, A.shape[2], batch, D is not None, A.stride(), B.stride())
+    key += (A.dtype, out.dtype)
+    best = _BEST_CONFIG.get(key)
+    if best is None:
+        kernel = _tma_kernel(symmetric)
+        launch_tma(*args, kernel=kernel)
+        if getattr(kernel, "best_config", None) is not None:
+            _BEST_CONFIG[key] = kernel.best_config
+        return out
+    launch_tma(*args, config=best.all_kwargs())
     return out
 
 

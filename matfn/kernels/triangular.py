@@ -31,12 +31,38 @@ first share a block. Launches: ``L + 2`` with ``L = ⌈log₂(n/C)⌉`` (8 at n 
 contracting each level's Grams over its ``s`` rows took ``2L + 2`` launches and 72 µs of the
 230 µs on the H100); FLOPs ``d n² + 2 n d² L + (n/C) d³`` plus the chunk inverses.
 
-**Solve** (two-level scan, 4 launches). Chunks form ``NG ≈ √(n/C)`` groups. (1) chunk kernel:
-``W = [Y_cc V_c | Y_cc Q_c]``; (2) inside each group, sequentially over its chunks, the chunk
-recursion on ``W``'s columns from a zero state (parallel over groups × column tiles), giving
-``[X^{grp} | P^{grp}]`` and the group sums ``[K_gᵀ X^{grp} | K_gᵀ P^{grp}] = [B_g | G_g]``;
+**Solve, tree** (``algorithm="tree"``; divide and conquer as the inverse). With
+``W^{(s)} = blkdiag_s(T)⁻¹ [V | Q] = [X^{(s)} | P^{(s)}]`` (``n × F``, ``F = e + d``) and
+``M_b = K_bᵀ W_b^{(s)}`` (``d × F`` per block, the Gram ``G_b = K_bᵀ P_b`` in its last ``d``
+columns), the block formula gives, for a ``2s``-block, ``W₂^{(2s)} = W₂^{(s)} − P₂^{(s)} M₁``
+(first half unchanged) and ``M = M₁ + K₂ᵀ W₂^{(2s)} = M₁ + M₂ − G₂ M₁``. Launches: (1) the
+chunk kernel writes ``X^{(C)}`` into the output and ``P^{(C)}``; (2) level ``C → 2C`` per chunk
+pair and column tile: ``M₁ = K₁ᵀ W₁``, ``W₂ −= P₂ M₁`` and the pair's ``M = M₁ + K₂ᵀ W₂``
+contracted over its ``2C`` rows (``3 n d F`` FLOPs; chunk ``M``s, then an update and a combine
+as below would take ``n d² F / C`` more and one more launch); (3) one launch per level ``s → 2s``,
+``s ≥ 2C``: ``W₂ −= P₂ M₁`` on ``rows × columns`` tiles of the odd blocks (``n d F`` FLOPs; ``X``
+in place, ``P`` into a second buffer, even blocks copied, since every tile reads all ``d``
+columns of the old ``P₂``) and, by extra programs, the next level's ``M = M₁ + M₂ − G₂ M₁``
+(``2 d² F`` per pair, ``n d² F / s`` per level). The last level updates only ``X`` (``n d e``).
+Launches ``L + 1`` with ``L = ⌈log₂(n/C)⌉`` (8 at n = 4096, C = 32; 1 for n ≤ C), each parallel
+over row tiles × column tiles × batch; FLOPs ``≈ n d F (L + 1 + d/C) + n d e`` (1.7 GFLOP at
+n = 4096, d = e = 128, C = 32) plus the chunk inverses: 2.4× the scan's, but no sequential chain.
+
+**Solve, scan** (``algorithm="scan"``, 4 launches). Chunks form ``NG ≈ √(n/C)`` groups. (1) chunk
+kernel: ``W = [Y_cc V_c | Y_cc Q_c]``; (2) inside each group, sequentially over its chunks, the
+chunk recursion on ``W``'s columns from a zero state (parallel over groups × column tiles),
+giving ``[X^{grp} | P^{grp}]`` and the group sums ``[K_gᵀ X^{grp} | K_gᵀ P^{grp}] = [B_g | G_g]``;
 (3) the state scan ``Z_{g+1} = (I − G_g) Z_g + B_g`` over groups (parallel over ``e`` tiles);
-(4) ``X_g = X^{grp}_g − P^{grp}_g Z_g`` (parallel).
+(4) ``X_g = X^{grp}_g − P^{grp}_g Z_g`` (parallel). FLOPs ``≈ 4 n d F + 2 n d e``, but the group
+and state kernels are chains of ≈ 24 dependent small products (0.099 ms graph-replayed on the
+H100 at n = 4096, d = e = 128).
+
+**Which solve** (``algorithm="auto"``, the default). Measured on the H100 (d = e = 128, C = 32,
+docs/benchmarks.md): graph-replayed, the tree is faster up to ``B·n = 2048`` rows (0.035 against
+0.049 ms at n = 512, 0.069 against 0.074 at 2048) and slower beyond (0.119 against 0.099 at 4096,
+0.80 against 0.55 at B = 8, n = 4096: it does 2.4× the FLOPs); eager, its extra launches cost
+more than its shorter chain saves at every size (0.165 against 0.096 ms at n = 512). So ``"auto"``
+takes the tree only while a CUDA graph is being captured and ``B·n ≤`` :data:`TREE_MAX_ROWS`.
 
 All offsets are 64-bit. ``tl.dot`` needs every block dim ≥ 16.
 """
@@ -54,6 +80,8 @@ from .triangular_chunk import _mm, _tri_chunk_blocked_kernel, _tri_chunk_kernel
 __all__ = ["tri_inv_triton", "tri_solve_triton", "PRECISIONS", "CHUNK_IMPLS"]
 
 PRECISIONS = ("ieee", "tf32x3", "3xtf32", "tf32")
+#: ``algorithm="auto"`` solves by the tree up to this many rows ``B·n``, under CUDA-graph capture.
+TREE_MAX_ROWS = 2048
 CHUNK_IMPLS = ("dense", "blocked")
 
 
@@ -175,40 +203,45 @@ def _gram_combine_tile(
     gout_ptr,
     nblk,
     d,
+    e,
     stride_gb,
     stride_gk,
     BG: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """One ``BG×BG`` tile of the parent Gram ``G = G₁ + G₂ − G₂ G₁``.
+    """One ``BG×BG`` tile of the parent ``M = M₁ + M₂ − G₂ M₁`` (``d×(e+d)`` per block).
 
-    The children are blocks ``2·pair`` and ``2·pair + 1`` (``G₂ = 0`` when the second lies past
-    ``n``): with ``P₂^{(2s)} = P₂ (I − G₁)``, ``K_bᵀ P_b^{(2s)} = G₁ + G₂ (I − G₁)``.
+    ``M_b = K_bᵀ [X_b | P_b]`` with the Gram ``G_b = K_bᵀ P_b`` in its last ``d`` columns; the
+    inverse has ``e = 0`` (``M = G``), the solve carries ``e`` right-hand-side columns in front.
+    The children are blocks ``2·pair`` and ``2·pair + 1`` (``M₂ = 0`` when the second lies past
+    ``n``): with ``W₂^{(2s)} = W₂ − P₂ M₁`` (``W = [X | P]``),
+    ``K_bᵀ W_b^{(2s)} = M₁ + K₂ᵀ W₂ − G₂ M₁ = M₁ + M₂ − G₂ M₁``.
     """
-    ng = tl.cdiv(d, BG)
-    ci = (tile // ng) * BG + tl.arange(0, BG)
-    cj = (tile % ng) * BG + tl.arange(0, BG)
-    mij = (ci < d)[:, None] & (cj < d)[None, :]
+    F = e + d
+    ngj = tl.cdiv(F, BG)
+    ci = (tile // ngj) * BG + tl.arange(0, BG)
+    cj = (tile % ngj) * BG + tl.arange(0, BG)
+    mij = (ci < d)[:, None] & (cj < F)[None, :]
     g1 = gin_ptr + b * stride_gb + (2 * pair) * stride_gk
     g2 = g1 + stride_gk
-    acc = tl.load(g1 + ci[:, None] * d + cj[None, :], mask=mij, other=0.0)
+    acc = tl.load(g1 + ci[:, None] * F + cj[None, :], mask=mij, other=0.0)
     if 2 * pair + 1 < nblk:
-        acc += tl.load(g2 + ci[:, None] * d + cj[None, :], mask=mij, other=0.0)
+        acc += tl.load(g2 + ci[:, None] * F + cj[None, :], mask=mij, other=0.0)
         for k0 in range(0, d, BG):
             ck = k0 + tl.arange(0, BG)
             a = tl.load(
-                g2 + ci[:, None] * d + ck[None, :],
+                g2 + ci[:, None] * F + e + ck[None, :],
                 mask=(ci < d)[:, None] & (ck < d)[None, :],
                 other=0.0,
             )
             c = tl.load(
-                g1 + ck[:, None] * d + cj[None, :],
-                mask=(ck < d)[:, None] & (cj < d)[None, :],
+                g1 + ck[:, None] * F + cj[None, :],
+                mask=(ck < d)[:, None] & (cj < F)[None, :],
                 other=0.0,
             )
             acc -= _mm(a, c, PREC)
     tl.store(
-        gout_ptr + b * stride_gb + pair * stride_gk + ci[:, None] * d + cj[None, :], acc, mask=mij
+        gout_ptr + b * stride_gb + pair * stride_gk + ci[:, None] * F + cj[None, :], acc, mask=mij
     )
 
 
@@ -274,6 +307,7 @@ def _tri_level_kernel(
             gout_ptr,
             tl.cdiv(n, s),
             d,
+            0,
             stride_gb,
             stride_gk,
             BG,
@@ -450,6 +484,245 @@ def _tri_correct_kernel(
     )
     X = Xg - _mm(Pg, Zg, PREC)
     tl.store(x_ptr + b * stride_xb + rows[:, None] * stride_xn + ce[None, :], X, mask=rm & me)
+
+
+@triton.jit
+def _tri_solve_first_kernel(
+    k_ptr,
+    x_ptr,
+    pin_ptr,
+    pout_ptr,
+    m_ptr,
+    n,
+    d,
+    e,
+    stride_kb,
+    stride_kn,
+    stride_xb,
+    stride_xn,
+    stride_pb,
+    stride_pn,
+    stride_mb,
+    stride_mk,
+    BC: tl.constexpr,
+    BF: tl.constexpr,
+    DP: tl.constexpr,
+    STORE: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Tree solve, level ``C → 2C`` for chunk pair ``p`` on ``BF`` columns of ``W = [X | P]``.
+
+    ``M₁ = K₁ᵀ W₁``, ``W₂ ← W₂ − P₂ M₁`` and (``STORE``: levels follow) the pair's
+    ``M = M₁ + K₂ᵀ W₂``, contracted over the pair's ``2C`` rows: the chunks' ``M`` never reach
+    memory and need no ``d×d @ d×(e+d)`` combine. Column tiles ``< cdiv(e, BF)`` update ``X`` in
+    place; the others write ``P`` to ``pout`` (both chunks: the next level reads all rows).
+    """
+    p = tl.program_id(0).to(tl.int64)
+    jt = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    ntu = tl.cdiv(e, BF)
+    if jt < ntu:
+        c0 = jt * BF
+        ncols = e
+        moff = 0
+        src = x_ptr + b * stride_xb
+        dst = src
+        stride_sn = stride_xn
+    else:
+        c0 = (jt - ntu) * BF
+        ncols = d
+        moff = e
+        src = pin_ptr + b * stride_pb
+        dst = pout_ptr + b * stride_pb
+        stride_sn = stride_pn
+    cj = c0 + tl.arange(0, BF)
+    mj = (cj < ncols)[None, :]
+    cd = tl.arange(0, DP)
+    md = (cd < d)[None, :]
+    r1 = 2 * p * BC + tl.arange(0, BC)
+    r2 = r1 + BC
+    m1 = (r1 < n)[:, None]
+    m2 = (r2 < n)[:, None]
+    kb = k_ptr + b * stride_kb
+    W1 = tl.load(src + r1[:, None] * stride_sn + cj[None, :], mask=m1 & mj, other=0.0)
+    K1 = tl.load(kb + r1[:, None] * stride_kn + cd[None, :], mask=m1 & md, other=0.0)
+    M = _mm(tl.trans(K1), W1, PREC)
+    if (2 * p + 1) * BC < n:
+        W2 = tl.load(src + r2[:, None] * stride_sn + cj[None, :], mask=m2 & mj, other=0.0)
+        P2 = tl.load(
+            pin_ptr + b * stride_pb + r2[:, None] * stride_pn + cd[None, :],
+            mask=m2 & md,
+            other=0.0,
+        )
+        W2 -= _mm(P2, M, PREC)
+        tl.store(dst + r2[:, None] * stride_sn + cj[None, :], W2, mask=m2 & mj)
+        if STORE:
+            K2 = tl.load(kb + r2[:, None] * stride_kn + cd[None, :], mask=m2 & md, other=0.0)
+            M += _mm(tl.trans(K2), W2, PREC)
+    if STORE:
+        if jt >= ntu:
+            tl.store(dst + r1[:, None] * stride_sn + cj[None, :], W1, mask=m1 & mj)
+        mp = m_ptr + b * stride_mb + p * stride_mk + cd[:, None] * (e + d) + moff + cj[None, :]
+        tl.store(mp, M, mask=(cd < d)[:, None] & mj)
+
+
+@triton.jit
+def _solve_update_tile(
+    r0,
+    c0,
+    b,
+    src_ptr,
+    dst_ptr,
+    pin_ptr,
+    m_ptr,
+    ncols,
+    moff,
+    odd,
+    n,
+    d,
+    e,
+    stride_sb,
+    stride_sn,
+    stride_pb,
+    stride_pn,
+    BT: tl.constexpr,
+    BF: tl.constexpr,
+    BD: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """``dst = src − P_in M₁[:, moff + c]`` on rows ``r0 : r0 + BT`` (``odd``), else a copy.
+
+    ``m_ptr`` points at ``M₁``, the ``d×(e+d)`` ``M`` of the even partner block.
+    """
+    rows = r0 + tl.arange(0, BT)
+    rm = (rows < n)[:, None]
+    cj = c0 + tl.arange(0, BF)
+    mj = rm & (cj < ncols)[None, :]
+    acc = tl.load(
+        src_ptr + b * stride_sb + rows[:, None] * stride_sn + cj[None, :], mask=mj, other=0.0
+    )
+    if odd:
+        pb = pin_ptr + b * stride_pb + rows[:, None] * stride_pn
+        for k0 in range(0, d, BD):
+            ck = k0 + tl.arange(0, BD)
+            pk = tl.load(pb + ck[None, :], mask=rm & (ck < d)[None, :], other=0.0)
+            mt = tl.load(
+                m_ptr + ck[:, None] * (e + d) + moff + cj[None, :],
+                mask=(ck < d)[:, None] & (cj < ncols)[None, :],
+                other=0.0,
+            )
+            acc -= _mm(pk, mt, PREC)
+    tl.store(dst_ptr + b * stride_sb + rows[:, None] * stride_sn + cj[None, :], acc, mask=mj)
+
+
+@triton.jit
+def _tri_solve_level_kernel(
+    x_ptr,
+    pin_ptr,
+    pout_ptr,
+    min_ptr,
+    mout_ptr,
+    n,
+    d,
+    e,
+    s,
+    n_x,
+    n_p,
+    stride_xb,
+    stride_xn,
+    stride_pb,
+    stride_pn,
+    stride_mb,
+    stride_mk,
+    BT: tl.constexpr,
+    BF: tl.constexpr,
+    BD: tl.constexpr,
+    BG: tl.constexpr,
+    COMBINE: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Tree solve, one level ``s → 2s`` (``s ≥ 2C``) in one launch.
+
+    Programs ``< n_x``: ``X₂ ← X₂ − P₂ M₁[:, :e]`` in place on the row tiles of odd blocks;
+    the next ``n_p``: ``P_out = P_in − P₂ G₁`` on odd blocks, a copy on even ones (``n_p = 0`` on
+    the last level); with ``COMBINE`` the rest build the next level's ``M``
+    (:func:`_gram_combine_tile`).
+    """
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    if pid < n_x:
+        ntj = tl.cdiv(e, BF)
+        tile = (pid // ntj).to(tl.int64)
+        tpb = s // BT  # row tiles per block
+        blk = 2 * (tile // tpb) + 1
+        _solve_update_tile(
+            blk * s + (tile % tpb) * BT,
+            (pid % ntj) * BF,
+            b,
+            x_ptr,
+            x_ptr,
+            pin_ptr,
+            min_ptr + b * stride_mb + (blk - 1) * stride_mk,
+            e,
+            0,
+            True,
+            n,
+            d,
+            e,
+            stride_xb,
+            stride_xn,
+            stride_pb,
+            stride_pn,
+            BT,
+            BF,
+            BD,
+            PREC,
+        )
+    elif pid < n_x + n_p:
+        qp = pid - n_x
+        ntj = tl.cdiv(d, BF)
+        r0 = (qp // ntj).to(tl.int64) * BT
+        blk = r0 // s
+        _solve_update_tile(
+            r0,
+            (qp % ntj) * BF,
+            b,
+            pin_ptr,
+            pout_ptr,
+            pin_ptr,
+            min_ptr + b * stride_mb + (blk - 1) * stride_mk,
+            d,
+            e,
+            (blk % 2) == 1,
+            n,
+            d,
+            e,
+            stride_pb,
+            stride_pn,
+            stride_pb,
+            stride_pn,
+            BT,
+            BF,
+            BD,
+            PREC,
+        )
+    elif COMBINE:
+        qc = pid - n_x - n_p
+        ngt = tl.cdiv(d, BG) * tl.cdiv(e + d, BG)
+        _gram_combine_tile(
+            (qc // ngt).to(tl.int64),
+            qc % ngt,
+            b,
+            min_ptr,
+            mout_ptr,
+            tl.cdiv(n, s),
+            d,
+            e,
+            stride_mb,
+            stride_mk,
+            BG,
+            PREC,
+        )
 
 
 def _pow2(x: int, lo: int = 16) -> int:
@@ -641,18 +914,28 @@ def tri_inv_triton(
     return Y
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def tri_solve_triton(
     Q: torch.Tensor,
     K: torch.Tensor,
     V: torch.Tensor,
     lam: torch.Tensor,
     *,
+    algorithm: str = "auto",
     chunk_size: int = 32,
     block_s: int = 16,
-    group_size: int | None = None,
     precision: str = "3xtf32",
     chunk_impl: str = "dense",
     chunk_warps: int = 4,
+    tree_rows: int = 32,
+    tree_cols: int = 32,
+    tree_gram_block: int = 32,
+    tree_warps: int = 4,
+    group_size: int | None = None,
     scan_precision: str = "3xtf32",
     scan_warps: int | None = None,
     scan_block: int | None = None,
@@ -660,25 +943,65 @@ def tri_solve_triton(
 ) -> torch.Tensor:
     """``T⁻¹ V`` for float32 ``Q, K`` ``(B, n, d)``, ``V`` ``(B, n, e)``, ``λ`` ``(B, n)``.
 
-    ``group_size``: chunks per group of the two-level scan (default ``≈ √(n/C)``); ``out``: an
-    optional contiguous float32 ``(B, n, e)`` result buffer; ``chunk_impl``: as in
-    :func:`tri_inv_triton`; ``scan_precision``: the dot mode of the group, state and correction
-    kernels; ``scan_warps`` / ``scan_block``: warps and column-tile width of the group and state
-    kernels (tuning knobs for the benchmark; default 4 warps for ``d ≤ 64``, else 8, and 16
-    columns, or 32 for 64-row chunks with 8 warps: the module docstring's known trap).
+    Parameters
+    ----------
+    algorithm : {"auto", "tree", "scan"}
+        ``"tree"``: divide and conquer over ``⌈log₂(n/C)⌉`` levels, each one parallel launch;
+        ``"scan"``: the two-level sequential scan (4 launches); ``"auto"``: the tree while a CUDA
+        graph is being captured and ``B·n ≤`` :data:`TREE_MAX_ROWS`, else the scan (the
+        measurements are in the module docstring).
+    chunk_size, block_s, precision, chunk_impl, chunk_warps
+        As in :func:`tri_inv_triton`; ``precision`` is also the dot mode of the tree's levels.
+    tree_rows, tree_cols, tree_warps
+        ``"tree"`` only: row tile (16/32/64, at most ``2·chunk_size``) and column tile
+        (16/32/64) of the level updates (``tree_cols`` also for the first level's pair
+        kernel) and warps of the tree kernels (1/2/4/8).
+    tree_gram_block : int
+        ``"tree"`` only: tile (16/32/64) of the ``M = M₁ + M₂ − G₂ M₁`` combines.
+    group_size, scan_precision, scan_warps, scan_block
+        ``"scan"`` only: chunks per group of the two-level scan (default ``≈ √(n/C)``), the
+        dot mode of the group, state and correction kernels, and warps and column-tile width of
+        the group and state kernels (default 4 warps for ``d ≤ 64``, else 8, and 16 columns, or
+        32 for 64-row chunks with 8 warps: the module docstring's known trap).
+    out : Tensor, optional
+        A contiguous float32 ``(B, n, e)`` result buffer.
+
+    Returns
+    -------
+    Tensor
+        ``X`` ``(B, n, e)`` with ``T X = V``.
     """
     _check(Q, K, lam, chunk_size, block_s, precision)
+    if algorithm not in ("auto", "tree", "scan"):
+        raise ValueError(f"algorithm must be 'auto', 'tree' or 'scan', got {algorithm!r}")
     if scan_precision not in PRECISIONS:
         raise ValueError(f"scan_precision must be one of {PRECISIONS}, got {scan_precision!r}")
     if scan_block not in (None, 16, 32, 64) or scan_warps not in (None, 1, 2, 4, 8):
         raise ValueError(
             f"scan_block must be 16/32/64 and scan_warps 1/2/4/8, got {scan_block}, {scan_warps}"
         )
+    if tree_rows not in (16, 32, 64) or tree_rows > 2 * chunk_size:
+        raise ValueError(
+            f"tree_rows must be 16/32/64 and ≤ 2·chunk_size, got {tree_rows} (C = {chunk_size})"
+        )
+    if tree_cols not in (16, 32, 64) or tree_gram_block not in (16, 32, 64):
+        raise ValueError(
+            f"tree_cols and tree_gram_block must be 16/32/64, got {tree_cols}, {tree_gram_block}"
+        )
+    if tree_warps not in (1, 2, 4, 8):
+        raise ValueError(f"tree_warps must be 1/2/4/8, got {tree_warps}")
+    if algorithm != "scan" and tree_cols == 16 and tree_warps == 8 and precision != "ieee":
+        raise ValueError(
+            "tree_cols=16 with 8 tree warps puts 64+-row by 16-column tensor-core products in "
+            "8-warp kernels, wrong on the H100 with Triton 3.6 (module docstring); use "
+            "tree_cols ≥ 32 or tree_warps ≤ 4"
+        )
     chunk_kernel, chunk_meta = _chunk_kernel(chunk_impl, chunk_size, block_s)
     if V.dtype != torch.float32 or V.ndim != 3 or V.shape[:2] != Q.shape[:2]:
         raise ValueError(f"expected float32 V (B, n, e), got {V.dtype} {tuple(V.shape)}")
     if Q.shape[-1] > 128:
-        # the group/state kernels keep d-wide tiles in shared memory (> 227 KB for d = 256)
+        # the scan's group/state kernels and the tree's pair kernel keep d-wide tiles on chip
+        # (> 227 KB of shared memory for d = 256)
         raise ValueError(f"tri_solve_triton supports d ≤ 128, got d = {Q.shape[-1]}")
     Q, K, V, lam = Q.contiguous(), K.contiguous(), V.contiguous(), lam.contiguous()
     B, n, d = Q.shape
@@ -686,7 +1009,159 @@ def tri_solve_triton(
     X = _out(out, (B, n, e), Q.device)
     if B == 0 or n == 0 or e == 0:
         return X
-    C = chunk_size
+    chunk = (chunk_kernel, chunk_meta, chunk_size, precision, chunk_warps)
+    if algorithm == "auto":
+        algorithm = "tree" if _capturing(Q.device) and B * n <= TREE_MAX_ROWS else "scan"
+    if algorithm == "tree":
+        tiles = dict(BT=tree_rows, BF=tree_cols, BG=tree_gram_block, warps=tree_warps)
+        return _solve_tree(Q, K, V, lam, X, *chunk, **tiles)
+    return _solve_scan(Q, K, V, lam, X, *chunk, group_size, scan_precision, scan_warps, scan_block)
+
+
+def _solve_tree(
+    Q, K, V, lam, X, chunk_kernel, chunk_meta, C, precision, chunk_warps, BT, BF, BG, warps
+):
+    """The tree solve (module docstring): ``X`` holds ``W``'s first ``e`` columns throughout."""
+    B, n, d = Q.shape
+    e = V.shape[-1]
+    F = e + d
+    NC = triton.cdiv(n, C)
+    L = (NC - 1).bit_length()
+    DP = _pow2(d)
+    BD = min(64, DP)
+    if L:
+        P_cur = torch.empty(B, n, d, dtype=torch.float32, device=Q.device)
+        P_next = torch.empty_like(P_cur)
+        # M of the 2C-blocks (from the pair kernel), then of each level's parents: two
+        # ping-pong views of one buffer (same strides), NC2 and ⌈NC2 / 2⌉ blocks
+        NC2 = triton.cdiv(NC, 2)
+        M_buf = torch.empty(
+            B, NC2 + triton.cdiv(NC2, 2), d, F, dtype=torch.float32, device=Q.device
+        )
+        M_cur, M_next = M_buf[:, :NC2], M_buf[:, NC2:]
+    else:
+        P_cur = P_next = M_buf = M_cur = M_next = X
+    chunk_kernel[(NC, B)](
+        Q,
+        K,
+        lam,
+        V,
+        X,
+        P_cur,
+        P_cur,
+        X,
+        n,
+        d,
+        e,
+        Q.stride(0),
+        Q.stride(1),
+        lam.stride(0),
+        V.stride(0),
+        V.stride(1),
+        0,
+        0,
+        n * d,
+        d,
+        X.stride(0),
+        X.stride(1),
+        BD=BD,
+        BE=32,
+        STORE_Y=False,
+        STORE_P=L > 0,
+        STORE_R=False,
+        HAS_V=True,
+        PREC=precision,
+        num_warps=chunk_warps,
+        **chunk_meta,
+    )
+    if L == 0:
+        return X
+    # level C → 2C, the M of the 2C-blocks contracted over their rows (no chunk M / combine);
+    # on the last level only X's columns
+    n_cols = triton.cdiv(e, BF) + (triton.cdiv(d, BF) if L > 1 else 0)
+    _tri_solve_first_kernel[(NC2, n_cols, B)](
+        K,
+        X,
+        P_cur,
+        P_next,
+        M_cur,
+        n,
+        d,
+        e,
+        K.stride(0),
+        K.stride(1),
+        X.stride(0),
+        X.stride(1),
+        n * d,
+        d,
+        M_buf.stride(0),
+        M_buf.stride(1),
+        BC=C,
+        BF=BF,
+        DP=DP,
+        STORE=L > 1,
+        PREC=precision,
+        num_warps=warps,
+    )
+    P_cur, P_next = P_next, P_cur
+    ngt = triton.cdiv(d, BG) * triton.cdiv(F, BG)
+    for lv in range(1, L):
+        s = C << lv
+        last = lv == L - 1
+        nb = triton.cdiv(n, s)
+        n_x = (nb // 2) * (s // BT) * triton.cdiv(e, BF)
+        n_p = 0 if last else triton.cdiv(n, BT) * triton.cdiv(d, BF)
+        n_combine = 0 if last else triton.cdiv(nb, 2) * ngt
+        _tri_solve_level_kernel[(n_x + n_p + n_combine, B)](
+            X,
+            P_cur,
+            P_next,
+            M_cur,
+            M_next,
+            n,
+            d,
+            e,
+            s,
+            n_x,
+            n_p,
+            X.stride(0),
+            X.stride(1),
+            n * d,
+            d,
+            M_buf.stride(0),
+            M_buf.stride(1),
+            BT=BT,
+            BF=BF,
+            BD=BD,
+            BG=BG,
+            COMBINE=not last,
+            PREC=precision,
+            num_warps=warps,
+        )
+        P_cur, P_next = P_next, P_cur
+        M_cur, M_next = M_next, M_cur
+    return X
+
+
+def _solve_scan(
+    Q,
+    K,
+    V,
+    lam,
+    X,
+    chunk_kernel,
+    chunk_meta,
+    C,
+    precision,
+    chunk_warps,
+    group_size,
+    scan_precision,
+    scan_warps,
+    scan_block,
+):
+    """The two-level scan solve (module docstring)."""
+    B, n, d = Q.shape
+    e = V.shape[-1]
     NC = triton.cdiv(n, C)
     # balance the two sequential parts: a group step costs ≈ 4·C·d per column, a state step
     # ≈ 2·d² per column, so GS ≈ √(NC · d / 2C) chunks per group (8 for n = 4096, d = 128, C = 64)

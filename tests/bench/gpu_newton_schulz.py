@@ -21,12 +21,17 @@ gram   the symmetric Gram kernel alone against cuBLAS ``X @ X.T``.
 components  each product of a step, cuBLAS vs Triton, eager and graph-replayed, at Muon's
        shapes (48×768², 24×768×3072, 64×512², 1024², 4096²).
 grouped  lists of mixed shapes: one grouped launch per product vs one stacked batch per shape.
+tma    the TMA-load kernels (``matfn.kernels.matmul_tma``): each tile config checked against an
+       fp32 product at aligned odd sizes, then each product of a step (``X Xᵀ``, ``cA² + bA``,
+       ``BX + aX``) timed per config, autotuned, with pointer loads and on cuBLAS, and the Gram
+       product of emerging-optimizers' TMA SYRK (``tsyrk_ex``) beside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import json
 import math
 import os
@@ -205,6 +210,14 @@ def ours(M):
     return matfn.msign(M, steps=STEPS, check_finite=False)
 
 
+def pointer_loads(M):
+    """Ours with the pointer-load kernels (no TMA descriptors)."""
+    from matfn.kernels import gram
+
+    with mock.patch.object(gram, "TMA", "never"):
+        return ours(M)
+
+
 def ours_algo(M, algorithm):
     return matfn.msign(M, steps=STEPS, check_finite=False, algorithm=algorithm)
 
@@ -264,28 +277,27 @@ def known_svd(s: int, L: int, seed: int, cond: float = 10.0):
     return M, U, sig, V
 
 
-def section_acc():
-    from matfn.kernels import dispatch
+ACC_SHAPES = "768x768,768x3072,1024x1024,2048x2048,1024x4096,2048x8192,4096x16384"
+
+
+def section_acc(shapes):
+    from matfn.kernels import dispatch, gram
 
     coeffs, factor = schedule("polar_express", STEPS)
     restarts = gram_restarts(coeffs)
     rows = []
     from matfn.kernels.ns_step import ns_step_folded, ns_step_fused_update
 
+    def pointer(fn, *args):  # without TMA loads
+        with mock.patch.object(gram, "TMA", "never"):
+            return fn(*args)
+
     def steps_of(step, X0):
         for a, b, c in coeffs:
             X0 = step(X0, a, b, c)
         return X0
 
-    for s, L in [
-        (768, 768),
-        (768, 3072),
-        (1024, 1024),
-        (2048, 2048),
-        (1024, 4096),
-        (2048, 8192),
-        (4096, 16384),
-    ]:
+    for s, L in shapes:
         M64, U, sig, V = known_svd(s, L, seed=s + L)
         x = (sig / (factor * sig.norm())).cpu().numpy()
         f = torch.as_tensor(scalar_map(coeffs, x), device="cuda")
@@ -294,6 +306,12 @@ def section_acc():
         variants = {
             "triton standard bf16": lambda X0=X0: dispatch.newton_schulz(X0, coeffs),
             "triton gram fp16": lambda X0=X0: dispatch.gram_newton_schulz(X0, coeffs, restarts),
+            "triton standard bf16, pointer loads": lambda X0=X0: pointer(
+                dispatch.newton_schulz, X0, coeffs
+            ),
+            "triton gram fp16, pointer loads": lambda X0=X0: pointer(
+                dispatch.gram_newton_schulz, X0, coeffs, restarts
+            ),
             "torch standard bf16": lambda X0=X0: newton_schulz_torch(X0, coeffs),
             "mixed bf16 (Triton BX+aX)": lambda X0=X0: steps_of(ns_step_fused_update, X0),
             "folded bf16 (cuBLAS (B+aI)X)": lambda X0=X0: steps_of(ns_step_folded, X0),
@@ -349,6 +367,7 @@ def section_time(cases, peak, peer_cases, peer_names):
         kernels = dispatch.kernels_apply(X0)
         entries = [(f"ours ({algo}{'' if kernels else ', torch path'})", lambda M=M: ours(M))]
         if kernels:
+            entries.append((f"ours ({algo}, pointer loads)", lambda M=M: pointer_loads(M)))
             entries.append((f"ours ({algo}, cuBLAS general products)", lambda M=M: cublas_gen(M)))
         else:
             entries.append((f"ours ({algo}, Triton forced)", lambda M=M: forced(M)))
@@ -564,6 +583,139 @@ def section_grouped():
     RESULTS["sections"]["grouped"] = rows
 
 
+TMA_SHAPES = [(1, 4096, 4096), (1, 8192, 8192), (1, 4096, 16384)]
+
+
+def section_tma():
+    """TMA kernels: correctness per config, then per-product timing against the alternatives."""
+    from triton.testing import do_bench_cudagraph
+
+    from matfn.kernels import gram
+    from matfn.kernels.matmul_tma import launch_tma
+
+    def grid_of(s, b, sym):
+        def grid(meta):
+            tiles = gram._grid_size(s, s, b, meta["BLOCK_M"], meta["BLOCK_N"], sym)
+            return (min(tiles, meta.get("PROGRAMS") or tiles),)
+
+        return grid
+
+    def tiles_of(sym):  # (bm, bn, bk, stages, warps); persistence is swept separately
+        return list(
+            dict.fromkeys(
+                c[:5] for c in (gram._TMA_SYMMETRIC_BLOCKS if sym else gram._TMA_GENERAL_BLOCKS)
+            )
+        )
+
+    blocks = [(sym, cfg) for sym in (True, False) for cfg in tiles_of(sym)]
+    SMS = torch.cuda.get_device_properties(0).multi_processor_count
+    worst = 0.0
+    for b, s, L in [(2, 1032, 1032), (1, 776, 1504), (3, 264, 392)]:
+        X = torch.randn(b, s, L, device="cuda", dtype=torch.bfloat16) / math.sqrt(L)
+        D = torch.randn(b, s, s, device="cuda", dtype=torch.bfloat16)
+        D = D + D.mT
+        for (sym, (bm, bn, bk, st, w)), programs in itertools.product(blocks, (0, SMS)):
+            out = torch.full((b, s, s), float("nan"), device="cuda", dtype=torch.bfloat16)
+            A = X if sym else X[:, :, :s]
+            Bm = X.mT if sym else X[:, :, :s].mT.contiguous()
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_stages=st, num_warps=w)
+            grid = grid_of(s, b, sym)
+            label = f"{bm}x{bn}x{bk} s{st} w{w}{' persistent' if programs else ''}"
+            try:
+                launch_tma(
+                    A, Bm, D, out, 0.5, -1.5, 2.0, sym, grid, config=dict(cfg, PROGRAMS=programs)
+                )
+            except Exception as exc:  # noqa: BLE001
+                log(
+                    f"  tma check {b}x{s}x{L} sym={sym} {label}: "
+                    f"{type(exc).__name__} {str(exc)[:120]}"
+                )
+                continue
+            ref = 0.5 * A.float() @ Bm.float() - 1.5 * D.float() + 2 * torch.eye(s, device="cuda")
+            e = float((out.float() - ref).abs().max() / ref.abs().max())
+            exact_sym = bool(torch.equal(out, out.mT)) if sym else True
+            worst = max(worst, e if exact_sym else float("inf"))
+            log(
+                f"  tma check {b}x{s}x{L} sym={sym} {label}: rel err {e:.1e}"
+                f"{'' if exact_sym else '  NOT EXACTLY SYMMETRIC'}"
+            )
+    log(f"  tma check worst: {worst:.1e}")
+
+    try:
+        from emerging_optimizers.triton_kernels.syrk import tsyrk_ex
+    except Exception as exc:  # noqa: BLE001
+        tsyrk_ex = None
+        log(f"  emerging tsyrk_ex unavailable: {exc}")
+    rows = []
+    a, bb, c = 3.4445, -4.7750, 2.0315
+    for b, s, L in TMA_SHAPES:
+        X = torch.randn(b, s, L, device="cuda", dtype=torch.bfloat16) / math.sqrt(L)
+        A = X @ X.mT
+        P = torch.baddbmm(A, A, A, beta=bb, alpha=c)
+        products = {
+            "A = X Xᵀ": (True, X, X.mT, None, 1.0, 0.0, lambda: torch.bmm(X, X.mT)),
+            "B = cA² + bA": (
+                True,
+                A,
+                A,
+                A,
+                c,
+                bb,
+                lambda: torch.baddbmm(A, A, A, beta=bb, alpha=c),
+            ),
+            "X ← BX + aX": (False, P, X, X, 1.0, a, lambda: torch.baddbmm(X, P, X, beta=a)),
+        }
+        for pname, (sym, A1, B1, D1, al, be, f_cublas) in products.items():
+            if pname != "A = X Xᵀ" and L != s:
+                continue
+            n = A1.shape[1]
+            flops = (1 if sym else 2) * n * A1.shape[2] * B1.shape[2] * b
+            entries = {"cuBLAS": f_cublas}
+            for mode in ("never", "auto"):
+
+                def f(mode=mode, sym=sym, A1=A1, B1=B1, D1=D1, al=al, be=be):
+                    with mock.patch.object(gram, "TMA", mode):
+                        return gram.matmul_triton(A1, B1, D1, alpha=al, beta=be, symmetric=sym)
+
+                entries["pointer (autotuned)" if mode == "never" else "TMA (autotuned)"] = f
+            for bm, bn, bk, st, w in tiles_of(sym):
+                out = torch.empty(b, n, B1.shape[2], device="cuda", dtype=torch.bfloat16)
+                cfg = dict(
+                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_stages=st, num_warps=w
+                )
+                for programs in (0, SMS):
+                    grid = grid_of(n, b, sym)
+                    label = f"TMA {bm}x{bn}x{bk} s{st} w{w}{' persistent' if programs else ''}"
+                    entries[label] = (
+                        lambda A1=A1, B1=B1, D1=D1, al=al, be=be, out=out, sym=sym, grid=grid, cfg=dict(cfg, PROGRAMS=programs): (  # noqa: E501
+                            launch_tma(A1, B1, D1, out, al, be, 0.0, sym, grid, config=cfg)
+                        )
+                    )
+            if pname == "A = X Xᵀ" and tsyrk_ex is not None:
+                entries["emerging tsyrk_ex"] = lambda X=X: tsyrk_ex(X[0])
+            if pname == "B = cA² + bA" and tsyrk_ex is not None:
+                entries["emerging tsyrk_ex"] = lambda A=A: tsyrk_ex(A[0], A[0], alpha=c, beta=bb)
+            base = None
+            for ename, f in entries.items():
+                try:
+                    f()
+                    t = bench(f)[0]
+                    tg = do_bench_cudagraph(f, rep=50, return_mode="median")
+                except Exception as exc:  # noqa: BLE001
+                    log(
+                        f"  {b}x{s}x{L} {pname} {ename}: failed {type(exc).__name__}: "
+                        f"{str(exc)[:200]}"
+                    )
+                    continue
+                base = base or t
+                rows.append(((b, s, L), pname, ename, t, tg))
+                log(
+                    f"  {b}x{s}x{L} {pname:<13} {ename:<26} {t:8.4f} ms (graph {tg:8.4f})  "
+                    f"cuBLAS/this {base / t:5.2f}  {flops / t / 1e9:6.0f} performed TF/s"
+                )
+    RESULTS["sections"]["tma"] = {"worst": worst, "rows": rows}
+
+
 def section_check():
     """Triton vs torch at the same dtype, poisoned outputs, odd sizes (quick)."""
     from matfn.kernels.gram import matmul_triton
@@ -647,6 +799,8 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--peer-cases", default=",".join(CASES), help="cases that time the peers")
     ap.add_argument("--peers", default="torch.optim,emerging,gram-newton,heavyball")
+    ap.add_argument("--acc-shapes", default=ACC_SHAPES, help="s x L shapes of the acc section")
+    ap.add_argument("--graph-cases", default=",".join(SMALL), help="cases of the graph section")
     args = ap.parse_args()
     sections = args.sections.split(",")
     cases = [c for c in args.cases.split(",") if c]
@@ -662,15 +816,21 @@ def main():
         log(f"== cuBLAS bf16 8192³: {peak:.0f} TFLOP/s")
     for name, fn in (
         ("check", section_check),
-        ("acc", section_acc),
+        (
+            "acc",
+            lambda: section_acc(
+                [tuple(map(int, c.split("x"))) for c in args.acc_shapes.split(",")]
+            ),
+        ),
         ("gram", section_gram),
         (
             "time",
             lambda: section_time(cases, peak, args.peer_cases.split(","), args.peers.split(",")),
         ),
-        ("graph", lambda: section_graph([c for c in SMALL if c in cases])),
+        ("graph", lambda: section_graph([c for c in args.graph_cases.split(",") if c])),
         ("components", section_components),
         ("grouped", section_grouped),
+        ("tma", section_tma),
     ):
         if name in sections:
             log(f"== {name} ({time.time() - t0:.0f} s)")

@@ -3,14 +3,22 @@
 Run on a CUDA machine from the repository root::
 
     PYTHONUNBUFFERED=1 python3 tests/bench/gpu_triangular.py [--quick] [--json out.json]
+        [--sections correct,trap,profile,main,solve,scaling,deltanet] [--skip ...]
+
+The solve's two algorithms side by side (about 2 minutes, most of it compiling)::
+
+    PYTHONUNBUFFERED=1 python3 tests/bench/gpu_triangular.py --quick \
+        --sections correct,profile,solve
 
 1. Correctness: every launcher variant on odd sizes and batches, outputs poisoned with NaN,
    compared with the float64 chunked torch form (relative Frobenius error).
 2. n = 4096, d = 128, fp32: ours (variants) vs ``torch.linalg.solve_triangular(T, I)`` /
    ``torch.linalg.inv(T)`` for the inverse and ``solve_triangular(T, V)`` (e = 128) for the solve;
    median of ``triton.testing.do_bench`` and of ``do_bench_cudagraph`` (launch gaps removed).
-3. Doubling n at d = 128: time/n² (inverse) and time/n (solve).
-4. DeltaNet chunks (batch 8, 16 heads, length 4096, 64×64 chunks, L2-normalised keys, β ∈ (0, 1)):
+3. ``solve``: the scan and tree solves side by side (eager and graph-replayed, errors vs float64)
+   at n = 4096, d = e = 128 for each chunk size and the tree's tile knobs, then doubling n.
+4. Doubling n at d = 128: time/n² (inverse) and time/n (solve, scan and tree).
+5. DeltaNet chunks (batch 8, 16 heads, length 4096, 64×64 chunks, L2-normalised keys, β ∈ (0, 1)):
    fla-core's ``solve_tril`` (from A) and ``chunk_scaled_dot_kkt_fwd`` + ``solve_tril``
    (from k, β) against our chunk kernel (from Q = diag(β)K and K), then the general case
    (random Λ, Q ≠ K) on the same shapes.
@@ -22,6 +30,7 @@ import argparse
 import datetime
 import json
 import os
+import sys
 
 import torch
 import triton
@@ -30,9 +39,16 @@ from rich.console import Console
 from rich.table import Table as RichTable
 from triton.testing import do_bench, do_bench_cudagraph
 
-from matfn.kernels.triangular import tri_inv_triton, tri_solve_triton
-from matfn.kernels.triangular_chunk import _mm
-from matfn.triangular import _tri_inv_chunked_torch, _tri_solve_chunked_torch, tri_inv, tri_solve
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from matfn.kernels.triangular import tri_inv_triton, tri_solve_triton  # noqa: E402
+from matfn.kernels.triangular_chunk import _mm  # noqa: E402
+from matfn.triangular import (  # noqa: E402
+    _tri_inv_chunked_torch,
+    _tri_solve_chunked_torch,
+    tri_inv,
+    tri_solve,
+)
 
 console = Console(width=160)
 
@@ -104,16 +120,35 @@ VARIANTS_INV = [
     dict(chunk_size=64, block_s=16, precision="ieee", chunk_impl="blocked"),  # session 2, n ≤ 64
     dict(chunk_size=64, block_s=16, precision="tf32"),  # tf32 accuracy (≈1e-4), as fla's kkt
 ]
-# the scan kernels' settings and the group size only matter to the solve
+# the algorithm, the scan / tree kernels' settings and the group size only matter to the solve
+SCAN = dict(block_s=16, precision="3xtf32", algorithm="scan")
+TREE = dict(block_s=16, precision="3xtf32", algorithm="tree")
 VARIANTS_SOLVE = [
-    dict(chunk_size=32, block_s=16, precision="3xtf32"),  # the default (scan: 3xtf32, 8 warps)
-    dict(chunk_size=32, block_s=16, precision="3xtf32", group_size=8),
-    dict(chunk_size=32, block_s=16, precision="3xtf32", group_size=32),
-    dict(chunk_size=16, block_s=16, precision="3xtf32"),
-    dict(chunk_size=64, block_s=16, precision="3xtf32"),  # scan tile 32 columns
-    dict(chunk_size=64, block_s=16, precision="tf32x3", scan_precision="ieee"),  # session 2
+    dict(chunk_size=32, **TREE),  # the default (tree: 3xtf32, 32×32 tiles, 4 warps)
+    dict(chunk_size=32, **SCAN),  # the scan's default (3xtf32, 8 warps)
+    dict(chunk_size=32, group_size=8, **SCAN),
+    dict(chunk_size=32, group_size=32, **SCAN),
+    dict(chunk_size=16, **SCAN),
+    dict(chunk_size=64, **SCAN),  # scan tile 32 columns
+    dict(chunk_size=64, block_s=16, precision="tf32x3", scan_precision="ieee", algorithm="scan"),
+    dict(chunk_size=16, **TREE),
+    dict(chunk_size=64, **TREE),
+    dict(chunk_size=32, tree_cols=64, **TREE),
+    dict(chunk_size=32, tree_gram_block=64, **TREE),
+    dict(chunk_size=32, tree_rows=16, tree_cols=16, tree_gram_block=16, **TREE),
+    dict(chunk_size=64, tree_rows=64, tree_cols=64, tree_gram_block=64, tree_warps=8, **TREE),
 ]
-SOLVE_ONLY = ("group_size", "scan_precision", "scan_warps", "scan_block")
+SOLVE_ONLY = (
+    "group_size",
+    "scan_precision",
+    "scan_warps",
+    "scan_block",
+    "algorithm",
+    "tree_rows",
+    "tree_cols",
+    "tree_gram_block",
+    "tree_warps",
+)
 # measured once (docs/benchmarks.md) and slower; --all-variants adds them
 EXTRA_VARIANTS = [
     dict(chunk_size=64, block_s=16, precision="ieee"),
@@ -175,15 +210,23 @@ def _warm_fla() -> tuple[str, float, str | None]:
     return "fla-core+ours on the DeltaNet shapes", time.perf_counter() - t0, None
 
 
-def precompile(workers: int) -> set[str]:
-    """Fill Triton's on-disk cache for every (variant, shape) pair, ``workers`` at a time."""
+def precompile(workers: int, sections: set[str], quick: bool) -> set[str]:
+    """Fill Triton's on-disk cache for every (variant, shape) pair that ``sections`` use,
+    ``workers`` at a time (Triton specialises integer arguments on ``== 1`` and divisibility
+    by 16 only, so n = 1024 stands for every timed size)."""
     import concurrent.futures
     import multiprocessing
     import time
 
-    shapes = CORRECTNESS_SHAPES + [(1, 1024, 128, 128), (16, 64, 128, 0)]
+    shapes = (CORRECTNESS_SHAPES[:3] if quick else CORRECTNESS_SHAPES) + [(1, 1024, 128, 128)]
+    wanted = []
+    if sections & {"correct", "main", "solve", "profile", "scaling"}:
+        wanted += VARIANTS_SOLVE  # (_warm runs the inverse with the same chunk settings too)
+    if sections & {"correct", "main", "profile", "scaling", "deltanet"}:
+        wanted += VARIANTS_INV
+        shapes.append((16, 64, 128, 0))
     # the group size is a runtime argument: one compile covers every group size
-    variants = list({vname(v).split("/G")[0]: v for v in VARIANTS_SOLVE + VARIANTS_INV}.values())
+    variants = list({vname(v).split("/G")[0]: v for v in wanted}.values())
     tasks = [(v, sh) for v in variants for sh in shapes]
     t0 = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
@@ -192,7 +235,8 @@ def precompile(workers: int) -> set[str]:
         workers, mp_context=ctx, max_tasks_per_child=1
     ) as pool:
         # fla-core autotunes 16+ configs one after another: start it first
-        futures = [pool.submit(_warm_fla)] + [pool.submit(_warm, t) for t in tasks]
+        futures = [pool.submit(_warm_fla)] if "deltanet" in sections else []
+        futures += [pool.submit(_warm, t) for t in tasks]
         times = sorted((f.result() for f in futures), key=lambda r: -r[1])
     console.print(
         f"precompiled {len(tasks)} (variant, shape) pairs in "
@@ -210,12 +254,16 @@ def precompile(workers: int) -> set[str]:
 
 
 def vname(v):
-    s = f"C{v['chunk_size']}/S{v['block_s']}/{v['precision']}"
+    s = f"{v['algorithm']}/" if "algorithm" in v else ""
+    s += f"C{v['chunk_size']}/S{v['block_s']}/{v['precision']}"
     s += f"/w{v['chunk_warps']}" if "chunk_warps" in v else ""
     s += "/blocked" if v.get("chunk_impl") == "blocked" else ""
     s += f"/scan-{v['scan_precision']}" if "scan_precision" in v else ""
     s += f"/sw{v['scan_warps']}" if "scan_warps" in v else ""
     s += f"/sb{v['scan_block']}" if "scan_block" in v else ""
+    for k, short in (("tree_rows", "r"), ("tree_cols", "c"), ("tree_gram_block", "g")):
+        s += f"/{short}{v[k]}" if k in v else ""
+    s += f"/tw{v['tree_warps']}" if "tree_warps" in v else ""
     return s + (f"/G{v['group_size']}" if "group_size" in v else "")
 
 
@@ -332,12 +380,17 @@ def profile(results, n=4096, d=128, e=128, iters=20):
     from torch.profiler import profile as torch_profile
 
     Q, K, lam, V = make(1, n, d, e, "general", seed=1)
-    old_inv, old_solve = VARIANTS_INV[1], VARIANTS_SOLVE[-1]
+    old_inv = VARIANTS_INV[1]
+    old_solve = dict(chunk_size=64, block_s=16, precision="tf32x3", scan_precision="ieee")
     cases = {
         "inv default": lambda: tri_inv_triton(Q, K, lam),
         "inv " + vname(old_inv): lambda: tri_inv_triton(Q, K, lam, **old_inv),
-        "solve default": lambda: tri_solve_triton(Q, K, V, lam),
-        "solve " + vname(old_solve): lambda: tri_solve_triton(Q, K, V, lam, **old_solve),
+        "solve default (tree, C32)": lambda: tri_solve_triton(Q, K, V, lam),
+        "solve tree C64": lambda: tri_solve_triton(Q, K, V, lam, chunk_size=64),
+        "solve scan C32": lambda: tri_solve_triton(Q, K, V, lam, algorithm="scan"),
+        "solve scan " + vname(old_solve): lambda: tri_solve_triton(
+            Q, K, V, lam, algorithm="scan", **old_solve
+        ),
         "public tri_inv": lambda: tri_inv(Q[0], K[0], lam[0], check_finite=False),
         "public tri_solve": lambda: tri_solve(Q[0], K[0], V[0], lam[0], check_finite=False),
         "public tri_solve, check_finite": lambda: tri_solve(Q[0], K[0], V[0], lam[0]),
@@ -438,6 +491,82 @@ def trap(results, D=128, steps=8):
     console.print(tab)
 
 
+def solve_compare(results, quick, n=4096, d=128, e=128, sizes=None):
+    """The scan and tree solves side by side: each tree variant of VARIANTS_SOLVE against the
+    scan with its chunk size at ``n``, then the defaults of both at doubling n and batch
+    (``sizes``: (B, n) pairs)."""
+    Q, K, lam, V = make(1, n, d, e, "general", seed=1)
+    Xr = _tri_solve_chunked_torch(Q.double(), K.double(), V.double(), lam.double())
+    tab = Table(title=f"tri_solve scan vs tree: n={n}, d={d}, e={e}, fp32 (median ms)")
+    for c in (
+        "C",
+        "tree variant",
+        "scan eager",
+        "scan graph",
+        "scan err",
+        "tree eager",
+        "tree graph",
+        "tree err",
+        "scan/tree graph",
+    ):
+        tab.add_column(c)
+
+    def run(v):
+        t, tg = ms(lambda: tri_solve_triton(Q, K, V, lam, **v))
+        X = torch.full((1, n, e), float("nan"), device=dev)
+        return t, tg, rel(tri_solve_triton(Q, K, V, lam, out=X, **v), Xr)
+
+    scan = {}
+    for v in [x for x in VARIANTS_SOLVE if x.get("algorithm") == "tree"]:
+        C = v["chunk_size"]
+        if C not in scan:
+            scan[C] = run(dict(SCAN, chunk_size=C))
+            results[f"solve scan C{C}"] = dict(zip(("ms", "ms_graph", "err"), scan[C], strict=True))
+        tree = run(v)
+        results[f"solve {vname(v)}"] = dict(zip(("ms", "ms_graph", "err"), tree, strict=True))
+        tab.add_row(
+            str(C),
+            vname(v),
+            *(f"{x:.3f}" for x in scan[C][:2]),
+            f"{scan[C][2]:.1e}",
+            *(f"{x:.3f}" for x in tree[:2]),
+            f"{tree[2]:.1e}",
+            f"{scan[C][1] / tree[1]:.2f}",
+        )
+    console.print(tab)
+
+    tab = Table(title=f"tri_solve scan vs tree, defaults (C = 32), d={d}, e={e}: doubling n, batch")
+    for c in ("B", "n", "scan eager", "scan graph", "tree eager", "tree graph", "scan/tree graph"):
+        tab.add_column(c)
+    tab.add_column("tree graph µs/(B·n/1024)")
+    tab.add_column("err scan / tree")
+    if sizes is None:
+        sizes = [(1, 512), (1, 1024), (1, 2048), (1, 4096), (1, 8192), (8, 4096), (32, 1024)]
+        if not quick:
+            sizes.insert(5, (1, 16384))
+    for B, n in sizes:
+        Q, K, lam, V = make(B, n, d, e, "general", seed=n + B)
+        Xr = _tri_solve_chunked_torch(Q.double(), K.double(), V.double(), lam.double())
+        row = {}
+        for alg in ("scan", "tree"):
+            row[alg] = ms(lambda alg=alg: tri_solve_triton(Q, K, V, lam, algorithm=alg))
+            row[alg + " err"] = rel(tri_solve_triton(Q, K, V, lam, algorithm=alg), Xr)
+        (s_t, s_g), (t_t, t_g) = row["scan"], row["tree"]
+        tab.add_row(
+            str(B),
+            str(n),
+            f"{s_t:.3f}",
+            f"{s_g:.3f}",
+            f"{t_t:.3f}",
+            f"{t_g:.3f}",
+            f"{s_g / t_g:.2f}",
+            f"{t_g * 1e3 / (B * n / 1024):.1f}",
+            f"{row['scan err']:.1e} / {row['tree err']:.1e}",
+        )
+        results[f"solve B={B} n={n}"] = row
+    console.print(tab)
+
+
 def scaling(results, d=128, e=128):
     tab = Table(title=f"doubling n (d={d}, e={e}, fp32, the launchers' defaults)")
     for c in (
@@ -445,8 +574,10 @@ def scaling(results, d=128, e=128):
         "inv ms",
         "inv ns/n²",
         "solve_tri(T,I) ms",
-        "solve ms",
-        "solve ns/n",
+        "scan ms",
+        "scan ns/n",
+        "tree ms",
+        "tree ns/n",
         "solve_tri(T,V) ms",
     ):
         tab.add_column(c)
@@ -455,7 +586,8 @@ def scaling(results, d=128, e=128):
         T = dense_T(Q, K, lam)
         eye = torch.eye(n, device=dev)
         ti, _ = ms(lambda: tri_inv_triton(Q, K, lam), graph=False)
-        ts, _ = ms(lambda: tri_solve_triton(Q, K, V, lam), graph=False)
+        ts, _ = ms(lambda: tri_solve_triton(Q, K, V, lam, algorithm="scan"), graph=False)
+        tt, _ = ms(lambda: tri_solve_triton(Q, K, V, lam, algorithm="tree"), graph=False)
         bi, _ = ms(lambda: torch.linalg.solve_triangular(T, eye, upper=False), graph=False)
         bs, _ = ms(lambda: torch.linalg.solve_triangular(T, V, upper=False), graph=False)
         tab.add_row(
@@ -465,9 +597,13 @@ def scaling(results, d=128, e=128):
             f"{bi:.3f}",
             f"{ts:.3f}",
             f"{ts * 1e6 / n:.2f}",
+            f"{tt:.3f}",
+            f"{tt * 1e6 / n:.2f}",
             f"{bs:.3f}",
         )
-        results[f"scaling n={n}"] = dict(inv=ti, solve=ts, base_inv=bi, base_solve=bs)
+        results[f"scaling n={n}"] = dict(
+            inv=ti, solve_scan=ts, solve_tree=tt, base_inv=bi, base_solve=bs
+        )
     console.print(tab)
 
 
@@ -536,13 +672,19 @@ def deltanet(results, B=8, H=16, T=4096, d=128, BT=64, timing=True):
         console.print(tab)
 
 
+SECTIONS = ("correct", "trap", "profile", "main", "solve", "scaling", "deltanet")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument(
-        "--skip", default="", help="comma list of: correct,trap,profile,main,scaling,deltanet"
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma list of the sections to run, in this order: {','.join(SECTIONS)}",
     )
+    ap.add_argument("--skip", default="", help="comma list of sections not to run")
     ap.add_argument(
         "--all-variants",
         action="store_true",
@@ -555,11 +697,13 @@ def main() -> None:
         help="processes that precompile the kernels (0: compile on first use)",
     )
     a = ap.parse_args()
+    sections = set(a.sections.split(",")) - set(a.skip.split(","))
+    if sections - set(SECTIONS):
+        ap.error(f"unknown sections {sorted(sections - set(SECTIONS))}; choose from {SECTIONS}")
     if a.all_variants:
         VARIANTS_INV.extend(EXTRA_VARIANTS)
-        VARIANTS_SOLVE.extend(EXTRA_VARIANTS)
-    failed = sorted(precompile(a.workers)) if a.workers > 0 else []
-    skip = set(a.skip.split(","))
+        VARIANTS_SOLVE.extend(dict(v, algorithm="scan") for v in EXTRA_VARIANTS)
+    failed = sorted(precompile(a.workers, sections, a.quick)) if a.workers > 0 else []
     props = torch.cuda.get_device_properties(0)
     results = dict(
         device=props.name,
@@ -569,18 +713,20 @@ def main() -> None:
         failed_variants=failed,
     )
     console.print(results)
-    if "correct" not in skip:
+    if "correct" in sections:
         results["correct"] = correctness(a.quick)
         console.print(f"correctness ok: {results['correct']}")
-    if "trap" not in skip:
+    if "trap" in sections:
         trap(results)
-    if "profile" not in skip:
+    if "profile" in sections:
         profile(results)
-    if "main" not in skip:
+    if "main" in sections:
         main_table(results)
-    if "scaling" not in skip:
+    if "solve" in sections:
+        solve_compare(results, a.quick)
+    if "scaling" in sections:
         scaling(results)
-    if "deltanet" not in skip:
+    if "deltanet" in sections:
         deltanet(results)
     if a.json:
         with open(a.json, "w") as f:

@@ -116,3 +116,114 @@ def test_bad_shapes():
         gram.matmul_triton(X, X.mT[:, :, :3], symmetric=True)
     with pytest.raises(ValueError, match="`D`"):
         gram.matmul_triton(X, X.mT, torch.zeros(2, 3, 3, device=DEVICE))
+
+
+# --------------------------------------------------------------------------- TMA-load kernels
+# Shapes whose strides TMA accepts (16-byte multiples: 8 fp16 or 4 fp32 elements), none a
+# multiple of the 16/32-wide interpreter tiles except the first; tall, wide, K < BLOCK_K.
+TMA_SHAPES = [(1, 16, 16), (2, 40, 56), (3, 48, 24), (2, 24, 8)]
+
+
+@pytest.fixture
+def tma_launches(monkeypatch):
+    """Force the TMA kernel where the operands allow it and count its launches."""
+    import matfn.kernels.matmul_tma as mt
+
+    monkeypatch.setattr(gram, "TMA", "always")
+    calls = []
+    launch = mt.launch_tma
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("config"))
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(mt, "launch_tma", spy)
+    return calls
+
+
+@pytest.mark.parametrize("programs", [0, 3], ids=["tile-per-program", "persistent"])
+@pytest.mark.parametrize("shape", TMA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_tma_products_match_float64(blocks, tma_launches, monkeypatch, shape, programs):
+    """Gram, ``cA² + bA + γI`` and ``αBX + βX`` (X and Xᵀ operands) through TMA descriptors
+    (16-bit operands only; on a GPU the autotuned configs run instead of the interpreter's)."""
+    monkeypatch.setitem(gram.INTERPRET_BLOCKS, "PROGRAMS", programs)
+    dtype = torch.float16
+    b, s, L = shape
+    X = _rand(shape, dtype, seed=sum(shape) + 7)
+    G = torch.full((b, s, s), float("nan"), dtype=dtype, device=DEVICE)
+    gram.gram_triton(X, out=G)
+    _close(G, X.double() @ X.double().mT, dtype)
+    assert torch.equal(G, G.mT), "the mirrored upper triangle must equal the lower exactly"
+    D = _rand((b, s, s), dtype, seed=2)
+    D = (D + D.mT) / 2
+    S = gram.matmul_triton(G, G, D, alpha=2.03, beta=-4.77, gamma=3.44, symmetric=True)
+    eye = torch.eye(s, dtype=torch.float64, device=DEVICE)
+    _close(S, 2.03 * G.double() @ G.double() - 4.77 * D.double() + 3.44 * eye, dtype)
+    assert torch.equal(S, S.mT)
+    Y = gram.matmul_triton(S, X, X, alpha=0.7, beta=1.875)
+    _close(Y, 0.7 * S.double() @ X.double() + 1.875 * X.double(), dtype)
+    Xt = X.mT.contiguous().mT  # column-major X: read through a transposed descriptor
+    Z = gram.matmul_triton(Xt.mT, Xt, gamma=-0.5)
+    _close(Z, X.double().mT @ X.double() - 0.5 * torch.eye(L, dtype=torch.float64), dtype)
+    assert len(tma_launches) == 4, "every product here must take the TMA kernel"
+
+
+def test_tma_applies_only_to_aligned_unit_stride_operands():
+    from matfn.kernels.matmul_tma import tma_applies
+
+    X = torch.zeros(2, 40, 56, dtype=torch.float16)
+    out = torch.empty(2, 40, 40, dtype=torch.float16)
+    assert tma_applies(X, X.mT, None, out)
+    assert not tma_applies(X.float(), X.float().mT, None, out.float()), "16-bit operands only"
+    assert tma_applies(X, X.mT, out, out)
+    assert not tma_applies(X[:, :, 1:], X[:, :, 1:].mT, None, out), "misaligned base"
+    odd = torch.zeros(2, 40, 53, dtype=torch.float16)
+    assert not tma_applies(odd, odd.mT, None, out), "row stride of 106 bytes"
+    assert tma_applies(X, X.mT, None, out[:, :, :37]), "a view with aligned strides is fine"
+    narrow = torch.empty(2, 40, 37, dtype=torch.float16)
+    assert not tma_applies(X, X.mT, None, narrow), "output row stride of 74 bytes"
+    assert not tma_applies(X, X.mT, out.mT, out), "D must be row-major"
+    assert not tma_applies(X, X.mT, out[:1].expand(2, 40, 40), out), "zero batch stride"
+    assert not tma_applies(X[:, ::2, ::2], X[:, ::2, ::2].mT, None, out), "no unit stride"
+
+
+def test_tma_autotune_path(monkeypatch):
+    """The GPU launch path: the autotuner prunes the TMA configs, its pre-hook sets the
+    descriptors' block shapes for each one, and later calls launch the cached best config."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(gram, "INTERPRET", False)
+    monkeypatch.setattr(gram, "TMA", "always")
+    blocks = [(16, 16, 16, 1, 1, False), (16, 16, 16, 1, 1, True), (32, 16, 16, 1, 1, False)]
+    monkeypatch.setattr(gram, "_TMA_SYMMETRIC_BLOCKS", blocks)
+    monkeypatch.setattr(gram, "_TMA_GENERAL_BLOCKS", blocks)
+    monkeypatch.setattr(gram, "_tma_tuned", {})
+    monkeypatch.setattr(gram, "_BEST_CONFIG", {})
+    props = SimpleNamespace(multi_processor_count=3)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    X = _rand((2, 40, 56), torch.float16, seed=11)
+    ref = X.double() @ X.double().mT
+    # (symmetric, TMA_WIDE_SYMMETRIC_ROWS, configs left to time: a single one is not timed)
+    for symmetric, wide_rows, expect in ((True, 10**9, 2), (True, 40, 0), (False, 10**9, 3)):
+        monkeypatch.setattr(gram, "TMA_WIDE_SYMMETRIC_ROWS", wide_rows)
+        kernel = gram._tma_kernel(symmetric)
+        timed = []
+
+        def fake_bench(kernel_call, quantiles, timed=timed):
+            kernel_call()  # runs the config (pre-hook included) in the interpreter
+            timed.append(1)
+            return [float(-len(timed))] * 3  # the last config timed "wins"
+
+        kernel.do_bench = fake_bench
+        kernel.cache.clear()
+        gram._BEST_CONFIG.clear()
+        for _ in range(2):  # tune, then the cached config
+            G = gram.matmul_triton(X, X.mT, symmetric=symmetric)
+            _close(G, ref, torch.float16)
+        assert len(timed) == expect
+        (best,) = gram._BEST_CONFIG.values()
+        assert best is kernel.best_config
+        if symmetric:
+            wide = best.kwargs["BLOCK_M"] != best.kwargs["BLOCK_N"]
+            assert wide == (wide_rows <= 40), "square tiles below TMA_WIDE_SYMMETRIC_ROWS"

@@ -22,6 +22,7 @@ from matfn.kernels.triangular import tri_inv_triton, tri_solve_triton  # noqa: E
 from matfn.kernels.triangular_chunk import _tf32_split  # noqa: E402
 
 RTOL = 1e-5
+ALGORITHMS = ("scan", "tree")
 
 
 def make(B, n, d, e, seed=0, deltanet=False):
@@ -72,9 +73,10 @@ def test_kernels_match_reference(B, n, d, e, chunk, bs):
     tri_inv_triton(Q, K, lam, chunk_size=chunk, block_s=bs, out=Y)
     assert rel(Y, Yr) < RTOL
     assert torch.equal(torch.triu(Y, 1), torch.zeros_like(Y))
-    X = torch.full((B, n, e), float("nan"))
-    tri_solve_triton(Q, K, V, lam, chunk_size=chunk, block_s=bs, out=X)
-    assert rel(X, Xr) < RTOL
+    for algorithm in ALGORITHMS:
+        X = torch.full((B, n, e), float("nan"))
+        tri_solve_triton(Q, K, V, lam, algorithm=algorithm, chunk_size=chunk, block_s=bs, out=X)
+        assert rel(X, Xr) < RTOL, algorithm
 
 
 @pytest.mark.parametrize("scan_precision", ["ieee", "3xtf32"])
@@ -84,7 +86,15 @@ def test_solve_group_sizes(group_size, scan_precision):
     Xr = tri._tri_solve_torch(Q.double(), K.double(), V.double(), lam.double())
     X = torch.full_like(V, float("nan"))
     tri_solve_triton(
-        Q, K, V, lam, chunk_size=16, group_size=group_size, scan_precision=scan_precision, out=X
+        Q,
+        K,
+        V,
+        lam,
+        algorithm="scan",
+        chunk_size=16,
+        group_size=group_size,
+        scan_precision=scan_precision,
+        out=X,
     )
     assert rel(X, Xr) < RTOL
 
@@ -102,9 +112,12 @@ def test_3xtf32_everywhere(chunk_impl):
     Y = torch.full((2, 300, 300), float("nan"))
     tri_inv_triton(Q, K, lam, chunk_size=64, chunk_impl=chunk_impl, out=Y)
     assert rel(Y, Yr) < RTOL
-    X = torch.full_like(V, float("nan"))
-    tri_solve_triton(Q, K, V, lam, chunk_size=64, chunk_impl=chunk_impl, out=X)
-    assert rel(X, Yr @ V.double()) < RTOL
+    for algorithm in ALGORITHMS:
+        X = torch.full_like(V, float("nan"))
+        tri_solve_triton(
+            Q, K, V, lam, algorithm=algorithm, chunk_size=64, chunk_impl=chunk_impl, out=X
+        )
+        assert rel(X, Yr @ V.double()) < RTOL, algorithm
 
 
 @triton.jit
@@ -250,9 +263,13 @@ def test_blocked_chunk_kernel_matches_reference(B, n, d, e, prec):
     assert torch.equal(torch.triu(Y, 1), torch.zeros_like(Y))
     if d <= 128:  # the solve's limit
         Xr = tri._tri_solve_torch(Q.double(), K.double(), V.double(), lam.double())
-        X = torch.full((B, n, e), float("nan"))
-        tri_solve_triton(Q, K, V, lam, chunk_size=64, precision=prec, chunk_impl="blocked", out=X)
-        assert rel(X, Xr) < RTOL
+        for algorithm in ALGORITHMS:
+            X = torch.full((B, n, e), float("nan"))
+            tri_solve_triton(
+                Q, K, V, lam, algorithm=algorithm, chunk_size=64, precision=prec,
+                chunk_impl="blocked", out=X,
+            )  # fmt: skip
+            assert rel(X, Xr) < RTOL, algorithm
 
 
 def test_blocked_matches_dense_on_deltanet_chunks():
@@ -262,8 +279,11 @@ def test_blocked_matches_dense_on_deltanet_chunks():
     Yb = tri_inv_triton(Q, K, lam, chunk_impl="blocked")
     Yr = tri._tri_inv_torch(Q.double(), K.double(), lam.double())
     assert rel(Yb, Yr) < RTOL and rel(Yb, Yd.double()) < RTOL
-    Xb = tri_solve_triton(Q, K, V, lam, chunk_size=64, chunk_impl="blocked")
-    assert rel(Xb, Yr @ V.double()) < RTOL
+    for algorithm in ALGORITHMS:
+        Xb = tri_solve_triton(
+            Q, K, V, lam, algorithm=algorithm, chunk_size=64, chunk_impl="blocked"
+        )
+        assert rel(Xb, Yr @ V.double()) < RTOL, algorithm
 
 
 def test_bad_chunk_impl_rejected():
@@ -282,7 +302,114 @@ def test_solve_refuses_the_known_miscompiled_scan_shape():
     """64-row chunks, 16-column scan tiles, 8 warps and tensor-core dots: wrong on the H100 with
     Triton 3.6 (module docstring), so the launcher refuses it rather than return wrong values."""
     Q, K, lam, V = make(1, 130, 100, 8)
+    scan = dict(algorithm="scan", chunk_size=64, scan_block=16)
     with pytest.raises(ValueError, match="scan_block=32 or scan_warps=4"):
-        tri_solve_triton(Q, K, V, lam, chunk_size=64, scan_block=16, scan_warps=8)
-    X = tri_solve_triton(Q, K, V, lam, chunk_size=64, scan_block=16, scan_warps=4)
+        tri_solve_triton(Q, K, V, lam, scan_warps=8, **scan)
+    X = tri_solve_triton(Q, K, V, lam, scan_warps=4, **scan)
     assert rel(X, tri._tri_solve_torch(Q.double(), K.double(), V.double(), lam.double())) < RTOL
+
+
+# tree solve (algorithm="tree"): L = ⌈log₂(n/C)⌉ levels; n ≤ C (no level), n = C + 1 and
+# C·2^k + 1 (a last block of one row, odd block counts, blocks without a partner on every
+# level), n = C·2^k exactly, n not a multiple of C, B > 1, d and e not powers of two, e < d,
+# e > d, d and e above the 64-wide d loop / 32-wide column tiles, d = e = 1
+TREE_CASES = [
+    (1, 16, 4, 3, 16),
+    (2, 10, 5, 7, 16),
+    (1, 17, 3, 2, 16),
+    (2, 32, 6, 9, 16),
+    (1, 33, 6, 9, 16),
+    (1, 64, 20, 5, 16),
+    (3, 65, 20, 5, 16),
+    (1, 128, 12, 40, 16),
+    (2, 129, 40, 12, 16),
+    (1, 97, 1, 1, 16),
+    (1, 256, 100, 70, 32),
+    (1, 257, 24, 24, 32),
+    (2, 300, 9, 130, 64),
+    (1, 200, 128, 128, 64),
+]
+
+
+@pytest.mark.parametrize(
+    "B, n, d, e, chunk",
+    TREE_CASES,
+    ids=[f"b{c[0]}-n{c[1]}-d{c[2]}-e{c[3]}-C{c[4]}" for c in TREE_CASES],
+)
+def test_tree_solve_matches_reference(B, n, d, e, chunk):
+    Q, K, lam, V = make(B, n, d, e, seed=n + d)
+    Xr = tri._tri_solve_torch(Q.double(), K.double(), V.double(), lam.double())
+    X = torch.full((B, n, e), float("nan"))
+    Xo = tri_solve_triton(Q, K, V, lam, algorithm="tree", chunk_size=chunk, out=X)
+    assert Xo is X
+    assert rel(X, Xr) < RTOL
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3", "3xtf32", "tf32"])
+def test_tree_solve_precisions(precision):
+    """Every dot mode (the interpreter runs them all in fp32: this checks the plumbing)."""
+    Q, K, lam, V = make(2, 100, 36, 20, seed=7)
+    Xr = tri._tri_solve_torch(Q.double(), K.double(), V.double(), lam.double())
+    X = torch.full_like(V, float("nan"))
+    tri_solve_triton(Q, K, V, lam, algorithm="tree", chunk_size=16, precision=precision, out=X)
+    assert rel(X, Xr) < RTOL
+
+
+@pytest.mark.parametrize(
+    "rows, cols, gram, warps", [(16, 16, 16, 4), (64, 64, 64, 8), (16, 64, 32, 2), (64, 32, 16, 1)]
+)
+def test_tree_solve_tiles(rows, cols, gram, warps):
+    """The tile knobs: row tiles smaller / larger than the chunk (up to 2C), column tiles
+    narrower / wider than e = 40 and d = 50, Gram-combine tiles of all sizes."""
+    Q, K, lam, V = make(1, 130, 50, 40, seed=8)  # 5 chunks: 3 levels, one block unpaired
+    Xr = tri._tri_solve_torch(Q.double(), K.double(), V.double(), lam.double())
+    X = torch.full_like(V, float("nan"))
+    tri_solve_triton(
+        Q, K, V, lam, algorithm="tree", chunk_size=32, tree_rows=rows, tree_cols=cols,
+        tree_gram_block=gram, tree_warps=warps, out=X,
+    )  # fmt: skip
+    assert rel(X, Xr) < RTOL
+
+
+def test_tree_solve_deltanet_and_auto_choice(monkeypatch):
+    """Λ = I, Q = βK (DeltaNet); ``algorithm="auto"`` takes the tree only under CUDA-graph
+    capture and up to ``TREE_MAX_ROWS`` rows (B·n), the scan otherwise."""
+    import matfn.kernels.triangular as kt
+
+    assert not kt._capturing(torch.device("cpu"))
+    Q, K, lam, V = make(2, 200, 24, 24, seed=9, deltanet=True)
+    Xr = tri._tri_solve_torch(Q.double(), K.double(), V.double(), lam.double())
+    ran = []
+    for name in ("_solve_tree", "_solve_scan"):
+        fn = getattr(kt, name)
+        monkeypatch.setattr(
+            kt, name, lambda *a, fn=fn, name=name, **k: ran.append(name) or fn(*a, **k)
+        )
+    for capturing, max_rows, expect in (
+        (False, 10**6, "_solve_scan"),
+        (True, 400, "_solve_tree"),
+        (True, 399, "_solve_scan"),
+    ):
+        monkeypatch.setattr(kt, "_capturing", lambda device, c=capturing: c)
+        monkeypatch.setattr(kt, "TREE_MAX_ROWS", max_rows)
+        X = tri_solve_triton(Q, K, V, lam)
+        assert ran.pop() == expect, (capturing, max_rows)
+        assert rel(X, Xr) < RTOL
+
+
+def test_tree_solve_rejects_bad_arguments():
+    Q, K, lam, V = make(1, 20, 4, 2)
+    with pytest.raises(ValueError, match="algorithm"):
+        tri_solve_triton(Q, K, V, lam, algorithm="dense")
+    with pytest.raises(ValueError, match="tree_rows"):
+        tri_solve_triton(Q, K, V, lam, tree_rows=48)
+    with pytest.raises(ValueError, match="tree_rows"):
+        tri_solve_triton(Q, K, V, lam, chunk_size=16, tree_rows=64)
+    with pytest.raises(ValueError, match="tree_cols"):
+        tri_solve_triton(Q, K, V, lam, tree_cols=128)
+    with pytest.raises(ValueError, match="tree_gram_block"):
+        tri_solve_triton(Q, K, V, lam, tree_gram_block=8)
+    with pytest.raises(ValueError, match="tree_warps"):
+        tri_solve_triton(Q, K, V, lam, tree_warps=3)
+    with pytest.raises(ValueError, match="tree_cols ≥ 32 or tree_warps ≤ 4"):
+        tri_solve_triton(Q, K, V, lam, algorithm="tree", tree_cols=16, tree_warps=8)
