@@ -308,6 +308,34 @@ def _grid_size(M: int, N: int, batch: int, bm: int, bn: int, symmetric: bool) ->
     return batch * triton.cdiv(M, bm) * triton.cdiv(N, bn)
 
 
+def _grid(M: int, N: int, batch: int, symmetric: bool):
+    """The launch grid as a function of the meta-parameters.
+
+    One program per tile, or ``PROGRAMS`` persistent ones (TMA kernel) when fewer.
+    """
+
+    def grid(meta: dict) -> tuple[int]:
+        tiles = _grid_size(M, N, batch, meta["BLOCK_M"], meta["BLOCK_N"], symmetric)
+        return (min(tiles, meta.get("PROGRAMS") or tiles),)
+
+    return grid
+
+
+def _launch_tuned(key: tuple, kernel, launch_autotuned, launch_config) -> None:
+    """Autotune ``kernel`` on the first call for ``key``, then launch the chosen config directly.
+
+    The autotuner's per-call Python (key, cache lookup, config merge) is a large part of a
+    launch's host time at Muon's sizes, hence the cache in :data:`_BEST_CONFIG`.
+    """
+    best = _BEST_CONFIG.get(key)
+    if best is not None:
+        launch_config(best)
+        return
+    launch_autotuned(kernel)
+    if getattr(kernel, "best_config", None) is not None:
+        _BEST_CONFIG[key] = kernel.best_config
+
+
 def _launch(
     A: torch.Tensor,
     B: torch.Tensor,
@@ -330,8 +358,22 @@ def _launch(
         if gamma:
             res.diagonal(dim1=-2, dim2=-1).add_(gamma)
         return out.copy_(res)
+    grid = _grid(M, N, batch, symmetric)
+    key = (symmetric, M, N, K, batch, D is not None, A.dtype, out.dtype)
     if _use_tma(A, B, D, out):
-        return _launch_tma(A, B, D, out, alpha, beta, gamma, symmetric)
+        from .matmul_tma import launch_tma
+
+        tma_args = (A, B, D, out, alpha, beta, gamma, symmetric, grid)
+        if INTERPRET:
+            launch_tma(*tma_args, config=INTERPRET_BLOCKS)
+            return out
+        _launch_tuned(
+            ("tma", A.stride(), B.stride(), *key),
+            _tma_kernel(symmetric),
+            lambda kernel: launch_tma(*tma_args, kernel=kernel),
+            lambda best: launch_tma(*tma_args, config=best.all_kwargs()),
+        )
+        return out
     d = D if D is not None else out
     args = (
         A,
@@ -357,60 +399,14 @@ def _launch(
         IEEE=A.dtype == torch.float32,
     )
     if INTERPRET:
-        blocks = INTERPRET_BLOCKS
-        grid = (_grid_size(M, N, batch, blocks["BLOCK_M"], blocks["BLOCK_N"], symmetric),)
-        _mm_heuristic[grid](*args, **flags, **blocks)
+        _mm_heuristic[grid(INTERPRET_BLOCKS)](*args, **flags, **INTERPRET_BLOCKS)
         return out
-    key = (symmetric, M, N, K, batch, D is not None, A.dtype, out.dtype)
-    best = _BEST_CONFIG.get(key)
-    if best is None:
-        kernel = _sym_tuned if symmetric else _gen_tuned
-        kernel[
-            lambda meta: (_grid_size(M, N, batch, meta["BLOCK_M"], meta["BLOCK_N"], symmetric),)
-        ](*args, **flags)
-        if getattr(kernel, "best_config", None) is not None:
-            _BEST_CONFIG[key] = kernel.best_config
-        return out
-    # Later calls launch the chosen config directly: the autotuner's per-call Python (key,
-    # cache lookup, config merge) is a large part of a launch's host time at Muon's sizes.
-    grid = (_grid_size(M, N, batch, best.kwargs["BLOCK_M"], best.kwargs["BLOCK_N"], symmetric),)
-    _mm_heuristic[grid](*args, **flags, **best.all_kwargs())
-    return out
-
-
-def _launch_tma(
-    A: torch.Tensor,
-    B: torch.Tensor,
-    D: torch.Tensor | None,
-    out: torch.Tensor,
-    alpha: float,
-    beta: float,
-    gamma: float,
-    symmetric: bool,
-) -> torch.Tensor:
-    from .matmul_tma import launch_tma
-
-    batch, M, _ = A.shape
-    N = B.shape[-1]
-
-    def grid(meta: dict) -> tuple[int]:
-        tiles = _grid_size(M, N, batch, meta["BLOCK_M"], meta["BLOCK_N"], symmetric)
-        return (min(tiles, meta.get("PROGRAMS") or tiles),)
-
-    args = (A, B, D, out, alpha, beta, gamma, symmetric, grid)
-    if INTERPRET:
-        launch_tma(*args, config=INTERPRET_BLOCKS)
-        return out
-    key = ("tma", symmetric, M, N, A.shape[2], batch, D is not None, A.stride(), B.stride())
-    key += (A.dtype, out.dtype)
-    best = _BEST_CONFIG.get(key)
-    if best is None:
-        kernel = _tma_kernel(symmetric)
-        launch_tma(*args, kernel=kernel)
-        if getattr(kernel, "best_config", None) is not None:
-            _BEST_CONFIG[key] = kernel.best_config
-        return out
-    launch_tma(*args, config=best.all_kwargs())
+    _launch_tuned(
+        key,
+        _sym_tuned if symmetric else _gen_tuned,
+        lambda kernel: kernel[grid](*args, **flags),
+        lambda best: _mm_heuristic[grid(best.kwargs)](*args, **flags, **best.all_kwargs()),
+    )
     return out
 
 

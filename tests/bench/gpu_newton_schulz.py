@@ -594,11 +594,7 @@ def section_tma():
     from matfn.kernels.matmul_tma import launch_tma
 
     def grid_of(s, b, sym):
-        def grid(meta):
-            tiles = gram._grid_size(s, s, b, meta["BLOCK_M"], meta["BLOCK_N"], sym)
-            return (min(tiles, meta.get("PROGRAMS") or tiles),)
-
-        return grid
+        return gram._grid(s, s, b, sym)
 
     def tiles_of(sym):  # (bm, bn, bk, stages, warps); persistence is swept separately
         return list(
