@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tables import int64_table
+from ._tables import int64_table, table_pointer
 
 __all__ = ["grouped_matmul", "newton_schulz_grouped_launch"]
 
@@ -107,13 +107,9 @@ def _grouped_mm_kernel(
     rn = (local % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     s = strides + 8 * g
-    a_ptr = tl.load(a_table + g).to(tl.pointer_type(DTYPE))
-    b_ptr = tl.load(b_table + g).to(tl.pointer_type(DTYPE))
-    c_ptr = tl.load(c_table + g).to(tl.pointer_type(DTYPE))
-    if ALIGNED:  # every base 16-byte aligned (checked on the host)
-        a_ptr = tl.multiple_of(a_ptr, 16)
-        b_ptr = tl.multiple_of(b_ptr, 16)
-        c_ptr = tl.multiple_of(c_ptr, 16)
+    a_ptr = table_pointer(a_table, g, DTYPE, ALIGNED)
+    b_ptr = table_pointer(b_table, g, DTYPE, ALIGNED)
+    c_ptr = table_pointer(c_table, g, DTYPE, ALIGNED)
     # strides; with ALIGNED the non-unit ones are multiples of 8 (hinted here, in the kernel
     # body: a hint inside a helper function did not reach the loads' alignment analysis)
     a_sm, a_sk = tl.load(s), tl.load(s + 1)
@@ -142,9 +138,7 @@ def _grouped_mm_kernel(
     acc = acc * alpha
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     if HAS_D:
-        d_ptr = tl.load(d_table + g).to(tl.pointer_type(DTYPE))
-        if ALIGNED:
-            d_ptr = tl.multiple_of(d_ptr, 16)
+        d_ptr = table_pointer(d_table, g, DTYPE, ALIGNED)
         d_sm, d_sn = tl.load(s + 4), tl.load(s + 5)
         if ALIGNED:
             if D_LAYOUT == "row":

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tables import int64_table
+from ._tables import int64_table, table_pointer
 
 __all__ = ["BLOCK", "momentum_stack", "apply_update", "divide_by_norms", "cast", "num_tiles"]
 
@@ -79,11 +79,8 @@ def _momentum_stack_kernel(
     rows, cols, mask = _tile(t, tiles_m, n, m, BLOCK)
     src = rows[:, None] * m + cols[None, :]
 
-    g_ptr = tl.load(grad_table + b).to(tl.pointer_type(GRAD_DTYPE))
-    m_ptr = tl.load(buf_table + b).to(tl.pointer_type(BUF_DTYPE))
-    if ALIGNED:  # every address in the tables is a multiple of 16 bytes: vector loads
-        g_ptr = tl.multiple_of(g_ptr, 16)
-        m_ptr = tl.multiple_of(m_ptr, 16)
+    g_ptr = table_pointer(grad_table, b, GRAD_DTYPE, ALIGNED)
+    m_ptr = table_pointer(buf_table, b, BUF_DTYPE, ALIGNED)
     g = tl.load(g_ptr + src, mask=mask, other=0.0).to(tl.float32)
     buf = tl.load(m_ptr + src, mask=mask, other=0.0).to(tl.float32)
     # weight = 1 − μ; torch.lerp's forms for μ ≥ 1/2: start + w(end − start) for w < 1/2 and
@@ -124,9 +121,7 @@ def _apply_update_kernel(
     t = tl.program_id(0)
     b = tl.program_id(1)
     rows, cols, mask = _tile(t, tiles_m, n, m, BLOCK)
-    w_ptr = tl.load(param_table + b).to(tl.pointer_type(PARAM_DTYPE))
-    if ALIGNED:
-        w_ptr = tl.multiple_of(w_ptr, 16)
+    w_ptr = table_pointer(param_table, b, PARAM_DTYPE, ALIGNED)
     w_ptr += rows[:, None] * m
     w_ptr += cols[None, :]
     u_ptr = upd_ptr + b.to(tl.int64) * stride_ub + rows[:, None] * stride_un
