@@ -14,8 +14,9 @@ symmetric.
 Operands are 3-D descriptors ``(batch, rows, cols)`` over a row-major view: a column-major
 operand (``X.mT`` in ``X Xᵀ``) is described through its transpose and the loaded tile is
 transposed in shared memory (``A_T`` / ``B_T``), which the Hopper tensor cores read directly.
-TMA needs 16-byte aligned bases and batch/row strides and a unit last stride
-(:func:`tma_applies`); other operands take the pointer kernel.
+TMA needs 16-byte aligned bases and batch/row strides and a unit last stride; the kernel takes
+bf16/fp16 operands (float32 accumulation) only (:func:`tma_applies`). Other operands take the
+pointer kernel.
 """
 
 from __future__ import annotations
@@ -65,7 +66,6 @@ def _tile(
     SYMMETRIC: tl.constexpr,
     HAS_D: tl.constexpr,
     HAS_DIAG: tl.constexpr,
-    IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -75,10 +75,7 @@ def _tile(
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         a = _load_tile(a_desc, bid, r0, k * BLOCK_K, BLOCK_M, BLOCK_K, A_T)
         b = _load_tile(b_desc, bid, k * BLOCK_K, c0, BLOCK_K, BLOCK_N, B_T)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc)
 
     out = acc * alpha
     if HAS_D:
@@ -135,7 +132,6 @@ def _tile_at(
     SYMMETRIC: tl.constexpr,
     HAS_D: tl.constexpr,
     HAS_DIAG: tl.constexpr,
-    IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -174,7 +170,6 @@ def _tile_at(
             SYMMETRIC,
             HAS_D,
             HAS_DIAG,
-            IEEE,
             BLOCK_M,
             BLOCK_N,
             BLOCK_K,
@@ -204,7 +199,6 @@ def _mm_tma_kernel(
     SYMMETRIC: tl.constexpr,
     HAS_D: tl.constexpr,
     HAS_DIAG: tl.constexpr,
-    IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -246,7 +240,6 @@ def _mm_tma_kernel(
             SYMMETRIC,
             HAS_D,
             HAS_DIAG,
-            IEEE,
             BLOCK_M,
             BLOCK_N,
             BLOCK_K,
@@ -278,7 +271,6 @@ def _mm_tma_kernel(
                 SYMMETRIC,
                 HAS_D,
                 HAS_DIAG,
-                IEEE,
                 BLOCK_M,
                 BLOCK_N,
                 BLOCK_K,
@@ -320,7 +312,7 @@ def tma_applies(
         if T is None:
             continue
         view = _row_major(T) if may_transpose else (T, False)
-        if view is None or view[1] and not may_transpose or not _tma_ok(view[0]):
+        if view is None or not _tma_ok(view[0]):
             return False
     return True
 
@@ -376,7 +368,6 @@ def launch_tma(
         SYMMETRIC=symmetric,
         HAS_D=D is not None,
         HAS_DIAG=gamma != 0,
-        IEEE=A.dtype == torch.float32,
     )
     if kernel is not None:
         kernel[grid](*args, **flags)
