@@ -70,6 +70,7 @@ All offsets are 64-bit. ``tl.dot`` needs every block dim ≥ 16.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -760,16 +761,88 @@ def _out(out: torch.Tensor | None, shape: tuple[int, ...], device: torch.device)
     return out
 
 
-def _chunk_kernel(chunk_impl: str, chunk_size: int, block_s: int):
+class _Chunk(NamedTuple):
+    """The chunk kernel of a launch and how it runs."""
+
+    kernel: object  # _tri_chunk_kernel or _tri_chunk_blocked_kernel
+    meta: dict  # its BC / BS / LOG_M meta-parameters
+    size: int  # C, rows per chunk
+    precision: str
+    warps: int
+
+
+def _chunk_kernel(
+    chunk_impl: str, chunk_size: int, block_s: int, precision: str, warps: int
+) -> _Chunk:
     """The chunk kernel and its ``BC/BS/LOG_M`` meta-parameters for ``chunk_impl``."""
     if chunk_impl not in CHUNK_IMPLS:
         raise ValueError(f"chunk_impl must be one of {CHUNK_IMPLS}, got {chunk_impl!r}")
     if chunk_impl == "blocked":
         if chunk_size != 64:
             raise ValueError(f"chunk_impl='blocked' needs chunk_size=64, got {chunk_size}")
-        return _tri_chunk_blocked_kernel, {"BC": 64, "BS": 16, "LOG_M": 2}  # block_s unused
+        meta = {"BC": 64, "BS": 16, "LOG_M": 2}  # block_s unused
+        return _Chunk(_tri_chunk_blocked_kernel, meta, chunk_size, precision, warps)
     meta = {"BC": chunk_size, "BS": block_s, "LOG_M": int(math.log2(chunk_size // block_s))}
-    return _tri_chunk_kernel, meta
+    return _Chunk(_tri_chunk_kernel, meta, chunk_size, precision, warps)
+
+
+def _chunk_pass(
+    chunk: _Chunk,
+    Q: torch.Tensor,
+    K: torch.Tensor,
+    lam: torch.Tensor,
+    *,
+    V: torch.Tensor | None = None,
+    Y: torch.Tensor | None = None,
+    P: torch.Tensor | None = None,
+    R: torch.Tensor | None = None,
+    U: torch.Tensor | None = None,
+    BE: int,
+) -> None:
+    """One launch of the chunk kernel over every ``C``-row chunk of every batch entry.
+
+    Stores, where given: ``Y`` the chunk inverses ``Y_cc = T_cc⁻¹`` (in place in the ``n×n``
+    result), ``P = Y_cc Q_c``, ``R = Y_ccᵀ K_c`` (same strides as ``P``), ``U = Y_cc V_c``.
+    """
+    B, n, d = Q.shape
+    if P is not None and R is not None and P.stride()[:2] != R.stride()[:2]:
+        raise ValueError("P and R share their strides in the chunk kernel")
+
+    def strides(T: torch.Tensor | None) -> tuple[int, int]:
+        return (T.stride(0), T.stride(1)) if T is not None else (0, 0)
+
+    def ptr(T: torch.Tensor | None) -> torch.Tensor:
+        return T if T is not None else Q  # never read or written (its STORE/HAS flag is off)
+
+    chunk.kernel[(triton.cdiv(n, chunk.size), B)](
+        Q,
+        K,
+        lam,
+        ptr(V),
+        ptr(Y),
+        ptr(P),
+        ptr(R),
+        ptr(U),
+        n,
+        d,
+        V.shape[-1] if V is not None else 0,
+        Q.stride(0),
+        Q.stride(1),
+        lam.stride(0),
+        *strides(V),
+        *strides(Y),
+        *strides(P if P is not None else R),
+        *strides(U),
+        BD=min(64, _pow2(d)),
+        BE=BE,
+        STORE_Y=Y is not None,
+        STORE_P=P is not None,
+        STORE_R=R is not None,
+        HAS_V=V is not None,
+        PREC=chunk.precision,
+        num_warps=chunk.warps,
+        **chunk.meta,
+    )
 
 
 def tri_inv_triton(
@@ -792,7 +865,7 @@ def tri_inv_triton(
     (``_tri_chunk_blocked_kernel``, ``chunk_size = 64`` only, ``block_s`` ignored).
     """
     _check(Q, K, lam, chunk_size, block_s, precision)
-    chunk_kernel, chunk_meta = _chunk_kernel(chunk_impl, chunk_size, block_s)
+    chunk = _chunk_kernel(chunk_impl, chunk_size, block_s, precision, chunk_warps)
     Q, K, lam = Q.contiguous(), K.contiguous(), lam.contiguous()
     B, n, d = Q.shape
     Y = _out(out, (B, n, n), Q.device)
@@ -801,50 +874,15 @@ def tri_inv_triton(
     C = chunk_size
     NC = triton.cdiv(n, C)
     L = (NC - 1).bit_length()
-    BD = min(64, _pow2(d))
-    if L:
-        P_all = torch.empty(L, B, n, d, dtype=torch.float32, device=Q.device)
-        R_all = torch.empty_like(P_all)
-        G_cur = torch.empty(B, NC, d, d, dtype=torch.float32, device=Q.device)
-        G_next = torch.empty_like(G_cur) if L > 2 else G_cur  # L ≤ 2: no level combines
-        p0, r0 = P_all[0], R_all[0]
-    else:
-        P_all = R_all = p0 = r0 = Y
-    chunk_kernel[(NC, B)](
-        Q,
-        K,
-        lam,
-        Q,
-        Y,
-        p0,
-        r0,
-        Q,
-        n,
-        d,
-        0,
-        Q.stride(0),
-        Q.stride(1),
-        lam.stride(0),
-        0,
-        0,
-        Y.stride(0),
-        Y.stride(1),
-        n * d,
-        d,
-        0,
-        0,
-        BD=BD,
-        BE=16,
-        STORE_Y=True,
-        STORE_P=L > 0,
-        STORE_R=L > 0,
-        HAS_V=False,
-        PREC=precision,
-        num_warps=chunk_warps,
-        **chunk_meta,
-    )
-    if L == 0:
+    if L == 0:  # one chunk: its inverse is the result
+        _chunk_pass(chunk, Q, K, lam, Y=Y, BE=16)
         return Y
+    BD = min(64, _pow2(d))
+    P_all = torch.empty(L, B, n, d, dtype=torch.float32, device=Q.device)
+    R_all = torch.empty_like(P_all)
+    G_cur = torch.empty(B, NC, d, d, dtype=torch.float32, device=Q.device)
+    G_next = torch.empty_like(G_cur) if L > 2 else G_cur  # L ≤ 2: no level combines
+    _chunk_pass(chunk, Q, K, lam, Y=Y, P=P_all[0], R=R_all[0], BE=16)
     # Grams of the chunks, G_c = K_cᵀ P_c; each level's launch also combines its Grams into
     # the next level's (G = G₁ + G₂ − G₂ G₁), so no launch contracts over more than C rows
     BG = min(32, _pow2(d))
@@ -996,7 +1034,7 @@ def tri_solve_triton(
             "8-warp kernels, wrong on the H100 with Triton 3.6 (module docstring); use "
             "tree_cols ≥ 32 or tree_warps ≤ 4"
         )
-    chunk_kernel, chunk_meta = _chunk_kernel(chunk_impl, chunk_size, block_s)
+    chunk = _chunk_kernel(chunk_impl, chunk_size, block_s, precision, chunk_warps)
     if V.dtype != torch.float32 or V.ndim != 3 or V.shape[:2] != Q.shape[:2]:
         raise ValueError(f"expected float32 V (B, n, e), got {V.dtype} {tuple(V.shape)}")
     if Q.shape[-1] > 128:
@@ -1009,73 +1047,35 @@ def tri_solve_triton(
     X = _out(out, (B, n, e), Q.device)
     if B == 0 or n == 0 or e == 0:
         return X
-    chunk = (chunk_kernel, chunk_meta, chunk_size, precision, chunk_warps)
     if algorithm == "auto":
         algorithm = "tree" if _capturing(Q.device) and B * n <= TREE_MAX_ROWS else "scan"
     if algorithm == "tree":
         tiles = dict(BT=tree_rows, BF=tree_cols, BG=tree_gram_block, warps=tree_warps)
-        return _solve_tree(Q, K, V, lam, X, *chunk, **tiles)
-    return _solve_scan(Q, K, V, lam, X, *chunk, group_size, scan_precision, scan_warps, scan_block)
+        return _solve_tree(Q, K, V, lam, X, chunk, **tiles)
+    return _solve_scan(Q, K, V, lam, X, chunk, group_size, scan_precision, scan_warps, scan_block)
 
 
-def _solve_tree(
-    Q, K, V, lam, X, chunk_kernel, chunk_meta, C, precision, chunk_warps, BT, BF, BG, warps
-):
+def _solve_tree(Q, K, V, lam, X, chunk: _Chunk, BT, BF, BG, warps):
     """The tree solve (module docstring): ``X`` holds ``W``'s first ``e`` columns throughout."""
+    C, precision = chunk.size, chunk.precision
     B, n, d = Q.shape
     e = V.shape[-1]
     F = e + d
     NC = triton.cdiv(n, C)
     L = (NC - 1).bit_length()
+    if L == 0:  # one chunk: its solve is the result
+        _chunk_pass(chunk, Q, K, lam, V=V, U=X, BE=32)
+        return X
     DP = _pow2(d)
     BD = min(64, DP)
-    if L:
-        P_cur = torch.empty(B, n, d, dtype=torch.float32, device=Q.device)
-        P_next = torch.empty_like(P_cur)
-        # M of the 2C-blocks (from the pair kernel), then of each level's parents: two
-        # ping-pong views of one buffer (same strides), NC2 and ⌈NC2 / 2⌉ blocks
-        NC2 = triton.cdiv(NC, 2)
-        M_buf = torch.empty(
-            B, NC2 + triton.cdiv(NC2, 2), d, F, dtype=torch.float32, device=Q.device
-        )
-        M_cur, M_next = M_buf[:, :NC2], M_buf[:, NC2:]
-    else:
-        P_cur = P_next = M_buf = M_cur = M_next = X
-    chunk_kernel[(NC, B)](
-        Q,
-        K,
-        lam,
-        V,
-        X,
-        P_cur,
-        P_cur,
-        X,
-        n,
-        d,
-        e,
-        Q.stride(0),
-        Q.stride(1),
-        lam.stride(0),
-        V.stride(0),
-        V.stride(1),
-        0,
-        0,
-        n * d,
-        d,
-        X.stride(0),
-        X.stride(1),
-        BD=BD,
-        BE=32,
-        STORE_Y=False,
-        STORE_P=L > 0,
-        STORE_R=False,
-        HAS_V=True,
-        PREC=precision,
-        num_warps=chunk_warps,
-        **chunk_meta,
-    )
-    if L == 0:
-        return X
+    P_cur = torch.empty(B, n, d, dtype=torch.float32, device=Q.device)
+    P_next = torch.empty_like(P_cur)
+    # M of the 2C-blocks (from the pair kernel), then of each level's parents: two ping-pong
+    # views of one buffer (same strides), NC2 and ⌈NC2 / 2⌉ blocks
+    NC2 = triton.cdiv(NC, 2)
+    M_buf = torch.empty(B, NC2 + triton.cdiv(NC2, 2), d, F, dtype=torch.float32, device=Q.device)
+    M_cur, M_next = M_buf[:, :NC2], M_buf[:, NC2:]
+    _chunk_pass(chunk, Q, K, lam, V=V, P=P_cur, U=X, BE=32)
     # level C → 2C, the M of the 2C-blocks contracted over their rows (no chunk M / combine);
     # on the last level only X's columns
     n_cols = triton.cdiv(e, BF) + (triton.cdiv(d, BF) if L > 1 else 0)
@@ -1143,23 +1143,9 @@ def _solve_tree(
     return X
 
 
-def _solve_scan(
-    Q,
-    K,
-    V,
-    lam,
-    X,
-    chunk_kernel,
-    chunk_meta,
-    C,
-    precision,
-    chunk_warps,
-    group_size,
-    scan_precision,
-    scan_warps,
-    scan_block,
-):
+def _solve_scan(Q, K, V, lam, X, chunk: _Chunk, group_size, scan_precision, scan_warps, scan_block):
     """The two-level scan solve (module docstring)."""
+    C = chunk.size
     B, n, d = Q.shape
     e = V.shape[-1]
     NC = triton.cdiv(n, C)
@@ -1169,7 +1155,6 @@ def _solve_scan(
     NG = triton.cdiv(NC, GS)
     F = e + d
     DP = _pow2(d)
-    BD = min(64, DP)
     warps = scan_warps or (4 if DP <= 64 else 8)
     BF = scan_block or (32 if C >= 64 and warps == 8 else 16)
     if C >= 64 and BF == 16 and warps == 8 and scan_precision != "ieee":
@@ -1181,39 +1166,7 @@ def _solve_scan(
     Wg = torch.empty_like(W)
     Sg = torch.empty(B, NG, d, F, dtype=torch.float32, device=Q.device)
     Z = torch.empty(B, NG, d, e, dtype=torch.float32, device=Q.device)
-    chunk_kernel[(NC, B)](
-        Q,
-        K,
-        lam,
-        V,
-        W,
-        W[..., e:],
-        W,
-        W,
-        n,
-        d,
-        e,
-        Q.stride(0),
-        Q.stride(1),
-        lam.stride(0),
-        V.stride(0),
-        V.stride(1),
-        0,
-        0,
-        W.stride(0),
-        W.stride(1),
-        W.stride(0),
-        W.stride(1),
-        BD=BD,
-        BE=32,
-        STORE_Y=False,
-        STORE_P=True,
-        STORE_R=False,
-        HAS_V=True,
-        PREC=precision,
-        num_warps=chunk_warps,
-        **chunk_meta,
-    )
+    _chunk_pass(chunk, Q, K, lam, V=V, P=W[..., e:], U=W, BE=32)
     _tri_group_kernel[(NG, triton.cdiv(F, BF), B)](
         W,
         K,
