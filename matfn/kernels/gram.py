@@ -72,6 +72,20 @@ def _tile_coords(
 
 
 @triton.jit
+def _store_lower_and_mirror(c_base, out, rm, rn, M, N, stride_cm, stride_cn):
+    """Store a tile of a symmetric result, once in each triangle.
+
+    The part of ``out`` (rows ``rm``, columns ``rn``) on or below the diagonal is stored, then
+    its strictly lower part transposed into the upper triangle: every element is written exactly
+    once and the result is exactly symmetric.
+    """
+    lower = (rm[:, None] < M) & (rn[None, :] < N) & (rm[:, None] >= rn[None, :])
+    tl.store(c_base + rm[:, None] * stride_cm + rn[None, :] * stride_cn, out, mask=lower)
+    upper = (rn[:, None] < N) & (rm[None, :] < M) & (rm[None, :] > rn[:, None])
+    tl.store(c_base + rn[:, None] * stride_cm + rm[None, :] * stride_cn, tl.trans(out), mask=upper)
+
+
+@triton.jit
 def _mm_kernel(
     a_ptr,
     b_ptr,
@@ -152,10 +166,7 @@ def _mm_kernel(
 
     out = acc * alpha
     mask = (rm[:, None] < M) & (rn[None, :] < N)
-    if SYMMETRIC:
-        # Each program stores the lower-triangle part of its tile, then mirrors the strictly
-        # lower part into the upper triangle: every element is written exactly once and the
-        # result is exactly symmetric.
+    if SYMMETRIC:  # D is symmetric: only its lower part is read (_store_lower_and_mirror)
         mask = mask & (rm[:, None] >= rn[None, :])
     if HAS_D:
         d_ptrs = d_ptr + bid * stride_db + rm[:, None] * stride_dm + rn[None, :] * stride_dn
@@ -164,12 +175,10 @@ def _mm_kernel(
         out += tl.where(rm[:, None] == rn[None, :], gamma, 0.0)
     out = out.to(c_ptr.dtype.element_ty)
     c_base = c_ptr + bid * stride_cb
-    tl.store(c_base + rm[:, None] * stride_cm + rn[None, :] * stride_cn, out, mask=mask)
     if SYMMETRIC:
-        mask_t = (rn[:, None] < N) & (rm[None, :] < M) & (rm[None, :] > rn[:, None])
-        tl.store(
-            c_base + rn[:, None] * stride_cm + rm[None, :] * stride_cn, tl.trans(out), mask=mask_t
-        )
+        _store_lower_and_mirror(c_base, out, rm, rn, M, N, stride_cm, stride_cn)
+    else:
+        tl.store(c_base + rm[:, None] * stride_cm + rn[None, :] * stride_cn, out, mask=mask)
 
 
 def _config(bm: int, bn: int, bk: int, stages: int, warps: int) -> triton.Config:

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .gram import _tile_coords
+from .gram import _store_lower_and_mirror, _tile_coords
 
 __all__ = ["tma_applies", "launch_tma", "set_block_shapes"]
 
@@ -96,16 +96,9 @@ def _tile(
         # A square tile on the diagonal: its lower part mirrored in registers, one TMA store.
         out = tl.where(rm[:, None] >= rn[None, :], out, tl.trans(out))
         c_desc.store([bid, r0, c0], out.reshape(1, BLOCK_M, BLOCK_N))
-    else:
-        # A rectangular tile crossing the diagonal: the lower part, then its mirror (gram.py's
-        # masked stores).
+    else:  # a rectangular tile crossing the diagonal: masked pointer stores
         c_base = c_ptr + bid.to(tl.int64) * stride_cb
-        mask = (rm[:, None] < M) & (rn[None, :] < N) & (rm[:, None] >= rn[None, :])
-        tl.store(c_base + rm[:, None] * stride_cm + rn[None, :] * stride_cn, out, mask=mask)
-        mask_t = (rn[:, None] < N) & (rm[None, :] < M) & (rm[None, :] > rn[:, None])
-        tl.store(
-            c_base + rn[:, None] * stride_cm + rm[None, :] * stride_cn, tl.trans(out), mask=mask_t
-        )
+        _store_lower_and_mirror(c_base, out, rm, rn, M, N, stride_cm, stride_cn)
 
 
 @triton.jit
