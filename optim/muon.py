@@ -425,8 +425,10 @@ def _graph_key(members: list[tuple[tuple, int]], dtype: torch.dtype, device, gro
         dispatch.MIXED_UPDATE,
         dispatch.FOLD_LAUNCH_BOUND,
         dispatch.FOLDED_HALF_DTYPE,
+        dispatch.TRITON_HALF_DTYPE,
         dispatch.MIN_TRITON_WORK,
         dispatch.MIN_TRITON_SIDE,
+        dispatch.MIN_TMA_BATCH_WORK,
     )
     settings = repr(tuple(group.get(k) for k in _MUON_KEYS))
     return (device, dtype, tuple(key for key, _ in members), settings, switches)

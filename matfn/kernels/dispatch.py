@@ -6,8 +6,8 @@ kernel modules are imported on the first CUDA call.
 Newton–Schulz entry points (each picks the Triton kernels of :mod:`matfn.kernels.ns_step` for
 large bf16/fp16 CUDA batches, the folded step ``(B + aI) X`` — cuBLAS ``X Xᵀ`` and last product,
 ``cA² + bA + aI`` in a Triton epilogue for larger batches — for the other bf16/fp16 CUDA batches,
-bf16 ones iterated in fp16 (:func:`iteration_dtype`), and the torch twins of :mod:`matfn.msign`
-otherwise, e.g. on CPU, in float32/float64, or with ``MATFN_DISABLE_TRITON=1``):
+bf16 ones iterated in fp16 on both (:func:`iteration_dtype`), and the torch twins of
+:mod:`matfn.msign` otherwise, e.g. on CPU, in float32/float64, or with ``MATFN_DISABLE_TRITON=1``):
 :func:`ns_step`, :func:`newton_schulz`, :func:`gram_newton_schulz`, :func:`sign_step` (general
 square, for mcsgn) and :func:`newton_schulz_grouped` (a list of matrices of mixed shapes).
 """
@@ -35,6 +35,8 @@ __all__ = [
     "newton_schulz_grouped",
     "GRAM_HALF_DTYPE",
     "FOLDED_HALF_DTYPE",
+    "TRITON_HALF_DTYPE",
+    "MIN_TMA_BATCH_WORK",
     "GROUPED_MIN_SHAPES",
     "MIXED_UPDATE",
     "FOLD_LAUNCH_BOUND",
@@ -61,6 +63,14 @@ MIN_TRITON_WORK = 2**34
 #: MIN_TRITON_WORK) measured 7.29 ms with the kernels and 6.68 ms with cuBLAS on the H100, while a
 #: single 4096² ran 3.11 ms with the kernels against 3.43 ms with cuBLAS (docs/benchmarks.md).
 MIN_TRITON_SIDE = 2048
+#: Batches with a short side below :data:`MIN_TRITON_SIDE` still take the Triton kernels from
+#: this many multiply-adds per product on GPUs where they load by TMA (compute capability ≥ 9,
+#: :mod:`matfn.kernels.matmul_tma`): the TMA symmetric products beat cuBLAS there (1.3× for
+#: 128×768×2048's ``X Xᵀ``), and each launch's GPU time covers its larger host time (about
+#: 0.15 ms on the H100 host). Measured end to end on the H100 (docs/benchmarks.md): 128 ×
+#: 768×2048 (2³⁷·²) 6.86 ms against 7.92 on the folded cuBLAS path; 24 × 768×3072 (2³⁵·³) 1.90
+#: against 2.10 eager, 48 × 768² (2³⁴·³) 3.02 against 1.49 (host-bound) — kept below.
+MIN_TMA_BATCH_WORK = 2**36
 
 
 @functools.cache
@@ -97,13 +107,28 @@ def _kernel_batch(X: torch.Tensor) -> bool:
     return X.dtype in _KERNEL_DTYPES and use_triton(X) and gpu_bound(X)
 
 
+def _tma_batch(X: torch.Tensor) -> bool:
+    """At least :data:`MIN_TMA_BATCH_WORK` multiply-adds per product, and TMA-loaded kernels.
+
+    TMA needs compute capability ≥ 9 and 16-byte rows: both sides a multiple of 8 (the
+    iterates are dense, so every operand's strides then are).
+    """
+    s, L = sorted(X.shape[-2:])
+    if s % 8 or L % 8 or X[..., :1, :1].numel() * s * s * L < MIN_TMA_BATCH_WORK:
+        return False
+    from . import gram
+
+    return gram.TMA != "never" and torch.cuda.get_device_capability(X.device)[0] >= 9
+
+
 def kernels_apply(X: torch.Tensor) -> bool:
     """Whether the Newton–Schulz Triton kernels run for ``X (B, s, L)``.
 
     CUDA, bf16/fp16, Triton on, at least :data:`MIN_TRITON_WORK` multiply-adds per product and
-    a short side of at least :data:`MIN_TRITON_SIDE`.
+    a short side of at least :data:`MIN_TRITON_SIDE`, or :data:`MIN_TMA_BATCH_WORK`
+    multiply-adds on a GPU where the kernels load by TMA.
     """
-    return _kernel_batch(X) and min(X.shape[-2:]) >= MIN_TRITON_SIDE
+    return _kernel_batch(X) and (min(X.shape[-2:]) >= MIN_TRITON_SIDE or _tma_batch(X))
 
 
 def fused_update_applies(X: torch.Tensor) -> bool:
@@ -113,9 +138,10 @@ def fused_update_applies(X: torch.Tensor) -> bool:
     buckets): cuBLAS is faster for ``X Xᵀ`` and ``cA² + bA`` there, but ``baddbmm`` first copies
     X into its output, and the Triton product with the ``+ aX`` epilogue measured 0.70–0.78× of
     cuBLAS's time for that last product (48×768², 24×768×3072, 64×512² on the H100; see
-    docs/benchmarks.md, "Per product").
+    docs/benchmarks.md, "Per product"), unless the batch takes the Triton kernels
+    (:func:`kernels_apply`).
     """
-    return _kernel_batch(X) and min(X.shape[-2:]) < MIN_TRITON_SIDE
+    return _kernel_batch(X) and min(X.shape[-2:]) < MIN_TRITON_SIDE and not _tma_batch(X)
 
 
 def gram_accurate(X: torch.Tensor) -> bool:
@@ -144,18 +170,24 @@ FOLD_LAUNCH_BOUND = True
 #: finely too. Normalised iterates stay within |x| ≤ 1.2 and ``|B| < 100``, far inside fp16's
 #: range; the Gram path iterates in fp16 for the same reason (:data:`GRAM_HALF_DTYPE`).
 FOLDED_HALF_DTYPE: torch.dtype | None = torch.float16
+#: bf16 batches on the Triton path (:func:`kernels_apply`) iterate in this dtype (None: in
+#: bf16), for the same reason: the kernels run fp16 and bf16 operands at one speed, and every
+#: product rounds 8× more finely (docs/benchmarks.md, "Accuracy").
+TRITON_HALF_DTYPE: torch.dtype | None = torch.float16
 
 
 def iteration_dtype(X: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
     """The dtype a normalised batch of ``X``'s shape and device in ``dtype`` is iterated in.
 
-    :data:`FOLDED_HALF_DTYPE` for bf16 batches that take the folded step, else ``dtype``.
-    Callers normalise straight into it (no extra cast pass) and cast the result back.
+    For bf16 batches, :data:`FOLDED_HALF_DTYPE` on the folded step and
+    :data:`TRITON_HALF_DTYPE` on the Triton kernels (when set); else ``dtype``. Callers
+    normalise straight into it (no extra cast pass) and cast the result back.
     """
-    if dtype != torch.bfloat16 or FOLDED_HALF_DTYPE is None:
+    if dtype != torch.bfloat16:
         return dtype
     probe = torch.empty((), dtype=dtype, device=X.device).expand(X.shape)
-    return FOLDED_HALF_DTYPE if _step_function(probe).__name__ == "ns_step_folded" else dtype
+    half = {"ns_step_folded": FOLDED_HALF_DTYPE, "ns_step_triton": TRITON_HALF_DTYPE}
+    return half.get(_step_function(probe).__name__) or dtype
 
 
 def cast(X: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -206,7 +238,10 @@ def newton_schulz(X: torch.Tensor, coeffs: Sequence[Coefficients]) -> torch.Tens
     if kernels_apply(X):
         from .ns_step import newton_schulz_triton
 
-        return newton_schulz_triton(X, coeffs)
+        dtype = X.dtype
+        if dtype == torch.bfloat16 and TRITON_HALF_DTYPE:
+            X = X.to(TRITON_HALF_DTYPE)  # what iteration_dtype(X, bf16) says for this path
+        return cast(newton_schulz_triton(X, coeffs), dtype)
     step = _step_function(X)
     dtype = X.dtype
     if step.__name__ == "ns_step_folded" and dtype == torch.bfloat16 and FOLDED_HALF_DTYPE:

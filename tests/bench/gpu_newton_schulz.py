@@ -77,6 +77,9 @@ TARGETS_MS = {
     "1024x1024": 0.1,
     "64x512x512": 0.5,
 }
+#: ``--lean``: the time section runs ours (the default path), the torch reference and the peers
+#: only, not the alternative dispatch variants.
+LEAN = False
 SMALL = ["1024x1024", "1000x1000", "1294x929", "64x512x512", "32x128x4096"]
 RESULTS: dict = {"sections": {}}
 
@@ -303,11 +306,23 @@ def section_acc(shapes):
         f = torch.as_tensor(scalar_map(coeffs, x), device="cuda")
         oracle = (U * f) @ V.T
         X0 = normalize(M64.unsqueeze(0), factor, 1e-7, torch.bfloat16)
+
+        def bf16_iteration(fn, *args):  # the Triton path without TRITON_HALF_DTYPE
+            with mock.patch.object(dispatch, "TRITON_HALF_DTYPE", None):
+                return fn(*args)
+
+        M16 = M64.unsqueeze(0).bfloat16()
         variants = {
-            "triton standard bf16": lambda X0=X0: dispatch.newton_schulz(X0, coeffs),
+            "msign (bf16 in/out, default)": lambda M16=M16: matfn.msign(
+                M16, steps=STEPS, check_finite=False
+            ),
+            "triton standard (fp16 iterates)": lambda X0=X0: dispatch.newton_schulz(X0, coeffs),
+            "triton standard bf16": lambda X0=X0: bf16_iteration(
+                dispatch.newton_schulz, X0, coeffs
+            ),
             "triton gram fp16": lambda X0=X0: dispatch.gram_newton_schulz(X0, coeffs, restarts),
             "triton standard bf16, pointer loads": lambda X0=X0: pointer(
-                dispatch.newton_schulz, X0, coeffs
+                bf16_iteration, dispatch.newton_schulz, X0, coeffs
             ),
             "triton gram fp16, pointer loads": lambda X0=X0: pointer(
                 dispatch.gram_newton_schulz, X0, coeffs, restarts
@@ -366,14 +381,16 @@ def section_time(cases, peak, peer_cases, peer_names):
         pf = plain_flops(batch, n, m)
         kernels = dispatch.kernels_apply(X0)
         entries = [(f"ours ({algo}{'' if kernels else ', torch path'})", lambda M=M: ours(M))]
-        if kernels:
+        if LEAN:
+            pass
+        elif kernels:
             entries.append((f"ours ({algo}, pointer loads)", lambda M=M: pointer_loads(M)))
             entries.append((f"ours ({algo}, cuBLAS general products)", lambda M=M: cublas_gen(M)))
         else:
             entries.append((f"ours ({algo}, Triton forced)", lambda M=M: forced(M)))
             entries.append((f"ours ({algo}, unfolded: baddbmm/BX+aX)", lambda M=M: unfolded(M)))
         other = "standard" if algo == "gram" else "gram"
-        if s < L:
+        if s < L and not LEAN:
             entries.append((f"ours ({other})", lambda M=M, o=other: ours_algo(M, o)))
         entries.append(("torch ref batched (baddbmm)", lambda M=M: torch_batched(M)))
         for pname, p in peers.items():
@@ -414,6 +431,20 @@ def section_time(cases, peak, peer_cases, peer_names):
     RESULTS["sections"]["time"] = rows
 
 
+def captured(fn) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``fn()``, captured after three warm-up calls on a side stream."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def section_graph(cases):
     rows = []
     for name in cases:
@@ -427,16 +458,7 @@ def section_graph(cases):
         ):
             fn(M)
             eager = bench(lambda fn=fn: fn(M))[0]
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(3):
-                    fn(M)
-            torch.cuda.current_stream().wait_stream(s)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn(M)
-            g = bench(graph.replay)[0]
+            g = bench(captured(lambda fn=fn: fn(M)).replay)[0]
             rows.append((name, label, eager, g))
             log(f"  {name:>13} {label:<20} eager {eager:8.4f} ms   graph {g:8.4f} ms")
     RESULTS["sections"]["graph"] = rows
@@ -797,7 +819,10 @@ def main():
     ap.add_argument("--peers", default="torch.optim,emerging,gram-newton,heavyball")
     ap.add_argument("--acc-shapes", default=ACC_SHAPES, help="s x L shapes of the acc section")
     ap.add_argument("--graph-cases", default=",".join(SMALL), help="cases of the graph section")
+    ap.add_argument("--lean", action="store_true", help="time ours without its variants")
     args = ap.parse_args()
+    global LEAN
+    LEAN = args.lean
     sections = args.sections.split(",")
     cases = [c for c in args.cases.split(",") if c]
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -110,6 +110,7 @@ CASES = {
     "triton_launch19": lambda: triton_launch(19),
     "muon": gpt2_muon,
     "msign1024": lambda: msign_of((1024, 1024)),
+    "msign4096": lambda: msign_of((4096, 4096)),
     "torch_muon_ns1024": torch_muon_ns,
     "pieces1024": msign_pieces,
     "batch512": lambda: msign_of((64, 512, 512)),

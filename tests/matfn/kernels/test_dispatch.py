@@ -171,3 +171,74 @@ def test_gram_keeps_dtype_and_cpu_path():
     out = dispatch.gram_newton_schulz(X0, coeffs)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, gram_newton_schulz_torch(X0, coeffs))
+
+
+def test_tma_batches_take_the_kernels_below_the_side_threshold(monkeypatch):
+    """Batches of small matrices take the Triton path from MIN_TMA_BATCH_WORK on TMA GPUs only."""
+    from matfn.kernels import gram
+
+    monkeypatch.setattr(dispatch, "use_triton", lambda *t: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+
+    def probe(*shape, dtype=torch.bfloat16):  # no memory: a broadcast scalar
+        return torch.empty((), dtype=dtype).expand(shape)
+
+    moe = probe(128, 768, 2048)  # 2^37.2 multiply-adds per product
+    assert dispatch.kernels_apply(moe) and not dispatch.fused_update_applies(moe)
+    assert dispatch.kernels_apply(probe(128, 2048, 768))  # tall: the same wide batch
+    assert dispatch.kernels_apply(probe(1, 4096, 4096))  # above MIN_TRITON_SIDE anyway
+    assert not dispatch.kernels_apply(probe(24, 768, 3072))  # 2^35.3 < MIN_TMA_BATCH_WORK
+    assert dispatch.fused_update_applies(probe(24, 768, 3072))
+    assert not dispatch.kernels_apply(probe(128, 770, 2048))  # rows not 16-byte aligned
+    assert not dispatch.kernels_apply(probe(128, 768, 2048, dtype=torch.float32))
+    monkeypatch.setattr(gram, "TMA", "never")
+    assert not dispatch.kernels_apply(moe)
+    monkeypatch.setattr(gram, "TMA", "auto")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert not dispatch.kernels_apply(moe) and dispatch.fused_update_applies(moe)
+    assert dispatch.kernels_apply(probe(1, 4096, 4096))
+
+
+def test_triton_path_iterates_bf16_in_fp16_and_is_more_accurate(force_kernels, monkeypatch):
+    """bf16 batches on the Triton path run in fp16 (TRITON_HALF_DTYPE) and come back bf16."""
+    monkeypatch.setattr(dispatch, "_KERNEL_DTYPES", (torch.bfloat16, torch.float16))
+    coeffs, factor = schedule("polar_express", 5)
+    g = torch.Generator().manual_seed(3)
+    X = normalize(torch.randn(2, 24, 64, generator=g, dtype=torch.float64), factor, 1e-7,
+                  torch.float64)  # fmt: skip
+    assert dispatch.iteration_dtype(X, torch.bfloat16) == torch.float16
+    out = dispatch.newton_schulz(X.bfloat16(), coeffs)
+    assert force_kernels["n"] > 0, "the Triton path did not run"
+    assert out.dtype == torch.bfloat16
+    exact = newton_schulz_torch(X, coeffs)
+    err = torch.linalg.norm(out.double() - exact)
+    err_bf16 = torch.linalg.norm(newton_schulz_torch(X.bfloat16(), coeffs).double() - exact)
+    assert err < err_bf16, (err, err_bf16)
+    monkeypatch.setattr(dispatch, "TRITON_HALF_DTYPE", None)
+    assert dispatch.iteration_dtype(X, torch.bfloat16) == torch.bfloat16
+    assert dispatch.iteration_dtype(X, torch.float16) == torch.float16
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_normalize_layouts(layout, device, monkeypatch):
+    """normalize = X / max(factor·‖X‖_F, eps) per matrix, for every layout (CUDA: a Triton pass).
+
+    The divide is one float32 division rounded to the output dtype, as torch's; Triton's
+    division may differ from IEEE by 2 ulp of float32, below half a bf16 ulp: ≤ 1 bf16 ulp.
+    """
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    msign_module = sys.modules[normalize.__module__]  # `matfn.msign` is also the function
+    monkeypatch.setattr(msign_module, "TRITON_DIVIDE_SIZE", 0)  # the Triton pass at this size
+    g = torch.Generator().manual_seed(4)
+    M = torch.randn(3, 40, 24, generator=g).to(device, torch.bfloat16)
+    M[1] = 0  # a zero matrix stays zero (eps)
+    X = {"contiguous": M, "transposed": M.mT.contiguous().mT, "strided": M[:, ::2]}[layout]
+    out = normalize(X, 1.01, 1e-7, torch.bfloat16)
+    norm = torch.linalg.matrix_norm(X.double(), keepdim=True)
+    ref = X.double() / (1.01 * norm).clamp_min(1e-7)
+    assert out.dtype == torch.bfloat16 and out.shape == X.shape
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    torch.testing.assert_close(out.double(), ref, rtol=2**-8, atol=0)
+    assert torch.equal(X, {"contiguous": M, "transposed": M, "strided": M[:, ::2]}[layout])

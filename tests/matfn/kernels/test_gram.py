@@ -170,6 +170,22 @@ def test_tma_products_match_float64(blocks, tma_launches, monkeypatch, shape, pr
     assert len(tma_launches) == 4, "every product here must take the TMA kernel"
 
 
+def test_tma_descriptor_cache_rebinds_every_operand(blocks, tma_launches):
+    """Launches of one geometry reuse cached descriptors: each launch must read its own tensors
+    (D and the output share shape, strides and block), and no tensor stays referenced after."""
+    from matfn.kernels.matmul_tma import _DESCRIPTORS
+
+    dtype = torch.float16
+    X1, X2 = _rand((2, 24, 40), dtype, seed=11), _rand((2, 24, 40), dtype, seed=12)
+    D1, D2 = _rand((2, 24, 24), dtype, seed=13), _rand((2, 24, 24), dtype, seed=14)
+    for X, D in ((X1, D1), (X2, D2), (X1, D2)):
+        out = gram.matmul_triton(X, X.mT, D, alpha=0.5, beta=2.0)
+        _close(out, 0.5 * X.double() @ X.double().mT + 2.0 * D.double(), dtype)
+    assert len(tma_launches) == 3
+    assert _DESCRIPTORS.table, "the launches above must have filled the cache"
+    assert all(desc.base is None for desc in _DESCRIPTORS.table.values())
+
+
 def test_tma_applies_only_to_aligned_unit_stride_operands():
     from matfn.kernels.matmul_tma import tma_applies
 
