@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU benchmark and correctness check (≈ 22 min in all: split it over two device calls with
+# Every GPU benchmark and correctness check (≈ 25 min in all: split it over two device calls with
 # the individual commands below if a call is limited to 10 min).
 #   bash tests/bench/run_gpu_suite.sh            # writes logs and JSON under $OUT (or ./out)
 # Peers (benchmark-only) come from wheels in .whl/ when present. Each script has its own
@@ -28,5 +28,6 @@ TAIL=60 run newton_schulz 420 python3 tests/bench/gpu_newton_schulz.py --json "$
   --cases "${NS_CASES:-1024x1024,4096x4096,8192x8192,4096x16384,64x512x512,1294x929,128x768x2048}" \
   --peer-cases "${NS_PEER_CASES:-4096x4096,4096x16384,64x512x512}"
 run tma 330 python3 tests/bench/gpu_newton_schulz.py --sections tma --json "$OUT/tma.json"
+run tma_sweep 330 python3 tests/bench/gpu_tma_sweep.py --sections host,dispatch --json "$OUT/tma_sweep.json"
 run triangular 280 python3 tests/bench/gpu_triangular.py --json "$OUT/tri.json"
 run derivatives 45 python3 tests/bench/gpu_derivatives.py --sizes 256 1024 2048 --reps 2
