@@ -118,7 +118,7 @@ def _tma_batch(X: torch.Tensor) -> bool:
         return False
     from . import gram
 
-    return gram.TMA != "never" and torch.cuda.get_device_capability(X.device)[0] >= 9
+    return gram.TMA != "never" and gram._capability(X.device.index)[0] >= 9
 
 
 def kernels_apply(X: torch.Tensor) -> bool:
@@ -186,8 +186,14 @@ def iteration_dtype(X: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
     if dtype != torch.bfloat16:
         return dtype
     probe = torch.empty((), dtype=dtype, device=X.device).expand(X.shape)
-    half = {"ns_step_folded": FOLDED_HALF_DTYPE, "ns_step_triton": TRITON_HALF_DTYPE}
-    return half.get(_step_function(probe).__name__) or dtype
+    return _half_dtype(_step_function(probe)) or dtype
+
+
+def _half_dtype(step) -> torch.dtype | None:
+    """The dtype bf16 batches iterate in with ``step`` (None: in bf16)."""
+    return {"ns_step_folded": FOLDED_HALF_DTYPE, "ns_step_triton": TRITON_HALF_DTYPE}.get(
+        step.__name__
+    )
 
 
 def cast(X: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -235,17 +241,11 @@ def ns_step(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
 
 def newton_schulz(X: torch.Tensor, coeffs: Sequence[Coefficients]) -> torch.Tensor:
     """The standard iteration on a normalised wide batch ``(B, s, L)``."""
-    if kernels_apply(X):
-        from .ns_step import newton_schulz_triton
-
-        dtype = X.dtype
-        if dtype == torch.bfloat16 and TRITON_HALF_DTYPE:
-            X = X.to(TRITON_HALF_DTYPE)  # what iteration_dtype(X, bf16) says for this path
-        return cast(newton_schulz_triton(X, coeffs), dtype)
     step = _step_function(X)
     dtype = X.dtype
-    if step.__name__ == "ns_step_folded" and dtype == torch.bfloat16 and FOLDED_HALF_DTYPE:
-        X = X.to(FOLDED_HALF_DTYPE)  # what iteration_dtype(X, bf16) says for this step
+    half = _half_dtype(step) if dtype == torch.bfloat16 else None
+    if half:
+        X = X.to(half)  # what iteration_dtype(X, bf16) says for this step
     for a, b, c in coeffs:
         X = step(X, a, b, c)
     return cast(X, dtype)
