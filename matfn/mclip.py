@@ -2,11 +2,13 @@ r"""mclip: singular-value clipping ``U clip(Σ, min_sv, max_sv) Vᵀ`` through m
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Literal
 
 import torch
 
+from . import _graphs
 from ._batching import flatten_batch, to_wide, unflatten_batch
 from ._validation import check_matrix
 from .msign import Algorithm, Method, Steps, _check_options, msign_wide
@@ -76,6 +78,7 @@ def mclip(
     eps: float = 1e-7,
     compute_dtype: torch.dtype | None = None,
     check_finite: bool = True,
+    cuda_graph: bool = False,
 ) -> torch.Tensor:
     r"""Clip singular values into ``[min_sv, max_sv]``: ``U clip(Σ, min_sv, max_sv) Vᵀ``.
 
@@ -88,7 +91,7 @@ def mclip(
     min_sv : float
         Lower bound ``α`` with ``0 ≤ α ≤ β``. Only nonzero singular values are lifted: the rank
         is preserved (for rank-deficient M the lifted directions would not be unique).
-    method, steps, algorithm, eps, check_finite
+    method, steps, algorithm, eps, check_finite, cuda_graph
         As in :func:`matfn.msign`; they apply to every inner msign call, except that
         ``steps=None`` with ``polar_express`` means 8 steps (5 leave the largest singular value
         near ``1.3·max_sv``). ``method="svd"`` gives the exact result through
@@ -164,15 +167,26 @@ def mclip(
     if M.numel() == 0:
         return torch.empty_like(M)
 
+    if steps is None and method == "polar_express":
+        steps = MCLIP_DEFAULT_STEPS
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if M.dtype == torch.float64 else torch.float32
+    options = (float(min_sv), float(max_sv), method, steps, form, algorithm, eps, compute_dtype)
+    call = functools.partial(_mclip, options=options)
+    exact = method == "svd" or form == "svd"
+    if cuda_graph and steps != "auto" and not exact and _graphs.ns_graph_applies(M):
+        return _graphs.replay_or_capture("mclip", options, call, M)
+    return call(M)
+
+
+def _mclip(M: torch.Tensor, options: tuple) -> torch.Tensor:
+    """mclip of a validated, non-empty ``M`` (the part a CUDA graph captures)."""
+    min_sv, max_sv, method, steps, form, algorithm, eps, compute_dtype = options
     X, batch_shape = flatten_batch(M)
     X, transposed = to_wide(X)
     if method == "svd" or form == "svd":
-        out = _clip_svd(X, float(min_sv), float(max_sv))
+        out = _clip_svd(X, min_sv, max_sv)
     else:
-        if steps is None and method == "polar_express":
-            steps = MCLIP_DEFAULT_STEPS
-        if compute_dtype is None:
-            compute_dtype = torch.float64 if M.dtype == torch.float64 else torch.float32
         work = X.to(torch.float64 if compute_dtype == torch.float64 else torch.float32)
 
         def sign(Y: torch.Tensor) -> torch.Tensor:
@@ -187,9 +201,9 @@ def mclip(
             return out.to(work.dtype)
 
         O = sign(work)
-        out = _clip_above(work, O, float(max_sv), form, sign)
+        out = _clip_above(work, O, max_sv, form, sign)
         if min_sv > 0:
-            out = out + min_sv * O - _clip_above(work, O, float(min_sv), form, sign)
+            out = out + min_sv * O - _clip_above(work, O, min_sv, form, sign)
     if transposed:
         out = out.mT
     return unflatten_batch(out.to(M.dtype), batch_shape)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import _graphs
 from ._batching import flatten_batch, unflatten_batch
 from ._validation import check_matrix
 from .coefficients import (
@@ -125,6 +126,7 @@ def mcsgn(
     compute_dtype: torch.dtype | None = None,
     check_finite: bool = True,
     check_convergence: bool = True,
+    cuda_graph: bool = False,
 ) -> torch.Tensor:
     r"""Matrix sign function ``mcsgn(M) = M (M²)^{-1/2}`` of square matrices.
 
@@ -155,6 +157,12 @@ def mcsgn(
     check_convergence : bool
         Verify the result: ``‖S³ − S‖₂`` (power iteration, ``O(n²)``, one host sync) must lie
         within the schedule's scalar bound plus rounding slack.
+    cuda_graph : bool
+        Replay the normalisation and the iteration from a CUDA graph captured for this input
+        geometry and these options (see :func:`matfn.msign`; the convergence check, if any,
+        runs after it). Ignored (eager) on CPU, for ``steps="auto"`` (the default with
+        ``polar_express``: its polishing syncs with the host), ``method="svd"`` and GPU-bound
+        inputs (see :func:`matfn.msign`).
 
     Returns
     -------
@@ -222,8 +230,15 @@ def mcsgn(
         bound = 0.0
     else:
         coeffs, factor = schedule(method, DEFAULT_STEPS[method] if steps is None else steps)
-        X = _normalize_trace(X, factor, eps, compute_dtype)
-        X = _run_sign_iteration(X, coeffs)
+
+        def iterate(Y: torch.Tensor) -> torch.Tensor:
+            return _run_sign_iteration(_normalize_trace(Y, factor, eps, compute_dtype), coeffs)
+
+        if cuda_graph and _graphs.ns_graph_applies(X):
+            options = (method, steps, eps, compute_dtype)
+            X = _graphs.replay_or_capture("mcsgn", options, iterate, X)
+        else:
+            X = iterate(X)
         bound = _scalar_residual_bound(coeffs, factor, 1e-3)
 
     if check_convergence:

@@ -12,6 +12,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from . import _graphs
 from ._batching import flatten_batch, to_wide, unflatten_batch
 from ._validation import check_matrix
 from .coefficients import (
@@ -295,11 +296,17 @@ def choose_algorithm(
     return "gram" if gram < margin * standard else "standard"
 
 
-def run_newton_schulz(X: torch.Tensor, coeffs: list[Coefficients], algorithm: str) -> torch.Tensor:
+def run_newton_schulz(
+    X: torch.Tensor,
+    coeffs: list[Coefficients],
+    algorithm: str,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Dispatch one normalised wide batch to the chosen algorithm (Triton kernels on CUDA).
 
     See :mod:`matfn.kernels.dispatch`: bf16/fp16 CUDA batches run the Triton kernels; the Gram
-    path runs in fp16 on CUDA; everything else runs the torch twins above.
+    path runs in fp16 on CUDA; everything else runs the torch twins above. The result is in
+    ``out_dtype`` (default X's dtype).
     """
     from .kernels import dispatch
 
@@ -327,8 +334,8 @@ def run_newton_schulz(X: torch.Tensor, coeffs: list[Coefficients], algorithm: st
         else:
             algorithm = "standard"
     if algorithm == "gram":
-        return dispatch.gram_newton_schulz(X, coeffs, gram_restarts(coeffs))
-    return dispatch.newton_schulz(X, coeffs)
+        return dispatch.gram_newton_schulz(X, coeffs, gram_restarts(coeffs), out_dtype)
+    return dispatch.newton_schulz(X, coeffs, out_dtype)
 
 
 def _msign_svd(X: torch.Tensor) -> torch.Tensor:
@@ -409,6 +416,7 @@ def msign_wide(
     eps: float,
     compute_dtype: torch.dtype,
     norms: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """msign of a flattened wide batch ``(B, s, L)``, ``s ≤ L``, in the iteration dtype.
 
@@ -417,7 +425,8 @@ def msign_wide(
     (:func:`matfn.kernels.dispatch.iteration_dtype`); callers cast it (to save a pass when the
     next consumer reads any float dtype, as the optimizer's update does).
     ``norms``: ``‖X_b‖_F`` when the caller already has them (:func:`normalize_by` then skips
-    the read of X for the norm).
+    the read of X for the norm). ``out_dtype``: ask for the result in this dtype instead, for
+    fixed schedules (the Triton path rounds its last product to it: no cast pass).
     """
 
     def normalized(factor: float) -> torch.Tensor:
@@ -430,7 +439,7 @@ def msign_wide(
             raise ValueError(f"steps='auto' uses the Polar-Express schedule; got method={method!r}")
         return _iterate_auto(normalized(1.01), algorithm)
     coeffs, factor = schedule(method, DEFAULT_STEPS[method] if steps is None else steps)
-    return run_newton_schulz(normalized(factor), coeffs, algorithm)
+    return run_newton_schulz(normalized(factor), coeffs, algorithm, out_dtype)
 
 
 def msign(
@@ -442,6 +451,7 @@ def msign(
     eps: float = 1e-7,
     compute_dtype: torch.dtype | None = None,
     check_finite: bool = True,
+    cuda_graph: bool = False,
 ) -> torch.Tensor:
     r"""Matrix sign (polar factor) ``msign(M) = U_r V_rᵀ`` by Newton–Schulz iteration.
 
@@ -481,6 +491,14 @@ def msign(
         error; :func:`matfn.kernels.dispatch.iteration_dtype`), the Gram path always does.
     check_finite : bool
         Raise on NaN/Inf (one host sync). The optimizer passes ``False``; NaN then propagates.
+    cuda_graph : bool
+        Replay the call from a CUDA graph captured for this input geometry and these options
+        (:mod:`matfn._graphs`): for small CUDA inputs, whose eager calls are bound by the host
+        issuing 17–20 kernels. The first call per geometry runs eagerly and captures; later
+        calls issue three operations (copy in, replay, copy out). Ignored (eager) on CPU, for
+        GPU-bound inputs (above 2³⁴ multiply-adds per product, e.g. 4096²), ``steps="auto"``
+        (host syncs), ``method="svd"`` and under autograd. Combine with
+        ``check_finite=False`` to avoid the host sync of the check.
 
     Returns
     -------
@@ -536,14 +554,24 @@ def msign(
     if M.numel() == 0:
         return torch.empty_like(M)
     compute_dtype = compute_dtype or default_compute_dtype(M)
-    X, batch_shape = flatten_batch(M)
-    X, transposed = to_wide(X)
-    out = msign_wide(
-        X, method=method, steps=steps, algorithm=algorithm, eps=eps, compute_dtype=compute_dtype
-    )
+    call = functools.partial(
+        _msign, method=method, steps=steps, algorithm=algorithm, eps=eps,
+        compute_dtype=compute_dtype,
+    )  # fmt: skip
+    if cuda_graph and steps != "auto" and method != "svd" and _graphs.ns_graph_applies(M):
+        options = (method, steps, algorithm, eps, compute_dtype)
+        return _graphs.replay_or_capture("msign", options, call, M)
+    return call(M)
+
+
+def _msign(M: torch.Tensor, **options) -> torch.Tensor:
+    """msign of a validated, non-empty ``M`` (the part a CUDA graph captures)."""
     from .kernels import dispatch
 
-    out = dispatch.cast(out, M.dtype)  # fp16 → bf16 after the folded CUDA path: one pass
+    X, batch_shape = flatten_batch(M)
+    X, transposed = to_wide(X)
+    out = msign_wide(X, **options, out_dtype=M.dtype)
+    out = dispatch.cast(out, M.dtype)  # svd and steps="auto" return the compute dtype
     if transposed:
         out = out.mT
     return unflatten_batch(out, batch_shape)

@@ -21,11 +21,13 @@ Three torch forms live here, each the blueprint of the next:
 
 from __future__ import annotations
 
+import functools
 import math
 from numbers import Real
 
 import torch
 
+from . import _graphs
 from ._validation import assert_all_finite, check_matrix, check_same_device
 
 __all__ = ["tri_inv", "tri_solve", "SingularTriangularError"]
@@ -261,6 +263,7 @@ def tri_inv(
     *,
     chunk_size: int = DEFAULT_CHUNK,
     check_finite: bool = True,
+    cuda_graph: bool = False,
 ) -> torch.Tensor:
     r"""Inverse of ``T = Λ + tril(Q Kᵀ, −1)`` in ``O(n² d)``, as a dense lower-triangular matrix.
 
@@ -275,6 +278,12 @@ def tri_inv(
         Rows per chunk ``C`` (results agree to rounding for every ``C``).
     check_finite : bool
         Raise on NaN/Inf in the inputs (one host sync per input).
+    cuda_graph : bool
+        Replay the kernels from a CUDA graph captured for this input geometry
+        (:mod:`matfn._graphs`): eager CUDA calls are bound by the host issuing about 8 Triton
+        launches (0.6–0.7 ms of host time against 0.14 ms of GPU work at n = 4096, d = 128 on
+        the H200). The first call per geometry runs eagerly and captures; the input checks
+        still run eagerly (one host sync). Ignored on CPU and under autograd.
 
     Returns
     -------
@@ -341,6 +350,15 @@ def tri_inv(
     batch = Q.shape[:-2]
     if n == 0 or math.prod(batch) == 0:
         return Q.new_zeros((*batch, n, n), dtype=dtype)
+    call = functools.partial(_tri_inv, dtype=dtype, chunk_size=chunk_size)
+    if cuda_graph and _graphs.graph_applies(Q, K, lam, work=math.prod(batch) * n * n * d):
+        return _graphs.replay_or_capture("tri_inv", (dtype, chunk_size), call, Q, K, lam)
+    return call(Q, K, lam)
+
+
+def _tri_inv(Q, K, lam, *, dtype: torch.dtype, chunk_size: int) -> torch.Tensor:
+    """tri_inv of validated, non-empty inputs (the part a CUDA graph captures)."""
+    n, d = Q.shape[-2:]
     Qf, Kf, _, lamf = _prepare(Q, K, None, lam, dtype)
     if d > 0 and _use_kernels(Qf) and Qf.dtype == torch.float32:
         from .kernels.triangular import tri_inv_triton
@@ -348,7 +366,7 @@ def tri_inv(
         Y = tri_inv_triton(Qf, Kf, lamf, **_kernel_options("inv", chunk_size))
     else:
         Y = _tri_inv_chunked_torch(Qf, Kf, lamf, chunk_size)
-    return Y.reshape(*batch, n, n).to(dtype)
+    return Y.reshape(*Q.shape[:-2], n, n).to(dtype)
 
 
 def tri_solve(
@@ -359,6 +377,7 @@ def tri_solve(
     *,
     chunk_size: int = DEFAULT_CHUNK,
     check_finite: bool = True,
+    cuda_graph: bool = False,
 ) -> torch.Tensor:
     r"""Solve ``T X = V`` for ``T = Λ + tril(Q Kᵀ, −1)`` in ``O(n d e)``, without forming ``T⁻¹``.
 
@@ -375,6 +394,9 @@ def tri_solve(
         Rows per chunk ``C``.
     check_finite : bool
         Raise on NaN/Inf in the inputs.
+    cuda_graph : bool
+        As in :func:`tri_inv` (eager: 0.35–0.4 ms of host time for 0.10 ms of GPU work at
+        n = 4096, d = e = 128 on the H200).
 
     Returns
     -------
@@ -425,6 +447,16 @@ def tri_solve(
     batch = Q.shape[:-2]
     if n == 0 or e == 0 or math.prod(batch) == 0:
         return V.new_zeros((*batch, n, e), dtype=dtype)
+    call = functools.partial(_tri_solve, dtype=dtype, chunk_size=chunk_size)
+    work = math.prod(batch) * n * d * (d + e)
+    if cuda_graph and _graphs.graph_applies(Q, K, V, lam, work=work):
+        return _graphs.replay_or_capture("tri_solve", (dtype, chunk_size), call, Q, K, V, lam)
+    return call(Q, K, V, lam)
+
+
+def _tri_solve(Q, K, V, lam, *, dtype: torch.dtype, chunk_size: int) -> torch.Tensor:
+    """tri_solve of validated, non-empty inputs (the part a CUDA graph captures)."""
+    d = Q.shape[-1]
     Qf, Kf, Vf, lamf = _prepare(Q, K, V, lam, dtype)
     if 0 < d <= 128 and _use_kernels(Qf) and Qf.dtype == torch.float32:
         from .kernels.triangular import tri_solve_triton
@@ -432,7 +464,7 @@ def tri_solve(
         X = tri_solve_triton(Qf, Kf, Vf, lamf, **_kernel_options("solve", chunk_size))
     else:
         X = _tri_solve_chunked_torch(Qf, Kf, Vf, lamf, chunk_size)
-    return X.reshape(*batch, n, e).to(dtype)
+    return X.reshape(V.shape).to(dtype)
 
 
 def _kernel_chunk(chunk_size: int) -> int:

@@ -417,21 +417,10 @@ def _fused_momentum_stack(
 
 def _graph_key(members: list[tuple[tuple, int]], dtype: torch.dtype, device, group) -> tuple:
     """Everything a captured bucket graph depends on (see :mod:`optim._graphs`)."""
-    from matfn.kernels import dispatch, ns_step
+    from matfn.kernels import dispatch
 
-    switches = (
-        ns_step.FOLDED_POLY_BACKEND,
-        ns_step.MIN_TRITON_POLY_WORK,
-        dispatch.MIXED_UPDATE,
-        dispatch.FOLD_LAUNCH_BOUND,
-        dispatch.FOLDED_HALF_DTYPE,
-        dispatch.TRITON_HALF_DTYPE,
-        dispatch.MIN_TRITON_WORK,
-        dispatch.MIN_TRITON_SIDE,
-        dispatch.MIN_TMA_BATCH_WORK,
-    )
     settings = repr(tuple(group.get(k) for k in _MUON_KEYS))
-    return (device, dtype, tuple(key for key, _ in members), settings, switches)
+    return (device, dtype, tuple(key for key, _ in members), settings, dispatch.switches())
 
 
 def _batched_muon(

@@ -43,6 +43,7 @@ __all__ = [
     "iteration_dtype",
     "cast",
     "GROUPED_LAUNCH",
+    "switches",
 ]
 
 Coefficients = tuple[float, float, float]
@@ -189,6 +190,39 @@ def iteration_dtype(X: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
     return _half_dtype(_step_function(probe)) or dtype
 
 
+def switches() -> tuple:
+    """Every module-level switch that changes which kernels a Newton–Schulz call launches.
+
+    Part of the key of a captured CUDA graph (:mod:`matfn._graphs`, the optimizer's
+    :mod:`optim._graphs`): a graph captured under other switches replays other kernels.
+    """
+    own = (
+        os.environ.get("MATFN_DISABLE_TRITON") == "1",
+        GRAM_HALF_DTYPE,
+        MIN_TRITON_WORK,
+        MIN_TRITON_SIDE,
+        MIN_TMA_BATCH_WORK,
+        MIXED_UPDATE,
+        FOLD_LAUNCH_BOUND,
+        FOLDED_HALF_DTYPE,
+        TRITON_HALF_DTYPE,
+        GROUPED_LAUNCH,
+        GROUPED_MIN_SHAPES,
+    )
+    if not triton_available():
+        return own
+    from . import gram, ns_step
+
+    kernels = (
+        gram.TMA,
+        gram.TMA_MIN_WORK,
+        ns_step.GENERAL_BACKEND,
+        ns_step.FOLDED_POLY_BACKEND,
+        ns_step.MIN_TRITON_POLY_WORK,
+    )
+    return own + kernels
+
+
 def _half_dtype(step) -> torch.dtype | None:
     """The dtype bf16 batches iterate in with ``step`` (None: in bf16)."""
     return {"ns_step_folded": FOLDED_HALF_DTYPE, "ns_step_triton": TRITON_HALF_DTYPE}.get(
@@ -239,41 +273,54 @@ def ns_step(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
     return _step_function(X)(X, a, b, c)
 
 
-def newton_schulz(X: torch.Tensor, coeffs: Sequence[Coefficients]) -> torch.Tensor:
-    """The standard iteration on a normalised wide batch ``(B, s, L)``."""
+def newton_schulz(
+    X: torch.Tensor, coeffs: Sequence[Coefficients], out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """The standard iteration on a normalised wide batch ``(B, s, L)``.
+
+    The result is in ``out_dtype`` (default X's dtype); on the Triton path the last product's
+    epilogue writes it directly (no cast pass).
+    """
     step = _step_function(X)
-    dtype = X.dtype
-    half = _half_dtype(step) if dtype == torch.bfloat16 else None
+    out_dtype = out_dtype or X.dtype
+    half = _half_dtype(step) if X.dtype == torch.bfloat16 else None
     if half:
         X = X.to(half)  # what iteration_dtype(X, bf16) says for this step
-    for a, b, c in coeffs:
+    if not coeffs:
+        return cast(X, out_dtype)
+    *body, last = coeffs
+    for a, b, c in body:
         X = step(X, a, b, c)
-    return cast(X, dtype)
+    if step.__name__ == "ns_step_triton":
+        return step(X, *last, out_dtype=out_dtype)
+    return cast(step(X, *last), out_dtype)
 
 
 def gram_newton_schulz(
-    X: torch.Tensor, coeffs: Sequence[Coefficients], restarts: Sequence[int] | None = None
+    X: torch.Tensor,
+    coeffs: Sequence[Coefficients],
+    restarts: Sequence[int] | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Gram Newton–Schulz on a normalised wide batch; bf16 batches iterate in fp16.
 
     bf16 Gram NS is not stable (R ← Z R Z compounds bf16's 2⁻⁸ rounding: σ up to 11 after 8
     Polar-Express steps on a 32×96 input); :data:`GRAM_HALF_DTYPE` (fp16, 8× finer, ample range
-    for the normalised R) is, on every device. The result is cast back to bf16.
+    for the normalised R) is, on every device. The result is in ``out_dtype`` (default X's
+    dtype), written by the last product's epilogue on the Triton path.
     """
     from ..msign import gram_newton_schulz_torch, gram_restarts
 
     coeffs = list(coeffs)
     restarts = tuple(gram_restarts(coeffs) if restarts is None else restarts)
-    dtype = X.dtype
-    if dtype == torch.bfloat16:
+    out_dtype = out_dtype or X.dtype
+    if X.dtype == torch.bfloat16:
         X = X.to(GRAM_HALF_DTYPE)
     if kernels_apply(X):
         from .ns_step import gram_newton_schulz_triton
 
-        out = gram_newton_schulz_triton(X, coeffs, restarts)
-    else:
-        out = gram_newton_schulz_torch(X, coeffs, restarts)
-    return out.to(dtype)
+        return gram_newton_schulz_triton(X, coeffs, restarts, out_dtype=out_dtype)
+    return gram_newton_schulz_torch(X, coeffs, restarts).to(out_dtype)
 
 
 def sign_step(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:

@@ -56,22 +56,37 @@ def _general(
     D: torch.Tensor | None = None,
     alpha: float = 1.0,
     beta: float = 0.0,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """``α A B + β D`` for batches (general product)."""
+    """``α A B + β D`` for batches (general product), written in ``out_dtype`` (default A's).
+
+    The Triton epilogue rounds the fp32 accumulator straight to ``out_dtype``: the cast of the
+    iteration's last product to the caller's dtype costs no pass of its own.
+    """
     if GENERAL_BACKEND == "cublas" and A.is_cuda:
         if D is None:
-            return torch.bmm(A, B) if alpha == 1 else torch.bmm(A, B).mul_(alpha)
-        return torch.baddbmm(D, A, B, beta=beta, alpha=alpha)
-    return matmul_triton(A, B, D, alpha=alpha, beta=beta)
+            C = torch.bmm(A, B) if alpha == 1 else torch.bmm(A, B).mul_(alpha)
+        else:
+            C = torch.baddbmm(D, A, B, beta=beta, alpha=alpha)
+        return C if out_dtype is None else C.to(out_dtype)
+    out = None
+    if out_dtype not in (None, A.dtype):
+        out = torch.empty(A.shape[0], A.shape[1], B.shape[2], dtype=out_dtype, device=A.device)
+    return matmul_triton(A, B, D, alpha=alpha, beta=beta, out=out)
 
 
-def ns_step_triton(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
-    """One step ``a X + (b A + c A²) X`` with ``A = X Xᵀ`` for ``X (Bt, s, L)``, s ≤ L."""
+def ns_step_triton(
+    X: torch.Tensor, a: float, b: float, c: float, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """One step ``a X + (b A + c A²) X`` with ``A = X Xᵀ`` for ``X (Bt, s, L)``, s ≤ L.
+
+    ``out_dtype``: the new iterate's dtype (default X's), rounded to in the last epilogue.
+    """
     A = gram_triton(X)
     if c == 0:
-        return _general(A, X, X, alpha=b, beta=a)
+        return _general(A, X, X, alpha=b, beta=a, out_dtype=out_dtype)
     B = matmul_triton(A, A, A, alpha=c, beta=b, symmetric=True)
-    return _general(B, X, X, alpha=1.0, beta=a)
+    return _general(B, X, X, alpha=1.0, beta=a, out_dtype=out_dtype)
 
 
 def ns_step_fused_update(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
@@ -124,14 +139,18 @@ def _poly_gram(R: torch.Tensor, b: float, c: float) -> torch.Tensor:
 
 
 def gram_newton_schulz_triton(
-    X: torch.Tensor, coeffs: Sequence[Coefficients], restarts: Sequence[int] = ()
+    X: torch.Tensor,
+    coeffs: Sequence[Coefficients],
+    restarts: Sequence[int] = (),
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     r"""Gram Newton–Schulz (see ``gram_newton_schulz_torch``): iterate on ``R = X Xᵀ``.
 
     Per step ``Z = b R + c R²``, ``Q ← Q Z + a Q`` (or ``Z + a I`` after a (re)start),
     ``R ← (Z + aI) R (Z + aI)`` as ``RZ = R Z + a R``, ``R = Z·RZ + a RZ`` (skipped when the next
     step restarts or there is none); all symmetric. ``restarts``: steps before which
-    ``X ← Q X``, ``R ← X Xᵀ``, ``Q ← I``.
+    ``X ← Q X``, ``R ← X Xᵀ``, ``Q ← I``. ``out_dtype``: the result's dtype (default X's),
+    rounded to in the epilogue of the last ``Q X``.
     """
     T = len(coeffs)
     R = gram_triton(X)
@@ -150,7 +169,9 @@ def gram_newton_schulz_triton(
         if t + 1 < T and t + 1 not in restarts:
             RZ = matmul_triton(R, Z, R, beta=a, symmetric=True)
             R = matmul_triton(Z, RZ, RZ, beta=a, symmetric=True)
-    return X if Q is None else _general(Q, X)
+    if Q is None:
+        return X if out_dtype is None else X.to(out_dtype)
+    return _general(Q, X, out_dtype=out_dtype)
 
 
 def sign_step_triton(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:

@@ -46,6 +46,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import matfn  # noqa: E402
+from matfn import _graphs  # noqa: E402
 from matfn.coefficients import scalar_map, schedule  # noqa: E402
 from matfn.msign import (  # noqa: E402
     choose_algorithm,
@@ -213,6 +214,23 @@ def ours(M):
     return matfn.msign(M, steps=STEPS, check_finite=False)
 
 
+def ours_graphed(M):
+    """Ours replayed from its CUDA-graph cache (``cuda_graph=True``): three launches a call."""
+    return matfn.msign(M, steps=STEPS, check_finite=False, cuda_graph=True)
+
+
+#: One Gram restart, at step 2: gram-newton-schulz's default placement. Ours picks (1, 3) for
+#: 5 Polar-Express steps (msign.gram_restarts); this variant shows what the second one costs.
+ONE_RESTART = (2,)
+
+
+def one_restart(M):
+    """Ours with a single Gram restart (:data:`ONE_RESTART`) instead of gram_restarts' choice."""
+    msign_module = sys.modules["matfn.msign"]
+    with mock.patch.object(msign_module, "gram_restarts", lambda coeffs: ONE_RESTART):
+        return ours(M)
+
+
 def pointer_loads(M):
     """Ours with the pointer-load kernels (no TMA descriptors)."""
     from matfn.kernels import gram
@@ -283,7 +301,7 @@ def known_svd(s: int, L: int, seed: int, cond: float = 10.0):
 ACC_SHAPES = "768x768,768x3072,1024x1024,2048x2048,1024x4096,2048x8192,4096x16384"
 
 
-def section_acc(shapes):
+def section_acc(shapes, conds=(10.0,)):
     from matfn.kernels import dispatch, gram
 
     coeffs, factor = schedule("polar_express", STEPS)
@@ -300,8 +318,8 @@ def section_acc(shapes):
             X0 = step(X0, a, b, c)
         return X0
 
-    for s, L in shapes:
-        M64, U, sig, V = known_svd(s, L, seed=s + L)
+    for (s, L), cond in [(shape, c) for shape in shapes for c in conds]:
+        M64, U, sig, V = known_svd(s, L, seed=s + L, cond=cond)
         x = (sig / (factor * sig.norm())).cpu().numpy()
         f = torch.as_tensor(scalar_map(coeffs, x), device="cuda")
         oracle = (U * f) @ V.T
@@ -321,6 +339,9 @@ def section_acc(shapes):
                 dispatch.newton_schulz, X0, coeffs
             ),
             "triton gram fp16": lambda X0=X0: dispatch.gram_newton_schulz(X0, coeffs, restarts),
+            f"triton gram fp16, restarts {ONE_RESTART}": lambda X0=X0: dispatch.gram_newton_schulz(
+                X0, coeffs, ONE_RESTART
+            ),
             "triton standard bf16, pointer loads": lambda X0=X0: pointer(
                 bf16_iteration, dispatch.newton_schulz, X0, coeffs
             ),
@@ -340,19 +361,19 @@ def section_acc(shapes):
         for name, fn in variants.items():
             out = fn()[0].double()
             if not torch.isfinite(out).all():
-                rows.append((f"{s}x{L}", name, float("nan"), float("nan")))
+                rows.append((f"{s}x{L} κ{cond:g}", name, float("nan"), float("nan")))
                 continue
             rel = float(torch.linalg.norm(out - oracle) / torch.linalg.norm(oracle))
             ev = torch.linalg.eigvalsh(out @ out.T).clamp_min(0).sqrt()
             dev = float((ev - 1).abs().max())
-            rows.append((f"{s}x{L}", name, rel, dev))
+            rows.append((f"{s}x{L} κ{cond:g}", name, rel, dev))
         sched_err = float(abs(scalar_map(coeffs, x) - 1).max())
-        rows.append((f"{s}x{L}", "(schedule, exact arithmetic)", 0.0, sched_err))
+        rows.append((f"{s}x{L} κ{cond:g}", "(schedule, exact arithmetic)", 0.0, sched_err))
         del M64, U, V, oracle
         torch.cuda.empty_cache()
-    log(f"  {'shape':>11} {'variant':<30} {'rel err vs U f(Σ) Vᵀ':>20} {'max|σ−1|':>10}")
+    log(f"  {'shape':>17} {'variant':<36} {'rel err vs U f(Σ) Vᵀ':>20} {'max|σ−1|':>10}")
     for r in rows:
-        log(f"  {r[0]:>11} {r[1]:<30} {r[2]:>20.3e} {r[3]:>10.3e}")
+        log(f"  {r[0]:>17} {r[1]:<36} {r[2]:>20.3e} {r[3]:>10.3e}")
     RESULTS["sections"]["acc"] = rows
 
 
@@ -381,6 +402,10 @@ def section_time(cases, peak, peer_cases, peer_names):
         pf = plain_flops(batch, n, m)
         kernels = dispatch.kernels_apply(X0)
         entries = [(f"ours ({algo}{'' if kernels else ', torch path'})", lambda M=M: ours(M))]
+        if _graphs.ns_graph_applies(M):
+            entries.append(("ours (cuda_graph=True)", lambda M=M: ours_graphed(M)))
+        if algo == "gram":
+            entries.append((f"ours (gram, restarts {ONE_RESTART})", lambda M=M: one_restart(M)))
         if LEAN:
             pass
         elif kernels:
@@ -452,6 +477,7 @@ def section_graph(cases):
         M = torch.randn(batch, n, m, device="cuda", dtype=torch.bfloat16)
         for label, fn in (
             ("ours", ours),
+            ("ours, cuda_graph=True", ours_graphed),
             ("ours, Triton forced", forced),
             ("ours, unfolded", unfolded),
             ("torch ref batched", torch_batched),
@@ -818,6 +844,7 @@ def main():
     ap.add_argument("--peer-cases", default=",".join(CASES), help="cases that time the peers")
     ap.add_argument("--peers", default="torch.optim,emerging,gram-newton,heavyball")
     ap.add_argument("--acc-shapes", default=ACC_SHAPES, help="s x L shapes of the acc section")
+    ap.add_argument("--acc-conds", default="10", help="condition numbers of the acc section")
     ap.add_argument("--graph-cases", default=",".join(SMALL), help="cases of the graph section")
     ap.add_argument("--lean", action="store_true", help="time ours without its variants")
     args = ap.parse_args()
@@ -840,7 +867,8 @@ def main():
         (
             "acc",
             lambda: section_acc(
-                [tuple(map(int, c.split("x"))) for c in args.acc_shapes.split(",")]
+                [tuple(map(int, c.split("x"))) for c in args.acc_shapes.split(",")],
+                [float(c) for c in args.acc_conds.split(",")],
             ),
         ),
         ("gram", section_gram),

@@ -394,6 +394,12 @@ def profile(results, n=4096, d=128, e=128, iters=20):
         "public tri_inv": lambda: tri_inv(Q[0], K[0], lam[0], check_finite=False),
         "public tri_solve": lambda: tri_solve(Q[0], K[0], V[0], lam[0], check_finite=False),
         "public tri_solve, check_finite": lambda: tri_solve(Q[0], K[0], V[0], lam[0]),
+        "public tri_inv, cuda_graph": lambda: tri_inv(
+            Q[0], K[0], lam[0], check_finite=False, cuda_graph=True
+        ),
+        "public tri_solve, cuda_graph": lambda: tri_solve(
+            Q[0], K[0], V[0], lam[0], check_finite=False, cuda_graph=True
+        ),
     }
     tab = Table(title=f"device time per kernel, n={n}, d={d}, e={e} (µs per call, torch.profiler)")
     for c in ("call", "kernel", "launches", "µs"):
@@ -423,6 +429,11 @@ def profile(results, n=4096, d=128, e=128, iters=20):
         )
         results[f"profile {label}"] = dict(device_us=total, host_us=host)
     console.print(tab)
+    for label, fn in cases.items():  # what a caller waits for, eager (launches included)
+        if label.startswith("public"):
+            eager = ms(fn, graph=False)[0]
+            results[f"eager {label}"] = eager
+            console.print(f"eager do_bench {label}: {eager:.3f} ms")
 
 
 @triton.jit

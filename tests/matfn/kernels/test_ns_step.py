@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+from torch.testing import assert_close
 
 pytest.importorskip("triton")
 
@@ -147,6 +148,28 @@ def test_folded_path_iterates_bf16_in_fp16_and_is_more_accurate(monkeypatch):
     assert err_folded < err_torch, (err_folded, err_torch)
     monkeypatch.setattr(dispatch, "FOLDED_HALF_DTYPE", None)
     assert dispatch.iteration_dtype(X, torch.bfloat16) == torch.bfloat16
+
+
+@pytest.mark.parametrize("algorithm", ["standard", "gram"])
+@pytest.mark.parametrize("abc", [None, (1.5, -0.5, 0.0)], ids=["polar_express", "cubic"])
+def test_result_dtype_written_by_the_last_epilogue(monkeypatch, algorithm, abc):
+    """``out_dtype`` on the Triton path: the last product writes it (no cast launch), and the
+    values are the fp16 iteration's, rounded once more (to float32 here, i.e. not at all)."""
+    from matfn.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "kernels_apply", lambda X: True)
+    coeffs, factor = schedule("polar_express", 5)
+    coeffs = coeffs if abc is None else [abc] * 3
+    X = _x0((2, 20, 45), torch.float16, seed=5, factor=factor)
+    run = dispatch.newton_schulz if algorithm == "standard" else dispatch.gram_newton_schulz
+    same = run(X, coeffs)
+    casts = []
+    monkeypatch.setattr(dispatch, "cast", lambda T, dtype: casts.append(dtype) or T.to(dtype))
+    wide = run(X, coeffs, out_dtype=torch.float32)
+    assert same.dtype == torch.float16 and wide.dtype == torch.float32 and not casts
+    _close(wide, newton_schulz_torch(X.double(), coeffs), torch.float16)
+    # the fp16 result is the float32 one rounded: within half an fp16 ulp, 2⁻¹¹ relative
+    assert_close(same.float(), wide, rtol=2**-11, atol=2**-24)
 
 
 @pytest.mark.parametrize("method", ["polar_express", "tuned", "cubic"])

@@ -1,0 +1,144 @@
+"""Replay launch-bound matrix functions from captured CUDA graphs (``cuda_graph=True``).
+
+A 5-step msign issues 17–20 kernels. At 1024², or for a batch of 64 matrices of 512², each runs
+for a few microseconds, so an eager call is bound by the host issuing them: 0.9–1.75 ms on the
+device's hosts for 0.14 / 0.70 ms of GPU work (docs/benchmarks.md). With ``cuda_graph=True``
+msign, mcsgn and mclip capture the call once per key and replay it afterwards, which issues
+three operations per call: copy the input into the graph's static input, replay, clone the
+static output.
+
+How it stays correct:
+
+* The key holds everything the captured kernels depend on: the function and its options, the
+  input's shape, strides, dtype and device, the current stream (a graph's static buffers are
+  used in that stream's order only) and the dispatch switches of :mod:`matfn.kernels`
+  (:func:`matfn.kernels.dispatch.switches`).
+* The first call with a key runs eagerly on a side stream (Triton autotuning, cuBLAS workspaces;
+  its result is returned), then captures. At most :data:`MAX_GRAPHS` graphs are kept, least
+  recently used dropped; each holds a private memory pool for its intermediates.
+* Inputs whose products exceed :data:`MAX_WORK` multiply-adds run eagerly: they are GPU-bound,
+  and a graph would pin their intermediates for no gain. So do CPU inputs, calls under
+  ``torch.compile`` or inside a capture already under way, and calls that autograd records.
+* The result is a fresh tensor (a clone of the static output), never an alias of the cache.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "MAX_GRAPHS",
+    "MAX_WORK",
+    "gram_work",
+    "graph_applies",
+    "ns_graph_applies",
+    "replay_or_capture",
+    "clear",
+]
+
+#: Most captured graphs kept (per process; least recently used dropped).
+MAX_GRAPHS = 16
+#: Largest problem captured, in multiply-adds of its largest product (for Newton–Schulz one
+#: ``X Xᵀ``, ``batch · s² · L`` for sides ``s ≤ L``): the dispatcher's launch-bound range
+#: (``MIN_TRITON_WORK = 2³⁴``). Above it the kernels outlast their launches and the copies in
+#: and out only add time: 4096² (2³⁶) replayed in 2.42 ms against 2.19 eager on the H200
+#: (docs/benchmarks.md).
+MAX_WORK = 2**34
+
+
+@dataclass
+class _Entry:
+    graph: torch.cuda.CUDAGraph
+    static_in: tuple[torch.Tensor, ...]
+    static_out: torch.Tensor
+
+
+_ENTRIES: OrderedDict[Hashable, _Entry] = OrderedDict()
+_LOCK = threading.Lock()
+
+
+def gram_work(M: torch.Tensor) -> int:
+    """Multiply-adds of one ``X Xᵀ`` of ``M (..., n, m)`` in its wide orientation."""
+    return M.numel() * min(M.shape[-2:])
+
+
+def ns_graph_applies(M: torch.Tensor) -> bool:
+    """:func:`graph_applies` for a Newton–Schulz call on ``M`` (msign, mcsgn, mclip)."""
+    return graph_applies(M, work=gram_work(M))
+
+
+def graph_applies(*tensors: torch.Tensor, work: int) -> bool:
+    """Whether a call may be captured or replayed now (see the module docstring).
+
+    ``work``: multiply-adds of the call's largest product.
+    """
+    return (
+        all(T.is_cuda for T in tensors)
+        and 0 < work <= MAX_WORK
+        and not any(T.requires_grad for T in tensors)
+        and not torch.compiler.is_compiling()
+        and not torch.cuda.is_current_stream_capturing()
+    )
+
+
+def clear() -> None:
+    """Drop every captured graph (and the memory their pools hold)."""
+    with _LOCK:
+        _ENTRIES.clear()
+
+
+def _key(name: str, options: Hashable, tensors: tuple[torch.Tensor, ...]) -> tuple:
+    from .kernels import dispatch
+
+    device = tensors[0].device
+    stream = torch.cuda.current_stream(device).stream_id
+    geometry = tuple((T.shape, T.stride(), T.dtype, T.device) for T in tensors)
+    return (name, options, geometry, stream, dispatch.switches())
+
+
+def replay_or_capture(
+    name: str, options: Hashable, fn: Callable[..., torch.Tensor], *tensors: torch.Tensor
+) -> torch.Tensor:
+    """``fn(*tensors)``, replayed from the graph captured for this key.
+
+    The key is ``name``, ``options`` and the tensors' geometry; the first call with a key runs
+    ``fn`` eagerly, then captures it. ``fn`` must be a pure function of the tensors' values for
+    fixed ``options`` (no host syncs, no data-dependent control flow): the captured kernels are
+    replayed on new values.
+    """
+    key = _key(name, options, tensors)
+    with _LOCK:
+        entry = _ENTRIES.get(key)
+        if entry is not None:
+            _ENTRIES.move_to_end(key)
+    if entry is None:
+        return _capture(key, fn, tensors)
+    for static, T in zip(entry.static_in, tensors, strict=True):
+        static.copy_(T)
+    entry.graph.replay()
+    return entry.static_out.clone()
+
+
+def _capture(key: Hashable, fn: Callable[..., torch.Tensor], tensors: tuple[torch.Tensor, ...]):
+    stream = torch.cuda.current_stream(tensors[0].device)
+    static_in = tuple(torch.empty_like(T).copy_(T) for T in tensors)
+    side = torch.cuda.Stream(device=tensors[0].device)
+    side.wait_stream(stream)
+    with torch.cuda.stream(side):  # warm-up off the capture: autotuning, cuBLAS workspaces
+        result = fn(*static_in)
+    stream.wait_stream(side)
+    result.record_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+        static_out = fn(*static_in)
+    stream.wait_stream(side)
+    with _LOCK:
+        _ENTRIES[key] = _Entry(graph, static_in, static_out)
+        while len(_ENTRIES) > MAX_GRAPHS:
+            _ENTRIES.popitem(last=False)
+    return result

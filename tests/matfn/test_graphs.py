@@ -1,0 +1,153 @@
+"""``cuda_graph=True``: replayed results equal eager ones, on new values, without aliasing.
+
+CUDA graphs need a GPU: on the CPU (CI) only the eager fallback is checked; the replay tests run
+with ``MATFN_TEST_ON_GPU=1`` on a GPU. Replays launch the same kernels on the same shapes as the
+eager call, so results agree to the output dtype's rounding (we allow 1 ulp-scale slack:
+``rtol=atol=2⁻⁸`` in bf16, 1e-6 in float32, where reductions may be split differently).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import matfn
+from matfn import _graphs
+
+ON_GPU = bool(os.environ.get("MATFN_TEST_ON_GPU")) and torch.cuda.is_available()
+gpu = pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU (MATFN_TEST_ON_GPU=1)")
+TOL = {torch.bfloat16: 2**-8, torch.float32: 1e-6}
+
+
+def _close(out, ref):
+    tol = TOL[ref.dtype]
+    assert_close(out, ref, rtol=tol, atol=tol)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    _graphs.clear()
+    yield
+    _graphs.clear()
+
+
+def test_cpu_inputs_run_eagerly():
+    M = torch.randn(3, 9, 5, dtype=torch.float64)
+    assert not _graphs.graph_applies(M, work=_graphs.gram_work(M))
+    assert_close(matfn.msign(M, cuda_graph=True), matfn.msign(M), rtol=0, atol=0)
+    assert_close(matfn.mclip(M, max_sv=0.3, cuda_graph=True), matfn.mclip(M, max_sv=0.3))
+    S = torch.randn(2, 6, 6, dtype=torch.float64)
+    S = S + S.mT
+    kw = {"steps": 8, "check_convergence": False}
+    assert_close(matfn.mcsgn(S, cuda_graph=True, **kw), matfn.mcsgn(S, **kw), rtol=0, atol=0)
+    assert len(_graphs._ENTRIES) == 0
+
+
+@gpu
+def test_graph_applies_rules():
+    def applies(M):
+        return _graphs.graph_applies(M, work=_graphs.gram_work(M))
+
+    M = torch.randn(4, 4, device="cuda")
+    assert applies(M)
+    assert not applies(M.requires_grad_())
+    assert not applies(torch.empty(0, 4, device="cuda"))
+    assert applies(torch.empty(64, 512, 512, device="cuda"))  # 2³³
+    assert not applies(torch.empty(4096, 4096, device="cuda"))  # 2³⁶: GPU-bound
+    assert not applies(torch.empty(4, 4))
+
+
+@gpu
+@pytest.mark.parametrize(
+    "shape, transpose",
+    [((1024, 1024), False), ((16, 512, 512), False), ((3, 200, 96), True), ((2, 3, 64, 48), False)],
+)
+def test_msign_replay_matches_eager(shape, transpose):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    bf16 = torch.bfloat16
+    inputs = [torch.randn(shape, device="cuda", generator=g, dtype=bf16) for _ in range(3)]
+    if transpose:
+        inputs = [M.mT for M in inputs]
+    kw = {"check_finite": False}
+    refs = [matfn.msign(M, **kw) for M in inputs]
+    copies = [M.clone() for M in inputs]
+    outs = [matfn.msign(M, cuda_graph=True, **kw) for M in inputs]  # capture, replay, replay
+    assert len(_graphs._ENTRIES) == 1
+    for M, copy, out, ref in zip(inputs, copies, outs, refs, strict=True):
+        assert torch.equal(M, copy)  # the input is never modified
+        assert out.shape == M.shape and out.dtype == M.dtype
+        _close(out, ref)  # earlier results are not overwritten by later replays
+    assert outs[1].data_ptr() != outs[2].data_ptr()
+
+
+@gpu
+def test_options_and_geometry_get_their_own_graphs(monkeypatch):
+    monkeypatch.setattr(_graphs, "MAX_GRAPHS", 2)
+    M = torch.randn(64, 128, device="cuda", dtype=torch.bfloat16)
+    for steps in (3, 5, 8):
+        _close(matfn.msign(M, steps=steps, cuda_graph=True), matfn.msign(M, steps=steps))
+    assert len(_graphs._ENTRIES) == 2  # least recently used dropped
+    N = torch.randn(128, 64, device="cuda", dtype=torch.bfloat16)
+    _close(matfn.msign(N, cuda_graph=True), matfn.msign(N))
+    _close(matfn.msign(N, cuda_graph=True), matfn.msign(N))  # replay of the wide-transposed call
+
+
+@gpu
+def test_side_stream_replay():
+    M = torch.randn(8, 96, 256, device="cuda", dtype=torch.bfloat16)
+    ref = matfn.msign(M)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        first = matfn.msign(M, cuda_graph=True)
+        second = matfn.msign(M * 2, cuda_graph=True)  # msign(2M) = msign(M)
+    torch.cuda.current_stream().wait_stream(side)
+    _close(first, ref)
+    _close(second, ref)
+
+
+@gpu
+def test_mclip_and_mcsgn_replay():
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for _ in range(2):
+        M = torch.randn(4, 48, 80, device="cuda", generator=g)
+        _close(matfn.mclip(M, max_sv=1.5, cuda_graph=True), matfn.mclip(M, max_sv=1.5))
+        S = torch.randn(4, 32, 32, device="cuda", generator=g, dtype=torch.float64).float()
+        S = S + S.mT
+        kw = {"steps": 10, "check_convergence": False}
+        _close(matfn.mcsgn(S, cuda_graph=True, **kw), matfn.mcsgn(S, **kw))
+    assert len(_graphs._ENTRIES) == 2
+
+
+@gpu
+@pytest.mark.parametrize("with_diag", [False, True])
+def test_triangular_replay(with_diag):
+    """tri_inv / tri_solve replayed on new values. Inside a capture tri_solve may take the
+    divide-and-conquer algorithm instead of the scan (kernels.triangular, ``algorithm="auto"``):
+    both are fp32-accurate (≈ 1e-6 relative at this size), hence rtol 2e-5."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    for _ in range(3):  # capture, replay, replay
+        Q, K = (torch.randn(2, 2, 256, 32, device="cuda", generator=g) / 8).unbind(0)
+        V = torch.randn(2, 256, 16, device="cuda", generator=g)
+        diag = 1 + torch.rand(2, 256, device="cuda", generator=g) if with_diag else None
+        assert_close(
+            matfn.tri_inv(Q, K, diag, cuda_graph=True), matfn.tri_inv(Q, K, diag), rtol=2e-5,
+            atol=2e-6,
+        )  # fmt: skip
+        assert_close(
+            matfn.tri_solve(Q, K, V, diag, cuda_graph=True), matfn.tri_solve(Q, K, V, diag),
+            rtol=2e-5, atol=2e-6,
+        )  # fmt: skip
+    assert len(_graphs._ENTRIES) == 2
+
+
+def test_triangular_cpu_runs_eagerly():
+    Q, K = (torch.randn(2, 40, 3, dtype=torch.float64) / 4).unbind(0)
+    V = torch.randn(40, 2, dtype=torch.float64)
+    assert_close(matfn.tri_inv(Q, K, cuda_graph=True), matfn.tri_inv(Q, K), rtol=0, atol=0)
+    out = matfn.tri_solve(Q, K, V, 2.0, cuda_graph=True)
+    assert_close(out, matfn.tri_solve(Q, K, V, 2.0), rtol=0, atol=0)
+    assert len(_graphs._ENTRIES) == 0
