@@ -79,10 +79,13 @@ def _check_inputs(
     if V is not None:
         dtype = torch.promote_types(dtype, V.dtype)
     lead = Q.shape[:-1]
+    host_value = None  # the diagonal's one value when it is known on the host (no device test)
     if diag is None:
         lam = torch.ones((), dtype=dtype, device=Q.device).expand(lead)
+        host_value = 1.0
     elif isinstance(diag, Real) and not isinstance(diag, bool):
         lam = torch.full((), float(diag), dtype=dtype, device=Q.device).expand(lead)
+        host_value = float(diag)
     elif isinstance(diag, torch.Tensor):
         if diag.layout != torch.strided or diag.is_complex() or not diag.is_floating_point():
             raise TypeError(
@@ -106,7 +109,21 @@ def _check_inputs(
             f"got {type(diag).__name__}"
         )
     check_same_device(Q=Q, K=K, V=V, diag=lam)
-    if lam.numel():  # else Q, K, V are empty too
+    if lam.numel() and host_value is not None:
+        # a scalar diagonal is tested on the host: no sync unless check_finite asks for one
+        if check_finite and not math.isfinite(host_value):
+            raise ValueError(
+                "`diag` contains NaN or Inf; pass finite values "
+                "(or check_finite=False to skip this check)"
+            )
+        if host_value == 0:
+            raise SingularTriangularError(
+                f"T is singular: its diagonal `diag` is zero at index 0 (the scalar {diag!r} "
+                "is every diagonal entry)"
+            )
+        if check_finite:
+            assert_all_finite(Q=Q, K=K, V=V)
+    elif lam.numel():  # else Q, K, V are empty too
         zero = lam == 0
         inputs = {"Q": Q, "K": K, "V": V, "diag": lam} if check_finite else {}
         if assert_all_finite(zero.any(), **inputs):
@@ -277,13 +294,16 @@ def tri_inv(
     chunk_size : int
         Rows per chunk ``C`` (results agree to rounding for every ``C``).
     check_finite : bool
-        Raise on NaN/Inf in the inputs (one host sync per input).
+        Raise on NaN/Inf in the inputs (one host sync for all of them, shared with the
+        zero-pivot test of a tensor ``diag``).
     cuda_graph : bool
         Replay the kernels from a CUDA graph captured for this input geometry
         (:mod:`matfn._graphs`): eager CUDA calls are bound by the host issuing about 8 Triton
         launches (0.6–0.7 ms of host time against 0.14 ms of GPU work at n = 4096, d = 128 on
-        the H200). The first call per geometry runs eagerly and captures; the input checks
-        still run eagerly (one host sync). Ignored on CPU and under autograd.
+        the H200). The first call per geometry runs eagerly and captures. The input checks
+        still run eagerly: one host sync with ``check_finite=True`` or a tensor ``diag`` (its
+        zero-pivot test), none with ``check_finite=False`` and ``diag`` None or a number.
+        Ignored on CPU and under autograd.
 
     Returns
     -------

@@ -394,6 +394,28 @@ def test_zero_diagonal_names_index():
         tri_inv(Q, K, 0.0)
 
 
+@pytest.mark.parametrize("diag", [None, 2.0, -0.5])
+def test_scalar_diagonal_is_checked_on_the_host(monkeypatch, diag):
+    """A None/number diagonal needs no device test: with check_finite=False no host sync (the
+    one fetch of ``assert_all_finite``) remains, which a CUDA-graph replay would wait on."""
+    import matfn.triangular as tri
+
+    Q, K, V, _, _ = TriCase((2,), 9, 2, 2, 0.5, "pos", 0).build()
+    expect = tri_solve(Q, K, V, diag)
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("host sync")
+
+    monkeypatch.setattr(tri, "assert_all_finite", no_sync)
+    out = tri_solve(Q, K, V, diag, check_finite=False)
+    torch.testing.assert_close(out, expect, rtol=0, atol=0)
+    tri_inv(Q, K, diag, check_finite=False)
+    with pytest.raises(AssertionError, match="host sync"):  # a tensor diagonal is tested
+        tri_inv(Q, K, torch.ones(9, dtype=Q.dtype), check_finite=False)
+    with pytest.raises(ValueError, match="`diag`.*NaN or Inf"):
+        tri_inv(Q, K, math.inf)
+
+
 @pytest.mark.parametrize(
     "make, exc, match",
     [
