@@ -1,11 +1,12 @@
 """Replay launch-bound matrix functions from captured CUDA graphs (``cuda_graph=True``).
 
 A 5-step msign issues 17–20 kernels. At 1024², or for a batch of 64 matrices of 512², each runs
-for a few microseconds, so an eager call is bound by the host issuing them: 0.9–1.75 ms on the
-device's hosts for 0.14 / 0.70 ms of GPU work (docs/benchmarks.md). With ``cuda_graph=True``
-msign, mcsgn and mclip capture the call once per key and replay it afterwards, which issues
-three operations per call: copy the input into the graph's static input, replay, clone the
-static output.
+for a few microseconds, so an eager call is bound by the host issuing them: 0.54–0.62 ms and
+0.65–1.31 ms on the device's H200 hosts for 0.14 / 0.64 ms of GPU work (docs/benchmarks.md);
+tri_inv and tri_solve issue about 8 Triton launches for 0.10–0.14 ms. With ``cuda_graph=True``
+msign, mcsgn, mclip, tri_inv and tri_solve capture the call once per key and replay it
+afterwards: copy the inputs into the graph's static inputs, replay, clone the static output
+(1024² msign: 0.147 ms a call).
 
 How it stays correct:
 
