@@ -10,10 +10,10 @@ afterwards: copy the inputs into the graph's static inputs, replay, clone the st
 
 How it stays correct:
 
-* The key holds everything the captured kernels depend on: the function and its options, the
-  input's shape, strides, dtype and device, the current stream (a graph's static buffers are
-  used in that stream's order only) and the dispatch switches of :mod:`matfn.kernels`
-  (:func:`matfn.kernels.dispatch.switches`).
+* The key holds everything the captured kernels depend on: the function and the arguments bound
+  to it (a ``functools.partial``), the inputs' shapes, strides, dtypes and devices, the current
+  stream (a graph's static buffers are used in that stream's order only) and the dispatch
+  switches of :mod:`matfn.kernels` (:func:`matfn.kernels.dispatch.switches`).
 * The first call with a key runs eagerly on a side stream (Triton autotuning, cuBLAS workspaces;
   its result is returned), then captures. At most :data:`MAX_GRAPHS` graphs are kept, least
   recently used dropped; each holds a private memory pool for its intermediates.
@@ -25,6 +25,7 @@ How it stays correct:
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -93,32 +94,31 @@ def clear() -> None:
         _ENTRIES.clear()
 
 
-def _key(name: str, options: Hashable, tensors: tuple[torch.Tensor, ...]) -> tuple:
+def _key(call: functools.partial, tensors: tuple[torch.Tensor, ...]) -> tuple:
     from .kernels import dispatch
 
-    device = tensors[0].device
-    stream = torch.cuda.current_stream(device).stream_id
+    stream = torch.cuda.current_stream(tensors[0].device).stream_id
+    bound = (call.func, call.args, tuple(sorted(call.keywords.items())))
     geometry = tuple((T.shape, T.stride(), T.dtype, T.device) for T in tensors)
-    return (name, options, geometry, stream, dispatch.switches())
+    return (bound, geometry, stream, dispatch.switches())
 
 
-def replay_or_capture(
-    name: str, options: Hashable, fn: Callable[..., torch.Tensor], *tensors: torch.Tensor
-) -> torch.Tensor:
-    """``fn(*tensors)``, replayed from the graph captured for this key.
+def replay_or_capture(call: functools.partial, *tensors: torch.Tensor) -> torch.Tensor:
+    """``call(*tensors)``, replayed from the graph captured for this key.
 
-    The key is ``name``, ``options`` and the tensors' geometry; the first call with a key runs
-    ``fn`` eagerly, then captures it. ``fn`` must be a pure function of the tensors' values for
-    fixed ``options`` (no host syncs, no data-dependent control flow): the captured kernels are
+    The key is ``call``'s function and bound arguments (which must be hashable) and the tensors'
+    geometry, so what the graph computes cannot drift from what the key says; the first call
+    with a key runs ``call`` eagerly, then captures it. ``call`` must be a pure function of the
+    tensors' values (no host syncs, no data-dependent control flow): the captured kernels are
     replayed on new values.
     """
-    key = _key(name, options, tensors)
+    key = _key(call, tensors)
     with _LOCK:
         entry = _ENTRIES.get(key)
         if entry is not None:
             _ENTRIES.move_to_end(key)
     if entry is None:
-        return _capture(key, fn, tensors)
+        return _capture(key, call, tensors)
     for static, T in zip(entry.static_in, tensors, strict=True):
         static.copy_(T)
     entry.graph.replay()

@@ -175,7 +175,7 @@ def mclip(
     call = functools.partial(_mclip, options=options)
     exact = method == "svd" or form == "svd"
     if cuda_graph and steps != "auto" and not exact and _graphs.ns_graph_applies(M):
-        return _graphs.replay_or_capture("mclip", options, call, M)
+        return _graphs.replay_or_capture(call, M)
     return call(M)
 
 

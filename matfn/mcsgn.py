@@ -2,6 +2,8 @@ r"""mcsgn: the classic matrix sign function of a square matrix, by Newton–Schu
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -49,6 +51,18 @@ def _run_sign_iteration(X: torch.Tensor, coeffs: list[Coefficients]) -> torch.Te
     for a, b, c in coeffs:
         X = sign_step(X, a, b, c)
     return X
+
+
+def _normalized_sign_iteration(
+    X: torch.Tensor,
+    *,
+    coeffs: tuple[Coefficients, ...],
+    factor: float,
+    eps: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Normalise by the trace, then iterate (a fixed schedule; what ``cuda_graph`` captures)."""
+    return _run_sign_iteration(_normalize_trace(X, factor, eps, dtype), coeffs)
 
 
 def _normalize_trace(
@@ -230,13 +244,12 @@ def mcsgn(
         bound = 0.0
     else:
         coeffs, factor = schedule(method, DEFAULT_STEPS[method] if steps is None else steps)
-
-        def iterate(Y: torch.Tensor) -> torch.Tensor:
-            return _run_sign_iteration(_normalize_trace(Y, factor, eps, compute_dtype), coeffs)
-
+        iterate = functools.partial(
+            _normalized_sign_iteration,
+            coeffs=tuple(map(tuple, coeffs)), factor=factor, eps=eps, dtype=compute_dtype,
+        )  # fmt: skip
         if cuda_graph and _graphs.ns_graph_applies(X):
-            options = (method, steps, eps, compute_dtype)
-            X = _graphs.replay_or_capture("mcsgn", options, iterate, X)
+            X = _graphs.replay_or_capture(iterate, X)
         else:
             X = iterate(X)
         bound = _scalar_residual_bound(coeffs, factor, 1e-3)

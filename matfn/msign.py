@@ -559,8 +559,7 @@ def msign(
         compute_dtype=compute_dtype,
     )  # fmt: skip
     if cuda_graph and steps != "auto" and method != "svd" and _graphs.ns_graph_applies(M):
-        options = (method, steps, algorithm, eps, compute_dtype)
-        return _graphs.replay_or_capture("msign", options, call, M)
+        return _graphs.replay_or_capture(call, M)
     return call(M)
 
 

@@ -372,7 +372,7 @@ def tri_inv(
         return Q.new_zeros((*batch, n, n), dtype=dtype)
     call = functools.partial(_tri_inv, dtype=dtype, chunk_size=chunk_size)
     if cuda_graph and _graphs.graph_applies(Q, K, lam, work=math.prod(batch) * n * n * d):
-        return _graphs.replay_or_capture("tri_inv", (dtype, chunk_size), call, Q, K, lam)
+        return _graphs.replay_or_capture(call, Q, K, lam)
     return call(Q, K, lam)
 
 
@@ -470,7 +470,7 @@ def tri_solve(
     call = functools.partial(_tri_solve, dtype=dtype, chunk_size=chunk_size)
     work = math.prod(batch) * n * d * (d + e)
     if cuda_graph and _graphs.graph_applies(Q, K, V, lam, work=work):
-        return _graphs.replay_or_capture("tri_solve", (dtype, chunk_size), call, Q, K, V, lam)
+        return _graphs.replay_or_capture(call, Q, K, V, lam)
     return call(Q, K, V, lam)
 
 
