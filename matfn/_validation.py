@@ -89,6 +89,14 @@ def assert_finite(x: torch.Tensor, name: str) -> None:
     assert_all_finite(**{name: x})
 
 
+def non_finite_error(name: str) -> ValueError:
+    """The error for NaN/Inf in the argument ``name`` (tensor or, tested on the host, a number)."""
+    return ValueError(
+        f"`{name}` contains NaN or Inf; pass finite values "
+        "(or check_finite=False to skip this check)"
+    )
+
+
 def assert_all_finite(extra: torch.Tensor | None = None, **tensors: torch.Tensor | None) -> bool:
     """:func:`assert_finite` for several tensors with one host sync instead of one each.
 
@@ -105,10 +113,7 @@ def assert_all_finite(extra: torch.Tensor | None = None, **tensors: torch.Tensor
     values = torch.stack(flags).tolist()
     for (name, _), ok in zip(named, values, strict=False):
         if not ok:
-            raise ValueError(
-                f"`{name}` contains NaN or Inf; pass finite values "
-                "(or check_finite=False to skip this check)"
-            )
+            raise non_finite_error(name)
     return bool(values[-1]) if extra is not None else False
 
 

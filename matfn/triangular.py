@@ -28,7 +28,7 @@ from numbers import Real
 import torch
 
 from . import _graphs
-from ._validation import assert_all_finite, check_matrix, check_same_device
+from ._validation import assert_all_finite, check_matrix, check_same_device, non_finite_error
 
 __all__ = ["tri_inv", "tri_solve", "SingularTriangularError"]
 
@@ -112,10 +112,7 @@ def _check_inputs(
     if lam.numel() and host_value is not None:
         # a scalar diagonal is tested on the host: no sync unless check_finite asks for one
         if check_finite and not math.isfinite(host_value):
-            raise ValueError(
-                "`diag` contains NaN or Inf; pass finite values "
-                "(or check_finite=False to skip this check)"
-            )
+            raise non_finite_error("diag")
         if host_value == 0:
             raise SingularTriangularError(
                 f"T is singular: its diagonal `diag` is zero at index 0 (the scalar {diag!r} "
