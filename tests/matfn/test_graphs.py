@@ -151,3 +151,37 @@ def test_triangular_cpu_runs_eagerly():
     out = matfn.tri_solve(Q, K, V, 2.0, cuda_graph=True)
     assert_close(out, matfn.tri_solve(Q, K, V, 2.0), rtol=0, atol=0)
     assert len(_graphs._ENTRIES) == 0
+
+
+def test_call_sites_hand_a_hashable_partial_of_the_eager_computation(monkeypatch):
+    """On the CPU (CI) no graph is captured, so check each caller's side of the contract: with
+    the graph path forced, every function hands ``replay_or_capture`` a ``functools.partial``
+    whose bound arguments hash (they are the key) and which computes the eager result."""
+    import functools
+
+    seen = []
+
+    def fake_replay(call, *tensors):
+        assert isinstance(call, functools.partial)
+        hash((call.func, call.args, tuple(sorted(call.keywords.items()))))
+        seen.append(call.func.__name__)
+        return call(*tensors)
+
+    monkeypatch.setattr(_graphs, "graph_applies", lambda *tensors, work: True)
+    monkeypatch.setattr(_graphs, "replay_or_capture", fake_replay)
+    M = torch.randn(3, 9, 5, dtype=torch.float64)
+    S = torch.randn(2, 6, 6, dtype=torch.float64)
+    S = S + S.mT
+    Q, K = (torch.randn(2, 2, 40, 3, dtype=torch.float64) / 4).unbind(0)
+    V = torch.randn(2, 40, 2, dtype=torch.float64)
+    kw = {"steps": 8, "check_convergence": False}
+    cases = [
+        (lambda g: matfn.msign(M, cuda_graph=g), "_msign"),
+        (lambda g: matfn.mclip(M, max_sv=0.3, cuda_graph=g), "_mclip"),
+        (lambda g: matfn.mcsgn(S, cuda_graph=g, **kw), "_normalized_sign_iteration"),
+        (lambda g: matfn.tri_inv(Q, K, cuda_graph=g), "_tri_inv"),
+        (lambda g: matfn.tri_solve(Q, K, V, 2.0, cuda_graph=g), "_tri_solve"),
+    ]
+    for fn, name in cases:
+        assert_close(fn(True), fn(False), rtol=0, atol=0)
+        assert seen.pop() == name and not seen
