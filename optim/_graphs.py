@@ -1,10 +1,12 @@
 """CUDA-graph replay of Muon's per-bucket orthogonalisation (host overhead, not GPU work).
 
 A GPT-2-small Muon step issues about 90 kernels. Replaying the normalise + Newton–Schulz part
-of each bucket as one captured CUDA graph issues it in microseconds: on the H100 host the step's
-host time fell from 2.8 to 1.8 ms. The step itself is GPU-bound there (3.80 ms with, 3.82 without
-graphs, docs/benchmarks.md), so this is opt-in (``Muon(..., cuda_graphs=True)``) for slower
-hosts or smaller models, where issuing the kernels takes longer than running them.
+of each bucket as one captured CUDA graph issues it in microseconds (on the H100 host the step's
+host time fell from 2.8 to 1.8 ms), and the graphs take the kernels that are fastest on the GPU
+rather than those cheapest to launch (:data:`GPU_TIME_KERNELS`): 2.93 ms a step on the H200
+against 4.1–5.8 ms eager (docs/benchmarks.md). It is opt-in (``Muon(..., cuda_graphs=True)``):
+each graph pins its intermediates in a private memory pool, and replayed updates differ from
+eager ones by the iteration's rounding.
 
 How it stays correct:
 
@@ -22,19 +24,29 @@ How it stays correct:
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BucketGraphs", "MAX_GRAPHS", "MAX_ELEMENTS"]
+from matfn.kernels import recording
+
+__all__ = ["BucketGraphs", "MAX_GRAPHS", "MAX_ELEMENTS", "GPU_TIME_KERNELS"]
 
 #: Most graphs kept per optimizer (each holds a private pool for its intermediates).
 MAX_GRAPHS = 8
 #: Largest bucket stack (entries) that is captured: 2²⁶ is 128 MB in bf16. GPT-2-small's
 #: buckets are 28 M and 57 M entries.
 MAX_ELEMENTS = 2**26
+#: Whether the captured graphs take the kernels that are fastest on the GPU
+#: (:mod:`matfn.kernels.recording`: the TMA products with programmatic dependent launch for
+#: every bucket they can load) instead of the eager step's, which avoid Triton launches for
+#: their host cost. GPT-2 small on the H200: 2.93 ms a step against 3.85 with the eager step's
+#: kernels (docs/benchmarks.md). Replayed updates then differ from eager ones by the iteration's
+#: rounding (fp16 products in another order), not bitwise; off, they are the same.
+GPU_TIME_KERNELS = True
 
 
 @dataclass
@@ -101,12 +113,14 @@ class BucketGraphs:
             return
         side = torch.cuda.Stream(device=stack.device)
         side.wait_stream(torch.cuda.current_stream(stack.device))
-        with torch.cuda.stream(side):  # warm-up off the capture (cuBLAS workspaces, etc.)
-            orthogonalize(stack, partials)
-        torch.cuda.current_stream(stack.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = orthogonalize(stack, partials)
+        kernels = recording.for_graph() if GPU_TIME_KERNELS else contextlib.nullcontext()
+        with kernels:
+            with torch.cuda.stream(side):  # warm-up off the capture (cuBLAS workspaces, etc.)
+                orthogonalize(stack, partials)
+            torch.cuda.current_stream(stack.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = orthogonalize(stack, partials)
         self._entries[key] = _Entry(graph, stack, partials, out)
         while len(self._entries) > MAX_GRAPHS:
             self._entries.popitem(last=False)

@@ -658,10 +658,12 @@ class Muon(Optimizer):
         Orthogonalise same-shape matrices in one batched call (``False``: one at a time).
     cuda_graphs : bool
         On CUDA, replay the orthogonalisation of small buckets (≤ 2²⁶ entries) from captured
-        CUDA graphs once the same bucket has been seen twice. For hosts too slow to keep the
-        GPU fed: it cut the host time of a GPT-2-small step from 2.8 to 1.8 ms on the H100,
-        where the GPU-bound step took 3.80 against 3.82 ms (docs/benchmarks.md). Costs each
-        captured bucket's intermediates (its private memory pool, a few times the bucket).
+        CUDA graphs once the same bucket has been seen twice, on the kernels fastest on the GPU
+        (not those cheapest to launch, :mod:`matfn.kernels.recording`). A GPT-2-small step:
+        2.93 ms against 4.1–5.8 ms eager on the H200 hosts (docs/benchmarks.md); replayed
+        updates differ from eager ones by the iteration's rounding (≈ 0.1 % of the move).
+        Costs each captured bucket's intermediates (its private memory pool, a few times the
+        bucket).
         Skipped while a capture is already running (a user graphing the whole step), under
         ``torch.compile``, and off CUDA. Default off.
     process_group : ProcessGroup, DeviceMesh, True or None

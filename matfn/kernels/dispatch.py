@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .recording import recording
+
 __all__ = [
     "triton_available",
     "use_triton",
@@ -111,11 +113,14 @@ def _kernel_batch(X: torch.Tensor) -> bool:
 def _tma_batch(X: torch.Tensor) -> bool:
     """At least :data:`MIN_TMA_BATCH_WORK` multiply-adds per product, and TMA-loaded kernels.
 
-    TMA needs compute capability ≥ 9 and 16-byte rows: both sides a multiple of 8 (the
-    iterates are dense, so every operand's strides then are).
+    Any size while a CUDA graph records the launches (:mod:`matfn.kernels.recording`). TMA
+    needs compute capability ≥ 9 and 16-byte rows: both sides a multiple of 8 (the iterates are
+    dense, so every operand's strides then are).
     """
     s, L = sorted(X.shape[-2:])
-    if s % 8 or L % 8 or X[..., :1, :1].numel() * s * s * L < MIN_TMA_BATCH_WORK:
+    if s % 8 or L % 8:
+        return False
+    if X[..., :1, :1].numel() * s * s * L < MIN_TMA_BATCH_WORK and not recording():
         return False
     from . import gram
 
@@ -127,8 +132,12 @@ def kernels_apply(X: torch.Tensor) -> bool:
 
     CUDA, bf16/fp16, Triton on, at least :data:`MIN_TRITON_WORK` multiply-adds per product and
     a short side of at least :data:`MIN_TRITON_SIDE`, or :data:`MIN_TMA_BATCH_WORK`
-    multiply-adds on a GPU where the kernels load by TMA.
+    multiply-adds on a GPU where the kernels load by TMA. While a CUDA graph records the
+    launches (:mod:`matfn.kernels.recording`), launch cost is no reason to avoid them: every
+    batch the TMA kernels can load takes them.
     """
+    if recording() and X.dtype in _KERNEL_DTYPES and use_triton(X) and _tma_batch(X):
+        return True
     return _kernel_batch(X) and (min(X.shape[-2:]) >= MIN_TRITON_SIDE or _tma_batch(X))
 
 
@@ -216,6 +225,7 @@ def switches() -> tuple:
     kernels = (
         gram.TMA,
         gram.TMA_MIN_WORK,
+        gram.PDL,
         ns_step.GENERAL_BACKEND,
         ns_step.FOLDED_POLY_BACKEND,
         ns_step.MIN_TRITON_POLY_WORK,

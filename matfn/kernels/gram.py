@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .recording import recording
+
 __all__ = ["INTERPRET", "gram_triton", "matmul_triton"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -38,8 +40,15 @@ TMA = os.environ.get("MATFN_NS_TMA", "auto")
 #: Smallest product (``batch · M · N · K`` multiply-adds) that ``"auto"`` sends to the TMA
 #: kernel. Each TMA launch builds five descriptors on the host; below this size the launch, not
 #: the loads, bounds the product (on the H100 host a 1024² TMA product took 0.16–0.19 ms eager
-#: against 0.012 ms graph-replayed), so the cheaper pointer-kernel launch is kept there.
+#: against 0.012 ms graph-replayed), so the cheaper pointer-kernel launch is kept there, except
+#: while a CUDA graph records the launches (:mod:`matfn.kernels.recording`).
 TMA_MIN_WORK = 2**34
+#: Programmatic dependent launch on GPUs of compute capability ≥ 9 (``"auto"``; ``"never"``
+#: turns it off; environment ``MATFN_NS_PDL``): a product may be launched while the kernel
+#: before it finishes, and waits (``griddepcontrol.wait``) before its first memory access, so
+#: the launch latency between the short dependent products of a small Newton–Schulz iteration
+#: is hidden (1024², graph-replayed on the H200: 0.111 against 0.122 ms; docs/benchmarks.md).
+PDL = os.environ.get("MATFN_NS_PDL", "auto")
 
 
 @triton.jit
@@ -120,6 +129,7 @@ def _mm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     # Symmetric results with square tiles launch only the lower triangle of tiles; with
     # rectangular tiles (wider ones run faster) the full grid is launched and tiles lying wholly
@@ -149,6 +159,13 @@ def _mm_kernel(
     a_ptrs = a_ptr + bid * stride_ab + am[:, None] * stride_am + rk[None, :] * stride_ak
     b_ptrs = b_ptr + bid * stride_bb + rk[:, None] * stride_bk + bn[None, :] * stride_bn
 
+    if USE_PDL:
+        # Programmatic dependent launch: this program may start while the kernel before it
+        # finishes. Wait for that kernel (and its memory) before any access (it may have written
+        # the operands, or still read the memory this one writes), then let the next kernel's
+        # programs start their set-up.
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, k_tiles):
         if EVEN_K:
@@ -228,7 +245,9 @@ def _tma_config(
 # for long products: 0.473 ms against 0.489 with 4 for 4096×16384's X Xᵀ), 128×256
 # ones (full grid, the tiles above the diagonal return at once) at 8192; the general product
 # prefers 128×256 tiles, persistent. Persistent 128×256 symmetric tiles need 278 KB of shared
-# memory on Triton 3.6 (more than the H100's 227 KB) and are left out.
+# memory on Triton 3.6 (more than the H100's 227 KB) and are left out. Small products (1024²,
+# launch-free under a CUDA graph) run best on 64×64 symmetric / 64×128 general tiles: 5.7 and
+# 6.0 µs against 8.8 / 8.7 µs with 128×128 ones (H200, docs/benchmarks.md).
 _TMA_SYMMETRIC_BLOCKS = [
     (128, 128, 64, 4, 8, False),
     (128, 128, 64, 5, 8, False),
@@ -236,12 +255,14 @@ _TMA_SYMMETRIC_BLOCKS = [
     (128, 128, 64, 3, 4, False),
     (128, 256, 64, 3, 8, False),
     (256, 128, 64, 3, 8, False),
+    (64, 64, 64, 4, 4, False),
 ]
 _TMA_GENERAL_BLOCKS = [
     (128, 256, 64, 3, 8, True),
     (128, 256, 64, 3, 8, False),
     (256, 128, 64, 3, 8, False),
     (128, 128, 64, 4, 8, False),
+    (64, 128, 64, 4, 4, False),
 ]
 #: Symmetric results with at least this many rows take rectangular TMA tiles, fewer square ones.
 TMA_WIDE_SYMMETRIC_ROWS = 6144
@@ -313,11 +334,9 @@ def _use_tma(A: torch.Tensor, B: torch.Tensor, D: torch.Tensor | None, out: torc
     """Whether this product takes :mod:`matfn.kernels.matmul_tma` (see :data:`TMA`)."""
     if TMA == "never":
         return False
+    small = A.shape[0] * A.shape[1] * A.shape[2] * B.shape[2] < TMA_MIN_WORK and not recording()
     if TMA == "auto" and (
-        INTERPRET
-        or not A.is_cuda
-        or A.shape[0] * A.shape[1] * A.shape[2] * B.shape[2] < TMA_MIN_WORK
-        or _capability(A.device.index)[0] < 9
+        INTERPRET or not A.is_cuda or small or _capability(A.device.index)[0] < 9
     ):
         return False
     from .matmul_tma import tma_applies
@@ -391,6 +410,7 @@ def _launch(
         return out.copy_(res)
     grid = _grid(M, N, batch, symmetric)
     key = (symmetric, M, N, K, batch, D is not None, A.dtype, out.dtype)
+    pdl = _pdl(A)
     if _use_tma(A, B, D, out):
         from .matmul_tma import launch_tma
 
@@ -401,8 +421,8 @@ def _launch(
         _launch_tuned(
             ("tma", A.stride(), B.stride(), *key),
             _tma_kernel(symmetric),
-            lambda kernel: launch_tma(*tma_args, kernel=kernel),
-            lambda best: launch_tma(*tma_args, config=best.all_kwargs()),
+            lambda kernel: launch_tma(*tma_args, kernel=kernel, pdl=pdl),
+            lambda best: launch_tma(*tma_args, config=best.all_kwargs(), pdl=pdl),
         )
         return out
     d = D if D is not None else out
@@ -428,17 +448,26 @@ def _launch(
         HAS_D=D is not None,
         HAS_DIAG=gamma != 0,
         IEEE=A.dtype == torch.float32,
+        USE_PDL=pdl,
     )
     if INTERPRET:
         _mm_heuristic[grid(INTERPRET_BLOCKS)](*args, **flags, **INTERPRET_BLOCKS)
         return out
+    launch = {"launch_pdl": True} if pdl else {}
     _launch_tuned(
         key,
         _sym_tuned if symmetric else _gen_tuned,
-        lambda kernel: kernel[grid](*args, **flags),
-        lambda best: _mm_heuristic[grid(best.kwargs)](*args, **flags, **best.all_kwargs()),
+        lambda kernel: kernel[grid](*args, **flags, **launch),
+        lambda best: _mm_heuristic[grid(best.kwargs)](
+            *args, **flags, **best.all_kwargs(), **launch
+        ),
     )
     return out
+
+
+def _pdl(A: torch.Tensor) -> bool:
+    """Whether products on ``A``'s device use programmatic dependent launch (:data:`PDL`)."""
+    return PDL != "never" and not INTERPRET and A.is_cuda and _capability(A.device.index)[0] >= 9
 
 
 def _check(name: str, T: torch.Tensor) -> None:

@@ -70,8 +70,12 @@ def _tile(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Output tile ``(r0, c0)`` of matrix ``bid``: the K loop, the epilogue and the stores."""
+    if USE_PDL:  # see gram._mm_kernel
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         a = _load_tile(a_desc, bid, r0, k * BLOCK_K, BLOCK_M, BLOCK_K, A_T)
@@ -131,6 +135,7 @@ def _tile_at(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     TRIANGLE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Tile number ``t`` of the launch (``tiles`` a matrix): its matrix, row and column."""
     bid = t // tiles
@@ -167,6 +172,7 @@ def _tile_at(
             BLOCK_M,
             BLOCK_N,
             BLOCK_K,
+            USE_PDL,
         )
 
 
@@ -198,6 +204,7 @@ def _mm_tma_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     PROGRAMS: tl.constexpr = 0,
+    USE_PDL: tl.constexpr = False,
 ):
     """``C = α A B + β D + γ I`` by TMA tiles (module docstring).
 
@@ -239,6 +246,7 @@ def _mm_tma_kernel(
             BLOCK_K,
             GROUP_M,
             TRIANGLE,
+            USE_PDL,
         )
     else:
         for t in range(tl.program_id(0), BATCH * tiles, PROGRAMS):
@@ -270,6 +278,7 @@ def _mm_tma_kernel(
                 BLOCK_K,
                 GROUP_M,
                 TRIANGLE,
+                USE_PDL,
             )
 
 
@@ -369,12 +378,14 @@ def launch_tma(
     grid: Callable[[dict], tuple[int]],
     config: dict | None = None,
     kernel=None,
+    pdl: bool = False,
 ) -> None:
     """Launch :func:`_mm_tma_kernel` on ``(batch, M, K) @ (batch, K, N)``.
 
     ``grid(meta)`` gives the launch grid from the meta-parameters; ``config`` the meta-parameters
     (a Triton config's ``all_kwargs()``), or ``kernel`` an autotuned wrapper of the kernel whose
-    configs' pre-hook (:func:`set_block_shapes`) sets the descriptors' block shapes.
+    configs' pre-hook (:func:`set_block_shapes`) sets the descriptors' block shapes. ``pdl``:
+    programmatic dependent launch (:data:`matfn.kernels.gram.PDL`).
     """
     blocks = config or {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
     bm, bn, bk = blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_K"]
@@ -395,7 +406,10 @@ def launch_tma(
         SYMMETRIC=symmetric,
         HAS_D=D is not None,
         HAS_DIAG=gamma != 0,
+        USE_PDL=pdl,
     )
+    if pdl:
+        flags["launch_pdl"] = True
     if kernel is not None:
         kernel[grid](*args, **flags)
         return

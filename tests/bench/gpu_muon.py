@@ -140,19 +140,38 @@ def checks(params, grads) -> list[tuple[str, float, float, bool]]:
         for x, y in zip(a, b, strict=True)
     )  # fmt: skip
     rows.append(("  momentum buffers: max relative ‖Δ‖", worst, 1e-6, worst < 1e-6))
-    # 5. CUDA-graph replay (cuda_graphs=True) vs eager orthogonalisation: 4 steps, same kernels
-    a, b = fresh(params, grads), fresh(params, grads)
-    opt_a, opt_b = Muon(a, lr=0.02, cuda_graphs=True), Muon(b, lr=0.02)
-    for _ in range(4):
-        opt_a.step()
-        opt_b.step()
-    worst = max(
-        ((x - y).norm() / (x - p).norm()).item() for x, y, p in zip(a, b, params, strict=True)
-    )
-    rows.append(
-        (f"graph replay ({len(opt_a._graphs)} graphs) vs eager, 4 steps", worst, 1e-5, worst < 1e-5)
-    )
+    # 5. CUDA-graph replay (cuda_graphs=True) vs eager orthogonalisation: 4 steps; the graphs
+    # launch the eager kernels (bitwise-level agreement) or the GPU-fastest ones (within the
+    # bf16 iteration's rounding), optim._graphs.GPU_TIME_KERNELS
+    import optim._graphs as graphs_mod
+
+    for fastest, bound in ((False, 1e-5), (True, 1e-2)):
+        with mock.patch.object(graphs_mod, "GPU_TIME_KERNELS", fastest):
+            a, b = fresh(params, grads), fresh(params, grads)
+            opt_a, opt_b = Muon(a, lr=0.02, cuda_graphs=True), Muon(b, lr=0.02)
+            for _ in range(4):
+                opt_a.step()
+                opt_b.step()
+        worst = max(
+            ((x - y).norm() / (x - p).norm()).item() for x, y, p in zip(a, b, params, strict=True)
+        )
+        label = "GPU-fastest kernels" if fastest else "eager kernels"
+        rows.append(
+            (
+                f"graph replay ({len(opt_a._graphs)} graphs, {label}) vs eager, 4 steps",
+                worst,
+                bound,
+                worst < bound,
+            )
+        )
     return rows
+
+
+def eager_kernels():
+    """Captured bucket graphs launch the eager step's kernels (optim._graphs.GPU_TIME_KERNELS)."""
+    import optim._graphs as graphs_mod
+
+    return mock.patch.object(graphs_mod, "GPU_TIME_KERNELS", False)
 
 
 def foreach_elementwise():
@@ -241,6 +260,11 @@ CASES = [
         "ours: cuda_graphs=True (bucket graphs replayed)",
         "bench",
         lambda P, G: Muon(fresh(P, G), cuda_graphs=True).step,
+    ),
+    (
+        "ours: cuda_graphs=True, graphs on the eager kernels",
+        "bench",
+        _within(eager_kernels, lambda P, G: Muon(fresh(P, G), cuda_graphs=True).step),
     ),
     (
         "ours: host time of step(), cuda_graphs=True",

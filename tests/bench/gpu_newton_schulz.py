@@ -17,6 +17,11 @@ time   per case: ours (``matfn.msign`` end to end, bf16), torch.optim.Muon's NS 
        ``T(4 s² L + 2 s³)`` and the FLOPs actually performed, fraction of the cuBLAS bf16 rate
        measured at 8192³ in the same process.
 graph  small cases with and without CUDA-graph capture.
+small  the graph cases, graph-replayed, on the default path and with Triton everywhere, with and
+       without programmatic dependent launch, each checked against float64 NS; then each product
+       of a 1024² step per TMA config.
+pdl    ours with programmatic dependent launch on and off, alternating: eager, host issue time
+       and graph-replayed time for each of ``--cases``.
 gram   the symmetric Gram kernel alone against cuBLAS ``X @ X.T``.
 components  each product of a step, cuBLAS vs Triton, eager and graph-replayed, at Muon's
        shapes (48×768², 24×768×3072, 64×512², 1024², 4096²).
@@ -231,6 +236,14 @@ def one_restart(M):
         return ours(M)
 
 
+def pdl_off(M):
+    """Ours without programmatic dependent launch (gram.PDL = "never")."""
+    from matfn.kernels import gram
+
+    with mock.patch.object(gram, "PDL", "never"):
+        return ours(M)
+
+
 def pointer_loads(M):
     """Ours with the pointer-load kernels (no TMA descriptors)."""
     from matfn.kernels import gram
@@ -404,6 +417,8 @@ def section_time(cases, peak, peer_cases, peer_names):
         entries = [(f"ours ({algo}{'' if kernels else ', torch path'})", lambda M=M: ours(M))]
         if _graphs.ns_graph_applies(M):
             entries.append(("ours (cuda_graph=True)", lambda M=M: ours_graphed(M)))
+        elif kernels:
+            entries.append(("ours (PDL off)", lambda M=M: pdl_off(M)))
         if algo == "gram":
             entries.append((f"ours (gram, restarts {ONE_RESTART})", lambda M=M: one_restart(M)))
         if LEAN:
@@ -494,6 +509,154 @@ def section_graph(cases):
             rows.append((name, label, eager, g))
             log(f"  {name:>13} {label:<20} eager {eager:8.4f} ms   graph {g:8.4f} ms")
     RESULTS["sections"]["graph"] = rows
+
+
+SMALL_VARIANTS = {
+    # label: (dispatch thresholds at 0 → Triton everywhere, gram.TMA, PDL)
+    "default path": (False, "auto", "never"),
+    "default path + PDL": (False, "auto", "auto"),
+    "Triton, TMA": (True, "always", "never"),
+    "Triton, TMA + PDL": (True, "always", "auto"),
+    "Triton, pointer + PDL": (True, "never", "auto"),
+}
+
+
+def _reset_tuning():
+    """Forget every autotuned config (the variants change which kernels run)."""
+    from matfn.kernels import gram
+
+    gram._BEST_CONFIG.clear()
+    gram._tma_tuned.clear()
+    for kernel in (gram._sym_tuned, gram._gen_tuned):
+        kernel.cache.clear()
+    _graphs.clear()
+
+
+def _variant(label):
+    """A context that applies one of :data:`SMALL_VARIANTS`."""
+    import contextlib
+
+    from matfn.kernels import dispatch, gram
+
+    everywhere, tma, pdl = SMALL_VARIANTS[label]
+    stack = contextlib.ExitStack()
+    if everywhere:
+        for name in ("MIN_TRITON_WORK", "MIN_TRITON_SIDE", "MIN_TMA_BATCH_WORK"):
+            stack.enter_context(mock.patch.object(dispatch, name, 0))
+    stack.enter_context(mock.patch.object(gram, "TMA", tma))
+    stack.enter_context(mock.patch.object(gram, "TMA_MIN_WORK", 0 if tma == "always" else 2**34))
+    stack.enter_context(mock.patch.object(gram, "PDL", pdl))
+    return stack
+
+
+def section_small(cases):
+    """Launch-bound cases, graph-replayed (GPU time): the default path against Triton
+    everywhere, with and without programmatic dependent launch (PDL); every variant's result is
+    checked against the float64 iteration on the same input. Then each product of a 1024² step
+    per TMA config, with and without PDL, checked against a float32 product."""
+    from triton.testing import do_bench_cudagraph
+
+    from matfn.kernels import gram
+    from matfn.kernels.matmul_tma import launch_tma
+
+    rows = []
+    coeffs, factor = schedule("polar_express", STEPS)
+    for name in cases:
+        batch, n, m = CASES[name]
+        M = torch.randn(batch, n, m, device="cuda", dtype=torch.bfloat16)
+        X = M.double()
+        X = X / (X.norm(dim=(-2, -1), keepdim=True) * factor)
+        wide = X if n <= m else X.mT
+        ref = newton_schulz_torch(wide, coeffs)
+        ref = ref if n <= m else ref.mT
+        for label in SMALL_VARIANTS:
+            _reset_tuning()
+            with _variant(label):
+                try:
+                    out = ours(M)  # autotunes
+                    err = float((out.double() - ref).norm() / ref.norm())
+                    t = bench(captured(lambda: ours(M)).replay)
+                except Exception as exc:  # noqa: BLE001
+                    log(f"  {name:>12} {label:<24} failed: {type(exc).__name__}: {exc}"[:300])
+                    continue
+            rows.append((name, label, *t, err))
+            log(
+                f"  {name:>12} {label:<24} graph {t[0]:8.4f} ms [{t[1]:.4f}, {t[2]:.4f}]"
+                f"   rel err vs float64 NS {err:.2e}"
+            )
+    _reset_tuning()
+
+    X = torch.randn(1, 1024, 1024, device="cuda", dtype=torch.float16) / 32
+    A = X @ X.mT
+    P = torch.baddbmm(A, A, A, beta=-4.77, alpha=2.03)
+    eye = torch.eye(1024, device="cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    products = {  # name: (symmetric, A, B, D, α, β, γ, cuBLAS twin)
+        "A = X Xᵀ": (True, X, X.mT, None, 1.0, 0.0, 0.0, lambda: torch.bmm(X, X.mT)),
+        "cA² + bA + aI": (
+            True, A, A, A, 2.03, -4.77, 3.44,
+            lambda: torch.baddbmm(A, A, A, beta=-4.77, alpha=2.03).diagonal(-2, -1).add_(3.44),
+        ),
+        "BX + aX": (False, P, X, X, 1.0, 3.44, 0.0, lambda: torch.baddbmm(X, P, X, beta=3.44)),
+    }  # fmt: skip
+    for pname, (sym, A1, B1, D1, al, be, ga, f_cublas) in products.items():
+        ref = al * A1.float() @ B1.float() + ga * eye
+        if D1 is not None:
+            ref += be * D1.float()
+        t = do_bench_cudagraph(f_cublas, rep=50, return_mode="median")
+        log(f"  1024² {pname:<14} {'cuBLAS':<30} {t * 1e3:6.1f} µs")
+        blocks = gram._TMA_SYMMETRIC_BLOCKS if sym else gram._TMA_GENERAL_BLOCKS
+        for (bm, bn, bk, st, w, persistent), pdl in itertools.product(blocks, (False, True)):
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_stages=st)
+            cfg.update(num_warps=w, PROGRAMS=sms if persistent else 0)
+            out = torch.empty(1, 1024, 1024, device="cuda", dtype=torch.float16)
+            grid = gram._grid(1024, 1024, 1, sym)
+            label = f"TMA {bm}x{bn} s{st} w{w}{' pers.' if persistent else ''}"
+            label += " PDL" if pdl else ""
+
+            def f(args=(A1, B1, D1, out, al, be, ga, sym, grid), cfg=cfg, pdl=pdl):
+                launch_tma(*args, config=cfg, pdl=pdl)
+
+            try:
+                f()
+                e = float((out.float() - ref).abs().max() / ref.abs().max())
+                t = do_bench_cudagraph(f, rep=50, return_mode="median")
+            except Exception as exc:  # noqa: BLE001
+                log(f"  1024² {pname} {label}: failed {type(exc).__name__}: {exc}"[:300])
+                continue
+            rows.append(("1024² product", pname, label, t, e))
+            log(f"  1024² {pname:<14} {label:<30} {t * 1e3:6.1f} µs   rel err {e:.1e}")
+    RESULTS["sections"]["small"] = rows
+
+
+def section_pdl(cases, rounds: int = 2):
+    """Programmatic dependent launch on and off, alternating (A/B) to cancel drift: eager
+    ``do_bench`` time, host issue time per call and graph-replayed time of ours per case."""
+    from matfn.kernels import gram
+
+    rows = []
+    for name in cases:
+        batch, n, m = CASES[name]
+        M = torch.randn(batch, n, m, device="cuda", dtype=torch.bfloat16)
+        for mode in ("auto", "never"):  # compile and autotune both first
+            with mock.patch.object(gram, "PDL", mode):
+                ours(M)
+        for _, mode in itertools.product(range(rounds), ("auto", "never")):
+            with mock.patch.object(gram, "PDL", mode):
+                eager = bench(lambda M=M: ours(M))[0]
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(10):
+                    ours(M)
+                host = (time.perf_counter() - t0) / 10 * 1e3
+                torch.cuda.synchronize()
+                replay = bench(captured(lambda M=M: ours(M)).replay)[0]
+            rows.append((name, mode, eager, host, replay))
+            log(
+                f"  {name:>12} PDL={mode:<5} eager {eager:8.4f} ms   host issue {host:7.3f} ms"
+                f"   graph-replayed {replay:8.4f} ms"
+            )
+    RESULTS["sections"]["pdl"] = rows
 
 
 def section_gram():
@@ -883,6 +1046,8 @@ def main():
             lambda: section_time(cases, peak, args.peer_cases.split(","), args.peers.split(",")),
         ),
         ("graph", lambda: section_graph([c for c in args.graph_cases.split(",") if c])),
+        ("small", lambda: section_small([c for c in args.graph_cases.split(",") if c])),
+        ("pdl", lambda: section_pdl(cases)),
         ("components", section_components),
         ("grouped", section_grouped),
         ("tma", section_tma),

@@ -242,3 +242,49 @@ def test_normalize_layouts(layout, device, monkeypatch):
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     torch.testing.assert_close(out.double(), ref, rtol=2**-8, atol=0)
     assert torch.equal(X, {"contiguous": M, "transposed": M, "strided": M[:, ::2]}[layout])
+
+
+def test_recording_for_a_graph_picks_kernels_by_gpu_time(monkeypatch):
+    """Inside ``recording.for_graph()`` (a CUDA-graph capture and its warm-up), launch cost is
+    no reason to avoid the Triton kernels: every TMA-loadable bf16/fp16 batch takes them, while
+    eagerly 1024² stays below the size thresholds. Odd sizes (no TMA) and float32 do not."""
+    from matfn.kernels import gram, recording
+
+    monkeypatch.setattr(dispatch, "use_triton", lambda *tensors: True)
+    monkeypatch.setattr(gram, "_capability", lambda index: (9, 0))
+    monkeypatch.setattr(gram, "TMA", "auto")
+    square = torch.empty(1, 1, 1, dtype=torch.bfloat16).expand(1, 1024, 1024)
+    batch = torch.empty(1, 1, 1, dtype=torch.float16).expand(64, 512, 512)
+    odd = torch.empty(1, 1, 1, dtype=torch.bfloat16).expand(1, 929, 1294)
+    fp32 = torch.empty(1, 1, 1).expand(1, 1024, 1024)
+    assert not recording.recording()
+    assert not any(dispatch.kernels_apply(X) for X in (square, batch, odd, fp32))
+    with recording.for_graph():
+        assert recording.recording()
+        assert dispatch.kernels_apply(square) and dispatch.kernels_apply(batch)
+        assert not dispatch.kernels_apply(odd) and not dispatch.kernels_apply(fp32)
+        with recording.for_graph():
+            pass
+        assert recording.recording(), "nested blocks restore, not clear, the mark"
+    assert not recording.recording()
+
+
+def test_programmatic_dependent_launch_switch(monkeypatch):
+    """PDL only on CUDA devices of compute capability ≥ 9, never in the interpreter or when
+    switched off (``gram.PDL = "never"``, environment ``MATFN_NS_PDL``)."""
+    from types import SimpleNamespace
+
+    from matfn.kernels import gram
+
+    cuda = SimpleNamespace(is_cuda=True, device=SimpleNamespace(index=0))
+    monkeypatch.setattr(gram, "INTERPRET", False)
+    monkeypatch.setattr(gram, "PDL", "auto")
+    for capability, expected in (((9, 0), True), ((10, 0), True), ((8, 0), False)):
+        monkeypatch.setattr(gram, "_capability", lambda index, c=capability: c)
+        assert gram._pdl(cuda) is expected
+    assert not gram._pdl(SimpleNamespace(is_cuda=False, device=SimpleNamespace(index=None)))
+    monkeypatch.setattr(gram, "PDL", "never")
+    assert not gram._pdl(cuda)
+    monkeypatch.setattr(gram, "PDL", "auto")
+    monkeypatch.setattr(gram, "INTERPRET", True)
+    assert not gram._pdl(cuda)

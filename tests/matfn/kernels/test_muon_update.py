@@ -8,6 +8,8 @@ float32 results agree to a few ulps (rtol 1e-6); results rounded to fp16 agree t
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -20,6 +22,11 @@ from matfn.kernels import muon_update  # noqa: E402
 from optim import Muon  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+#: Tests that force the Triton path for CPU tensors run the kernels in the interpreter only (a
+#: GPU run of the suite, MATFN_TEST_ON_GPU=1, launches real kernels, which cannot read them).
+interpreter_only = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="forces Triton on CPU tensors"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -220,6 +227,7 @@ def shape_lists(draw):
     return shapes
 
 
+@interpreter_only
 @settings(deadline=None, max_examples=15)
 @given(
     shapes=shape_lists(),
@@ -241,6 +249,7 @@ def test_fused_step_equals_torch_step(shapes, seed, nesterov, adjust):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
 
 
+@interpreter_only
 def test_fused_path_taken_and_deterministic(fused_on_cpu):
     shapes = [(24, 8), (8, 24), (16, 16), (2, 8, 24)]
     a, _ = _run(shapes, 0, ns_coefficients=(3.4445, -4.7750, 2.0315))
@@ -293,7 +302,14 @@ def test_graph_cache_is_not_state_and_off_cuda_unused():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_graph_replay_equals_eager_steps():
+@pytest.mark.parametrize("gpu_time_kernels", [False, True], ids=["eager-kernels", "gpu-fastest"])
+def test_graph_replay_equals_eager_steps(monkeypatch, gpu_time_kernels):
+    """Replayed bucket graphs give the eager steps' parameters: bitwise-level when they launch
+    the eager kernels; within the bf16 iteration's rounding (‖Δ‖ ≤ 1 % of the parameters' move,
+    the NS error against float64 being ≈ 0.3 %) when they take the GPU-fastest ones."""
+    import optim._graphs as graphs_mod
+
+    monkeypatch.setattr(graphs_mod, "GPU_TIME_KERNELS", gpu_time_kernels)
     shapes = [(64, 64)] * 3 + [(64, 256), (256, 64)]
     gen = torch.Generator(device="cuda").manual_seed(0)
     grads = [[torch.randn(s, device="cuda", generator=gen) for s in shapes] for _ in range(4)]
@@ -308,4 +324,7 @@ def test_graph_replay_equals_eager_steps():
         assert len(opt._graphs) == (2 if graphs else 0)  # both buckets captured on step 2
         results.append(params)
     for x, y in zip(*results, strict=True):
-        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+        if gpu_time_kernels:
+            assert float((x - y).norm() / y.norm()) <= 1e-2
+        else:
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
