@@ -1,13 +1,16 @@
 """``cuda_graph=True``: replayed results equal eager ones, on new values, without aliasing.
 
 CUDA graphs need a GPU: on the CPU (CI) only the eager fallback is checked; the replay tests run
-with ``MATFN_TEST_ON_GPU=1`` on a GPU. Replays launch the same kernels on the same shapes as the
-eager call, so results agree to the output dtype's rounding (we allow 1 ulp-scale slack:
-``rtol=atol=2⁻⁸`` in bf16, 1e-6 in float32, where reductions may be split differently).
+with ``MATFN_TEST_ON_GPU=1`` on a GPU. Replays launch the kernels fastest on the GPU
+(:mod:`matfn.kernels.recording`), for small bf16 problems not the eager call's: the same
+iteration in fp16 with products summed in another order, so results agree to the output
+dtype's rounding (``rtol=atol=2⁻⁸`` in bf16; 1e-6 in float32, whose kernels do not change,
+where reductions may be split differently).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -185,3 +188,75 @@ def test_call_sites_hand_a_hashable_partial_of_the_eager_computation(monkeypatch
     for fn, name in cases:
         assert_close(fn(True), fn(False), rtol=0, atol=0)
         assert seen.pop() == name and not seen
+
+
+class _FakeCuda:
+    """Stand-ins for the CUDA stream and graph calls of a capture, for a CPU test."""
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    class CUDAGraph:
+        pass
+
+    @staticmethod
+    def current_stream(device=None):
+        return _FakeCuda.Stream()
+
+    @staticmethod
+    def stream(stream):
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def graph(graph, **kwargs):
+        return contextlib.nullcontext()
+
+
+def test_capture_warms_up_and_records_on_the_same_gpu_time_kernels(monkeypatch):
+    """The warm-up run (which autotunes) and the capture both run inside
+    ``recording.for_graph()``, so the graph replays the kernels the warm-up tuned, chosen by GPU
+    time; the caller's code after the capture is back to the eager choice."""
+    from matfn.kernels import recording
+
+    for name in ("Stream", "CUDAGraph", "current_stream", "stream", "graph"):
+        monkeypatch.setattr(torch.cuda, name, getattr(_FakeCuda, name))
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
+    modes = []
+
+    def fn(X):
+        modes.append(recording.recording())
+        return X * 2
+
+    X = torch.ones(3)
+    out = _graphs._capture("key", fn, (X,))
+    assert modes == [True, True], "warm-up and capture"
+    assert torch.equal(out, X * 2) and not recording.recording()
+    assert list(_graphs._ENTRIES) == ["key"]
+
+
+@pytest.mark.parametrize("gpu_time_kernels", [True, False])
+def test_muon_bucket_graphs_record_on_the_configured_kernels(monkeypatch, gpu_time_kernels):
+    """Muon's bucket graphs: warm-up and capture inside ``recording.for_graph()`` exactly when
+    ``optim._graphs.GPU_TIME_KERNELS`` asks for the GPU-fastest kernels."""
+    import optim._graphs as graphs_mod
+    from matfn.kernels import recording
+
+    for name in ("Stream", "CUDAGraph", "current_stream", "stream", "graph"):
+        monkeypatch.setattr(torch.cuda, name, getattr(_FakeCuda, name))
+    monkeypatch.setattr(graphs_mod, "GPU_TIME_KERNELS", gpu_time_kernels)
+    modes = []
+
+    def orthogonalize(stack, partials):
+        modes.append(recording.recording())
+        return stack
+
+    cache = graphs_mod.BucketGraphs()
+    stack, partials = torch.zeros(2, 3, 4), torch.zeros(2)
+    for _ in range(3):  # captured on the second sighting only
+        cache.maybe_capture("bucket", stack, partials, orthogonalize)
+    assert modes == [gpu_time_kernels] * 2 and len(cache) == 1
+    assert not recording.recording()
