@@ -246,8 +246,8 @@ def _tma_config(
 # ones (full grid, the tiles above the diagonal return at once) at 8192; the general product
 # prefers 128×256 tiles, persistent. Persistent 128×256 symmetric tiles need 278 KB of shared
 # memory on Triton 3.6 (more than the H100's 227 KB) and are left out. Small products (1024²,
-# launch-free under a CUDA graph) run best on 64×64 symmetric / 64×128 general tiles: 5.7 and
-# 6.0 µs against 8.8 / 8.7 µs with 128×128 ones (H200, docs/benchmarks.md).
+# launch-free under a CUDA graph) run best on 64×64 symmetric / 64×128 general tiles: 6.4 and
+# 6.3 µs against 8.8 µs with 128×128 ones, without PDL (H200, docs/benchmarks.md).
 _TMA_SYMMETRIC_BLOCKS = [
     (128, 128, 64, 4, 8, False),
     (128, 128, 64, 5, 8, False),
