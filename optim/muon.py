@@ -419,8 +419,11 @@ def _graph_key(members: list[tuple[tuple, int]], dtype: torch.dtype, device, gro
     """Everything a captured bucket graph depends on (see :mod:`optim._graphs`)."""
     from matfn.kernels import dispatch
 
+    from . import _graphs
+
     settings = repr(tuple(group.get(k) for k in _MUON_KEYS))
-    return (device, dtype, tuple(key for key, _ in members), settings, dispatch.switches())
+    kernels = (dispatch.switches(), _graphs.GPU_TIME_KERNELS)
+    return (device, dtype, tuple(key for key, _ in members), settings, kernels)
 
 
 def _batched_muon(

@@ -301,6 +301,24 @@ def test_graph_cache_is_not_state_and_off_cuda_unused():
         Muon(params, cuda_graphs="yes")
 
 
+def test_graph_key_holds_the_kernel_choice(monkeypatch):
+    """A bucket graph captured on one kernel choice is never replayed under another: the key
+    holds the dispatch switches and ``GPU_TIME_KERNELS``."""
+    import optim._graphs as graphs_mod
+    from matfn.kernels import dispatch
+
+    group = {"ns_steps": 5}
+    args = ([((8, 12), 0)], torch.float32, torch.device("cpu"), group)
+    key = muon_mod._graph_key(*args)
+    assert key == muon_mod._graph_key(*args)
+    with monkeypatch.context() as mp:
+        mp.setattr(graphs_mod, "GPU_TIME_KERNELS", not graphs_mod.GPU_TIME_KERNELS)
+        assert muon_mod._graph_key(*args) != key
+    assert muon_mod._graph_key(*args) == key
+    monkeypatch.setattr(dispatch, "MIN_TRITON_SIDE", dispatch.MIN_TRITON_SIDE + 1)
+    assert muon_mod._graph_key(*args) != key
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("gpu_time_kernels", [False, True], ids=["eager-kernels", "gpu-fastest"])
 def test_graph_replay_equals_eager_steps(monkeypatch, gpu_time_kernels):
