@@ -31,6 +31,7 @@ from matfn.msign import (
     run_newton_schulz,
 )
 
+from . import _graphs
 from ._graphs import BucketGraphs
 
 __all__ = ["Muon", "muon", "muon_param_groups", "orthogonalize", "orthogonalize_bucket"]
@@ -418,8 +419,6 @@ def _fused_momentum_stack(
 def _graph_key(members: list[tuple[tuple, int]], dtype: torch.dtype, device, group) -> tuple:
     """Everything a captured bucket graph depends on (see :mod:`optim._graphs`)."""
     from matfn.kernels import dispatch
-
-    from . import _graphs
 
     settings = repr(tuple(group.get(k) for k in _MUON_KEYS))
     kernels = (dispatch.switches(), _graphs.GPU_TIME_KERNELS)

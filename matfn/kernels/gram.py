@@ -448,19 +448,16 @@ def _launch(
         HAS_D=D is not None,
         HAS_DIAG=gamma != 0,
         IEEE=A.dtype == torch.float32,
-        USE_PDL=pdl,
+        **_pdl_flags(pdl),
     )
     if INTERPRET:
         _mm_heuristic[grid(INTERPRET_BLOCKS)](*args, **flags, **INTERPRET_BLOCKS)
         return out
-    launch = {"launch_pdl": True} if pdl else {}
     _launch_tuned(
         key,
         _sym_tuned if symmetric else _gen_tuned,
-        lambda kernel: kernel[grid](*args, **flags, **launch),
-        lambda best: _mm_heuristic[grid(best.kwargs)](
-            *args, **flags, **best.all_kwargs(), **launch
-        ),
+        lambda kernel: kernel[grid](*args, **flags),
+        lambda best: _mm_heuristic[grid(best.kwargs)](*args, **flags, **best.all_kwargs()),
     )
     return out
 
@@ -468,6 +465,14 @@ def _launch(
 def _pdl(A: torch.Tensor) -> bool:
     """Whether products on ``A``'s device use programmatic dependent launch (:data:`PDL`)."""
     return PDL != "never" and not INTERPRET and A.is_cuda and _capability(A.device.index)[0] >= 9
+
+
+def _pdl_flags(pdl: bool) -> dict:
+    """Programmatic dependent launch's kernel flag and launch option, always set together.
+
+    The kernel's ``griddepcontrol.wait`` is what makes the early launch safe.
+    """
+    return {"USE_PDL": True, "launch_pdl": True} if pdl else {"USE_PDL": False}
 
 
 def _check(name: str, T: torch.Tensor) -> None:

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .gram import _store_lower_and_mirror, _tile_coords
+from .gram import _pdl_flags, _store_lower_and_mirror, _tile_coords
 
 __all__ = ["tma_applies", "launch_tma", "set_block_shapes"]
 
@@ -406,10 +406,8 @@ def launch_tma(
         SYMMETRIC=symmetric,
         HAS_D=D is not None,
         HAS_DIAG=gamma != 0,
-        USE_PDL=pdl,
+        **_pdl_flags(pdl),
     )
-    if pdl:
-        flags["launch_pdl"] = True
     if kernel is not None:
         kernel[grid](*args, **flags)
         return
