@@ -22,6 +22,7 @@ from .coefficients import (
     auto_schedule,
     schedule,
 )
+from .kernels import recording
 
 __all__ = ["msign"]
 
@@ -72,12 +73,15 @@ def normalize(X: torch.Tensor, factor: float, eps: float, dtype: torch.dtype) ->
     dense CUDA batch ``(B, s, L)`` of at least :data:`TRITON_DIVIDE_SIZE` entries, or its
     transpose, is divided by :func:`normalize_by`'s Triton pass: torch's broadcast divide by a
     ``(B, 1, 1)`` denominator runs its non-vectorised kernel (68 µs for a 4096² bf16 matrix on
-    the H100, 3× the bandwidth time). Smaller batches keep torch's launch, cheaper on the host.
+    the H100, 3× the bandwidth time). Smaller batches keep torch's launches (a multiply, a clamp
+    and the divide), cheaper on the host, except while a CUDA graph records them
+    (:mod:`matfn.kernels.recording`): there the one Triton pass is cheaper on the GPU.
     """
     norm = torch.linalg.matrix_norm(X, ord="fro", keepdim=True, dtype=_accumulate_dtype(X.dtype))
     if X.requires_grad and torch.is_grad_enabled():  # out= does not record autograd
         return (X / (norm * factor).clamp_min(eps)).to(dtype)
-    if X.dim() == 3 and (X.numel() >= TRITON_DIVIDE_SIZE or not X.is_cuda):
+    triton_divide = X.numel() >= TRITON_DIVIDE_SIZE or recording.recording()
+    if X.dim() == 3 and (triton_divide or not X.is_cuda):
         for view, transposed in ((X, False), (X.mT, True)):
             if view.is_contiguous():
                 out = normalize_by(view, norm.reshape(-1), factor, eps, dtype)

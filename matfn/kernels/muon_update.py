@@ -141,7 +141,9 @@ def _divide_by_norms_kernel(
     mask = offs < size
     denom = tl.maximum(tl.load(norms_ptr + b).to(tl.float32) * factor, eps)
     x = tl.load(x_ptr + b.to(tl.int64) * size + offs, mask=mask, other=0.0).to(tl.float32)
-    y = x / denom
+    # correctly rounded, as torch's divide (Triton's `/` is the 2-ulp approximation): the same
+    # values as `normalize`'s torch path, also for float32 iterates
+    y = tl.math.div_rn(x, denom)
     tl.store(out_ptr + b.to(tl.int64) * size + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -76,6 +76,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .gram import _pdl, _pdl_flags
 from .triangular_chunk import _mm, _tri_chunk_blocked_kernel, _tri_chunk_kernel
 
 __all__ = ["tri_inv_triton", "tri_solve_triton", "PRECISIONS", "CHUNK_IMPLS"]
@@ -84,6 +85,19 @@ PRECISIONS = ("ieee", "tf32x3", "3xtf32", "tf32")
 #: ``algorithm="auto"`` solves by the tree up to this many rows ``B·n``, under CUDA-graph capture.
 TREE_MAX_ROWS = 2048
 CHUNK_IMPLS = ("dense", "blocked")
+
+
+@triton.jit
+def _wait_for_previous_launch(USE_PDL: tl.constexpr):
+    """Programmatic dependent launch's start of a program (:data:`matfn.kernels.gram.PDL`).
+
+    A program may start while the launch before it finishes, so it waits for that launch and its
+    memory (``griddepcontrol.wait``) before any access, then lets the next launch's programs
+    start.
+    """
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -102,12 +116,14 @@ def _tri_gram_kernel(
     BT: tl.constexpr,
     BG: tl.constexpr,
     PREC: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """``G_c = K_cᵀ P_c`` over the ``BT`` rows of chunk ``c`` (one ``BG×BG`` tile).
 
     Only the chunks' Grams contract over rows; the levels above combine them
     (:func:`_gram_combine_tile`).
     """
+    _wait_for_previous_launch(USE_PDL)
     blk = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -267,12 +283,14 @@ def _tri_level_kernel(
     BG: tl.constexpr,
     COMBINE: tl.constexpr,
     PREC: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """One level ``s → 2s`` in one launch.
 
     Programs ``< n_update`` update ``P, R`` tiles (:func:`_update_tile`); with ``COMBINE`` the
     rest build the next level's Grams from this level's (:func:`_gram_combine_tile`).
     """
+    _wait_for_previous_launch(USE_PDL)
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     if pid < n_update:
@@ -331,8 +349,10 @@ def _tri_offdiag_kernel(
     BT: tl.constexpr,
     BD: tl.constexpr,
     PREC: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """Tile ``(I, J)``: zeros above the diagonal, ``−P_I^{(s)} R_J^{(s)ᵀ}`` below it."""
+    _wait_for_previous_launch(USE_PDL)
     ti = tl.program_id(0)
     tj = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -385,6 +405,7 @@ def _tri_group_kernel(
     BF: tl.constexpr,
     DP: tl.constexpr,
     PREC: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """Chunk recursion from a zero state inside group ``g`` on ``BF`` columns of ``[U | P]``."""
     g = tl.program_id(0).to(tl.int64)
@@ -394,6 +415,7 @@ def _tri_group_kernel(
     mf = (cf < F)[None, :]
     cd = tl.arange(0, DP)
     md = (cd < d)[None, :]
+    _wait_for_previous_launch(USE_PDL)
     S = tl.zeros((DP, BF), dtype=tl.float32)
     for c in range(0, GS):
         rows = (g * GS + c) * BC + tl.arange(0, BC)
@@ -426,6 +448,7 @@ def _tri_state_kernel(
     DP: tl.constexpr,
     BE: tl.constexpr,
     PREC: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """Across groups: store the incoming state ``Z_g``, then ``Z ← Z − G_g Z + B_g``."""
     et = tl.program_id(0).to(tl.int64)
@@ -434,6 +457,7 @@ def _tri_state_kernel(
     me = (ce < e)[None, :]
     cd = tl.arange(0, DP)
     md = (cd < d)[:, None]
+    _wait_for_previous_launch(USE_PDL)
     Z = tl.zeros((DP, BE), dtype=tl.float32)
     for g in range(0, NG):
         tl.store(
@@ -464,6 +488,7 @@ def _tri_correct_kernel(
     BE: tl.constexpr,
     DP: tl.constexpr,
     PREC: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """``X = X^{grp} − P^{grp} Z_g`` for one ``BT×BE`` tile."""
     t = tl.program_id(0).to(tl.int64)
@@ -475,6 +500,7 @@ def _tri_correct_kernel(
     me = (ce < e)[None, :]
     cd = tl.arange(0, DP)
     g = (t * BT) // GROUP_ROWS
+    _wait_for_previous_launch(USE_PDL)
     wrow = wg_ptr + b * stride_wb + rows[:, None] * stride_wn
     Xg = tl.load(wrow + ce[None, :], mask=rm & me, other=0.0)
     Pg = tl.load(wrow + e + cd[None, :], mask=rm & (cd < d)[None, :], other=0.0)
@@ -510,6 +536,7 @@ def _tri_solve_first_kernel(
     DP: tl.constexpr,
     STORE: tl.constexpr,
     PREC: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """Tree solve, level ``C → 2C`` for chunk pair ``p`` on ``BF`` columns of ``W = [X | P]``.
 
@@ -518,6 +545,7 @@ def _tri_solve_first_kernel(
     memory and need no ``d×d @ d×(e+d)`` combine. Column tiles ``< cdiv(e, BF)`` update ``X`` in
     place; the others write ``P`` to ``pout`` (both chunks: the next level reads all rows).
     """
+    _wait_for_previous_launch(USE_PDL)
     p = tl.program_id(0).to(tl.int64)
     jt = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -641,6 +669,7 @@ def _tri_solve_level_kernel(
     BG: tl.constexpr,
     COMBINE: tl.constexpr,
     PREC: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """Tree solve, one level ``s → 2s`` (``s ≥ 2C``) in one launch.
 
@@ -649,6 +678,7 @@ def _tri_solve_level_kernel(
     the last level); with ``COMBINE`` the rest build the next level's ``M``
     (:func:`_gram_combine_tile`).
     """
+    _wait_for_previous_launch(USE_PDL)
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     if pid < n_x:
@@ -887,6 +917,7 @@ def tri_inv_triton(
     # the next level's (G = G₁ + G₂ − G₂ G₁), so no launch contracts over more than C rows
     BG = min(32, _pow2(d))
     ngt = triton.cdiv(d, BG) ** 2
+    pdl = _pdl_flags(_pdl(Q))  # every launch after the chunk kernel waits for the one before
     _tri_gram_kernel[(NC, ngt, B)](
         K,
         P_all[0],
@@ -903,6 +934,7 @@ def tri_inv_triton(
         BG=BG,
         PREC=precision,
         num_warps=4,
+        **pdl,
     )
     BTu = min(32, C)  # more programs: at B = 1 a level is only n/BTu × d/BD tiles
     n_update = triton.cdiv(n, BTu) * triton.cdiv(d, BD)
@@ -931,6 +963,7 @@ def tri_inv_triton(
             COMBINE=combine,
             PREC=precision,
             num_warps=4,
+            **pdl,
         )
         G_cur, G_next = G_next, G_cur
     _tri_offdiag_kernel[(NC, NC, B)](
@@ -948,6 +981,7 @@ def tri_inv_triton(
         BD=BD,
         PREC=precision,
         num_warps=4,
+        **pdl,
     )
     return Y
 
@@ -1076,6 +1110,7 @@ def _solve_tree(Q, K, V, lam, X, chunk: _Chunk, BT, BF, BG, warps):
     M_buf = torch.empty(B, NC2 + triton.cdiv(NC2, 2), d, F, dtype=torch.float32, device=Q.device)
     M_cur, M_next = M_buf[:, :NC2], M_buf[:, NC2:]
     _chunk_pass(chunk, Q, K, lam, V=V, P=P_cur, U=X, BE=32)
+    pdl = _pdl_flags(_pdl(Q))  # every launch after the chunk kernel waits for the one before
     # level C → 2C, the M of the 2C-blocks contracted over their rows (no chunk M / combine);
     # on the last level only X's columns
     n_cols = triton.cdiv(e, BF) + (triton.cdiv(d, BF) if L > 1 else 0)
@@ -1102,6 +1137,7 @@ def _solve_tree(Q, K, V, lam, X, chunk: _Chunk, BT, BF, BG, warps):
         STORE=L > 1,
         PREC=precision,
         num_warps=warps,
+        **pdl,
     )
     P_cur, P_next = P_next, P_cur
     ngt = triton.cdiv(d, BG) * triton.cdiv(F, BG)
@@ -1137,6 +1173,7 @@ def _solve_tree(Q, K, V, lam, X, chunk: _Chunk, BT, BF, BG, warps):
             COMBINE=not last,
             PREC=precision,
             num_warps=warps,
+            **pdl,
         )
         P_cur, P_next = P_next, P_cur
         M_cur, M_next = M_next, M_cur
@@ -1167,6 +1204,7 @@ def _solve_scan(Q, K, V, lam, X, chunk: _Chunk, group_size, scan_precision, scan
     Sg = torch.empty(B, NG, d, F, dtype=torch.float32, device=Q.device)
     Z = torch.empty(B, NG, d, e, dtype=torch.float32, device=Q.device)
     _chunk_pass(chunk, Q, K, lam, V=V, P=W[..., e:], U=W, BE=32)
+    pdl = _pdl_flags(_pdl(Q))  # every launch after the chunk kernel waits for the one before
     _tri_group_kernel[(NG, triton.cdiv(F, BF), B)](
         W,
         K,
@@ -1188,6 +1226,7 @@ def _solve_scan(Q, K, V, lam, X, chunk: _Chunk, group_size, scan_precision, scan
         DP=DP,
         PREC=scan_precision,
         num_warps=warps,
+        **pdl,
     )
     if NG == 1:
         X.copy_(Wg[..., :e])
@@ -1208,6 +1247,7 @@ def _solve_scan(Q, K, V, lam, X, chunk: _Chunk, group_size, scan_precision, scan
         BE=BE,
         PREC=scan_precision,
         num_warps=warps,
+        **pdl,
     )
     BEc = 32
     _tri_correct_kernel[(NC, triton.cdiv(e, BEc), B)](
@@ -1229,5 +1269,6 @@ def _solve_scan(Q, K, V, lam, X, chunk: _Chunk, group_size, scan_precision, scan
         DP=DP,
         PREC=scan_precision,
         num_warps=4,
+        **pdl,
     )
     return X

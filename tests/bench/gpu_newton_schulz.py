@@ -512,12 +512,15 @@ def section_graph(cases):
 
 
 SMALL_VARIANTS = {
-    # label: (dispatch thresholds at 0 → Triton everywhere, gram.TMA, PDL)
+    # label: (dispatch thresholds at 0 → Triton everywhere, or "recording", gram.TMA, PDL)
     "default path": (False, "auto", "never"),
     "default path + PDL": (False, "auto", "auto"),
     "Triton, TMA": (True, "always", "never"),
     "Triton, TMA + PDL": (True, "always", "auto"),
     "Triton, pointer + PDL": (True, "never", "auto"),
+    # what cuda_graph=True captures: kernels chosen by GPU time (kernels.recording), whose
+    # normalisation is one Triton divide pass
+    "recording (cuda_graph=True)": ("recording", "auto", "auto"),
 }
 
 
@@ -540,7 +543,11 @@ def _variant(label):
 
     everywhere, tma, pdl = SMALL_VARIANTS[label]
     stack = contextlib.ExitStack()
-    if everywhere:
+    if everywhere == "recording":
+        from matfn.kernels import recording
+
+        stack.enter_context(recording.for_graph())
+    elif everywhere:
         for name in ("MIN_TRITON_WORK", "MIN_TRITON_SIDE", "MIN_TMA_BATCH_WORK"):
             stack.enter_context(mock.patch.object(dispatch, name, 0))
     stack.enter_context(mock.patch.object(gram, "TMA", tma))

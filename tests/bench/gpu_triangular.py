@@ -3,7 +3,7 @@
 Run on a CUDA machine from the repository root::
 
     PYTHONUNBUFFERED=1 python3 tests/bench/gpu_triangular.py [--quick] [--json out.json]
-        [--sections correct,trap,profile,main,solve,scaling,deltanet] [--skip ...]
+        [--sections correct,trap,profile,main,solve,scan,scaling,deltanet] [--skip ...]
 
 The solve's two algorithms side by side (about 2 minutes, most of it compiling)::
 
@@ -683,7 +683,90 @@ def deltanet(results, B=8, H=16, T=4096, d=128, BT=64, timing=True):
         console.print(tab)
 
 
-SECTIONS = ("correct", "trap", "profile", "main", "solve", "scaling", "deltanet")
+# the scan's knobs at n = 4096 (section "scan"; loading one step ahead in registers, tried in
+# session 9, was slower in every case: docs/benchmarks.md)
+SCAN_SWEEP = [
+    dict(),
+    dict(group_size=8),
+    dict(group_size=22),
+    dict(scan_warps=4),
+]
+
+
+def _kernel_times(fn, iters=20) -> dict[str, float]:
+    """µs per call of each kernel ``fn`` launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    fn()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    return {
+        ev.key[:40]: ev.device_time_total / iters
+        for ev in prof.key_averages()
+        if ev.device_time_total > 0
+    }
+
+
+def scan_sweep(results, n=4096, d=128, e=128):
+    """The launch chains with programmatic dependent launch (PDL) on and off: tri_inv, the tree
+    solves and the scan's variants (SCAN_SWEEP); graph-replayed and eager ms, error against
+    float64 and, for the scan, device time per kernel (with PDL a kernel's time includes its
+    wait for the one before, so those columns overlap)."""
+    from matfn.kernels import gram
+
+    Q, K, lam, V = make(1, n, d, e, "general", seed=1)
+    Xr = _tri_solve_chunked_torch(Q.double(), K.double(), V.double(), lam.double())
+    tab = Table(title=f"tri_solve scan variants: n={n}, d={d}, e={e}, fp32 (graph-replayed ms)")
+    for c in ("variant", "PDL", "graph ms", "eager ms", "err", "kernels (µs, profiler)"):
+        tab.add_column(c)
+    Yr = _tri_inv_chunked_torch(Q.double(), K.double(), lam.double())
+    others = {  # the other launch chains, for programmatic dependent launch on and off
+        "tri_inv default": (lambda: tri_inv_triton(Q, K, lam), Yr),
+        "solve tree C32": (lambda: tri_solve_triton(Q, K, V, lam, algorithm="tree"), Xr),
+        "solve tree C64": (
+            lambda: tri_solve_triton(Q, K, V, lam, algorithm="tree", chunk_size=64),
+            Xr,
+        ),
+    }
+    saved = gram.PDL
+    try:
+        for label, (fn, ref) in others.items():
+            for pdl in ("auto", "never"):
+                gram.PDL = pdl
+                err = rel(fn(), ref)
+                t, tg = ms(fn)
+                tab.add_row(label, pdl, f"{tg:.4f}", f"{t:.3f}", f"{err:.1e}", "")
+                results[f"{label} pdl={pdl}"] = dict(ms_graph=tg, ms=t, err=err)
+        for v in SCAN_SWEEP:
+            v = dict(SCAN, chunk_size=32, **v) if "chunk_size" not in v else dict(SCAN, **v)
+            for pdl in ("auto", "never"):
+                gram.PDL = pdl
+
+                def fn(v=v):
+                    return tri_solve_triton(Q, K, V, lam, **v)
+
+                X = torch.full((1, n, e), float("nan"), device=dev)
+                err = rel(tri_solve_triton(Q, K, V, lam, out=X, **v), Xr)
+                t, tg = ms(fn)
+                kern = _kernel_times(fn)
+                short = ", ".join(
+                    f"{k.removeprefix('_tri_').split('_kernel')[0]} {us:.1f}"
+                    for k, us in sorted(kern.items(), key=lambda kv: -kv[1])
+                )
+                tab.add_row(vname(v), pdl, f"{tg:.4f}", f"{t:.3f}", f"{err:.1e}", short)
+                results[f"scan {vname(v)} pdl={pdl}"] = dict(
+                    ms_graph=tg, ms=t, err=err, kernels_us=kern
+                )
+    finally:
+        gram.PDL = saved
+    console.print(tab)
+
+
+SECTIONS = ("correct", "trap", "profile", "main", "solve", "scan", "scaling", "deltanet")
 
 
 def main() -> None:
@@ -735,6 +818,8 @@ def main() -> None:
         main_table(results)
     if "solve" in sections:
         solve_compare(results, a.quick)
+    if "scan" in sections:
+        scan_sweep(results)
     if "scaling" in sections:
         scaling(results)
     if "deltanet" in sections:

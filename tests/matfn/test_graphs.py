@@ -87,6 +87,24 @@ def test_msign_replay_matches_eager(shape, transpose):
 
 
 @gpu
+@pytest.mark.parametrize("transpose", [False, True])
+def test_normalize_while_recording_matches_eager(transpose):
+    """Below ``TRITON_DIVIDE_SIZE`` a recorded normalisation is one Triton divide pass instead
+    of torch's three launches, with the same values (both divide in fp32, correctly rounded)."""
+    from matfn.kernels import recording
+    from matfn.msign import TRITON_DIVIDE_SIZE, normalize
+
+    M = torch.randn(4, 96, 160, device="cuda", dtype=torch.bfloat16)
+    M = M.mT if transpose else M
+    assert M.numel() < TRITON_DIVIDE_SIZE
+    ref = normalize(M, 1.5, 1e-7, torch.float16)
+    with recording.for_graph():
+        got = normalize(M, 1.5, 1e-7, torch.float16)
+    assert got.shape == M.shape and got.dtype == torch.float16
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+@gpu
 def test_options_and_geometry_get_their_own_graphs(monkeypatch):
     monkeypatch.setattr(_graphs, "MAX_GRAPHS", 2)
     M = torch.randn(64, 128, device="cuda", dtype=torch.bfloat16)
