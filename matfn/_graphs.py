@@ -7,7 +7,7 @@ tri_inv and tri_solve issue about 8 Triton launches for 0.10–0.14 ms. With ``c
 msign, mcsgn, mclip, tri_inv and tri_solve capture the call once per key and replay it
 afterwards: copy the inputs into the graph's static inputs, replay, clone the static output.
 The captured kernels are chosen by GPU time, not launch cost (:mod:`matfn.kernels.recording`):
-1024² msign 0.119 ms a call on the H200, 64×512² 0.64 ms.
+1024² msign 0.112 ms a call on the H200, 64×512² 0.64–0.66 ms.
 
 How it stays correct:
 

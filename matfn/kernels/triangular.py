@@ -54,8 +54,10 @@ chunk recursion on ``W``'s columns from a zero state (parallel over groups × co
 giving ``[X^{grp} | P^{grp}]`` and the group sums ``[K_gᵀ X^{grp} | K_gᵀ P^{grp}] = [B_g | G_g]``;
 (3) the state scan ``Z_{g+1} = (I − G_g) Z_g + B_g`` over groups (parallel over ``e`` tiles);
 (4) ``X_g = X^{grp}_g − P^{grp}_g Z_g`` (parallel). FLOPs ``≈ 4 n d F + 2 n d e``, but the group
-and state kernels are chains of ≈ 24 dependent small products (0.099 ms graph-replayed on the
-H100 at n = 4096, d = e = 128).
+and state kernels are chains of ``GS + NG ≥ 2√(n/C)`` dependent small products (24 at n = 4096,
+C = 32) of ≈ 3.1 µs each on the H200: 0.098 ms graph-replayed at n = 4096, d = e = 128, of which
+the chains are 76 µs (docs/benchmarks.md, session 9). Groups are sized so that ``NG`` groups ×
+column tiles fill the SMs once (one 8-warp program per SM): smaller groups run two waves.
 
 **Which solve** (``algorithm="auto"``, the default). Measured on the H100 (d = e = 128, C = 32,
 docs/benchmarks.md): graph-replayed, the tree is faster up to ``B·n = 2048`` rows (0.035 against
@@ -63,6 +65,11 @@ docs/benchmarks.md): graph-replayed, the tree is faster up to ``B·n = 2048`` ro
 0.80 against 0.55 at B = 8, n = 4096: it does 2.4× the FLOPs); eager, its extra launches cost
 more than its shorter chain saves at every size (0.165 against 0.096 ms at n = 512). So ``"auto"``
 takes the tree only while a CUDA graph is being captured and ``B·n ≤`` :data:`TREE_MAX_ROWS`.
+
+**Programmatic dependent launch** (compute capability ≥ 9, :data:`matfn.kernels.gram.PDL`):
+every launch after the chunk kernel waits for the one before (``griddepcontrol.wait``) before any
+memory access and is launched early, which hides part of each launch's start (1–4 % of the
+graph-replayed times above).
 
 All offsets are 64-bit. ``tl.dot`` needs every block dim ≥ 16.
 """
