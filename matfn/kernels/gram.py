@@ -410,7 +410,7 @@ def _launch(
         return out.copy_(res)
     grid = _grid(M, N, batch, symmetric)
     key = (symmetric, M, N, K, batch, D is not None, A.dtype, out.dtype)
-    pdl = _pdl(A)
+    pdl = _pdl(A, tiles=batch * triton.cdiv(M, 128) * triton.cdiv(N, 128))
     if _use_tma(A, B, D, out):
         from .matmul_tma import launch_tma
 
@@ -462,9 +462,30 @@ def _launch(
     return out
 
 
-def _pdl(A: torch.Tensor) -> bool:
-    """Whether products on ``A``'s device use programmatic dependent launch (:data:`PDL`)."""
-    return PDL != "never" and not INTERPRET and A.is_cuda and _capability(A.device.index)[0] >= 9
+#: Programmatic dependent launch only for products of at most this many 128×128 output tiles per
+#: SM (two waves). It hides the launch gap between short dependent products (1024², 64 tiles:
+#: 0.111 against 0.122 ms graph-replayed on the H200); on longer ones there is no gap worth
+#: hiding and it measured neutral (2048², 64×512²), 6 % slower (32×128×4096's 1024-tile
+#: ``B X``) or, eagerly at 4096², 2.9–3.0 against 2.2 ms in two runs (docs/benchmarks.md).
+PDL_MAX_TILES_PER_SM = 2
+
+
+def _pdl(A: torch.Tensor, tiles: int | None = None) -> bool:
+    """Whether a launch on ``A``'s device uses programmatic dependent launch (:data:`PDL`).
+
+    ``tiles``: a product's 128×128 output tiles (batch included); above
+    :data:`PDL_MAX_TILES_PER_SM` per SM the product is launched plainly. ``None``: no limit
+    (the triangular kernels' short chains).
+    """
+    if PDL == "never" or INTERPRET or not A.is_cuda or _capability(A.device.index)[0] < 9:
+        return False
+    return tiles is None or tiles <= PDL_MAX_TILES_PER_SM * _sm_count(A.device.index)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    """Streaming multiprocessors of CUDA device ``index``, asked once per device."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _pdl_flags(pdl: bool) -> dict:

@@ -636,20 +636,39 @@ def section_small(cases):
     RESULTS["sections"]["small"] = rows
 
 
-def section_pdl(cases, rounds: int = 2):
-    """Programmatic dependent launch on and off, alternating (A/B) to cancel drift: eager
-    ``do_bench`` time, host issue time per call and graph-replayed time of ours per case."""
+PDL_MODES = {  # label: (gram.PDL, gram.PDL_MAX_TILES_PER_SM)
+    "rule": ("auto", None),  # the default: PDL for products of at most two waves of tiles
+    "all": ("auto", 10**9),  # PDL for every product
+    "never": ("never", None),
+}
+
+
+def _pdl_mode(label):
+    import contextlib
+
     from matfn.kernels import gram
 
+    pdl, max_tiles = PDL_MODES[label]
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.object(gram, "PDL", pdl))
+    if max_tiles is not None:
+        stack.enter_context(mock.patch.object(gram, "PDL_MAX_TILES_PER_SM", max_tiles))
+    return stack
+
+
+def section_pdl(cases, rounds: int = 2):
+    """Programmatic dependent launch by the default rule, on every product and off, alternating
+    (A/B) to cancel drift: eager ``do_bench`` time, host issue time per call and graph-replayed
+    time of ours per case."""
     rows = []
     for name in cases:
         batch, n, m = CASES[name]
         M = torch.randn(batch, n, m, device="cuda", dtype=torch.bfloat16)
-        for mode in ("auto", "never"):  # compile and autotune both first
-            with mock.patch.object(gram, "PDL", mode):
+        for mode in PDL_MODES:  # compile and autotune each first
+            with _pdl_mode(mode):
                 ours(M)
-        for _, mode in itertools.product(range(rounds), ("auto", "never")):
-            with mock.patch.object(gram, "PDL", mode):
+        for _, mode in itertools.product(range(rounds), PDL_MODES):
+            with _pdl_mode(mode):
                 eager = bench(lambda M=M: ours(M))[0]
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()

@@ -290,6 +290,25 @@ def test_programmatic_dependent_launch_switch(monkeypatch):
     assert not gram._pdl(cuda)
 
 
+def test_programmatic_dependent_launch_only_for_short_products(monkeypatch):
+    """Products of more than two waves of 128×128 tiles launch plainly (``tiles``); the
+    triangular kernels (no ``tiles``) always use PDL where it is on."""
+    from types import SimpleNamespace
+
+    from matfn.kernels import gram
+
+    cuda = SimpleNamespace(is_cuda=True, device=SimpleNamespace(index=0))
+    monkeypatch.setattr(gram, "INTERPRET", False)
+    monkeypatch.setattr(gram, "PDL", "auto")
+    monkeypatch.setattr(gram, "_capability", lambda index: (9, 0))
+    monkeypatch.setattr(gram, "_sm_count", lambda index: 132)
+    assert gram._pdl(cuda, tiles=64)  # 1024²
+    assert gram._pdl(cuda, tiles=264)
+    assert not gram._pdl(cuda, tiles=265)
+    assert not gram._pdl(cuda, tiles=1024)  # 4096², 64×512², 32×128×4096's B X
+    assert gram._pdl(cuda)
+
+
 def test_msign_under_recording_runs_the_kernels_at_any_size(monkeypatch):
     """End to end in the interpreter: inside ``recording.for_graph()`` a small fp16 batch, below
     every eager size threshold, runs msign on the Triton products (on a GPU of compute capability
