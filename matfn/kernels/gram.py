@@ -465,8 +465,9 @@ def _launch(
 #: Programmatic dependent launch only for products of at most this many 128×128 output tiles per
 #: SM (two waves). It hides the launch gap between short dependent products (1024², 64 tiles:
 #: 0.111 against 0.122 ms graph-replayed on the H200); on longer ones there is no gap worth
-#: hiding and it measured neutral (2048², 64×512²), 6 % slower (32×128×4096's 1024-tile
-#: ``B X``) or, eagerly at 4096², 2.9–3.0 against 2.2 ms in two runs (docs/benchmarks.md).
+#: hiding, and PDL on every product measured neutral (2048², 64×512²), 6 % slower (32×128×4096)
+#: or 2–4 % slower (4096², alternating A/B), and in two runs its first timed eager 4096² call
+#: took 2.9–3.0 ms against 2.2 without (docs/benchmarks.md, sessions 8 and 9).
 PDL_MAX_TILES_PER_SM = 2
 
 
