@@ -371,13 +371,28 @@ def main_table(results, n=4096, d=128, e=128):
     console.print(tab)
 
 
+def _kernel_times(fn, iters=20) -> dict[str, tuple[float, float]]:
+    """Launches and device µs per call of each kernel that ``fn`` runs (torch.profiler)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    fn()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    return {
+        ev.key: (ev.count / iters, ev.device_time_total / iters)
+        for ev in prof.key_averages()
+        if ev.device_time_total > 0
+    }
+
+
 def profile(results, n=4096, d=128, e=128, iters=20):
     """Device time per kernel (torch.profiler) of one call, and the host time of a call (50 calls
     queued without a sync: what eager use pays when the launches, not the GPU, are the limit)."""
     import time
-
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
 
     Q, K, lam, V = make(1, n, d, e, "general", seed=1)
     old_inv = VARIANTS_INV[1]
@@ -385,9 +400,10 @@ def profile(results, n=4096, d=128, e=128, iters=20):
     cases = {
         "inv default": lambda: tri_inv_triton(Q, K, lam),
         "inv " + vname(old_inv): lambda: tri_inv_triton(Q, K, lam, **old_inv),
-        "solve default (tree, C32)": lambda: tri_solve_triton(Q, K, V, lam),
-        "solve tree C64": lambda: tri_solve_triton(Q, K, V, lam, chunk_size=64),
-        "solve scan C32": lambda: tri_solve_triton(Q, K, V, lam, algorithm="scan"),
+        # eagerly "auto" is the scan (the tree only while a CUDA graph is captured)
+        "solve default (scan, C32)": lambda: tri_solve_triton(Q, K, V, lam),
+        "solve tree C64": lambda: tri_solve_triton(Q, K, V, lam, algorithm="tree", chunk_size=64),
+        "solve tree C32": lambda: tri_solve_triton(Q, K, V, lam, algorithm="tree"),
         "solve scan " + vname(old_solve): lambda: tri_solve_triton(
             Q, K, V, lam, algorithm="scan", **old_solve
         ),
@@ -405,19 +421,10 @@ def profile(results, n=4096, d=128, e=128, iters=20):
     for c in ("call", "kernel", "launches", "µs"):
         tab.add_column(c)
     for label, fn in cases.items():
-        fn()
-        torch.cuda.synchronize()
-        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(iters):
-                fn()
-            torch.cuda.synchronize()
         total = 0.0
-        for ev in sorted(prof.key_averages(), key=lambda ev: -ev.device_time_total):
-            if ev.device_time_total <= 0:
-                continue
-            us = ev.device_time_total / iters
+        for key, (count, us) in sorted(_kernel_times(fn, iters).items(), key=lambda kv: -kv[1][1]):
             total += us
-            tab.add_row(label, ev.key[:60], f"{ev.count / iters:g}", f"{us:.1f}")
+            tab.add_row(label, key[:60], f"{count:g}", f"{us:.1f}")
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(50):
@@ -693,24 +700,6 @@ SCAN_SWEEP = [
 ]
 
 
-def _kernel_times(fn, iters=20) -> dict[str, float]:
-    """µs per call of each kernel ``fn`` launches (torch.profiler)."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    fn()
-    torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    return {
-        ev.key[:40]: ev.device_time_total / iters
-        for ev in prof.key_averages()
-        if ev.device_time_total > 0
-    }
-
-
 def scan_sweep(results, n=4096, d=128, e=128):
     """The launch chains with programmatic dependent launch (PDL) on and off: tri_inv, the tree
     solves and the scan's variants (SCAN_SWEEP); graph-replayed and eager ms, error against
@@ -752,7 +741,7 @@ def scan_sweep(results, n=4096, d=128, e=128):
                 X = torch.full((1, n, e), float("nan"), device=dev)
                 err = rel(tri_solve_triton(Q, K, V, lam, out=X, **v), Xr)
                 t, tg = ms(fn)
-                kern = _kernel_times(fn)
+                kern = {k: us for k, (_, us) in _kernel_times(fn).items()}
                 short = ", ".join(
                     f"{k.removeprefix('_tri_').split('_kernel')[0]} {us:.1f}"
                     for k, us in sorted(kern.items(), key=lambda kv: -kv[1])
