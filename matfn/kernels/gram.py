@@ -52,6 +52,20 @@ PDL = os.environ.get("MATFN_NS_PDL", "auto")
 
 
 @triton.jit
+def _wait_for_previous_launch(USE_PDL: tl.constexpr):
+    """Start of a program under programmatic dependent launch (:data:`PDL`).
+
+    The program may start while the launch before it finishes: it waits for that launch and its
+    memory (``griddepcontrol.wait``) before any access (the launch may have written this one's
+    operands, or still read the memory this one writes), then lets the next launch's programs
+    start their set-up. Every kernel launched with ``launch_pdl=True`` calls it first.
+    """
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def _tile_coords(
     pid,
     M,
@@ -159,13 +173,7 @@ def _mm_kernel(
     a_ptrs = a_ptr + bid * stride_ab + am[:, None] * stride_am + rk[None, :] * stride_ak
     b_ptrs = b_ptr + bid * stride_bb + rk[:, None] * stride_bk + bn[None, :] * stride_bn
 
-    if USE_PDL:
-        # Programmatic dependent launch: this program may start while the kernel before it
-        # finishes. Wait for that kernel (and its memory) before any access (it may have written
-        # the operands, or still read the memory this one writes), then let the next kernel's
-        # programs start their set-up.
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    _wait_for_previous_launch(USE_PDL)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, k_tiles):
         if EVEN_K:

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .gram import _pdl_flags, _store_lower_and_mirror, _tile_coords
+from .gram import _pdl_flags, _store_lower_and_mirror, _tile_coords, _wait_for_previous_launch
 
 __all__ = ["tma_applies", "launch_tma", "set_block_shapes"]
 
@@ -73,9 +73,7 @@ def _tile(
     USE_PDL: tl.constexpr,
 ):
     """Output tile ``(r0, c0)`` of matrix ``bid``: the K loop, the epilogue and the stores."""
-    if USE_PDL:  # see gram._mm_kernel
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    _wait_for_previous_launch(USE_PDL)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         a = _load_tile(a_desc, bid, r0, k * BLOCK_K, BLOCK_M, BLOCK_K, A_T)

@@ -83,7 +83,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gram import _pdl, _pdl_flags
+from .gram import _pdl, _pdl_flags, _wait_for_previous_launch
 from .triangular_chunk import _mm, _tri_chunk_blocked_kernel, _tri_chunk_kernel
 
 __all__ = ["tri_inv_triton", "tri_solve_triton", "PRECISIONS", "CHUNK_IMPLS"]
@@ -92,19 +92,6 @@ PRECISIONS = ("ieee", "tf32x3", "3xtf32", "tf32")
 #: ``algorithm="auto"`` solves by the tree up to this many rows ``B·n``, under CUDA-graph capture.
 TREE_MAX_ROWS = 2048
 CHUNK_IMPLS = ("dense", "blocked")
-
-
-@triton.jit
-def _wait_for_previous_launch(USE_PDL: tl.constexpr):
-    """Programmatic dependent launch's start of a program (:data:`matfn.kernels.gram.PDL`).
-
-    A program may start while the launch before it finishes, so it waits for that launch and its
-    memory (``griddepcontrol.wait``) before any access, then lets the next launch's programs
-    start.
-    """
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
