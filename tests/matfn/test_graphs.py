@@ -234,14 +234,19 @@ class _FakeCuda:
         return contextlib.nullcontext()
 
 
-def test_capture_warms_up_and_records_on_the_same_gpu_time_kernels(monkeypatch):
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Replace the CUDA stream and graph calls of a capture by :class:`_FakeCuda`'s."""
+    for name in ("Stream", "CUDAGraph", "current_stream", "stream", "graph"):
+        monkeypatch.setattr(torch.cuda, name, getattr(_FakeCuda, name))
+
+
+def test_capture_warms_up_and_records_on_the_same_gpu_time_kernels(monkeypatch, fake_cuda):
     """The warm-up run (which autotunes) and the capture both run inside
     ``recording.for_graph()``, so the graph replays the kernels the warm-up tuned, chosen by GPU
     time; the caller's code after the capture is back to the eager choice."""
     from matfn.kernels import recording
 
-    for name in ("Stream", "CUDAGraph", "current_stream", "stream", "graph"):
-        monkeypatch.setattr(torch.cuda, name, getattr(_FakeCuda, name))
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
     modes = []
 
@@ -257,14 +262,14 @@ def test_capture_warms_up_and_records_on_the_same_gpu_time_kernels(monkeypatch):
 
 
 @pytest.mark.parametrize("gpu_time_kernels", [True, False])
-def test_muon_bucket_graphs_record_on_the_configured_kernels(monkeypatch, gpu_time_kernels):
+def test_muon_bucket_graphs_record_on_the_configured_kernels(
+    monkeypatch, fake_cuda, gpu_time_kernels
+):
     """Muon's bucket graphs: warm-up and capture inside ``recording.for_graph()`` exactly when
     ``optim._graphs.GPU_TIME_KERNELS`` asks for the GPU-fastest kernels."""
     import optim._graphs as graphs_mod
     from matfn.kernels import recording
 
-    for name in ("Stream", "CUDAGraph", "current_stream", "stream", "graph"):
-        monkeypatch.setattr(torch.cuda, name, getattr(_FakeCuda, name))
     monkeypatch.setattr(graphs_mod, "GPU_TIME_KERNELS", gpu_time_kernels)
     modes = []
 
