@@ -48,16 +48,32 @@ Launches ``L + 1`` with ``L = ⌈log₂(n/C)⌉`` (8 at n = 4096, C = 32; 1 for 
 over row tiles × column tiles × batch; FLOPs ``≈ n d F (L + 1 + d/C) + n d e`` (1.7 GFLOP at
 n = 4096, d = e = 128, C = 32) plus the chunk inverses: 2.4× the scan's, but no sequential chain.
 
-**Solve, scan** (``algorithm="scan"``, 4 launches). Chunks form ``NG ≈ √(n/C)`` groups. (1) chunk
-kernel: ``W = [Y_cc V_c | Y_cc Q_c]``; (2) inside each group, sequentially over its chunks, the
-chunk recursion on ``W``'s columns from a zero state (parallel over groups × column tiles),
-giving ``[X^{grp} | P^{grp}]`` and the group sums ``[K_gᵀ X^{grp} | K_gᵀ P^{grp}] = [B_g | G_g]``;
-(3) the state scan ``Z_{g+1} = (I − G_g) Z_g + B_g`` over groups (parallel over ``e`` tiles);
-(4) ``X_g = X^{grp}_g − P^{grp}_g Z_g`` (parallel). FLOPs ``≈ 4 n d F + 2 n d e``, but the group
-and state kernels are chains of ``GS + NG ≥ 2√(n/C)`` dependent small products (24 at n = 4096,
-C = 32) of ≈ 3.1 µs each on the H200: 0.098 ms graph-replayed at n = 4096, d = e = 128, of which
-the chains are 76 µs (docs/benchmarks.md, session 9). Groups are sized so that ``NG`` groups ×
-column tiles fill the SMs once (one 8-warp program per SM): smaller groups run two waves.
+**Solve, scan** (``algorithm="scan"``). Chunks form groups. (1) chunk kernel:
+``W = [Y_cc V_c | Y_cc Q_c]``; (2) group kernel: inside each group, sequentially over its
+chunks, the chunk recursion on ``W``'s columns from a zero state (parallel over groups × column
+tiles), giving ``[X^{grp} | P^{grp}]`` and the group sums
+``[K_gᵀ X^{grp} | K_gᵀ P^{grp}] = [B_g | G_g]``; (3) the state scan
+``Z_{g+1} = (I − G_g) Z_g + B_g`` over groups (parallel over ``e`` tiles); (4) the corrections
+``X_g = X^{grp}_g − P^{grp}_g Z_g`` (parallel). FLOPs ``≈ 4 n d F + 2 n d e``; what costs is the
+chain of dependent small products, a group step (two products contracting over ``d`` and ``C``)
+and a state step (one over ``d``), ≈ 2.2 and 3.6 µs on the H200.
+
+* The group kernel keeps its ``d×BF`` state as ``NS`` slices and contracts over them with
+  batched dots: ``NS`` short independent chains of tensor-core products instead of one long
+  one. 16-column tiles, 4 warps, ``NS = 4``: 2.2 µs a step against 3.2 for one 32-column,
+  8-warp chain (session 10).
+* **Fused** (the default, :func:`_tri_chain_state_kernel`): steps (3) and (4) are one launch,
+  started with programmatic dependent launch while the group kernel runs; flags in global
+  memory order the work (a group's programs count themselves done, the state programs publish
+  each ``Z_g``), and programs take tickets when they start, so each waits only for programs
+  that already run: no deadlock, whatever runs at once. The state scan then takes group ``g``
+  as soon as that group ends, so groups grow with ``g`` (:func:`_chain_schedule`): the early,
+  small ones end first, and the scan reaches the large ones as they end. At n = 4096
+  (128 chunks of 32 rows, groups of 2 … 22 chunks) the chain is ≈ √(2·NC·ratio) group steps
+  instead of ``GS + NG ≥ 2√NC`` steps. Without PDL (or with it off) the same launch runs after
+  the group kernel and finds every flag set.
+* **Unfused** (``scan_fused=False``): equal groups of ``≈ √(NC·d/2C)`` chunks and separate state
+  and correction launches (the form before session 10).
 
 **Which solve** (``algorithm="auto"``, the default). Measured on the H100 (d = e = 128, C = 32,
 docs/benchmarks.md): graph-replayed, the tree is faster up to ``B·n = 2048`` rows (0.035 against
@@ -76,6 +92,7 @@ All offsets are 64-bit. ``tl.dot`` needs every block dim ≥ 16.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -379,16 +396,27 @@ def _tri_offdiag_kernel(
 
 
 @triton.jit
-def _tri_group_kernel(
+def _group_start(g, S0, RNUM, RDEN, NC):
+    """First chunk of group ``g``: groups of ``S0 + g·RNUM/RDEN`` chunks (``RNUM = 0``: equal)."""
+    return tl.minimum(g * S0 + (g * (g - 1) * RNUM) // (2 * RDEN), NC)
+
+
+@triton.jit
+def _tri_group_sliced_kernel(
     w_ptr,
     k_ptr,
     wg_ptr,
     sg_ptr,
+    done_ptr,
     n,
     d,
     e,
     F,
-    GS,
+    NC,
+    NG,
+    S0,
+    RNUM,
+    RDEN,
     stride_wb,
     stride_wn,
     stride_kb,
@@ -399,32 +427,177 @@ def _tri_group_kernel(
     BF: tl.constexpr,
     DP: tl.constexpr,
     PREC: tl.constexpr,
+    NS: tl.constexpr,
+    SIGNAL: tl.constexpr,
     USE_PDL: tl.constexpr = False,
 ):
-    """Chunk recursion from a zero state inside group ``g`` on ``BF`` columns of ``[U | P]``."""
-    g = tl.program_id(0).to(tl.int64)
-    ft = tl.program_id(1).to(tl.int64)
+    """Chunk recursion from a zero state inside group ``g`` on ``BF`` columns of ``[U | P]``.
+
+    The state is kept as ``NS`` slices of ``DP / NS`` rows, and the products contract over them
+    with batched dots: ``NS`` short independent chains of tensor-core products instead of one
+    long one (the step is latency-bound: 2.2 against 3.2 µs on the H200). Groups may grow with
+    ``g`` (:func:`_group_start`); the last group is launched first. ``SIGNAL``: count this
+    program's finished tile in ``done[b, g]`` (release) for :func:`_tri_chain_state_kernel`.
+    """
+    ft = tl.program_id(0).to(tl.int64)
+    g = NG - 1 - tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     cf = ft * BF + tl.arange(0, BF)
     mf = (cf < F)[None, :]
-    cd = tl.arange(0, DP)
-    md = (cd < d)[None, :]
     _wait_for_previous_launch(USE_PDL)
-    S = tl.zeros((DP, BF), dtype=tl.float32)
-    for c in range(0, GS):
-        rows = (g * GS + c) * BC + tl.arange(0, BC)
+    KS: tl.constexpr = DP // NS
+    sl = tl.arange(0, NS)[:, None, None]
+    cP = sl * KS + tl.arange(0, KS)[None, None, :]  # (NS, 1, KS): column of P
+    cK = sl * KS + tl.arange(0, KS)[None, :, None]  # (NS, KS, 1): column of K
+    S = tl.zeros((NS, KS, BF), dtype=tl.float32)
+    for c in range(_group_start(g, S0, RNUM, RDEN, NC), _group_start(g + 1, S0, RNUM, RDEN, NC)):
+        rows = c * BC + tl.arange(0, BC)
         rm = (rows < n)[:, None]
-        wrow = w_ptr + b * stride_wb + rows[:, None] * stride_wn
-        Wc = tl.load(wrow + cf[None, :], mask=rm & mf, other=0.0)
-        Pc = tl.load(wrow + e + cd[None, :], mask=rm & md, other=0.0)
-        Kc = tl.load(
-            k_ptr + b * stride_kb + rows[:, None] * stride_kn + cd[None, :], mask=rm & md, other=0.0
+        Wc = tl.load(
+            w_ptr + b * stride_wb + rows[:, None] * stride_wn + cf[None, :], mask=rm & mf, other=0.0
         )
-        Xc = Wc - _mm(Pc, S, PREC)
+        r3 = rows[None, :, None]
+        Pc = tl.load(
+            w_ptr + b * stride_wb + r3 * stride_wn + e + cP, mask=(r3 < n) & (cP < d), other=0.0
+        )
+        r3t = rows[None, None, :]
+        Kct = tl.load(
+            k_ptr + b * stride_kb + r3t * stride_kn + cK, mask=(r3t < n) & (cK < d), other=0.0
+        )
+        Xc = Wc - tl.sum(_mm(Pc, S, PREC), axis=0)
         tl.store(wg_ptr + b * stride_wb + rows[:, None] * stride_wn + cf[None, :], Xc, mask=rm & mf)
-        S += _mm(tl.trans(Kc), Xc, PREC)
+        S += _mm(Kct, tl.broadcast_to(Xc[None, :, :], (NS, BC, BF)), PREC)
+    cd = tl.arange(0, DP)
     sp = sg_ptr + b * stride_sb + g * stride_sg + cd[:, None] * F + cf[None, :]
-    tl.store(sp, S, mask=(cd < d)[:, None] & mf)
+    tl.store(sp, tl.reshape(S, (DP, BF)), mask=(cd < d)[:, None] & mf)
+    if SIGNAL:
+        tl.debug_barrier()  # every thread's stores before the release
+        tl.atomic_add(done_ptr + b * NG + g, 1, sem="release")
+
+
+@triton.jit
+def _wait_flag(ptr, target, ATOMIC: tl.constexpr = False):
+    """Spin until ``*ptr ≥ target``, then acquire it for the whole program.
+
+    ``ATOMIC``: poll with acquire atomics (one L2 round trip when the flag is already set);
+    else with plain volatile reads, then one acquire (no atomic traffic while waiting).
+    """
+    if ATOMIC:
+        while tl.atomic_add(ptr, 0, sem="acquire") < target:
+            pass
+    else:
+        while tl.load(ptr, volatile=True) < target:
+            pass
+        tl.atomic_add(ptr, 0, sem="acquire")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _tri_chain_state_kernel(
+    sg_ptr,
+    wg_ptr,
+    z_ptr,
+    x_ptr,
+    sync_ptr,
+    n,
+    d,
+    e,
+    F,
+    NC,
+    NG,
+    NFT,
+    S0,
+    RNUM,
+    RDEN,
+    stride_sb,
+    stride_sg,
+    stride_wb,
+    stride_wn,
+    stride_zb,
+    stride_zg,
+    stride_xb,
+    stride_xn,
+    B,
+    BC: tl.constexpr,
+    BE: tl.constexpr,
+    DP: tl.constexpr,
+    PREC: tl.constexpr,
+    POLL_ATOMIC: tl.constexpr = False,
+    LAZY_PUBLISH: tl.constexpr = False,
+):
+    """The state scan across groups and the corrections, in one launch, driven by flags.
+
+    ``sync = [ticket | done (B·NG) | z_ready (B·NG·NE)]``, zeroed before the chunk kernel.
+    Programs take a ticket when they start; the first ``B·NE`` are state programs (one per
+    batch entry and ``BE``-column tile of ``e``): for each group ``g`` they publish the incoming
+    state ``Z_g`` (``z_ready``), wait until all ``NFT`` tiles of group ``g`` are done
+    (``done``, set by :func:`_tri_group_sliced_kernel`), then ``Z ← Z − G_g Z + B_g``. The
+    others correct one chunk's ``BE`` columns, ``X = X^{grp} − P^{grp} Z_g``, as soon as their
+    group and its ``Z_g`` are ready. A program only waits for programs with smaller tickets,
+    which have started, so nothing deadlocks whatever the GPU runs at once; launched with
+    programmatic dependent launch after the group kernel, the state scan overlaps it (groups
+    that grow with ``g`` finish just as the scan reaches them).
+    """
+    t = tl.atomic_add(sync_ptr, 1)
+    NE = tl.cdiv(e, BE)
+    done_ptr = sync_ptr + 1
+    zflag_ptr = sync_ptr + 1 + B * NG
+    cd = tl.arange(0, DP)
+    md = (cd < d)[:, None]
+    if t < B * NE:
+        b = (t // NE).to(tl.int64)
+        et = t % NE
+        ce = et * BE + tl.arange(0, BE)
+        me = (ce < e)[None, :]
+        Z = tl.zeros((DP, BE), dtype=tl.float32)
+        for g in range(0, NG):
+            zp = z_ptr + b * stride_zb + g * stride_zg + cd[:, None] * e + ce[None, :]
+            tl.store(zp, Z, mask=md & me)
+            if not LAZY_PUBLISH:
+                tl.debug_barrier()
+                tl.atomic_xchg(zflag_ptr + (b * NG + g) * NE + et, 1, sem="release")
+            if g + 1 < NG:
+                _wait_flag(done_ptr + b * NG + g, NFT, POLL_ATOMIC)
+                sb = sg_ptr + b * stride_sb + g * stride_sg + cd[:, None] * F
+                G = tl.load(
+                    sb + e + cd[None, :],
+                    mask=md & (cd < d)[None, :],
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
+                Bg = tl.load(sb + ce[None, :], mask=md & me, other=0.0, cache_modifier=".cg")
+                Z = Z - _mm(G, Z, PREC) + Bg
+        if LAZY_PUBLISH:
+            tl.debug_barrier()
+            for g in range(0, NG):
+                tl.atomic_xchg(zflag_ptr + (b * NG + g) * NE + et, 1, sem="release")
+    else:
+        q = t - B * NE
+        b = (q // (NC * NE)).to(tl.int64)
+        c = (q // NE) % NC
+        et = q % NE
+        g = 0
+        while _group_start(g + 1, S0, RNUM, RDEN, NC) <= c:
+            g += 1
+        _wait_flag(done_ptr + b * NG + g, NFT)
+        _wait_flag(zflag_ptr + (b * NG + g) * NE + et, 1)
+        rows = c * BC + tl.arange(0, BC)
+        rm = (rows < n)[:, None]
+        ce = et * BE + tl.arange(0, BE)
+        me = (ce < e)[None, :]
+        wrow = wg_ptr + b * stride_wb + rows[:, None] * stride_wn
+        Xg = tl.load(wrow + ce[None, :], mask=rm & me, other=0.0, cache_modifier=".cg")
+        Pg = tl.load(
+            wrow + e + cd[None, :], mask=rm & (cd < d)[None, :], other=0.0, cache_modifier=".cg"
+        )
+        Zg = tl.load(
+            z_ptr + b * stride_zb + g * stride_zg + cd[:, None] * e + ce[None, :],
+            mask=md & me,
+            other=0.0,
+            cache_modifier=".cg",
+        )
+        X = Xg - _mm(Pg, Zg, PREC)
+        tl.store(x_ptr + b * stride_xb + rows[:, None] * stride_xn + ce[None, :], X, mask=rm & me)
 
 
 @triton.jit
@@ -471,29 +644,34 @@ def _tri_correct_kernel(
     n,
     d,
     e,
-    GROUP_ROWS,
+    NC,
+    S0,
+    RNUM,
+    RDEN,
     stride_wb,
     stride_wn,
     stride_zb,
     stride_zg,
     stride_xb,
     stride_xn,
-    BT: tl.constexpr,
+    BC: tl.constexpr,
     BE: tl.constexpr,
     DP: tl.constexpr,
     PREC: tl.constexpr,
     USE_PDL: tl.constexpr = False,
 ):
-    """``X = X^{grp} − P^{grp} Z_g`` for one ``BT×BE`` tile."""
-    t = tl.program_id(0).to(tl.int64)
+    """``X = X^{grp} − P^{grp} Z_g`` on chunk ``c``'s ``BE``-column tile (unfused scan)."""
+    c = tl.program_id(0)
     et = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    rows = t * BT + tl.arange(0, BT)
+    g = 0
+    while _group_start(g + 1, S0, RNUM, RDEN, NC) <= c:
+        g += 1
+    rows = c.to(tl.int64) * BC + tl.arange(0, BC)
     rm = (rows < n)[:, None]
     ce = et * BE + tl.arange(0, BE)
     me = (ce < e)[None, :]
     cd = tl.arange(0, DP)
-    g = (t * BT) // GROUP_ROWS
     _wait_for_previous_launch(USE_PDL)
     wrow = wg_ptr + b * stride_wb + rows[:, None] * stride_wn
     Xg = tl.load(wrow + ce[None, :], mask=rm & me, other=0.0)
@@ -1005,6 +1183,13 @@ def tri_solve_triton(
     scan_precision: str = "3xtf32",
     scan_warps: int | None = None,
     scan_block: int | None = None,
+    scan_slices: int | None = None,
+    state_block: int | None = None,
+    state_warps: int | None = None,
+    scan_fused: bool = True,
+    scan_ratio: float | None = 2.5,
+    scan_poll_atomic: bool = False,
+    scan_lazy_publish: bool = False,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``T⁻¹ V`` for float32 ``Q, K`` ``(B, n, d)``, ``V`` ``(B, n, e)``, ``λ`` ``(B, n)``.
@@ -1024,11 +1209,23 @@ def tri_solve_triton(
         kernel) and warps of the tree kernels (1/2/4/8).
     tree_gram_block : int
         ``"tree"`` only: tile (16/32/64) of the ``M = M₁ + M₂ − G₂ M₁`` combines.
-    group_size, scan_precision, scan_warps, scan_block
-        ``"scan"`` only: chunks per group of the two-level scan (default ``≈ √(n/C)``), the
-        dot mode of the group, state and correction kernels, and warps and column-tile width of
-        the group and state kernels (default 4 warps for ``d ≤ 64``, else 8, and 16 columns, or
-        32 for 64-row chunks with 8 warps: the module docstring's known trap).
+    group_size : int, optional
+        ``"scan"`` only: equal groups of this many chunks (default: groups that grow, see
+        ``scan_ratio``; unfused: ``≈ √(NC·d/2C)`` chunks).
+    scan_precision : str
+        ``"scan"`` only: the dot mode of the group, state and correction kernels.
+    scan_warps, scan_block, scan_slices
+        ``"scan"`` only: warps (default 4), column tile (16/32/64, default 16) and state slices
+        (1/2/4/8, each ≥ 16 rows; default ``min(4, d_pad/16)``) of the group kernel.
+    state_block, state_warps
+        ``"scan"`` only: column tile (16/32/64, default 32) and warps (default 8) of the state
+        scan (and, fused, of the corrections).
+    scan_fused : bool
+        ``"scan"`` only: state scan and corrections in one flag-driven launch that overlaps the
+        group kernel (default), or two launches after it.
+    scan_ratio : float or None
+        ``"scan"``, fused, no ``group_size``: the cost of a state step in group steps, which
+        sets how fast the groups grow (:func:`_chain_schedule`); None: equal groups.
     out : Tensor, optional
         A contiguous float32 ``(B, n, e)`` result buffer.
 
@@ -1045,6 +1242,11 @@ def tri_solve_triton(
     if scan_block not in (None, 16, 32, 64) or scan_warps not in (None, 1, 2, 4, 8):
         raise ValueError(
             f"scan_block must be 16/32/64 and scan_warps 1/2/4/8, got {scan_block}, {scan_warps}"
+        )
+    if scan_slices not in (None, 1, 2, 4, 8) or _pow2(Q.shape[-1]) // (scan_slices or 1) < 16:
+        raise ValueError(
+            f"scan_slices must be 1/2/4/8 with ≥ 16 rows a slice, got {scan_slices} "
+            f"(d = {Q.shape[-1]})"
         )
     if tree_rows not in (16, 32, 64) or tree_rows > 2 * chunk_size:
         raise ValueError(
@@ -1080,7 +1282,22 @@ def tri_solve_triton(
     if algorithm == "tree":
         tiles = dict(BT=tree_rows, BF=tree_cols, BG=tree_gram_block, warps=tree_warps)
         return _solve_tree(Q, K, V, lam, X, chunk, **tiles)
-    return _solve_scan(Q, K, V, lam, X, chunk, group_size, scan_precision, scan_warps, scan_block)
+    if group_size is not None:
+        scan_ratio = None  # equal groups of the given size
+    scan = _Scan(
+        group_size=group_size,
+        precision=scan_precision,
+        warps=scan_warps,
+        block=scan_block,
+        slices=scan_slices,
+        state_block=state_block,
+        state_warps=state_warps,
+        fused=scan_fused,
+        ratio=scan_ratio,
+        poll_atomic=scan_poll_atomic,
+        lazy_publish=scan_lazy_publish,
+    )
+    return _solve_scan(Q, K, V, lam, X, chunk, scan)
 
 
 def _solve_tree(Q, K, V, lam, X, chunk: _Chunk, BT, BF, BG, warps):
@@ -1174,41 +1391,98 @@ def _solve_tree(Q, K, V, lam, X, chunk: _Chunk, BT, BF, BG, warps):
     return X
 
 
-def _solve_scan(Q, K, V, lam, X, chunk: _Chunk, group_size, scan_precision, scan_warps, scan_block):
+class _Scan(NamedTuple):
+    """How the scan solve runs (:func:`tri_solve_triton`'s ``group_size`` and ``scan_*``)."""
+
+    group_size: int | None = None  # chunks per group; None: √-balanced (equal groups)
+    precision: str = "3xtf32"
+    warps: int | None = None  # group kernel
+    block: int | None = None  # group kernel's column tile
+    slices: int | None = None  # group kernel's NS
+    state_block: int | None = None
+    state_warps: int | None = None
+    fused: bool = True  # state scan and corrections in one flag-driven launch
+    poll_atomic: bool = False
+    lazy_publish: bool = False
+    ratio: float | None = None  # growing groups: a state step costs ``ratio`` group steps
+
+
+@functools.lru_cache(maxsize=256)
+def _chain_schedule(NC: int, ratio: float) -> tuple[int, int, int]:
+    """Group sizes for the fused scan, as :func:`_group_start`'s ``(S0, RNUM, RDEN)``.
+
+    All groups start together and group ``g`` ends after its ``s_g`` steps; the state scan
+    takes group ``g`` once it has ended and it has taken group ``g − 1``, ``ratio`` group steps
+    later. The sizes ``S0 + g·q/4`` that minimise the modelled end (``T ← max(T, end_g) +
+    ratio``, then one step of corrections) are taken: ``≈ √(2·NC·ratio)`` group steps, against
+    ``2√(NC·ratio)`` for equal groups, whose ends all wait for the whole state scan.
+    """
+    best = (math.inf, NC, 0)
+    for S0 in range(1, min(NC, 16) + 1):
+        for q in range(0, 17):
+            T, g = 0.0, 0
+            while _group_start_host(g, S0, q, 4, NC) < NC:
+                end = _group_start_host(g + 1, S0, q, 4, NC) - _group_start_host(g, S0, q, 4, NC)
+                last = _group_start_host(g + 1, S0, q, 4, NC) >= NC
+                T = max(T, float(end)) + (1.0 if last else ratio)
+                g += 1
+            if T < best[0]:
+                best = (T, S0, q)
+    return best[1], best[2], 4
+
+
+def _solve_scan(Q, K, V, lam, X, chunk: _Chunk, opt: _Scan):
     """The two-level scan solve (module docstring)."""
     C = chunk.size
     B, n, d = Q.shape
     e = V.shape[-1]
     NC = triton.cdiv(n, C)
-    # balance the two sequential parts: a group step costs ≈ 4·C·d per column, a state step
-    # ≈ 2·d² per column, so GS ≈ √(NC · d / 2C) chunks per group (8 for n = 4096, d = 128, C = 64)
-    GS = group_size or max(1, round(math.sqrt(NC * d / (2 * C))))
-    NG = triton.cdiv(NC, GS)
     F = e + d
     DP = _pow2(d)
-    warps = scan_warps or (4 if DP <= 64 else 8)
-    BF = scan_block or (32 if C >= 64 and warps == 8 else 16)
-    if C >= 64 and BF == 16 and warps == 8 and scan_precision != "ieee":
+    if opt.fused and opt.ratio is not None and opt.group_size is None:
+        S0, RNUM, RDEN = _chain_schedule(NC, opt.ratio)
+    else:
+        # balance the two sequential parts: a group step costs ≈ 4·C·d per column, a state
+        # step ≈ 2·d² per column, so GS ≈ √(NC · d / 2C) chunks per group
+        S0, RNUM, RDEN = opt.group_size or max(1, round(math.sqrt(NC * d / (2 * C)))), 0, 1
+    NG = 1
+    while _group_start_host(NG, S0, RNUM, RDEN, NC) < NC:
+        NG += 1
+    warps = opt.warps or 4
+    BF = opt.block or 16
+    NS = opt.slices or max(1, min(4, DP // 16))
+    if C >= 64 and BF == 16 and warps == 8 and opt.precision != "ieee":
         raise ValueError(
             "chunk_size=64 with scan_block=16 and 8 scan warps gives wrong tensor-core products "
             "on the H100 with Triton 3.6 (module docstring); use scan_block=32 or scan_warps=4"
         )
+    BE = opt.state_block or 32
+    NE = triton.cdiv(e, BE)
+    NFT = triton.cdiv(F, BF)
+    fused = opt.fused and NG > 1
+    sync = torch.zeros(1 + B * NG * (1 + NE) if fused else 1, dtype=torch.int32, device=Q.device)
     W = torch.empty(B, n, F, dtype=torch.float32, device=Q.device)
     Wg = torch.empty_like(W)
     Sg = torch.empty(B, NG, d, F, dtype=torch.float32, device=Q.device)
     Z = torch.empty(B, NG, d, e, dtype=torch.float32, device=Q.device)
     _chunk_pass(chunk, Q, K, lam, V=V, P=W[..., e:], U=W, BE=32)
-    pdl = _pdl_flags(_pdl(Q))  # every launch after the chunk kernel waits for the one before
-    _tri_group_kernel[(NG, triton.cdiv(F, BF), B)](
+    use_pdl = _pdl(Q)
+    pdl = _pdl_flags(use_pdl)  # every launch after the chunk kernel waits for the one before
+    _tri_group_sliced_kernel[(NFT, NG, B)](
         W,
         K,
         Wg,
         Sg,
+        sync[1:],
         n,
         d,
         e,
         F,
-        GS,
+        NC,
+        NG,
+        S0,
+        RNUM,
+        RDEN,
         W.stride(0),
         W.stride(1),
         K.stride(0),
@@ -1218,15 +1492,53 @@ def _solve_scan(Q, K, V, lam, X, chunk: _Chunk, group_size, scan_precision, scan
         BC=C,
         BF=BF,
         DP=DP,
-        PREC=scan_precision,
+        PREC=opt.precision,
+        NS=NS,
+        SIGNAL=fused,
         num_warps=warps,
         **pdl,
     )
     if NG == 1:
         X.copy_(Wg[..., :e])
         return X
-    BE = BF
-    _tri_state_kernel[(triton.cdiv(e, BE), B)](
+    if fused:
+        # no griddepcontrol.wait: the flags order every access (the kernel's docstring)
+        _tri_chain_state_kernel[(B * NE * (1 + NC),)](
+            Sg,
+            Wg,
+            Z,
+            X,
+            sync,
+            n,
+            d,
+            e,
+            F,
+            NC,
+            NG,
+            NFT,
+            S0,
+            RNUM,
+            RDEN,
+            Sg.stride(0),
+            Sg.stride(1),
+            Wg.stride(0),
+            Wg.stride(1),
+            Z.stride(0),
+            Z.stride(1),
+            X.stride(0),
+            X.stride(1),
+            B,
+            BC=C,
+            BE=BE,
+            DP=DP,
+            PREC=opt.precision,
+            POLL_ATOMIC=opt.poll_atomic,
+            LAZY_PUBLISH=opt.lazy_publish,
+            num_warps=opt.state_warps or 8,
+            **({"launch_pdl": True} if use_pdl else {}),
+        )
+        return X
+    _tri_state_kernel[(NE, B)](
         Sg,
         Z,
         d,
@@ -1239,8 +1551,8 @@ def _solve_scan(Q, K, V, lam, X, chunk: _Chunk, group_size, scan_precision, scan
         Z.stride(1),
         DP=DP,
         BE=BE,
-        PREC=scan_precision,
-        num_warps=warps,
+        PREC=opt.precision,
+        num_warps=opt.state_warps or 8,
         **pdl,
     )
     BEc = 32
@@ -1251,18 +1563,26 @@ def _solve_scan(Q, K, V, lam, X, chunk: _Chunk, group_size, scan_precision, scan
         n,
         d,
         e,
-        GS * C,
+        NC,
+        S0,
+        RNUM,
+        RDEN,
         Wg.stride(0),
         Wg.stride(1),
         Z.stride(0),
         Z.stride(1),
         X.stride(0),
         X.stride(1),
-        BT=C,
+        BC=C,
         BE=BEc,
         DP=DP,
-        PREC=scan_precision,
+        PREC=opt.precision,
         num_warps=4,
         **pdl,
     )
     return X
+
+
+def _group_start_host(g: int, S0: int, RNUM: int, RDEN: int, NC: int) -> int:
+    """:func:`_group_start` on the host."""
+    return min(g * S0 + (g * (g - 1) * RNUM) // (2 * RDEN), NC)

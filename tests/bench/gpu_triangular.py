@@ -140,6 +140,13 @@ VARIANTS_SOLVE = [
 ]
 SOLVE_ONLY = (
     "group_size",
+    "scan_slices",
+    "state_block",
+    "state_warps",
+    "scan_fused",
+    "scan_ratio",
+    "scan_poll_atomic",
+    "scan_lazy_publish",
     "scan_precision",
     "scan_warps",
     "scan_block",
@@ -261,6 +268,12 @@ def vname(v):
     s += f"/scan-{v['scan_precision']}" if "scan_precision" in v else ""
     s += f"/sw{v['scan_warps']}" if "scan_warps" in v else ""
     s += f"/sb{v['scan_block']}" if "scan_block" in v else ""
+    s += f"/ns{v['scan_slices']}" if "scan_slices" in v else ""
+    s += f"/st{v['state_block']}" if "state_block" in v else ""
+    s += "/unfused" if v.get("scan_fused") is False else ""
+    s += f"/r{v['scan_ratio']}" if "scan_ratio" in v else ""
+    s += "/poll-atomic" if v.get("scan_poll_atomic") else ""
+    s += "/lazy" if v.get("scan_lazy_publish") else ""
     for k, short in (("tree_rows", "r"), ("tree_cols", "c"), ("tree_gram_block", "g")):
         s += f"/{short}{v[k]}" if k in v else ""
     s += f"/tw{v['tree_warps']}" if "tree_warps" in v else ""
@@ -596,16 +609,17 @@ def scaling(results, d=128, e=128):
         "scan ns/n",
         "tree ms",
         "tree ns/n",
+        "scan / tree graph ms",
         "solve_tri(T,V) ms",
     ):
         tab.add_column(c)
-    for n in (1024, 2048, 4096, 8192):
+    for n in (512, 1024, 2048, 4096, 8192):
         Q, K, lam, V = make(1, n, d, e, "general", seed=n)
         T = dense_T(Q, K, lam)
         eye = torch.eye(n, device=dev)
         ti, _ = ms(lambda: tri_inv_triton(Q, K, lam), graph=False)
-        ts, _ = ms(lambda: tri_solve_triton(Q, K, V, lam, algorithm="scan"), graph=False)
-        tt, _ = ms(lambda: tri_solve_triton(Q, K, V, lam, algorithm="tree"), graph=False)
+        ts, tsg = ms(lambda: tri_solve_triton(Q, K, V, lam, algorithm="scan"))
+        tt, ttg = ms(lambda: tri_solve_triton(Q, K, V, lam, algorithm="tree"))
         bi, _ = ms(lambda: torch.linalg.solve_triangular(T, eye, upper=False), graph=False)
         bs, _ = ms(lambda: torch.linalg.solve_triangular(T, V, upper=False), graph=False)
         tab.add_row(
@@ -617,10 +631,17 @@ def scaling(results, d=128, e=128):
             f"{ts * 1e6 / n:.2f}",
             f"{tt:.3f}",
             f"{tt * 1e6 / n:.2f}",
+            f"{tsg:.4f} / {ttg:.4f}",
             f"{bs:.3f}",
         )
         results[f"scaling n={n}"] = dict(
-            inv=ti, solve_scan=ts, solve_tree=tt, base_inv=bi, base_solve=bs
+            inv=ti,
+            solve_scan=ts,
+            solve_tree=tt,
+            solve_scan_graph=tsg,
+            solve_tree_graph=ttg,
+            base_inv=bi,
+            base_solve=bs,
         )
     console.print(tab)
 
@@ -693,11 +714,61 @@ def deltanet(results, B=8, H=16, T=4096, d=128, BT=64, timing=True):
 # the scan's knobs at n = 4096 (section "scan"; loading one step ahead in registers, tried in
 # session 9, was slower in every case: docs/benchmarks.md)
 SCAN_SWEEP = [
-    dict(),
-    dict(group_size=8),
-    dict(group_size=22),
-    dict(scan_warps=4),
+    dict(),  # fused, growing groups (ratio 2.5)
+    dict(scan_fused=False),  # equal groups, separate state and correction launches
+    dict(group_size=16),  # fused, equal groups
+    dict(scan_ratio=2.0),
+    dict(scan_ratio=3.0),
+    dict(scan_poll_atomic=True),
+    dict(scan_poll_atomic=True, scan_ratio=2.0),
+    dict(scan_lazy_publish=True),
+    dict(scan_lazy_publish=True, scan_poll_atomic=True),
+    dict(chunk_size=16, scan_ratio=3.5),
+    dict(chunk_size=16, scan_ratio=5.0),
+    dict(block_s=1),
 ]
+
+
+@triton.jit
+def _handoff_kernel(counter_ptr, flag_ptr, data_ptr, BLOCK: tl.constexpr):
+    """Program ``t`` (in start order) waits for ``t − 1``'s flag, bumps a block and flags."""
+    t = tl.atomic_add(counter_ptr, 1)
+    off = tl.arange(0, BLOCK)
+    if t > 0:
+        while tl.atomic_add(flag_ptr + t - 1, 0, sem="acquire") == 0:
+            pass
+        tl.debug_barrier()
+        v = tl.load(data_ptr + (t - 1) * BLOCK + off, cache_modifier=".cg")
+    else:
+        v = tl.zeros((BLOCK,), dtype=tl.float32)
+    tl.store(data_ptr + t * BLOCK + off, v + 1.0)
+    tl.debug_barrier()
+    tl.atomic_xchg(flag_ptr + t, 1, sem="release")
+
+
+def handoff(results, programs=(1, 32, 128)):
+    """Latency of one program-to-program handoff through a flag in global memory (the
+    building block of a single-launch chained scan): time of a chain of N programs."""
+    tab = Table(title="flag handoff chain (graph-replayed µs)")
+    for c in ("programs", "µs", "µs per handoff", "ok"):
+        tab.add_column(c)
+    for N in programs:
+        for block in (128, 4096):
+            counter = torch.zeros(1, dtype=torch.int32, device=dev)
+            flags = torch.zeros(N, dtype=torch.int32, device=dev)
+            data = torch.zeros(N * block, dtype=torch.float32, device=dev)
+
+            def fn():
+                counter.zero_()
+                flags.zero_()
+                _handoff_kernel[(N,)](counter, flags, data, BLOCK=block, num_warps=4)
+
+            fn()
+            ok = bool((data.view(N, block)[:, 0] == torch.arange(1, N + 1, device=dev)).all())
+            _, tg = ms(fn)
+            tab.add_row(f"{N} x {block}", f"{tg * 1e3:.1f}", f"{tg * 1e3 / N:.2f}", str(ok))
+            results[f"handoff {N}x{block}"] = dict(us=tg * 1e3, ok=ok)
+    console.print(tab)
 
 
 def scan_sweep(results, n=4096, d=128, e=128):
@@ -739,7 +810,11 @@ def scan_sweep(results, n=4096, d=128, e=128):
                     return tri_solve_triton(Q, K, V, lam, **v)
 
                 X = torch.full((1, n, e), float("nan"), device=dev)
-                err = rel(tri_solve_triton(Q, K, V, lam, out=X, **v), Xr)
+                try:
+                    err = rel(tri_solve_triton(Q, K, V, lam, out=X, **v), Xr)
+                except Exception as exc:  # noqa: BLE001  (a variant that does not compile)
+                    tab.add_row(vname(v), pdl, "", "", "", f"failed: {exc!r:.120}")
+                    break
                 t, tg = ms(fn)
                 kern = {k: us for k, (_, us) in _kernel_times(fn).items()}
                 short = ", ".join(
@@ -755,7 +830,7 @@ def scan_sweep(results, n=4096, d=128, e=128):
     console.print(tab)
 
 
-SECTIONS = ("correct", "trap", "profile", "main", "solve", "scan", "scaling", "deltanet")
+SECTIONS = ("correct", "trap", "profile", "main", "solve", "handoff", "scan", "scaling", "deltanet")
 
 
 def main() -> None:
@@ -807,6 +882,8 @@ def main() -> None:
         main_table(results)
     if "solve" in sections:
         solve_compare(results, a.quick)
+    if "handoff" in sections:
+        handoff(results)
     if "scan" in sections:
         scan_sweep(results)
     if "scaling" in sections:

@@ -9,6 +9,8 @@ well-conditioned cases (|q·k| ≤ 0.6, |λ| ≥ 0.5, κ_F(T) < 100) lands near 
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ pytest.importorskip("triton")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+import matfn.kernels.triangular as kt  # noqa: E402
 from matfn import triangular as tri  # noqa: E402
 from matfn.kernels.triangular import tri_inv_triton, tri_solve_triton  # noqa: E402
 from matfn.kernels.triangular_chunk import _tf32_split  # noqa: E402
@@ -97,6 +100,69 @@ def test_solve_group_sizes(group_size, scan_precision):
         out=X,
     )
     assert rel(X, Xr) < RTOL
+
+
+# the scan's settings: fused (one flag-driven launch for the state scan and the corrections) or
+# not, growing or equal groups, slices of the state, column tiles of the group kernel, state
+# tiles; batch > 1 (tickets map to batch entries), d and e not powers of two
+SCAN_CASES = [
+    dict(),
+    dict(scan_fused=False),
+    dict(group_size=2),
+    dict(group_size=2, scan_fused=False),
+    dict(scan_ratio=0.5),
+    dict(scan_ratio=4.0, scan_fused=False),
+    dict(scan_slices=1, scan_block=32, state_block=16),
+    dict(scan_slices=2, scan_warps=8, state_warps=4),
+    dict(scan_poll_atomic=True),
+    dict(scan_lazy_publish=True),
+]
+
+
+@pytest.mark.parametrize("opts", SCAN_CASES, ids=[str(c) for c in SCAN_CASES])
+def test_scan_settings(opts):
+    Q, K, lam, V = make(3, 150, 36, 21, seed=2)
+    Xr = tri._tri_solve_torch(Q.double(), K.double(), V.double(), lam.double())
+    X = torch.full_like(V, float("nan"))
+    tri_solve_triton(Q, K, V, lam, algorithm="scan", chunk_size=16, out=X, **opts)
+    assert rel(X, Xr) < RTOL
+
+
+@pytest.mark.parametrize("NC", [1, 2, 7, 64, 128, 1000])
+@pytest.mark.parametrize("ratio", [0.5, 1.8, 4.0])
+def test_chain_schedule(NC, ratio):
+    """Growing groups cover every chunk once, in order, and the modelled end beats equal groups
+    of the √-balanced size (the reason for growing them)."""
+    S0, RNUM, RDEN = kt._chain_schedule(NC, ratio)
+    starts = [kt._group_start_host(g, S0, RNUM, RDEN, NC) for g in range(NC + 2)]
+    assert starts[0] == 0 and starts[-1] == NC
+    sizes = [b - a for a, b in itertools.pairwise(starts) if b > a]
+    assert sum(sizes) == NC and all(s >= 1 for s in sizes)
+    assert all(b >= a for a, b in itertools.pairwise(sizes[:-1]))  # the last may be cut short
+
+    def modelled_end(sizes):
+        T = 0.0
+        for i, s in enumerate(sizes):
+            T = max(T, float(s)) + (1.0 if i == len(sizes) - 1 else ratio)
+        return T
+
+    gs = max(1, round((NC * ratio) ** 0.5))
+    equal = [min(gs, NC - i) for i in range(0, NC, gs)]
+    assert modelled_end(sizes) <= modelled_end(equal)
+
+
+@triton.jit
+def _group_start_kernel(out_ptr, S0, RNUM, RDEN, NC, N: tl.constexpr):
+    g = tl.arange(0, N)
+    tl.store(out_ptr + g, kt._group_start(g, S0, RNUM, RDEN, NC))
+
+
+def test_group_start_matches_host():
+    for S0, RNUM, RDEN, NC in [(3, 7, 4, 128), (1, 8, 4, 64), (16, 0, 1, 128), (2, 5, 4, 10)]:
+        out = torch.empty(64, dtype=torch.int32)
+        _group_start_kernel[(1,)](out, S0, RNUM, RDEN, NC, N=64)
+        host = [kt._group_start_host(g, S0, RNUM, RDEN, NC) for g in range(64)]
+        assert out.tolist() == host
 
 
 @pytest.mark.parametrize("chunk_impl", ["dense", "blocked"])
@@ -229,6 +295,11 @@ def test_launcher_rejects_bad_arguments():
         tri_solve_triton(Q, K, V, lam, scan_precision="bf16")
     with pytest.raises(ValueError, match="scan_block"):
         tri_solve_triton(Q, K, V, lam, scan_block=8)
+    with pytest.raises(ValueError, match="scan_slices"):
+        tri_solve_triton(Q, K, V, lam, scan_slices=3)
+    with pytest.raises(ValueError, match="scan_slices"):
+        tri_solve_triton(Q, K, V, lam, scan_slices=2)  # d = 4: one 16-row slice at most
+
     with pytest.raises(ValueError, match="out"):
         tri_inv_triton(Q, K, lam, out=torch.empty(1, 20, 21))
     with pytest.raises(ValueError, match="d ≤ 128"):
