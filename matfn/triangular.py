@@ -437,8 +437,9 @@ def tri_solve(
     Cost ``≈ n (4 d e + C e)`` FLOPs plus the chunk-local solves. On CUDA the Triton path runs
     either a two-level scan — chunk-local solves of ``[V | Q]`` inside groups of chunks
     (parallel), a short sequential scan of the ``d×e`` state across groups with the group
-    transitions ``I − K_gᵀ T_g⁻¹ Q_g``, and a parallel correction ``X_g −= (T_g⁻¹ Q_g) Z_g`` —
-    or, while a CUDA graph is being captured and the batch has at most 2048 rows, a divide and
+    transitions ``I − K_gᵀ T_g⁻¹ Q_g``, and a parallel correction ``X_g −= (T_g⁻¹ Q_g) Z_g``,
+    the last two in one flag-driven launch that overlaps the groups' chunk solves —
+    or, while a CUDA graph is being captured and the batch has at most 1024 rows, a divide and
     conquer over ``⌈log₂(n/C)⌉`` parallel levels (``[X₂ | P₂] −= P₂ K₁ᵀ[X₁ | P₁]`` per pair of
     blocks, no sequential chain, 2.4× the FLOPs; :mod:`matfn.kernels.triangular`).
     Accuracy and conditioning are those of forward substitution; see :func:`tri_inv`.
@@ -496,8 +497,9 @@ def _kernel_options(op: str, chunk_size: int) -> dict:
     Dense chunk kernel with ``"3xtf32"`` dots everywhere (fp32-accurate, ≈ 1e-6 relative at
     n = 4096). The inverse keeps ``C = 64`` (n = 4096: 0.148 ms graph-replayed, against 0.21 for
     ``C = 32``; DeltaNet's 8192 single chunks: 0.635 ms, against 0.90 for the blocked fp32-FMA
-    kernel); the solve takes ``C = 32`` (scan: 0.100 ms against 0.116 for ``C = 64``; the
-    launcher picks scan or tree, session 5). A smaller requested chunk is honoured.
+    kernel); the solve takes ``C = 32`` (scan: 0.100 ms against 0.116 for ``C = 64``; session
+    10's fused scan on the H200: 0.076 ms against 0.116 for ``C = 16``; the launcher picks scan
+    or tree). A smaller requested chunk is honoured.
     """
     C = _kernel_chunk(chunk_size)
     if op == "solve":

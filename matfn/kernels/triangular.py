@@ -56,7 +56,8 @@ tiles), giving ``[X^{grp} | P^{grp}]`` and the group sums
 ``Z_{g+1} = (I − G_g) Z_g + B_g`` over groups (parallel over ``e`` tiles); (4) the corrections
 ``X_g = X^{grp}_g − P^{grp}_g Z_g`` (parallel). FLOPs ``≈ 4 n d F + 2 n d e``; what costs is the
 chain of dependent small products, a group step (two products contracting over ``d`` and ``C``)
-and a state step (one over ``d``), ≈ 2.2 and 3.6 µs on the H200.
+and a state step (one over ``d``), ≈ 2.2 and 3.6 µs on the H200. At n = 4096, d = e = 128 the
+fused form below takes 0.076–0.078 ms graph-replayed (session 9's four launches: 0.098).
 
 * The group kernel keeps its ``d×BF`` state as ``NS`` slices and contracts over them with
   batched dots: ``NS`` short independent chains of tensor-core products instead of one long
@@ -75,12 +76,13 @@ and a state step (one over ``d``), ≈ 2.2 and 3.6 µs on the H200.
 * **Unfused** (``scan_fused=False``): equal groups of ``≈ √(NC·d/2C)`` chunks and separate state
   and correction launches (the form before session 10).
 
-**Which solve** (``algorithm="auto"``, the default). Measured on the H100 (d = e = 128, C = 32,
-docs/benchmarks.md): graph-replayed, the tree is faster up to ``B·n = 2048`` rows (0.035 against
-0.049 ms at n = 512, 0.069 against 0.074 at 2048) and slower beyond (0.119 against 0.099 at 4096,
-0.80 against 0.55 at B = 8, n = 4096: it does 2.4× the FLOPs); eager, its extra launches cost
-more than its shorter chain saves at every size (0.165 against 0.096 ms at n = 512). So ``"auto"``
-takes the tree only while a CUDA graph is being captured and ``B·n ≤`` :data:`TREE_MAX_ROWS`.
+**Which solve** (``algorithm="auto"``, the default). Measured on the H200 (d = e = 128, C = 32,
+B = 1, session 10, docs/benchmarks.md): graph-replayed, the tree is faster up to ``B·n = 1024``
+rows (0.034 against 0.039 ms at n = 512, 0.045 against 0.049 at 1024) and slower beyond (0.068
+against 0.059 at 2048, 0.118 against 0.080 at 4096, 0.229 against 0.127 at 8192: it does 2.4×
+the FLOPs and cannot overlap its levels); eager, its extra launches cost more than its shorter
+chain saves at every size (0.197 against 0.151 ms at n = 512). So ``"auto"`` takes the tree
+only while a CUDA graph is being captured and ``B·n ≤`` :data:`TREE_MAX_ROWS`.
 
 **Programmatic dependent launch** (compute capability ≥ 9, :data:`matfn.kernels.gram.PDL`):
 every launch after the chunk kernel waits for the one before (``griddepcontrol.wait``) before any
@@ -107,7 +109,7 @@ __all__ = ["tri_inv_triton", "tri_solve_triton", "PRECISIONS", "CHUNK_IMPLS"]
 
 PRECISIONS = ("ieee", "tf32x3", "3xtf32", "tf32")
 #: ``algorithm="auto"`` solves by the tree up to this many rows ``B·n``, under CUDA-graph capture.
-TREE_MAX_ROWS = 2048
+TREE_MAX_ROWS = 1024
 CHUNK_IMPLS = ("dense", "blocked")
 
 
@@ -476,19 +478,15 @@ def _tri_group_sliced_kernel(
 
 
 @triton.jit
-def _wait_flag(ptr, target, ATOMIC: tl.constexpr = False):
+def _wait_flag(ptr, target):
     """Spin until ``*ptr ≥ target``, then acquire it for the whole program.
 
-    ``ATOMIC``: poll with acquire atomics (one L2 round trip when the flag is already set);
-    else with plain volatile reads, then one acquire (no atomic traffic while waiting).
+    Polls with plain volatile reads (no atomic traffic while waiting), then one acquire. Polling
+    with acquire atomics instead was slower (0.0801 against 0.0763 ms at n = 4096, session 10).
     """
-    if ATOMIC:
-        while tl.atomic_add(ptr, 0, sem="acquire") < target:
-            pass
-    else:
-        while tl.load(ptr, volatile=True) < target:
-            pass
-        tl.atomic_add(ptr, 0, sem="acquire")
+    while tl.load(ptr, volatile=True) < target:
+        pass
+    tl.atomic_add(ptr, 0, sem="acquire")
     tl.debug_barrier()
 
 
@@ -522,8 +520,6 @@ def _tri_chain_state_kernel(
     BE: tl.constexpr,
     DP: tl.constexpr,
     PREC: tl.constexpr,
-    POLL_ATOMIC: tl.constexpr = False,
-    LAZY_PUBLISH: tl.constexpr = False,
 ):
     """The state scan across groups and the corrections, in one launch, driven by flags.
 
@@ -553,11 +549,12 @@ def _tri_chain_state_kernel(
         for g in range(0, NG):
             zp = z_ptr + b * stride_zb + g * stride_zg + cd[:, None] * e + ce[None, :]
             tl.store(zp, Z, mask=md & me)
-            if not LAZY_PUBLISH:
-                tl.debug_barrier()
-                tl.atomic_xchg(zflag_ptr + (b * NG + g) * NE + et, 1, sem="release")
+            # published at once: holding every Z_g back to one release at the end left all the
+            # corrections for the end (0.095 against 0.076 ms)
+            tl.debug_barrier()
+            tl.atomic_xchg(zflag_ptr + (b * NG + g) * NE + et, 1, sem="release")
             if g + 1 < NG:
-                _wait_flag(done_ptr + b * NG + g, NFT, POLL_ATOMIC)
+                _wait_flag(done_ptr + b * NG + g, NFT)
                 sb = sg_ptr + b * stride_sb + g * stride_sg + cd[:, None] * F
                 G = tl.load(
                     sb + e + cd[None, :],
@@ -567,10 +564,6 @@ def _tri_chain_state_kernel(
                 )
                 Bg = tl.load(sb + ce[None, :], mask=md & me, other=0.0, cache_modifier=".cg")
                 Z = Z - _mm(G, Z, PREC) + Bg
-        if LAZY_PUBLISH:
-            tl.debug_barrier()
-            for g in range(0, NG):
-                tl.atomic_xchg(zflag_ptr + (b * NG + g) * NE + et, 1, sem="release")
     else:
         q = t - B * NE
         b = (q // (NC * NE)).to(tl.int64)
@@ -1188,8 +1181,6 @@ def tri_solve_triton(
     state_warps: int | None = None,
     scan_fused: bool = True,
     scan_ratio: float | None = 2.5,
-    scan_poll_atomic: bool = False,
-    scan_lazy_publish: bool = False,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``T⁻¹ V`` for float32 ``Q, K`` ``(B, n, d)``, ``V`` ``(B, n, e)``, ``λ`` ``(B, n)``.
@@ -1294,8 +1285,6 @@ def tri_solve_triton(
         state_warps=state_warps,
         fused=scan_fused,
         ratio=scan_ratio,
-        poll_atomic=scan_poll_atomic,
-        lazy_publish=scan_lazy_publish,
     )
     return _solve_scan(Q, K, V, lam, X, chunk, scan)
 
@@ -1402,8 +1391,6 @@ class _Scan(NamedTuple):
     state_block: int | None = None
     state_warps: int | None = None
     fused: bool = True  # state scan and corrections in one flag-driven launch
-    poll_atomic: bool = False
-    lazy_publish: bool = False
     ratio: float | None = None  # growing groups: a state step costs ``ratio`` group steps
 
 
@@ -1532,8 +1519,6 @@ def _solve_scan(Q, K, V, lam, X, chunk: _Chunk, opt: _Scan):
             BE=BE,
             DP=DP,
             PREC=opt.precision,
-            POLL_ATOMIC=opt.poll_atomic,
-            LAZY_PUBLISH=opt.lazy_publish,
             num_warps=opt.state_warps or 8,
             **({"launch_pdl": True} if use_pdl else {}),
         )

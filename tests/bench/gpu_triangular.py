@@ -145,8 +145,6 @@ SOLVE_ONLY = (
     "state_warps",
     "scan_fused",
     "scan_ratio",
-    "scan_poll_atomic",
-    "scan_lazy_publish",
     "scan_precision",
     "scan_warps",
     "scan_block",
@@ -272,8 +270,6 @@ def vname(v):
     s += f"/st{v['state_block']}" if "state_block" in v else ""
     s += "/unfused" if v.get("scan_fused") is False else ""
     s += f"/r{v['scan_ratio']}" if "scan_ratio" in v else ""
-    s += "/poll-atomic" if v.get("scan_poll_atomic") else ""
-    s += "/lazy" if v.get("scan_lazy_publish") else ""
     for k, short in (("tree_rows", "r"), ("tree_cols", "c"), ("tree_gram_block", "g")):
         s += f"/{short}{v[k]}" if k in v else ""
     s += f"/tw{v['tree_warps']}" if "tree_warps" in v else ""
@@ -716,16 +712,8 @@ def deltanet(results, B=8, H=16, T=4096, d=128, BT=64, timing=True):
 SCAN_SWEEP = [
     dict(),  # fused, growing groups (ratio 2.5)
     dict(scan_fused=False),  # equal groups, separate state and correction launches
-    dict(group_size=16),  # fused, equal groups
     dict(scan_ratio=2.0),
     dict(scan_ratio=3.0),
-    dict(scan_poll_atomic=True),
-    dict(scan_poll_atomic=True, scan_ratio=2.0),
-    dict(scan_lazy_publish=True),
-    dict(scan_lazy_publish=True, scan_poll_atomic=True),
-    dict(chunk_size=16, scan_ratio=3.5),
-    dict(chunk_size=16, scan_ratio=5.0),
-    dict(block_s=1),
 ]
 
 
@@ -771,7 +759,7 @@ def handoff(results, programs=(1, 32, 128)):
     console.print(tab)
 
 
-def scan_sweep(results, n=4096, d=128, e=128):
+def scan_sweep(results, n=4096, d=128, e=128, pdl_modes=("auto", "never")):
     """The launch chains with programmatic dependent launch (PDL) on and off: tri_inv, the tree
     solves and the scan's variants (SCAN_SWEEP); graph-replayed and eager ms, error against
     float64 and, for the scan, device time per kernel (with PDL a kernel's time includes its
@@ -795,7 +783,7 @@ def scan_sweep(results, n=4096, d=128, e=128):
     saved = gram.PDL
     try:
         for label, (fn, ref) in others.items():
-            for pdl in ("auto", "never"):
+            for pdl in pdl_modes:
                 gram.PDL = pdl
                 err = rel(fn(), ref)
                 t, tg = ms(fn)
@@ -803,7 +791,7 @@ def scan_sweep(results, n=4096, d=128, e=128):
                 results[f"{label} pdl={pdl}"] = dict(ms_graph=tg, ms=t, err=err)
         for v in SCAN_SWEEP:
             v = dict(SCAN, chunk_size=32, **v) if "chunk_size" not in v else dict(SCAN, **v)
-            for pdl in ("auto", "never"):
+            for pdl in pdl_modes:
                 gram.PDL = pdl
 
                 def fn(v=v):
@@ -843,6 +831,9 @@ def main() -> None:
         help=f"comma list of the sections to run, in this order: {','.join(SECTIONS)}",
     )
     ap.add_argument("--skip", default="", help="comma list of sections not to run")
+    ap.add_argument(
+        "--pdl", default="auto,never", help="scan section: PDL modes to time (comma list)"
+    )
     ap.add_argument(
         "--all-variants",
         action="store_true",
@@ -885,7 +876,7 @@ def main() -> None:
     if "handoff" in sections:
         handoff(results)
     if "scan" in sections:
-        scan_sweep(results)
+        scan_sweep(results, pdl_modes=tuple(a.pdl.split(",")))
     if "scaling" in sections:
         scaling(results)
     if "deltanet" in sections:

@@ -114,8 +114,6 @@ SCAN_CASES = [
     dict(scan_ratio=4.0, scan_fused=False),
     dict(scan_slices=1, scan_block=32, state_block=16),
     dict(scan_slices=2, scan_warps=8, state_warps=4),
-    dict(scan_poll_atomic=True),
-    dict(scan_lazy_publish=True),
 ]
 
 
