@@ -404,6 +404,72 @@ def _group_start(g, S0, RNUM, RDEN, NC):
 
 
 @triton.jit
+def _state_step(Z, sb, cd, ce, d, e, PREC: tl.constexpr, CACHE: tl.constexpr):
+    """``Z − G_g Z + B_g`` with ``[B_g | G_g]`` the group's sums at ``sb`` (row stride ``F``)."""
+    md = (cd < d)[:, None]
+    G = tl.load(sb + e + cd[None, :], mask=md & (cd < d)[None, :], other=0.0, cache_modifier=CACHE)
+    Bg = tl.load(sb + ce[None, :], mask=md & (ce < e)[None, :], other=0.0, cache_modifier=CACHE)
+    return Z - _mm(G, Z, PREC) + Bg
+
+
+@triton.jit
+def _group_of(c, S0, RNUM, RDEN, NC):
+    """The group that chunk ``c`` belongs to (:func:`_group_start`)."""
+    g = 0
+    while _group_start(g + 1, S0, RNUM, RDEN, NC) <= c:
+        g += 1
+    return g
+
+
+@triton.jit
+def _correct_chunk(
+    wg_ptr,
+    z_ptr,
+    x_ptr,
+    b,
+    c,
+    g,
+    et,
+    n,
+    d,
+    e,
+    stride_wb,
+    stride_wn,
+    stride_zb,
+    stride_zg,
+    stride_xb,
+    stride_xn,
+    BC: tl.constexpr,
+    BE: tl.constexpr,
+    DP: tl.constexpr,
+    PREC: tl.constexpr,
+    CACHE: tl.constexpr,
+):
+    """``X = X^{grp} − P^{grp} Z_g`` on chunk ``c``'s ``BE``-column tile ``et``.
+
+    ``CACHE=".cg"`` reads around L1, for data that other programs of the same launch wrote.
+    """
+    rows = c.to(tl.int64) * BC + tl.arange(0, BC)
+    rm = (rows < n)[:, None]
+    ce = et * BE + tl.arange(0, BE)
+    me = (ce < e)[None, :]
+    cd = tl.arange(0, DP)
+    wrow = wg_ptr + b * stride_wb + rows[:, None] * stride_wn
+    Xg = tl.load(wrow + ce[None, :], mask=rm & me, other=0.0, cache_modifier=CACHE)
+    Pg = tl.load(
+        wrow + e + cd[None, :], mask=rm & (cd < d)[None, :], other=0.0, cache_modifier=CACHE
+    )
+    Zg = tl.load(
+        z_ptr + b * stride_zb + g * stride_zg + cd[:, None] * e + ce[None, :],
+        mask=(cd < d)[:, None] & me,
+        other=0.0,
+        cache_modifier=CACHE,
+    )
+    X = Xg - _mm(Pg, Zg, PREC)
+    tl.store(x_ptr + b * stride_xb + rows[:, None] * stride_xn + ce[None, :], X, mask=rm & me)
+
+
+@triton.jit
 def _tri_group_sliced_kernel(
     w_ptr,
     k_ptr,
@@ -556,41 +622,38 @@ def _tri_chain_state_kernel(
             if g + 1 < NG:
                 _wait_flag(done_ptr + b * NG + g, NFT)
                 sb = sg_ptr + b * stride_sb + g * stride_sg + cd[:, None] * F
-                G = tl.load(
-                    sb + e + cd[None, :],
-                    mask=md & (cd < d)[None, :],
-                    other=0.0,
-                    cache_modifier=".cg",
-                )
-                Bg = tl.load(sb + ce[None, :], mask=md & me, other=0.0, cache_modifier=".cg")
-                Z = Z - _mm(G, Z, PREC) + Bg
+                Z = _state_step(Z, sb, cd, ce, d, e, PREC, ".cg")
     else:
         q = t - B * NE
         b = (q // (NC * NE)).to(tl.int64)
         c = (q // NE) % NC
         et = q % NE
-        g = 0
-        while _group_start(g + 1, S0, RNUM, RDEN, NC) <= c:
-            g += 1
+        g = _group_of(c, S0, RNUM, RDEN, NC)
         _wait_flag(done_ptr + b * NG + g, NFT)
         _wait_flag(zflag_ptr + (b * NG + g) * NE + et, 1)
-        rows = c * BC + tl.arange(0, BC)
-        rm = (rows < n)[:, None]
-        ce = et * BE + tl.arange(0, BE)
-        me = (ce < e)[None, :]
-        wrow = wg_ptr + b * stride_wb + rows[:, None] * stride_wn
-        Xg = tl.load(wrow + ce[None, :], mask=rm & me, other=0.0, cache_modifier=".cg")
-        Pg = tl.load(
-            wrow + e + cd[None, :], mask=rm & (cd < d)[None, :], other=0.0, cache_modifier=".cg"
+        _correct_chunk(
+            wg_ptr,
+            z_ptr,
+            x_ptr,
+            b,
+            c,
+            g,
+            et,
+            n,
+            d,
+            e,
+            stride_wb,
+            stride_wn,
+            stride_zb,
+            stride_zg,
+            stride_xb,
+            stride_xn,
+            BC,
+            BE,
+            DP,
+            PREC,
+            ".cg",
         )
-        Zg = tl.load(
-            z_ptr + b * stride_zb + g * stride_zg + cd[:, None] * e + ce[None, :],
-            mask=md & me,
-            other=0.0,
-            cache_modifier=".cg",
-        )
-        X = Xg - _mm(Pg, Zg, PREC)
-        tl.store(x_ptr + b * stride_xb + rows[:, None] * stride_xn + ce[None, :], X, mask=rm & me)
 
 
 @triton.jit
@@ -624,9 +687,7 @@ def _tri_state_kernel(
             z_ptr + b * stride_zb + g * stride_zg + cd[:, None] * e + ce[None, :], Z, mask=md & me
         )
         sb = sg_ptr + b * stride_sb + g * stride_sg + cd[:, None] * F
-        G = tl.load(sb + e + cd[None, :], mask=md & (cd < d)[None, :], other=0.0)
-        Bg = tl.load(sb + ce[None, :], mask=md & me, other=0.0)
-        Z = Z - _mm(G, Z, PREC) + Bg
+        Z = _state_step(Z, sb, cd, ce, d, e, PREC, "")
 
 
 @triton.jit
@@ -657,25 +718,31 @@ def _tri_correct_kernel(
     c = tl.program_id(0)
     et = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    g = 0
-    while _group_start(g + 1, S0, RNUM, RDEN, NC) <= c:
-        g += 1
-    rows = c.to(tl.int64) * BC + tl.arange(0, BC)
-    rm = (rows < n)[:, None]
-    ce = et * BE + tl.arange(0, BE)
-    me = (ce < e)[None, :]
-    cd = tl.arange(0, DP)
+    g = _group_of(c, S0, RNUM, RDEN, NC)
     _wait_for_previous_launch(USE_PDL)
-    wrow = wg_ptr + b * stride_wb + rows[:, None] * stride_wn
-    Xg = tl.load(wrow + ce[None, :], mask=rm & me, other=0.0)
-    Pg = tl.load(wrow + e + cd[None, :], mask=rm & (cd < d)[None, :], other=0.0)
-    Zg = tl.load(
-        z_ptr + b * stride_zb + g * stride_zg + cd[:, None] * e + ce[None, :],
-        mask=(cd < d)[:, None] & me,
-        other=0.0,
+    _correct_chunk(
+        wg_ptr,
+        z_ptr,
+        x_ptr,
+        b,
+        c,
+        g,
+        et,
+        n,
+        d,
+        e,
+        stride_wb,
+        stride_wn,
+        stride_zb,
+        stride_zg,
+        stride_xb,
+        stride_xn,
+        BC,
+        BE,
+        DP,
+        PREC,
+        "",
     )
-    X = Xg - _mm(Pg, Zg, PREC)
-    tl.store(x_ptr + b * stride_xb + rows[:, None] * stride_xn + ce[None, :], X, mask=rm & me)
 
 
 @triton.jit
