@@ -1256,9 +1256,9 @@ def tri_solve_triton(
     ----------
     algorithm : {"auto", "tree", "scan"}
         ``"tree"``: divide and conquer over ``⌈log₂(n/C)⌉`` levels, each one parallel launch;
-        ``"scan"``: the two-level sequential scan (4 launches); ``"auto"``: the tree while a CUDA
-        graph is being captured and ``B·n ≤`` :data:`TREE_MAX_ROWS`, else the scan (the
-        measurements are in the module docstring).
+        ``"scan"``: the two-level scan (3 launches, the last overlapped); ``"auto"``: the tree
+        while a CUDA graph is being captured and ``B·n ≤`` :data:`TREE_MAX_ROWS`, else the scan
+        (the measurements are in the module docstring).
     chunk_size, block_s, precision, chunk_impl, chunk_warps
         As in :func:`tri_inv_triton`; ``precision`` is also the dot mode of the tree's levels.
     tree_rows, tree_cols, tree_warps
