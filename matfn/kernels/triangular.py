@@ -1306,6 +1306,13 @@ def tri_solve_triton(
             f"scan_slices must be 1/2/4/8 with ≥ 16 rows a slice, got {scan_slices} "
             f"(d = {Q.shape[-1]})"
         )
+    if state_block not in (None, 16, 32, 64) or state_warps not in (None, 1, 2, 4, 8):
+        raise ValueError(
+            f"state_block must be 16/32/64 and state_warps 1/2/4/8, got {state_block}, "
+            f"{state_warps}"
+        )
+    if scan_ratio is not None and not (isinstance(scan_ratio, int | float) and scan_ratio > 0):
+        raise ValueError(f"scan_ratio must be a positive number or None, got {scan_ratio!r}")
     if tree_rows not in (16, 32, 64) or tree_rows > 2 * chunk_size:
         raise ValueError(
             f"tree_rows must be 16/32/64 and ≤ 2·chunk_size, got {tree_rows} (C = {chunk_size})"

@@ -295,6 +295,12 @@ def test_launcher_rejects_bad_arguments():
         tri_solve_triton(Q, K, V, lam, scan_block=8)
     with pytest.raises(ValueError, match="scan_slices"):
         tri_solve_triton(Q, K, V, lam, scan_slices=3)
+    with pytest.raises(ValueError, match="state_block"):
+        tri_solve_triton(Q, K, V, lam, state_block=8)
+    with pytest.raises(ValueError, match="state_warps"):
+        tri_solve_triton(Q, K, V, lam, state_warps=3)
+    with pytest.raises(ValueError, match="scan_ratio"):
+        tri_solve_triton(Q, K, V, lam, scan_ratio=0.0)
     with pytest.raises(ValueError, match="scan_slices"):
         tri_solve_triton(Q, K, V, lam, scan_slices=2)  # d = 4: one 16-row slice at most
 
