@@ -1347,8 +1347,6 @@ def tri_solve_triton(
     if algorithm == "tree":
         tiles = dict(BT=tree_rows, BF=tree_cols, BG=tree_gram_block, warps=tree_warps)
         return _solve_tree(Q, K, V, lam, X, chunk, **tiles)
-    if group_size is not None:
-        scan_ratio = None  # equal groups of the given size
     scan = _Scan(
         group_size=group_size,
         precision=scan_precision,
@@ -1468,25 +1466,41 @@ class _Scan(NamedTuple):
     ratio: float | None = None  # growing groups: a state step costs ``ratio`` group steps
 
 
+def _group_sizes(S0: int, RNUM: int, RDEN: int, NC: int) -> list[int]:
+    """Chunks per group, in order (:func:`_group_start` on the host)."""
+    sizes, g = [], 0
+    while _group_start_host(g, S0, RNUM, RDEN, NC) < NC:
+        sizes.append(
+            _group_start_host(g + 1, S0, RNUM, RDEN, NC) - _group_start_host(g, S0, RNUM, RDEN, NC)
+        )
+        g += 1
+    return sizes
+
+
+def _modelled_end(sizes: list[int], ratio: float) -> float:
+    """End of the fused scan, in group steps, for groups of ``sizes`` chunks.
+
+    Every group starts at 0 and ends after its size; the state scan takes group ``g`` once it
+    has ended and ``ratio`` after group ``g − 1``; one step of corrections follows the last group.
+    """
+    T = 0.0
+    for i, size in enumerate(sizes):
+        T = max(T, float(size)) + (1.0 if i == len(sizes) - 1 else ratio)
+    return T
+
+
 @functools.lru_cache(maxsize=256)
 def _chain_schedule(NC: int, ratio: float) -> tuple[int, int, int]:
     """Group sizes for the fused scan, as :func:`_group_start`'s ``(S0, RNUM, RDEN)``.
 
-    All groups start together and group ``g`` ends after its ``s_g`` steps; the state scan
-    takes group ``g`` once it has ended and it has taken group ``g − 1``, ``ratio`` group steps
-    later. The sizes ``S0 + g·q/4`` that minimise the modelled end (``T ← max(T, end_g) +
-    ratio``, then one step of corrections) are taken: ``≈ √(2·NC·ratio)`` group steps, against
-    ``2√(NC·ratio)`` for equal groups, whose ends all wait for the whole state scan.
+    The sizes ``S0 + g·q/4`` that minimise :func:`_modelled_end` are taken: ``≈ √(2·NC·ratio)``
+    group steps, against ``2√(NC·ratio)`` for equal groups, whose ends all wait for the whole
+    state scan.
     """
     best = (math.inf, NC, 0)
     for S0 in range(1, min(NC, 16) + 1):
         for q in range(0, 17):
-            T, g = 0.0, 0
-            while _group_start_host(g, S0, q, 4, NC) < NC:
-                end = _group_start_host(g + 1, S0, q, 4, NC) - _group_start_host(g, S0, q, 4, NC)
-                last = _group_start_host(g + 1, S0, q, 4, NC) >= NC
-                T = max(T, float(end)) + (1.0 if last else ratio)
-                g += 1
+            T = _modelled_end(_group_sizes(S0, q, 4, NC), ratio)
             if T < best[0]:
                 best = (T, S0, q)
     return best[1], best[2], 4
@@ -1506,9 +1520,7 @@ def _solve_scan(Q, K, V, lam, X, chunk: _Chunk, opt: _Scan):
         # balance the two sequential parts: a group step costs ≈ 4·C·d per column, a state
         # step ≈ 2·d² per column, so GS ≈ √(NC · d / 2C) chunks per group
         S0, RNUM, RDEN = opt.group_size or max(1, round(math.sqrt(NC * d / (2 * C)))), 0, 1
-    NG = 1
-    while _group_start_host(NG, S0, RNUM, RDEN, NC) < NC:
-        NG += 1
+    NG = len(_group_sizes(S0, RNUM, RDEN, NC))
     warps = opt.warps or 4
     BF = opt.block or 16
     NS = opt.slices or max(1, min(4, DP // 16))

@@ -136,17 +136,11 @@ def test_chain_schedule(NC, ratio):
     assert starts[0] == 0 and starts[-1] == NC
     sizes = [b - a for a, b in itertools.pairwise(starts) if b > a]
     assert sum(sizes) == NC and all(s >= 1 for s in sizes)
+    assert sizes == kt._group_sizes(S0, RNUM, RDEN, NC)
     assert all(b >= a for a, b in itertools.pairwise(sizes[:-1]))  # the last may be cut short
-
-    def modelled_end(sizes):
-        T = 0.0
-        for i, s in enumerate(sizes):
-            T = max(T, float(s)) + (1.0 if i == len(sizes) - 1 else ratio)
-        return T
-
     gs = max(1, round((NC * ratio) ** 0.5))
     equal = [min(gs, NC - i) for i in range(0, NC, gs)]
-    assert modelled_end(sizes) <= modelled_end(equal)
+    assert kt._modelled_end(sizes, ratio) <= kt._modelled_end(equal, ratio)
 
 
 @triton.jit
@@ -303,7 +297,6 @@ def test_launcher_rejects_bad_arguments():
         tri_solve_triton(Q, K, V, lam, scan_ratio=0.0)
     with pytest.raises(ValueError, match="scan_slices"):
         tri_solve_triton(Q, K, V, lam, scan_slices=2)  # d = 4: one 16-row slice at most
-
     with pytest.raises(ValueError, match="out"):
         tri_inv_triton(Q, K, lam, out=torch.empty(1, 20, 21))
     with pytest.raises(ValueError, match="d ≤ 128"):
