@@ -56,23 +56,29 @@ tiles), giving ``[X^{grp} | P^{grp}]`` and the group sums
 ``Z_{g+1} = (I − G_g) Z_g + B_g`` over groups (parallel over ``e`` tiles); (4) the corrections
 ``X_g = X^{grp}_g − P^{grp}_g Z_g`` (parallel). FLOPs ``≈ 4 n d F + 2 n d e``; what costs is the
 chain of dependent small products, a group step (two products contracting over ``d`` and ``C``)
-and a state step (one over ``d``), ≈ 2.2 and 3.6 µs on the H200. At n = 4096, d = e = 128 the
-fused form below takes 0.076–0.078 ms graph-replayed (session 9's four launches: 0.098).
+and a state step (one over ``d``), ≈ 1.85 and 3.3 µs on the H200 (session 11, measured inside
+the kernels with timer stamps: ``tests/bench/gpu_triangular_parts.py --sections timeline``). At
+n = 4096, d = e = 128 the fused form below takes TIMING ms graph-replayed (session 10: 0.076;
+session 9's four launches: 0.098).
 
 * The group kernel keeps its ``d×BF`` state as ``NS`` slices and contracts over them with
   batched dots: ``NS`` short independent chains of tensor-core products instead of one long
-  one. 16-column tiles, 4 warps, ``NS = 4``: 2.2 µs a step against 3.2 for one 32-column,
-  8-warp chain (session 10).
-* **Fused** (the default, :func:`_tri_chain_state_kernel`): steps (3) and (4) are one launch,
-  started with programmatic dependent launch while the group kernel runs; flags in global
-  memory order the work (a group's programs count themselves done, the state programs publish
-  each ``Z_g``), and programs take tickets when they start, so each waits only for programs
-  that already run: no deadlock, whatever runs at once. The state scan then takes group ``g``
-  as soon as that group ends, so groups grow with ``g`` (:func:`_chain_schedule`): the early,
-  small ones end first, and the scan reaches the large ones as they end. At n = 4096
-  (128 chunks of 32 rows, groups of 2 … 22 chunks) the chain is ≈ √(2·NC·ratio) group steps
-  instead of ``GS + NG ≥ 2√NC`` steps. Without PDL (or with it off) the same launch runs after
-  the group kernel and finds every flag set.
+  one. 16-column tiles, 4 warps, ``NS = 4`` (session 10).
+* **Fused** (the default): the state scan (:func:`_tri_chain_state_kernel`, one program per
+  batch entry and ``e`` tile) and the corrections (:func:`_tri_chain_correct_kernel`, one per
+  chunk and ``e`` tile) are launched with programmatic dependent launch while the group kernel
+  runs, and wait for their data instead of for the launch before: a group's programs count
+  themselves done in a flag (release), the state programs wait for it (acquire) and store each
+  ``Z_g`` into a buffer that the chunk kernel filled with a sentinel NaN, and a correction runs
+  once its group is done and its ``Z_g`` tile holds no sentinel. Each launch waits only for
+  programs of the launches before it, which all run before it starts: no deadlock, whatever
+  runs at once. The chunk kernel also zeroes the flags (no memset). The state scan takes group
+  ``g`` as soon as that group ends, so groups grow with ``g`` (:func:`_chain_schedule`): the
+  early, small ones end first, and the scan reaches the large ones as they end; the chain is
+  ≈ √(2·NC·ratio) group steps instead of ``GS + NG ≥ 2√NC``. The groups are capped so that the
+  group kernel's programs fit one per SM (:func:`_groups_per_wave`: 8 groups of 7 … 23 chunks
+  at n = 4096, B = 1); where fewer than :data:`MIN_GROUPS_PER_WAVE` groups would fit (batches),
+  the unfused form runs. Without PDL the launches run one after another and find every flag set.
 * **Unfused** (``scan_fused=False``): equal groups of ``≈ √(NC·d/2C)`` chunks and separate state
   and correction launches (the form before session 10).
 
@@ -102,8 +108,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .gram import _pdl, _pdl_flags, _wait_for_previous_launch
-from .triangular_chunk import _mm, _tri_chunk_blocked_kernel, _tri_chunk_kernel
+from .gram import INTERPRET, _pdl, _pdl_flags, _sm_count, _wait_for_previous_launch
+from .triangular_chunk import SENTINEL, _mm, _tri_chunk_blocked_kernel, _tri_chunk_kernel
 
 __all__ = ["tri_inv_triton", "tri_solve_triton", "PRECISIONS", "CHUNK_IMPLS"]
 
@@ -398,6 +404,16 @@ def _tri_offdiag_kernel(
 
 
 @triton.jit
+def _stamp(ptr, i, TRACE: tl.constexpr):
+    """With ``TRACE``: store the GPU's nanosecond timer at ``ptr[i]`` (the bench's timelines)."""
+    if TRACE:
+        now = tl.inline_asm_elementwise(
+            "mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1
+        )
+        tl.store(ptr + i, now)
+
+
+@triton.jit
 def _group_start(g, S0, RNUM, RDEN, NC):
     """First chunk of group ``g``: groups of ``S0 + g·RNUM/RDEN`` chunks (``RNUM = 0``: equal)."""
     return tl.minimum(g * S0 + (g * (g - 1) * RNUM) // (2 * RDEN), NC)
@@ -422,51 +438,46 @@ def _group_of(c, S0, RNUM, RDEN, NC):
 
 
 @triton.jit
-def _correct_chunk(
+def _group_rows(
     wg_ptr,
-    z_ptr,
-    x_ptr,
     b,
     c,
-    g,
     et,
     n,
     d,
     e,
     stride_wb,
     stride_wn,
-    stride_zb,
-    stride_zg,
-    stride_xb,
-    stride_xn,
     BC: tl.constexpr,
     BE: tl.constexpr,
     DP: tl.constexpr,
-    PREC: tl.constexpr,
     CACHE: tl.constexpr,
 ):
-    """``X = X^{grp} − P^{grp} Z_g`` on chunk ``c``'s ``BE``-column tile ``et``.
+    """Chunk ``c``'s rows of ``X^{grp}`` (``BE``-column tile ``et``) and of ``P^{grp}`` (all).
 
     ``CACHE=".cg"`` reads around L1, for data that other programs of the same launch wrote.
     """
     rows = c.to(tl.int64) * BC + tl.arange(0, BC)
     rm = (rows < n)[:, None]
     ce = et * BE + tl.arange(0, BE)
-    me = (ce < e)[None, :]
     cd = tl.arange(0, DP)
     wrow = wg_ptr + b * stride_wb + rows[:, None] * stride_wn
-    Xg = tl.load(wrow + ce[None, :], mask=rm & me, other=0.0, cache_modifier=CACHE)
+    Xg = tl.load(wrow + ce[None, :], mask=rm & (ce < e)[None, :], other=0.0, cache_modifier=CACHE)
     Pg = tl.load(
         wrow + e + cd[None, :], mask=rm & (cd < d)[None, :], other=0.0, cache_modifier=CACHE
     )
-    Zg = tl.load(
-        z_ptr + b * stride_zb + g * stride_zg + cd[:, None] * e + ce[None, :],
-        mask=(cd < d)[:, None] & me,
-        other=0.0,
-        cache_modifier=CACHE,
-    )
-    X = Xg - _mm(Pg, Zg, PREC)
-    tl.store(x_ptr + b * stride_xb + rows[:, None] * stride_xn + ce[None, :], X, mask=rm & me)
+    return Xg, Pg
+
+
+@triton.jit
+def _store_corrected(
+    x_ptr, X, b, c, et, n, e, stride_xb, stride_xn, BC: tl.constexpr, BE: tl.constexpr
+):
+    """Store chunk ``c``'s corrected ``BE``-column tile ``et``, ``X = X^{grp} − P^{grp} Z_g``."""
+    rows = c.to(tl.int64) * BC + tl.arange(0, BC)
+    ce = et * BE + tl.arange(0, BE)
+    mask = (rows < n)[:, None] & (ce < e)[None, :]
+    tl.store(x_ptr + b * stride_xb + rows[:, None] * stride_xn + ce[None, :], X, mask=mask)
 
 
 @triton.jit
@@ -498,6 +509,8 @@ def _tri_group_sliced_kernel(
     NS: tl.constexpr,
     SIGNAL: tl.constexpr,
     USE_PDL: tl.constexpr = False,
+    trace_ptr=None,
+    TRACE: tl.constexpr = False,
 ):
     """Chunk recursion from a zero state inside group ``g`` on ``BF`` columns of ``[U | P]``.
 
@@ -506,6 +519,8 @@ def _tri_group_sliced_kernel(
     long one (the step is latency-bound: 2.2 against 3.2 µs on the H200). Groups may grow with
     ``g`` (:func:`_group_start`); the last group is launched first. ``SIGNAL``: count this
     program's finished tile in ``done[b, g]`` (release) for :func:`_tri_chain_state_kernel`.
+    ``TRACE`` (B = 1): timer stamps at ``trace[(g·NFT + ft)·(NC + 2) + i]``, ``i = 0`` at the
+    start, ``1 + c`` after chunk ``c``, ``NC + 1`` at the end.
     """
     ft = tl.program_id(0).to(tl.int64)
     g = NG - 1 - tl.program_id(1).to(tl.int64)
@@ -513,6 +528,8 @@ def _tri_group_sliced_kernel(
     cf = ft * BF + tl.arange(0, BF)
     mf = (cf < F)[None, :]
     _wait_for_previous_launch(USE_PDL)
+    tp = (g * tl.num_programs(0) + ft) * (NC + 2)
+    _stamp(trace_ptr, tp, TRACE)
     KS: tl.constexpr = DP // NS
     sl = tl.arange(0, NS)[:, None, None]
     cP = sl * KS + tl.arange(0, KS)[None, None, :]  # (NS, 1, KS): column of P
@@ -535,125 +552,198 @@ def _tri_group_sliced_kernel(
         Xc = Wc - tl.sum(_mm(Pc, S, PREC), axis=0)
         tl.store(wg_ptr + b * stride_wb + rows[:, None] * stride_wn + cf[None, :], Xc, mask=rm & mf)
         S += _mm(Kct, tl.broadcast_to(Xc[None, :, :], (NS, BC, BF)), PREC)
+        _stamp(trace_ptr, tp + 1 + c, TRACE)
     cd = tl.arange(0, DP)
     sp = sg_ptr + b * stride_sb + g * stride_sg + cd[:, None] * F + cf[None, :]
     tl.store(sp, tl.reshape(S, (DP, BF)), mask=(cd < d)[:, None] & mf)
     if SIGNAL:
         tl.debug_barrier()  # every thread's stores before the release
         tl.atomic_add(done_ptr + b * NG + g, 1, sem="release")
+    _stamp(trace_ptr, tp + NC + 1, TRACE)
 
 
 @triton.jit
-def _wait_flag(ptr, target):
+def _wait_flag(ptr, target, SLEEP: tl.constexpr = False):
     """Spin until ``*ptr ≥ target``, then acquire it for the whole program.
 
     Polls with plain volatile reads (no atomic traffic while waiting), then one acquire. Polling
     with acquire atomics instead was slower (0.0801 against 0.0763 ms at n = 4096, session 10).
     """
     while tl.load(ptr, volatile=True) < target:
-        pass
+        _back_off(SLEEP)
     tl.atomic_add(ptr, 0, sem="acquire")
     tl.debug_barrier()
 
 
 @triton.jit
+def _written(x):
+    """Whether no element of tile ``x`` is still :data:`SENTINEL` (one program-wide test)."""
+    unwritten = tl.where(x.to(tl.int32, bitcast=True) == SENTINEL, 1, 0)
+    return tl.max(tl.max(unwritten, axis=1), axis=0) == 0
+
+
+@triton.jit
+def _load_written(ptrs, mask):
+    """Load tile ``ptrs`` once other programs of this launch have written all of it.
+
+    The buffer was filled with :data:`SENTINEL` by the solve's first launch and each element is
+    written once, with its final value, so a tile with no sentinel left is complete, whatever
+    the order in which the writes land: no fence or barrier between writer and reader. The
+    first load is a plain one around L1 (``.cg``); the retries are ``volatile``, which the
+    compiler cannot hoist out of the loop, but are ≈ 3× slower on a 64 KB tile (session 11),
+    so callers first wait on a cheap hint (a flag or one element) that the tile is there.
+    """
+    x = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+    while not _written(x):
+        x = tl.load(ptrs, mask=mask, other=0.0, volatile=True)
+    return x
+
+
+@triton.jit
+def _back_off(SLEEP: tl.constexpr):
+    """With ``SLEEP`` (not in the interpreter): pause ≈ 0.1 µs (``nanosleep``) between polls.
+
+    Waiting programs then leave the issue slots and L2 to the group kernel's programs beside
+    them.
+    """
+    if SLEEP:
+        tl.inline_asm_elementwise(
+            "nanosleep.u32 100;", "=r", [], dtype=tl.int32, is_pure=False, pack=1
+        )
+
+
+@triton.jit
+def _spin_until_written(ptr, SLEEP: tl.constexpr):
+    """Spin (volatile reads) until the float at ``ptr`` is no longer :data:`SENTINEL`."""
+    while tl.load(ptr, volatile=True).to(tl.int32, bitcast=True) == SENTINEL:
+        _back_off(SLEEP)
+
+
+@triton.jit
 def _tri_chain_state_kernel(
     sg_ptr,
-    wg_ptr,
     z_ptr,
-    x_ptr,
-    sync_ptr,
-    n,
+    done_ptr,
     d,
     e,
     F,
+    NG,
+    NFT,
+    stride_sb,
+    stride_sg,
+    stride_zb,
+    stride_zg,
+    BE: tl.constexpr,
+    DP: tl.constexpr,
+    PREC: tl.constexpr,
+    USE_PDL: tl.constexpr,
+    trace_ptr=None,
+    TRACE: tl.constexpr = False,
+):
+    """The state scan across groups, overlapping the group kernel (fused scan).
+
+    One program per batch entry and ``BE``-column tile of ``e``. For each group ``g`` it stores
+    the incoming state ``Z_g`` (plain stores: the corrections test for the sentinel that the
+    chunk kernel wrote there, :func:`_load_written`), waits until all ``NFT`` tiles of group
+    ``g`` are counted done (a release by :func:`_tri_group_sliced_kernel`, whose programs all
+    run before this launch starts: no deadlock), then ``Z ← Z − G_g Z + B_g``. Launched with
+    programmatic dependent launch, it does not wait for the group kernel to end
+    (no ``griddepcontrol.wait``) but lets the corrections' launch start at once.
+
+    ``TRACE`` (B = 1): timer stamps at ``trace[(et·NG + g)·2 + {0, 1}]`` (group ``g`` seen done,
+    its step done; ``g = NG − 1``: the program's start).
+    """
+    et = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    _stamp(trace_ptr, (et * NG + NG - 1) * 2, TRACE)
+    cd = tl.arange(0, DP)
+    md = (cd < d)[:, None]
+    ce = et * BE + tl.arange(0, BE)
+    me = (ce < e)[None, :]
+    Z = tl.zeros((DP, BE), dtype=tl.float32)
+    for g in range(0, NG):
+        tl.store(
+            z_ptr + b * stride_zb + g * stride_zg + cd[:, None] * e + ce[None, :], Z, mask=md & me
+        )
+        if g + 1 < NG:
+            _wait_flag(done_ptr + b * NG + g, NFT)
+            _stamp(trace_ptr, (et * NG + g) * 2, TRACE)
+            sb = sg_ptr + b * stride_sb + g * stride_sg + cd[:, None] * F
+            Z = _state_step(Z, sb, cd, ce, d, e, PREC, ".cg")
+            if TRACE:
+                tl.debug_barrier()
+            _stamp(trace_ptr, (et * NG + g) * 2 + 1, TRACE)
+
+
+@triton.jit
+def _tri_chain_correct_kernel(
+    wg_ptr,
+    z_ptr,
+    x_ptr,
+    done_ptr,
+    n,
+    d,
+    e,
     NC,
     NG,
     NFT,
     S0,
     RNUM,
     RDEN,
-    stride_sb,
-    stride_sg,
     stride_wb,
     stride_wn,
     stride_zb,
     stride_zg,
     stride_xb,
     stride_xn,
-    B,
     BC: tl.constexpr,
     BE: tl.constexpr,
     DP: tl.constexpr,
     PREC: tl.constexpr,
+    SLEEP: tl.constexpr,
+    trace_ptr=None,
+    TRACE: tl.constexpr = False,
 ):
-    """The state scan across groups and the corrections, in one launch, driven by flags.
+    """``X = X^{grp} − P^{grp} Z_g`` on chunk ``c``'s ``BE``-column tile, as soon as it can.
 
-    ``sync = [ticket | done (B·NG) | z_ready (B·NG·NE)]``, zeroed before the chunk kernel.
-    Programs take a ticket when they start; the first ``B·NE`` are state programs (one per
-    batch entry and ``BE``-column tile of ``e``): for each group ``g`` they publish the incoming
-    state ``Z_g`` (``z_ready``), wait until all ``NFT`` tiles of group ``g`` are done
-    (``done``, set by :func:`_tri_group_sliced_kernel`), then ``Z ← Z − G_g Z + B_g``. The
-    others correct one chunk's ``BE`` columns, ``X = X^{grp} − P^{grp} Z_g``, as soon as their
-    group and its ``Z_g`` are ready. A program only waits for programs with smaller tickets,
-    which have started, so nothing deadlocks whatever the GPU runs at once; launched with
-    programmatic dependent launch after the group kernel, the state scan overlaps it (groups
-    that grow with ``g`` finish just as the scan reaches them).
+    Waits until its group's tiles are counted done (acquire), loads its rows of the group
+    solution, then waits for ``Z_g`` (:func:`_spin_until_written`, :func:`_load_written`).
+    Launched with programmatic dependent launch after :func:`_tri_chain_state_kernel`, whose
+    programs, and the group kernel's, all run before this launch starts: no deadlock. A launch
+    of its own (not programs of the state launch): its programs are small (4 warps, 32-column
+    tiles), so they fit beside the group kernel's; in one launch with the state scan every
+    program reserved the state's resources, and the last group's corrections queued behind
+    the others' (session 11).
+
+    Programs are launched chunk by chunk (the column tile varies fastest), so the early groups'
+    corrections, which can run first, are not queued behind the late ones'. ``SLEEP``: back off
+    between polls (:func:`_back_off`).
+
+    ``TRACE`` (B = 1): timer stamps at ``trace[3·(c·NE + et) + {0, 1, 2}]`` (start, inputs
+    seen, stored).
     """
-    t = tl.atomic_add(sync_ptr, 1)
-    NE = tl.cdiv(e, BE)
-    done_ptr = sync_ptr + 1
-    zflag_ptr = sync_ptr + 1 + B * NG
+    et = tl.program_id(0)
+    c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    tq = 3 * (c * tl.num_programs(0) + et)
+    _stamp(trace_ptr, tq, TRACE)
+    g = _group_of(c, S0, RNUM, RDEN, NC)
+    _wait_flag(done_ptr + b * NG + g, NFT, SLEEP)
+    # the group's rows first: only the product waits for Z_g
+    Xg, Pg = _group_rows(wg_ptr, b, c, et, n, d, e, stride_wb, stride_wn, BC, BE, DP, ".cg")
     cd = tl.arange(0, DP)
-    md = (cd < d)[:, None]
-    if t < B * NE:
-        b = (t // NE).to(tl.int64)
-        et = t % NE
-        ce = et * BE + tl.arange(0, BE)
-        me = (ce < e)[None, :]
-        Z = tl.zeros((DP, BE), dtype=tl.float32)
-        for g in range(0, NG):
-            zp = z_ptr + b * stride_zb + g * stride_zg + cd[:, None] * e + ce[None, :]
-            tl.store(zp, Z, mask=md & me)
-            # published at once: holding every Z_g back to one release at the end left all the
-            # corrections for the end (0.095 against 0.076 ms)
-            tl.debug_barrier()
-            tl.atomic_xchg(zflag_ptr + (b * NG + g) * NE + et, 1, sem="release")
-            if g + 1 < NG:
-                _wait_flag(done_ptr + b * NG + g, NFT)
-                sb = sg_ptr + b * stride_sb + g * stride_sg + cd[:, None] * F
-                Z = _state_step(Z, sb, cd, ce, d, e, PREC, ".cg")
-    else:
-        q = t - B * NE
-        b = (q // (NC * NE)).to(tl.int64)
-        c = (q // NE) % NC
-        et = q % NE
-        g = _group_of(c, S0, RNUM, RDEN, NC)
-        _wait_flag(done_ptr + b * NG + g, NFT)
-        _wait_flag(zflag_ptr + (b * NG + g) * NE + et, 1)
-        _correct_chunk(
-            wg_ptr,
-            z_ptr,
-            x_ptr,
-            b,
-            c,
-            g,
-            et,
-            n,
-            d,
-            e,
-            stride_wb,
-            stride_wn,
-            stride_zb,
-            stride_zg,
-            stride_xb,
-            stride_xn,
-            BC,
-            BE,
-            DP,
-            PREC,
-            ".cg",
-        )
+    ce = et * BE + tl.arange(0, BE)
+    zb = z_ptr + b * stride_zb + g * stride_zg
+    _spin_until_written(zb + et * BE, SLEEP)
+    Zg = _load_written(zb + cd[:, None] * e + ce[None, :], (cd < d)[:, None] & (ce < e)[None, :])
+    _stamp(trace_ptr, tq + 1, TRACE)
+    X = Xg - _mm(Pg, Zg, PREC)
+    _store_corrected(x_ptr, X, b, c, et, n, e, stride_xb, stride_xn, BC, BE)
+    if TRACE:
+        tl.debug_barrier()
+    _stamp(trace_ptr, tq + 2, TRACE)
 
 
 @triton.jit
@@ -720,29 +810,15 @@ def _tri_correct_kernel(
     b = tl.program_id(2).to(tl.int64)
     g = _group_of(c, S0, RNUM, RDEN, NC)
     _wait_for_previous_launch(USE_PDL)
-    _correct_chunk(
-        wg_ptr,
-        z_ptr,
-        x_ptr,
-        b,
-        c,
-        g,
-        et,
-        n,
-        d,
-        e,
-        stride_wb,
-        stride_wn,
-        stride_zb,
-        stride_zg,
-        stride_xb,
-        stride_xn,
-        BC,
-        BE,
-        DP,
-        PREC,
-        "",
+    cd = tl.arange(0, DP)
+    ce = et * BE + tl.arange(0, BE)
+    Zg = tl.load(
+        z_ptr + b * stride_zb + g * stride_zg + cd[:, None] * e + ce[None, :],
+        mask=(cd < d)[:, None] & (ce < e)[None, :],
+        other=0.0,
     )
+    Xg, Pg = _group_rows(wg_ptr, b, c, et, n, d, e, stride_wb, stride_wn, BC, BE, DP, "")
+    _store_corrected(x_ptr, Xg - _mm(Pg, Zg, PREC), b, c, et, n, e, stride_xb, stride_xn, BC, BE)
 
 
 @triton.jit
@@ -1006,9 +1082,13 @@ def _check(
         raise ValueError(
             f"expected Q, K (B, n, d) and diag (B, n), got {Q.shape}, {K.shape}, {lam.shape}"
         )
-    if chunk_size not in (16, 32, 64) or block_s not in (1, 16, 32) or block_s > chunk_size:
+    if (
+        chunk_size not in (16, 32, 64)
+        or block_s not in (1, 2, 4, 8, 16, 32)
+        or block_s > chunk_size
+    ):
         raise ValueError(
-            f"chunk_size must be 16/32/64 and block_s 1/16/32 ≤ chunk_size, got "
+            f"chunk_size must be 16/32/64 and block_s 1/2/4/8/16/32 ≤ chunk_size, got "
             f"{chunk_size}, {block_s}"
         )
     if precision not in PRECISIONS:
@@ -1060,11 +1140,14 @@ def _chunk_pass(
     R: torch.Tensor | None = None,
     U: torch.Tensor | None = None,
     BE: int,
+    scratch: tuple[torch.Tensor, int] | None = None,
 ) -> None:
     """One launch of the chunk kernel over every ``C``-row chunk of every batch entry.
 
     Stores, where given: ``Y`` the chunk inverses ``Y_cc = T_cc⁻¹`` (in place in the ``n×n``
     result), ``P = Y_cc Q_c``, ``R = Y_ccᵀ K_c`` (same strides as ``P``), ``U = Y_cc V_c``.
+    ``scratch = (buffer, n_zero)``: also set the int32 ``buffer``'s first ``n_zero`` elements
+    to 0 and the rest to :data:`~matfn.kernels.triangular_chunk.SENTINEL`.
     """
     B, n, d = Q.shape
     if P is not None and R is not None and P.stride()[:2] != R.stride()[:2]:
@@ -1103,6 +1186,10 @@ def _chunk_pass(
         HAS_V=V is not None,
         PREC=chunk.precision,
         num_warps=chunk.warps,
+        scratch_ptr=None if scratch is None else scratch[0],
+        n_zero=0 if scratch is None else scratch[1],
+        n_fill=0 if scratch is None else scratch[0].numel() - scratch[1],
+        INIT=scratch is not None,
         **chunk.meta,
     )
 
@@ -1231,7 +1318,7 @@ def tri_solve_triton(
     *,
     algorithm: str = "auto",
     chunk_size: int = 32,
-    block_s: int = 16,
+    block_s: int = 4,
     precision: str = "3xtf32",
     chunk_impl: str = "dense",
     chunk_warps: int = 4,
@@ -1464,6 +1551,8 @@ class _Scan(NamedTuple):
     state_warps: int | None = None
     fused: bool = True  # state scan and corrections in one flag-driven launch
     ratio: float | None = None  # growing groups: a state step costs ``ratio`` group steps
+    trace: torch.Tensor | None = None  # int64 timer stamps of the fused kernels (the bench, B = 1)
+    group_stages: int | None = None  # the group kernel's num_stages (None: Triton's default)
 
 
 def _group_sizes(S0: int, RNUM: int, RDEN: int, NC: int) -> list[int]:
@@ -1490,20 +1579,46 @@ def _modelled_end(sizes: list[int], ratio: float) -> float:
 
 
 @functools.lru_cache(maxsize=256)
-def _chain_schedule(NC: int, ratio: float) -> tuple[int, int, int]:
+def _chain_schedule(NC: int, ratio: float, max_groups: int | None = None) -> tuple[int, int, int]:
     """Group sizes for the fused scan, as :func:`_group_start`'s ``(S0, RNUM, RDEN)``.
 
     The sizes ``S0 + g·q/4`` that minimise :func:`_modelled_end` are taken: ``≈ √(2·NC·ratio)``
     group steps, against ``2√(NC·ratio)`` for equal groups, whose ends all wait for the whole
-    state scan.
+    state scan. ``max_groups``: at most that many groups (equal groups of ``⌈NC / m⌉`` chunks,
+    ``m ≤ max_groups``, are candidates too, so there always is one).
     """
+    limit = max_groups or NC
     best = (math.inf, NC, 0)
-    for S0 in range(1, min(NC, 16) + 1):
-        for q in range(0, 17):
-            T = _modelled_end(_group_sizes(S0, q, 4, NC), ratio)
+    candidates = [(S0, q) for S0 in range(1, min(NC, 16) + 1) for q in range(0, 17)]
+    candidates += [(-(-NC // m), 0) for m in range(1, min(limit, NC) + 1)]
+    for S0, q in candidates:
+        sizes = _group_sizes(S0, q, 4, NC)
+        if len(sizes) <= limit:
+            T = _modelled_end(sizes, ratio)
             if T < best[0]:
                 best = (T, S0, q)
     return best[1], best[2], 4
+
+
+#: The fused scan keeps to one group-kernel program per SM when that leaves this many groups.
+MIN_GROUPS_PER_WAVE = 6
+
+
+def _groups_per_wave(Q: torch.Tensor, programs_per_group: int) -> int | None:
+    """The most groups whose group-kernel programs fit one per SM (0: too few; None: no limit).
+
+    None in the interpreter and off CUDA; 0 where fewer than :data:`MIN_GROUPS_PER_WAVE` fit,
+    and then the unfused scan runs. A program that shares its SM runs its steps ≈ 1.7× slower
+    (3.1–3.3 against 1.8 µs on the H200, session 11): at n = 4096, B = 1, 10 groups of 16
+    programs put 28 of the long groups' programs beside another for their first steps (0.0816
+    against 0.0746 ms with 8 groups).
+    With fewer groups the fused scan lost to the unfused one (batches: B = 2 and 4 at n = 4096
+    took 0.137 and 0.255 ms fused, 0.112 and 0.193 unfused).
+    """
+    if INTERPRET or not Q.is_cuda:
+        return None
+    groups = _sm_count(Q.device.index) // programs_per_group
+    return groups if groups >= MIN_GROUPS_PER_WAVE else 0
 
 
 def _solve_scan(Q, K, V, lam, X, chunk: _Chunk, opt: _Scan):
@@ -1514,15 +1629,18 @@ def _solve_scan(Q, K, V, lam, X, chunk: _Chunk, opt: _Scan):
     NC = triton.cdiv(n, C)
     F = e + d
     DP = _pow2(d)
-    if opt.fused and opt.ratio is not None and opt.group_size is None:
-        S0, RNUM, RDEN = _chain_schedule(NC, opt.ratio)
+    BF = opt.block or 16
+    NFT = triton.cdiv(F, BF)
+    per_wave = _groups_per_wave(Q, B * NFT)
+    fused = opt.fused and per_wave != 0
+    if fused and opt.ratio is not None and opt.group_size is None:
+        S0, RNUM, RDEN = _chain_schedule(NC, opt.ratio, per_wave)
     else:
         # balance the two sequential parts: a group step costs ≈ 4·C·d per column, a state
         # step ≈ 2·d² per column, so GS ≈ √(NC · d / 2C) chunks per group
         S0, RNUM, RDEN = opt.group_size or max(1, round(math.sqrt(NC * d / (2 * C)))), 0, 1
     NG = len(_group_sizes(S0, RNUM, RDEN, NC))
     warps = opt.warps or 4
-    BF = opt.block or 16
     NS = opt.slices or max(1, min(4, DP // 16))
     if C >= 64 and BF == 16 and warps == 8 and opt.precision != "ieee":
         raise ValueError(
@@ -1531,14 +1649,18 @@ def _solve_scan(Q, K, V, lam, X, chunk: _Chunk, opt: _Scan):
         )
     BE = opt.state_block or 32
     NE = triton.cdiv(e, BE)
-    NFT = triton.cdiv(F, BF)
-    fused = opt.fused and NG > 1
-    sync = torch.zeros(1 + B * NG * (1 + NE) if fused else 1, dtype=torch.int32, device=Q.device)
+    fused = fused and NG > 1
     W = torch.empty(B, n, F, dtype=torch.float32, device=Q.device)
     Wg = torch.empty_like(W)
     Sg = torch.empty(B, NG, d, F, dtype=torch.float32, device=Q.device)
-    Z = torch.empty(B, NG, d, e, dtype=torch.float32, device=Q.device)
-    _chunk_pass(chunk, Q, K, lam, V=V, P=W[..., e:], U=W, BE=32)
+    # fused: [done (B·NG) | pad | Z] in one buffer, which the chunk kernel zeroes (the flags)
+    # and fills with SENTINEL (Z: not yet written)
+    n_zero = 32 * triton.cdiv(B * NG, 32)
+    scratch = torch.empty(n_zero + B * NG * d * e, dtype=torch.int32, device=Q.device)
+    sync = scratch[:n_zero]
+    Z = scratch[n_zero:].view(torch.float32).view(B, NG, d, e)
+    init = (scratch, n_zero) if fused else None
+    _chunk_pass(chunk, Q, K, lam, V=V, P=W[..., e:], U=W, BE=32, scratch=init)
     use_pdl = _pdl(Q)
     pdl = _pdl_flags(use_pdl)  # every launch after the chunk kernel waits for the one before
     _tri_group_sliced_kernel[(NFT, NG, B)](
@@ -1546,7 +1668,7 @@ def _solve_scan(Q, K, V, lam, X, chunk: _Chunk, opt: _Scan):
         K,
         Wg,
         Sg,
-        sync[1:],
+        sync,
         n,
         d,
         e,
@@ -1569,15 +1691,42 @@ def _solve_scan(Q, K, V, lam, X, chunk: _Chunk, opt: _Scan):
         NS=NS,
         SIGNAL=fused,
         num_warps=warps,
+        trace_ptr=opt.trace,
+        TRACE=opt.trace is not None,
+        **({} if opt.group_stages is None else {"num_stages": opt.group_stages}),
         **pdl,
     )
     if NG == 1:
         X.copy_(Wg[..., :e])
         return X
     if fused:
-        # no griddepcontrol.wait: the flags order every access (the kernel's docstring)
-        _tri_chain_state_kernel[(B * NE * (1 + NC),)](
+        # no griddepcontrol.wait in either: flags and sentinels order every access (docstrings)
+        pdl_only = {"launch_pdl": True} if use_pdl else {}
+        trace = opt.trace
+        G0 = NG * NFT * (NC + 2)
+        _tri_chain_state_kernel[(NE, B)](
             Sg,
+            Z,
+            sync,
+            d,
+            e,
+            F,
+            NG,
+            NFT,
+            Sg.stride(0),
+            Sg.stride(1),
+            Z.stride(0),
+            Z.stride(1),
+            BE=BE,
+            DP=DP,
+            PREC=opt.precision,
+            USE_PDL=use_pdl,
+            num_warps=opt.state_warps or 8,
+            trace_ptr=None if trace is None else trace[G0:],
+            TRACE=trace is not None,
+            **pdl_only,
+        )
+        _tri_chain_correct_kernel[(NE, NC, B)](
             Wg,
             Z,
             X,
@@ -1585,28 +1734,27 @@ def _solve_scan(Q, K, V, lam, X, chunk: _Chunk, opt: _Scan):
             n,
             d,
             e,
-            F,
             NC,
             NG,
             NFT,
             S0,
             RNUM,
             RDEN,
-            Sg.stride(0),
-            Sg.stride(1),
             Wg.stride(0),
             Wg.stride(1),
             Z.stride(0),
             Z.stride(1),
             X.stride(0),
             X.stride(1),
-            B,
             BC=C,
             BE=BE,
             DP=DP,
             PREC=opt.precision,
-            num_warps=opt.state_warps or 8,
-            **({"launch_pdl": True} if use_pdl else {}),
+            SLEEP=not INTERPRET,
+            num_warps=4,
+            trace_ptr=None if trace is None else trace[G0 + 2 * NE * NG :],
+            TRACE=trace is not None,
+            **pdl_only,
         )
         return X
     _tri_state_kernel[(NE, B)](

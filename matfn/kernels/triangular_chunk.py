@@ -26,6 +26,30 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+#: Bit pattern (a NaN with a payload that arithmetic never produces: NVIDIA GPUs return the
+#: canonical NaN ``0x7FFFFFFF``) that marks scan buffers not yet written (:func:`_init_scratch`).
+SENTINEL = tl.constexpr(0x7FC0DEAD)
+_INIT_BLOCK = tl.constexpr(1024)
+
+
+@triton.jit
+def _init_scratch(ptr, n_zero, n_fill, INIT: tl.constexpr):
+    """With ``INIT``: ``n_zero`` zeros, then ``n_fill`` :data:`SENTINEL` at int32 ``ptr``.
+
+    The work is split over all programs of the launch. The scan solve's flags and its
+    not-yet-written marks are set so by its first launch instead of a memset of their own: the
+    later launches start after this one has ended.
+    """
+    if INIT:
+        pid = tl.program_id(0) + tl.program_id(1) * tl.num_programs(0)
+        nprog = tl.num_programs(0) * tl.num_programs(1)
+        total = n_zero + n_fill
+        per = tl.cdiv(tl.cdiv(total, nprog), _INIT_BLOCK) * _INIT_BLOCK
+        for i0 in range(pid * per, tl.minimum(pid * per + per, total), _INIT_BLOCK):
+            i = i0 + tl.arange(0, _INIT_BLOCK)
+            val = tl.where(i < n_zero, 0, SENTINEL)
+            tl.store(ptr + i, val, mask=i < total)
+
 
 @triton.jit
 def _tf32_split(x):
@@ -40,12 +64,21 @@ def _mm(a, b, PREC: tl.constexpr):
 
     ``"3xtf32"`` (CUTLASS's 3xTF32): ``a = a_hi + a_lo`` with ``a_hi`` the top 11 significant bits
     (a tf32 value, exact) and ``a_lo = a − a_hi`` (exact in fp32), then
-    ``a_hi b_lo + a_lo b_hi + a_hi b_hi`` as three tf32 tensor-core products with fp32 accumulation.
+    ``a_hi b_lo + a_lo b_hi + a_hi b_hi`` as three tf32 tensor-core products with fp32 accumulation,
+    each into its own accumulator (three independent chains, not one three times as long).
     The dropped ``a_lo b_lo`` and the tf32 rounding of the ``lo`` parts are ≈ 2⁻²¹ relative, so the
     product is fp32-accurate (≈ 1e-6) at tensor-core speed. Triton's own ``"tf32x3"`` does the
     same split inside the compiler; this one measured up to 2× faster in the chunk kernel.
     """
     if PREC == "3xtf32":
+        a_hi, a_lo = _tf32_split(a)
+        b_hi, b_lo = _tf32_split(b)
+        # three accumulators: three independent chains of tensor-core products, each as long as
+        # the contraction, instead of one three times as long (these products are latency-bound)
+        small = tl.dot(a_hi, b_lo, input_precision="tf32")
+        small2 = tl.dot(a_lo, b_hi, input_precision="tf32")
+        return tl.dot(a_hi, b_hi, input_precision="tf32") + (small + small2)
+    elif PREC == "3xtf32-chained":  # one accumulator (before session 11), for the benchmarks
         a_hi, a_lo = _tf32_split(a)
         b_hi, b_lo = _tf32_split(b)
         acc = tl.dot(a_hi, b_lo, input_precision="tf32")
@@ -127,9 +160,14 @@ def _tri_chunk_kernel(
     STORE_R: tl.constexpr,
     HAS_V: tl.constexpr,
     PREC: tl.constexpr,
+    scratch_ptr=None,
+    n_zero=0,
+    n_fill=0,
+    INIT: tl.constexpr = False,
 ):
     c = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
+    _init_scratch(scratch_ptr, n_zero, n_fill, INIT)
     ar = tl.arange(0, BC)
     rows = c * BC + ar
     rm = rows < n
@@ -270,6 +308,10 @@ def _tri_chunk_blocked_kernel(
     STORE_R: tl.constexpr,
     HAS_V: tl.constexpr,
     PREC: tl.constexpr,
+    scratch_ptr=None,
+    n_zero=0,
+    n_fill=0,
+    INIT: tl.constexpr = False,
 ):
     """``_tri_chunk_kernel`` for ``BC = 64`` on explicit ``16×16`` blocks.
 
@@ -289,6 +331,7 @@ def _tri_chunk_blocked_kernel(
     tl.static_assert(BC == 64, "the blocked chunk kernel is written for BC = 64")
     c = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
+    _init_scratch(scratch_ptr, n_zero, n_fill, INIT)
     r = tl.arange(0, 16)
     r1 = c * BC + r
     r2 = r1 + 16

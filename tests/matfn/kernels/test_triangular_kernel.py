@@ -10,6 +10,7 @@ well-conditioned cases (|q·k| ≤ 0.6, |λ| ≥ 0.5, κ_F(T) < 100) lands near 
 from __future__ import annotations
 
 import itertools
+import types
 
 import pytest
 import torch
@@ -58,6 +59,9 @@ CASES = [
     (3, 64, 16, 16, 64, 32),
     (1, 1, 1, 1, 16, 16),
     (2, 90, 9, 4, 32, 1),  # block_s = 1: the whole chunk inverse by doubling
+    (2, 100, 7, 33, 32, 4),  # the solve's default: 4-row blocks, 3 doubling levels
+    (1, 130, 6, 5, 64, 8),
+    (2, 37, 5, 3, 16, 2),
     (1, 1, 1, 1, 16, 1),
     (1, 500, 12, 7, 16, 16),  # 32 chunks: 5 levels, Grams combined 3 times
 ]
@@ -102,9 +106,9 @@ def test_solve_group_sizes(group_size, scan_precision):
     assert rel(X, Xr) < RTOL
 
 
-# the scan's settings: fused (one flag-driven launch for the state scan and the corrections) or
-# not, growing or equal groups, slices of the state, column tiles of the group kernel, state
-# tiles; batch > 1 (tickets map to batch entries), d and e not powers of two
+# the scan's settings: fused (flag- and sentinel-driven state and correction launches) or not,
+# growing or equal groups, slices of the state, column tiles of the group kernel, state tiles;
+# batch > 1 (flags and states per batch entry), d and e not powers of two
 SCAN_CASES = [
     dict(),
     dict(scan_fused=False),
@@ -141,6 +145,42 @@ def test_chain_schedule(NC, ratio):
     gs = max(1, round((NC * ratio) ** 0.5))
     equal = [min(gs, NC - i) for i in range(0, NC, gs)]
     assert kt._modelled_end(sizes, ratio) <= kt._modelled_end(equal, ratio)
+
+
+@pytest.mark.parametrize("NC", [5, 64, 128, 1000])
+@pytest.mark.parametrize("max_groups", [1, 3, 8])
+def test_chain_schedule_max_groups(NC, max_groups):
+    """With a cap (one group-kernel program per SM), the schedule still covers every chunk and
+    has at most that many groups; no cap is never modelled later than a cap."""
+    S0, RNUM, RDEN = kt._chain_schedule(NC, 2.5, max_groups)
+    sizes = kt._group_sizes(S0, RNUM, RDEN, NC)
+    assert sum(sizes) == NC and all(s >= 1 for s in sizes)
+    assert len(sizes) <= max_groups
+    free = kt._group_sizes(*kt._chain_schedule(NC, 2.5), NC)
+    assert kt._modelled_end(free, 2.5) <= kt._modelled_end(sizes, 2.5)
+
+
+def test_groups_per_wave(monkeypatch):
+    """The cap: SMs // programs per group; 0 (the unfused scan) below MIN_GROUPS_PER_WAVE;
+    None (no cap) off CUDA."""
+    fake = types.SimpleNamespace(is_cuda=True, device=types.SimpleNamespace(index=0))
+    monkeypatch.setattr(kt, "INTERPRET", False)
+    monkeypatch.setattr(kt, "_sm_count", lambda index: 132)
+    assert kt._groups_per_wave(fake, 16) == 8
+    assert kt._groups_per_wave(fake, 32) == 0  # 4 groups: fewer than MIN_GROUPS_PER_WAVE
+    assert kt._groups_per_wave(torch.zeros(1), 16) is None
+
+
+def test_chunk_pass_initialises_scratch():
+    """The chunk kernel's INIT: zeros, then SENTINEL, over a buffer split between programs."""
+    Q, K, lam, V = make(1, 100, 8, 4)
+    chunk = kt._chunk_kernel("dense", 16, 16, "3xtf32", 4)
+    W = torch.empty(1, 100, 12)
+    scratch = torch.full((5000,), 7, dtype=torch.int32)
+    kt._chunk_pass(chunk, Q, K, lam, V=V, P=W[..., 4:], U=W, BE=32, scratch=(scratch, 64))
+    assert torch.equal(scratch[:64], torch.zeros(64, dtype=torch.int32))
+    assert (scratch[64:] == 0x7FC0DEAD).all()
+    assert torch.isnan(scratch[64:].view(torch.float32)).all()
 
 
 @triton.jit
@@ -281,6 +321,8 @@ def test_launcher_rejects_bad_arguments():
         tri_inv_triton(Q.double(), K, lam)
     with pytest.raises(ValueError, match="chunk_size"):
         tri_inv_triton(Q, K, lam, chunk_size=48)
+    with pytest.raises(ValueError, match="block_s"):
+        tri_solve_triton(Q, K, V, lam, block_s=3)
     with pytest.raises(ValueError, match="precision"):
         tri_inv_triton(Q, K, lam, precision="fp32")
     with pytest.raises(ValueError, match="scan_precision"):
