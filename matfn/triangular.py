@@ -498,8 +498,9 @@ def _kernel_options(op: str, chunk_size: int) -> dict:
     n = 4096). The inverse keeps ``C = 64`` (n = 4096: 0.148 ms graph-replayed, against 0.21 for
     ``C = 32``; DeltaNet's 8192 single chunks: 0.635 ms, against 0.90 for the blocked fp32-FMA
     kernel); the solve takes ``C = 32`` (scan: 0.100 ms against 0.116 for ``C = 64``; session
-    10's fused scan on the H200: 0.076 ms against 0.116 for ``C = 16``; the launcher picks scan
-    or tree). A smaller requested chunk is honoured.
+    10's fused scan on the H200: 0.076 ms against 0.116 for ``C = 16``; session 11's: 0.072
+    against 0.088–0.099 for ``C = 64``; the launcher picks scan or tree). A smaller requested
+    chunk is honoured.
     """
     C = _kernel_chunk(chunk_size)
     if op == "solve":

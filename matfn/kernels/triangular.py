@@ -58,7 +58,8 @@ tiles), giving ``[X^{grp} | P^{grp}]`` and the group sums
 chain of dependent small products, a group step (two products contracting over ``d`` and ``C``)
 and a state step (one over ``d``), ≈ 1.85 and 3.3 µs on the H200 (session 11, measured inside
 the kernels with timer stamps: ``tests/bench/gpu_triangular_parts.py --sections timeline``). At
-n = 4096, d = e = 128 the fused form below takes TIMING ms graph-replayed (session 10: 0.076;
+n = 4096, d = e = 128 the fused form below takes ≈ 0.070 ms graph-replayed (0.0716 measured at
+scan ratio 2.5, timelines ≈ 1.5 µs less at 2.0; session 10: 0.076;
 session 9's four launches: 0.098).
 
 * The group kernel keeps its ``d×BF`` state as ``NS`` slices and contracts over them with
@@ -83,15 +84,16 @@ session 9's four launches: 0.098).
   and correction launches (the form before session 10).
 
 **Which solve** (``algorithm="auto"``, the default). Measured on the H200 (d = e = 128, C = 32,
-B = 1, session 10, docs/benchmarks.md): graph-replayed, the tree is faster up to ``B·n = 1024``
-rows (0.034 against 0.039 ms at n = 512, 0.045 against 0.049 at 1024) and slower beyond (0.068
-against 0.059 at 2048, 0.118 against 0.080 at 4096, 0.229 against 0.127 at 8192: it does 2.4×
+B = 1, session 11, docs/benchmarks.md): graph-replayed, the tree is faster up to ``B·n = 1024``
+rows (0.030 against 0.033 ms at n = 512, 0.040 against 0.043 at 1024) and slower beyond (0.062
+against 0.053 at 2048, 0.109 against 0.071 at 4096, 0.221 against 0.118 at 8192: it does 2.4×
 the FLOPs and cannot overlap its levels); eager, its extra launches cost more than its shorter
-chain saves at every size (0.197 against 0.151 ms at n = 512). So ``"auto"`` takes the tree
-only while a CUDA graph is being captured and ``B·n ≤`` :data:`TREE_MAX_ROWS`.
+chain saves at every size (session 10: 0.197 against 0.151 ms at n = 512). So ``"auto"`` takes
+the tree only while a CUDA graph is being captured and ``B·n ≤`` :data:`TREE_MAX_ROWS`.
 
 **Programmatic dependent launch** (compute capability ≥ 9, :data:`matfn.kernels.gram.PDL`):
-every launch after the chunk kernel waits for the one before (``griddepcontrol.wait``) before any
+every launch after the chunk kernel (but the fused scan's state and correction launches, which
+wait for their data instead) waits for the one before (``griddepcontrol.wait``) before any
 memory access and is launched early, which hides part of each launch's start (1–4 % of the
 graph-replayed times above).
 
@@ -1334,7 +1336,7 @@ def tri_solve_triton(
     state_block: int | None = None,
     state_warps: int | None = None,
     scan_fused: bool = True,
-    scan_ratio: float | None = 2.5,
+    scan_ratio: float | None = 2.0,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``T⁻¹ V`` for float32 ``Q, K`` ``(B, n, d)``, ``V`` ``(B, n, e)``, ``λ`` ``(B, n)``.

@@ -710,10 +710,10 @@ def deltanet(results, B=8, H=16, T=4096, d=128, BT=64, timing=True):
 # the scan's knobs at n = 4096 (section "scan"; loading one step ahead in registers, tried in
 # session 9, was slower in every case: docs/benchmarks.md)
 SCAN_SWEEP = [
-    dict(),  # fused, growing groups (ratio 2.5)
+    dict(),  # fused, growing groups (ratio 2.0), one group-kernel program per SM
     dict(scan_fused=False),  # equal groups, separate state and correction launches
-    dict(scan_ratio=2.0),
-    dict(scan_ratio=3.0),
+    dict(scan_ratio=2.5),
+    dict(scan_ratio=1.5),
 ]
 
 

@@ -235,12 +235,9 @@ def solve_costs(results: dict) -> None:
 # label, block_s, scan_ratio, PDL, one group-kernel program per SM (_groups_per_wave), state
 # tile (state_block, state_warps), precision of every product[, the group kernel's num_stages]
 TIMELINES = [
-    ("block_s=4", 4, 2.5, "auto", True, (32, 8), "3xtf32"),
-    ("block_s=4, ratio 2.0", 4, 2.0, "auto", True, (32, 8), "3xtf32"),
-    ("block_s=4, ratio 1.5", 4, 1.5, "auto", True, (32, 8), "3xtf32"),
-    ("block_s=4, ratio 2.0, 2 stages", 4, 2.0, "auto", True, (32, 8), "3xtf32", 2),
-    ("block_s=4, one accumulator", 4, 2.5, "auto", True, (32, 8), "3xtf32-chained"),
-    ("block_s=4, ratio 2.0, one accumulator", 4, 2.0, "auto", True, (32, 8), "3xtf32-chained"),
+    ("default (ratio 2.0)", 4, 2.0, "auto", True, (32, 8), "3xtf32"),
+    ("ratio 2.5", 4, 2.5, "auto", True, (32, 8), "3xtf32"),
+    ("ratio 2.0, one accumulator", 4, 2.0, "auto", True, (32, 8), "3xtf32-chained"),
 ]
 
 
