@@ -130,6 +130,18 @@ def test_scan_settings(opts):
     assert rel(X, Xr) < RTOL
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_fused_scan_with_non_finite_values_ends(bad):
+    """The fused scan's readers wait until no element of ``Z_g`` is the sentinel NaN: NaN and Inf
+    reaching ``Z`` through arithmetic are other bit patterns, so the solve ends (non-finite
+    results in that column, where products meet the bad value, not a hang)."""
+    Q, K, lam, V = make(1, 150, 8, 6, seed=4)
+    V[0, 3, 2] = bad
+    X = tri_solve_triton(Q, K, V, lam, algorithm="scan", chunk_size=16)
+    assert not torch.isfinite(X[0, 3:, 2]).any()
+    assert torch.isfinite(X[..., [0, 1, 3, 4, 5]]).all()
+
+
 @pytest.mark.parametrize("NC", [1, 2, 7, 64, 128, 1000])
 @pytest.mark.parametrize("ratio", [0.5, 1.8, 4.0])
 def test_chain_schedule(NC, ratio):
