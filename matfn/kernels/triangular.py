@@ -586,7 +586,7 @@ def _written(x):
 
 @triton.jit
 def _load_written(ptrs, mask):
-    """Load tile ``ptrs`` once other programs of this launch have written all of it.
+    """Load tile ``ptrs`` once other programs (running at the same time) have written all of it.
 
     The buffer was filled with :data:`SENTINEL` by the solve's first launch and each element is
     written once, with its final value, so a tile with no sentinel left is complete, whatever
