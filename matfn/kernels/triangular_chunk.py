@@ -64,8 +64,7 @@ def _mm(a, b, PREC: tl.constexpr):
 
     ``"3xtf32"`` (CUTLASS's 3xTF32): ``a = a_hi + a_lo`` with ``a_hi`` the top 11 significant bits
     (a tf32 value, exact) and ``a_lo = a − a_hi`` (exact in fp32), then
-    ``a_hi b_lo + a_lo b_hi + a_hi b_hi`` as three tf32 tensor-core products with fp32 accumulation,
-    each into its own accumulator (three independent chains, not one three times as long).
+    ``a_hi b_lo + a_lo b_hi + a_hi b_hi`` as three tf32 tensor-core products with fp32 accumulation.
     The dropped ``a_lo b_lo`` and the tf32 rounding of the ``lo`` parts are ≈ 2⁻²¹ relative, so the
     product is fp32-accurate (≈ 1e-6) at tensor-core speed. Triton's own ``"tf32x3"`` does the
     same split inside the compiler; this one measured up to 2× faster in the chunk kernel.
@@ -73,14 +72,8 @@ def _mm(a, b, PREC: tl.constexpr):
     if PREC == "3xtf32":
         a_hi, a_lo = _tf32_split(a)
         b_hi, b_lo = _tf32_split(b)
-        # three accumulators: three independent chains of tensor-core products, each as long as
-        # the contraction, instead of one three times as long (these products are latency-bound)
-        small = tl.dot(a_hi, b_lo, input_precision="tf32")
-        small2 = tl.dot(a_lo, b_hi, input_precision="tf32")
-        return tl.dot(a_hi, b_hi, input_precision="tf32") + (small + small2)
-    elif PREC == "3xtf32-chained":  # one accumulator (before session 11), for the benchmarks
-        a_hi, a_lo = _tf32_split(a)
-        b_hi, b_lo = _tf32_split(b)
+        # one accumulator: Triton folds ``dot(a, b) + c`` into ``dot(a, b, c)`` anyway (three
+        # accumulators gave the same PTX, session 11)
         acc = tl.dot(a_hi, b_lo, input_precision="tf32")
         acc = tl.dot(a_lo, b_hi, acc, input_precision="tf32")
         return tl.dot(a_hi, b_hi, acc, input_precision="tf32")

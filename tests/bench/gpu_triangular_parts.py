@@ -237,7 +237,6 @@ def solve_costs(results: dict) -> None:
 TIMELINES = [
     ("default (ratio 2.0)", 4, 2.0, "auto", True, (32, 8), "3xtf32"),
     ("ratio 2.5", 4, 2.5, "auto", True, (32, 8), "3xtf32"),
-    ("ratio 2.0, one accumulator", 4, 2.0, "auto", True, (32, 8), "3xtf32-chained"),
 ]
 
 
