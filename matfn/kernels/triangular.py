@@ -65,7 +65,7 @@ session 9's four launches: 0.098).
 * The group kernel keeps its ``d×BF`` state as ``NS`` slices and contracts over them with
   batched dots: ``NS`` short independent chains of tensor-core products instead of one long
   one. 16-column tiles, 4 warps, ``NS = 4`` (session 10).
-* **Fused** (the default): the state scan (:func:`_tri_chain_state_kernel`, one program per
+* **Fused** (the default): the state scan (:func:`_tri_state_kernel`, one program per
   batch entry and ``e`` tile) and the corrections (:func:`_tri_chain_correct_kernel`, one per
   chunk and ``e`` tile) are launched with programmatic dependent launch while the group kernel
   runs, and wait for their data instead of for the launch before: a group's programs count
@@ -520,7 +520,7 @@ def _tri_group_sliced_kernel(
     with batched dots: ``NS`` short independent chains of tensor-core products instead of one
     long one (the step is latency-bound: 2.2 against 3.2 µs on the H200). Groups may grow with
     ``g`` (:func:`_group_start`); the last group is launched first. ``SIGNAL``: count this
-    program's finished tile in ``done[b, g]`` (release) for :func:`_tri_chain_state_kernel`.
+    program's finished tile in ``done[b, g]`` (release) for :func:`_tri_state_kernel`.
     ``TRACE`` (B = 1): timer stamps at ``trace[(g·NFT + ft)·(NC + 2) + i]``, ``i = 0`` at the
     start, ``1 + c`` after chunk ``c``, ``NC + 1`` at the end.
     """
@@ -622,64 +622,6 @@ def _spin_until_written(ptr, SLEEP: tl.constexpr):
 
 
 @triton.jit
-def _tri_chain_state_kernel(
-    sg_ptr,
-    z_ptr,
-    done_ptr,
-    d,
-    e,
-    F,
-    NG,
-    NFT,
-    stride_sb,
-    stride_sg,
-    stride_zb,
-    stride_zg,
-    BE: tl.constexpr,
-    DP: tl.constexpr,
-    PREC: tl.constexpr,
-    USE_PDL: tl.constexpr,
-    trace_ptr=None,
-    TRACE: tl.constexpr = False,
-):
-    """The state scan across groups, overlapping the group kernel (fused scan).
-
-    One program per batch entry and ``BE``-column tile of ``e``. For each group ``g`` it stores
-    the incoming state ``Z_g`` (plain stores: the corrections test for the sentinel that the
-    chunk kernel wrote there, :func:`_load_written`), waits until all ``NFT`` tiles of group
-    ``g`` are counted done (a release by :func:`_tri_group_sliced_kernel`, whose programs all
-    run before this launch starts: no deadlock), then ``Z ← Z − G_g Z + B_g``. Launched with
-    programmatic dependent launch, it does not wait for the group kernel to end
-    (no ``griddepcontrol.wait``) but lets the corrections' launch start at once.
-
-    ``TRACE`` (B = 1): timer stamps at ``trace[(et·NG + g)·2 + {0, 1}]`` (group ``g`` seen done,
-    its step done; ``g = NG − 1``: the program's start).
-    """
-    et = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-    _stamp(trace_ptr, (et * NG + NG - 1) * 2, TRACE)
-    cd = tl.arange(0, DP)
-    md = (cd < d)[:, None]
-    ce = et * BE + tl.arange(0, BE)
-    me = (ce < e)[None, :]
-    Z = tl.zeros((DP, BE), dtype=tl.float32)
-    for g in range(0, NG):
-        tl.store(
-            z_ptr + b * stride_zb + g * stride_zg + cd[:, None] * e + ce[None, :], Z, mask=md & me
-        )
-        if g + 1 < NG:
-            _wait_flag(done_ptr + b * NG + g, NFT)
-            _stamp(trace_ptr, (et * NG + g) * 2, TRACE)
-            sb = sg_ptr + b * stride_sb + g * stride_sg + cd[:, None] * F
-            Z = _state_step(Z, sb, cd, ce, d, e, PREC, ".cg")
-            if TRACE:
-                tl.debug_barrier()
-            _stamp(trace_ptr, (et * NG + g) * 2 + 1, TRACE)
-
-
-@triton.jit
 def _tri_chain_correct_kernel(
     wg_ptr,
     z_ptr,
@@ -712,7 +654,7 @@ def _tri_chain_correct_kernel(
 
     Waits until its group's tiles are counted done (acquire), loads its rows of the group
     solution, then waits for ``Z_g`` (:func:`_spin_until_written`, :func:`_load_written`).
-    Launched with programmatic dependent launch after :func:`_tri_chain_state_kernel`, whose
+    Launched with programmatic dependent launch after :func:`_tri_state_kernel`, whose
     programs, and the group kernel's, all run before this launch starts: no deadlock. A launch
     of its own (not programs of the state launch): its programs are small (4 warps, 32-column
     tiles), so they fit beside the group kernel's; in one launch with the state scan every
@@ -752,34 +694,65 @@ def _tri_chain_correct_kernel(
 def _tri_state_kernel(
     sg_ptr,
     z_ptr,
+    done_ptr,
     d,
     e,
     F,
     NG,
+    NFT,
     stride_sb,
     stride_sg,
     stride_zb,
     stride_zg,
-    DP: tl.constexpr,
     BE: tl.constexpr,
+    DP: tl.constexpr,
     PREC: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
+    USE_PDL: tl.constexpr,
+    FUSED: tl.constexpr,
+    trace_ptr=None,
+    TRACE: tl.constexpr = False,
 ):
-    """Across groups: store the incoming state ``Z_g``, then ``Z ← Z − G_g Z + B_g``."""
-    et = tl.program_id(0).to(tl.int64)
+    """The state scan across groups: store the incoming ``Z_g``, then ``Z ← Z − G_g Z + B_g``.
+
+    One program per batch entry and ``BE``-column tile of ``e``. Unfused: after the group
+    kernel (``griddepcontrol.wait``). ``FUSED``: overlapping it; before each step the program
+    waits until all ``NFT`` tiles of group ``g`` are counted done (a release by
+    :func:`_tri_group_sliced_kernel`, whose programs all run before this launch starts: no
+    deadlock) and reads their sums around L1. It does not wait for the group kernel to end but
+    lets the corrections' launch start at once, and stores ``Z_g`` plainly: the corrections
+    test for the sentinel that the chunk kernel wrote there (:func:`_load_written`).
+
+    ``TRACE`` (fused, B = 1): timer stamps at ``trace[(et·NG + g)·2 + {0, 1}]`` (group ``g``
+    seen done, its step done; ``g = NG − 1``: the program's start).
+    """
+    et = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    ce = et * BE + tl.arange(0, BE)
-    me = (ce < e)[None, :]
+    if FUSED:
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+    else:
+        _wait_for_previous_launch(USE_PDL)
+    _stamp(trace_ptr, (et * NG + NG - 1) * 2, TRACE)
     cd = tl.arange(0, DP)
     md = (cd < d)[:, None]
-    _wait_for_previous_launch(USE_PDL)
+    ce = et * BE + tl.arange(0, BE)
+    me = (ce < e)[None, :]
     Z = tl.zeros((DP, BE), dtype=tl.float32)
     for g in range(0, NG):
         tl.store(
             z_ptr + b * stride_zb + g * stride_zg + cd[:, None] * e + ce[None, :], Z, mask=md & me
         )
-        sb = sg_ptr + b * stride_sb + g * stride_sg + cd[:, None] * F
-        Z = _state_step(Z, sb, cd, ce, d, e, PREC, "")
+        if g + 1 < NG:  # the last group's outgoing state is not needed
+            sb = sg_ptr + b * stride_sb + g * stride_sg + cd[:, None] * F
+            if FUSED:
+                _wait_flag(done_ptr + b * NG + g, NFT)
+                _stamp(trace_ptr, (et * NG + g) * 2, TRACE)
+                Z = _state_step(Z, sb, cd, ce, d, e, PREC, ".cg")
+            else:
+                Z = _state_step(Z, sb, cd, ce, d, e, PREC, "")
+            if TRACE:
+                tl.debug_barrier()
+            _stamp(trace_ptr, (et * NG + g) * 2 + 1, TRACE)
 
 
 @triton.jit
@@ -1557,6 +1530,16 @@ class _Scan(NamedTuple):
     group_stages: int | None = None  # the group kernel's num_stages (None: Triton's default)
 
 
+def _trace_layout(NG: int, NFT: int, NC: int, NE: int) -> tuple[int, int, int, int]:
+    """Offsets of the group, state and correction stamps in ``_Scan.trace``, and its length.
+
+    The fused scan's kernels write timer stamps there (B = 1; the bench's timelines).
+    """
+    group_at, state_at = 0, NG * NFT * (NC + 2)
+    correct_at = state_at + 2 * NE * NG
+    return group_at, state_at, correct_at, correct_at + 3 * NC * NE
+
+
 def _group_sizes(S0: int, RNUM: int, RDEN: int, NC: int) -> list[int]:
     """Chunks per group, in order (:func:`_group_start` on the host)."""
     sizes, g = [], 0
@@ -1665,6 +1648,7 @@ def _solve_scan(Q, K, V, lam, X, chunk: _Chunk, opt: _Scan):
     _chunk_pass(chunk, Q, K, lam, V=V, P=W[..., e:], U=W, BE=32, scratch=init)
     use_pdl = _pdl(Q)
     pdl = _pdl_flags(use_pdl)  # every launch after the chunk kernel waits for the one before
+    pdl_only = {"launch_pdl": True} if use_pdl else {}  # kernels that take USE_PDL themselves
     _tri_group_sliced_kernel[(NFT, NG, B)](
         W,
         K,
@@ -1703,10 +1687,9 @@ def _solve_scan(Q, K, V, lam, X, chunk: _Chunk, opt: _Scan):
         return X
     if fused:
         # no griddepcontrol.wait in either: flags and sentinels order every access (docstrings)
-        pdl_only = {"launch_pdl": True} if use_pdl else {}
         trace = opt.trace
-        G0 = NG * NFT * (NC + 2)
-        _tri_chain_state_kernel[(NE, B)](
+        _, state_at, correct_at, _ = _trace_layout(NG, NFT, NC, NE)
+        _tri_state_kernel[(NE, B)](
             Sg,
             Z,
             sync,
@@ -1723,8 +1706,9 @@ def _solve_scan(Q, K, V, lam, X, chunk: _Chunk, opt: _Scan):
             DP=DP,
             PREC=opt.precision,
             USE_PDL=use_pdl,
+            FUSED=True,
             num_warps=opt.state_warps or 8,
-            trace_ptr=None if trace is None else trace[G0:],
+            trace_ptr=None if trace is None else trace[state_at:],
             TRACE=trace is not None,
             **pdl_only,
         )
@@ -1754,7 +1738,7 @@ def _solve_scan(Q, K, V, lam, X, chunk: _Chunk, opt: _Scan):
             PREC=opt.precision,
             SLEEP=not INTERPRET,
             num_warps=4,
-            trace_ptr=None if trace is None else trace[G0 + 2 * NE * NG :],
+            trace_ptr=None if trace is None else trace[correct_at:],
             TRACE=trace is not None,
             **pdl_only,
         )
@@ -1762,19 +1746,23 @@ def _solve_scan(Q, K, V, lam, X, chunk: _Chunk, opt: _Scan):
     _tri_state_kernel[(NE, B)](
         Sg,
         Z,
+        sync,
         d,
         e,
         F,
         NG,
+        NFT,
         Sg.stride(0),
         Sg.stride(1),
         Z.stride(0),
         Z.stride(1),
-        DP=DP,
         BE=BE,
+        DP=DP,
         PREC=opt.precision,
+        USE_PDL=use_pdl,
+        FUSED=False,
         num_warps=opt.state_warps or 8,
-        **pdl,
+        **pdl_only,
     )
     BEc = 32
     _tri_correct_kernel[(NC, triton.cdiv(e, BEc), B)](

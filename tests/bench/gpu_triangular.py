@@ -66,6 +66,17 @@ dev = "cuda"
 TIMING = True  # False: run each timed function once (the precompile workers)
 
 
+def run_info(**extra) -> dict:
+    """The GPU, the date and the versions that a run's results are recorded with."""
+    return dict(
+        device=torch.cuda.get_device_properties(0).name,
+        date=datetime.datetime.now(datetime.UTC).isoformat(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        **extra,
+    )
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a = a.double()
     if not torch.isfinite(a).all():
@@ -853,14 +864,7 @@ def main() -> None:
         VARIANTS_INV.extend(EXTRA_VARIANTS)
         VARIANTS_SOLVE.extend(dict(v, algorithm="scan") for v in EXTRA_VARIANTS)
     failed = sorted(precompile(a.workers, sections, a.quick)) if a.workers > 0 else []
-    props = torch.cuda.get_device_properties(0)
-    results = dict(
-        device=props.name,
-        date=datetime.datetime.now(datetime.UTC).isoformat(),
-        torch=torch.__version__,
-        triton=triton.__version__,
-        failed_variants=failed,
-    )
+    results = run_info(failed_variants=failed)
     console.print(results)
     if "correct" in sections:
         results["correct"] = correctness(a.quick)

@@ -25,7 +25,6 @@ At n = 4096, d = e = 128, fp32, B = 1 (the issue's target size):
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -38,7 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
-from gpu_triangular import Table, _kernel_times, console, make, rel  # noqa: E402
+from gpu_triangular import Table, _kernel_times, console, make, rel, run_info  # noqa: E402
 
 from matfn.kernels import gram, triangular  # noqa: E402
 from matfn.kernels.triangular import (  # noqa: E402
@@ -49,6 +48,7 @@ from matfn.kernels.triangular import (  # noqa: E402
     _Scan,
     _solve_scan,
     _stamp,
+    _trace_layout,
     _tri_group_sliced_kernel,
     _tri_state_kernel,
     tri_solve_triton,
@@ -174,8 +174,8 @@ def state_costs(results: dict) -> None:
 
         def run(ng, BE=BE, warps=warps, kw=kw):
             _tri_state_kernel[(triton.cdiv(E, BE), 1)](
-                Sg, Z, D, E, F, ng, Sg.stride(0), Sg.stride(1), Z.stride(0), Z.stride(1),
-                DP=D, BE=BE, PREC="3xtf32", num_warps=warps, **kw,
+                Sg, Z, Z, D, E, F, ng, 0, Sg.stride(0), Sg.stride(1), Z.stride(0), Z.stride(1),
+                BE=BE, DP=D, PREC="3xtf32", USE_PDL=False, FUSED=False, num_warps=warps, **kw,
             )  # fmt: skip
 
         try:
@@ -260,8 +260,8 @@ def timeline(results: dict) -> None:
         S0, RNUM, RDEN = _chain_schedule(NC, ratio, triangular._groups_per_wave(Q, NFT))
         sizes = _group_sizes(S0, RNUM, RDEN, NC)
         NG = len(sizes)
-        G0 = NG * NFT * (NC + 2)
-        buf = torch.zeros(1 + G0 + 2 * NE * NG + 3 * NC * NE, dtype=torch.int64, device="cuda")
+        _, state_at, correct_at, length = _trace_layout(NG, NFT, NC, NE)
+        buf = torch.zeros(1 + length, dtype=torch.int64, device="cuda")
         chunk = _chunk_kernel("dense", C, block_s, prec, 4)
         X = torch.full((1, N, E), float("nan"), device="cuda")
         opt = _Scan(
@@ -296,10 +296,10 @@ def timeline(results: dict) -> None:
         finally:
             gram.PDL = saved
             triangular.MIN_GROUPS_PER_WAVE = saved_cap
-        t = (buf.double() - buf[0].double()) / 1e3  # µs after the first stamp
-        grp = t[1 : 1 + G0].view(NG, NFT, NC + 2)
-        st = t[1 + G0 : 1 + G0 + 2 * NE * NG].view(NE, NG, 2)
-        cor = t[1 + G0 + 2 * NE * NG :].view(NC, NE, 3)
+        t = (buf[1:].double() - buf[0].double()) / 1e3  # µs after the first stamp
+        grp = t[:state_at].view(NG, NFT, NC + 2)
+        st = t[state_at:correct_at].view(NE, NG, 2)
+        cor = t[correct_at:].view(NC, NE, 3)
         start = grp[:, :, 0]
         console.print(
             f"[b]{label}[/b] (graph {tg * 1e3:.1f} µs with the stamp kernel, error {err:.1e}): "
@@ -351,13 +351,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--sections", default=",".join(SECTIONS))
     a = ap.parse_args()
-    props = torch.cuda.get_device_properties(0)
-    results = dict(
-        device=props.name,
-        date=datetime.datetime.now(datetime.UTC).isoformat(),
-        torch=torch.__version__,
-        triton=triton.__version__,
-    )
+    results = run_info()
     console.print(results)
     for s in a.sections.split(","):
         SECTIONS[s](results)
