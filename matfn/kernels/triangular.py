@@ -722,7 +722,7 @@ def _tri_state_kernel(
     lets the corrections' launch start at once, and stores ``Z_g`` plainly: the corrections
     test for the sentinel that the chunk kernel wrote there (:func:`_load_written`).
 
-    ``TRACE`` (fused, B = 1): timer stamps at ``trace[(et·NG + g)·2 + {0, 1}]`` (group ``g``
+    ``TRACE`` (B = 1): timer stamps at ``trace[(et·NG + g)·2 + {0, 1}]`` (group ``g``
     seen done, its step done; ``g = NG − 1``: the program's start).
     """
     et = tl.program_id(0)
@@ -1685,33 +1685,34 @@ def _solve_scan(Q, K, V, lam, X, chunk: _Chunk, opt: _Scan):
     if NG == 1:
         X.copy_(Wg[..., :e])
         return X
+    trace = opt.trace
+    _, state_at, correct_at, _ = _trace_layout(NG, NFT, NC, NE)
+    # fused: no griddepcontrol.wait in the state or correction launch, flags and sentinels
+    # order every access (docstrings)
+    _tri_state_kernel[(NE, B)](
+        Sg,
+        Z,
+        sync,
+        d,
+        e,
+        F,
+        NG,
+        NFT,
+        Sg.stride(0),
+        Sg.stride(1),
+        Z.stride(0),
+        Z.stride(1),
+        BE=BE,
+        DP=DP,
+        PREC=opt.precision,
+        USE_PDL=use_pdl,
+        FUSED=fused,
+        num_warps=opt.state_warps or 8,
+        trace_ptr=None if trace is None else trace[state_at:],
+        TRACE=trace is not None,
+        **pdl_only,
+    )
     if fused:
-        # no griddepcontrol.wait in either: flags and sentinels order every access (docstrings)
-        trace = opt.trace
-        _, state_at, correct_at, _ = _trace_layout(NG, NFT, NC, NE)
-        _tri_state_kernel[(NE, B)](
-            Sg,
-            Z,
-            sync,
-            d,
-            e,
-            F,
-            NG,
-            NFT,
-            Sg.stride(0),
-            Sg.stride(1),
-            Z.stride(0),
-            Z.stride(1),
-            BE=BE,
-            DP=DP,
-            PREC=opt.precision,
-            USE_PDL=use_pdl,
-            FUSED=True,
-            num_warps=opt.state_warps or 8,
-            trace_ptr=None if trace is None else trace[state_at:],
-            TRACE=trace is not None,
-            **pdl_only,
-        )
         _tri_chain_correct_kernel[(NE, NC, B)](
             Wg,
             Z,
@@ -1743,27 +1744,6 @@ def _solve_scan(Q, K, V, lam, X, chunk: _Chunk, opt: _Scan):
             **pdl_only,
         )
         return X
-    _tri_state_kernel[(NE, B)](
-        Sg,
-        Z,
-        sync,
-        d,
-        e,
-        F,
-        NG,
-        NFT,
-        Sg.stride(0),
-        Sg.stride(1),
-        Z.stride(0),
-        Z.stride(1),
-        BE=BE,
-        DP=DP,
-        PREC=opt.precision,
-        USE_PDL=use_pdl,
-        FUSED=False,
-        num_warps=opt.state_warps or 8,
-        **pdl_only,
-    )
     BEc = 32
     _tri_correct_kernel[(NC, triton.cdiv(e, BEc), B)](
         Wg,
