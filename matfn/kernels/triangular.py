@@ -65,7 +65,10 @@ session 9's four launches: 0.098).
 * The group kernel keeps its ``d×BF`` state as ``NS`` slices and contracts over them with
   batched dots: ``NS`` short independent chains of tensor-core products instead of one long
   one. 16-column tiles, 4 warps, ``NS = 4`` (session 10).
-* **Fused** (the default): the state scan (:func:`_tri_state_kernel`, one program per
+* **Fused** (the default; session 12: the state step now runs in the group kernel's ``U``
+  tiles after their chain, see :func:`_tri_group_sliced_kernel`, and the chunk kernel loads whole
+  tiles; 0.0589 ms at n = 4096, docs/benchmarks.md; what follows is session 11's form, whose
+  corrections and flags are unchanged): the state scan (one program per
   batch entry and ``e`` tile) and the corrections (:func:`_tri_chain_correct_kernel`, one per
   chunk and ``e`` tile) are launched with programmatic dependent launch while the group kernel
   runs, and wait for their data instead of for the launch before: a group's programs count
@@ -422,11 +425,11 @@ def _group_start(g, S0, RNUM, RDEN, NC):
 
 
 @triton.jit
-def _state_step(Z, sb, cd, ce, d, e, PREC: tl.constexpr, CACHE: tl.constexpr):
+def _state_step(Z, sb, cd, ce, d, e, PREC: tl.constexpr):
     """``Z − G_g Z + B_g`` with ``[B_g | G_g]`` the group's sums at ``sb`` (row stride ``F``)."""
     md = (cd < d)[:, None]
-    G = tl.load(sb + e + cd[None, :], mask=md & (cd < d)[None, :], other=0.0, cache_modifier=CACHE)
-    Bg = tl.load(sb + ce[None, :], mask=md & (ce < e)[None, :], other=0.0, cache_modifier=CACHE)
+    G = tl.load(sb + e + cd[None, :], mask=md & (cd < d)[None, :], other=0.0)
+    Bg = tl.load(sb + ce[None, :], mask=md & (ce < e)[None, :], other=0.0)
     return Z - _mm(G, Z, PREC) + Bg
 
 
@@ -483,11 +486,24 @@ def _store_corrected(
 
 
 @triton.jit
+def _group_tile_columns(y, d, e, ND, BF: tl.constexpr):
+    """Columns of ``[U | P]`` (and their mask) of the group kernel's column tile ``y``.
+
+    Tiles ``y < ND`` cover ``P``'s ``d`` columns, the rest ``U``'s ``e``: the ``P`` tiles come
+    first, so the fused state step of a ``U`` tile only waits for programs of lower index.
+    """
+    is_p = y < ND
+    cf = tl.where(is_p, e + y * BF, (y - ND) * BF) + tl.arange(0, BF)
+    return cf, cf < tl.where(is_p, e + d, e)
+
+
+@triton.jit
 def _tri_group_sliced_kernel(
     w_ptr,
     k_ptr,
     wg_ptr,
     sg_ptr,
+    z_ptr,
     done_ptr,
     n,
     d,
@@ -495,6 +511,7 @@ def _tri_group_sliced_kernel(
     F,
     NC,
     NG,
+    ND,
     S0,
     RNUM,
     RDEN,
@@ -504,33 +521,52 @@ def _tri_group_sliced_kernel(
     stride_kn,
     stride_sb,
     stride_sg,
+    stride_zb,
+    stride_zg,
     BC: tl.constexpr,
     BF: tl.constexpr,
     DP: tl.constexpr,
     PREC: tl.constexpr,
     NS: tl.constexpr,
-    SIGNAL: tl.constexpr,
+    FUSED: tl.constexpr,
+    SLEEP: tl.constexpr = False,
     USE_PDL: tl.constexpr = False,
     trace_ptr=None,
     TRACE: tl.constexpr = False,
+    STATE_IMPL: tl.constexpr = 0,
+    STATE_PREC: tl.constexpr = "3xtf32",
 ):
     """Chunk recursion from a zero state inside group ``g`` on ``BF`` columns of ``[U | P]``.
 
-    The state is kept as ``NS`` slices of ``DP / NS`` rows, and the products contract over them
-    with batched dots: ``NS`` short independent chains of tensor-core products instead of one
-    long one (the step is latency-bound: 2.2 against 3.2 µs on the H200). Groups may grow with
-    ``g`` (:func:`_group_start`); the last group is launched first. ``SIGNAL``: count this
-    program's finished tile in ``done[b, g]`` (release) for :func:`_tri_state_kernel`.
-    ``TRACE`` (B = 1): timer stamps at ``trace[(g·NFT + ft)·(NC + 2) + i]``, ``i = 0`` at the
-    start, ``1 + c`` after chunk ``c``, ``NC + 1`` at the end.
+    Program ``(g, y, b)``; column tile ``y`` as :func:`_group_tile_columns` (``ND`` tiles of
+    ``P`` first). The state is kept as ``NS`` slices of ``DP / NS`` rows, and the products
+    contract over them with batched dots: ``NS`` short independent chains of tensor-core
+    products instead of one long one (the step is latency-bound: 2.2 against 3.2 µs on the
+    H200). Groups may grow with ``g`` (:func:`_group_start`).
+
+    ``FUSED``: the program then counts its tile done (release) in ``done[0, b, g]`` (``P``
+    tiles) or ``done[1, b, g]`` (``U`` tiles), for the corrections, and a ``U`` tile (columns
+    ``J``) goes on with the state step of the scan across groups on its own columns,
+    ``Z_{g+1}[:, J] = Z_g[:, J] − G_g Z_g[:, J] + B_g[:, J]``: its ``B_g[:, J]`` is the state
+    it holds, it waits (acquire) until the group's ``P`` tiles are done and reads
+    ``G_g = K_gᵀ P^{grp}`` (their sums), and ``Z_g[:, J]`` from the same tile of group
+    ``g − 1`` once no element is :data:`SENTINEL` (the chunk kernel filled ``Z`` so;
+    ``Z_0 = 0`` is not stored). Every wait is on programs of lower linear index (smaller
+    ``g``, or smaller ``y`` in the same group), which are dispatched first, and in the
+    interpreter run first: no deadlock.
+
+    ``TRACE`` (B = 1): timer stamps at ``trace[(g·NFT + y)·(NC + 5) + i]``, ``i = 0`` at the
+    start, ``1 + c`` after chunk ``c``, ``NC + 1`` at the end of the chain, then (``U``
+    tiles) ``NC + 2`` once the group's ``P`` tiles were seen done, ``NC + 3`` once ``Z_g``
+    was, and ``NC + 4`` after the state step.
     """
-    ft = tl.program_id(0).to(tl.int64)
-    g = NG - 1 - tl.program_id(1).to(tl.int64)
+    g = tl.program_id(0).to(tl.int64)
+    y = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    cf = ft * BF + tl.arange(0, BF)
-    mf = (cf < F)[None, :]
+    cf, mcf = _group_tile_columns(y, d, e, ND, BF)
+    mf = mcf[None, :]
     _wait_for_previous_launch(USE_PDL)
-    tp = (g * tl.num_programs(0) + ft) * (NC + 2)
+    tp = (g * tl.num_programs(1) + y) * (NC + 5)
     _stamp(trace_ptr, tp, TRACE)
     KS: tl.constexpr = DP // NS
     sl = tl.arange(0, NS)[:, None, None]
@@ -556,12 +592,71 @@ def _tri_group_sliced_kernel(
         S += _mm(Kct, tl.broadcast_to(Xc[None, :, :], (NS, BC, BF)), PREC)
         _stamp(trace_ptr, tp + 1 + c, TRACE)
     cd = tl.arange(0, DP)
-    sp = sg_ptr + b * stride_sb + g * stride_sg + cd[:, None] * F + cf[None, :]
-    tl.store(sp, tl.reshape(S, (DP, BF)), mask=(cd < d)[:, None] & mf)
-    if SIGNAL:
+    md = (cd < d)[:, None]
+    S2 = tl.reshape(S, (DP, BF))
+    sp = sg_ptr + b * stride_sb + g * stride_sg + cd[:, None] * F
+    tl.store(sp + cf[None, :], S2, mask=md & mf)
+    if FUSED:
+        is_u = (y >= ND).to(tl.int64)
         tl.debug_barrier()  # every thread's stores before the release
-        tl.atomic_add(done_ptr + b * NG + g, 1, sem="release")
-    _stamp(trace_ptr, tp + NC + 1, TRACE)
+        tl.atomic_add(done_ptr + (is_u * NG + g) * tl.num_programs(2) + b, 1, sem="release")
+        _stamp(trace_ptr, tp + NC + 1, TRACE)
+        if (y >= ND) & (g + 1 < NG):
+            zb = z_ptr + b * stride_zb
+            zs = zb + cd[:, None] * e + cf[None, :]
+            if g == 0:
+                Z = S2  # Z_1 = B_0: Z_0 = 0
+            else:
+                _wait_flag(done_ptr + g * tl.num_programs(2) + b, ND, SLEEP)
+                _stamp(trace_ptr, tp + NC + 2, TRACE)
+                if STATE_IMPL == 0:  # G_g as NS column slices (NS, DP, KS), batched products
+                    r3g = cd[None, :, None]
+                    G3 = tl.load(
+                        sg_ptr + b * stride_sb + g * stride_sg + r3g * F + e + cP,
+                        mask=(r3g < d) & (cP < d),
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
+                    _spin_until_written(zb + g * stride_zg + (y - ND) * BF, SLEEP)
+                    Z = _load_written(zs + g * stride_zg, md & mf)
+                    _stamp(trace_ptr, tp + NC + 3, TRACE)
+                    GZ = tl.sum(_mm(G3, tl.reshape(Z, (NS, KS, BF)), STATE_PREC), axis=0)
+                elif STATE_IMPL == 1:  # one 2-D product
+                    G = tl.load(
+                        sp + e + cd[None, :],
+                        mask=md & (cd < d)[None, :],
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
+                    _spin_until_written(zb + g * stride_zg + (y - ND) * BF, SLEEP)
+                    Z = _load_written(zs + g * stride_zg, md & mf)
+                    _stamp(trace_ptr, tp + NC + 3, TRACE)
+                    GZ = _mm(G, Z, STATE_PREC)
+                elif STATE_IMPL == 6:  # as 2, G loaded coalesced, Z polled as a whole
+                    gb = sg_ptr + b * stride_sb + g * stride_sg + e
+                    G = tl.load(gb + cd[:, None] * F + cd[None, :], mask=md & md.T,
+                                other=0.0, cache_modifier=".cg")  # fmt: skip
+                    Z = _load_written(zs + g * stride_zg, md & mf, SLEEP)
+                    _stamp(trace_ptr, tp + NC + 3, TRACE)
+                    GZ = tl.trans(_mm(tl.trans(Z), tl.trans(G), STATE_PREC))
+                else:  # transposed: Zᵀ Gᵀ (16-row products, mma.sync)
+                    Gt = tl.load(
+                        sg_ptr + b * stride_sb + g * stride_sg + cd[None, :] * F + e + cd[:, None],
+                        mask=md & (cd < d)[None, :],
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
+                    _spin_until_written(zb + g * stride_zg + (y - ND) * BF, SLEEP)
+                    Z = _load_written(zs + g * stride_zg, md & mf)
+                    _stamp(trace_ptr, tp + NC + 3, TRACE)
+                    GZ = tl.trans(_mm(tl.trans(Z), Gt, STATE_PREC))
+                Z = Z - GZ + S2
+            tl.store(zs + (g + 1) * stride_zg, Z, mask=md & mf)
+            if TRACE:
+                tl.debug_barrier()
+            _stamp(trace_ptr, tp + NC + 4, TRACE)
+    else:
+        _stamp(trace_ptr, tp + NC + 1, TRACE)
 
 
 @triton.jit
@@ -581,11 +676,13 @@ def _wait_flag(ptr, target, SLEEP: tl.constexpr = False):
 def _written(x):
     """Whether no element of tile ``x`` is still :data:`SENTINEL` (one program-wide test)."""
     unwritten = tl.where(x.to(tl.int32, bitcast=True) == SENTINEL, 1, 0)
+    if len(x.shape) == 3:
+        unwritten = tl.max(unwritten, axis=2)
     return tl.max(tl.max(unwritten, axis=1), axis=0) == 0
 
 
 @triton.jit
-def _load_written(ptrs, mask):
+def _load_written(ptrs, mask, SLEEP: tl.constexpr = False):
     """Load tile ``ptrs`` once other programs (running at the same time) have written all of it.
 
     The buffer was filled with :data:`SENTINEL` by the solve's first launch and each element is
@@ -597,6 +694,7 @@ def _load_written(ptrs, mask):
     """
     x = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
     while not _written(x):
+        _back_off(SLEEP)
         x = tl.load(ptrs, mask=mask, other=0.0, volatile=True)
     return x
 
@@ -632,7 +730,8 @@ def _tri_chain_correct_kernel(
     e,
     NC,
     NG,
-    NFT,
+    ND,
+    NU,
     S0,
     RNUM,
     RDEN,
@@ -652,14 +751,12 @@ def _tri_chain_correct_kernel(
 ):
     """``X = X^{grp} − P^{grp} Z_g`` on chunk ``c``'s ``BE``-column tile, as soon as it can.
 
-    Waits until its group's tiles are counted done (acquire), loads its rows of the group
-    solution, then waits for ``Z_g`` (:func:`_spin_until_written`, :func:`_load_written`).
-    Launched with programmatic dependent launch after :func:`_tri_state_kernel`, whose
-    programs, and the group kernel's, all run before this launch starts: no deadlock. A launch
-    of its own (not programs of the state launch): its programs are small (4 warps, 32-column
-    tiles), so they fit beside the group kernel's; in one launch with the state scan every
-    program reserved the state's resources, and the last group's corrections queued behind
-    the others' (session 11).
+    Waits until its group's ``ND`` ``P`` tiles and ``NU`` ``U`` tiles are counted done
+    (acquire, :func:`_tri_group_sliced_kernel` with ``FUSED``), loads its rows of the group
+    solution, then (``g > 0``; ``Z_0 = 0``) waits for ``Z_g`` (:func:`_spin_until_written`,
+    :func:`_load_written`). Launched with programmatic dependent launch after the group
+    kernel, whose programs all run before this launch starts: no deadlock. Its programs are
+    small (4 warps, 32-column tiles), so they fit beside the group kernel's and wait there.
 
     Programs are launched chunk by chunk (the column tile varies fastest), so the early groups'
     corrections, which can run first, are not queued behind the late ones'. ``SLEEP``: back off
@@ -671,19 +768,26 @@ def _tri_chain_correct_kernel(
     et = tl.program_id(0)
     c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
+    B = tl.num_programs(2)
     tq = 3 * (c * tl.num_programs(0) + et)
     _stamp(trace_ptr, tq, TRACE)
     g = _group_of(c, S0, RNUM, RDEN, NC)
-    _wait_flag(done_ptr + b * NG + g, NFT, SLEEP)
+    _wait_flag(done_ptr + g * B + b, ND, SLEEP)
+    _wait_flag(done_ptr + (NG + g) * B + b, NU, SLEEP)
     # the group's rows first: only the product waits for Z_g
     Xg, Pg = _group_rows(wg_ptr, b, c, et, n, d, e, stride_wb, stride_wn, BC, BE, DP, ".cg")
-    cd = tl.arange(0, DP)
-    ce = et * BE + tl.arange(0, BE)
-    zb = z_ptr + b * stride_zb + g * stride_zg
-    _spin_until_written(zb + et * BE, SLEEP)
-    Zg = _load_written(zb + cd[:, None] * e + ce[None, :], (cd < d)[:, None] & (ce < e)[None, :])
+    if g == 0:
+        X = Xg
+    else:
+        cd = tl.arange(0, DP)
+        ce = et * BE + tl.arange(0, BE)
+        zb = z_ptr + b * stride_zb + g * stride_zg
+        _spin_until_written(zb + et * BE, SLEEP)
+        Zg = _load_written(
+            zb + cd[:, None] * e + ce[None, :], (cd < d)[:, None] & (ce < e)[None, :]
+        )
+        X = Xg - _mm(Pg, Zg, PREC)
     _stamp(trace_ptr, tq + 1, TRACE)
-    X = Xg - _mm(Pg, Zg, PREC)
     _store_corrected(x_ptr, X, b, c, et, n, e, stride_xb, stride_xn, BC, BE)
     if TRACE:
         tl.debug_barrier()
@@ -694,12 +798,10 @@ def _tri_chain_correct_kernel(
 def _tri_state_kernel(
     sg_ptr,
     z_ptr,
-    done_ptr,
     d,
     e,
     F,
     NG,
-    NFT,
     stride_sb,
     stride_sg,
     stride_zb,
@@ -708,31 +810,15 @@ def _tri_state_kernel(
     DP: tl.constexpr,
     PREC: tl.constexpr,
     USE_PDL: tl.constexpr,
-    FUSED: tl.constexpr,
-    trace_ptr=None,
-    TRACE: tl.constexpr = False,
 ):
-    """The state scan across groups: store the incoming ``Z_g``, then ``Z ← Z − G_g Z + B_g``.
+    """The state scan across groups (unfused): store ``Z_g``, then ``Z ← Z − G_g Z + B_g``.
 
-    One program per batch entry and ``BE``-column tile of ``e``. Unfused: after the group
-    kernel (``griddepcontrol.wait``). ``FUSED``: overlapping it; before each step the program
-    waits until all ``NFT`` tiles of group ``g`` are counted done (a release by
-    :func:`_tri_group_sliced_kernel`, whose programs all run before this launch starts: no
-    deadlock) and reads their sums around L1. It does not wait for the group kernel to end but
-    lets the corrections' launch start at once, and stores ``Z_g`` plainly: the corrections
-    test for the sentinel that the chunk kernel wrote there (:func:`_load_written`).
-
-    ``TRACE`` (B = 1): timer stamps at ``trace[(et·NG + g)·2 + {0, 1}]`` (group ``g``
-    seen done, its step done; ``g = NG − 1``: the program's start).
+    One program per batch entry and ``BE``-column tile of ``e``, after the group kernel
+    (``griddepcontrol.wait``). The fused scan does these steps in the group kernel instead.
     """
     et = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    if FUSED:
-        if USE_PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-    else:
-        _wait_for_previous_launch(USE_PDL)
-    _stamp(trace_ptr, (et * NG + NG - 1) * 2, TRACE)
+    _wait_for_previous_launch(USE_PDL)
     cd = tl.arange(0, DP)
     md = (cd < d)[:, None]
     ce = et * BE + tl.arange(0, BE)
@@ -743,16 +829,8 @@ def _tri_state_kernel(
             z_ptr + b * stride_zb + g * stride_zg + cd[:, None] * e + ce[None, :], Z, mask=md & me
         )
         if g + 1 < NG:  # the last group's outgoing state is not needed
-            sb = sg_ptr + b * stride_sb + g * stride_sg + cd[:, None] * F
-            if FUSED:
-                _wait_flag(done_ptr + b * NG + g, NFT)
-                _stamp(trace_ptr, (et * NG + g) * 2, TRACE)
-                Z = _state_step(Z, sb, cd, ce, d, e, PREC, ".cg")
-            else:
-                Z = _state_step(Z, sb, cd, ce, d, e, PREC, "")
-            if TRACE:
-                tl.debug_barrier()
-            _stamp(trace_ptr, (et * NG + g) * 2 + 1, TRACE)
+            Z = _state_step(Z, sg_ptr + b * stride_sb + g * stride_sg + cd[:, None] * F,
+                            cd, ce, d, e, PREC)  # fmt: skip
 
 
 @triton.jit
@@ -1116,6 +1194,7 @@ def _chunk_pass(
     U: torch.Tensor | None = None,
     BE: int,
     scratch: tuple[torch.Tensor, int] | None = None,
+    whole: bool = False,
 ) -> None:
     """One launch of the chunk kernel over every ``C``-row chunk of every batch entry.
 
@@ -1153,8 +1232,9 @@ def _chunk_pass(
         *strides(Y),
         *strides(P if P is not None else R),
         *strides(U),
-        BD=min(64, _pow2(d)),
-        BE=BE,
+        BD=_pow2(d) if whole else min(64, _pow2(d)),
+        BE=_pow2(V.shape[-1]) if whole and V is not None else BE,
+        WHOLE=whole,
         STORE_Y=Y is not None,
         STORE_P=P is not None,
         STORE_R=R is not None,
@@ -1309,7 +1389,7 @@ def tri_solve_triton(
     state_block: int | None = None,
     state_warps: int | None = None,
     scan_fused: bool = True,
-    scan_ratio: float | None = 2.0,
+    scan_ratio: float | None = 1.4,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``T⁻¹ V`` for float32 ``Q, K`` ``(B, n, d)``, ``V`` ``(B, n, e)``, ``λ`` ``(B, n)``.
@@ -1345,7 +1425,8 @@ def tri_solve_triton(
         group kernel (default), or two launches after it.
     scan_ratio : float or None
         ``"scan"``, fused, no ``group_size``: the cost of a state step in group steps, which
-        sets how fast the groups grow (:func:`_chain_schedule`); None: equal groups.
+        sets how fast the groups grow (:func:`_chain_schedule`; default 1.4, measured in
+        session 12); None: equal groups.
     out : Tensor, optional
         A contiguous float32 ``(B, n, e)`` result buffer.
 
@@ -1528,16 +1609,17 @@ class _Scan(NamedTuple):
     ratio: float | None = None  # growing groups: a state step costs ``ratio`` group steps
     trace: torch.Tensor | None = None  # int64 timer stamps of the fused kernels (the bench, B = 1)
     group_stages: int | None = None  # the group kernel's num_stages (None: Triton's default)
+    state_impl: int = 2  # fused state step: 0, 1, 2 or 6 (session 12; 2 measured best)
+    chunk_whole: bool = True  # chunk kernel: Q, K, V as whole tiles, loaded first (e ≤ 128)
 
 
-def _trace_layout(NG: int, NFT: int, NC: int, NE: int) -> tuple[int, int, int, int]:
-    """Offsets of the group, state and correction stamps in ``_Scan.trace``, and its length.
+def _trace_layout(NG: int, NFT: int, NC: int, NE: int) -> tuple[int, int, int]:
+    """Offsets of the group and correction stamps in ``_Scan.trace``, and its length.
 
     The fused scan's kernels write timer stamps there (B = 1; the bench's timelines).
     """
-    group_at, state_at = 0, NG * NFT * (NC + 2)
-    correct_at = state_at + 2 * NE * NG
-    return group_at, state_at, correct_at, correct_at + 3 * NC * NE
+    group_at, correct_at = 0, NG * NFT * (NC + 5)
+    return group_at, correct_at, correct_at + 3 * NC * NE
 
 
 def _group_sizes(S0: int, RNUM: int, RDEN: int, NC: int) -> list[int]:
@@ -1615,7 +1697,8 @@ def _solve_scan(Q, K, V, lam, X, chunk: _Chunk, opt: _Scan):
     F = e + d
     DP = _pow2(d)
     BF = opt.block or 16
-    NFT = triton.cdiv(F, BF)
+    ND, NU = triton.cdiv(d, BF), triton.cdiv(e, BF)  # column tiles of P and of U
+    NFT = ND + NU
     per_wave = _groups_per_wave(Q, B * NFT)
     fused = opt.fused and per_wave != 0
     if fused and opt.ratio is not None and opt.group_size is None:
@@ -1632,35 +1715,45 @@ def _solve_scan(Q, K, V, lam, X, chunk: _Chunk, opt: _Scan):
             "chunk_size=64 with scan_block=16 and 8 scan warps gives wrong tensor-core products "
             "on the H100 with Triton 3.6 (module docstring); use scan_block=32 or scan_warps=4"
         )
-    BE = opt.state_block or 32
-    NE = triton.cdiv(e, BE)
     fused = fused and NG > 1
     W = torch.empty(B, n, F, dtype=torch.float32, device=Q.device)
     Wg = torch.empty_like(W)
     Sg = torch.empty(B, NG, d, F, dtype=torch.float32, device=Q.device)
-    # fused: [done (B·NG) | pad | Z] in one buffer, which the chunk kernel zeroes (the flags)
-    # and fills with SENTINEL (Z: not yet written)
-    n_zero = 32 * triton.cdiv(B * NG, 32)
+    # fused: [done (2, NG, B) | pad | Z] in one buffer, which the chunk kernel zeroes (the
+    # flags) and fills with SENTINEL (Z: not yet written)
+    n_zero = 32 * triton.cdiv(2 * NG * B, 32)
     scratch = torch.empty(n_zero + B * NG * d * e, dtype=torch.int32, device=Q.device)
-    sync = scratch[:n_zero]
+    done = scratch[:n_zero]
     Z = scratch[n_zero:].view(torch.float32).view(B, NG, d, e)
     init = (scratch, n_zero) if fused else None
-    _chunk_pass(chunk, Q, K, lam, V=V, P=W[..., e:], U=W, BE=32, scratch=init)
+    _chunk_pass(
+        chunk,
+        Q,
+        K,
+        lam,
+        V=V,
+        P=W[..., e:],
+        U=W,
+        BE=32,
+        scratch=init,
+        whole=opt.chunk_whole and e <= 128,
+    )
     use_pdl = _pdl(Q)
     pdl = _pdl_flags(use_pdl)  # every launch after the chunk kernel waits for the one before
-    pdl_only = {"launch_pdl": True} if use_pdl else {}  # kernels that take USE_PDL themselves
-    _tri_group_sliced_kernel[(NFT, NG, B)](
+    _tri_group_sliced_kernel[(NG, NFT, B)](
         W,
         K,
         Wg,
         Sg,
-        sync,
+        Z,
+        done,
         n,
         d,
         e,
         F,
         NC,
         NG,
+        ND,
         S0,
         RNUM,
         RDEN,
@@ -1670,60 +1763,43 @@ def _solve_scan(Q, K, V, lam, X, chunk: _Chunk, opt: _Scan):
         K.stride(1),
         Sg.stride(0),
         Sg.stride(1),
+        Z.stride(0),
+        Z.stride(1),
         BC=C,
         BF=BF,
         DP=DP,
         PREC=opt.precision,
         NS=NS,
-        SIGNAL=fused,
+        FUSED=fused,
+        SLEEP=not INTERPRET,
         num_warps=warps,
         trace_ptr=opt.trace,
         TRACE=opt.trace is not None,
+        STATE_IMPL=opt.state_impl,
         **({} if opt.group_stages is None else {"num_stages": opt.group_stages}),
         **pdl,
     )
     if NG == 1:
         X.copy_(Wg[..., :e])
         return X
-    trace = opt.trace
-    _, state_at, correct_at, _ = _trace_layout(NG, NFT, NC, NE)
-    # fused: no griddepcontrol.wait in the state or correction launch, flags and sentinels
-    # order every access (docstrings)
-    _tri_state_kernel[(NE, B)](
-        Sg,
-        Z,
-        sync,
-        d,
-        e,
-        F,
-        NG,
-        NFT,
-        Sg.stride(0),
-        Sg.stride(1),
-        Z.stride(0),
-        Z.stride(1),
-        BE=BE,
-        DP=DP,
-        PREC=opt.precision,
-        USE_PDL=use_pdl,
-        FUSED=fused,
-        num_warps=opt.state_warps or 8,
-        trace_ptr=None if trace is None else trace[state_at:],
-        TRACE=trace is not None,
-        **pdl_only,
-    )
+    BE = opt.state_block or 32
+    NE = triton.cdiv(e, BE)
     if fused:
+        # no griddepcontrol.wait: the flags and sentinels order every access (docstrings)
+        trace = opt.trace
+        _, correct_at, _ = _trace_layout(NG, NFT, NC, NE)
         _tri_chain_correct_kernel[(NE, NC, B)](
             Wg,
             Z,
             X,
-            sync,
+            done,
             n,
             d,
             e,
             NC,
             NG,
-            NFT,
+            ND,
+            NU,
             S0,
             RNUM,
             RDEN,
@@ -1741,9 +1817,26 @@ def _solve_scan(Q, K, V, lam, X, chunk: _Chunk, opt: _Scan):
             num_warps=4,
             trace_ptr=None if trace is None else trace[correct_at:],
             TRACE=trace is not None,
-            **pdl_only,
+            **({"launch_pdl": True} if use_pdl else {}),
         )
         return X
+    _tri_state_kernel[(NE, B)](
+        Sg,
+        Z,
+        d,
+        e,
+        F,
+        NG,
+        Sg.stride(0),
+        Sg.stride(1),
+        Z.stride(0),
+        Z.stride(1),
+        BE=BE,
+        DP=DP,
+        PREC=opt.precision,
+        num_warps=opt.state_warps or 8,
+        **pdl,
+    )
     BEc = 32
     _tri_correct_kernel[(NC, triton.cdiv(e, BEc), B)](
         Wg,

@@ -157,6 +157,7 @@ def _tri_chunk_kernel(
     n_zero=0,
     n_fill=0,
     INIT: tl.constexpr = False,
+    WHOLE: tl.constexpr = False,
 ):
     c = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
@@ -166,39 +167,66 @@ def _tri_chunk_kernel(
     rm = rows < n
     qb = q_ptr + b * stride_qb
     kb = k_ptr + b * stride_qb
-    A = tl.zeros((BC, BC), dtype=tl.float32)
-    for d0 in range(0, d, BD):
-        cols = d0 + tl.arange(0, BD)
+    lam = tl.load(lam_ptr + b * stride_lb + rows, mask=rm, other=1.0)
+    if WHOLE:
+        # every operand in one tile, all loaded first: their memory latencies overlap, and
+        # each product below is one dot
+        cols = tl.arange(0, BD)
         m = rm[:, None] & (cols < d)[None, :]
         qt = tl.load(qb + rows[:, None] * stride_qn + cols[None, :], mask=m, other=0.0)
         kt = tl.load(kb + rows[:, None] * stride_qn + cols[None, :], mask=m, other=0.0)
-        A += _mm(qt, tl.trans(kt), PREC)
+        if HAS_V:
+            ce = tl.arange(0, BE)
+            mv = rm[:, None] & (ce < e)[None, :]
+            vt = tl.load(
+                v_ptr + b * stride_vb + rows[:, None] * stride_vn + ce[None, :], mask=mv, other=0.0
+            )
+        A = _mm(qt, tl.trans(kt), PREC)
+    else:
+        A = tl.zeros((BC, BC), dtype=tl.float32)
+        for d0 in range(0, d, BD):
+            cols = d0 + tl.arange(0, BD)
+            m = rm[:, None] & (cols < d)[None, :]
+            qt = tl.load(qb + rows[:, None] * stride_qn + cols[None, :], mask=m, other=0.0)
+            kt = tl.load(kb + rows[:, None] * stride_qn + cols[None, :], mask=m, other=0.0)
+            A += _mm(qt, tl.trans(kt), PREC)
     A = tl.where(ar[:, None] > ar[None, :], A, 0.0)
-    lam = tl.load(lam_ptr + b * stride_lb + rows, mask=rm, other=1.0)
     Y = _chunk_inverse(A, lam, BC, BS, LOG_M, PREC)
     if STORE_Y:
         yp = y_ptr + b * stride_yb + rows[:, None] * stride_yn + rows[None, :]
         tl.store(yp, Y, mask=rm[:, None] & rm[None, :])
-    if STORE_P or STORE_R:
-        for d0 in range(0, d, BD):
-            cols = d0 + tl.arange(0, BD)
-            m = rm[:, None] & (cols < d)[None, :]
-            off = b * stride_pb + rows[:, None] * stride_pn + cols[None, :]
-            if STORE_P:
-                qt = tl.load(qb + rows[:, None] * stride_qn + cols[None, :], mask=m, other=0.0)
-                tl.store(p_ptr + off, _mm(Y, qt, PREC), mask=m)
-            if STORE_R:
-                kt = tl.load(kb + rows[:, None] * stride_qn + cols[None, :], mask=m, other=0.0)
-                tl.store(r_ptr + off, _mm(tl.trans(Y), kt, PREC), mask=m)
-    if HAS_V:
-        for e0 in range(0, e, BE):
-            cols = e0 + tl.arange(0, BE)
-            m = rm[:, None] & (cols < e)[None, :]
-            vt = tl.load(
-                v_ptr + b * stride_vb + rows[:, None] * stride_vn + cols[None, :], mask=m, other=0.0
-            )
-            up = u_ptr + b * stride_ub + rows[:, None] * stride_un + cols[None, :]
-            tl.store(up, _mm(Y, vt, PREC), mask=m)
+    if WHOLE:
+        off = b * stride_pb + rows[:, None] * stride_pn + cols[None, :]
+        if STORE_P:
+            tl.store(p_ptr + off, _mm(Y, qt, PREC), mask=m)
+        if STORE_R:
+            tl.store(r_ptr + off, _mm(tl.trans(Y), kt, PREC), mask=m)
+        if HAS_V:
+            up = u_ptr + b * stride_ub + rows[:, None] * stride_un + ce[None, :]
+            tl.store(up, _mm(Y, vt, PREC), mask=mv)
+    else:
+        if STORE_P or STORE_R:
+            for d0 in range(0, d, BD):
+                cols = d0 + tl.arange(0, BD)
+                m = rm[:, None] & (cols < d)[None, :]
+                off = b * stride_pb + rows[:, None] * stride_pn + cols[None, :]
+                if STORE_P:
+                    qt = tl.load(qb + rows[:, None] * stride_qn + cols[None, :], mask=m, other=0.0)
+                    tl.store(p_ptr + off, _mm(Y, qt, PREC), mask=m)
+                if STORE_R:
+                    kt = tl.load(kb + rows[:, None] * stride_qn + cols[None, :], mask=m, other=0.0)
+                    tl.store(r_ptr + off, _mm(tl.trans(Y), kt, PREC), mask=m)
+        if HAS_V:
+            for e0 in range(0, e, BE):
+                cols = e0 + tl.arange(0, BE)
+                m = rm[:, None] & (cols < e)[None, :]
+                vt = tl.load(
+                    v_ptr + b * stride_vb + rows[:, None] * stride_vn + cols[None, :],
+                    mask=m,
+                    other=0.0,
+                )
+                up = u_ptr + b * stride_ub + rows[:, None] * stride_un + cols[None, :]
+                tl.store(up, _mm(Y, vt, PREC), mask=m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,6 +333,7 @@ def _tri_chunk_blocked_kernel(
     n_zero=0,
     n_fill=0,
     INIT: tl.constexpr = False,
+    WHOLE: tl.constexpr = False,
 ):
     """``_tri_chunk_kernel`` for ``BC = 64`` on explicit ``16×16`` blocks.
 

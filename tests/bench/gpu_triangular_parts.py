@@ -81,6 +81,9 @@ def chunk_costs(results: dict) -> None:
                 def solve_part(chunk=chunk, W=W):
                     _chunk_pass(chunk, Q, K, lam, V=V, P=W[..., E:], U=W, BE=32)
 
+                def solve_whole(chunk=chunk, W=W):
+                    _chunk_pass(chunk, Q, K, lam, V=V, P=W[..., E:], U=W, BE=32, whole=True)
+
                 solve_part()
                 if ref is None:
                     ref = W.double()
@@ -88,6 +91,12 @@ def chunk_costs(results: dict) -> None:
                 us = device_us(solve_part)
                 tab.add_row(str(bs), str(warps), "W", f"{us:.1f}", f"{err:.1e}")
                 results[f"chunk bs={bs} warps={warps} W"] = dict(us=us, diff=err)
+                if warps == 4:
+                    solve_whole()
+                    us_w = device_us(solve_whole)
+                    err_w = rel(W, ref)
+                    tab.add_row(str(bs), str(warps), "W (whole)", f"{us_w:.1f}", f"{err_w:.1e}")
+                    results[f"chunk bs={bs} warps={warps} W whole"] = dict(us=us_w, diff=err_w)
                 if warps == 4:
                     Y = torch.zeros(1, N, N, device="cuda")
                     us_y = device_us(
@@ -105,10 +114,11 @@ def _group_launch(W, K, Wg, Sg, done, BC, GS, BF, NS, warps, stages):
     NC = triton.cdiv(n, BC)
     NG = triton.cdiv(NC, GS)
     kw = {} if stages is None else {"num_stages": stages}
-    _tri_group_sliced_kernel[(triton.cdiv(F, BF), NG, 1)](
-        W, K, Wg, Sg, done, n, D, E, F, NC, NG, GS, 0, 1,
-        W.stride(0), W.stride(1), K.stride(0), K.stride(1), Sg.stride(0), Sg.stride(1),
-        BC=BC, BF=BF, DP=D, PREC="3xtf32", NS=NS, SIGNAL=False, num_warps=warps, **kw,
+    ND = triton.cdiv(D, BF)
+    _tri_group_sliced_kernel[(NG, ND + triton.cdiv(E, BF), 1)](
+        W, K, Wg, Sg, Sg, done, n, D, E, F, NC, NG, ND, GS, 0, 1,
+        W.stride(0), W.stride(1), K.stride(0), K.stride(1), Sg.stride(0), Sg.stride(1), 0, 0,
+        BC=BC, BF=BF, DP=D, PREC="3xtf32", NS=NS, FUSED=False, num_warps=warps, **kw,
     )  # fmt: skip
 
 
@@ -174,8 +184,8 @@ def state_costs(results: dict) -> None:
 
         def run(ng, BE=BE, warps=warps, kw=kw):
             _tri_state_kernel[(triton.cdiv(E, BE), 1)](
-                Sg, Z, Z, D, E, F, ng, 0, Sg.stride(0), Sg.stride(1), Z.stride(0), Z.stride(1),
-                BE=BE, DP=D, PREC="3xtf32", USE_PDL=False, FUSED=False, num_warps=warps, **kw,
+                Sg, Z, D, E, F, ng, Sg.stride(0), Sg.stride(1), Z.stride(0), Z.stride(1),
+                BE=BE, DP=D, PREC="3xtf32", USE_PDL=False, num_warps=warps, **kw,
             )  # fmt: skip
 
         try:
@@ -232,11 +242,13 @@ def solve_costs(results: dict) -> None:
     console.print(tab)
 
 
-# label, block_s, scan_ratio, PDL, one group-kernel program per SM (_groups_per_wave), state
-# tile (state_block, state_warps), precision of every product[, the group kernel's num_stages]
+# label, block_s, scan_ratio, PDL, one group-kernel program per SM (_groups_per_wave),
+# precision, other _Scan settings[, the corrections' column tile]
 TIMELINES = [
-    ("default (ratio 2.0)", 4, 2.0, "auto", True, (32, 8), "3xtf32"),
-    ("ratio 2.5", 4, 2.5, "auto", True, (32, 8), "3xtf32"),
+    ("default (ratio 1.4)", 4, 1.4, "auto", True, "3xtf32", {}),
+    ("ratio 2.0", 4, 2.0, "auto", True, "3xtf32", {}),
+    ("state step 6 (G loaded coalesced)", 4, 1.4, "auto", True, "3xtf32", dict(state_impl=6)),
+    ("chunk kernel in column loops", 4, 1.4, "auto", True, "3xtf32", dict(chunk_whole=False)),
 ]
 
 
@@ -249,18 +261,20 @@ def timeline(results: dict) -> None:
     """When each part of one graph-replayed fused scan solve runs (``%globaltimer`` stamps,
     µs after a stamp kernel just before the solve's first launch)."""
     Q, K, lam, V = make(1, N, D, E, "general", seed=1)
-    C, BF = 32, 16
-    NC, F = N // C, E + D
-    NFT = triton.cdiv(F, BF)
+    C, BF, BE = 32, 16, 32
+    NC = N // C
+    ND, NU = triton.cdiv(D, BF), triton.cdiv(E, BF)
+    NFT, NE = ND + NU, triton.cdiv(E, BE)
     Xr = _tri_solve_chunked_torch(Q.double(), K.double(), V.double(), lam.double())
-    for label, block_s, ratio, pdl, cap, (BE, state_warps), prec, *stages in TIMELINES:
+    for label, block_s, ratio, pdl, cap, prec, extra, *corr in TIMELINES:
+        BE = corr[0] if corr else 32
         NE = triton.cdiv(E, BE)
         saved_cap = triangular.MIN_GROUPS_PER_WAVE
         triangular.MIN_GROUPS_PER_WAVE = 6 if cap else 10**9
         S0, RNUM, RDEN = _chain_schedule(NC, ratio, triangular._groups_per_wave(Q, NFT))
         sizes = _group_sizes(S0, RNUM, RDEN, NC)
         NG = len(sizes)
-        _, state_at, correct_at, length = _trace_layout(NG, NFT, NC, NE)
+        _, correct_at, length = _trace_layout(NG, NFT, NC, NE)
         buf = torch.zeros(1 + length, dtype=torch.int64, device="cuda")
         chunk = _chunk_kernel("dense", C, block_s, prec, 4)
         X = torch.full((1, N, E), float("nan"), device="cuda")
@@ -269,9 +283,8 @@ def timeline(results: dict) -> None:
             fused=True,
             ratio=ratio,
             state_block=BE,
-            state_warps=state_warps,
             trace=buf[1:],
-            group_stages=stages[0] if stages else None,
+            **extra,
         )
         saved, gram.PDL = gram.PDL, pdl
         try:
@@ -297,19 +310,17 @@ def timeline(results: dict) -> None:
             gram.PDL = saved
             triangular.MIN_GROUPS_PER_WAVE = saved_cap
         t = (buf[1:].double() - buf[0].double()) / 1e3  # µs after the first stamp
-        grp = t[:state_at].view(NG, NFT, NC + 2)
-        st = t[state_at:correct_at].view(NE, NG, 2)
+        grp = t[:correct_at].view(NG, NFT, NC + 5)
         cor = t[correct_at:].view(NC, NE, 3)
         start = grp[:, :, 0]
         console.print(
             f"[b]{label}[/b] (graph {tg * 1e3:.1f} µs with the stamp kernel, error {err:.1e}): "
-            f"groups {sizes}; group programs start {start.min():.1f}–{start.max():.1f} µs, end "
-            f"{grp[:, :, -1].max():.1f}; state programs start {st[:, -1, 0].min():.1f}; "
-            f"corrections end {cor[:, :, 2].max():.1f}"
+            f"groups {sizes}; group programs start {start.min():.1f}–{start.max():.1f} µs, "
+            f"chains end {grp[:, :, NC + 1].max():.1f}; corrections end {cor[:, :, 2].max():.1f}"
         )
         tab = Table(title=f"timeline {label} (µs)")
-        cols = ("group", "chunks", "start", "end (max)", "µs/step", "done seen",
-                "state step end", "corr. flags seen (max)", "corr. end (max)")  # fmt: skip
+        cols = ("group", "chunks", "start", "chain end (max)", "µs/step", "P tiles seen done",
+                "Z_g seen", "state step end", "corr. seen (max)", "corr. end (max)")  # fmt: skip
         for c in cols:
             tab.add_column(c)
         first = 0
@@ -318,10 +329,11 @@ def timeline(results: dict) -> None:
             per = (steps[:, -1] - steps[:, 0]).median().item() / max(size - 1, 1)
             cg = cor[first : first + size]
             row = [
-                str(g), str(size), f"{start[g].min():.1f}", f"{grp[g, :, -1].max():.1f}",
+                str(g), str(size), f"{start[g].min():.1f}", f"{grp[g, :, NC + 1].max():.1f}",
                 f"{per:.2f}",
-                f"{st[:, g, 0].max():.1f}" if g + 1 < NG else "",
-                f"{st[:, g, 1].max():.1f}" if g + 1 < NG else "",
+                f"{grp[g, ND:, NC + 2].max():.1f}" if 0 < g < NG - 1 else "",
+                f"{grp[g, ND:, NC + 3].max():.1f}" if 0 < g < NG - 1 else "",
+                f"{grp[g, ND:, NC + 4].max():.1f}" if g < NG - 1 else "",
                 f"{cg[:, :, 1].max():.1f}", f"{cg[:, :, 2].max():.1f}",
             ]  # fmt: skip
             tab.add_row(*row)
@@ -331,7 +343,6 @@ def timeline(results: dict) -> None:
             graph_us=tg * 1e3,
             err=err,
             group=grp.tolist(),
-            state=st.tolist(),
             corrections=cor.tolist(),
             sizes=sizes,
         )
