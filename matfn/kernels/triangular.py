@@ -533,8 +533,6 @@ def _tri_group_sliced_kernel(
     USE_PDL: tl.constexpr = False,
     trace_ptr=None,
     TRACE: tl.constexpr = False,
-    STATE_IMPL: tl.constexpr = 0,
-    STATE_PREC: tl.constexpr = "3xtf32",
 ):
     """Chunk recursion from a zero state inside group ``g`` on ``BF`` columns of ``[U | P]``.
 
@@ -609,47 +607,18 @@ def _tri_group_sliced_kernel(
             else:
                 _wait_flag(done_ptr + g * tl.num_programs(2) + b, ND, SLEEP)
                 _stamp(trace_ptr, tp + NC + 2, TRACE)
-                if STATE_IMPL == 0:  # G_g as NS column slices (NS, DP, KS), batched products
-                    r3g = cd[None, :, None]
-                    G3 = tl.load(
-                        sg_ptr + b * stride_sb + g * stride_sg + r3g * F + e + cP,
-                        mask=(r3g < d) & (cP < d),
-                        other=0.0,
-                        cache_modifier=".cg",
-                    )
-                    _spin_until_written(zb + g * stride_zg + (y - ND) * BF, SLEEP)
-                    Z = _load_written(zs + g * stride_zg, md & mf)
-                    _stamp(trace_ptr, tp + NC + 3, TRACE)
-                    GZ = tl.sum(_mm(G3, tl.reshape(Z, (NS, KS, BF)), STATE_PREC), axis=0)
-                elif STATE_IMPL == 1:  # one 2-D product
-                    G = tl.load(
-                        sp + e + cd[None, :],
-                        mask=md & (cd < d)[None, :],
-                        other=0.0,
-                        cache_modifier=".cg",
-                    )
-                    _spin_until_written(zb + g * stride_zg + (y - ND) * BF, SLEEP)
-                    Z = _load_written(zs + g * stride_zg, md & mf)
-                    _stamp(trace_ptr, tp + NC + 3, TRACE)
-                    GZ = _mm(G, Z, STATE_PREC)
-                elif STATE_IMPL == 6:  # as 2, G loaded coalesced, Z polled as a whole
-                    gb = sg_ptr + b * stride_sb + g * stride_sg + e
-                    G = tl.load(gb + cd[:, None] * F + cd[None, :], mask=md & md.T,
-                                other=0.0, cache_modifier=".cg")  # fmt: skip
-                    Z = _load_written(zs + g * stride_zg, md & mf, SLEEP)
-                    _stamp(trace_ptr, tp + NC + 3, TRACE)
-                    GZ = tl.trans(_mm(tl.trans(Z), tl.trans(G), STATE_PREC))
-                else:  # transposed: Zᵀ Gᵀ (16-row products, mma.sync)
-                    Gt = tl.load(
-                        sg_ptr + b * stride_sb + g * stride_sg + cd[None, :] * F + e + cd[:, None],
-                        mask=md & (cd < d)[None, :],
-                        other=0.0,
-                        cache_modifier=".cg",
-                    )
-                    _spin_until_written(zb + g * stride_zg + (y - ND) * BF, SLEEP)
-                    Z = _load_written(zs + g * stride_zg, md & mf)
-                    _stamp(trace_ptr, tp + NC + 3, TRACE)
-                    GZ = tl.trans(_mm(tl.trans(Z), Gt, STATE_PREC))
+                # transposed, Zᵀ Gᵀ: 16-row mma.sync products (the fastest of the forms measured
+                # in session 12, docs/benchmarks.md), G loaded before the wait for Z_g
+                Gt = tl.load(
+                    sg_ptr + b * stride_sb + g * stride_sg + cd[None, :] * F + e + cd[:, None],
+                    mask=md & (cd < d)[None, :],
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
+                _spin_until_written(zb + g * stride_zg + (y - ND) * BF, SLEEP)
+                Z = _load_written(zs + g * stride_zg, md & mf)
+                _stamp(trace_ptr, tp + NC + 3, TRACE)
+                GZ = tl.trans(_mm(tl.trans(Z), Gt, PREC))
                 Z = Z - GZ + S2
             tl.store(zs + (g + 1) * stride_zg, Z, mask=md & mf)
             if TRACE:
@@ -1609,7 +1578,6 @@ class _Scan(NamedTuple):
     ratio: float | None = None  # growing groups: a state step costs ``ratio`` group steps
     trace: torch.Tensor | None = None  # int64 timer stamps of the fused kernels (the bench, B = 1)
     group_stages: int | None = None  # the group kernel's num_stages (None: Triton's default)
-    state_impl: int = 2  # fused state step: 0, 1, 2 or 6 (session 12; 2 measured best)
     chunk_whole: bool = True  # chunk kernel: Q, K, V as whole tiles, loaded first (e ≤ 128)
 
 
@@ -1775,7 +1743,6 @@ def _solve_scan(Q, K, V, lam, X, chunk: _Chunk, opt: _Scan):
         num_warps=warps,
         trace_ptr=opt.trace,
         TRACE=opt.trace is not None,
-        STATE_IMPL=opt.state_impl,
         **({} if opt.group_stages is None else {"num_stages": opt.group_stages}),
         **pdl,
     )

@@ -247,7 +247,6 @@ def solve_costs(results: dict) -> None:
 TIMELINES = [
     ("default (ratio 1.4)", 4, 1.4, "auto", True, "3xtf32", {}),
     ("ratio 2.0", 4, 2.0, "auto", True, "3xtf32", {}),
-    ("state step 6 (G loaded coalesced)", 4, 1.4, "auto", True, "3xtf32", dict(state_impl=6)),
     ("chunk kernel in column loops", 4, 1.4, "auto", True, "3xtf32", dict(chunk_whole=False)),
 ]
 
