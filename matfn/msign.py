@@ -100,7 +100,7 @@ def normalize_by(
     """``X / max(factor·norms, eps)`` in ``dtype`` for a batch whose norms are already known.
 
     ``norms`` holds ``‖X_b‖_F`` for each matrix (shape ``(B,)``, float32 or better), e.g. from
-    the kernel that wrote X (:func:`matfn.kernels.muon_update.momentum_stack`); this saves
+    the kernel that wrote X (:func:`matfn.kernels.elementwise.momentum_stack`); this saves
     :func:`normalize`'s read of X for the norm. One Triton pass on CUDA; X is not modified.
     """
     from .kernels.dispatch import use_triton
@@ -108,7 +108,7 @@ def normalize_by(
     out = torch.empty_like(X, dtype=dtype, memory_format=torch.contiguous_format)
     kernel_dtypes = (torch.float32, torch.bfloat16, torch.float16)  # the kernel divides in fp32
     if use_triton(X) and X.is_contiguous() and {X.dtype, dtype} <= set(kernel_dtypes):
-        from .kernels.muon_update import divide_by_norms
+        from .kernels.elementwise import divide_by_norms
 
         return divide_by_norms(X, norms, factor, eps, out)
     denom = (norms.reshape(-1, 1, 1) * factor).clamp_min(eps)

@@ -391,19 +391,19 @@ def _fused_momentum_stack(
     entries, ``(K, tiles)`` float32 (``partials.sum(1).sqrt()`` are the Frobenius norms), in
     ``buffers`` when given (a captured graph's static inputs).
     """
-    from matfn.kernels import muon_update
+    from matfn.kernels import elementwise
 
     if buffers is None:
         n, m = members[0][0][:2]
         s, L = min(n, m), max(n, m)
         K = sum(key[2] for key, _ in members)
         out = grads[members[0][1]].new_empty((K, s, L), dtype=dtype)
-        partials = out.new_empty((K, muon_update.num_tiles(s, L)), dtype=torch.float32)
+        partials = out.new_empty((K, elementwise.num_tiles(s, L)), dtype=torch.float32)
     else:
         out, partials = buffers
     for (n, m, k, _, _), idx, start in _runs(members):
         stop = start + len(idx) * k
-        muon_update.momentum_stack(
+        elementwise.momentum_stack(
             [grads[i] for i in idx],
             [bufs[i] for i in idx],
             out[start:stop],
@@ -443,7 +443,7 @@ def _batched_muon(
     Tall matrices are transposed into their wide bucket (``msign(Mᵀ) = msign(M)ᵀ``), so a
     transformer block's ``d×4d`` and ``4d×d`` weights share one batched call. Momentum and weight
     decay are ``torch._foreach_*`` calls over the whole group; on CUDA
-    (:func:`_fused_kernels_apply`) the Triton kernels of :mod:`matfn.kernels.muon_update` do the
+    (:func:`_fused_kernels_apply`) the Triton kernels of :mod:`matfn.kernels.elementwise` do the
     same arithmetic instead: one pass for momentum, Nesterov, transpose, stack, cast and the
     norms, one pass for weight decay and the update; with ``graphs`` the orthogonalisation of
     small buckets is replayed from captured CUDA graphs (:mod:`optim._graphs`).
@@ -490,7 +490,7 @@ def _batched_muon(
             runs.append((run_key, idx, block.mT if n > m else block))
 
     if fused:
-        from matfn.kernels.muon_update import apply_update
+        from matfn.kernels.elementwise import apply_update
 
         for (n, m, _, _, _), idx, block in runs:
             scale = -lr * adjust_lr_ratio(adjust_lr_fn, n, m)

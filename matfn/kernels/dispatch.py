@@ -14,13 +14,12 @@ square, for mcsgn) and :func:`newton_schulz_grouped` (a list of matrices of mixe
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import os
 from collections.abc import Sequence
 
 import torch
 
+from .._backend import triton_available, use_triton
 from .recording import recording
 
 __all__ = [
@@ -74,26 +73,6 @@ MIN_TRITON_SIDE = 2048
 #: 768×2048 (2³⁷·²) 6.86 ms against 7.92 on the folded cuBLAS path; 24 × 768×3072 (2³⁵·³) 1.90
 #: against 2.10 eager, 48 × 768² (2³⁴·³) 3.02 against 1.49 (host-bound) — kept below.
 MIN_TMA_BATCH_WORK = 2**36
-
-
-@functools.cache
-def triton_available() -> bool:
-    """Whether Triton can be imported (probed once, without importing it)."""
-    return importlib.util.find_spec("triton") is not None
-
-
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """Whether the Triton kernels should run for these tensors.
-
-    True when every tensor is on CUDA, Triton is importable and ``MATFN_DISABLE_TRITON`` is not
-    ``"1"``. CPU tensors always take the torch path, also under ``TRITON_INTERPRET=1`` (tests
-    call the kernel functions directly to run them in the interpreter).
-    """
-    if os.environ.get("MATFN_DISABLE_TRITON") == "1" or not tensors:
-        return False
-    if not all(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors):
-        return False
-    return triton_available()
 
 
 def gpu_bound(X: torch.Tensor) -> bool:
@@ -243,7 +222,7 @@ def _half_dtype(step) -> torch.dtype | None:
 def cast(X: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``X.to(dtype)``; one vectorised Triton pass for contiguous CUDA half-precision tensors."""
     if X.dtype != dtype and dtype in _KERNEL_DTYPES and X.dtype in _KERNEL_DTYPES and use_triton(X):
-        from .muon_update import cast as cast_triton
+        from .elementwise import cast as cast_triton
 
         return cast_triton(X, dtype)
     return X.to(dtype)

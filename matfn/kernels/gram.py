@@ -21,18 +21,20 @@ The torch twins are in :mod:`matfn.msign` (``ns_step_torch`` and friends).
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .launch import INTERPRET, use_pdl
+from .launch import capability as _capability
+from .launch import pdl_flags as _pdl_flags
+from .launch import wait_for_previous_launch as _wait_for_previous_launch
 from .recording import recording
 
 __all__ = ["INTERPRET", "gram_triton", "matmul_triton"]
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 #: Tensor-memory-accelerator loads (:mod:`matfn.kernels.matmul_tma`) where the operands allow
 #: them: ``"auto"`` on GPUs of compute capability ≥ 9 (Hopper, Blackwell), ``"always"`` wherever
 #: the operands allow (the interpreter tests), ``"never"``. Environment: ``MATFN_NS_TMA``.
@@ -49,20 +51,6 @@ TMA_MIN_WORK = 2**34
 #: the launch latency between the short dependent products of a small Newton–Schulz iteration
 #: is hidden (1024², graph-replayed on the H200: 0.111 against 0.122 ms; docs/benchmarks.md).
 PDL = os.environ.get("MATFN_NS_PDL", "auto")
-
-
-@triton.jit
-def _wait_for_previous_launch(USE_PDL: tl.constexpr):
-    """Start of a program under programmatic dependent launch (:data:`PDL`).
-
-    The program may start while the launch before it finishes: it waits for that launch and its
-    memory (``griddepcontrol.wait``) before any access (the launch may have written this one's
-    operands, or still read the memory this one writes), then lets the next launch's programs
-    start their set-up. Every kernel launched with ``launch_pdl=True`` calls it first.
-    """
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -332,12 +320,6 @@ def _tma_kernel(symmetric: bool):
     return _tma_tuned[symmetric]
 
 
-@functools.cache
-def _capability(index: int) -> tuple[int, int]:
-    """``torch.cuda.get_device_capability`` of CUDA device ``index``, asked once per device."""
-    return torch.cuda.get_device_capability(index)
-
-
 def _use_tma(A: torch.Tensor, B: torch.Tensor, D: torch.Tensor | None, out: torch.Tensor) -> bool:
     """Whether this product takes :mod:`matfn.kernels.matmul_tma` (see :data:`TMA`)."""
     if TMA == "never":
@@ -480,29 +462,8 @@ PDL_MAX_TILES_PER_SM = 2
 
 
 def _pdl(A: torch.Tensor, tiles: int | None = None) -> bool:
-    """Whether a launch on ``A``'s device uses programmatic dependent launch (:data:`PDL`).
-
-    ``tiles``: a product's 128×128 output tiles (batch included); above
-    :data:`PDL_MAX_TILES_PER_SM` per SM the product is launched plainly. ``None``: no limit
-    (the triangular kernels' short chains).
-    """
-    if PDL == "never" or INTERPRET or not A.is_cuda or _capability(A.device.index)[0] < 9:
-        return False
-    return tiles is None or tiles <= PDL_MAX_TILES_PER_SM * _sm_count(A.device.index)
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    """Streaming multiprocessors of CUDA device ``index``, asked once per device."""
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _pdl_flags(pdl: bool) -> dict:
-    """Programmatic dependent launch's kernel flag and launch option, always set together.
-
-    The kernel's ``griddepcontrol.wait`` is what makes the early launch safe.
-    """
-    return {"USE_PDL": True, "launch_pdl": True} if pdl else {"USE_PDL": False}
+    """Whether a product on ``A``'s device uses PDL (:func:`matfn.kernels.launch.use_pdl`)."""
+    return PDL != "never" and use_pdl(A, tiles, PDL_MAX_TILES_PER_SM)
 
 
 def _check(name: str, T: torch.Tensor) -> None:

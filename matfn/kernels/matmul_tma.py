@@ -29,7 +29,9 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .gram import _pdl_flags, _store_lower_and_mirror, _tile_coords, _wait_for_previous_launch
+from .gram import _store_lower_and_mirror, _tile_coords
+from .launch import pdl_flags as _pdl_flags
+from .launch import wait_for_previous_launch as _wait_for_previous_launch
 
 __all__ = ["tma_applies", "launch_tma", "set_block_shapes"]
 

@@ -57,7 +57,7 @@ tiles), giving ``[X^{grp} | P^{grp}]`` and the group sums
 ``X_g = X^{grp}_g − P^{grp}_g Z_g`` (parallel). FLOPs ``≈ 4 n d F + 2 n d e``; what costs is the
 chain of dependent small products, a group step (two products contracting over ``d`` and ``C``)
 and a state step (one over ``d``), ≈ 1.85 and 3.3 µs on the H200 (session 11, measured inside
-the kernels with timer stamps: ``tests/bench/gpu_triangular_parts.py --sections timeline``). At
+the kernels with timer stamps: ``benchmarks/gpu_triangular_parts.py --sections timeline``). At
 n = 4096, d = e = 128 the fused form below takes ≈ 0.070 ms graph-replayed (0.0716 measured at
 scan ratio 2.5, timelines ≈ 1.5 µs less at 2.0; session 10: 0.076;
 session 9's four launches: 0.098).
@@ -94,7 +94,7 @@ the FLOPs and cannot overlap its levels); eager, its extra launches cost more th
 chain saves at every size (session 10: 0.197 against 0.151 ms at n = 512). So ``"auto"`` takes
 the tree only while a CUDA graph is being captured and ``B·n ≤`` :data:`TREE_MAX_ROWS`.
 
-**Programmatic dependent launch** (compute capability ≥ 9, :data:`matfn.kernels.gram.PDL`):
+**Programmatic dependent launch** (compute capability ≥ 9, :func:`matfn.kernels.launch.use_pdl`):
 every launch after the chunk kernel (but the fused scan's state and correction launches, which
 wait for their data instead) waits for the one before (``griddepcontrol.wait``) before any
 memory access and is launched early, which hides part of each launch's start (1–4 % of the
@@ -113,7 +113,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .gram import INTERPRET, _pdl, _pdl_flags, _sm_count, _wait_for_previous_launch
+from .launch import INTERPRET, use_pdl
+from .launch import pdl_flags as _pdl_flags
+from .launch import sm_count as _sm_count
+from .launch import wait_for_previous_launch as _wait_for_previous_launch
 from .triangular_chunk import SENTINEL, _mm, _tri_chunk_blocked_kernel, _tri_chunk_kernel
 
 __all__ = ["tri_inv_triton", "tri_solve_triton", "PRECISIONS", "CHUNK_IMPLS"]
@@ -1260,7 +1263,7 @@ def tri_inv_triton(
     # the next level's (G = G₁ + G₂ − G₂ G₁), so no launch contracts over more than C rows
     BG = min(32, _pow2(d))
     ngt = triton.cdiv(d, BG) ** 2
-    pdl = _pdl_flags(_pdl(Q))  # every launch after the chunk kernel waits for the one before
+    pdl = _pdl_flags(use_pdl(Q))  # every launch after the chunk kernel waits for the one before
     _tri_gram_kernel[(NC, ngt, B)](
         K,
         P_all[0],
@@ -1494,7 +1497,7 @@ def _solve_tree(Q, K, V, lam, X, chunk: _Chunk, BT, BF, BG, warps):
     M_buf = torch.empty(B, NC2 + triton.cdiv(NC2, 2), d, F, dtype=torch.float32, device=Q.device)
     M_cur, M_next = M_buf[:, :NC2], M_buf[:, NC2:]
     _chunk_pass(chunk, Q, K, lam, V=V, P=P_cur, U=X, BE=32)
-    pdl = _pdl_flags(_pdl(Q))  # every launch after the chunk kernel waits for the one before
+    pdl = _pdl_flags(use_pdl(Q))  # every launch after the chunk kernel waits for the one before
     # level C → 2C, the M of the 2C-blocks contracted over their rows (no chunk M / combine);
     # on the last level only X's columns
     n_cols = triton.cdiv(e, BF) + (triton.cdiv(d, BF) if L > 1 else 0)
@@ -1706,8 +1709,8 @@ def _solve_scan(Q, K, V, lam, X, chunk: _Chunk, opt: _Scan):
         scratch=init,
         whole=opt.chunk_whole and e <= 128,
     )
-    use_pdl = _pdl(Q)
-    pdl = _pdl_flags(use_pdl)  # every launch after the chunk kernel waits for the one before
+    pdl_on = use_pdl(Q)
+    pdl = _pdl_flags(pdl_on)  # every launch after the chunk kernel waits for the one before
     _tri_group_sliced_kernel[(NG, NFT, B)](
         W,
         K,
@@ -1784,7 +1787,7 @@ def _solve_scan(Q, K, V, lam, X, chunk: _Chunk, opt: _Scan):
             num_warps=4,
             trace_ptr=None if trace is None else trace[correct_at:],
             TRACE=trace is not None,
-            **({"launch_pdl": True} if use_pdl else {}),
+            **({"launch_pdl": True} if pdl_on else {}),
         )
         return X
     _tri_state_kernel[(NE, B)](

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import matfn
-from tests.bench.gpu_derivatives import METHODS, prescribed_square
+from benchmarks.gpu_derivatives import METHODS, prescribed_square
 
 SIZES = [128, 256, 512]
 

@@ -2,7 +2,7 @@
 
 ``make bench`` times them (``--benchmark-only``); CI runs them once each with
 ``--benchmark-disable`` as smoke tests, at tiny sizes. GPU timings:
-tests/bench/gpu_newton_schulz.py.
+benchmarks/gpu_newton_schulz.py.
 """
 
 from __future__ import annotations

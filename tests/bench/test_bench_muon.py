@@ -5,7 +5,7 @@ with ``--benchmark-disable`` as a smoke test (each step once). For numbers::
 
     .venv/bin/pytest tests/bench/test_bench_muon.py --benchmark-only --benchmark-columns=median
 
-GPU numbers on the GPT-2-small matrices come from ``tests/bench/gpu_muon.py``.
+GPU numbers on the GPT-2-small matrices come from ``benchmarks/gpu_muon.py``.
 """
 
 from __future__ import annotations

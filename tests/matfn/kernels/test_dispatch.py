@@ -270,43 +270,37 @@ def test_recording_for_a_graph_picks_kernels_by_gpu_time(monkeypatch):
 
 
 def test_programmatic_dependent_launch_switch(monkeypatch):
-    """PDL only on CUDA devices of compute capability ≥ 9, never in the interpreter or when
-    switched off (``gram.PDL = "never"``, environment ``MATFN_NS_PDL``)."""
+    """PDL only on CUDA devices of compute capability ≥ 9, never in the interpreter."""
     from types import SimpleNamespace
 
-    from matfn.kernels import gram
+    from matfn.kernels import launch
 
     cuda = SimpleNamespace(is_cuda=True, device=SimpleNamespace(index=0))
-    monkeypatch.setattr(gram, "INTERPRET", False)
-    monkeypatch.setattr(gram, "PDL", "auto")
+    monkeypatch.setattr(launch, "INTERPRET", False)
     for capability, expected in (((9, 0), True), ((10, 0), True), ((8, 0), False)):
-        monkeypatch.setattr(gram, "_capability", lambda index, c=capability: c)
-        assert gram._pdl(cuda) is expected
-    assert not gram._pdl(SimpleNamespace(is_cuda=False, device=SimpleNamespace(index=None)))
-    monkeypatch.setattr(gram, "PDL", "never")
-    assert not gram._pdl(cuda)
-    monkeypatch.setattr(gram, "PDL", "auto")
-    monkeypatch.setattr(gram, "INTERPRET", True)
-    assert not gram._pdl(cuda)
+        monkeypatch.setattr(launch, "capability", lambda index, c=capability: c)
+        assert launch.use_pdl(cuda) is expected
+    assert not launch.use_pdl(SimpleNamespace(is_cuda=False, device=SimpleNamespace(index=None)))
+    monkeypatch.setattr(launch, "INTERPRET", True)
+    assert not launch.use_pdl(cuda)
 
 
 def test_programmatic_dependent_launch_only_for_short_products(monkeypatch):
-    """Products of more than two waves of 128×128 tiles launch plainly (``tiles``); the
-    triangular kernels (no ``tiles``) always use PDL where it is on."""
+    """Products of more than two waves of 128×128 tiles launch plainly (``tiles``); chains of
+    short kernels (no ``tiles``) always use PDL where it is on."""
     from types import SimpleNamespace
 
-    from matfn.kernels import gram
+    from matfn.kernels import launch
 
     cuda = SimpleNamespace(is_cuda=True, device=SimpleNamespace(index=0))
-    monkeypatch.setattr(gram, "INTERPRET", False)
-    monkeypatch.setattr(gram, "PDL", "auto")
-    monkeypatch.setattr(gram, "_capability", lambda index: (9, 0))
-    monkeypatch.setattr(gram, "_sm_count", lambda index: 132)
-    assert gram._pdl(cuda, tiles=64)  # 1024²
-    assert gram._pdl(cuda, tiles=264)
-    assert not gram._pdl(cuda, tiles=265)
-    assert not gram._pdl(cuda, tiles=1024)  # 4096², 64×512², 32×128×4096's B X
-    assert gram._pdl(cuda)
+    monkeypatch.setattr(launch, "INTERPRET", False)
+    monkeypatch.setattr(launch, "capability", lambda index: (9, 0))
+    monkeypatch.setattr(launch, "sm_count", lambda index: 132)
+    assert launch.use_pdl(cuda, tiles=64)  # 1024²
+    assert launch.use_pdl(cuda, tiles=264)
+    assert not launch.use_pdl(cuda, tiles=265)
+    assert not launch.use_pdl(cuda, tiles=1024)  # 4096², 64×512², 32×128×4096's B X
+    assert launch.use_pdl(cuda)
 
 
 def test_msign_under_recording_runs_the_kernels_at_any_size(monkeypatch):

@@ -2,7 +2,7 @@
 
 Run on a CUDA machine (not collected by pytest)::
 
-    PYTHONUNBUFFERED=1 python3 tests/bench/gpu_muon.py [--layers 12] [--json out.json]
+    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_muon.py [--layers 12] [--json out.json]
 
 12 layers × (4 × 768², 768×3072, 3072×768) fp32 parameters with fixed fp32 gradients. Checks
 first (printed, and the exit status is 1 if one fails): with Keller's coefficients our step

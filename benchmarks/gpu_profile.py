@@ -2,7 +2,7 @@
 
 Run on a CUDA machine from the repository root::
 
-    PYTHONUNBUFFERED=1 python3 tests/bench/gpu_profile.py [--cases muon,msign1024,batch512]
+    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_profile.py [--cases muon,msign1024,batch512]
 
 Per case: wall time per call (synchronised), host time to issue one call on an idle queue,
 the summed GPU kernel time, the number of kernel launches per call, the top kernels by GPU

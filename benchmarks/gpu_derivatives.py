@@ -11,7 +11,7 @@ and a Gaussian cotangent ``G``, time forward + backward of
 * autograd through ``torch.linalg.svd`` (``U Vᵀ``), float32,
 
 and report the relative error of each gradient against the float64 SVD closed form (spec §4.2).
-Run: ``python tests/bench/gpu_derivatives.py`` (CUDA if available; ``--device cpu`` otherwise).
+Run: ``python benchmarks/gpu_derivatives.py`` (CUDA if available; ``--device cpu`` otherwise).
 Timing: ``triton.testing.do_bench`` median on CUDA, median of ``--reps`` wall times on CPU.
 """
 

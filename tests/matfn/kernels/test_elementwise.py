@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 pytest.importorskip("triton")
 
 import optim.muon as muon_mod  # noqa: E402
-from matfn.kernels import muon_update  # noqa: E402
+from matfn.kernels import elementwise as muon_update  # noqa: E402
 from optim import Muon  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU benchmark and correctness check (≈ 25 min in all: split it over two device calls with
 # the individual commands below if a call is limited to 10 min).
-#   bash tests/bench/run_gpu_suite.sh            # writes logs and JSON under $OUT (or ./out)
+#   bash benchmarks/run_gpu_suite.sh            # writes logs and JSON under $OUT (or ./out)
 # Peers (benchmark-only) come from wheels in .whl/ when present. Each script has its own
 # time limit so that one slow compile cannot starve the others.
 set -u
@@ -20,14 +20,14 @@ run() {  # run NAME SECONDS CMD...: log to $OUT/NAME.log, keep the tail visible
   timeout "$secs" "$@" > "$OUT/$name.log" 2>&1; echo "exit $? ($name)"
   grep -v "AUTOTUNE\|triton_\|SingleProcess\|strides:\|dtypes:\|Autotune\|E1123" "$OUT/$name.log" | tail -n "${TAIL:-40}"
 }
-run profile 100 python3 tests/bench/gpu_profile.py
-run muon 90 python3 tests/bench/gpu_muon.py --json "$OUT/muon.json"
-run max_logit 75 python3 tests/bench/gpu_max_logit.py
-TAIL=60 run newton_schulz 420 python3 tests/bench/gpu_newton_schulz.py --json "$OUT/ns.json" \
+run profile 100 python3 benchmarks/gpu_profile.py
+run muon 90 python3 benchmarks/gpu_muon.py --json "$OUT/muon.json"
+run max_logit 75 python3 benchmarks/gpu_max_logit.py
+TAIL=60 run newton_schulz 420 python3 benchmarks/gpu_newton_schulz.py --json "$OUT/ns.json" \
   --sections "${NS_SECTIONS:-env,gram,time,graph,components}" --peers "${NS_PEERS:-torch.optim,emerging,gram-newton}" \
   --cases "${NS_CASES:-1024x1024,4096x4096,8192x8192,4096x16384,64x512x512,1294x929,128x768x2048}" \
   --peer-cases "${NS_PEER_CASES:-4096x4096,4096x16384,64x512x512}"
-run tma 330 python3 tests/bench/gpu_newton_schulz.py --sections tma --json "$OUT/tma.json"
-run tma_sweep 330 python3 tests/bench/gpu_tma_sweep.py --sections host,dispatch --json "$OUT/tma_sweep.json"
-run triangular 280 python3 tests/bench/gpu_triangular.py --json "$OUT/tri.json"
-run derivatives 45 python3 tests/bench/gpu_derivatives.py --sizes 256 1024 2048 --reps 2
+run tma 330 python3 benchmarks/gpu_newton_schulz.py --sections tma --json "$OUT/tma.json"
+run tma_sweep 330 python3 benchmarks/gpu_tma_sweep.py --sections host,dispatch --json "$OUT/tma_sweep.json"
+run triangular 280 python3 benchmarks/gpu_triangular.py --json "$OUT/tri.json"
+run derivatives 45 python3 benchmarks/gpu_derivatives.py --sizes 256 1024 2048 --reps 2

@@ -2,12 +2,12 @@
 
 Run on a CUDA machine from the repository root::
 
-    PYTHONUNBUFFERED=1 python3 tests/bench/gpu_triangular.py [--quick] [--json out.json]
+    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_triangular.py [--quick] [--json out.json]
         [--sections correct,trap,profile,main,solve,scan,scaling,deltanet] [--skip ...]
 
 The solve's two algorithms side by side (about 2 minutes, most of it compiling)::
 
-    PYTHONUNBUFFERED=1 python3 tests/bench/gpu_triangular.py --quick \
+    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_triangular.py --quick \
         --sections correct,profile,solve
 
 1. Correctness: every launcher variant on odd sizes and batches, outputs poisoned with NaN,

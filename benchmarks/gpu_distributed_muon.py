@@ -3,7 +3,7 @@
 Launch on a machine with 2 GPUs (not collected by pytest)::
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1 \\
-        torchrun --standalone --nproc-per-node 2 tests/bench/gpu_distributed_muon.py [--iters 10]
+        torchrun --standalone --nproc-per-node 2 benchmarks/gpu_distributed_muon.py [--iters 10]
 
 Sections
 --------

@@ -2,7 +2,7 @@
 
 Run on a CUDA machine from the repository root::
 
-    PYTHONUNBUFFERED=1 python3 tests/bench/gpu_triangular_parts.py [--json out.json]
+    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_triangular_parts.py [--json out.json]
         [--sections timeline,chunk,group,state,solve]
 
 At n = 4096, d = e = 128, fp32, B = 1 (the issue's target size):

@@ -2,7 +2,7 @@
 
 Run on a CUDA machine from the repo root::
 
-    PYTHONUNBUFFERED=1 python3 tests/bench/gpu_max_logit.py
+    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_max_logit.py
 
 Prints a correctness table (kernel vs chunked torch reference vs float64 oracle) and a timing
 table (triton.testing.do_bench, median ms), plus a launch-config sweep; writes JSON to $OUT.

@@ -2,7 +2,7 @@
 
 Run on a CUDA machine (not collected by pytest)::
 
-    PYTHONUNBUFFERED=1 python3 tests/bench/gpu_newton_schulz.py [--sections env,acc,time,graph,gram]
+    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_newton_schulz.py [--sections env,acc,time,graph,gram]
         [--cases 4096x4096,64x512x512] [--json out.json]
 
 Sections

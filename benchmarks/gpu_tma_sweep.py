@@ -2,7 +2,7 @@
 
 Run on a CUDA machine from the repository root::
 
-    PYTHONUNBUFFERED=1 python3 tests/bench/gpu_tma_sweep.py [--sections sweep,host,dispatch]
+    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_tma_sweep.py [--sections sweep,host,dispatch]
         [--shapes 1x4096x4096,64x512x512] [--json out.json]
 
 Sections
@@ -326,8 +326,8 @@ def _variants():
 def section_dispatch(cases):
     from triton.testing import do_bench
 
+    from benchmarks.gpu_newton_schulz import captured
     from matfn.kernels import gram
-    from tests.bench.gpu_newton_schulz import captured
 
     gram._TMA_SYMMETRIC_BLOCKS += SMALL_SYMMETRIC
     gram._TMA_GENERAL_BLOCKS += SMALL_GENERAL
