@@ -375,7 +375,7 @@ def build_sections(
             section_sizes = [s for s in sizes if s <= 128] or [min(sizes)]
         try:
             out.append(builder(device, section_sizes, cases))
-        except (ImportError, AttributeError) as e:  # a reference not in this build yet
+        except (ImportError, AttributeError) as e:  # a reference (e.g. scipy) not installed
             sec = Section(name, [], [])
             sec.skipped = f"skipped: {e}"
             out.append((sec, []))
