@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU benchmark and correctness check (≈ 25 min in all: split it over two device calls with
-# the individual commands below if a call is limited to 10 min).
+# Every GPU benchmark and correctness check of one GPU (≈ 25 min in all: split it over two device
+# calls with the individual commands below if a call is limited to 10 min). The 2-GPU distributed
+# Muon benchmark is separate (docs/benchmarks.md, "Distributed Muon"). Results: docs/benchmarks.md.
 #   bash benchmarks/run_gpu_suite.sh            # writes logs and JSON under $OUT (or ./out)
 # Peers (benchmark-only) come from wheels in .whl/ when present. Each script has its own
 # time limit so that one slow compile cannot starve the others.
@@ -20,6 +21,9 @@ run() {  # run NAME SECONDS CMD...: log to $OUT/NAME.log, keep the tail visible
   timeout "$secs" "$@" > "$OUT/$name.log" 2>&1; echo "exit $? ($name)"
   grep -v "AUTOTUNE\|triton_\|SingleProcess\|strides:\|dtypes:\|Autotune\|E1123" "$OUT/$name.log" | tail -n "${TAIL:-40}"
 }
+if [ -f benchmarks/headline.py ]; then  # the headline cases of docs/benchmarks.md, one line each
+  run headline 300 python3 benchmarks/headline.py
+fi
 run profile 100 python3 benchmarks/gpu_profile.py
 run muon 90 python3 benchmarks/gpu_muon.py --json "$OUT/muon.json"
 run max_logit 75 python3 benchmarks/gpu_max_logit.py
@@ -30,4 +34,5 @@ TAIL=60 run newton_schulz 420 python3 benchmarks/gpu_newton_schulz.py --json "$O
 run tma 330 python3 benchmarks/gpu_newton_schulz.py --sections tma --json "$OUT/tma.json"
 run tma_sweep 330 python3 benchmarks/gpu_tma_sweep.py --sections host,dispatch --json "$OUT/tma_sweep.json"
 run triangular 280 python3 benchmarks/gpu_triangular.py --json "$OUT/tri.json"
+run triangular_parts 120 python3 benchmarks/gpu_triangular_parts.py --sections timeline,chunk --json "$OUT/tri_parts.json"
 run derivatives 45 python3 benchmarks/gpu_derivatives.py --sizes 256 1024 2048 --reps 2

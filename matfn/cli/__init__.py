@@ -7,8 +7,13 @@
 * ``matfn demo``: report + bench (quick), figures, and a short Muon + QK-Clip vs AdamW training
   run of a tiny transformer; everything lands in one output folder.
 
-rich, matplotlib and the toy model are imported inside the commands, so ``import matfn``
-stays light. Also runnable as ``python -m matfn``.
+This package is the application layer: it uses matfn's public API and :mod:`optim`, and the
+library never imports it. rich and matplotlib are imported when a command first needs them, so
+``import matfn.cli`` (and ``matfn --help``) stays light. Also runnable as ``python -m matfn``.
+
+Modules: :mod:`~matfn.cli.report` (accuracy tables), :mod:`~matfn.cli.bench` (speed tables),
+:mod:`~matfn.cli.demo` (the demo and its figures), :mod:`~matfn.cli.toy_model` (the tiny
+transformer the demo, notebook 04 and the tests train).
 """
 
 from __future__ import annotations
@@ -19,14 +24,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
+from matfn.coefficients import polar_express_coefficients, scalar_map
+
+from . import bench, demo, report
+
 __all__ = ["main", "build_parser"]
 
 DEFAULT_DEMO_DIR = "matfn-demo-output"
 
 
 def _device(name: str | None) -> str:
-    import torch
-
     if name in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
@@ -46,24 +56,22 @@ def _console() -> Any:
 
 def cmd_report(args: argparse.Namespace, console: Any = None) -> list[Path]:
     """Run ``matfn report``; returns the files written (only with ``--out``)."""
-    from . import _report
-
     console = console or _console()
     device = _device(args.device)
-    env = _report.environment(device)
+    env = report.environment(device)
     console.print(
         f"[bold]matfn report[/] on {device} ({env['device']}), torch {env['torch']}, "
         f"{env['threads']} threads, {env['date']}"
     )
-    sections = _report.run_report(
+    sections = report.run_report(
         device, args.sizes, quick=args.quick, progress=not args.no_progress, console=console
     )
-    _report.render_rich(sections, console)
+    report.render_rich(sections, console)
     if args.markdown:
-        console.print(_report.render_markdown(sections), markup=False, highlight=False)
+        console.print(report.render_markdown(sections), markup=False, highlight=False)
     files: list[Path] = []
     if args.out:
-        files = _report.save(sections, args.out, env)
+        files = report.save(sections, args.out, env)
         console.print(f"report written to {', '.join(str(f) for f in files)}")
     return files
 
@@ -73,10 +81,7 @@ def cmd_report(args: argparse.Namespace, console: Any = None) -> list[Path]:
 
 def cmd_coeffs(args: argparse.Namespace, console: Any = None) -> list[Path]:
     """Run ``matfn coeffs``: print the schedule and plot its scalar map; returns the PNG path."""
-    import numpy as np
     from rich.table import Table
-
-    from .coefficients import polar_express_coefficients, scalar_map
 
     console = console or _console()
     try:
@@ -136,10 +141,6 @@ def plot_schedule(
     cushion: float,
 ) -> Path:
     """PNG of the partial and full scalar maps ``σ ↦ p_t ∘ … ∘ p_1(σ/sf)`` and ``|f − 1|``."""
-    import numpy as np
-
-    from .coefficients import scalar_map
-
     plt = _pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -174,18 +175,14 @@ def plot_schedule(
 
 def cmd_bench(args: argparse.Namespace, console: Any = None) -> list[Path]:
     """Run ``matfn bench``; returns the files written (only with ``--out``)."""
-    from . import _bench
-
     console = console or _console()
-    return _bench.main(_device(args.device), args.sizes, args.quick, args.out, console)
+    return bench.main(_device(args.device), args.sizes, args.quick, args.out, console)
 
 
 def cmd_demo(args: argparse.Namespace, console: Any = None) -> list[Path]:
     """Run ``matfn demo``; returns every file written into the output folder."""
-    from . import _demo
-
     console = console or _console()
-    return _demo.main(args, _device(args.device), console)
+    return demo.main(args, _device(args.device), console)
 
 
 # --------------------------------------------------------------------------- parser
@@ -278,8 +275,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``matfn`` script; returns the exit status."""
     args = build_parser().parse_args(argv)
     if args.threads is not None:
-        import torch
-
         torch.set_num_threads(args.threads)
     args.func(args)
     return 0

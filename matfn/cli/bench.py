@@ -20,6 +20,10 @@ from typing import Any
 
 import torch
 
+import matfn
+
+from . import report
+
 __all__ = ["BenchRow", "run_bench", "main"]
 
 CPU_SIZES = (256, 512)
@@ -96,8 +100,6 @@ def run_bench(
     console: Any = None,
 ) -> list[BenchRow]:
     """Time every available comparison; returns the rows."""
-    import matfn
-
     if sizes is None:
         if device == "cuda":
             sizes = CUDA_QUICK_SIZES if quick else CUDA_SIZES
@@ -282,9 +284,7 @@ def main(
     progress: bool = True,
 ) -> list[Path]:
     """``matfn bench``: run, print, and (with ``out``) write ``bench.json``/``bench.md``."""
-    from . import _report
-
-    env = _report.environment(device)
+    env = report.environment(device)
     title = (
         f"matfn bench on {device} ({env['device']}), torch {env['torch']}, "
         f"{env['threads']} threads, {env['date']}"

@@ -20,6 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
+import matfn
+from matfn.coefficients import scalar_map, schedule
+
+from . import bench, report
+from .report import spectrum_matrix
+from .toy_model import load_corpus, train_lm
+
 __all__ = ["main", "plot_schedules", "plot_training", "SCHEDULES"]
 
 #: (label, method, steps) of the schedules drawn in the singular-value figure.
@@ -48,10 +55,6 @@ def plot_schedules(out_dir: Path, device: str = "cpu") -> Path:
     values are log-spaced in ``[1e-4, 1]·‖M‖_F``-ish (fp32: filled, bf16: open), so the figure
     shows that the matrix iteration does exactly what its scalar polynomial says.
     """
-    import matfn
-    from matfn._report import spectrum_matrix
-    from matfn.coefficients import scalar_map, schedule
-
     plt = _pyplot()
     x = np.geomspace(1e-4, 1, 1000)
     xz = np.linspace(0, 1, 20001)  # the compositions oscillate fast near 1: sample densely
@@ -149,8 +152,6 @@ def train_all(steps: int, tau: float, device: str, console: Any) -> tuple[list[A
         TimeRemainingColumn,
     )
 
-    from ._toy_transformer import load_corpus, train_lm
-
     text, source = load_corpus()
     runs = [
         ("AdamW", "adamw", None),
@@ -237,12 +238,10 @@ def main(args: argparse.Namespace, device: str, console: Any) -> list[Path]:
     """``matfn demo``; returns every file written."""
     from rich.rule import Rule
 
-    from . import _bench, _report
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
-    env = _report.environment(device)
+    env = report.environment(device)
     console.print(Rule("[bold]matfn demo"))
     console.print(
         f"device: {device} ({env['device']}), torch {env['torch']}, {env['threads']} threads\n"
@@ -251,28 +250,21 @@ def main(args: argparse.Namespace, device: str, console: Any) -> list[Path]:
     )
 
     console.print(Rule("1. accuracy against float64 oracles (matfn report --quick)"))
-    sections = _report.run_report(device, args.sizes, quick=True, console=console)
-    _report.render_rich(sections, console)
-    files += _report.save(sections, out, env)
+    sections = report.run_report(device, args.sizes, quick=True, console=console)
+    report.render_rich(sections, console)
+    files += report.save(sections, out, env)
 
     console.print(Rule("2. speed against torch baselines (matfn bench --quick)"))
-    files += _bench.main(device, args.sizes, True, out, console)
+    files += bench.main(device, args.sizes, True, out, console)
 
     console.print(Rule("3. singular-value maps of the Newton–Schulz schedules"))
-    with _report._blas_one_thread():
+    with report.blas_one_thread():
         files.append(plot_schedules(out, device))
     console.print(f"wrote {files[-1]}")
 
     steps = args.train_steps or (100 if args.quick else 300)
     console.print(Rule(f"4. tiny transformer: AdamW vs Muon vs Muon + QK-Clip ({steps} steps)"))
-    try:
-        import optim
-
-        optim.Muon, optim.QKClip, optim.muon_param_groups  # noqa: B018
-    except (ImportError, AttributeError) as e:
-        console.print(f"[yellow]skipped: optim.Muon / optim.QKClip not available ({e})[/]")
-    else:
-        files += _train_section(args, steps, device, out, console)
+    files += _train_section(args, steps, device, out, console)
 
     console.print(Rule("done"))
     console.print(f"All output is in [bold]{out.resolve()}[/]:")

@@ -3,20 +3,26 @@
 Test matrices have a prescribed spectrum (``U diag(σ) Vᵀ`` with Haar-random ``U``, ``V`` and
 log-spaced ``σ`` from 1 down to ``1/κ``), so every cell of the table says how a method behaves on
 a given condition number. References come from :mod:`matfn.oracles` (float64 SVD/eig/scipy).
-Sections whose function is not (yet) part of :mod:`matfn` are skipped with a note.
+A section whose function is missing from :mod:`matfn` is skipped with a note.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+import matfn
+from matfn import oracles
 
 __all__ = ["Section", "build_sections", "run_report", "render_rich", "render_markdown"]
 
@@ -87,9 +93,6 @@ Task = Callable[[], list[float]]
 
 
 def _msign_section(device: str, sizes: Sequence[int], conds: Sequence[float]) -> tuple:
-    import matfn
-    from matfn.oracles import msign_oracle
-
     sec = Section(
         "msign: polar factor U Vᵀ (input s×2s float32, iteration in `dtype`)",
         ["max|σ−1|", "‖X−UVᵀ‖F/√r"],
@@ -121,7 +124,7 @@ def _msign_section(device: str, sizes: Sequence[int], conds: Sequence[float]) ->
                         A = spectrum_matrix(s, 2 * s, _geom(1.0, 1.0 / cond, s), seed=10 + ci)
                         M = _t(A, torch.float32, device)
                         X = matfn.msign(M, method=method, steps=steps, compute_dtype=DTYPES[dname])
-                        Xd, O = _f64(X), msign_oracle(A)
+                        Xd, O = _f64(X), oracles.msign_oracle(A)
                         sv = np.linalg.svd(Xd, compute_uv=False)
                         return [
                             float(np.max(np.abs(sv - 1))),
@@ -133,9 +136,6 @@ def _msign_section(device: str, sizes: Sequence[int], conds: Sequence[float]) ->
 
 
 def _mcsgn_section(device: str, sizes: Sequence[int], conds: Sequence[float]) -> tuple:
-    import matfn
-    from matfn.oracles import mcsgn_oracle
-
     sec = Section(
         "mcsgn: matrix sign P sign(Λ) P⁻¹ (non-symmetric s×s, real eigenvalues ±[1/κ, 1])",
         ["‖S−S*‖F/‖S*‖F", "‖S²−I‖F/√s"],
@@ -172,7 +172,7 @@ def _mcsgn_section(device: str, sizes: Sequence[int], conds: Sequence[float]) ->
                         if method != "svd":
                             kw["compute_dtype"] = DTYPES[dname]
                         S = _f64(matfn.mcsgn(_t(A, torch.float32, device), **kw))
-                        ref = mcsgn_oracle(A)
+                        ref = oracles.mcsgn_oracle(A)
                         return [
                             _rel(S, ref),
                             float(np.linalg.norm(S @ S - np.eye(s)) / math.sqrt(s)),
@@ -183,9 +183,6 @@ def _mcsgn_section(device: str, sizes: Sequence[int], conds: Sequence[float]) ->
 
 
 def _mclip_section(device: str, sizes: Sequence[int], spreads: Sequence[float]) -> tuple:
-    import matfn
-    from matfn.oracles import mclip_oracle
-
     sec = Section(
         "mclip: clip singular values into [0, 1] (input s×2s float32, iteration in `dtype`)",
         ["max|σ−clip(σ)|", "‖Y−Y*‖F/‖Y*‖F"],
@@ -219,7 +216,7 @@ def _mclip_section(device: str, sizes: Sequence[int], spreads: Sequence[float]) 
                             target = np.sort(np.clip(sigma, 0.0, 1.0))[::-1]
                             return [
                                 float(np.max(np.abs(sv - target))),
-                                _rel(Yd, mclip_oracle(A)),
+                                _rel(Yd, oracles.mclip_oracle(A)),
                             ]
 
                         tasks.append((row, sec.cases[ci], task))
@@ -228,8 +225,6 @@ def _mclip_section(device: str, sizes: Sequence[int], spreads: Sequence[float]) 
 
 def _sylvester_section(device: str, sizes: Sequence[int], conds: Sequence[float]) -> tuple:
     from scipy.linalg import solve_sylvester
-
-    import matfn
 
     sec = Section(
         "solve_sylvester: A X + X B = C, X s×2s (A, B symmetric positive definite, eig. [1/κ, 1])",
@@ -264,14 +259,11 @@ def _sylvester_section(device: str, sizes: Sequence[int], conds: Sequence[float]
 
 
 def _derivative_section(device: str, sizes: Sequence[int], conds: Sequence[float]) -> tuple:
-    import matfn
-    from matfn import oracles
-
     sec = Section(
         "msign_jvp / msign_vjp: derivative of msign (input s×2s, full rank)",
         ["‖D−D*‖F/‖D*‖F"],
         [f"κ={c:g}" for c in conds],
-        note="Reference: the float64 SVD closed form (math spec §4.2), matfn.oracles.",
+        note="Reference: the float64 SVD closed form (docs/math.md §4.2), matfn.oracles.",
     )
     tasks = []
     for s in sizes:
@@ -299,8 +291,6 @@ def _derivative_section(device: str, sizes: Sequence[int], conds: Sequence[float
 
 
 def _triangular_section(device: str, sizes: Sequence[int], _conds: Sequence[float]) -> tuple:
-    import matfn
-
     sec = Section(
         "tri_inv / tri_solve: T = diag(λ) + tril(Q Kᵀ, −1), n×n with rank d = 16",
         ["max|Y−Y*|/max|Y*|", "‖TY−I‖max"],
@@ -369,8 +359,6 @@ def build_sections(
     device: str = "cpu", sizes: Sequence[int] | None = None, quick: bool = False
 ) -> list[tuple[Section, list[tuple[Row, str, Task]]]]:
     """The report's sections and the work items that fill them (nothing is computed yet)."""
-    import matfn
-
     if sizes is None:
         sizes = QUICK_SIZES if quick else DEFAULT_SIZES
     out = []
@@ -387,7 +375,7 @@ def build_sections(
             section_sizes = [s for s in sizes if s <= 128] or [min(sizes)]
         try:
             out.append(builder(device, section_sizes, cases))
-        except (ImportError, AttributeError) as e:  # a reference not in this build yet
+        except (ImportError, AttributeError) as e:  # a reference (e.g. scipy) not installed
             sec = Section(name, [], [])
             sec.skipped = f"skipped: {e}"
             out.append((sec, []))
@@ -408,7 +396,7 @@ def _error_text(e: Exception) -> str:
     return "no conv." if "Convergence" in name else name
 
 
-def _blas_one_thread() -> Any:
+def blas_one_thread() -> Any:
     """Limit numpy's BLAS to one thread while the float64 oracles run.
 
     The oracles are small; a multi-threaded OpenBLAS on a busy machine (``pytest -n 2`` on two
@@ -417,8 +405,6 @@ def _blas_one_thread() -> Any:
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover
-        import contextlib
-
         return contextlib.nullcontext()
     return threadpool_limits(limits=1, user_api="blas")
 
@@ -456,7 +442,7 @@ def run_report(
         bar.start()
         task_id = bar.add_task("", total=total)
     try:
-        with _blas_one_thread():
+        with blas_one_thread():
             for sec, tasks in plan:
                 for row, case, fn in tasks:
                     if bar is not None:
@@ -518,8 +504,6 @@ def render_markdown(sections: list[Section]) -> str:
 
 def save(sections: list[Section], out_dir: Any, meta: dict[str, Any]) -> list[Any]:
     """Write ``report.json`` and ``report.md`` into ``out_dir``; returns the paths."""
-    from pathlib import Path
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pj, pm = out / "report.json", out / "report.md"
@@ -530,8 +514,6 @@ def save(sections: list[Section], out_dir: Any, meta: dict[str, Any]) -> list[An
 
 def environment(device: str) -> dict[str, Any]:
     """Device name, versions and date for the report header."""
-    import platform
-
     if device == "cuda":
         name = torch.cuda.get_device_name()
     else:

@@ -6,13 +6,13 @@ distribution strips ``pydoc_data``, the source code of a few stdlib modules is u
 download is needed.
 
 The attention calls ``QKClip.record`` (when a :class:`optim.QKClip` is registered) on the post-RoPE
-queries and keys, so max-logits can be tracked and capped. This module does not import
-:mod:`optim` at import time; :func:`train_lm` does.
+queries and keys, so max-logits can be tracked and capped.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from optim import Muon, QKClip, muon_param_groups
 
 __all__ = [
     "load_corpus",
@@ -50,8 +52,6 @@ def load_corpus() -> tuple[str, str]:
 
 
 def _pyver() -> str:
-    import sys
-
     return f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
@@ -187,8 +187,6 @@ def make_optimizer(
             weight_decay=0.0,
         )
     if kind == "muon":
-        from optim import Muon, muon_param_groups
-
         return Muon(
             muon_param_groups(model),
             lr=0.02 if lr is None else lr,
@@ -251,8 +249,6 @@ def train_lm(
     callback : callable, optional
         ``callback(step, loss, max_logit)`` after each step (progress bars).
     """
-    from optim import QKClip
-
     if text is None:
         text, _ = load_corpus()
     tok = CharTokenizer(text)

@@ -13,8 +13,9 @@ import torch
 
 import matfn
 from matfn.cli import main
+from matfn.cli.toy_model import load_corpus, train_lm
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -128,8 +129,6 @@ def test_demo_quick_writes_everything(tmp_path, capsys):
 
 
 def test_qk_clip_caps_the_max_logit_of_the_toy_model():
-    from matfn._toy_transformer import load_corpus, train_lm
-
     text = load_corpus()[0][:20000]
     kw = dict(steps=8, dim=32, num_heads=2, layers=1, batch=4, seq=32, text=text, lr=0.05)
     free = train_lm("muon", "muon", **kw)
@@ -146,7 +145,9 @@ def test_qk_clip_caps_the_max_logit_of_the_toy_model():
 
 def test_entry_points_and_import_weight():
     code = (
-        "import sys, matfn, matfn.cli\n"
+        "import sys, matfn\n"
+        "assert not [m for m in sys.modules if m.startswith(('matfn.cli', 'optim'))]\n"
+        "import matfn.cli\n"
         "heavy = [m for m in ('rich', 'matplotlib', 'scipy', 'triton') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
         "import runpy; sys.argv = ['matfn', '--help']\n"
