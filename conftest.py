@@ -2,7 +2,7 @@
 
 import os
 
-# Must happen before any Triton kernel module is imported (CONVENTIONS.md, "Traps").
+# Must happen before any Triton kernel module is imported: the kernel modules read it then.
 if not os.environ.get("MATFN_TEST_ON_GPU"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
