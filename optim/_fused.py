@@ -293,4 +293,3 @@ def fused_muon(
     for (n, m, _, _, _), idx, block in blocks:
         scale = -lr * adjust_lr_ratio(adjust_lr_fn, n, m)
         apply_update([params[i] for i in idx], block, factor=1 - lr * weight_decay, scale=scale)
-

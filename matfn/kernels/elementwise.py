@@ -212,9 +212,7 @@ def _cast_kernel(x_ptr, out_ptr, size, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def cast(
-    X: torch.Tensor, dtype: torch.dtype, config: ElementwiseConfig = CONFIG
-) -> torch.Tensor:
+def cast(X: torch.Tensor, dtype: torch.dtype, config: ElementwiseConfig = CONFIG) -> torch.Tensor:
     """``X.to(dtype)`` for a contiguous tensor in one vectorised pass.
 
     A plain streaming copy: torch's fp16 → bf16 copy runs its unrolled (non-vectorised) kernel
