@@ -339,8 +339,8 @@ class Muon(Optimizer):
 
     **Cost** per step: the Newton–Schulz iterations, ``T(4s²L + 2s³)`` FLOPs per matrix
     (``algorithm="gram"``: ``4s²L + 8Ts³``), in one batched call per (shape, dtype, device)
-    bucket (tall matrices are transposed into the wide bucket), plus O(#params) elementwise
-    work in ``torch._foreach_*`` calls.
+    bucket (tall matrices are transposed into the wide bucket), plus O(#params) element-wise
+    work: ``torch._foreach_*`` calls, or on CUDA two Triton passes (:mod:`optim._fused`).
 
     **State.** ``momentum_buffer`` has the param's shape; it is float32 for bf16/fp16 params
     (kept float32 across ``load_state_dict``, which would otherwise cast it to the param dtype).
