@@ -8,6 +8,7 @@ matfn module; everything else is imported at module level.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from types import ModuleType
 from typing import Literal
@@ -15,6 +16,7 @@ from typing import Literal
 __all__ = ["kernels"]
 
 
+@functools.cache
 def kernels(name: Literal["elementwise", "max_logit"]) -> ModuleType:
-    """``matfn.kernels.<name>``, imported on first use (cached by ``sys.modules`` after)."""
+    """``matfn.kernels.<name>``, imported on first use (then a cached lookup: it runs per step)."""
     return importlib.import_module(f"matfn.kernels.{name}")
