@@ -253,6 +253,20 @@ def test_fused_step_equals_torch_step(shapes, seed, nesterov, adjust):
 
 
 @interpreter_only
+def test_fused_step_equals_torch_step_over_several_ragged_tiles(fused_on_cpu):
+    """Matrices of several default-size tiles, ragged at both edges, both orientations in one
+    bucket: the partial-sum layout of a mixed bucket."""
+    shapes = [(70, 130), (130, 70), (2, 65, 66)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused_mod, "applies", lambda *a: False)
+        ref_params, ref_bufs = _run(shapes, 3, steps=1)
+    params, bufs = _run(shapes, 3, steps=1)
+    assert fused_on_cpu["n"] == 1
+    for x, y in zip(params + bufs, ref_params + ref_bufs, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+@interpreter_only
 def test_fused_path_taken_and_deterministic(fused_on_cpu):
     shapes = [(24, 8), (8, 24), (16, 16), (2, 8, 24)]
     a, _ = _run(shapes, 0, ns_coefficients=(3.4445, -4.7750, 2.0315))
