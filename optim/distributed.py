@@ -233,7 +233,11 @@ class Strategy:
         grads: list[Tensor],
         momentum_bufs: list[Tensor],
     ) -> None:
-        """One param group's Muon parameters through :func:`distributed_muon`."""
+        """One param group's Muon parameters through :func:`distributed_muon`.
+
+        For the distributed kinds; :class:`optim.Muon` calls :func:`optim.muon.muon` itself
+        under ``"local"``.
+        """
         distributed_muon(
             params,
             grads,
