@@ -39,11 +39,11 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from optim import Muon  # noqa: E402
-from optim.muon import (  # noqa: E402
-    _momentum_inputs,
-    _weight_decay,
+from optim._math import (  # noqa: E402
     adjust_lr_ratio,
+    momentum_inputs,
     orthogonalize,
+    weight_decay_,
 )
 
 
@@ -157,7 +157,7 @@ def gather_all_step(params, bufs, lr: float, momentum: float, wd: float) -> None
 
     grads = [p.grad.to_local() for p in params]
     locs = [p.to_local() for p in params]
-    ups = _momentum_inputs(grads, [b.to_local() for b in bufs], momentum, True)
+    ups = momentum_inputs(grads, [b.to_local() for b in bufs], momentum, True)
     fulls = [
         DTensor.from_local(
             u.to(torch.bfloat16), p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
@@ -167,7 +167,7 @@ def gather_all_step(params, bufs, lr: float, momentum: float, wd: float) -> None
     by_shape: dict[tuple, list[int]] = {}
     for i, f in enumerate(fulls):
         by_shape.setdefault(tuple(f.shape), []).append(i)
-    _weight_decay(locs, lr, wd)
+    weight_decay_(locs, lr, wd)
     rank = dist.get_rank()
     for shape, idx in by_shape.items():
         O = orthogonalize(

@@ -23,7 +23,7 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from matfn.kernels.max_logit import max_logit_triton  # noqa: E402
-from optim.qk_clip import _max_logit_torch  # noqa: E402
+from optim.max_logit import max_logit_torch  # noqa: E402
 
 
 def dense(q, k, causal, scale):
@@ -56,12 +56,12 @@ def main() -> None:
                 k = torch.randn(B, Hkv, S, D, device=dev, generator=g).to(dtype)
                 sc = 1 / math.sqrt(D)
                 out = max_logit_triton(q, k, causal=causal, scale=sc)
-                ref = _max_logit_torch(q, k, causal=causal, scale=sc)
+                ref = max_logit_torch(q, k, causal=causal, scale=sc)
                 err = ((out - ref).abs() / ref.abs().clamp_min(1e-6)).max().item()
                 row = dict(shape=(B, H, Hkv, S, D), dtype=str(dtype), causal=causal,
                            rel_err_vs_ref=err)  # fmt: skip
                 if S <= 2048:
-                    o64 = _max_logit_torch(q.double(), k.double(), causal=causal, scale=sc)
+                    o64 = max_logit_torch(q.double(), k.double(), causal=causal, scale=sc)
                     row["rel_err_vs_f64"] = ((out.double() - o64).abs() / o64.abs()).max().item()
                 good = err < 1e-4 and not torch.isnan(out).any()
                 ok &= good
@@ -70,7 +70,7 @@ def main() -> None:
                 print("check", row)
                 ms_k = do_bench(lambda q=q, k=k, c=causal, s=sc: max_logit_triton(q, k, causal=c,
                                 scale=s), warmup=25, rep=100, return_mode="median")  # fmt: skip
-                ms_t = do_bench(lambda q=q, k=k, c=causal, s=sc: _max_logit_torch(q, k, causal=c,
+                ms_t = do_bench(lambda q=q, k=k, c=causal, s=sc: max_logit_torch(q, k, causal=c,
                                 scale=s), warmup=10, rep=50, return_mode="median")  # fmt: skip
                 ms_d = float("nan")
                 if B * H * S * S * 4 <= 2**31:

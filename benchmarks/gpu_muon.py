@@ -26,7 +26,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+import optim._fused as fused_mod  # noqa: E402
 from optim import Muon  # noqa: E402
+from optim._fused import BucketGraphs, FusedConfig  # noqa: E402
 from optim.muon import orthogonalize  # noqa: E402
 
 KELLER = (3.4445, -4.7750, 2.0315)
@@ -142,16 +144,14 @@ def checks(params, grads) -> list[tuple[str, float, float, bool]]:
     rows.append(("  momentum buffers: max relative ‖Δ‖", worst, 1e-6, worst < 1e-6))
     # 5. CUDA-graph replay (cuda_graphs=True) vs eager orthogonalisation: 4 steps; the graphs
     # launch the eager kernels (bitwise-level agreement) or the GPU-fastest ones (within the
-    # bf16 iteration's rounding), optim._graphs.GPU_TIME_KERNELS
-    import optim._graphs as graphs_mod
-
+    # bf16 iteration's rounding), FusedConfig.gpu_time_kernels
     for fastest, bound in ((False, 1e-5), (True, 1e-2)):
-        with mock.patch.object(graphs_mod, "GPU_TIME_KERNELS", fastest):
-            a, b = fresh(params, grads), fresh(params, grads)
-            opt_a, opt_b = Muon(a, lr=0.02, cuda_graphs=True), Muon(b, lr=0.02)
-            for _ in range(4):
-                opt_a.step()
-                opt_b.step()
+        a, b = fresh(params, grads), fresh(params, grads)
+        opt_a, opt_b = Muon(a, lr=0.02, cuda_graphs=True), Muon(b, lr=0.02)
+        opt_a._graphs = BucketGraphs(FusedConfig(gpu_time_kernels=fastest))
+        for _ in range(4):
+            opt_a.step()
+            opt_b.step()
         worst = max(
             ((x - y).norm() / (x - p).norm()).item() for x, y, p in zip(a, b, params, strict=True)
         )
@@ -167,32 +167,16 @@ def checks(params, grads) -> list[tuple[str, float, float, bool]]:
     return rows
 
 
-def eager_kernels():
-    """Captured bucket graphs launch the eager step's kernels (optim._graphs.GPU_TIME_KERNELS)."""
-    import optim._graphs as graphs_mod
-
-    return mock.patch.object(graphs_mod, "GPU_TIME_KERNELS", False)
+def _graphs_on_eager_kernels(params, grads):
+    """cuda_graphs=True, the captured bucket graphs on the eager step's kernels."""
+    opt = Muon(fresh(params, grads), cuda_graphs=True)
+    opt._graphs = BucketGraphs(FusedConfig(gpu_time_kernels=False))
+    return opt.step
 
 
 def foreach_elementwise():
     """The step's element-wise passes on torch._foreach_* (the fused Triton kernels off)."""
-    import optim.muon as muon_mod
-
-    return mock.patch.object(muon_mod, "_fused_kernels_apply", lambda *a: False)
-
-
-def mixed_update(how: str):
-    """Pick the last product of the mixed Newton–Schulz path (dispatch.MIXED_UPDATE)."""
-    from matfn.kernels import dispatch
-
-    return mock.patch.object(dispatch, "MIXED_UPDATE", how)
-
-
-def folded_poly(how: str):
-    """Pick the backend of ``cA² + bA + aI`` in the folded step (ns_step.FOLDED_POLY_BACKEND)."""
-    from matfn.kernels import ns_step
-
-    return mock.patch.object(ns_step, "FOLDED_POLY_BACKEND", how)
+    return mock.patch.object(fused_mod, "applies", lambda *a: False)
 
 
 def _within(ctx_factory, step_factory):
@@ -252,7 +236,7 @@ CASES = [
         lambda P, G: Muon(fresh(P, G), batched=False).step,
     ),
     (
-        "ours: update='mclip' (F3, 3 inner msign)",
+        "ours: update='mclip' (3 inner msign)",
         "bench",
         lambda P, G: Muon(fresh(P, G), update="mclip").step,
     ),
@@ -264,7 +248,7 @@ CASES = [
     (
         "ours: cuda_graphs=True, graphs on the eager kernels",
         "bench",
-        _within(eager_kernels, lambda P, G: Muon(fresh(P, G), cuda_graphs=True).step),
+        _graphs_on_eager_kernels,
     ),
     (
         "ours: host time of step(), cuda_graphs=True",
@@ -275,21 +259,6 @@ CASES = [
         "ours: element-wise on torch._foreach (kernels off)",
         "bench",
         _within(foreach_elementwise, lambda P, G: Muon(fresh(P, G)).step),
-    ),
-    (
-        "ours: NS last product folded, cuBLAS (B+aI)X",
-        "bench",
-        _within(lambda: mixed_update("folded"), lambda P, G: Muon(fresh(P, G)).step),
-    ),
-    (
-        "ours: folded, cA²+bA+aI on cuBLAS (baddbmm + diag add)",
-        "bench",
-        _within(lambda: folded_poly("cublas"), lambda P, G: Muon(fresh(P, G)).step),
-    ),
-    (
-        "ours: NS last product Triton BX+aX",
-        "bench",
-        _within(lambda: mixed_update("triton"), lambda P, G: Muon(fresh(P, G)).step),
     ),
     ("ours: bf16 params (fp32 momentum)", "bench", _bf16_step),
     ("ours: Triton off (torch bmm path)", "bench", _triton_off_step),

@@ -4,6 +4,12 @@ msign needs whole matrices, but under FSDP2 (``torch.distributed.fsdp.fully_shar
 holds a slice of every matrix, and under DDP every rank holds every matrix. Doing all the
 Newton–Schulz work on every rank wastes ``world_size``-fold compute; this module splits it.
 
+:class:`optim.Muon` picks a :class:`Strategy` once, in its constructor
+(:func:`choose_strategy`): ``"local"`` (single process), ``"replicated"`` (DDP: plain parameters
+and ``process_group``) or ``"sharded"`` (DTensor parameters, FSDP2). The process group is
+resolved then, and the orthogonalisation is a function the strategy holds
+(``orthogonalize_fn``), so the collectives below never depend on which Newton–Schulz runs.
+
 Per step, for the Muon parameters of a param group (momentum and the update are elementwise, so
 they run on the local shards exactly as in single-process :func:`optim.muon.muon`):
 
@@ -12,8 +18,8 @@ they run on the local shards exactly as in single-process :func:`optim.muon.muon
   shape ``s×L``. Each matrix gets an *owner* rank (longest-processing-time greedy on the cost
   ``k·L·s²``, identical on every rank). One ``all_to_all_single`` per bucket turns "every rank
   holds a slice of every matrix" into "every rank holds its own matrices whole"; the owner
-  orthogonalises them in one batched call (:func:`optim.muon.orthogonalize`, Triton kernels on
-  CUDA) and a reverse ``all_to_all_single`` returns the slices. Shards may be uneven or empty
+  orthogonalises them in one batched call (``orthogonalize_fn``, Triton kernels on CUDA) and a
+  reverse ``all_to_all_single`` returns the slices. Shards may be uneven or empty
   (``torch.chunk`` sizes, as DTensor and FSDP2 use): split sizes are exact, nothing is padded.
 * **Replicated** (plain parameters with ``Muon(..., process_group=...)`` under DDP, or
   ``Replicate()`` DTensors): the owner orthogonalises its matrices and one ``all_gather`` per
@@ -45,16 +51,30 @@ import heapq
 import inspect
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ._math import (
+    MUON_KEYS,
+    adjust_lr_ratio,
+    apply_,
+    iteration_dtype_of,
+    matrix_shape,
+    momentum_inputs,
+    orthogonalize,
+    to_scalar,
+    weight_decay_,
+)
+
 __all__ = [
+    "Strategy",
     "assign_owners",
+    "choose_strategy",
     "distributed_muon",
     "init_state",
     "resolve_process_group",
@@ -170,41 +190,82 @@ def init_state(optimizer: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Hooks called by optim.Muon (see the "distributed hook" comments in optim/muon.py)
+# The strategy, chosen once by optim.Muon.__init__
 # --------------------------------------------------------------------------------------------
 
+Kind = Literal["local", "replicated", "sharded"]
 
-def attach(optimizer: Any, process_group: Any) -> tuple[Any, bool]:
-    """``Muon.__init__`` hook: ``(resolved group, distributed?)``; eager state if distributed."""
+
+@dataclass(frozen=True)
+class Strategy:
+    """How a Muon optimizer's matrices reach an orthogonaliser; chosen once, at construction.
+
+    Attributes
+    ----------
+    kind : {"local", "replicated", "sharded"}
+        ``"local"``: single process (:func:`optim.muon.muon`). ``"replicated"``: plain
+        parameters replicated over ``process_group`` (DDP): each rank orthogonalises its share,
+        one all-gather per bucket. ``"sharded"``: DTensor parameters (FSDP2), each on its own
+        mesh (all-to-all per bucket; see the module docstring); plain parameters as under
+        ``"replicated"`` when ``process_group`` is set, else local.
+    process_group : ProcessGroup or None
+        The group plain parameters are replicated over (resolved once, see
+        :func:`resolve_process_group`).
+    orthogonalize_fn : callable
+        ``(X (B, n, m), group) -> O``, the orthogonalisation every rank runs on its matrices
+        (default :func:`optim._math.orthogonalize`); injected, so a caller may swap the
+        Newton–Schulz implementation or instrument it.
+    """
+
+    kind: Kind = "local"
+    process_group: Any = None
+    orthogonalize_fn: Callable[[Tensor, Mapping[str, Any]], Tensor] = orthogonalize
+
+    @property
+    def distributed(self) -> bool:
+        """Whether steps go through :func:`distributed_muon` (state is then created eagerly)."""
+        return self.kind != "local"
+
+    def step(
+        self,
+        group: Mapping[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        momentum_bufs: list[Tensor],
+    ) -> None:
+        """One param group's Muon parameters through :func:`distributed_muon`.
+
+        For the distributed kinds; :class:`optim.Muon` calls :func:`optim.muon.muon` itself
+        under ``"local"``.
+        """
+        distributed_muon(
+            params,
+            grads,
+            momentum_bufs,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            nesterov=group["nesterov"],
+            adjust_lr_fn=group["adjust_lr_fn"],
+            group={k: group[k] for k in MUON_KEYS},
+            process_group=self.process_group,
+            orthogonalize_fn=self.orthogonalize_fn,
+        )
+
+
+def choose_strategy(params: Iterable[Tensor], process_group: Any) -> Strategy:
+    """The :class:`Strategy` for these parameters and ``Muon(process_group=...)``.
+
+    ``"sharded"`` if any parameter is a DTensor, else ``"replicated"`` if a process group is
+    given (``True``: the default group), else ``"local"``. Raises as
+    :func:`resolve_process_group` does.
+    """
     pg = resolve_process_group(process_group)
-    on = pg is not None or any(_is_dtensor(p) for g in optimizer.param_groups for p in g["params"])
-    if on:
-        init_state(optimizer)
-    return pg, on
-
-
-def step_distributed(
-    optimizer: Any,
-    group: Mapping[str, Any],
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_bufs: list[Tensor],
-) -> None:
-    """``Muon.step`` hook: one group's Muon parameters through :func:`distributed_muon`."""
-    from .muon import _MUON_KEYS
-
-    distributed_muon(
-        params,
-        grads,
-        momentum_bufs,
-        lr=group["lr"],
-        weight_decay=group["weight_decay"],
-        momentum=group["momentum"],
-        nesterov=group["nesterov"],
-        adjust_lr_fn=group["adjust_lr_fn"],
-        group={k: group[k] for k in _MUON_KEYS},
-        process_group=getattr(optimizer, "_process_group", None),
-    )
+    if any(_is_dtensor(p) for p in params):
+        return Strategy("sharded", pg)
+    if pg is not None:
+        return Strategy("replicated", pg)
+    return Strategy("local")
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,8 +316,6 @@ def _flattens(ndim: int, view: str) -> bool:
 
 
 def _classify(index: int, p: Tensor, view: str, pg: Any) -> _Item:
-    from .muon import matrix_shape
-
     k, n, m = matrix_shape(p.shape, view)
     item = _Item(index, "local", tuple(p.shape), k, n, m)
     if p.numel() == 0:
@@ -311,6 +370,7 @@ def distributed_muon(
     adjust_lr_fn: str | None,
     group: Mapping[str, Any],
     process_group: Any = None,
+    orthogonalize_fn: Callable[[Tensor, Mapping[str, Any]], Tensor] = orthogonalize,
 ) -> None:
     r"""Muon on DTensor / DDP-replicated parameters with the orthogonalisation split over ranks.
 
@@ -331,6 +391,9 @@ def distributed_muon(
     process_group : ProcessGroup, optional
         Group over which plain (non-DTensor) parameters are replicated (DDP); ``None``: plain
         parameters are orthogonalised locally. DTensors use their own mesh's groups.
+    orthogonalize_fn : callable
+        ``(X (B, n, m), group) -> O`` run on each rank's matrices; default
+        :func:`optim._math.orthogonalize`.
 
     Notes
     -----
@@ -340,9 +403,6 @@ def distributed_muon(
     to-all out and back: ``2·numel/W`` elements per matrix); replicated parameters all-gather
     ``numel`` elements per matrix. 3-D expert weights sharded on the expert dimension: none.
     """
-    from .muon import _apply, _momentum_inputs, _weight_decay, adjust_lr_ratio, orthogonalize
-    from .muon import _to_scalar as to_scalar
-
     if not params:
         return
     lr = to_scalar(lr)
@@ -355,15 +415,13 @@ def distributed_muon(
             g = g.redistribute(p.device_mesh, p.placements)
         local_grads.append(_local(g))
     local_bufs = [_local(b) for b in momentum_bufs]
-    updates = _momentum_inputs(local_grads, local_bufs, momentum, nesterov)
+    updates = momentum_inputs(local_grads, local_bufs, momentum, nesterov)
 
     items = [_classify(i, p, view, process_group) for i, p in enumerate(params)]
     results: dict[int, Tensor] = {}  # index -> orth(U) as the local piece, compute dtype
 
     def cdt_of(u: Tensor) -> torch.dtype:
-        from matfn.msign import default_compute_dtype
-
-        return group.get("ns_dtype") or default_compute_dtype(u)
+        return iteration_dtype_of(group, u)
 
     # ---- owners: one greedy assignment per process group over all its items -----------------
     by_pg: dict[int, list[_Item]] = {}
@@ -432,7 +490,7 @@ def distributed_muon(
             for j, it in enumerate(mine):
                 pieces = [per_source[s][j].view(it.piece_shape(s)) for s in range(world)]
                 mats.append(it.to_wide(torch.cat(pieces, dim=it.shard_dim)))
-            O = orthogonalize(torch.cat(mats), group).to(st["cdt"])
+            O = orthogonalize_fn(torch.cat(mats), group).to(st["cdt"])
             outs, start = [], 0
             for it in mine:
                 outs.append(it.from_wide(O[start : start + it.k]))
@@ -473,7 +531,7 @@ def distributed_muon(
             kl = u.numel() // (it.n * it.m) if it.n * it.m else 0
             X = u.reshape(kl, it.n, it.m)
             mats.append(X.mT if it.n > it.m else X)
-        O = orthogonalize(torch.cat(mats), group)
+        O = orthogonalize_fn(torch.cat(mats), group)
         start = 0
         for it, X in zip(its, mats, strict=True):
             blk = O[start : start + X.shape[0]]
@@ -492,7 +550,7 @@ def distributed_muon(
         buf = torch.zeros(max(counts), s, L, dtype=cdt, device=updates[its[0].index].device)
         if mine:
             X = torch.cat([it.to_wide(updates[it.index]) for it in mine])
-            buf[: counts[rank]] = orthogonalize(X, group)
+            buf[: counts[rank]] = orthogonalize_fn(X, group)
         out = [torch.empty_like(buf) for _ in range(world)]
         work = dist.all_gather(out, buf, group=pg, async_op=True)
         gathers.append((its, world, out, buf, work))
@@ -517,7 +575,7 @@ def distributed_muon(
             shape=p.shape,
             stride=p.stride(),
         ).full_tensor()
-        O = it.from_wide(orthogonalize(it.to_wide(u), group))
+        O = it.from_wide(orthogonalize_fn(it.to_wide(u), group))
         back = DTensor.from_local(
             O.contiguous(), p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False
         ).redistribute(p.device_mesh, p.placements)
@@ -535,7 +593,7 @@ def distributed_muon(
         finish_backward(st)
 
     # ---- apply: decoupled decay, then W += -lr·r(A, B)·O, grouped by scale ------------------
-    _weight_decay(local_params, lr, weight_decay)
+    weight_decay_(local_params, lr, weight_decay)
     groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
     for it in items:
         p = local_params[it.index]
@@ -548,4 +606,4 @@ def distributed_muon(
         targets.append(p)
         ups.append(upd.contiguous())
     for (n, m, _, _), (targets, ups) in groups.items():
-        _apply(targets, ups, -lr * adjust_lr_ratio(adjust_lr_fn, n, m))
+        apply_(targets, ups, -lr * adjust_lr_ratio(adjust_lr_fn, n, m))

@@ -1,19 +1,18 @@
 r"""Muon for whole models: orthogonalised momentum for matrices, AdamW for everything else.
 
-Layout follows ``torch.optim``: the :class:`Muon` class gathers parameters and state, the
-functional :func:`muon` performs the update, and it dispatches to :func:`_batched_muon` (matrices
-of the same shape, dtype and device are orthogonalised together in one batched call) or
-:func:`_single_tensor_muon` (one matrix at a time; the readable reference). The orthogonalisation
-itself is :func:`orthogonalize` / :func:`orthogonalize_bucket`, separate from the momentum and the
-apply steps so that a distributed variant can reuse it on the matrices each rank owns.
+Layout follows ``torch.optim`` (``_muon.py``, ``adam.py``): the :class:`Muon` class gathers
+parameters and state (``_init_group``) and calls the functional :func:`muon`, which picks the
+path: :func:`_single_tensor_muon` (one parameter at a time; the readable reference),
+:func:`_batched_muon` (matrices of one wide shape, dtype and device orthogonalised in one batched
+call; ``torch._foreach_*`` element-wise work) or, on CUDA, :func:`optim._fused.fused_muon` (the
+same update with Triton element-wise passes and optional CUDA-graph replay). The shared math
+(matrix views, :func:`orthogonalize`, momentum and apply steps) is :mod:`optim._math`;
+distributed steps are :mod:`optim.distributed`. The math is docs/math.md §7.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
-import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -21,260 +20,50 @@ from torch import Tensor, nn
 from torch.optim.adam import adam
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from matfn._batching import to_wide
-from matfn.kernels.dispatch import use_triton
-from matfn.msign import (
-    METHODS,
-    default_compute_dtype,
-    msign_wide,
-    normalize_for_iteration,
-    run_newton_schulz,
+from matfn.functional import METHODS
+
+from . import _fused
+from ._fused import BucketGraphs
+from ._math import (
+    ADJUST_LR_FNS,
+    LOW_PRECISION,
+    MUON_KEYS,
+    adjust_lr_ratio,
+    apply_,
+    buckets,
+    foreach_ok,
+    iteration_dtype_of,
+    matrix_shape,
+    momentum_inputs,
+    orthogonalize,
+    orthogonalize_bucket,
+    runs,
+    to_scalar,
+    weight_decay_,
 )
+from .distributed import Strategy, choose_strategy, init_state
 
-from . import _graphs
-from ._graphs import BucketGraphs
-
-__all__ = ["Muon", "muon", "muon_param_groups", "orthogonalize", "orthogonalize_bucket"]
+__all__ = [
+    "Muon",
+    "adjust_lr_ratio",
+    "matrix_shape",
+    "muon",
+    "muon_param_groups",
+    "orthogonalize",
+    "orthogonalize_bucket",
+]
 
 AdjustLR = Literal["original", "match_rms_adamw"] | None
 Update = Literal["msign", "mclip"]
 MatrixView = Literal["auto", "flatten", "batch"]
 
-ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
 UPDATES = ("msign", "mclip")
 MATRIX_VIEWS = ("auto", "flatten", "batch")
 NS_ALGORITHMS = ("auto", "standard", "gram")
-#: Parameters stored in these dtypes keep their momentum buffer in float32.
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-try:  # torch ≥ 2.8; squeezes a 1-element tensor lr to 0-d, keeps floats
-    from torch.optim.optimizer import _to_scalar
-except ImportError:  # pragma: no cover - older torch
-
-    def _to_scalar(x: float | Tensor) -> float | Tensor:
-        return x.squeeze() if isinstance(x, Tensor) and x.dim() != 0 else x
 
 
 # --------------------------------------------------------------------------------------------
-# Shapes: which matrices a parameter holds, and the learning-rate shape factor
-# --------------------------------------------------------------------------------------------
-
-
-def matrix_shape(
-    shape: torch.Size | Sequence[int], matrix_view: str = "auto"
-) -> tuple[int, int, int]:
-    """``(k, n, m)``: a parameter of ``shape`` is optimised as ``k`` matrices of size ``n×m``.
-
-    2-D: one matrix. ``matrix_view="auto"``: 3-D ``(E, n, m)`` is E expert matrices, ≥ 4-D
-    (conv ``(out, in, kh, kw)``) is flattened to ``(out, in·kh·kw)`` as in Keller's Muon.
-    ``"flatten"`` flattens every ≥ 3-D parameter (use it for Conv1d weights ``(out, in, k)``);
-    ``"batch"`` treats all leading dims as a batch of ``shape[-2] × shape[-1]`` matrices.
-    """
-    shape = tuple(shape)
-    if len(shape) < 2:
-        raise ValueError(f"Muon needs parameters with ndim >= 2, got shape {shape}")
-    if len(shape) == 2:
-        return 1, shape[0], shape[1]
-    flatten = matrix_view == "flatten" or (matrix_view == "auto" and len(shape) >= 4)
-    if flatten:
-        return 1, shape[0], math.prod(shape[1:])
-    return math.prod(shape[:-2]), shape[-2], shape[-1]
-
-
-def adjust_lr_ratio(adjust_lr_fn: str | None, n: int, m: int) -> float:
-    r"""The shape factor ``r(A, B)`` of torch.optim.Muon for an ``A×B`` matrix (``A = n``).
-
-    ``None``/``"original"``: ``√max(1, A/B)`` (update RMS ``1/√B`` for full rank);
-    ``"match_rms_adamw"``: ``0.2·√max(A, B)`` (update RMS 0.2, AdamW's typical value).
-    """
-    if adjust_lr_fn is None or adjust_lr_fn == "original":
-        return math.sqrt(max(1.0, n / m))
-    if adjust_lr_fn == "match_rms_adamw":
-        return 0.2 * math.sqrt(max(n, m))
-    raise ValueError(f"`adjust_lr_fn` must be one of {ADJUST_LR_FNS}, got {adjust_lr_fn!r}")
-
-
-# --------------------------------------------------------------------------------------------
-# Orthogonalisation (no state, no parameters): reusable by a distributed variant
-# --------------------------------------------------------------------------------------------
-
-
-def _mclip_wide(
-    X: Tensor,
-    *,
-    method: str,
-    steps: int | None,
-    algorithm: str,
-    eps: float,
-    compute_dtype: torch.dtype,
-    mclip_scale: float,
-) -> Tensor:
-    from matfn.mclip import mclip  # lazy: keeps `import optim` light
-
-    acc = X.to(torch.float64 if X.dtype == torch.float64 else torch.float32)
-    # threshold c = κ·‖X‖_F/√s: the RMS singular value (times κ) of each matrix.
-    c = torch.linalg.matrix_norm(acc, keepdim=True) * (mclip_scale / math.sqrt(X.shape[-2]))
-    Xn = (acc / c.clamp_min(eps)).to(compute_dtype)
-    return mclip(
-        Xn,
-        max_sv=1.0,
-        method=method,
-        steps=steps,
-        algorithm=algorithm,
-        eps=eps,
-        compute_dtype=compute_dtype,
-        check_finite=False,
-    )
-
-
-def orthogonalize(X: Tensor, group: Mapping[str, Any], norms: Tensor | None = None) -> Tensor:
-    r"""The Muon direction of each matrix in a stacked batch ``X`` of shape ``(B, n, m)``.
-
-    ``update="msign"``: ``msign(X_b) ≈ U Vᵀ`` by Newton–Schulz. With ``ns_coefficients=(a, b, c)``
-    this is torch.optim.Muon's fixed quintic: ``X₀ = X / max(‖X‖_F, eps)``, then ``ns_steps``
-    (default 5) steps ``X ← aX + (bA + cA²)X``, ``A = XXᵀ``; otherwise the ``msign`` method's
-    schedule (:func:`matfn.msign`). ``update="mclip"``: ``mclip(X_b / c_b)`` with
-    ``c_b = mclip_scale·‖X_b‖_F/√s``: singular values ``min(σ/c, 1)``.
-
-    Only the keys ``msign, ns_coefficients, ns_steps, eps, ns_algorithm, ns_dtype, update,
-    mclip_scale`` of ``group`` are read. Returns ``(B, n, m)`` in the iteration dtype
-    (``ns_dtype``; default bfloat16 on CUDA, float32 on CPU, float64 for float64; fp16 where
-    a bf16 batch takes the folded CUDA path, see :func:`matfn.kernels.dispatch.iteration_dtype`;
-    callers cast). ``X`` is never modified. ``norms``: the Frobenius norms of X's matrices,
-    shape ``(B,)``, when the caller computed them while writing X (``update="msign"``), which
-    saves a read of X.
-    """
-    if X.numel() == 0:
-        return torch.zeros_like(X)
-    X, transposed = to_wide(X)
-    compute_dtype = group.get("ns_dtype") or default_compute_dtype(X)
-    algorithm = group.get("ns_algorithm", "auto")
-    eps = group["eps"]
-    coefficients = group.get("ns_coefficients")
-    steps = group.get("ns_steps")
-    if group.get("update", "msign") == "mclip":
-        O = _mclip_wide(
-            X,
-            method=group["msign"],
-            steps=steps,
-            algorithm=algorithm,
-            eps=eps,
-            compute_dtype=compute_dtype,
-            mclip_scale=group.get("mclip_scale", 1.0),
-        )
-    elif coefficients is not None:
-        X0 = normalize_for_iteration(X, 1.0, eps, compute_dtype, norms)
-        coeffs = [tuple(float(v) for v in coefficients)] * (5 if steps is None else steps)
-        O = run_newton_schulz(X0, coeffs, algorithm)
-    else:
-        O = msign_wide(
-            X,
-            method=group["msign"],
-            steps=steps,
-            algorithm=algorithm,
-            eps=eps,
-            compute_dtype=compute_dtype,
-            norms=norms,
-        )
-    return O.mT if transposed else O
-
-
-def orthogonalize_bucket(updates: Sequence[Tensor], group: Mapping[str, Any]) -> list[Tensor]:
-    """Orthogonalise a list of same-shape matrices ``(n, m)`` (or ``(k, n, m)``) in one call.
-
-    The building block for single-process and distributed Muon: stack, one batched
-    :func:`orthogonalize`, split. Outputs have the inputs' shapes and dtype; inputs are not
-    modified.
-    """
-    if not updates:
-        return []
-    shape = updates[0].shape
-    if any(u.shape != shape for u in updates):
-        raise ValueError(f"`updates` must share one shape, got {[tuple(u.shape) for u in updates]}")
-    X = torch.stack(list(updates)).reshape(-1, shape[-2], shape[-1])
-    O = orthogonalize(X, group).to(updates[0].dtype)
-    return list(O.reshape(len(updates), *shape).unbind(0))
-
-
-# --------------------------------------------------------------------------------------------
-# Momentum and apply steps (shared by both paths)
-# --------------------------------------------------------------------------------------------
-
-
-def _momentum_inputs(
-    grads: list[Tensor], bufs: list[Tensor], momentum: float, nesterov: bool
-) -> list[Tensor]:
-    r"""EMA momentum ``B ← μB + (1−μ)G`` in place; returns ``(1−μ)G + μB`` (Nesterov) or ``B``.
-
-    Same-dtype pairs use ``lerp`` exactly like torch.optim.Muon; a float32 buffer of a bf16/fp16
-    parameter uses ``μB + (1−μ)G`` (``lerp`` needs equal dtypes). Gradients are not modified.
-    """
-    out: list[Tensor | None] = [None] * len(grads)
-    same = [i for i in range(len(grads)) if grads[i].dtype == bufs[i].dtype]
-    mixed = [i for i in range(len(grads)) if grads[i].dtype != bufs[i].dtype]
-    if same:
-        b = [bufs[i] for i in same]
-        g = [grads[i] for i in same]
-        torch._foreach_lerp_(b, g, 1 - momentum)
-        res = torch._foreach_lerp(g, b, momentum) if nesterov else b
-        for i, r in zip(same, res, strict=True):
-            out[i] = r
-    if mixed:
-        b = [bufs[i] for i in mixed]
-        g = [grads[i] for i in mixed]
-        torch._foreach_mul_(b, momentum)
-        torch._foreach_add_(b, g, alpha=1 - momentum)
-        if nesterov:
-            res = torch._foreach_mul(b, momentum)
-            torch._foreach_add_(res, g, alpha=1 - momentum)
-        else:
-            res = b
-        for i, r in zip(mixed, res, strict=True):
-            out[i] = r
-    return out  # type: ignore[return-value]
-
-
-def _foreach_ok(tensors: list[Tensor]) -> bool:
-    """Whether scalar ``torch._foreach_*`` ops are exact here.
-
-    On CPU they round a Python scalar to a bf16/fp16 list's dtype first (``0.998`` becomes
-    ``0.9961``), so low-precision CPU tensors take per-tensor ops, which compute in float32.
-    """
-    return not any(t.dtype in _LOW_PRECISION and t.device.type == "cpu" for t in tensors)
-
-
-def _weight_decay(params: list[Tensor], lr: float | Tensor, weight_decay: float) -> None:
-    """Decoupled decay with the unadjusted lr: ``W ← (1 − η λ) W``."""
-    if weight_decay == 0 or not params:
-        return
-    factor = 1 - lr * weight_decay
-    if not _foreach_ok(params):
-        for p in params:
-            p.mul_(factor.to(p.device) if isinstance(factor, Tensor) else factor)
-    elif isinstance(factor, Tensor):
-        by_device: dict[torch.device, list[Tensor]] = {}
-        for p in params:
-            by_device.setdefault(p.device, []).append(p)
-        for device, ps in by_device.items():
-            torch._foreach_mul_(ps, factor.to(device))
-    else:
-        torch._foreach_mul_(params, factor)
-
-
-def _apply(params: list[Tensor], updates: list[Tensor], scale: float | Tensor) -> None:
-    """``W ← W + scale·O`` for same-shape pairs (O in W's dtype or one the add promotes)."""
-    if isinstance(scale, Tensor):
-        updates = torch._foreach_mul(updates, scale.to(updates[0].device))
-        torch._foreach_add_(params, updates)
-    elif not _foreach_ok(params):
-        for p, u in zip(params, updates, strict=True):
-            p.add_(u, alpha=scale)
-    else:
-        torch._foreach_add_(params, updates, alpha=scale)
-
-
-# --------------------------------------------------------------------------------------------
-# The two code paths
+# The torch paths
 # --------------------------------------------------------------------------------------------
 
 
@@ -293,10 +82,10 @@ def _single_tensor_muon(
     """One parameter at a time (its expert stack batched); the reference for the batched path."""
     view = group.get("matrix_view", "auto")
     for param, grad, buf in zip(params, grads, momentum_bufs, strict=True):
-        (u,) = _momentum_inputs([grad], [buf], momentum, nesterov)
+        (u,) = momentum_inputs([grad], [buf], momentum, nesterov)
         k, n, m = matrix_shape(param.shape, view)
         O = orthogonalize(u.reshape(k, n, m), group).to(param.dtype)
-        _weight_decay([param], lr, weight_decay)
+        weight_decay_([param], lr, weight_decay)
         scale = -lr * adjust_lr_ratio(adjust_lr_fn, n, m)
         if isinstance(scale, Tensor):
             param.add_((O * scale.to(O.device)).reshape(param.shape))
@@ -312,117 +101,16 @@ def _stack(parts: list[Tensor], group: Mapping[str, Any]) -> Tensor:
     float32 write and read of every update. mclip normalises in float32 and gets the float32
     stack.
     """
-    dtype = group.get("ns_dtype") or default_compute_dtype(parts[0])
+    dtype = iteration_dtype_of(group, parts[0])
     cast = (
         group.get("update", "msign") == "msign"
-        and dtype in _LOW_PRECISION
-        and parts[0].dtype not in _LOW_PRECISION
+        and dtype in LOW_PRECISION
+        and parts[0].dtype not in LOW_PRECISION
     )
     if not cast:
         return torch.cat(parts) if len(parts) > 1 else parts[0]
     out = parts[0].new_empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]), dtype=dtype)
     return torch.cat(parts, out=out)
-
-
-def _fused_kernels_apply(
-    params: list[Tensor],
-    grads: list[Tensor],
-    bufs: list[Tensor],
-    lr: float | Tensor,
-    group: Mapping[str, Any],
-) -> bool:
-    """Whether the batched step runs its element-wise passes on the Triton kernels.
-
-    CUDA with Triton on (:func:`matfn.kernels.dispatch.use_triton`), eager mode, a float lr,
-    ``update="msign"`` and contiguous float32/bf16/fp16 params, grads and buffers; else the
-    ``torch._foreach_*`` path (the reference) runs.
-    """
-    if isinstance(lr, Tensor) or group.get("update", "msign") != "msign":
-        return False
-    if torch.compiler.is_compiling() or not use_triton(*params, *grads, *bufs):
-        return False
-    dtype = group.get("ns_dtype") or default_compute_dtype(params[0])
-    return dtype in _KERNEL_DTYPES and all(
-        t.dtype in _KERNEL_DTYPES and t.is_contiguous() for t in (*params, *grads, *bufs)
-    )
-
-
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _buckets(params: list[Tensor], keys: list[tuple], view: str) -> list[list[tuple[tuple, int]]]:
-    """Group parameter indices by ``keys[i] + (s, L)``.
-
-    Within a bucket members are sorted by ``(n, m, k, shape, dtype)``, so that each run of equal
-    members is a contiguous slice of the bucket's stack.
-    """
-    buckets: dict[tuple, list[tuple]] = {}
-    for i, p in enumerate(params):
-        k, n, m = matrix_shape(p.shape, view)
-        key = (*keys[i], min(n, m), max(n, m))
-        buckets.setdefault(key, []).append(((n, m, k, tuple(p.shape), str(p.dtype)), i))
-    for members in buckets.values():
-        members.sort(key=lambda t: t[0])
-    return list(buckets.values())
-
-
-def _runs(members: list[tuple[tuple, int]]) -> list[tuple[tuple, list[int], int]]:
-    """The runs of a sorted bucket: (member key, indices, first matrix in the stack)."""
-    out, start = [], 0
-    for run_key, run in itertools.groupby(members, key=lambda t: t[0]):
-        idx = [i for _, i in run]
-        out.append((run_key, idx, start))
-        start += len(idx) * run_key[2]
-    return out
-
-
-def _fused_momentum_stack(
-    grads: list[Tensor],
-    bufs: list[Tensor],
-    members: list[tuple[tuple, int]],
-    dtype: torch.dtype,
-    momentum: float,
-    nesterov: bool,
-    buffers: tuple[Tensor, Tensor] | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Momentum + Nesterov + stack + cast of one bucket, one Triton pass per run.
-
-    Returns the wide ``(K, s, L)`` stack in ``dtype`` and the per-tile sums of squares of its
-    entries, ``(K, tiles)`` float32 (``partials.sum(1).sqrt()`` are the Frobenius norms), in
-    ``buffers`` when given (a captured graph's static inputs).
-    """
-    from matfn.kernels import elementwise
-
-    if buffers is None:
-        n, m = members[0][0][:2]
-        s, L = min(n, m), max(n, m)
-        K = sum(key[2] for key, _ in members)
-        out = grads[members[0][1]].new_empty((K, s, L), dtype=dtype)
-        partials = out.new_empty((K, elementwise.num_tiles(s, L)), dtype=torch.float32)
-    else:
-        out, partials = buffers
-    for (n, m, k, _, _), idx, start in _runs(members):
-        stop = start + len(idx) * k
-        elementwise.momentum_stack(
-            [grads[i] for i in idx],
-            [bufs[i] for i in idx],
-            out[start:stop],
-            partials[start:stop],
-            n=n,
-            m=m,
-            momentum=momentum,
-            nesterov=nesterov,
-        )
-    return out, partials
-
-
-def _graph_key(members: list[tuple[tuple, int]], dtype: torch.dtype, device, group) -> tuple:
-    """Everything a captured bucket graph depends on (see :mod:`optim._graphs`)."""
-    from matfn.kernels import dispatch
-
-    settings = repr(tuple(group.get(k) for k in _MUON_KEYS))
-    kernels = (dispatch.switches(), _graphs.GPU_TIME_KERNELS)
-    return (device, dtype, tuple(key for key, _ in members), settings, kernels)
 
 
 def _batched_muon(
@@ -436,77 +124,42 @@ def _batched_muon(
     nesterov: bool,
     adjust_lr_fn: str | None,
     group: Mapping[str, Any],
-    graphs: BucketGraphs | None = None,
 ) -> None:
     """Megabatched Muon: one orthogonalisation call per (wide shape, dtype, device) bucket.
 
     Tall matrices are transposed into their wide bucket (``msign(Mᵀ) = msign(M)ᵀ``), so a
-    transformer block's ``d×4d`` and ``4d×d`` weights share one batched call. Momentum and weight
-    decay are ``torch._foreach_*`` calls over the whole group; on CUDA
-    (:func:`_fused_kernels_apply`) the Triton kernels of :mod:`matfn.kernels.elementwise` do the
-    same arithmetic instead: one pass for momentum, Nesterov, transpose, stack, cast and the
-    norms, one pass for weight decay and the update; with ``graphs`` the orthogonalisation of
-    small buckets is replayed from captured CUDA graphs (:mod:`optim._graphs`).
+    transformer block's ``d×4d`` and ``4d×d`` weights share one batched call. Momentum, weight
+    decay and the update are ``torch._foreach_*`` calls over the whole group.
     """
     view = group.get("matrix_view", "auto")
-    fused = _fused_kernels_apply(params, grads, momentum_bufs, lr, group)
-    if fused:
-        dtype = group.get("ns_dtype") or default_compute_dtype(params[0])
-        keys = [(p.device,) for p in params]
-    else:
-        updates = _momentum_inputs(grads, momentum_bufs, momentum, nesterov)
-        keys = [(u.device, u.dtype) for u in updates]
-
-    runs: list[tuple[tuple, list[int], Tensor]] = []
-    for members in _buckets(params, keys, view):
-        if fused:
-            device = params[members[0][1]].device
-            key = _graph_key(members, dtype, device, group) if graphs is not None else None
-            entry = graphs.lookup(key) if graphs is not None else None
-            if entry is not None and graphs.usable(entry.stack.numel(), device):
-                _fused_momentum_stack(
-                    grads, momentum_bufs, members, dtype, momentum, nesterov,
-                    buffers=(entry.stack, entry.partials),
-                )  # fmt: skip
-                O = graphs.replay(entry)
-            else:
-                X, partials = _fused_momentum_stack(
-                    grads, momentum_bufs, members, dtype, momentum, nesterov
-                )
-                O = orthogonalize(X, group, norms=partials.sum(1).sqrt())
-                if graphs is not None and graphs.usable(X.numel(), device):
-                    graphs.maybe_capture(
-                        key, X, partials, lambda X, P: orthogonalize(X, group, P.sum(1).sqrt())
-                    )
-        else:
-            parts = []
-            for (n, m, k, _, _), i in members:
-                X = updates[i].reshape(k, n, m)
-                parts.append(X.mT if n > m else X)
-            O = orthogonalize(_stack(parts, group), group)
-        for run_key, idx, start in _runs(members):
+    updates = momentum_inputs(grads, momentum_bufs, momentum, nesterov)
+    blocks: list[tuple[tuple, list[int], Tensor]] = []
+    for members in buckets(params, [(u.device, u.dtype) for u in updates], view):
+        parts = []
+        for (n, m, k, _, _), i in members:
+            X = updates[i].reshape(k, n, m)
+            parts.append(X.mT if n > m else X)
+        O = orthogonalize(_stack(parts, group), group)
+        for run_key, idx, start in runs(members):
             n, m, k = run_key[:3]
             block = O[start : start + len(idx) * k]
-            runs.append((run_key, idx, block.mT if n > m else block))
+            blocks.append((run_key, idx, block.mT if n > m else block))
 
-    if fused:
-        from matfn.kernels.elementwise import apply_update
-
-        for (n, m, _, _, _), idx, block in runs:
-            scale = -lr * adjust_lr_ratio(adjust_lr_fn, n, m)
-            apply_update([params[i] for i in idx], block, factor=1 - lr * weight_decay, scale=scale)
-        return
-
-    _weight_decay(params, lr, weight_decay)
-    for (n, m, _, shape, _), idx, block in runs:
+    weight_decay_(params, lr, weight_decay)
+    for (n, m, _, shape, _), idx, block in blocks:
         ps = [params[i] for i in idx]
         scale = -lr * adjust_lr_ratio(adjust_lr_fn, n, m)
-        if isinstance(scale, Tensor) or not _foreach_ok(ps):
+        if isinstance(scale, Tensor) or not foreach_ok(ps):
             # one cast+copy per run into the params' dtype and layout
             block = block.to(dtype=ps[0].dtype, memory_format=torch.contiguous_format)
         # else the add reads the bf16 (maybe transposed) update directly and promotes per
         # element: one pass over W instead of a cast copy first
-        _apply(ps, list(block.reshape(len(idx), *shape).unbind(0)), scale)
+        apply_(ps, list(block.reshape(len(idx), *shape).unbind(0)), scale)
+
+
+# --------------------------------------------------------------------------------------------
+# The functional form
+# --------------------------------------------------------------------------------------------
 
 
 def muon(
@@ -535,9 +188,11 @@ def muon(
     r"""Functional Muon: update ``params`` in place from ``grads``; see :class:`Muon`.
 
     ``momentum_bufs`` (one per param, any float dtype) are updated in place; ``grads`` are not.
-    ``batched=True`` groups same-shape matrices into one orthogonalisation call. ``graphs``: a
-    :class:`optim._graphs.BucketGraphs` cache kept across calls (by :class:`Muon`) to replay
-    the orthogonalisation of small CUDA buckets from captured graphs; None runs eagerly.
+    ``batched=False`` runs :func:`_single_tensor_muon`; else :func:`optim._fused.fused_muon`
+    where it applies (CUDA, Triton, float lr, ``update="msign"``, contiguous float tensors:
+    :func:`optim._fused.applies`) and :func:`_batched_muon` elsewhere. ``graphs``: a
+    :class:`optim._fused.BucketGraphs` cache kept across calls (by :class:`Muon`) to replay the
+    orthogonalisation of small CUDA buckets from captured graphs; None runs eagerly.
     """
     if has_complex:
         raise TypeError(
@@ -545,6 +200,7 @@ def muon(
         )
     if not params:
         return
+    lr = to_scalar(lr)
     group = {
         "ns_coefficients": ns_coefficients,
         "ns_steps": ns_steps,
@@ -556,37 +212,25 @@ def muon(
         "ns_dtype": ns_dtype,
         "matrix_view": matrix_view,
     }
-    kwargs: dict[str, Any] = {"graphs": graphs} if batched else {}
-    fn = _batched_muon if batched else _single_tensor_muon
-    fn(
-        params,
-        grads,
-        momentum_bufs,
-        lr=_to_scalar(lr),
+    kwargs: dict[str, Any] = dict(
+        lr=lr,
         weight_decay=weight_decay,
         momentum=momentum,
         nesterov=nesterov,
         adjust_lr_fn=adjust_lr_fn,
         group=group,
-        **kwargs,
     )
+    if not batched:
+        _single_tensor_muon(params, grads, momentum_bufs, **kwargs)
+    elif _fused.applies(params, grads, momentum_bufs, lr, group):
+        _fused.fused_muon(params, grads, momentum_bufs, graphs=graphs, **kwargs)
+    else:
+        _batched_muon(params, grads, momentum_bufs, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
 # The optimizer
 # --------------------------------------------------------------------------------------------
-
-_MUON_KEYS = (
-    "ns_coefficients",
-    "ns_steps",
-    "eps",
-    "msign",
-    "update",
-    "mclip_scale",
-    "ns_algorithm",
-    "ns_dtype",
-    "matrix_view",
-)
 
 
 class Muon(Optimizer):
@@ -598,12 +242,21 @@ class Muon(Optimizer):
     2.0315)`` the update is torch's (to bf16 rounding: torch iterates in bf16, this class in
     float32 on CPU and bf16 on CUDA unless ``ns_dtype`` says otherwise).
 
-    For a parameter ``W`` routed to Muon (group key ``use_muon``; default ``W.ndim >= 2``)::
+    Algorithm, per step for each parameter ``W`` routed to Muon (group key ``use_muon``;
+    default ``W.ndim >= 2``; docs/math.md §7)::
 
+        input: η (lr), λ (weight_decay), μ (momentum), nesterov, r (adjust_lr_fn)
+        ─────────────────────────────────────────────────────────────────────────────────────
+        G ← ∇W
         B ← μ B + (1 − μ) G                        (EMA momentum, lerp; state "momentum_buffer")
         U ← (1 − μ) G + μ B   if nesterov else B
-        O ← msign(U)   or   mclip(U / c)            (per matrix; see `update`)
+        O ← msign(U)   or   mclip(U / c)            (per A×B matrix of W's view; see `update`)
         W ← (1 − η λ) W − η · r(A, B) · O          (decoupled decay with the unadjusted η)
+        ─────────────────────────────────────────────────────────────────────────────────────
+        return W
+
+    Why: ``msign(U)`` keeps the momentum's singular directions and sets every singular value
+    to 1, so each step moves ``W`` by the same spectral norm in every direction.
 
     Every other parameter gets AdamW (``torch.optim.adam.adam`` with
     ``decoupled_weight_decay=True``; state ``exp_avg``, ``exp_avg_sq``, ``step``) with
@@ -661,18 +314,18 @@ class Muon(Optimizer):
     cuda_graphs : bool
         On CUDA, replay the orthogonalisation of small buckets (≤ 2²⁶ entries) from captured
         CUDA graphs once the same bucket has been seen twice, on the kernels fastest on the GPU
-        (not those cheapest to launch, :mod:`matfn.kernels.recording`). A GPT-2-small step:
-        2.93 ms against 4.1–5.8 ms eager on the H200 hosts (docs/benchmarks.md); replayed
-        updates differ from eager ones by the iteration's rounding (≈ 0.1 % of the move).
-        Costs each captured bucket's intermediates (its private memory pool, a few times the
-        bucket).
-        Skipped while a capture is already running (a user graphing the whole step), under
-        ``torch.compile``, and off CUDA. Default off.
+        rather than those cheapest to launch (:mod:`optim._fused`). Removes most of the host
+        overhead of a launch-bound step (docs/benchmarks.md); replayed updates differ from eager
+        ones by the iteration's rounding (≈ 0.1 % of the move). Costs each captured bucket's
+        intermediates (its private memory pool, a few times the bucket). Skipped while a
+        capture is already running (a user graphing the whole step), under ``torch.compile``,
+        and off CUDA. Default off.
     process_group : ProcessGroup, DeviceMesh, True or None
-        Distributed Muon (:mod:`optim.distributed`). DTensor parameters (FSDP2 ``fully_shard``)
-        are detected and need nothing here. For plain parameters replicated by DDP pass the DDP
-        group (``True``: the default group): each rank orthogonalises its share and the results
-        are all-gathered. ``None`` (default): plain parameters are single-process.
+        Distributed Muon (:mod:`optim.distributed`; the strategy is chosen here, once). DTensor
+        parameters (FSDP2 ``fully_shard``) are detected and need nothing here. For plain
+        parameters replicated by DDP pass the DDP group (``True``: the default group): each
+        rank orthogonalises its share and the results are all-gathered. ``None`` (default):
+        plain parameters are single-process.
 
     Notes
     -----
@@ -686,8 +339,8 @@ class Muon(Optimizer):
 
     **Cost** per step: the Newton–Schulz iterations, ``T(4s²L + 2s³)`` FLOPs per matrix
     (``algorithm="gram"``: ``4s²L + 8Ts³``), in one batched call per (shape, dtype, device)
-    bucket (tall matrices are transposed into the wide bucket), plus O(#params) elementwise
-    work in ``torch._foreach_*`` calls.
+    bucket (tall matrices are transposed into the wide bucket), plus O(#params) element-wise
+    work: ``torch._foreach_*`` calls, or on CUDA two Triton passes (:mod:`optim._fused`).
 
     **State.** ``momentum_buffer`` has the param's shape; it is float32 for bf16/fp16 params
     (kept float32 across ``load_state_dict``, which would otherwise cast it to the param dtype).
@@ -756,18 +409,19 @@ class Muon(Optimizer):
         _check_hyper(defaults)
         super().__init__(params, defaults)
         self._graphs = BucketGraphs()  # captured bucket graphs: a cache, not state
-        # -- distributed hook (optim/distributed.py): DTensor params, or DDP via `process_group`
-        self._process_group: Any = None
-        self._distributed = False
-        if process_group is not None or "torch.distributed.tensor" in sys.modules:
-            from .distributed import attach
-
-            self._process_group, self._distributed = attach(self, process_group)
+        params_ = [p for g in self.param_groups for p in g["params"]]
+        self._strategy: Strategy = choose_strategy(params_, process_group)
+        if self._strategy.distributed:
+            init_state(self)  # rank-symmetric state before the first step (checkpointing)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        """Unpickling/deepcopy: torch keeps only defaults, state and groups; rebuild the rest."""
+        """Unpickling/deepcopy: torch keeps only defaults, state and groups; rebuild the rest.
+
+        The copy is single-process (``Strategy("local")``): process groups do not pickle.
+        """
         super().__setstate__(state)
         self.__dict__.setdefault("_graphs", BucketGraphs())
+        self.__dict__.setdefault("_strategy", Strategy())
         for group in self.param_groups:
             group.setdefault("cuda_graphs", False)
 
@@ -815,7 +469,7 @@ class Muon(Optimizer):
             state = self.state[p]
             if self._uses_muon(p, group):
                 if "momentum_buffer" not in state:
-                    dtype = torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+                    dtype = torch.float32 if p.dtype in LOW_PRECISION else p.dtype
                     state["momentum_buffer"] = torch.zeros_like(
                         p, dtype=dtype, memory_format=torch.preserve_format
                     )
@@ -845,13 +499,9 @@ class Muon(Optimizer):
             muon_lists: tuple = ([], [], [])
             adam_lists: tuple = ([], [], [], [], [])
             self._init_group(group, *muon_lists, *adam_lists)
-            # -- distributed hook (optim/distributed.py): DTensor params, or DDP via `process_group`
-            if muon_lists[0] and getattr(self, "_distributed", False):
-                from .distributed import step_distributed
-
-                step_distributed(self, group, *muon_lists)
-                muon_lists = ([], [], [])
-            if muon_lists[0]:
+            if muon_lists[0] and self._strategy.distributed:
+                self._strategy.step(group, *muon_lists)
+            elif muon_lists[0]:
                 muon(
                     *muon_lists,
                     lr=group["lr"],
@@ -861,7 +511,7 @@ class Muon(Optimizer):
                     adjust_lr_fn=group["adjust_lr_fn"],
                     batched=group["batched"],
                     graphs=self._graphs if group["cuda_graphs"] else None,
-                    **{k: group[k] for k in _MUON_KEYS},
+                    **{k: group[k] for k in MUON_KEYS},
                 )
             if adam_lists[0]:
                 beta1, beta2 = group["adamw_betas"]
@@ -875,7 +525,7 @@ class Muon(Optimizer):
                     amsgrad=False,
                     beta1=beta1,
                     beta2=beta2,
-                    lr=_to_scalar(lr),
+                    lr=to_scalar(lr),
                     weight_decay=group["weight_decay"] if wd is None else wd,
                     eps=group["adamw_eps"],
                     maximize=False,

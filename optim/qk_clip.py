@@ -10,7 +10,7 @@ Usage (any ``nn.Module``, any ``torch.optim.Optimizer``)::
     # inside the attention forward, on post-RoPE q (B, H, S, D) and k (B, H_kv, S, D):
     #     if self.training: qk.record("layer3", q, k, causal=True)
 
-The math is in math-spec.md §6 (Su, "QK-Clip", kexue.fm/archives/11126; Megatron-LM's
+The math is docs/math.md §6 (Su, "QK-Clip", kexue.fm/archives/11126; Megatron-LM's
 ``clip_qk``). Per head ``h`` the max-logit ``S_h`` is the signed max of the logits fed to softmax
 (``scale · q·k`` over unmasked pairs, over every micro-batch of the step and, under
 ``torch.distributed``, over ranks by an all-reduce MAX). With ``γ_h = min(1, τ / S_h)``:
@@ -32,7 +32,7 @@ weight rows; the logit of head ``h`` then scales by exactly ``γ_h``. RoPE is li
 commutes with the scaling. Heads with ``S_h ≤ τ`` (and non-finite ``S_h``: a NaN/Inf max is a
 numerical failure that clipping cannot fix, so it is logged and left alone) are never written
 to, so their outputs stay bit-identical. Optimizer states (momentum, Adam moments) are not
-touched [src: 11126]. ``γ`` comes from this step's forward (pre-update weights) and is applied
+touched (Su, 11126). ``γ`` comes from this step's forward (pre-update weights) and is applied
 to the post-update weights, so the next step's max-logit is ≤ τ only approximately.
 """
 
@@ -45,153 +45,11 @@ from typing import Any, Literal
 
 import torch
 
-from matfn.kernels.dispatch import use_triton
+from .max_logit import check_qk, max_logits
 
 __all__ = ["QKClip", "max_logits"]
 
 RowSpec = slice | Sequence[int] | torch.Tensor | None
-
-#: scores per block in the torch path (float32: 4 MiB per 2**20)
-_BLOCK_Q = 256
-_BLOCK_K = 1024
-
-
-# --------------------------------------------------------------------------- max-logit
-
-
-def _check_qk(q: object, k: object) -> tuple[torch.Tensor, torch.Tensor]:
-    for name, t in (("q", q), ("k", k)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point() or t.is_complex():
-            raise TypeError(f"`{name}` must have a real floating dtype, got {t.dtype}")
-        if t.ndim != 4:
-            raise ValueError(
-                f"`{name}` must have shape (batch, heads, seq, head_dim), got {tuple(t.shape)}"
-            )
-    assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)
-    if q.device != k.device:
-        raise ValueError(f"`k` is on {k.device} but `q` is on {q.device}; use one device")
-    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(
-            "`q` (batch, heads, seq, head_dim) and `k` (batch, kv_heads, seq, head_dim) must "
-            f"agree in batch and head_dim, got {tuple(q.shape)} and {tuple(k.shape)}"
-        )
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
-        raise ValueError(
-            f"`q`'s head count ({q.shape[1]}) must be a multiple of `k`'s ({k.shape[1]})"
-        )
-    return q, k
-
-
-def _max_logit_torch(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    *,
-    causal: bool = True,
-    scale: float,
-    use_abs: bool = False,
-    block_q: int = _BLOCK_Q,
-    block_k: int = _BLOCK_K,
-) -> torch.Tensor:
-    """Reference: per-head max of ``scale·q kᵀ`` in blocks of ``block_q × block_k`` scores.
-
-    Shapes as :func:`max_logits`. Products in float32 (float64 for float64 inputs), the same
-    accumulation as the kernel and the fused attention kernels; masked pairs are ``-inf``.
-    Returns ``(H,)`` in that dtype.
-    """
-    B, H, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
-    G = H // Hkv
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out = torch.full((Hkv, G), float("-inf"), dtype=acc, device=q.device)
-    if B == 0 or Sq == 0 or Sk == 0:
-        return out.view(H)
-    qg = q.reshape(B, Hkv, G, Sq, D) if q.is_contiguous() else q.unflatten(1, (Hkv, G))
-    for i0 in range(0, Sq, block_q):
-        i1 = min(Sq, i0 + block_q)
-        qb = qg[:, :, :, i0:i1].to(acc)
-        kend = min(Sk, i1) if causal else Sk
-        for j0 in range(0, kend, block_k):
-            j1 = min(kend, j0 + block_k)
-            kb = k[:, :, None, j0:j1].to(acc)
-            s = torch.matmul(qb, kb.transpose(-1, -2)).mul_(scale)  # (B, Hkv, G, bq, bk)
-            if use_abs:
-                s.abs_()
-            if causal and j1 - 1 > i0:
-                rows = torch.arange(i0, i1, device=q.device)[:, None]
-                cols = torch.arange(j0, j1, device=q.device)[None, :]
-                s.masked_fill_(cols > rows, float("-inf"))
-            torch.maximum(out, s.amax(dim=(0, 3, 4)), out=out)
-    return out.view(H)
-
-
-def max_logits(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    *,
-    causal: bool = True,
-    scale: float | None = None,
-    use_abs: bool = False,
-) -> torch.Tensor:
-    r"""Per-head max attention logit, without materialising the score matrix.
-
-    Parameters
-    ----------
-    q : torch.Tensor
-        ``(B, H, Sq, D)`` post-RoPE queries (any strides).
-    k : torch.Tensor
-        ``(B, H_kv, Sk, D)`` post-RoPE keys; ``H % H_kv == 0`` and query head ``h`` reads key
-        head ``h // (H / H_kv)`` (GQA/MQA).
-    causal : bool
-        Only pairs with key index ``j ≤ i`` (SDPA's ``is_causal``, top-left aligned).
-    scale : float, optional
-        The softmax scale; default ``1/√D`` as in ``scaled_dot_product_attention``.
-    use_abs : bool
-        Max of ``|logit|`` (Su's definition) instead of the signed max (K2/Megatron).
-
-    Returns
-    -------
-    torch.Tensor
-        ``(H,)`` float32 (float64 for float64 inputs): ``S_h = max_{b,i,j} scale·q_{bhi}·k_{bh'j}``;
-        ``-inf`` where no pair is unmasked (empty batch or sequence).
-
-    Raises
-    ------
-    TypeError
-        Non-tensor or non-floating ``q``/``k``.
-    ValueError
-        Wrong ranks, mismatched batch/head_dim, ``H`` not a multiple of ``H_kv``, mixed devices.
-
-    Notes
-    -----
-    Cost: ``B·H·Sq·Sk·D`` multiply-adds (about half when causal), no gradient. On CUDA with
-    Triton (unless ``MATFN_DISABLE_TRITON=1``) and bf16/fp16 inputs, one fused kernel
-    (:func:`matfn.kernels.max_logit.max_logit_triton`) keeps only a row max in registers; the
-    torch path materialises at most ``B·H·256·1024`` float32 scores at a time. Products
-    accumulate in float32 in both paths, so they agree to float32 summation-order rounding.
-
-    Examples
-    --------
-    >>> q = torch.zeros(1, 2, 3, 4); k = torch.zeros(1, 1, 3, 4)
-    >>> q[0, 1, 2, 0] = 2.0; k[0, 0, 1, 0] = 3.0
-    >>> max_logits(q, k, scale=1.0)
-    tensor([0., 6.])
-    """
-    q, k = _check_qk(q, k)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
-    with torch.no_grad():
-        # float32 stays on the torch path: the kernel's IEEE-fp32 dots measured 20 ms against
-        # 1.9 ms for the chunked reference on an H100 (docs/benchmarks.md); bf16/fp16 is 14×
-        # faster than the reference there.
-        half = q.dtype in (torch.bfloat16, torch.float16)
-        if q.dtype == k.dtype and half and use_triton(q, k):
-            from matfn.kernels.max_logit import MAX_HEAD_DIM, max_logit_triton
-
-            if 0 < q.shape[-1] <= MAX_HEAD_DIM:
-                return max_logit_triton(q, k, causal=causal, scale=scale, use_abs=use_abs)
-        return _max_logit_torch(q, k, causal=causal, scale=scale, use_abs=use_abs)
 
 
 # --------------------------------------------------------------------------- registry
@@ -639,7 +497,7 @@ class QKClip:
         shared ``k_r`` broadcast to every head (or ``num_kv_heads = 1``).
         """
         attn = self._get(name)
-        q, k = _check_qk(q, k)
+        q, k = check_qk(q, k)
         if q.shape[1] != attn.num_heads:
             raise ValueError(
                 f"`q` has {q.shape[1]} heads but {name!r} was registered with "

@@ -1,8 +1,8 @@
 r"""Muon's element-wise passes as two Triton kernels over lists of same-shape matrices.
 
-:func:`optim.muon._batched_muon` on CUDA spends a third of a GPT-2-small step in element-wise
-``torch._foreach_*`` passes and the stacking copy (docs/benchmarks.md, "Muon step"). These two
-kernels do the same arithmetic in one pass each, reading the parameters, gradients and momentum
+Muon's CUDA step (:func:`optim._fused.fused_muon`) runs its element-wise work here instead of in
+``torch._foreach_*`` passes and a stacking copy, which are a third of a GPT-2-small step
+(docs/benchmarks.md). Each kernel does one pass, reading the parameters, gradients and momentum
 buffers where they live through a table of their addresses (no stacking copy):
 
 * :func:`momentum_stack` — for each matrix ``b`` of a run (gradient ``G``, buffer ``M``, both
@@ -19,14 +19,20 @@ buffers where they live through a table of their addresses (no stacking copy):
 * :func:`apply_update` — ``W ← f·W + s·O`` for each matrix: decoupled weight decay ``f = 1 − ηλ``
   and the scaled orthogonalised update in one pass (read W and O, write W) instead of two.
 
-The torch twins are ``optim.muon._momentum_inputs`` / ``_stack`` / ``_weight_decay`` /
-``_apply``. Importing this module imports Triton.
+Two streaming helpers of msign's CUDA path live here too: :func:`divide_by_norms` (the
+normalisation ``X / max(c·‖X‖_F, eps)``) and :func:`cast`.
+
+The torch twins are ``optim._math.momentum_inputs`` / ``optim.muon._stack`` /
+``optim._math.weight_decay_`` / ``optim._math.apply_``. Launch shapes are
+:class:`ElementwiseConfig` (every launcher takes ``config=``). Importing this module imports
+Triton.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -34,19 +40,44 @@ import triton.language as tl
 
 from ._tables import int64_table, table_pointer
 
-__all__ = ["BLOCK", "momentum_stack", "apply_update", "divide_by_norms", "cast", "num_tiles"]
+__all__ = [
+    "CONFIG",
+    "ElementwiseConfig",
+    "apply_update",
+    "cast",
+    "divide_by_norms",
+    "momentum_stack",
+    "num_tiles",
+]
 
-#: Square tile edge: ``BLOCK × BLOCK`` elements per program. Square, so that a matrix and its
-#: transpose have the same number of tiles (the partial-sum layout of a bucket whose runs
-#: differ in orientation).
-BLOCK = 64
+
+@dataclass(frozen=True)
+class ElementwiseConfig:
+    """Launch shapes of the element-wise kernels.
+
+    Attributes
+    ----------
+    block : int
+        Square tile edge of :func:`momentum_stack` and :func:`apply_update`: ``block × block``
+        elements per program. Square, so that a matrix and its transpose have the same number of
+        tiles (the partial-sum layout of a bucket whose runs differ in orientation).
+    stream_block : int
+        Elements per program of the streaming passes :func:`divide_by_norms` and :func:`cast`.
+    """
+
+    block: int = 64
+    stream_block: int = 4096
+
+
+#: The configuration every launcher uses unless given another.
+CONFIG = ElementwiseConfig()
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-def num_tiles(n: int, m: int) -> int:
+def num_tiles(n: int, m: int, config: ElementwiseConfig = CONFIG) -> int:
     """Tiles per ``(n, m)`` matrix, the second dimension of :func:`momentum_stack`'s partials."""
-    return triton.cdiv(n, BLOCK) * triton.cdiv(m, BLOCK)
+    return triton.cdiv(n, config.block) * triton.cdiv(m, config.block)
 
 
 @triton.jit
@@ -148,20 +179,25 @@ def _divide_by_norms_kernel(
 
 
 def divide_by_norms(
-    X: torch.Tensor, norms: torch.Tensor, factor: float, eps: float, out: torch.Tensor
+    X: torch.Tensor,
+    norms: torch.Tensor,
+    factor: float,
+    eps: float,
+    out: torch.Tensor,
+    config: ElementwiseConfig = CONFIG,
 ) -> torch.Tensor:
     r"""``out[b] = X[b] / max(factor·norms[b], eps)`` for a contiguous batch ``X (B, s, L)``.
 
-    ``out`` may be ``X`` (in place) or a contiguous tensor of another float dtype. One pass;
-    torch's broadcast ``X.div_(denom)`` on a bf16 batch with float32 norms measured 185 µs for
-    a 56 MB stack on the H100, 2.5× the bandwidth time.
+    ``out`` may be ``X`` (in place) or a contiguous tensor of another float dtype. One pass,
+    correctly rounded like torch's division; torch's broadcast ``X.div_(denom)`` of a bf16
+    batch by float32 norms takes 2.5× the bandwidth time (docs/benchmarks.md).
     """
     if not (X.is_contiguous() and out.is_contiguous() and out.shape == X.shape):
         raise ValueError("`X` and `out` must be contiguous batches of one shape")
     B = X.shape[0]
     size = X[0].numel() if B else 0
     if B and size:
-        block = 4096
+        block = config.stream_block
         _divide_by_norms_kernel[(triton.cdiv(size, block), B)](
             X, out, norms.contiguous(), size, float(factor), float(eps), BLOCK=block
         )
@@ -176,18 +212,18 @@ def _cast_kernel(x_ptr, out_ptr, size, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def cast(X: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def cast(X: torch.Tensor, dtype: torch.dtype, config: ElementwiseConfig = CONFIG) -> torch.Tensor:
     """``X.to(dtype)`` for a contiguous tensor in one vectorised pass.
 
-    torch's fp16 → bf16 copy runs its unrolled (non-vectorised) kernel: 124 µs for a 56 MB
-    batch on the H100, about half the bandwidth; this kernel is a plain streaming copy.
+    A plain streaming copy: torch's fp16 → bf16 copy runs its unrolled (non-vectorised) kernel
+    at about half the bandwidth (docs/benchmarks.md). A non-contiguous ``X`` takes torch's copy.
     """
     if X.dtype == dtype:
         return X
     out = torch.empty_like(X, dtype=dtype)
     if not X.is_contiguous():
         return out.copy_(X)
-    block = 4096
+    block = config.stream_block
     if X.numel():
         _cast_kernel[(triton.cdiv(X.numel(), block),)](X, out, X.numel(), BLOCK=block)
     return out
@@ -231,6 +267,7 @@ def momentum_stack(
     m: int,
     momentum: float,
     nesterov: bool,
+    config: ElementwiseConfig = CONFIG,
 ) -> None:
     r"""Momentum update of ``bufs`` and the stacked, wide Muon input written to ``out``.
 
@@ -251,7 +288,7 @@ def momentum_stack(
     _check_run(grads, "grads", n, m)
     _check_run(bufs, "bufs", n, m)
     K = out.shape[0]
-    tiles = num_tiles(n, m)
+    tiles = num_tiles(n, m, config)
     if out.shape != (K, min(n, m), max(n, m)) or not out.is_contiguous():
         raise ValueError(f"`out` must be a contiguous ({K}, {min(n, m)}, {max(n, m)}) stack")
     if partials.shape != (K, tiles) or partials.dtype != torch.float32:
@@ -270,14 +307,14 @@ def momentum_stack(
         partials,
         n,
         m,
-        triton.cdiv(m, BLOCK),
+        triton.cdiv(m, config.block),
         1.0 - float(momentum),
         GRAD_DTYPE=_TL_DTYPES[grads[0].dtype],
         BUF_DTYPE=_TL_DTYPES[bufs[0].dtype],
         NESTEROV=bool(nesterov),
         TRANSPOSED=n > m,
         ALIGNED=_aligned(g_addresses + b_addresses),
-        BLOCK=BLOCK,
+        BLOCK=config.block,
     )
 
 
@@ -287,6 +324,7 @@ def apply_update(
     *,
     factor: float,
     scale: float,
+    config: ElementwiseConfig = CONFIG,
 ) -> None:
     r"""``W ← factor·W + scale·O_b`` in place for every ``(n, m)`` matrix of ``params``.
 
@@ -302,16 +340,16 @@ def apply_update(
         raise ValueError(f"`params` must hold {K} matrices of shape ({n}, {m})")
     if len({p.dtype for p in params}) != 1:
         raise ValueError("`params` must share one dtype")
-    _apply_update_kernel[(num_tiles(n, m), K)](
+    _apply_update_kernel[(num_tiles(n, m, config), K)](
         table,
         update,
         n,
         m,
-        triton.cdiv(m, BLOCK),
+        triton.cdiv(m, config.block),
         *update.stride(),
         float(factor),
         float(scale),
         PARAM_DTYPE=_TL_DTYPES[params[0].dtype],
         ALIGNED=_aligned(addresses),
-        BLOCK=BLOCK,
+        BLOCK=config.block,
     )

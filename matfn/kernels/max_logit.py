@@ -1,6 +1,6 @@
 r"""Fused per-head max of attention logits, without materialising the score matrix (Triton).
 
-The torch twin is :func:`optim.qk_clip._max_logit_torch`; :func:`optim.qk_clip.max_logits`
+The torch twin is :func:`optim.max_logit.max_logit_torch`; :func:`optim.max_logit.max_logits`
 dispatches between them. Importing this module imports Triton.
 
 For query head ``h`` (key/value head ``h // (H / H_kv)`` under GQA/MQA) the kernel computes

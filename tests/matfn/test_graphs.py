@@ -259,27 +259,3 @@ def test_capture_warms_up_and_records_on_the_same_gpu_time_kernels(monkeypatch, 
     assert modes == [True, True], "warm-up and capture"
     assert torch.equal(out, X * 2) and not recording.recording()
     assert list(_graphs._ENTRIES) == ["key"]
-
-
-@pytest.mark.parametrize("gpu_time_kernels", [True, False])
-def test_muon_bucket_graphs_record_on_the_configured_kernels(
-    monkeypatch, fake_cuda, gpu_time_kernels
-):
-    """Muon's bucket graphs: warm-up and capture inside ``recording.for_graph()`` exactly when
-    ``optim._graphs.GPU_TIME_KERNELS`` asks for the GPU-fastest kernels."""
-    import optim._graphs as graphs_mod
-    from matfn.kernels import recording
-
-    monkeypatch.setattr(graphs_mod, "GPU_TIME_KERNELS", gpu_time_kernels)
-    modes = []
-
-    def orthogonalize(stack, partials):
-        modes.append(recording.recording())
-        return stack
-
-    cache = graphs_mod.BucketGraphs()
-    stack, partials = torch.zeros(2, 3, 4), torch.zeros(2)
-    for _ in range(3):  # captured on the second sighting only
-        cache.maybe_capture("bucket", stack, partials, orthogonalize)
-    assert modes == [gpu_time_kernels] * 2 and len(cache) == 1
-    assert not recording.recording()

@@ -17,6 +17,7 @@ from pytest, each running every scenario in one process group (startup dominates
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 from datetime import timedelta
@@ -98,7 +99,7 @@ def test_single_process_unchanged() -> None:
     """No DTensor, no process group: lazy state, the single-process path."""
     p = nn.Parameter(torch.randn(4, 3))
     opt = Muon([p], lr=0.02)
-    assert not opt._distributed and not opt.state
+    assert opt._strategy.kind == "local" and not opt.state
     p.grad = torch.randn(4, 3)
     opt.step()
     assert set(opt.state[p]) == {"momentum_buffer"}
@@ -228,20 +229,20 @@ def _scenario_optimizer(rank: int, world: int, tmp: str) -> None:
 
 def _check_work_split(opt: Muon, world: int) -> None:
     """Each matrix is orthogonalised once over all ranks (not once per rank), balanced."""
-    import optim.muon
-
     counted = [0]
-    original = optim.muon.orthogonalize
+    strategy = opt._strategy
+    assert strategy.kind == "sharded"
 
     def counting(X: torch.Tensor, group) -> torch.Tensor:
         counted[0] += X.shape[0] if X.numel() else 0
-        return original(X, group)
+        return strategy.orthogonalize_fn(X, group)
 
-    optim.muon.orthogonalize = counting
+    # the strategy's injected orthogonalisation, instrumented
+    opt._strategy = dataclasses.replace(strategy, orthogonalize_fn=counting)
     try:
         opt.step()
     finally:
-        optim.muon.orthogonalize = original
+        opt._strategy = strategy
     counts = [None] * world
     dist.all_gather_object(counts, counted[0])
     # 18 matrices in _placements() (experts count per expert, the empty one 0), done once in
@@ -365,6 +366,7 @@ def _scenario_ddp(rank: int, world: int, tmp: str) -> None:
     net = _Net()
     ddp = DDP(net, find_unused_parameters=True)
     opt = Muon(muon_param_groups(net), lr=0.02, adamw_lr=1e-2, process_group=True)
+    assert opt._strategy.kind == "replicated" and opt._strategy.process_group is dist.group.WORLD
     per = BATCH // world
     for step in range(STEPS):
         for micro in range(MICRO):

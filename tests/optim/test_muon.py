@@ -14,7 +14,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 from optim import Muon, muon_param_groups
-from optim.muon import adjust_lr_ratio, matrix_shape, orthogonalize, orthogonalize_bucket
+from optim.muon import (
+    _stack,
+    adjust_lr_ratio,
+    matrix_shape,
+    orthogonalize,
+    orthogonalize_bucket,
+)
 
 KELLER = (3.4445, -4.7750, 2.0315)
 
@@ -163,7 +169,7 @@ def test_weight_decay_uses_unadjusted_lr(adjust_lr_fn):
 
 def test_default_schedule_is_polar_express_and_close_to_svd():
     # ns_coefficients=None → matfn.msign's Polar-Express schedule (5 steps): singular values in
-    # [1 − 0.14, 1 + 0.14] for σ/σ_max ≥ 1e-3 (math spec §1.3); this grad has cond ≈ 10.
+    # [1 − 0.14, 1 + 0.14] for σ/σ_max ≥ 1e-3 (docs/math.md §1.3); this grad has cond ≈ 10.
     torch.manual_seed(0)
     U, _ = torch.linalg.qr(torch.randn(48, 16))
     V, _ = torch.linalg.qr(torch.randn(16, 16))
@@ -615,8 +621,6 @@ def test_compiled_step_equals_eager():
 
 
 def test_stack_casts_to_a_half_iteration_dtype_in_one_pass():
-    from optim.muon import _stack
-
     parts = [torch.randn(2, 3, 5), torch.randn(1, 5, 3).mT]
     ref = torch.cat(parts)
     half = {"ns_dtype": torch.bfloat16, "update": "msign"}

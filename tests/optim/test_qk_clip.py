@@ -15,8 +15,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from optim import QKClip
-from optim.qk_clip import _max_logit_torch, max_logits
+from optim import Muon, QKClip
+from optim.max_logit import max_logit_torch, max_logits
 
 from .toy_attention import ToyAttention, ToyLM, ToyMLA
 
@@ -103,7 +103,7 @@ def test_reference_matches_float64_oracle(c):
     q0, k0 = q.clone(), k.clone()
     scale = 1 / math.sqrt(c["D"])
     want = _oracle(q, k, c["causal"], scale, c["use_abs"])
-    got = _max_logit_torch(q, k, causal=c["causal"], scale=scale, use_abs=c["use_abs"],
+    got = max_logit_torch(q, k, causal=c["causal"], scale=scale, use_abs=c["use_abs"],
                            block_q=c["block_q"], block_k=c["block_k"])  # fmt: skip
     # float32 products summed over D ≤ 12 terms: error ≤ D·eps32·Σ|q_d k_d|·scale; bound Σ|q k|
     # by |q|·|k| (Cauchy–Schwarz) and take the largest over all pairs.
@@ -113,7 +113,7 @@ def test_reference_matches_float64_oracle(c):
     # float64 inputs: float64 arithmetic, agreement to 1e-12 relative
     kw = dict(causal=c["causal"], scale=scale, use_abs=c["use_abs"], block_q=c["block_q"],
               block_k=c["block_k"])  # fmt: skip
-    got64 = _max_logit_torch(q.double(), k.double(), **kw)
+    got64 = max_logit_torch(q.double(), k.double(), **kw)
     np.testing.assert_allclose(got64.numpy(), want, rtol=1e-12, atol=1e-300)
     assert torch.equal(q, q0) and torch.equal(k, k0)
 
@@ -488,10 +488,7 @@ def _optimizers():
         "sgd": lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9),
         "adamw": lambda p: torch.optim.AdamW(p, lr=3e-2),
     }
-    import optim
-
-    if hasattr(optim, "Muon"):
-        out["muon"] = lambda p: optim.Muon(p, lr=0.05)
+    out["muon"] = lambda p: Muon(p, lr=0.05)
     return out
 
 
@@ -522,7 +519,7 @@ def test_deepcopy_drops_hook_and_attach_restores_it():
     qk.attach(opt)
     _train(model, opt, 1)
     assert qk.num_clips == 1
-    # the CONVENTIONS.md trap: a deep-copied / unpickled optimizer has no step hooks
+    # a deep-copied / unpickled optimizer has no step hooks: attach again
     model2 = copy.deepcopy(model)
     opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
@@ -700,6 +697,6 @@ def test_reference_mask_with_planted_logit(causal, pair, block_q, block_k):
     i, j = pair
     q[0, 1, i, 0] += 10.0
     k[0, 0, j, 0] += 10.0
-    got = _max_logit_torch(q, k, causal=causal, scale=1.0, block_q=block_q, block_k=block_k)
+    got = max_logit_torch(q, k, causal=causal, scale=1.0, block_q=block_q, block_k=block_k)
     np.testing.assert_allclose(got.double().numpy(), _oracle(q, k, causal, 1.0), atol=1e-5)
     assert (got[1] > 50) == (not causal or j <= i)

@@ -8,7 +8,11 @@ float32 results agree to a few ulps (rtol 1e-6); results rounded to fp16 agree t
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
 import os
+import pickle
 
 import pytest
 import torch
@@ -17,9 +21,11 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
-import optim.muon as muon_mod  # noqa: E402
-from matfn.kernels import elementwise as muon_update  # noqa: E402
+import optim._fused as fused_mod  # noqa: E402
+from matfn.functional import graph_key  # noqa: E402
+from matfn.kernels import elementwise  # noqa: E402
 from optim import Muon  # noqa: E402
+from optim._fused import BucketGraphs, FusedConfig  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 #: Tests that force the Triton path for CPU tensors run the kernels in the interpreter only (a
@@ -29,11 +35,8 @@ interpreter_only = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True)
-def _small_tiles(monkeypatch):
-    # 16×16 tiles: ragged last tiles at these sizes and a fast interpreter
-    if DEVICE == "cpu":
-        monkeypatch.setattr(muon_update, "BLOCK", 16)
+#: 16×16 tiles on CPU: several and ragged last tiles at these sizes, and a fast interpreter
+CONFIG = elementwise.ElementwiseConfig(block=16) if DEVICE == "cpu" else elementwise.CONFIG
 
 
 def _reference(g, buf, momentum, nesterov):
@@ -75,9 +78,9 @@ def test_momentum_stack_matches_torch(shape, nesterov, dtypes):
 
     K, s, L = count * k, min(n, m), max(n, m)
     out = torch.empty(K, s, L, dtype=out_dtype, device=DEVICE)
-    partials = torch.empty(K, muon_update.num_tiles(n, m), device=DEVICE)
-    muon_update.momentum_stack(
-        grads, bufs, out, partials, n=n, m=m, momentum=0.9, nesterov=nesterov
+    partials = torch.empty(K, elementwise.num_tiles(n, m, CONFIG), device=DEVICE)
+    elementwise.momentum_stack(
+        grads, bufs, out, partials, n=n, m=m, momentum=0.9, nesterov=nesterov, config=CONFIG
     )
 
     for g, g0 in zip(grads, grads_before, strict=True):
@@ -111,9 +114,9 @@ def test_momentum_stack_property(n, m, k, count, momentum, nesterov, scale, seed
     bufs = [(torch.randn(full, generator=gen) * scale).to(DEVICE) for _ in range(count)]
     expected = [_reference(g, b, momentum, nesterov) for g, b in zip(grads, bufs, strict=True)]
     out = torch.empty(count * k, min(n, m), max(n, m), device=DEVICE)
-    partials = torch.empty(count * k, muon_update.num_tiles(n, m), device=DEVICE)
-    muon_update.momentum_stack(
-        grads, bufs, out, partials, n=n, m=m, momentum=momentum, nesterov=nesterov
+    partials = torch.empty(count * k, elementwise.num_tiles(n, m, CONFIG), device=DEVICE)
+    elementwise.momentum_stack(
+        grads, bufs, out, partials, n=n, m=m, momentum=momentum, nesterov=nesterov, config=CONFIG
     )
     tol = dict(rtol=1e-6, atol=1e-6 * scale)
     for b, (b_ref, _) in zip(bufs, expected, strict=True):
@@ -141,7 +144,7 @@ def test_apply_update_matches_torch(shape, dtype):
         (0.99 * p.float() - 0.02 * u.float().reshape(full)).to(dtype)
         for p, u in zip(params, update.reshape(2, k, n, m), strict=True)
     ]
-    muon_update.apply_update(params, update, factor=0.99, scale=-0.02)
+    elementwise.apply_update(params, update, factor=0.99, scale=-0.02, config=CONFIG)
     for p, e in zip(params, expected, strict=True):
         tol = {} if dtype == torch.float32 else {"rtol": 1e-3, "atol": 1e-3}  # one fp16 ulp
         torch.testing.assert_close(p, e, **tol)
@@ -156,7 +159,7 @@ def test_divide_by_norms_matches_torch(out_dtype):
     norms = torch.linalg.matrix_norm(X) * torch.tensor([1.5, 1.0, 1.0], device=DEVICE)
     expected = (X / (norms.reshape(-1, 1, 1) * 1.01).clamp_min(1e-7)).to(out_dtype)
     out = X if out_dtype == X.dtype else torch.empty_like(X, dtype=out_dtype)
-    got = muon_update.divide_by_norms(X, norms, 1.01, 1e-7, out)
+    got = elementwise.divide_by_norms(X, norms, 1.01, 1e-7, out, config=CONFIG)
     assert got is out
     torch.testing.assert_close(got, expected, rtol=0, atol=0)  # correctly rounded, as torch's
 
@@ -165,17 +168,17 @@ def test_divide_by_norms_matches_torch(out_dtype):
 def test_cast_matches_torch(dtypes):
     src, dst = dtypes
     X = torch.randn(3, 5, 77, generator=torch.Generator().manual_seed(1)).to(DEVICE, src)
-    assert torch.equal(muon_update.cast(X, dst), X.to(dst))
-    assert torch.equal(muon_update.cast(X.mT, dst), X.mT.to(dst))  # strided: torch's copy
-    assert muon_update.cast(X, src) is X
+    assert torch.equal(elementwise.cast(X, dst, config=CONFIG), X.to(dst))
+    assert torch.equal(elementwise.cast(X.mT, dst), X.mT.to(dst))  # strided: torch's copy
+    assert elementwise.cast(X, src) is X
 
 
 def test_kernels_reject_what_they_cannot_address():
     X = torch.randn(8, 6, device=DEVICE)
     with pytest.raises(ValueError, match="contiguous"):
-        muon_update.apply_update([X.mT], torch.zeros(1, 6, 8, device=DEVICE), factor=1, scale=1)
+        elementwise.apply_update([X.mT], torch.zeros(1, 6, 8, device=DEVICE), factor=1, scale=1)
     with pytest.raises(ValueError, match="`out`"):
-        muon_update.momentum_stack(
+        elementwise.momentum_stack(
             [X], [X.clone()], torch.empty(1, 8, 6, device=DEVICE),
             torch.empty(1, 1, device=DEVICE), n=8, m=6, momentum=0.9, nesterov=True,
         )  # fmt: skip
@@ -188,17 +191,17 @@ def test_kernels_reject_what_they_cannot_address():
 
 @pytest.fixture
 def fused_on_cpu(monkeypatch):
-    """Let ``_batched_muon`` take the Triton path for CPU tensors (interpreter); count it."""
+    """Let ``muon()`` take the fused Triton path for CPU tensors (interpreter); count it."""
     calls = {"n": 0}
-    real = muon_mod._fused_kernels_apply
+    real = fused_mod.applies
 
     def forced(*args):
         on = real(*args)
         calls["n"] += on
         return on
 
-    monkeypatch.setattr(muon_mod, "use_triton", lambda *t: True)
-    monkeypatch.setattr(muon_mod, "_fused_kernels_apply", forced)
+    monkeypatch.setattr(fused_mod, "use_triton", lambda *t: True)
+    monkeypatch.setattr(fused_mod, "applies", forced)
     return calls
 
 
@@ -239,13 +242,27 @@ def test_fused_step_equals_torch_step(shapes, seed, nesterov, adjust):
     kwargs = dict(nesterov=nesterov, adjust_lr_fn=adjust)
     ref_params, ref_bufs = _run(shapes, seed, **kwargs)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(muon_mod, "use_triton", lambda *t: True)
+        mp.setattr(fused_mod, "use_triton", lambda *t: True)
         params, bufs = _run(shapes, seed, **kwargs)
     for x, y in zip(params + bufs, ref_params + ref_bufs, strict=True):
         # the same float32 arithmetic, but the norms summed in another order and W updated with
         # one rounding instead of two; Newton–Schulz amplifies those ulps (slopes up to a ≈ 8
         # per step), measured up to 1.1e-6 on W (the update moves W by lr = 0.05): atol 1e-5.
         # A wrong transpose, coefficient or momentum form moves W by ~1e-2.
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+@interpreter_only
+def test_fused_step_equals_torch_step_over_several_ragged_tiles(fused_on_cpu):
+    """Matrices of several default-size tiles, ragged at both edges, both orientations in one
+    bucket: the partial-sum layout of a mixed bucket."""
+    shapes = [(70, 130), (130, 70), (2, 65, 66)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused_mod, "applies", lambda *a: False)
+        ref_params, ref_bufs = _run(shapes, 3, steps=1)
+    params, bufs = _run(shapes, 3, steps=1)
+    assert fused_on_cpu["n"] == 1
+    for x, y in zip(params + bufs, ref_params + ref_bufs, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
 
 
@@ -274,16 +291,11 @@ def test_fused_path_falls_back_where_it_cannot_run(fused_on_cpu):
 
 
 # ------------------------------------------------------------------------------------------
-# CUDA-graph replay of the bucket orthogonalisation (optim/_graphs.py)
+# CUDA-graph replay of the bucket orthogonalisation (optim/_fused.py)
 # ------------------------------------------------------------------------------------------
 
 
 def test_graph_cache_is_not_state_and_off_cuda_unused():
-    import copy
-    import pickle
-
-    from optim._graphs import BucketGraphs
-
     params = [torch.nn.Parameter(torch.randn(8, 12)) for _ in range(2)]
     opt = Muon(params, lr=0.02, cuda_graphs=True)
     for p in params:
@@ -291,7 +303,7 @@ def test_graph_cache_is_not_state_and_off_cuda_unused():
     opt.step()
     opt.step()
     assert len(opt._graphs) == 0  # CPU: never captured
-    assert not BucketGraphs.usable(10, torch.device("cpu"))
+    assert not BucketGraphs().usable(10, torch.device("cpu"))
     sd = opt.state_dict()
     assert set(sd) == {"state", "param_groups"}
     assert all(set(st) == {"momentum_buffer"} for st in sd["state"].values())
@@ -301,33 +313,94 @@ def test_graph_cache_is_not_state_and_off_cuda_unused():
         Muon(params, cuda_graphs="yes")
 
 
-def test_graph_key_holds_the_kernel_choice(monkeypatch):
+def test_graph_key_holds_the_kernel_choice():
     """A bucket graph captured on one kernel choice is never replayed under another: the key
-    holds the dispatch switches and ``GPU_TIME_KERNELS``."""
-    import optim._graphs as graphs_mod
-    from matfn.kernels import dispatch
-
+    holds :func:`matfn.functional.graph_key` and the cache's :class:`FusedConfig`."""
     group = {"ns_steps": 5}
     args = ([((8, 12), 0)], torch.float32, torch.device("cpu"), group)
-    key = muon_mod._graph_key(*args)
-    assert key == muon_mod._graph_key(*args)
-    with monkeypatch.context() as mp:
-        mp.setattr(graphs_mod, "GPU_TIME_KERNELS", not graphs_mod.GPU_TIME_KERNELS)
-        assert muon_mod._graph_key(*args) != key
-    assert muon_mod._graph_key(*args) == key
-    monkeypatch.setattr(dispatch, "MIN_TRITON_SIDE", dispatch.MIN_TRITON_SIDE + 1)
-    assert muon_mod._graph_key(*args) != key
+    graphs = BucketGraphs()
+    key = graphs.key(*args)
+    assert key == graphs.key(*args) and graph_key() in key
+    other = BucketGraphs(dataclasses.replace(graphs.config, gpu_time_kernels=False))
+    assert other.key(*args) != key
+    assert graphs.key(*args[:3], {"ns_steps": 6}) != key
+
+
+class _FakeCuda:
+    """Stand-ins for the CUDA stream and graph calls of a capture, for a CPU test."""
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    class CUDAGraph:
+        pass
+
+    @staticmethod
+    def current_stream(device=None):
+        return _FakeCuda.Stream()
+
+    @staticmethod
+    def stream(stream):
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def graph(graph, **kwargs):
+        return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("gpu_time_kernels", [True, False])
+def test_bucket_graphs_record_on_the_configured_kernels(monkeypatch, gpu_time_kernels):
+    """Warm-up and capture run inside ``for_graph()`` exactly when the config asks for the
+    GPU-fastest kernels; a bucket is captured on its second sighting only, once."""
+    for name in ("Stream", "CUDAGraph", "current_stream", "stream", "graph"):
+        monkeypatch.setattr(torch.cuda, name, getattr(_FakeCuda, name))
+    inside = [False]
+
+    @contextlib.contextmanager
+    def for_graph():
+        inside[0] = True
+        try:
+            yield
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(fused_mod, "for_graph", for_graph)
+    modes = []
+
+    def orthogonalize(stack, partials):
+        modes.append(inside[0])
+        return stack
+
+    cache = BucketGraphs(FusedConfig(gpu_time_kernels=gpu_time_kernels))
+    stack, partials = torch.zeros(2, 3, 4), torch.zeros(2)
+    for _ in range(3):
+        cache.maybe_capture("bucket", stack, partials, orthogonalize)
+    assert modes == [gpu_time_kernels] * 2 and len(cache) == 1
+    assert not inside[0]
+
+
+def test_bucket_graphs_keep_at_most_max_graphs(monkeypatch):
+    for name in ("Stream", "CUDAGraph", "current_stream", "stream", "graph"):
+        monkeypatch.setattr(torch.cuda, name, getattr(_FakeCuda, name))
+    cache = BucketGraphs(FusedConfig(max_graphs=2))
+    stack, partials = torch.zeros(1, 2, 2), torch.zeros(1)
+    for key in ("a", "a", "b", "b", "c", "c"):
+        cache.maybe_capture(key, stack, partials, lambda X, P: X)
+    assert len(cache) == 2 and cache.lookup("a") is None and cache.lookup("c") is not None
+    assert not cache.usable(2**27, torch.device("cuda"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("gpu_time_kernels", [False, True], ids=["eager-kernels", "gpu-fastest"])
-def test_graph_replay_equals_eager_steps(monkeypatch, gpu_time_kernels):
+def test_graph_replay_equals_eager_steps(gpu_time_kernels):
     """Replayed bucket graphs give the eager steps' parameters: bitwise-level when they launch
     the eager kernels; within the bf16 iteration's rounding (‖Δ‖ ≤ 1 % of the parameters' move,
     the NS error against float64 being ≈ 0.3 %) when they take the GPU-fastest ones."""
-    import optim._graphs as graphs_mod
-
-    monkeypatch.setattr(graphs_mod, "GPU_TIME_KERNELS", gpu_time_kernels)
+    config = FusedConfig(gpu_time_kernels=gpu_time_kernels)
     shapes = [(64, 64)] * 3 + [(64, 256), (256, 64)]
     gen = torch.Generator(device="cuda").manual_seed(0)
     grads = [[torch.randn(s, device="cuda", generator=gen) for s in shapes] for _ in range(4)]
@@ -335,6 +408,7 @@ def test_graph_replay_equals_eager_steps(monkeypatch, gpu_time_kernels):
     for graphs in (True, False):
         params = [torch.nn.Parameter(torch.zeros(s, device="cuda")) for s in shapes]
         opt = Muon(params, lr=0.02, cuda_graphs=graphs)
+        opt._graphs = BucketGraphs(config)
         for step_grads in grads:
             for p, g in zip(params, step_grads, strict=True):
                 p.grad = g.clone()

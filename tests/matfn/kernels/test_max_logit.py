@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("triton")
 
 from matfn.kernels.max_logit import max_logit_triton  # noqa: E402
-from optim.qk_clip import _max_logit_torch, max_logits  # noqa: E402
+from optim.max_logit import max_logit_torch, max_logits  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -42,7 +42,7 @@ def test_kernel_matches_reference(case, dtype, use_abs):
     q = (3 * torch.randn(B, H, Sq, D, generator=g)).to(dtype).to(DEVICE)
     k = torch.randn(B, Hkv, Sk, D, generator=g).to(dtype).to(DEVICE)
     scale = 1 / math.sqrt(D)
-    ref = _max_logit_torch(q, k, causal=causal, scale=scale, use_abs=use_abs)
+    ref = max_logit_torch(q, k, causal=causal, scale=scale, use_abs=use_abs)
     out = max_logit_triton(q, k, causal=causal, scale=scale, use_abs=use_abs, block_m=bm,
                            block_n=bn)  # fmt: skip
     assert out.shape == (H,) and out.dtype == torch.float32
@@ -56,7 +56,7 @@ def test_kernel_noncontiguous_inputs():
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 21, 4, 16, generator=g).to(DEVICE).transpose(1, 2)  # (B, H, S, D) view
     k = torch.randn(2, 21, 2, 16, generator=g).to(DEVICE).transpose(1, 2)
-    ref = _max_logit_torch(q, k, causal=True, scale=0.25)
+    ref = max_logit_torch(q, k, causal=True, scale=0.25)
     out = max_logit_triton(q, k, causal=True, scale=0.25, block_m=16, block_n=16)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -71,7 +71,7 @@ def test_dispatch_uses_torch_path_off_cuda(monkeypatch):
     monkeypatch.setenv("MATFN_DISABLE_TRITON", "1")
     g = torch.Generator().manual_seed(1)
     q, k = torch.randn(1, 2, 9, 16, generator=g), torch.randn(1, 1, 9, 16, generator=g)
-    torch.testing.assert_close(max_logits(q, k), _max_logit_torch(q, k, causal=True, scale=0.25))
+    torch.testing.assert_close(max_logits(q, k), max_logit_torch(q, k, causal=True, scale=0.25))
 
 
 def _planted(B, H, Hkv, S, D, pairs, seed=0):
@@ -105,7 +105,7 @@ def test_kernel_mask_boundaries(causal, pairs):
     """A masking error by one position changes the max by ~100 here (random data hides it)."""
     q, k = _planted(1, 4, 2, 41, 16, pairs)
     q, k = q.to(DEVICE), k.to(DEVICE)
-    ref = _max_logit_torch(q, k, causal=causal, scale=1.0)
+    ref = max_logit_torch(q, k, causal=causal, scale=1.0)
     out = max_logit_triton(q, k, causal=causal, scale=1.0, block_m=16, block_n=16)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
     for h in (0, 2):
