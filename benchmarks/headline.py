@@ -171,7 +171,7 @@ def run(label: str, save: Path | None, rep: int, only: str | None) -> list[dict]
 
         record(f"Muon step GPT-2-small cuda_graphs={cuda_graphs}", step, False)
 
-    from optim.max_logit import max_logits
+    from optim.qk_clip import max_logits  # the import path every checkout has
 
     q = torch.randn(2, 16, 2048, 128, device=DEVICE, generator=_gen(6)).bfloat16()
     k = torch.randn(2, 16, 2048, 128, device=DEVICE, generator=_gen(7)).bfloat16()
