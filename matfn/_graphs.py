@@ -13,8 +13,8 @@ How it stays correct:
 
 * The key holds everything the captured kernels depend on: the function and the arguments bound
   to it (a ``functools.partial``), the inputs' shapes, strides, dtypes and devices, the current
-  stream (a graph's static buffers are used in that stream's order only) and the dispatch
-  switches of :mod:`matfn.kernels` (:func:`matfn.kernels.dispatch.switches`).
+  stream (a graph's static buffers are used in that stream's order only) and the kernel
+  configs (:func:`matfn._backend.graph_key`).
 * The first call with a key runs eagerly on a side stream (Triton autotuning, cuBLAS workspaces;
   its result is returned), then captures. At most :data:`MAX_GRAPHS` graphs are kept, least
   recently used dropped; each holds a private memory pool for its intermediates.
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _backend
 from .kernels import recording
 
 __all__ = [
@@ -98,12 +99,10 @@ def clear() -> None:
 
 
 def _key(call: functools.partial, tensors: tuple[torch.Tensor, ...]) -> tuple:
-    from .kernels import dispatch
-
     stream = torch.cuda.current_stream(tensors[0].device).stream_id
     bound = (call.func, call.args, tuple(sorted(call.keywords.items())))
     geometry = tuple((T.shape, T.stride(), T.dtype, T.device) for T in tensors)
-    return (bound, geometry, stream, dispatch.switches())
+    return (bound, geometry, stream, _backend.graph_key())
 
 
 def replay_or_capture(call: functools.partial, *tensors: torch.Tensor) -> torch.Tensor:
