@@ -11,6 +11,9 @@ The public function :func:`msign` validates, picks the path and calls; the packa
 The derivative (:class:`matfn.derivatives.MsignFunction`) composes msign with the Lyapunov solve
 of :mod:`matfn.sylvester`, which imports this package; so it is not imported here but registered
 by :mod:`matfn.derivatives` through :func:`register_autograd` when ``matfn`` is imported.
+
+``matfn.msign`` (the attribute) is the function; import the submodules as
+``from matfn.msign import path`` (``import matfn.msign.path as p`` resolves the function).
 """
 
 from __future__ import annotations
