@@ -79,6 +79,7 @@ def configs(**changes):
     )
     return stack
 
+
 STEPS = 5
 CASES = {
     # name: (batch, n, m)
@@ -335,9 +336,7 @@ def section_acc(shapes, conds=(10.0,)):
                 M16, steps=STEPS, check_finite=False
             ),
             "triton standard (fp16 iterates)": lambda X0=X0: ns_path.newton_schulz(X0, coeffs),
-            "triton standard bf16": lambda X0=X0: bf16_iteration(
-                ns_path.newton_schulz, X0, coeffs
-            ),
+            "triton standard bf16": lambda X0=X0: bf16_iteration(ns_path.newton_schulz, X0, coeffs),
             "triton gram fp16": lambda X0=X0: ns_path.gram_newton_schulz(X0, coeffs, restarts),
             f"triton gram fp16, restarts {ONE_RESTART}": lambda X0=X0: ns_path.gram_newton_schulz(
                 X0, coeffs, ONE_RESTART

@@ -1,13 +1,12 @@
 """Replay launch-bound matrix functions from captured CUDA graphs (``cuda_graph=True``).
 
 A 5-step msign issues 17–20 kernels. At 1024², or for a batch of 64 matrices of 512², each runs
-for a few microseconds, so an eager call is bound by the host issuing them: 0.54–0.62 ms and
-0.65–1.31 ms on the device's H200 hosts for 0.14 / 0.64 ms of GPU work (docs/benchmarks.md);
-tri_inv and tri_solve issue about 8 Triton launches for 0.10–0.14 ms. With ``cuda_graph=True``
-msign, mcsgn, mclip, tri_inv and tri_solve capture the call once per key and replay it
-afterwards: copy the inputs into the graph's static inputs, replay, clone the static output.
-The captured kernels are chosen by GPU time, not launch cost (:mod:`matfn.kernels.recording`):
-1024² msign 0.112 ms a call on the H200, 64×512² 0.64–0.66 ms.
+for a few microseconds, so an eager call is bound by the host issuing them (several times its
+GPU time; docs/benchmarks.md); tri_inv and tri_solve issue about 8 Triton launches. With
+``cuda_graph=True`` msign, mcsgn, mclip, tri_inv and tri_solve capture the call once per key and
+replay it afterwards: copy the inputs into the graph's static inputs, replay, clone the static
+output. The captured kernels are chosen by GPU time, not launch cost
+(:mod:`matfn.kernels.recording`).
 
 How it stays correct:
 
@@ -50,10 +49,9 @@ __all__ = [
 #: Most captured graphs kept (per process; least recently used dropped).
 MAX_GRAPHS = 16
 #: Largest problem captured, in multiply-adds of its largest product (for Newton–Schulz one
-#: ``X Xᵀ``, ``batch · s² · L`` for sides ``s ≤ L``): the dispatcher's launch-bound range
-#: (``MIN_TRITON_WORK = 2³⁴``). Above it the kernels outlast their launches and the copies in
-#: and out only add time: 4096² (2³⁶) replayed in 2.42 ms against 2.19 eager on the H200
-#: (docs/benchmarks.md).
+#: ``X Xᵀ``, ``batch · s² · L`` for sides ``s ≤ L``): the launch-bound range of the path choice
+#: (``NewtonSchulzConfig.min_triton_work = 2³⁴``). Why: above it the kernels outlast their
+#: launches and the copies in and out only add time (docs/benchmarks.md).
 MAX_WORK = 2**34
 
 

@@ -51,10 +51,10 @@ def _normalized_sign_iteration(
 def _normalize_trace(
     X: torch.Tensor, factor: float, eps: float, dtype: torch.dtype
 ) -> torch.Tensor:
-    """``X / (factor·√tr(X²))``: with real eigenvalues ``tr(X²) = Σλ² ≥ max λ²`` (docs/math.md §2.2).
+    """``X / (factor·√tr(X²))``: with real eigenvalues ``tr(X²) = Σλ² ≥ max λ²``.
 
     Unlike ``‖X‖_F`` it ignores the off-diagonal block of a block-triangular matrix. Where
-    ``tr(X²) ≤ 0`` (complex eigenvalues) fall back to the Frobenius norm.
+    ``tr(X²) ≤ 0`` (complex eigenvalues) fall back to the Frobenius norm (docs/math.md §2.2).
     """
     acc = X.to(torch.float64 if X.dtype == torch.float64 else torch.float32)
     trace_sq = (acc * acc.mT).sum(dim=(-2, -1), keepdim=True)

@@ -129,7 +129,7 @@ def _full_svd_parts(M: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
 
 
 def _divided(num: np.ndarray, denom: np.ndarray) -> np.ndarray:
-    """``num / denom`` with 0 where ``denom = 0`` (the pseudo-inverse convention, docs/math.md §4.4)."""
+    """``num / denom``, 0 where ``denom = 0`` (the pseudo-inverse convention, docs/math.md §4.4)."""
     out = np.zeros_like(num)
     np.divide(num, denom, out=out, where=denom > 0)
     return out

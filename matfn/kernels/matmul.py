@@ -196,6 +196,8 @@ _TMA_GENERAL_BLOCKS = [
     (128, 128, 64, 4, 8, False),
     (64, 128, 64, 4, 4, False),
 ]
+
+
 def _prune(configs, named_args, **kwargs):
     # Tiles far larger than the matrix only waste work: keep those that fit (or the smallest).
     m, n = named_args["M"], named_args["N"]

@@ -8,7 +8,8 @@ launch, one Triton divide pass for the normalisation; docs/benchmarks.md).
 
 :func:`for_graph` marks the calls made while recording (and their warm-up run, which must
 autotune and launch the same kernels); :func:`recording` is what the path choice asks. A leaf
-module (no Triton)."""
+module (no Triton).
+"""
 
 from __future__ import annotations
 

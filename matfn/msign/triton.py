@@ -1,8 +1,8 @@
 r"""Newton–Schulz launchers on the Triton products of :mod:`matfn.kernels.matmul`.
 
-Each function mirrors a torch twin in :mod:`matfn.msign.reference` operation for operation, with the
-symmetric products computed on the lower triangle of tiles only and every ``α·P + β·D`` formed
-in the product's epilogue:
+Each function mirrors a torch twin in :mod:`matfn.msign.reference` operation for operation,
+with the symmetric products computed on the lower triangle of tiles only and every
+``α·P + β·D`` formed in the product's epilogue:
 
 * quintic step: ``A = X Xᵀ`` (symmetric, ``s² L``), ``B = c A A + b A`` (symmetric, ``s³``),
   ``X ← B X + a X`` (general, ``2 s² L``): ``3 s² L + s³`` FLOPs instead of ``4 s² L + 2 s³``;
@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 Coefficients = tuple[float, float, float]
+
 
 def _general(
     A: torch.Tensor,
@@ -69,7 +70,7 @@ def ns_step_triton(
 
 
 def ns_step_folded(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
-    """:func:`matfn.msign.reference.ns_step_torch`'s step on cuBLAS alone, with ``a`` folded into B: ``(B + aI) X``.
+    """The torch step (``ns_step_torch``) on cuBLAS alone, ``a`` folded into B: ``(B + aI) X``.
 
     ``baddbmm(X, B, X, beta=a)`` first copies X into its output (a pass over the s×L iterate);
     adding ``a`` to B's diagonal instead costs s entries per matrix, and the last product is a
@@ -110,7 +111,7 @@ def gram_newton_schulz_triton(
     restarts: Sequence[int] = (),
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    r"""Gram Newton–Schulz (:func:`matfn.msign.reference.gram_newton_schulz_torch`): iterate on ``R = X Xᵀ``.
+    r"""Gram Newton–Schulz on ``R = X Xᵀ`` (twin: ``reference.gram_newton_schulz_torch``).
 
     Per step ``Z = b R + c R²``, ``Q ← Q Z + a Q`` (or ``Z + a I`` after a (re)start),
     ``R ← (Z + aI) R (Z + aI)`` as ``RZ = R Z + a R``, ``R = Z·RZ + a RZ`` (skipped when the next

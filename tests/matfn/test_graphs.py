@@ -91,8 +91,8 @@ def test_msign_replay_matches_eager(shape, transpose):
 def test_normalize_while_recording_matches_eager(transpose):
     """Below ``min_triton_divide`` a recorded normalisation is one Triton divide pass instead
     of torch's three launches, with the same values (both divide in fp32, correctly rounded)."""
-    from matfn.kernels import recording
     from matfn import _backend
+    from matfn.kernels import recording
     from matfn.msign.path import normalize
 
     M = torch.randn(4, 96, 160, device="cuda", dtype=torch.bfloat16)

@@ -1,4 +1,5 @@
-"""The path choice (matfn.msign.path): which path runs, the Gram option, and msign end to end through the kernels.
+"""The path choice (matfn.msign.path): which path runs, the Gram option, and msign end to end
+through the kernels.
 
 The Triton path is exercised on CPU by forcing ``use_triton`` (the interpreter then runs the
 kernels on CPU tensors, in float32 — the interpreter has no bf16). Tolerances: kernels vs the
