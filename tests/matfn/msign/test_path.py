@@ -326,3 +326,18 @@ def test_msign_under_recording_runs_the_kernels_at_any_size(monkeypatch):
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=5e-3)
     # and no less accurate than the eager fp16 torch path (8.6e-3 here: CPU half products)
     assert (out.double() - ref).abs().max() <= (eager.double() - ref).abs().max()
+
+
+def test_graph_key_holds_the_configs(monkeypatch, ns_config, matmul_config):
+    """``functional.graph_key()``: hashable, and changes with either config or the switch."""
+    from matfn import functional
+
+    key = functional.graph_key()
+    assert hash(key) == hash(functional.graph_key()) and key == functional.graph_key()
+    ns_config(min_triton_work=0)
+    assert functional.graph_key() != key
+    changed = functional.graph_key()
+    matmul_config(tma="never")
+    assert functional.graph_key() != changed
+    monkeypatch.setenv("MATFN_DISABLE_TRITON", "1")
+    assert functional.graph_key()[0] is True
