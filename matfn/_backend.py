@@ -83,9 +83,9 @@ class NewtonSchulzConfig:
     H100/H200 timings summarised in docs/benchmarks.md.
     """
 
-    #: Smallest work sent to the Triton kernels ("GPU-bound"; also the most a CUDA graph
-    #: captures). Why: below it a Triton launch's host time (about 50 µs) outweighs the halved
-    #: symmetric products, and Gram NS's extra launches lose to the standard iteration.
+    #: Smallest work sent to the Triton kernels ("GPU-bound"; ``algorithm="auto"`` picks Gram NS
+    #: only from here). Why: below it a Triton launch's host time (about 50 µs) outweighs the
+    #: halved symmetric products, and Gram NS's extra launches lose to the standard iteration.
     min_triton_work: int = 2**34
     #: Smallest short side ``s`` sent to the Triton kernels without TMA. Why: batches of many
     #: small matrices stay launch-bound, cuBLAS through the folded step is faster there.

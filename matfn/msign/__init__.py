@@ -13,7 +13,8 @@ of :mod:`matfn.sylvester`, which imports this package; so it is not imported her
 by :mod:`matfn.derivatives` through :func:`register_autograd` when ``matfn`` is imported.
 
 ``matfn.msign`` (the attribute) is the function; import the submodules as
-``from matfn.msign import path`` (``import matfn.msign.path as p`` resolves the function).
+``from matfn.msign import path`` (``import matfn.msign.path as p`` fails: the attribute
+``matfn.msign`` it resolves is the function).
 """
 
 from __future__ import annotations
