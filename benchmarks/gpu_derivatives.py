@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root
 
 import matfn  # noqa: E402
 from matfn.coefficients import schedule  # noqa: E402

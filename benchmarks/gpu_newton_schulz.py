@@ -48,18 +48,37 @@ from unittest import mock
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
 import matfn  # noqa: E402
-from matfn import _graphs  # noqa: E402
+from matfn import _backend, _graphs  # noqa: E402
 from matfn.coefficients import scalar_map, schedule  # noqa: E402
-from matfn.msign import (  # noqa: E402
-    choose_algorithm,
+from matfn.msign import path as ns_path  # noqa: E402
+from matfn.msign.path import choose_algorithm, normalize  # noqa: E402
+from matfn.msign.reference import (  # noqa: E402
     gram_newton_schulz_torch,
     gram_restarts,
     newton_schulz_torch,
-    normalize,
 )
+
+
+def configs(**changes):
+    """A context running the kernels under :data:`matfn._backend.NEWTON_SCHULZ` and
+    :data:`matfn._backend.MATMUL` with these fields replaced (the A/B variants)."""
+    import contextlib
+    import dataclasses
+
+    ns_fields = {f.name for f in dataclasses.fields(_backend.NewtonSchulzConfig)}
+    ns = {k: v for k, v in changes.items() if k in ns_fields}
+    mm = {k: v for k, v in changes.items() if k not in ns_fields}
+    stack = contextlib.ExitStack()
+    new_ns = dataclasses.replace(_backend.NEWTON_SCHULZ, **ns)
+    stack.enter_context(mock.patch.object(_backend, "NEWTON_SCHULZ", new_ns))
+    stack.enter_context(
+        mock.patch.object(_backend, "MATMUL", dataclasses.replace(_backend.MATMUL, **mm))
+    )
+    return stack
+
 
 STEPS = 5
 CASES = {
@@ -84,7 +103,7 @@ TARGETS_MS = {
     "64x512x512": 0.5,
 }
 #: ``--lean``: the time section runs ours (the default path), the torch reference and the peers
-#: only, not the alternative dispatch variants.
+#: only, not the alternative path variants.
 LEAN = False
 SMALL = ["1024x1024", "1000x1000", "1294x929", "64x512x512", "32x128x4096"]
 RESULTS: dict = {"sections": {}}
@@ -231,24 +250,19 @@ ONE_RESTART = (2,)
 
 def one_restart(M):
     """Ours with a single Gram restart (:data:`ONE_RESTART`) instead of gram_restarts' choice."""
-    msign_module = sys.modules["matfn.msign"]
-    with mock.patch.object(msign_module, "gram_restarts", lambda coeffs: ONE_RESTART):
+    with mock.patch.object(ns_path, "gram_restarts", lambda coeffs: ONE_RESTART):
         return ours(M)
 
 
 def pdl_off(M):
-    """Ours without programmatic dependent launch (gram.PDL = "never")."""
-    from matfn.kernels import gram
-
-    with mock.patch.object(gram, "PDL", "never"):
+    """Ours without programmatic dependent launch (``pdl_max_tiles_per_sm=0``)."""
+    with configs(pdl_max_tiles_per_sm=0):
         return ours(M)
 
 
 def pointer_loads(M):
     """Ours with the pointer-load kernels (no TMA descriptors)."""
-    from matfn.kernels import gram
-
-    with mock.patch.object(gram, "TMA", "never"):
+    with configs(tma="never"):
         return ours(M)
 
 
@@ -258,39 +272,14 @@ def ours_algo(M, algorithm):
 
 def forced(M):
     """Ours with the Triton kernels even below the size threshold."""
-    from matfn.kernels import dispatch
-
-    old = dispatch.MIN_TRITON_WORK, dispatch.MIN_TRITON_SIDE
-    dispatch.MIN_TRITON_WORK = dispatch.MIN_TRITON_SIDE = 0
-    try:
+    with configs(min_triton_work=0, min_triton_side=0):
         return ours(M)
-    finally:
-        dispatch.MIN_TRITON_WORK, dispatch.MIN_TRITON_SIDE = old
-
-
-def cublas_gen(M):
-    """Ours with the general (non-symmetric) products on cuBLAS, symmetric ones on Triton."""
-    from matfn.kernels import ns_step
-
-    old = ns_step.GENERAL_BACKEND
-    ns_step.GENERAL_BACKEND = "cublas"
-    try:
-        return ours(M)
-    finally:
-        ns_step.GENERAL_BACKEND = old
 
 
 def unfolded(M):
-    """Ours as before the folded step: Triton ``BX + aX`` for GPU-bound batches below the
-    full-Triton size, the torch reference (``baddbmm``, bf16) for launch-bound ones."""
-    from matfn.kernels import dispatch
-
-    old = dispatch.MIXED_UPDATE, dispatch.FOLD_LAUNCH_BOUND
-    dispatch.MIXED_UPDATE, dispatch.FOLD_LAUNCH_BOUND = "triton", False
-    try:
+    """Ours without the folded step for launch-bound batches (the torch reference, bf16)."""
+    with configs(fold_launch_bound=False):
         return ours(M)
-    finally:
-        dispatch.MIXED_UPDATE, dispatch.FOLD_LAUNCH_BOUND = old
 
 
 def torch_batched(M):
@@ -315,15 +304,14 @@ ACC_SHAPES = "768x768,768x3072,1024x1024,2048x2048,1024x4096,2048x8192,4096x1638
 
 
 def section_acc(shapes, conds=(10.0,)):
-    from matfn.kernels import dispatch, gram
+    from matfn.msign.triton import gram_newton_schulz_triton, ns_step_folded
 
     coeffs, factor = schedule("polar_express", STEPS)
     restarts = gram_restarts(coeffs)
     rows = []
-    from matfn.kernels.ns_step import ns_step_folded, ns_step_fused_update
 
     def pointer(fn, *args):  # without TMA loads
-        with mock.patch.object(gram, "TMA", "never"):
+        with configs(tma="never"):
             return fn(*args)
 
     def steps_of(step, X0):
@@ -338,8 +326,8 @@ def section_acc(shapes, conds=(10.0,)):
         oracle = (U * f) @ V.T
         X0 = normalize(M64.unsqueeze(0), factor, 1e-7, torch.bfloat16)
 
-        def bf16_iteration(fn, *args):  # the Triton path without TRITON_HALF_DTYPE
-            with mock.patch.object(dispatch, "TRITON_HALF_DTYPE", None):
+        def bf16_iteration(fn, *args):  # the Triton path without triton_half_dtype
+            with configs(triton_half_dtype=None):
                 return fn(*args)
 
         M16 = M64.unsqueeze(0).bfloat16()
@@ -347,29 +335,26 @@ def section_acc(shapes, conds=(10.0,)):
             "msign (bf16 in/out, default)": lambda M16=M16: matfn.msign(
                 M16, steps=STEPS, check_finite=False
             ),
-            "triton standard (fp16 iterates)": lambda X0=X0: dispatch.newton_schulz(X0, coeffs),
-            "triton standard bf16": lambda X0=X0: bf16_iteration(
-                dispatch.newton_schulz, X0, coeffs
-            ),
-            "triton gram fp16": lambda X0=X0: dispatch.gram_newton_schulz(X0, coeffs, restarts),
-            f"triton gram fp16, restarts {ONE_RESTART}": lambda X0=X0: dispatch.gram_newton_schulz(
+            "triton standard (fp16 iterates)": lambda X0=X0: ns_path.newton_schulz(X0, coeffs),
+            "triton standard bf16": lambda X0=X0: bf16_iteration(ns_path.newton_schulz, X0, coeffs),
+            "triton gram fp16": lambda X0=X0: ns_path.gram_newton_schulz(X0, coeffs, restarts),
+            f"triton gram fp16, restarts {ONE_RESTART}": lambda X0=X0: ns_path.gram_newton_schulz(
                 X0, coeffs, ONE_RESTART
             ),
             "triton standard bf16, pointer loads": lambda X0=X0: pointer(
-                bf16_iteration, dispatch.newton_schulz, X0, coeffs
+                bf16_iteration, ns_path.newton_schulz, X0, coeffs
             ),
             "triton gram fp16, pointer loads": lambda X0=X0: pointer(
-                dispatch.gram_newton_schulz, X0, coeffs, restarts
+                ns_path.gram_newton_schulz, X0, coeffs, restarts
             ),
             "torch standard bf16": lambda X0=X0: newton_schulz_torch(X0, coeffs),
-            "mixed bf16 (Triton BX+aX)": lambda X0=X0: steps_of(ns_step_fused_update, X0),
             "folded bf16 (cuBLAS (B+aI)X)": lambda X0=X0: steps_of(ns_step_folded, X0),
             "folded fp16 (the default)": lambda X0=X0: steps_of(ns_step_folded, X0.half()),
             "torch gram bf16": lambda X0=X0: gram_newton_schulz_torch(X0, coeffs, restarts),
             "torch gram fp16": lambda X0=X0: gram_newton_schulz_torch(X0.half(), coeffs, restarts),
-            "triton gram bf16 (no fp16)": lambda X0=X0: __import__(
-                "matfn.kernels.ns_step", fromlist=["x"]
-            ).gram_newton_schulz_triton(X0, coeffs, restarts),
+            "triton gram bf16 (no fp16)": lambda X0=X0: gram_newton_schulz_triton(
+                X0, coeffs, restarts
+            ),
         }
         for name, fn in variants.items():
             out = fn()[0].double()
@@ -400,8 +385,6 @@ def section_time(cases, peak, peer_cases, peer_names):
         g = torch.Generator(device="cuda").manual_seed(0)
         M = torch.randn(batch, n, m, device="cuda", dtype=torch.bfloat16, generator=g)
         s, L = min(n, m), max(n, m)
-        from matfn.kernels import dispatch
-
         X0 = M if n <= m else M.mT
         algo = choose_algorithm(
             "auto",
@@ -409,11 +392,10 @@ def section_time(cases, peak, peer_cases, peer_names):
             L,
             STEPS,
             restarts=len(gram_restarts(coeffs)),
-            symmetric=dispatch.kernels_apply(X0),
-            gram_ok=dispatch.gram_accurate(X0),
+            symmetric=ns_path.kernels_apply(X0),
         )
         pf = plain_flops(batch, n, m)
-        kernels = dispatch.kernels_apply(X0)
+        kernels = ns_path.kernels_apply(X0)
         entries = [(f"ours ({algo}{'' if kernels else ', torch path'})", lambda M=M: ours(M))]
         if _graphs.ns_graph_applies(M):
             entries.append(("ours (cuda_graph=True)", lambda M=M: ours_graphed(M)))
@@ -425,7 +407,6 @@ def section_time(cases, peak, peer_cases, peer_names):
             pass
         elif kernels:
             entries.append((f"ours ({algo}, pointer loads)", lambda M=M: pointer_loads(M)))
-            entries.append((f"ours ({algo}, cuBLAS general products)", lambda M=M: cublas_gen(M)))
         else:
             entries.append((f"ours ({algo}, Triton forced)", lambda M=M: forced(M)))
             entries.append((f"ours ({algo}, unfolded: baddbmm/BX+aX)", lambda M=M: unfolded(M)))
@@ -512,47 +493,41 @@ def section_graph(cases):
 
 
 SMALL_VARIANTS = {
-    # label: (dispatch thresholds at 0 → Triton everywhere, or "recording", gram.TMA, PDL)
-    "default path": (False, "auto", "never"),
-    "default path + PDL": (False, "auto", "auto"),
-    "Triton, TMA": (True, "always", "never"),
-    "Triton, TMA + PDL": (True, "always", "auto"),
-    "Triton, pointer + PDL": (True, "never", "auto"),
+    # label: (path thresholds at 0 → Triton everywhere, or "recording", MatmulConfig.tma, PDL)
+    "default path": (False, "auto", False),
+    "default path + PDL": (False, "auto", True),
+    "Triton, TMA": (True, "always", False),
+    "Triton, TMA + PDL": (True, "always", True),
+    "Triton, pointer + PDL": (True, "never", True),
     # what cuda_graph=True captures: kernels chosen by GPU time (kernels.recording), whose
     # normalisation is one Triton divide pass
-    "recording (cuda_graph=True)": ("recording", "auto", "auto"),
+    "recording (cuda_graph=True)": ("recording", "auto", True),
 }
 
 
 def _reset_tuning():
     """Forget every autotuned config (the variants change which kernels run)."""
-    from matfn.kernels import gram
+    from matfn.kernels import matmul
 
-    gram._BEST_CONFIG.clear()
-    gram._tma_tuned.clear()
-    for kernel in (gram._sym_tuned, gram._gen_tuned):
+    matmul._BEST_CONFIG.clear()
+    matmul._tma_tuned.clear()
+    for kernel in (matmul._sym_tuned, matmul._gen_tuned):
         kernel.cache.clear()
     _graphs.clear()
 
 
 def _variant(label):
     """A context that applies one of :data:`SMALL_VARIANTS`."""
-    import contextlib
-
-    from matfn.kernels import dispatch, gram
+    from matfn.kernels import recording
 
     everywhere, tma, pdl = SMALL_VARIANTS[label]
-    stack = contextlib.ExitStack()
+    changes = dict(tma=tma, tma_min_work=0 if tma == "always" else 2**34)
+    changes["pdl_max_tiles_per_sm"] = _backend.MATMUL.pdl_max_tiles_per_sm if pdl else 0
+    if everywhere is True:
+        changes.update(min_triton_work=0, min_triton_side=0, min_tma_batch_work=0)
+    stack = configs(**changes)
     if everywhere == "recording":
-        from matfn.kernels import recording
-
         stack.enter_context(recording.for_graph())
-    elif everywhere:
-        for name in ("MIN_TRITON_WORK", "MIN_TRITON_SIDE", "MIN_TMA_BATCH_WORK"):
-            stack.enter_context(mock.patch.object(dispatch, name, 0))
-    stack.enter_context(mock.patch.object(gram, "TMA", tma))
-    stack.enter_context(mock.patch.object(gram, "TMA_MIN_WORK", 0 if tma == "always" else 2**34))
-    stack.enter_context(mock.patch.object(gram, "PDL", pdl))
     return stack
 
 
@@ -563,7 +538,7 @@ def section_small(cases):
     per TMA config, with and without PDL, checked against a float32 product."""
     from triton.testing import do_bench_cudagraph
 
-    from matfn.kernels import gram
+    from matfn.kernels import matmul
     from matfn.kernels.matmul_tma import launch_tma
 
     rows = []
@@ -612,12 +587,12 @@ def section_small(cases):
             ref += be * D1.float()
         t = do_bench_cudagraph(f_cublas, rep=50, return_mode="median")
         log(f"  1024² {pname:<14} {'cuBLAS':<30} {t * 1e3:6.1f} µs")
-        blocks = gram._TMA_SYMMETRIC_BLOCKS if sym else gram._TMA_GENERAL_BLOCKS
+        blocks = matmul._TMA_SYMMETRIC_BLOCKS if sym else matmul._TMA_GENERAL_BLOCKS
         for (bm, bn, bk, st, w, persistent), pdl in itertools.product(blocks, (False, True)):
             cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_stages=st)
             cfg.update(num_warps=w, PROGRAMS=sms if persistent else 0)
             out = torch.empty(1, 1024, 1024, device="cuda", dtype=torch.float16)
-            grid = gram._grid(1024, 1024, 1, sym)
+            grid = matmul._grid(1024, 1024, 1, sym)
             label = f"TMA {bm}x{bn} s{st} w{w}{' pers.' if persistent else ''}"
             label += " PDL" if pdl else ""
 
@@ -636,24 +611,15 @@ def section_small(cases):
     RESULTS["sections"]["small"] = rows
 
 
-PDL_MODES = {  # label: (gram.PDL, gram.PDL_MAX_TILES_PER_SM)
-    "rule": ("auto", None),  # the default: PDL for products of at most two waves of tiles
-    "all": ("auto", 10**9),  # PDL for every product
-    "never": ("never", None),
+PDL_MODES = {  # label: MatmulConfig.pdl_max_tiles_per_sm
+    "rule": _backend.MATMUL.pdl_max_tiles_per_sm,  # the default: at most two waves of tiles
+    "all": 10**9,  # PDL for every product
+    "never": 0,
 }
 
 
 def _pdl_mode(label):
-    import contextlib
-
-    from matfn.kernels import gram
-
-    pdl, max_tiles = PDL_MODES[label]
-    stack = contextlib.ExitStack()
-    stack.enter_context(mock.patch.object(gram, "PDL", pdl))
-    if max_tiles is not None:
-        stack.enter_context(mock.patch.object(gram, "PDL_MAX_TILES_PER_SM", max_tiles))
-    return stack
+    return configs(pdl_max_tiles_per_sm=PDL_MODES[label])
 
 
 def section_pdl(cases, rounds: int = 2):
@@ -686,7 +652,7 @@ def section_pdl(cases, rounds: int = 2):
 
 
 def section_gram():
-    from matfn.kernels.gram import gram_triton
+    from matfn.kernels.matmul import gram_triton
 
     rows = []
     for s, L in [(8192, 8192), (4096, 4096), (4096, 16384)]:
@@ -723,7 +689,7 @@ def section_components():
     """
     from triton.testing import do_bench_cudagraph
 
-    from matfn.kernels.gram import gram_triton, matmul_triton
+    from matfn.kernels.matmul import gram_triton, matmul_triton
 
     rows = []
     a, b, c = 3.4445, -4.7750, 2.0315
@@ -786,11 +752,9 @@ GROUPED_CASES = {
 
 def section_grouped():
     """Mixed shapes: one grouped launch per product for all shapes vs one stacked batch per
-    shape (``dispatch.newton_schulz_grouped`` with ``GROUPED_LAUNCH`` on, from 2 shapes, and
-    off); eager and graph-replayed (the GPU time alone)."""
+    shape (``newton_schulz_grouped`` with ``grouped_launch`` on, from 2 shapes, and off); eager
+    and graph-replayed (the GPU time alone)."""
     import triton.testing
-
-    from matfn.kernels import dispatch
 
     coeffs, factor = schedule("polar_express", STEPS)
     rows = []
@@ -802,11 +766,8 @@ def section_grouped():
         ]
         results = {}
         for label, on in (("stacked per shape", False), ("grouped launch", True)):
-            with (
-                mock.patch.object(dispatch, "GROUPED_LAUNCH", on),
-                mock.patch.object(dispatch, "GROUPED_MIN_SHAPES", 2),
-            ):
-                fn = lambda Xs=Xs: dispatch.newton_schulz_grouped(Xs, coeffs, "standard")  # noqa: E731
+            with configs(grouped_launch=on, grouped_min_shapes=2):
+                fn = lambda Xs=Xs: ns_path.newton_schulz_grouped(Xs, coeffs, "standard")  # noqa: E731
                 results[label] = fn()
                 med = bench(fn)[0]
                 try:  # GPU time alone: the grouped path's host work is per group
@@ -833,16 +794,16 @@ def section_tma():
     """TMA kernels: correctness per config, then per-product timing against the alternatives."""
     from triton.testing import do_bench_cudagraph
 
-    from matfn.kernels import gram
+    from matfn.kernels import matmul
     from matfn.kernels.matmul_tma import launch_tma
 
     def grid_of(s, b, sym):
-        return gram._grid(s, s, b, sym)
+        return matmul._grid(s, s, b, sym)
 
     def tiles_of(sym):  # (bm, bn, bk, stages, warps); persistence is swept separately
         return list(
             dict.fromkeys(
-                c[:5] for c in (gram._TMA_SYMMETRIC_BLOCKS if sym else gram._TMA_GENERAL_BLOCKS)
+                c[:5] for c in (matmul._TMA_SYMMETRIC_BLOCKS if sym else matmul._TMA_GENERAL_BLOCKS)
             )
         )
 
@@ -913,8 +874,8 @@ def section_tma():
             for mode in ("never", "auto"):
 
                 def f(mode=mode, sym=sym, A1=A1, B1=B1, D1=D1, al=al, be=be):
-                    with mock.patch.object(gram, "TMA", mode):
-                        return gram.matmul_triton(A1, B1, D1, alpha=al, beta=be, symmetric=sym)
+                    with configs(tma=mode):
+                        return matmul.matmul_triton(A1, B1, D1, alpha=al, beta=be, symmetric=sym)
 
                 entries["pointer (autotuned)" if mode == "never" else "TMA (autotuned)"] = f
             for bm, bn, bk, st, w in tiles_of(sym):
@@ -957,10 +918,9 @@ def section_tma():
 
 def section_check():
     """Triton vs torch at the same dtype, poisoned outputs, odd sizes (quick)."""
-    from matfn.kernels.gram import matmul_triton
-    from matfn.kernels.ns_step import ns_step_triton, sign_step_triton
-    from matfn.mcsgn import sign_step_torch
-    from matfn.msign import ns_step_torch
+    from matfn.kernels.matmul import matmul_triton
+    from matfn.msign.reference import ns_step_torch, sign_step_torch
+    from matfn.msign.triton import ns_step_triton, sign_step_triton
 
     worst = 0.0
     for b, s, L in [(1, 1000, 1000), (3, 129, 257), (2, 777, 1500), (1, 4096, 4096)]:
@@ -979,11 +939,10 @@ def section_check():
         e3 = float((z.float() - zr.float()).norm() / zr.float().norm())
         log(f"  check {b}x{s}x{L}: gram {e1:.1e}  ns_step {e2:.1e}  sign_step {e3:.1e}")
         worst = max(worst, e1, e2, e3)
-    from matfn.kernels import gram as G
+    from matfn.kernels import matmul as G
 
-    sym_cfgs = G._SYMMETRIC_CONFIGS + [
-        c for c in G._SYMMETRIC_WIDE_CONFIGS if c not in G._SYMMETRIC_CONFIGS
-    ]
+    # plus a rectangular symmetric tile (full grid, upper tiles idle), as the TMA lists use
+    sym_cfgs = G._SYMMETRIC_CONFIGS + [G._config(128, 256, 64, 3, 8)]
     for cfg in sym_cfgs + G._GENERAL_CONFIGS:
         sym = cfg in sym_cfgs
         for b, s, L in [(2, 1000, 1000), (1, 777, 1500)]:

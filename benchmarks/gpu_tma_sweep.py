@@ -32,9 +32,10 @@ from unittest import mock
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
 import matfn  # noqa: E402
+from benchmarks.gpu_newton_schulz import configs  # noqa: E402
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, persistent); shared memory checked offline against
 # Triton 3.6's sm_90 compiler (≤ 227 KB).
@@ -96,7 +97,7 @@ def graph_ms(fn) -> float:
 
 
 def section_sweep(shapes):
-    from matfn.kernels import gram
+    from matfn.kernels import matmul
     from matfn.kernels.matmul_tma import launch_tma
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -141,8 +142,8 @@ def section_sweep(shapes):
             for mode in ("never", "always"):
 
                 def f(mode=mode, sym=sym, A1=A1, B1=B1, D1=D1, al=al, be=be, ga=ga):
-                    with mock.patch.object(gram, "TMA", mode):
-                        return gram.matmul_triton(
+                    with configs(tma=mode):
+                        return matmul.matmul_triton(
                             A1, B1, D1, alpha=al, beta=be, gamma=ga, symmetric=sym
                         )
 
@@ -161,7 +162,7 @@ def section_sweep(shapes):
                     PROGRAMS=sms if pers else 0,
                 )
                 label = f"{bm}x{bn}x{bk} s{st} w{w}{' P' if pers else ''}"
-                grid = gram._grid(n, m, bt, sym)
+                grid = matmul._grid(n, m, bt, sym)
 
                 def f(
                     A1=A1, B1=B1, D1=D1, al=al, be=be, ga=ga, out=out, sym=sym, grid=grid, cfg=cfg
@@ -212,7 +213,7 @@ def section_host():
     import cProfile
     import pstats
 
-    from matfn.kernels import gram
+    from matfn.kernels import matmul
 
     for bt, s in ((1, 1024), (64, 512), (1, 4096)):
         X = torch.randn(bt, s, s, device="cuda", dtype=torch.bfloat16) / math.sqrt(s)
@@ -223,8 +224,8 @@ def section_host():
         for mode in ("never", "always"):
 
             def f(mode=mode, X=X, out=out):
-                with mock.patch.object(gram, "TMA", mode):
-                    gram.matmul_triton(X, X.mT, X, beta=0.5, symmetric=True, out=out)
+                with configs(tma=mode):
+                    matmul.matmul_triton(X, X.mT, X, beta=0.5, symmetric=True, out=out)
 
             fns[f"Triton {'pointer' if mode == 'never' else 'TMA'} (mock.patch inside)"] = f
         for name, f in fns.items():
@@ -236,11 +237,11 @@ def section_host():
             host = (time.perf_counter() - t0) / 300 * 1e6
             torch.cuda.synchronize()
             log(f"  host {bt}x{s}² {name:<40} {host:7.1f} µs/launch")
-        with mock.patch.object(gram, "TMA", "always"):
+        with configs(tma="always"):
             prof = cProfile.Profile()
             prof.enable()
             for _ in range(300):
-                gram.matmul_triton(X, X.mT, X, beta=0.5, symmetric=True, out=out)
+                matmul.matmul_triton(X, X.mT, X, beta=0.5, symmetric=True, out=out)
             prof.disable()
             torch.cuda.synchronize()
         if s == 1024:
@@ -275,7 +276,7 @@ SMALL_GENERAL = [
 
 def _folded_tma(X, a, b, c):
     """Folded step with both s×s-by-s×L products on Triton: ``(cA² + bA + aI) X``."""
-    from matfn.kernels.gram import matmul_triton
+    from matfn.kernels.matmul import matmul_triton
 
     A = torch.bmm(X, X.mT)
     return matmul_triton(matmul_triton(A, A, A, alpha=c, beta=b, gamma=a), X)
@@ -283,43 +284,36 @@ def _folded_tma(X, a, b, c):
 
 def _folded_tma_gram(X, a, b, c):
     """As :func:`_folded_tma` with the symmetric Gram kernel for ``X Xᵀ``."""
-    from matfn.kernels.gram import gram_triton, matmul_triton
+    from matfn.kernels.matmul import gram_triton, matmul_triton
 
     A = gram_triton(X)
     return matmul_triton(matmul_triton(A, A, A, alpha=c, beta=b, gamma=a), X)
 
 
-# iterate bf16 batches in fp16 as the shipped folded step does (dispatch.iteration_dtype)
+# iterate bf16 batches in fp16 as the shipped folded step does (path.iteration_dtype)
 _folded_tma.__name__ = _folded_tma_gram.__name__ = "ns_step_folded"
 
 
 def _variants():
-    from matfn.kernels import dispatch, gram, ns_step
+    from matfn.msign import path
 
-    def patched(settings=(), step=None):
+    def patched(settings=None, step=None):
         def run(M):
-            patches = [mock.patch.object(mod, name, v) for mod, name, v in settings]
-            if step is not None:
-                patches.append(mock.patch.object(dispatch, "_step_function", lambda X: step))
-            for p in patches:
-                p.start()
-            try:
-                return matfn.msign(M, steps=5, check_finite=False)
-            finally:
-                for p in patches:
-                    p.stop()
+            with configs(**(settings or {})):
+                if step is None:
+                    return matfn.msign(M, steps=5, check_finite=False)
+                with mock.patch.object(path, "step_function", lambda X: step):
+                    return matfn.msign(M, steps=5, check_finite=False)
 
         return run
 
-    tma = [(gram, "TMA", "always")]
+    tma = dict(tma="always")
     return {
         "default": patched(),
-        "folded, poly TMA": patched(tma + [(ns_step, "FOLDED_POLY_BACKEND", "triton")]),
+        "folded, poly TMA": patched(dict(tma, min_triton_poly_work=0)),
         "folded, poly + update TMA": patched(tma, _folded_tma),
         "folded, Gram + poly + update TMA": patched(tma, _folded_tma_gram),
-        "all Triton (symmetric), TMA": patched(
-            tma + [(dispatch, "MIN_TRITON_WORK", 0), (dispatch, "MIN_TRITON_SIDE", 0)]
-        ),
+        "all Triton (symmetric), TMA": patched(dict(tma, min_triton_work=0, min_triton_side=0)),
     }
 
 
@@ -327,10 +321,10 @@ def section_dispatch(cases):
     from triton.testing import do_bench
 
     from benchmarks.gpu_newton_schulz import captured
-    from matfn.kernels import gram
+    from matfn.kernels import matmul
 
-    gram._TMA_SYMMETRIC_BLOCKS += SMALL_SYMMETRIC
-    gram._TMA_GENERAL_BLOCKS += SMALL_GENERAL
+    matmul._TMA_SYMMETRIC_BLOCKS += SMALL_SYMMETRIC
+    matmul._TMA_GENERAL_BLOCKS += SMALL_GENERAL
     variants = _variants()
     rows = []
     for bt, n, m in cases:

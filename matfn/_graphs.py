@@ -1,20 +1,19 @@
 """Replay launch-bound matrix functions from captured CUDA graphs (``cuda_graph=True``).
 
 A 5-step msign issues 17–20 kernels. At 1024², or for a batch of 64 matrices of 512², each runs
-for a few microseconds, so an eager call is bound by the host issuing them: 0.54–0.62 ms and
-0.65–1.31 ms on the device's H200 hosts for 0.14 / 0.64 ms of GPU work (docs/benchmarks.md);
-tri_inv and tri_solve issue about 8 Triton launches for 0.10–0.14 ms. With ``cuda_graph=True``
-msign, mcsgn, mclip, tri_inv and tri_solve capture the call once per key and replay it
-afterwards: copy the inputs into the graph's static inputs, replay, clone the static output.
-The captured kernels are chosen by GPU time, not launch cost (:mod:`matfn.kernels.recording`):
-1024² msign 0.112 ms a call on the H200, 64×512² 0.64–0.66 ms.
+for a few microseconds, so an eager call is bound by the host issuing them (several times its
+GPU time; docs/benchmarks.md); tri_inv and tri_solve issue about 8 Triton launches. With
+``cuda_graph=True`` msign, mcsgn, mclip, tri_inv and tri_solve capture the call once per key and
+replay it afterwards: copy the inputs into the graph's static inputs, replay, clone the static
+output. The captured kernels are chosen by GPU time, not launch cost
+(:mod:`matfn.kernels.recording`).
 
 How it stays correct:
 
 * The key holds everything the captured kernels depend on: the function and the arguments bound
   to it (a ``functools.partial``), the inputs' shapes, strides, dtypes and devices, the current
-  stream (a graph's static buffers are used in that stream's order only) and the dispatch
-  switches of :mod:`matfn.kernels` (:func:`matfn.kernels.dispatch.switches`).
+  stream (a graph's static buffers are used in that stream's order only) and the kernel
+  configs (:func:`matfn._backend.graph_key`).
 * The first call with a key runs eagerly on a side stream (Triton autotuning, cuBLAS workspaces;
   its result is returned), then captures. At most :data:`MAX_GRAPHS` graphs are kept, least
   recently used dropped; each holds a private memory pool for its intermediates.
@@ -34,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _backend
 from .kernels import recording
 
 __all__ = [
@@ -49,10 +49,9 @@ __all__ = [
 #: Most captured graphs kept (per process; least recently used dropped).
 MAX_GRAPHS = 16
 #: Largest problem captured, in multiply-adds of its largest product (for Newton–Schulz one
-#: ``X Xᵀ``, ``batch · s² · L`` for sides ``s ≤ L``): the dispatcher's launch-bound range
-#: (``MIN_TRITON_WORK = 2³⁴``). Above it the kernels outlast their launches and the copies in
-#: and out only add time: 4096² (2³⁶) replayed in 2.42 ms against 2.19 eager on the H200
-#: (docs/benchmarks.md).
+#: ``X Xᵀ``, ``batch · s² · L`` for sides ``s ≤ L``): the launch-bound range of the path choice
+#: (``NewtonSchulzConfig.min_triton_work = 2³⁴``). Why: above it the kernels outlast their
+#: launches and the copies in and out only add time (docs/benchmarks.md).
 MAX_WORK = 2**34
 
 
@@ -98,12 +97,10 @@ def clear() -> None:
 
 
 def _key(call: functools.partial, tensors: tuple[torch.Tensor, ...]) -> tuple:
-    from .kernels import dispatch
-
     stream = torch.cuda.current_stream(tensors[0].device).stream_id
     bound = (call.func, call.args, tuple(sorted(call.keywords.items())))
     geometry = tuple((T.shape, T.stride(), T.dtype, T.device) for T in tensors)
-    return (bound, geometry, stream, dispatch.switches())
+    return (bound, geometry, stream, _backend.graph_key())
 
 
 def replay_or_capture(call: functools.partial, *tensors: torch.Tensor) -> torch.Tensor:

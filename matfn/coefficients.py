@@ -3,7 +3,7 @@ r"""Newton–Schulz polynomial schedules.
 Every Newton–Schulz method in :mod:`matfn` iterates ``X ← a X + b (X Xᵀ) X + c (X Xᵀ)² X`` with a
 per-step triple ``(a, b, c)``. On the singular values this is the scalar map
 ``x ↦ p_t(x) = a x + b x³ + c x⁵``, so a schedule is judged by the composition
-``f = p_T ∘ … ∘ p_1`` on ``[ℓ, 1]`` (math spec §1.2–1.3).
+``f = p_T ∘ … ∘ p_1`` on ``[ℓ, 1]`` (docs/math.md §1.2–1.3).
 
 Schedules here:
 
@@ -150,7 +150,7 @@ def polar_express_coefficients(
     ``[ℓ_t, u_t]`` (``ℓ_1 = lower``, ``u_1 = 1``); its image defines the next interval,
     ``ℓ_{t+1} = p_t(ℓ_t)``, ``u_{t+1} = 2 − ℓ_{t+1}``. Amsel et al. prove this greedy choice is
     optimal among all compositions of ``steps`` quintics. Two finite-precision changes follow the
-    authors' code (math spec §1.3(d)):
+    authors' code (docs/math.md §1.3(d)):
 
     * **cushion** ``λ``: fit on ``[max(ℓ_t, λ u_t), u_t]`` and rescale by
       ``2 / (p(ℓ_t) + p(u_t))`` so the first steps do not crush values near 1;
@@ -267,7 +267,7 @@ def _auto_schedule_cached(lower: float, tol: float) -> tuple[Coefficients, ...]:
 def auto_schedule(lower: float, tol: float) -> list[Coefficients]:
     """The shortest Polar-Express schedule whose scalar error on ``[lower, 1]`` is ≤ ``tol``.
 
-    Used by ``steps="auto"``; math spec §1.3(d) tabulates the resulting step counts
+    Used by ``steps="auto"``; docs/math.md §1.3(d) tabulates the resulting step counts
     (e.g. 8 steps for ``lower = 1e-3``, ``tol = 1e-12``).
     """
     return list(_auto_schedule_cached(float(lower), float(tol)))

@@ -1,7 +1,7 @@
 r"""The derivative of msign: JVP and VJP through a Lyapunov equation, and the autograd Function.
 
 For ``M = U Σ Vᵀ`` of rank r the derivative of ``O = msign(M) = U_r V_rᵀ`` is the linear map
-(math spec §4.2, Daleckii–Krein divided differences)
+(docs/math.md §4.2, Daleckii–Krein divided differences)
 
 .. math:: J[dM] = U\,Y\,Vᵀ, \quad
           Y_{ij} = \begin{cases}
@@ -34,6 +34,7 @@ from .msign import (
     newton_schulz_torch,
     normalize,
     polish_until_converged,
+    register_autograd,
     run_newton_schulz,
 )
 from .sylvester import _solve_flat, schedule_from
@@ -65,8 +66,8 @@ def _derivative_svd(M: torch.Tensor, D: torch.Tensor, rank_tol: float) -> torch.
     With the rank-r parts ``U_r, V_r, Σ_r`` (masked columns, so r may vary over the batch) and
     ``X̃ = U_rᵀ D V_r``:
     ``J[D] = U_r [Γ ∘ (X̃ − X̃ᵀ)] V_rᵀ + U_r Σ_r⁻¹ (U_rᵀ D − X̃ V_rᵀ) + (D V_r − U_r X̃) Σ_r⁻¹ V_rᵀ``
-    with ``Γᵢⱼ = 1/(σᵢ + σⱼ)``: the range–range, range–null and null–range blocks of spec
-    §4.2; the null–null block is 0. Cost: one thin SVD plus ``O(n²m)`` products.
+    with ``Γᵢⱼ = 1/(σᵢ + σⱼ)``: the range–range, range–null and null–range blocks of
+    docs/math.md §4.2; the null–null block is 0. Cost: one thin SVD plus ``O(n²m)`` products.
     """
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
     keep = S > rank_tol * S[..., :1]
@@ -296,7 +297,7 @@ def msign_jvp(
     Let ``O = msign(M)``, wide orientation ``n ≤ m`` (tall inputs are transposed), ``M`` full
     rank, ``P = M Oᵀ = (M Mᵀ)^{1/2}`` (n×n, symmetric positive definite) and
     ``L_P(W) = P W + W P``. Differentiating ``M = P O`` with ``O Oᵀ = I`` gives
-    (a variant of spec §4.3 that needs no ``P⁻¹`` for square M):
+    (a variant of docs/math.md §4.3 that needs no ``P⁻¹`` for square M):
 
     .. math:: J[D] = L_P^{-1}(D Oᵀ − O Dᵀ)\, O + P^{-1} D (I − Oᵀ O),
 
@@ -315,7 +316,7 @@ def msign_jvp(
 
     Route ``"svd"``: the closed form above with the thin SVD, rank cut-off
     ``σ > rank_tol·σ₁`` and the **pseudo-inverse convention** for rank-deficient ``M``
-    (spec §4.4): range–null and null–range entries ``X̃ᵢⱼ/σ_{nonzero}``, null–null entries 0.
+    (docs/math.md §4.4): range–null and null–range entries ``X̃ᵢⱼ/σ_{nonzero}``, null–null entries 0.
     msign is discontinuous at rank-deficient M; this is its exact derivative along
     rank-preserving directions (``dM = U_r K Vᵀ`` or ``U K V_rᵀ``) and equals Su's ``ε → 0``
     limit of the ε-regularised Sylvester solve whenever that limit exists. No ε bias.
@@ -363,7 +364,7 @@ def msign_vjp(
 
     The vector-Jacobian product ``J_Mᵀ[G]``, i.e. the backward pass of msign. ``J`` is
     self-adjoint (the Hessian of the nuclear norm), so this is the same linear map as
-    :func:`msign_jvp`; spec §4.1's Sylvester form ``(M Oᵀ) X + X (Oᵀ M) = G``,
+    :func:`msign_jvp`; docs/math.md §4.1's Sylvester form ``(M Oᵀ) X + X (Oᵀ M) = G``,
     ``∇_M = X − O Xᵀ O`` agrees with it (checked in the tests).
 
     Parameters
@@ -479,11 +480,6 @@ class MsignFunction(torch.autograd.Function):
         return dO.to(M.dtype)
 
 
-def wants_derivative(M: torch.Tensor) -> bool:
-    """Whether ``msign(M)`` must go through :class:`MsignFunction` (autograd is tracking M)."""
-    if torch.is_grad_enabled() and M.requires_grad:
-        return True
-    # Outside a forward-AD dual level (the optimizer, torch.compile) skip the unpack_dual call.
-    if getattr(torch.autograd.forward_ad, "_current_level", 0) < 0:
-        return False
-    return torch.autograd.forward_ad.unpack_dual(M).tangent is not None
+# msign cannot import this module (it imports matfn.sylvester, which imports msign): it defers
+# to the Function registered here while autograd tracks its input.
+register_autograd(MsignFunction)

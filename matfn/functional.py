@@ -8,15 +8,14 @@ Everything here is stable for the optimizer package; users call the functions of
 - :data:`METHODS`, :func:`default_compute_dtype`, :func:`normalize_for_iteration`,
   :func:`run_newton_schulz`, :func:`msign_wide`: msign's steps on wide batches.
 - :func:`iteration_dtype`: the dtype a bf16 batch is iterated in.
-- :func:`graph_key`: the kernel choices a captured CUDA graph depends on.
+- :func:`graph_key`: the kernel choices a captured CUDA graph depends on (``triton_disabled()``
+  and the frozen configs of :mod:`matfn._backend`).
 - :func:`for_graph`: a context in which kernels are chosen for graph replay (GPU time).
 - :func:`mclip`: singular-value clipping (the ``update="mclip"`` rule).
 """
 
-from ._backend import use_triton
+from ._backend import graph_key, use_triton
 from ._batching import to_wide
-from .kernels.dispatch import iteration_dtype
-from .kernels.dispatch import switches as graph_key
 from .kernels.recording import for_graph
 from .mclip import mclip
 from .msign import (
@@ -26,6 +25,7 @@ from .msign import (
     normalize_for_iteration,
     run_newton_schulz,
 )
+from .msign.path import iteration_dtype
 
 __all__ = [
     "METHODS",

@@ -11,7 +11,7 @@ import torch
 from . import _graphs
 from ._batching import flatten_batch, to_wide, unflatten_batch
 from ._validation import check_matrix
-from .msign import Algorithm, Method, Steps, _check_options, msign_wide
+from .msign import Algorithm, Method, Steps, check_options, msign_wide
 
 __all__ = ["mclip"]
 
@@ -31,7 +31,7 @@ def _clip_above(
 ) -> torch.Tensor:
     """``U min(Σ, β) Vᵀ`` for a wide batch ``(B, s, L)`` given ``O = msign(M)``.
 
-    ``sign`` computes msign of a wide batch. Formulas (math spec §3.2) with ``G = M Mᵀ`` on the
+    ``sign`` computes msign of a wide batch. Formulas (docs/math.md §3.2) with ``G = M Mᵀ`` on the
     short side and ``β`` folded in by scale invariance (``msign(G/β² − I) = msign(G − β² I)``):
 
     * F2: ``½[M + βO + msign(G − β²I)(βO − M)]``;
@@ -100,7 +100,7 @@ def mclip(
         Iteration dtype; default float32 (float64 for float64 input), on CUDA too: bfloat16
         cannot resolve ``σ² − β²`` next to ``σ_max² ≫ β²`` and lets clipped values through.
     form : {"F3", "F2", "dilation", "svd"}
-        Which identity expresses the clip through msign (math spec §3.2–3.3). ``F3`` (default,
+        Which identity expresses the clip through msign (docs/math.md §3.2–3.3). ``F3`` (default,
         3 msign calls) is robust when ``σ_max ≫ max_sv`` with few steps, as in an optimizer
         update; ``F2`` (2 calls) is the cheapest and the most accurate for moderate
         ``σ_max ≲ 10·max_sv``; ``dilation`` (one msign of an ``(n+m)``-square matrix, ~8× the cost)
@@ -157,7 +157,7 @@ def mclip(
             [0.0000, 0.5000]], dtype=torch.float64)
     """
     check_matrix(M, "M", check_finite=check_finite)
-    _check_options(method, steps, algorithm)
+    check_options(method, steps, algorithm)
     if form not in FORMS:
         raise ValueError(f"`form` must be one of {FORMS}, got {form!r}")
     if not (max_sv > 0):

@@ -18,36 +18,19 @@ from .coefficients import (
     scalar_map,
     schedule,
 )
-from .msign import (
-    AUTO_TARGETS,
-    AUTO_TOL,
-    Method,
-    Steps,
-    _check_options,
-    polish_until_converged,
-)
+from .msign import AUTO_TARGETS, AUTO_TOL, Method, Steps, check_options
+from .msign.path import sign_step
+from .msign.reference import polish_until_converged, sign_step_torch
 
-__all__ = ["mcsgn", "MatrixSignConvergenceError"]
+__all__ = ["mcsgn", "MatrixSignConvergenceError", "sign_step_torch"]
 
 
 class MatrixSignConvergenceError(ArithmeticError):
     """The sign iteration did not converge (eigenvalues on or near the imaginary axis or 0)."""
 
 
-def sign_step_torch(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
-    """One step ``a X + (b X² + c X⁴) X`` for square, generally non-symmetric ``X`` (B, n, n).
-
-    Cost ``6 n³`` FLOPs (``4 n³`` when ``c = 0``).
-    """
-    X2 = torch.bmm(X, X)
-    B = torch.baddbmm(X2, X2, X2, beta=b, alpha=c) if c != 0 else X2 * b
-    return torch.baddbmm(X, B, X, beta=a, alpha=1.0)
-
-
 def _run_sign_iteration(X: torch.Tensor, coeffs: list[Coefficients]) -> torch.Tensor:
-    """The iteration through :mod:`matfn.kernels.dispatch` (Triton for half precision on CUDA)."""
-    from .kernels.dispatch import sign_step
-
+    """The iteration, each step on the path :func:`matfn.msign.path.sign_step` picks."""
     for a, b, c in coeffs:
         X = sign_step(X, a, b, c)
     return X
@@ -68,10 +51,10 @@ def _normalized_sign_iteration(
 def _normalize_trace(
     X: torch.Tensor, factor: float, eps: float, dtype: torch.dtype
 ) -> torch.Tensor:
-    """``X / (factor·√tr(X²))``: with real eigenvalues ``tr(X²) = Σλ² ≥ max λ²`` (spec §2.2).
+    """``X / (factor·√tr(X²))``: with real eigenvalues ``tr(X²) = Σλ² ≥ max λ²``.
 
     Unlike ``‖X‖_F`` it ignores the off-diagonal block of a block-triangular matrix. Where
-    ``tr(X²) ≤ 0`` (complex eigenvalues) fall back to the Frobenius norm.
+    ``tr(X²) ≤ 0`` (complex eigenvalues) fall back to the Frobenius norm (docs/math.md §2.2).
     """
     acc = X.to(torch.float64 if X.dtype == torch.float64 else torch.float32)
     trace_sq = (acc * acc.mT).sum(dim=(-2, -1), keepdim=True)
@@ -193,7 +176,7 @@ def mcsgn(
 
     Notes
     -----
-    ``X₀ = M / (sf·√tr(M²))`` puts real eigenvalues in ``[−1, 1]`` (spec §2.2), then
+    ``X₀ = M / (sf·√tr(M²))`` puts real eigenvalues in ``[−1, 1]`` (docs/math.md §2.2), then
     ``X ← a X + (b X² + c X⁴) X`` per step: 3 dense products, ``6 n³`` FLOPs per step.
     In exact arithmetic the result is ``P f(Λ/(sf√tr M²)) P⁻¹`` with f the scalar composition,
     so the schedule's accuracy on ``[ℓ, 1]`` carries over to eigenvalues; rounding is amplified by
@@ -214,7 +197,7 @@ def mcsgn(
             [ 0.0000, -1.0000]], dtype=torch.float64)
     """
     check_matrix(M, "M", square=True, check_finite=check_finite)
-    _check_options(method, steps, "auto")
+    check_options(method, steps, "auto")
     if M.numel() == 0:
         return torch.empty_like(M)
     X, batch_shape = flatten_batch(M)

@@ -33,7 +33,7 @@ def as_float64(x: object) -> np.ndarray:
 
 
 def rank_tolerance(s: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """``max(n, m)·ε₆₄·σ₁``: singular values at or below it count as zero (math spec §1.6)."""
+    """``max(n, m)·ε₆₄·σ₁``: singular values at or below it count as zero (docs/math.md §1.6)."""
     return max(shape[-2:]) * np.finfo(np.float64).eps * s[..., :1]
 
 
@@ -64,7 +64,7 @@ def schedule_oracle(M: object, coeffs: list[Coefficients], factor: float) -> np.
 
 
 def polar_oracle(M: object) -> np.ndarray:
-    """``scipy.linalg.polar(M)[0]`` per matrix (full-rank inputs only; see math spec §1.6)."""
+    """``scipy.linalg.polar(M)[0]`` per matrix (full-rank inputs only; see docs/math.md §1.6)."""
     from scipy.linalg import polar
 
     A = as_float64(M)
@@ -129,14 +129,14 @@ def _full_svd_parts(M: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
 
 
 def _divided(num: np.ndarray, denom: np.ndarray) -> np.ndarray:
-    """``num / denom`` with 0 where ``denom = 0`` (the pseudo-inverse convention, spec §4.4)."""
+    """``num / denom``, 0 where ``denom = 0`` (the pseudo-inverse convention, docs/math.md §4.4)."""
     out = np.zeros_like(num)
     np.divide(num, denom, out=out, where=denom > 0)
     return out
 
 
 def msign_jvp_oracle(M: object, dM: object) -> np.ndarray:
-    """Directional derivative of msign at M along dM, by the SVD closed form (spec §4.2).
+    """Directional derivative of msign at M along dM, by the SVD closed form (docs/math.md §4.2).
 
     With the full SVD ``M = U Σ Vᵀ`` of rank r and ``X̃ = Uᵀ dM V``: range–range entries
     ``(X̃ᵢⱼ − X̃ⱼᵢ)/(σᵢ + σⱼ)``, range–null and null–range entries ``X̃ᵢⱼ/(σᵢ + σⱼ)``, null–null
@@ -160,7 +160,7 @@ def msign_jvp_oracle(M: object, dM: object) -> np.ndarray:
 
 
 def msign_vjp_oracle(M: object, G: object) -> np.ndarray:
-    """Gradient at M of ``⟨G, msign(M)⟩`` by the SVD closed form (spec §4.2).
+    """Gradient at M of ``⟨G, msign(M)⟩`` by the SVD closed form (docs/math.md §4.2).
 
     ``Y = (Uᵀ G V) ⊘ (σᵢ + σⱼ)`` (0 where both σ are 0), then ``U (Y − [Yᵀ]_{r×r}) Vᵀ``: the
     Sylvester solution ``X`` of ``(M Oᵀ) X + X (Oᵀ M) = G`` mapped by ``X − O Xᵀ O``. Batched,

@@ -164,7 +164,7 @@ def _solve_once(
     c_norm = torch.linalg.matrix_norm(C, keepdim=True)
     c_scale = torch.where(c_norm > 0, c_norm, torch.ones_like(c_norm))
     # ‖A‖_F bounds every |λ(A)| (also for complex eigenvalues) and equals √tr(A²) for symmetric
-    # A; unlike ‖Z‖_F of the block matrix it ignores C (spec §2.2).
+    # A; unlike ‖Z‖_F of the block matrix it ignores C (docs/math.md §2.2).
     a_sq = torch.linalg.matrix_norm(A, keepdim=True) ** 2
     b_sq = a_sq if B is None else torch.linalg.matrix_norm(B, keepdim=True) ** 2
     nu = 1.01 * torch.sqrt(a_sq + b_sq).clamp_min(torch.finfo(acc).tiny)
@@ -268,7 +268,7 @@ def solve_sylvester(
     -----
     With ``A X + X B = C`` the block matrix is similar to a block-diagonal one,
     ``Z = [[A, −C], [0, −B]] = T diag(A, −B) T⁻¹`` with ``T = [[I, X], [0, I]]``, so
-    (spec §2.3(1))
+    (docs/math.md §2.3(1))
 
     .. math:: \operatorname{mcsgn}(Z) = T \operatorname{diag}(I, −I) T^{-1}
               = \begin{bmatrix} I & −2X \\ 0 & −I \end{bmatrix}.

@@ -1,6 +1,6 @@
 r"""The Newton–Schulz products with tensor-memory-accelerator (TMA) loads (Hopper and newer).
 
-Same contract as :func:`matfn.kernels.gram.matmul_triton` — ``C = α A B + β D + γ I`` for
+Same contract as :func:`matfn.kernels.matmul.matmul_triton` — ``C = α A B + β D + γ I`` for
 batches, one launch, the symmetric tiling computing only the lower triangle of tiles — but the
 operand tiles are fetched by TMA descriptors (``triton.tools.tensor_descriptor``) instead of
 pointer arithmetic: one asynchronous bulk copy per tile into shared memory, no address registers,
@@ -8,7 +8,7 @@ out-of-range rows, columns and ``K`` filled with zeros by the copy engine (no ma
 loop). Results are stored by TMA too: for a symmetric result, each tile below the diagonal and
 its transpose, each square tile on the diagonal after mirroring its lower part in registers;
 rectangular tiles crossing the diagonal keep the masked pointer stores of
-:mod:`matfn.kernels.gram`. Every element is written exactly once and the result is exactly
+:mod:`matfn.kernels.matmul`. Every element is written exactly once and the result is exactly
 symmetric.
 
 Operands are 3-D descriptors ``(batch, rows, cols)`` over a row-major view: a column-major
@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .gram import _store_lower_and_mirror, _tile_coords
+from ._tiles import _store_lower_and_mirror, _tile_coords
 from .launch import pdl_flags as _pdl_flags
 from .launch import wait_for_previous_launch as _wait_for_previous_launch
 
@@ -385,7 +385,7 @@ def launch_tma(
     ``grid(meta)`` gives the launch grid from the meta-parameters; ``config`` the meta-parameters
     (a Triton config's ``all_kwargs()``), or ``kernel`` an autotuned wrapper of the kernel whose
     configs' pre-hook (:func:`set_block_shapes`) sets the descriptors' block shapes. ``pdl``:
-    programmatic dependent launch (:data:`matfn.kernels.gram.PDL`).
+    programmatic dependent launch (:func:`matfn.kernels.matmul._pdl`).
     """
     blocks = config or {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
     bm, bn, bk = blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_K"]

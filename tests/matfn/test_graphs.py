@@ -89,14 +89,15 @@ def test_msign_replay_matches_eager(shape, transpose):
 @gpu
 @pytest.mark.parametrize("transpose", [False, True])
 def test_normalize_while_recording_matches_eager(transpose):
-    """Below ``TRITON_DIVIDE_SIZE`` a recorded normalisation is one Triton divide pass instead
+    """Below ``min_triton_divide`` a recorded normalisation is one Triton divide pass instead
     of torch's three launches, with the same values (both divide in fp32, correctly rounded)."""
+    from matfn import _backend
     from matfn.kernels import recording
-    from matfn.msign import TRITON_DIVIDE_SIZE, normalize
+    from matfn.msign.path import normalize
 
     M = torch.randn(4, 96, 160, device="cuda", dtype=torch.bfloat16)
     M = M.mT if transpose else M
-    assert M.numel() < TRITON_DIVIDE_SIZE
+    assert M.numel() < _backend.NEWTON_SCHULZ.min_triton_divide
     ref = normalize(M, 1.5, 1e-7, torch.float16)
     with recording.for_graph():
         got = normalize(M, 1.5, 1e-7, torch.float16)

@@ -2,10 +2,11 @@ r"""Triton matrix products for the Newton–Schulz family (batched, fused epilog
 
 One kernel, two tilings:
 
-* **symmetric** (``SYMMETRIC=True``): the output ``C = α A B + β D + γ I`` is known to be
-  symmetric (``X Xᵀ``, ``A²`` of a symmetric A, products of commuting polynomials in a Gram
-  matrix). Only the lower-triangle tiles ``i ≥ j`` are computed; each off-diagonal tile is stored
-  twice, at ``(i, j)`` and transposed at ``(j, i)``. That halves the FLOPs of the product.
+* **symmetric** (``SYMMETRIC=True``, :func:`gram_triton` and ``matmul_triton(...,
+  symmetric=True)``): the output ``C = α A B + β D + γ I`` is known to be symmetric (``X Xᵀ``,
+  ``A²`` of a symmetric A, products of commuting polynomials in a Gram matrix). Only the
+  lower-triangle tiles ``i ≥ j`` are computed; each off-diagonal tile is stored twice, at
+  ``(i, j)`` and transposed at ``(j, i)``. That halves the FLOPs of the product.
 * **general**: every tile, grouped ("super-grouped") tile order for L2 reuse.
 
 The epilogue ``α·acc + β·D + γ·I`` runs in float32 on the accumulator before the single store,
@@ -16,85 +17,28 @@ batch offset is 64-bit (offsets inside one matrix are 32-bit: up to 2³¹ elemen
 Every operand is addressed through its strides, so ``X.mT`` views need no copy; a batch stride
 of 0 broadcasts.
 
-The torch twins are in :mod:`matfn.msign` (``ns_step_torch`` and friends).
+On GPUs of compute capability ≥ 9 large products load by TMA (:mod:`matfn.kernels.matmul_tma`)
+and short ones use programmatic dependent launch; the rules are :data:`matfn._backend.MATMUL`.
+The torch twins are in :mod:`matfn.msign.reference`. Importing this module imports Triton.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from triton.testing import do_bench_cudagraph
 
+from .. import _backend
+from ._tiles import _store_lower_and_mirror, _tile_coords
 from .launch import INTERPRET, use_pdl
 from .launch import capability as _capability
 from .launch import pdl_flags as _pdl_flags
 from .launch import wait_for_previous_launch as _wait_for_previous_launch
+from .matmul_tma import _mm_tma_kernel, launch_tma, set_block_shapes, tma_applies
 from .recording import recording
 
 __all__ = ["INTERPRET", "gram_triton", "matmul_triton"]
-
-#: Tensor-memory-accelerator loads (:mod:`matfn.kernels.matmul_tma`) where the operands allow
-#: them: ``"auto"`` on GPUs of compute capability ≥ 9 (Hopper, Blackwell), ``"always"`` wherever
-#: the operands allow (the interpreter tests), ``"never"``. Environment: ``MATFN_NS_TMA``.
-TMA = os.environ.get("MATFN_NS_TMA", "auto")
-#: Smallest product (``batch · M · N · K`` multiply-adds) that ``"auto"`` sends to the TMA
-#: kernel. Each TMA launch builds five descriptors on the host; below this size the launch, not
-#: the loads, bounds the product (on the H100 host a 1024² TMA product took 0.16–0.19 ms eager
-#: against 0.012 ms graph-replayed), so the cheaper pointer-kernel launch is kept there, except
-#: while a CUDA graph records the launches (:mod:`matfn.kernels.recording`).
-TMA_MIN_WORK = 2**34
-#: Programmatic dependent launch on GPUs of compute capability ≥ 9 (``"auto"``; ``"never"``
-#: turns it off; environment ``MATFN_NS_PDL``): a product may be launched while the kernel
-#: before it finishes, and waits (``griddepcontrol.wait``) before its first memory access, so
-#: the launch latency between the short dependent products of a small Newton–Schulz iteration
-#: is hidden (1024², graph-replayed on the H200: 0.111 against 0.122 ms; docs/benchmarks.md).
-PDL = os.environ.get("MATFN_NS_PDL", "auto")
-
-
-@triton.jit
-def _tile_coords(
-    pid,
-    M,
-    N,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    TRIANGLE: tl.constexpr,
-):
-    if TRIANGLE:
-        # Square tiles of a symmetric result: a linear index over the lower triangle, row by
-        # row, t = i (i + 1) / 2 + j with j ≤ i (no program is launched for the upper half).
-        i = ((tl.sqrt((8 * pid + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
-        i = tl.where((i + 1) * (i + 2) // 2 <= pid, i + 1, i)
-        i = tl.where(i * (i + 1) // 2 > pid, i - 1, i)
-        pid_m = i
-        pid_n = pid - i * (i + 1) // 2
-    else:
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        in_group = GROUP_M * num_n
-        group = pid // in_group
-        first_m = group * GROUP_M
-        size_m = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % in_group) % size_m
-        pid_n = (pid % in_group) // size_m
-    return pid_m, pid_n
-
-
-@triton.jit
-def _store_lower_and_mirror(c_base, out, rm, rn, M, N, stride_cm, stride_cn):
-    """Store a tile of a symmetric result, once in each triangle.
-
-    The part of ``out`` (rows ``rm``, columns ``rn``) on or below the diagonal is stored, then
-    its strictly lower part transposed into the upper triangle: every element is written exactly
-    once and the result is exactly symmetric.
-    """
-    lower = (rm[:, None] < M) & (rn[None, :] < N) & (rm[:, None] >= rn[None, :])
-    tl.store(c_base + rm[:, None] * stride_cm + rn[None, :] * stride_cn, out, mask=lower)
-    upper = (rn[:, None] < N) & (rm[None, :] < M) & (rm[None, :] > rn[:, None])
-    tl.store(c_base + rn[:, None] * stride_cm + rm[None, :] * stride_cn, tl.trans(out), mask=upper)
 
 
 @triton.jit
@@ -204,17 +148,13 @@ def _config(bm: int, bn: int, bk: int, stages: int, warps: int) -> triton.Config
 
 
 # Short Hopper lists (H100/H200, bf16); small tiles keep small matrices from running on a few
-# SMs. Symmetric results take square tiles (triangle grid). 128×256 tiles (full grid, upper
-# tiles idle) are supported and tested in the interpreter but not yet timed on a GPU: opt in with
-# MATFN_NS_WIDE_SYMMETRIC_TILES=1.
+# SMs. Symmetric results take square tiles (triangle grid); the kernel also runs rectangular
+# symmetric tiles (full grid, upper tiles idle), which the TMA lists use.
 _SYMMETRIC_CONFIGS = [
     _config(128, 128, 64, 4, 8),
     _config(128, 128, 64, 3, 4),
     _config(64, 64, 64, 4, 4),
 ]
-_SYMMETRIC_WIDE_CONFIGS = [_config(128, 256, 64, 3, 8)]
-if os.environ.get("MATFN_NS_WIDE_SYMMETRIC_TILES") == "1":
-    _SYMMETRIC_CONFIGS = _SYMMETRIC_WIDE_CONFIGS + _SYMMETRIC_CONFIGS
 _GENERAL_CONFIGS = [
     _config(128, 256, 64, 3, 8),
     _config(128, 128, 64, 4, 8),
@@ -226,8 +166,6 @@ _GENERAL_CONFIGS = [
 def _tma_config(
     bm: int, bn: int, bk: int, stages: int, warps: int, persistent: bool = False
 ) -> triton.Config:
-    from .matmul_tma import set_block_shapes
-
     config = _config(bm, bn, bk, stages, warps)
     # persistent: one program per SM, each looping over tiles (matmul_tma's PROGRAMS)
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
@@ -238,12 +176,10 @@ def _tma_config(
 
 # TMA lists (bm, bn, bk, stages, warps, persistent), from the per-config timings of
 # docs/benchmarks.md (H100): square symmetric tiles (triangle grid) win up to 4096 rows (5 stages
-# for long products: 0.473 ms against 0.489 with 4 for 4096×16384's X Xᵀ), 128×256
-# ones (full grid, the tiles above the diagonal return at once) at 8192; the general product
-# prefers 128×256 tiles, persistent. Persistent 128×256 symmetric tiles need 278 KB of shared
-# memory on Triton 3.6 (more than the H100's 227 KB) and are left out. Small products (1024²,
-# launch-free under a CUDA graph) run best on 64×64 symmetric / 64×128 general tiles: 6.4 and
-# 6.3 µs against 8.8 µs with 128×128 ones, without PDL (H200, docs/benchmarks.md).
+# for long products), 128×256 ones (full grid, the tiles above the diagonal return at once) at
+# 8192; the general product prefers 128×256 tiles, persistent. Persistent 128×256 symmetric tiles
+# need more shared memory than the H100 has and are left out. Small products (1024², launch-free
+# under a CUDA graph) run best on 64×64 symmetric / 64×128 general tiles.
 _TMA_SYMMETRIC_BLOCKS = [
     (128, 128, 64, 4, 8, False),
     (128, 128, 64, 5, 8, False),
@@ -260,8 +196,6 @@ _TMA_GENERAL_BLOCKS = [
     (128, 128, 64, 4, 8, False),
     (64, 128, 64, 4, 4, False),
 ]
-#: Symmetric results with at least this many rows take rectangular TMA tiles, fewer square ones.
-TMA_WIDE_SYMMETRIC_ROWS = 6144
 
 
 def _prune(configs, named_args, **kwargs):
@@ -278,12 +212,9 @@ def _prune(configs, named_args, **kwargs):
 def _graph_bench(kernel_call, quantiles):
     """The autotuner's timer: GPU time of CUDA-graph replays.
 
-    Triton's default times each eager call between CUDA events, so a launch's host time (about
-    0.15 ms for a TMA launch on the H100 host) counts wherever it exceeds the cache flush before
-    it; the noise it added picked a config 10 % slower than the best for 4096×16384's ``X Xᵀ``.
+    Why: Triton's default times each eager call between CUDA events, so a launch's host time
+    counts wherever it exceeds the cache flush before it, and that noise picks slower configs.
     """
-    from triton.testing import do_bench_cudagraph
-
     return do_bench_cudagraph(kernel_call, rep=25, quantiles=quantiles)
 
 
@@ -300,15 +231,13 @@ _tma_tuned: dict[bool, object] = {}  # symmetric → autotuned TMA kernel, built
 def _tma_prune(configs, named_args, **kwargs):
     # the autotuner passes positional arguments in named_args, keyword ones (the flags) apart
     if kwargs.get("SYMMETRIC", named_args.get("SYMMETRIC")):
-        wide = named_args["M"] >= TMA_WIDE_SYMMETRIC_ROWS
+        wide = named_args["M"] >= _backend.MATMUL.tma_wide_symmetric_rows
         configs = [c for c in configs if (c.kwargs["BLOCK_M"] != c.kwargs["BLOCK_N"]) == wide]
     return _prune(configs, named_args)
 
 
 def _tma_kernel(symmetric: bool):
     if symmetric not in _tma_tuned:
-        from .matmul_tma import _mm_tma_kernel
-
         blocks = _TMA_SYMMETRIC_BLOCKS if symmetric else _TMA_GENERAL_BLOCKS
         key = ["M", "N", "K", "BATCH", "SYMMETRIC", "HAS_D", "A_T", "B_T"]
         _tma_tuned[symmetric] = triton.autotune(
@@ -321,16 +250,16 @@ def _tma_kernel(symmetric: bool):
 
 
 def _use_tma(A: torch.Tensor, B: torch.Tensor, D: torch.Tensor | None, out: torch.Tensor) -> bool:
-    """Whether this product takes :mod:`matfn.kernels.matmul_tma` (see :data:`TMA`)."""
-    if TMA == "never":
+    """Whether this product takes :mod:`matfn.kernels.matmul_tma` (:attr:`MatmulConfig.tma`)."""
+    config = _backend.MATMUL
+    if config.tma == "never":
         return False
-    small = A.shape[0] * A.shape[1] * A.shape[2] * B.shape[2] < TMA_MIN_WORK and not recording()
-    if TMA == "auto" and (
+    work = A.shape[0] * A.shape[1] * A.shape[2] * B.shape[2]
+    small = work < config.tma_min_work and not recording()
+    if config.tma == "auto" and (
         INTERPRET or not A.is_cuda or small or _capability(A.device.index)[0] < 9
     ):
         return False
-    from .matmul_tma import tma_applies
-
     return tma_applies(A, B, D, out)
 
 
@@ -402,8 +331,6 @@ def _launch(
     key = (symmetric, M, N, K, batch, D is not None, A.dtype, out.dtype)
     pdl = _pdl(A, tiles=batch * triton.cdiv(M, 128) * triton.cdiv(N, 128))
     if _use_tma(A, B, D, out):
-        from .matmul_tma import launch_tma
-
         tma_args = (A, B, D, out, alpha, beta, gamma, symmetric, grid)
         if INTERPRET:
             launch_tma(*tma_args, config=INTERPRET_BLOCKS)
@@ -452,18 +379,13 @@ def _launch(
     return out
 
 
-#: Programmatic dependent launch only for products of at most this many 128×128 output tiles per
-#: SM (two waves). It hides the launch gap between short dependent products (1024², 64 tiles:
-#: 0.111 against 0.122 ms graph-replayed on the H200); on longer ones there is no gap worth
-#: hiding, and PDL on every product measured neutral (2048², 64×512²), 6 % slower (32×128×4096)
-#: or 2–4 % slower (4096², alternating A/B), and in two runs its first timed eager 4096² call
-#: took 2.9–3.0 ms against 2.2 without (docs/benchmarks.md, sessions 8 and 9).
-PDL_MAX_TILES_PER_SM = 2
+def _pdl(A: torch.Tensor, tiles: int) -> bool:
+    """Whether a product of ``tiles`` 128×128 tiles uses PDL (:func:`matfn.kernels.launch.use_pdl`).
 
-
-def _pdl(A: torch.Tensor, tiles: int | None = None) -> bool:
-    """Whether a product on ``A``'s device uses PDL (:func:`matfn.kernels.launch.use_pdl`)."""
-    return PDL != "never" and use_pdl(A, tiles, PDL_MAX_TILES_PER_SM)
+    At most :attr:`matfn._backend.MatmulConfig.pdl_max_tiles_per_sm` tiles per SM (0: never).
+    """
+    limit = _backend.MATMUL.pdl_max_tiles_per_sm
+    return limit > 0 and use_pdl(A, tiles, limit)
 
 
 def _check(name: str, T: torch.Tensor) -> None:

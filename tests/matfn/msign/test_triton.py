@@ -1,4 +1,4 @@
-"""Newton–Schulz iterations on the Triton products vs their torch twins in matfn.msign.
+"""Newton–Schulz launchers (matfn.msign.triton) vs their torch twins (matfn.msign.reference).
 
 Runs in the Triton interpreter on CPU (fp32/fp16; the interpreter has no bf16). Tolerances:
 float32 kernels and torch differ only in summation order, ~1e-6 after 5 steps of polynomials with
@@ -17,23 +17,23 @@ from torch.testing import assert_close
 
 pytest.importorskip("triton")
 
-import matfn.kernels.gram as gram  # noqa: E402
+import matfn.kernels.matmul as matmul  # noqa: E402
 from matfn.coefficients import schedule  # noqa: E402
-from matfn.kernels.ns_step import (  # noqa: E402
-    gram_newton_schulz_triton,
-    newton_schulz_triton,
-    ns_step_folded,
-    ns_step_fused_update,
-    ns_step_triton,
-    sign_step_triton,
-)
-from matfn.mcsgn import sign_step_torch  # noqa: E402
-from matfn.msign import (  # noqa: E402
+from matfn.msign import path  # noqa: E402
+from matfn.msign.path import normalize  # noqa: E402
+from matfn.msign.reference import (  # noqa: E402
     gram_newton_schulz_torch,
     gram_restarts,
     newton_schulz_torch,
-    normalize,
     ns_step_torch,
+    sign_step_torch,
+)
+from matfn.msign.triton import (  # noqa: E402
+    gram_newton_schulz_triton,
+    newton_schulz_triton,
+    ns_step_folded,
+    ns_step_triton,
+    sign_step_triton,
 )
 
 ON_GPU = bool(os.environ.get("MATFN_TEST_ON_GPU")) and torch.cuda.is_available()
@@ -46,9 +46,9 @@ SHAPES = [(1, 17, 40), (3, 24, 24), (2, 33, 70), (1, 1, 9)]
 @pytest.fixture(autouse=True)
 def _rect_blocks(monkeypatch):
     # Rectangular interpreter tiles: the symmetric products use the full grid with idle upper
-    # tiles, the case the square tiles of test_gram.py do not cover here.
+    # tiles, the case the square tiles of test_matmul.py do not cover here.
     monkeypatch.setattr(
-        gram, "INTERPRET_BLOCKS", {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}
+        matmul, "INTERPRET_BLOCKS", {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}
     )
 
 
@@ -82,72 +82,47 @@ def test_ns_step(shape, dtype, abc):
 @pytest.mark.parametrize(
     "abc", [(3.4445, -4.775, 2.0315), (1.5, -0.5, 0.0)], ids=["quintic", "cubic"]
 )
-def test_ns_step_fused_update(shape, dtype, abc):
-    """The mixed path (torch products, Triton ``BX + aX``) is the same step."""
-    X = _x0(shape, dtype, seed=shape[1] + 1)
-    before = X.clone()
-    _close(ns_step_fused_update(X, *abc), ns_step_torch(X.float(), *abc), dtype)
-    assert torch.equal(X, before)
-
-
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
-@pytest.mark.parametrize(
-    "abc", [(3.4445, -4.775, 2.0315), (1.5, -0.5, 0.0)], ids=["quintic", "cubic"]
-)
-@pytest.mark.parametrize("poly", ["cublas", "triton", "auto"])
-def test_ns_step_folded(shape, dtype, abc, poly, monkeypatch):
+@pytest.mark.parametrize("poly_work", [2**62, 0, None], ids=["cublas", "triton", "default"])
+def test_ns_step_folded(shape, dtype, abc, poly_work, ns_config):
     """``(B + aI) X`` is the same step (one more rounding: a + B_ii in ``dtype``), with
     ``cA² + bA + aI`` from baddbmm + diagonal add or from the Triton epilogue."""
-    import matfn.kernels.ns_step as ns
-
-    monkeypatch.setattr(ns, "FOLDED_POLY_BACKEND", poly)
+    if poly_work is not None:
+        ns_config(min_triton_poly_work=poly_work)
     X = _x0(shape, dtype, seed=shape[1] + 2)
     before = X.clone()
     _close(ns_step_folded(X, *abc), ns_step_torch(X.float(), *abc), dtype)
     assert torch.equal(X, before)
 
 
-@pytest.mark.parametrize("mixed", ["triton", "folded"])
 @pytest.mark.parametrize("fold_small", [False, True])
-def test_dispatch_routes_cuda_steps(monkeypatch, mixed, fold_small):
-    """The size predicates and the two switches pick the step function."""
-    from matfn.kernels import dispatch
-
-    monkeypatch.setattr(dispatch, "use_triton", lambda *t: True)
-    monkeypatch.setattr(dispatch, "_KERNEL_DTYPES", (torch.float32,))
-    monkeypatch.setattr(dispatch, "MIXED_UPDATE", mixed)
-    monkeypatch.setattr(dispatch, "FOLD_LAUNCH_BOUND", fold_small)
-    monkeypatch.setattr(dispatch, "MIN_TRITON_WORK", 8 * 8 * 16)
-    monkeypatch.setattr(dispatch, "MIN_TRITON_SIDE", 16)
+def test_path_routes_cuda_steps(monkeypatch, ns_config, fold_small):
+    """The size predicates and ``fold_launch_bound`` pick the step function."""
+    monkeypatch.setattr(path, "use_triton", lambda *t: True)
+    monkeypatch.setattr(path, "_KERNEL_DTYPES", (torch.float32,))
+    ns_config(fold_launch_bound=fold_small, min_triton_work=8 * 8 * 16, min_triton_side=16)
     big, small, wide = torch.zeros(1, 8, 16), torch.zeros(1, 4, 8), torch.zeros(1, 16, 16)
-    expect_big = ns_step_fused_update if mixed == "triton" else ns_step_folded
-    assert dispatch._step_function(big) is expect_big
-    assert dispatch._step_function(small) is (ns_step_folded if fold_small else ns_step_torch)
-    assert dispatch._step_function(wide) is ns_step_triton
-    assert dispatch._step_function(big.double()) is ns_step_torch
+    assert path.step_function(big) is ns_step_folded
+    assert path.step_function(small) is (ns_step_folded if fold_small else ns_step_torch)
+    assert path.step_function(wide) is ns_step_triton
+    assert path.step_function(big.double()) is ns_step_torch
 
 
-def test_folded_path_iterates_bf16_in_fp16_and_is_more_accurate(monkeypatch):
+def test_folded_path_iterates_bf16_in_fp16_and_is_more_accurate(monkeypatch, ns_config):
     """bf16 batches on the folded path run in fp16: dtype restored, error below torch bf16's."""
-    from matfn.kernels import dispatch
-
-    monkeypatch.setattr(dispatch, "use_triton", lambda *t: True)
-    monkeypatch.setattr(dispatch, "MIN_TRITON_WORK", 0)
-    monkeypatch.setattr(dispatch, "MIN_TRITON_SIDE", 10**6)
-    monkeypatch.setattr(dispatch, "MIXED_UPDATE", "folded")
+    monkeypatch.setattr(path, "use_triton", lambda *t: True)
+    ns_config(min_triton_work=0, min_triton_side=10**6)
     coeffs, factor = schedule("polar_express", 5)
     X = _x0((2, 24, 64), torch.float64, seed=3, factor=factor)
-    assert dispatch.iteration_dtype(X, torch.bfloat16) == torch.float16
-    assert dispatch.iteration_dtype(X, torch.float32) == torch.float32
+    assert path.iteration_dtype(X, torch.bfloat16) == torch.float16
+    assert path.iteration_dtype(X, torch.float32) == torch.float32
     exact = newton_schulz_torch(X, coeffs)
-    folded = dispatch.newton_schulz(X.bfloat16(), coeffs)
+    folded = path.newton_schulz(X.bfloat16(), coeffs)
     assert folded.dtype == torch.bfloat16
     err_folded = torch.linalg.norm(folded.double() - exact)
     err_torch = torch.linalg.norm(newton_schulz_torch(X.bfloat16(), coeffs).double() - exact)
     assert err_folded < err_torch, (err_folded, err_torch)
-    monkeypatch.setattr(dispatch, "FOLDED_HALF_DTYPE", None)
-    assert dispatch.iteration_dtype(X, torch.bfloat16) == torch.bfloat16
+    ns_config(folded_half_dtype=None)
+    assert path.iteration_dtype(X, torch.bfloat16) == torch.bfloat16
 
 
 @pytest.mark.parametrize("algorithm", ["standard", "gram"])
@@ -155,16 +130,14 @@ def test_folded_path_iterates_bf16_in_fp16_and_is_more_accurate(monkeypatch):
 def test_result_dtype_written_by_the_last_epilogue(monkeypatch, algorithm, abc):
     """``out_dtype`` on the Triton path: the last product writes it (no cast launch), and the
     values are the fp16 iteration's, rounded once more (to float32 here, i.e. not at all)."""
-    from matfn.kernels import dispatch
-
-    monkeypatch.setattr(dispatch, "kernels_apply", lambda X: True)
+    monkeypatch.setattr(path, "kernels_apply", lambda X: True)
     coeffs, factor = schedule("polar_express", 5)
     coeffs = coeffs if abc is None else [abc] * 3
     X = _x0((2, 20, 45), torch.float16, seed=5, factor=factor)
-    run = dispatch.newton_schulz if algorithm == "standard" else dispatch.gram_newton_schulz
+    run = path.newton_schulz if algorithm == "standard" else path.gram_newton_schulz
     same = run(X, coeffs)
     casts = []
-    monkeypatch.setattr(dispatch, "cast", lambda T, dtype: casts.append(dtype) or T.to(dtype))
+    monkeypatch.setattr(path, "cast", lambda T, dtype: casts.append(dtype) or T.to(dtype))
     wide = run(X, coeffs, out_dtype=torch.float32)
     assert same.dtype == torch.float16 and wide.dtype == torch.float32 and not casts
     _close(wide, newton_schulz_torch(X.double(), coeffs), torch.float16)

@@ -15,28 +15,28 @@ and loads with 16-byte ``cp.async`` in 3 stages; otherwise it reads element by e
 
 :func:`newton_schulz_grouped_launch` runs the standard iteration on a list of wide matrices of
 mixed shapes with three grouped launches per step (``A = X Xᵀ``; ``B = cA² + bA + aI``;
-``X ← B X``), where stacking by shape (:func:`matfn.kernels.dispatch.newton_schulz_grouped`)
+``X ← B X``), where stacking by shape (:func:`matfn.msign.path.newton_schulz_grouped`)
 needs three launches per step *per distinct shape*. Cost: the plain algorithm's FLOPs; no
-symmetric savings. On the H100 it beats the stacked path from about 16 distinct shapes
-(docs/benchmarks.md). Importing this module imports Triton.
+symmetric savings. It beats the stacked path from about 16 distinct shapes
+(:attr:`matfn._backend.NewtonSchulzConfig.grouped_min_shapes`). Importing this module imports
+Triton.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from ._tables import int64_table, table_pointer
+from ..kernels._tables import int64_table, table_pointer
+from ..kernels.launch import INTERPRET
 
 __all__ = ["grouped_matmul", "newton_schulz_grouped_launch"]
 
 Coefficients = tuple[float, float, float]
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 #: Tile shape: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Not autotuned (the shapes
 #: differ per group); small tiles under the interpreter.
 BLOCKS = (16, 16, 16, 1, 1) if INTERPRET else (128, 128, 64, 8, 3)
@@ -262,8 +262,8 @@ def newton_schulz_grouped_launch(
 
     Per step three grouped launches for all matrices: ``A = X Xᵀ``, ``B = cA² + bA + aI``,
     ``X ← B X`` (for a cubic step, ``X ← b A X + a X``). Same polynomial as
-    :func:`matfn.msign.newton_schulz_torch`, one rounding more (``a + B_ii``, as in
-    :func:`matfn.kernels.ns_step.ns_step_folded`).
+    :func:`matfn.msign.reference.newton_schulz_torch`, one rounding more (``a + B_ii``, as in
+    :func:`matfn.msign.triton.ns_step_folded`).
     """
     Xs = list(Xs)
     for a, b, c in coeffs:

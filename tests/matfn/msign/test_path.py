@@ -1,4 +1,5 @@
-"""Kernel dispatch: which path runs, the Gram option, and msign end to end through the kernels.
+"""The path choice (matfn.msign.path): which path runs, the Gram option, and msign end to end
+through the kernels.
 
 The Triton path is exercised on CPU by forcing ``use_triton`` (the interpreter then runs the
 kernels on CPU tensors, in float32 — the interpreter has no bf16). Tolerances: kernels vs the
@@ -17,34 +18,38 @@ import pytest
 import torch
 from hypothesis import given
 
+from matfn import _backend
 from matfn.coefficients import schedule
-from matfn.kernels import dispatch
-from matfn.msign import (
-    choose_algorithm,
+from matfn.kernels import launch, recording
+from matfn.msign import path
+from matfn.msign.path import choose_algorithm, normalize, run_newton_schulz
+from matfn.msign.reference import (
     gram_newton_schulz_torch,
     gram_restarts,
     newton_schulz_torch,
-    normalize,
-    run_newton_schulz,
+    sign_step_torch,
 )
 from tests.strategies import matrices
 
 
 def test_use_triton_cpu_and_disable(monkeypatch):
     x = torch.zeros(2, 3)
-    assert not dispatch.use_triton(x)
-    assert not dispatch.use_triton()
-    assert not dispatch.kernels_apply(x[None])
-    assert not dispatch.fused_update_applies(x[None])
+    assert not _backend.use_triton(x)
+    assert not _backend.use_triton()
+    assert not path.kernels_apply(x[None])
+    assert not path.folded_applies(x[None])
     # the size rule alone (device-independent): B·s²·L ≥ 2³⁴ multiply-adds per product
-    assert dispatch.gpu_bound(torch.empty(1, 1, 1).expand(24, 768, 3072))
-    assert not dispatch.gpu_bound(torch.empty(1, 1, 1).expand(32, 128, 4096))
+    assert path.gpu_bound(torch.empty(1, 1, 1).expand(24, 768, 3072))
+    assert not path.gpu_bound(torch.empty(1, 1, 1).expand(32, 128, 4096))
     monkeypatch.setenv("MATFN_DISABLE_TRITON", "1")
-    assert not dispatch.use_triton(x)
+    assert not _backend.use_triton(x)
 
 
 def test_import_matfn_does_not_import_triton():
-    code = "import sys, matfn, matfn.kernels.dispatch; print('triton' in sys.modules)"
+    code = (
+        "import sys, matfn, matfn.functional, matfn.msign.path, matfn.kernels.recording; "
+        "print('triton' in sys.modules)"
+    )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
@@ -65,7 +70,6 @@ def test_choose_algorithm():
     assert choose_algorithm("gram", 10, 10, 5) == "gram"
     assert choose_algorithm("auto", 64, 64, 5) == "standard"  # square: Gram costs more
     assert choose_algorithm("auto", 64, 4096, 5) == "gram"
-    assert choose_algorithm("auto", 64, 4096, 5, gram_ok=False) == "standard"
     # general products, two restarts: Gram from L > 8s (0.8 margin)
     assert choose_algorithm("auto", 100, 790, 5, restarts=2) == "standard"
     assert choose_algorithm("auto", 100, 810, 5, restarts=2) == "gram"
@@ -95,18 +99,17 @@ def test_gram_equals_standard_float64(case):
 
 
 @pytest.fixture
-def force_kernels(monkeypatch):
+def force_kernels(monkeypatch, ns_config):
     """Route CPU float32 batches to the Triton kernels (interpreter) and count the calls."""
-    import matfn.kernels.ns_step as ns
+    from matfn.msign import triton as ns
 
     if os.environ.get("MATFN_TEST_ON_GPU"):  # CPU tensors reach the kernels only interpreted
         pytest.skip("needs TRITON_INTERPRET=1 (CPU tensors through the kernels)")
 
     calls = {"n": 0}
-    monkeypatch.setattr(dispatch, "use_triton", lambda *t: True)
-    monkeypatch.setattr(dispatch, "MIN_TRITON_WORK", 0)
-    monkeypatch.setattr(dispatch, "MIN_TRITON_SIDE", 0)
-    monkeypatch.setattr(dispatch, "_KERNEL_DTYPES", (torch.float32, torch.float16))
+    monkeypatch.setattr(path, "use_triton", lambda *t: True)
+    ns_config(min_triton_work=0, min_triton_side=0)
+    monkeypatch.setattr(path, "_KERNEL_DTYPES", (torch.float32, torch.float16))
     real = ns.gram_triton
 
     def spy(*a, **k):
@@ -147,20 +150,18 @@ def test_msign_through_kernels(force_kernels, method, steps):
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
 
 
-def test_sign_step_and_grouped_dispatch(force_kernels):
-    from matfn.mcsgn import sign_step_torch
-
+def test_sign_step_and_grouped_path(force_kernels):
     g = torch.Generator().manual_seed(2)
     S = torch.randn(2, 9, 9, generator=g) / 9
     torch.testing.assert_close(
-        dispatch.sign_step(S, 1.5, -0.5, 0.0), sign_step_torch(S, 1.5, -0.5, 0.0)
+        path.sign_step(S, 1.5, -0.5, 0.0), sign_step_torch(S, 1.5, -0.5, 0.0)
     )
     coeffs, factor = schedule("polar_express", 5)
     Xs = [
         normalize(torch.randn(1, *s, generator=g), factor, 1e-7, torch.float32)[0]
         for s in [(5, 20), (8, 8), (5, 20)]
     ]
-    outs = dispatch.newton_schulz_grouped(Xs, coeffs, "standard")
+    outs = path.newton_schulz_grouped(Xs, coeffs, "standard")
     for X, out in zip(Xs, outs, strict=True):
         torch.testing.assert_close(out, newton_schulz_torch(X[None], coeffs)[0], rtol=0, atol=2e-5)
 
@@ -168,60 +169,60 @@ def test_sign_step_and_grouped_dispatch(force_kernels):
 def test_gram_keeps_dtype_and_cpu_path():
     coeffs, factor = schedule("polar_express", 5)
     X0 = normalize(torch.randn(1, 6, 30), factor, 1e-7, torch.float32)
-    out = dispatch.gram_newton_schulz(X0, coeffs)
+    out = path.gram_newton_schulz(X0, coeffs)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, gram_newton_schulz_torch(X0, coeffs))
 
 
-def test_tma_batches_take_the_kernels_below_the_side_threshold(monkeypatch):
-    """Batches of small matrices take the Triton path from MIN_TMA_BATCH_WORK on TMA GPUs only."""
-    from matfn.kernels import gram
-
-    monkeypatch.setattr(dispatch, "use_triton", lambda *t: True)
-    monkeypatch.setattr(gram, "_capability", lambda index: (9, 0))
+def test_tma_batches_take_the_kernels_below_the_side_threshold(monkeypatch, matmul_config):
+    """Batches of small matrices take the Triton path from min_tma_batch_work on TMA GPUs only."""
+    monkeypatch.setattr(path, "use_triton", lambda *t: True)
+    monkeypatch.setattr(launch, "capability", lambda index: (9, 0))
 
     def probe(*shape, dtype=torch.bfloat16):  # no memory: a broadcast scalar
         return torch.empty((), dtype=dtype).expand(shape)
 
     moe = probe(128, 768, 2048)  # 2^37.2 multiply-adds per product
-    assert dispatch.kernels_apply(moe) and not dispatch.fused_update_applies(moe)
-    assert dispatch.kernels_apply(probe(128, 2048, 768))  # tall: the same wide batch
-    assert dispatch.kernels_apply(probe(1, 4096, 4096))  # above MIN_TRITON_SIDE anyway
-    assert not dispatch.kernels_apply(probe(24, 768, 3072))  # 2^35.3 < MIN_TMA_BATCH_WORK
-    assert dispatch.fused_update_applies(probe(24, 768, 3072))
-    assert not dispatch.kernels_apply(probe(128, 770, 2048))  # rows not 16-byte aligned
-    assert not dispatch.kernels_apply(probe(128, 768, 2048, dtype=torch.float32))
-    monkeypatch.setattr(gram, "TMA", "never")
-    assert not dispatch.kernels_apply(moe)
-    monkeypatch.setattr(gram, "TMA", "auto")
-    monkeypatch.setattr(gram, "_capability", lambda index: (8, 0))
-    assert not dispatch.kernels_apply(moe) and dispatch.fused_update_applies(moe)
-    assert dispatch.kernels_apply(probe(1, 4096, 4096))
+    assert path.kernels_apply(moe) and not path.folded_applies(moe)
+    assert path.kernels_apply(probe(128, 2048, 768))  # tall: the same wide batch
+    assert path.kernels_apply(probe(1, 4096, 4096))  # above min_triton_side anyway
+    assert not path.kernels_apply(probe(24, 768, 3072))  # 2^35.3 < min_tma_batch_work
+    assert path.folded_applies(probe(24, 768, 3072))
+    assert not path.kernels_apply(probe(128, 770, 2048))  # rows not 16-byte aligned
+    assert not path.kernels_apply(probe(128, 768, 2048, dtype=torch.float32))
+    matmul_config(tma="never")
+    assert not path.kernels_apply(moe)
+    matmul_config(tma="auto")
+    monkeypatch.setattr(launch, "capability", lambda index: (8, 0))
+    assert not path.kernels_apply(moe) and path.folded_applies(moe)
+    assert path.kernels_apply(probe(1, 4096, 4096))
 
 
-def test_triton_path_iterates_bf16_in_fp16_and_is_more_accurate(force_kernels, monkeypatch):
-    """bf16 batches on the Triton path run in fp16 (TRITON_HALF_DTYPE) and come back bf16."""
-    monkeypatch.setattr(dispatch, "_KERNEL_DTYPES", (torch.bfloat16, torch.float16))
+def test_triton_path_iterates_bf16_in_fp16_and_is_more_accurate(
+    force_kernels, monkeypatch, ns_config
+):
+    """bf16 batches on the Triton path run in fp16 (triton_half_dtype) and come back bf16."""
+    monkeypatch.setattr(path, "_KERNEL_DTYPES", (torch.bfloat16, torch.float16))
     coeffs, factor = schedule("polar_express", 5)
     g = torch.Generator().manual_seed(3)
     X = normalize(torch.randn(2, 24, 64, generator=g, dtype=torch.float64), factor, 1e-7,
                   torch.float64)  # fmt: skip
-    assert dispatch.iteration_dtype(X, torch.bfloat16) == torch.float16
-    out = dispatch.newton_schulz(X.bfloat16(), coeffs)
+    assert path.iteration_dtype(X, torch.bfloat16) == torch.float16
+    out = path.newton_schulz(X.bfloat16(), coeffs)
     assert force_kernels["n"] > 0, "the Triton path did not run"
     assert out.dtype == torch.bfloat16
     exact = newton_schulz_torch(X, coeffs)
     err = torch.linalg.norm(out.double() - exact)
     err_bf16 = torch.linalg.norm(newton_schulz_torch(X.bfloat16(), coeffs).double() - exact)
     assert err < err_bf16, (err, err_bf16)
-    monkeypatch.setattr(dispatch, "TRITON_HALF_DTYPE", None)
-    assert dispatch.iteration_dtype(X, torch.bfloat16) == torch.bfloat16
-    assert dispatch.iteration_dtype(X, torch.float16) == torch.float16
+    ns_config(triton_half_dtype=None)
+    assert path.iteration_dtype(X, torch.bfloat16) == torch.bfloat16
+    assert path.iteration_dtype(X, torch.float16) == torch.float16
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_normalize_layouts(layout, device, monkeypatch):
+def test_normalize_layouts(layout, device, ns_config):
     """normalize = X / max(factor·‖X‖_F, eps) per matrix, for every layout (CUDA: a Triton pass).
 
     The divide is one float32 division rounded to the output dtype, as torch's; Triton's
@@ -229,8 +230,7 @@ def test_normalize_layouts(layout, device, monkeypatch):
     """
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a GPU")
-    msign_module = sys.modules[normalize.__module__]  # `matfn.msign` is also the function
-    monkeypatch.setattr(msign_module, "TRITON_DIVIDE_SIZE", 0)  # the Triton pass at this size
+    ns_config(min_triton_divide=0)  # the Triton pass at this size
     g = torch.Generator().manual_seed(4)
     M = torch.randn(3, 40, 24, generator=g).to(device, torch.bfloat16)
     M[1] = 0  # a zero matrix stays zero (eps)
@@ -248,21 +248,18 @@ def test_recording_for_a_graph_picks_kernels_by_gpu_time(monkeypatch):
     """Inside ``recording.for_graph()`` (a CUDA-graph capture and its warm-up), launch cost is
     no reason to avoid the Triton kernels: every TMA-loadable bf16/fp16 batch takes them, while
     eagerly 1024² stays below the size thresholds. Odd sizes (no TMA) and float32 do not."""
-    from matfn.kernels import gram, recording
-
-    monkeypatch.setattr(dispatch, "use_triton", lambda *tensors: True)
-    monkeypatch.setattr(gram, "_capability", lambda index: (9, 0))
-    monkeypatch.setattr(gram, "TMA", "auto")
+    monkeypatch.setattr(path, "use_triton", lambda *tensors: True)
+    monkeypatch.setattr(launch, "capability", lambda index: (9, 0))
     square = torch.empty(1, 1, 1, dtype=torch.bfloat16).expand(1, 1024, 1024)
     batch = torch.empty(1, 1, 1, dtype=torch.float16).expand(64, 512, 512)
     odd = torch.empty(1, 1, 1, dtype=torch.bfloat16).expand(1, 929, 1294)
     fp32 = torch.empty(1, 1, 1).expand(1, 1024, 1024)
     assert not recording.recording()
-    assert not any(dispatch.kernels_apply(X) for X in (square, batch, odd, fp32))
+    assert not any(path.kernels_apply(X) for X in (square, batch, odd, fp32))
     with recording.for_graph():
         assert recording.recording()
-        assert dispatch.kernels_apply(square) and dispatch.kernels_apply(batch)
-        assert not dispatch.kernels_apply(odd) and not dispatch.kernels_apply(fp32)
+        assert path.kernels_apply(square) and path.kernels_apply(batch)
+        assert not path.kernels_apply(odd) and not path.kernels_apply(fp32)
         with recording.for_graph():
             pass
         assert recording.recording(), "nested blocks restore, not clear, the mark"
@@ -272,8 +269,6 @@ def test_recording_for_a_graph_picks_kernels_by_gpu_time(monkeypatch):
 def test_programmatic_dependent_launch_switch(monkeypatch):
     """PDL only on CUDA devices of compute capability ≥ 9, never in the interpreter."""
     from types import SimpleNamespace
-
-    from matfn.kernels import launch
 
     cuda = SimpleNamespace(is_cuda=True, device=SimpleNamespace(index=0))
     monkeypatch.setattr(launch, "INTERPRET", False)
@@ -289,8 +284,6 @@ def test_programmatic_dependent_launch_only_for_short_products(monkeypatch):
     """Products of more than two waves of 128×128 tiles launch plainly (``tiles``); chains of
     short kernels (no ``tiles``) always use PDL where it is on."""
     from types import SimpleNamespace
-
-    from matfn.kernels import launch
 
     cuda = SimpleNamespace(is_cuda=True, device=SimpleNamespace(index=0))
     monkeypatch.setattr(launch, "INTERPRET", False)
@@ -311,13 +304,12 @@ def test_msign_under_recording_runs_the_kernels_at_any_size(monkeypatch):
     at most a ≈ 8 a step on the small singular values; measured 1.7–2.4e-3 on entries up to
     0.55 (4 seeds), we allow 5e-3. Eagerly the same call takes the torch path."""
     import matfn
-    import matfn.kernels.ns_step as ns
-    from matfn.kernels import gram, recording
+    from matfn.msign import triton as ns
 
     if os.environ.get("MATFN_TEST_ON_GPU"):
         pytest.skip("needs TRITON_INTERPRET=1 (CPU tensors through the kernels)")
-    monkeypatch.setattr(dispatch, "use_triton", lambda *t: True)
-    monkeypatch.setattr(gram, "_capability", lambda index: (9, 0))
+    monkeypatch.setattr(path, "use_triton", lambda *t: True)
+    monkeypatch.setattr(launch, "capability", lambda index: (9, 0))
     calls = []
     real = ns.gram_triton
     monkeypatch.setattr(ns, "gram_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -334,3 +326,18 @@ def test_msign_under_recording_runs_the_kernels_at_any_size(monkeypatch):
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=5e-3)
     # and no less accurate than the eager fp16 torch path (8.6e-3 here: CPU half products)
     assert (out.double() - ref).abs().max() <= (eager.double() - ref).abs().max()
+
+
+def test_graph_key_holds_the_configs(monkeypatch, ns_config, matmul_config):
+    """``functional.graph_key()``: hashable, and changes with either config or the switch."""
+    from matfn import functional
+
+    key = functional.graph_key()
+    assert hash(key) == hash(functional.graph_key()) and key == functional.graph_key()
+    ns_config(min_triton_work=0)
+    assert functional.graph_key() != key
+    changed = functional.graph_key()
+    matmul_config(tma="never")
+    assert functional.graph_key() != changed
+    monkeypatch.setenv("MATFN_DISABLE_TRITON", "1")
+    assert functional.graph_key()[0] is True

@@ -1,8 +1,8 @@
-r"""Newton–Schulz iterations on the Triton products of :mod:`matfn.kernels.gram`.
+r"""Newton–Schulz launchers on the Triton products of :mod:`matfn.kernels.matmul`.
 
-Each function mirrors a torch twin in :mod:`matfn.msign` operation for operation, with the
-symmetric products computed on the lower triangle of tiles only and every ``α·P + β·D`` formed
-in the product's epilogue:
+Each function mirrors a torch twin in :mod:`matfn.msign.reference` operation for operation,
+with the symmetric products computed on the lower triangle of tiles only and every
+``α·P + β·D`` formed in the product's epilogue:
 
 * quintic step: ``A = X Xᵀ`` (symmetric, ``s² L``), ``B = c A A + b A`` (symmetric, ``s³``),
   ``X ← B X + a X`` (general, ``2 s² L``): ``3 s² L + s³`` FLOPs instead of ``4 s² L + 2 s³``;
@@ -11,7 +11,9 @@ in the product's epilogue:
   hence symmetric;
 * the general-square sign step ``X ← a X + (b X² + c X⁴) X`` (mcsgn; no symmetry).
 
-Inputs are 3-D batches; the whole batch is one launch per product.
+Inputs are 3-D batches; the whole batch is one launch per product. The folded step
+:func:`ns_step_folded` (cuBLAS products, ``a`` folded into ``B``) is the path for smaller
+batches. Importing this module imports Triton; :mod:`matfn.msign.path` chooses among these.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ from collections.abc import Sequence
 
 import torch
 
-from .gram import gram_triton, matmul_triton
+from .. import _backend
+from ..kernels.matmul import gram_triton, matmul_triton
 
 __all__ = [
     "ns_step_triton",
-    "ns_step_fused_update",
     "ns_step_folded",
     "newton_schulz_triton",
     "gram_newton_schulz_triton",
@@ -32,22 +34,6 @@ __all__ = [
 ]
 
 Coefficients = tuple[float, float, float]
-
-#: Backend of the general (non-symmetric) products ``B X + a X`` and ``Q X``: ``"triton"``
-#: (:func:`matmul_triton`, fused epilogue) or ``"cublas"`` (``torch.baddbmm``, whose ``beta``
-#: epilogue is fused too). The symmetric products always use the Triton kernel.
-GENERAL_BACKEND = "triton"
-
-
-#: Backend of ``cA² + bA + aI`` in :func:`ns_step_folded`: ``"cublas"`` (``baddbmm``, which
-#: copies A into its output first, then a diagonal add), ``"triton"`` (the general product
-#: with the whole polynomial in its epilogue) or ``"auto"``: Triton from
-#: :data:`MIN_TRITON_POLY_WORK` multiply-adds, where it measured 0.64–0.76× cuBLAS's time
-#: (48×768², 24×768², 64×512² on the H100), cuBLAS below (a Triton launch costs more host
-#: time, and single small matrices are launch-bound).
-FOLDED_POLY_BACKEND = "auto"
-#: ``batch · s³`` from which ``"auto"`` takes the Triton product (64×512² is 2³³).
-MIN_TRITON_POLY_WORK = 2**32
 
 
 def _general(
@@ -63,12 +49,6 @@ def _general(
     The Triton epilogue rounds the fp32 accumulator straight to ``out_dtype``: the cast of the
     iteration's last product to the caller's dtype costs no pass of its own.
     """
-    if GENERAL_BACKEND == "cublas" and A.is_cuda:
-        if D is None:
-            C = torch.bmm(A, B) if alpha == 1 else torch.bmm(A, B).mul_(alpha)
-        else:
-            C = torch.baddbmm(D, A, B, beta=beta, alpha=alpha)
-        return C if out_dtype is None else C.to(out_dtype)
     out = None
     if out_dtype not in (None, A.dtype):
         out = torch.empty(A.shape[0], A.shape[1], B.shape[2], dtype=out_dtype, device=A.device)
@@ -89,34 +69,21 @@ def ns_step_triton(
     return _general(B, X, X, alpha=1.0, beta=a, out_dtype=out_dtype)
 
 
-def ns_step_fused_update(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
-    """:func:`ns_step_torch`'s step with only the last product on Triton (``B X + a X``).
-
-    ``A = X Xᵀ`` and ``B = c A² + b A`` stay on cuBLAS (faster than the symmetric kernel below
-    4096²); the fused epilogue saves ``baddbmm``'s copy of X into its output.
-    """
-    A = torch.bmm(X, X.mT)
-    if c == 0:
-        return matmul_triton(A, X, X, alpha=b, beta=a)
-    B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-    return matmul_triton(B, X, X, alpha=1.0, beta=a)
-
-
 def ns_step_folded(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
-    """:func:`ns_step_torch`'s step on cuBLAS alone, with ``a`` folded into B: ``(B + aI) X``.
+    """The torch step (``ns_step_torch``) on cuBLAS alone, ``a`` folded into B: ``(B + aI) X``.
 
     ``baddbmm(X, B, X, beta=a)`` first copies X into its output (a pass over the s×L iterate);
     adding ``a`` to B's diagonal instead costs s entries per matrix, and the last product is a
-    plain ``bmm``. ``cA² + bA`` is cuBLAS ``baddbmm`` or the Triton product with ``+ bA + aI``
-    in its epilogue (:data:`FOLDED_POLY_BACKEND`). The one extra rounding is of ``a + B_ii``
-    to the iteration dtype: relative ``2⁻⁹`` (bf16; ``2⁻¹¹`` in fp16, which the dispatcher
-    iterates bf16 batches in) of the diagonal term, the size of the output's own rounding.
+    plain ``bmm``. ``cA² + bA + aI`` is one Triton product with the polynomial in its epilogue
+    from :attr:`matfn._backend.NewtonSchulzConfig.min_triton_poly_work` (``batch · s³``), cuBLAS
+    ``baddbmm`` and a diagonal add below (a Triton launch costs more host time). The one extra
+    rounding is of ``a + B_ii`` to the iteration dtype: relative ``2⁻⁹`` (bf16; ``2⁻¹¹`` in
+    fp16, which the path choice iterates bf16 batches in) of the diagonal term, the size of the
+    output's own rounding. Cost: ``4 s² L + 2 s³`` FLOPs, as the torch step.
     """
     A = torch.bmm(X, X.mT)
-    backend = FOLDED_POLY_BACKEND
-    if backend == "auto":
-        backend = "triton" if X.shape[0] * X.shape[1] ** 3 >= MIN_TRITON_POLY_WORK else "cublas"
-    if c != 0 and backend == "triton":
+    poly_on_triton = X.shape[0] * X.shape[1] ** 3 >= _backend.NEWTON_SCHULZ.min_triton_poly_work
+    if c != 0 and poly_on_triton:
         B = matmul_triton(A, A, A, alpha=c, beta=b, gamma=a)  # cA² + bA + aI, one pass
     else:
         B = torch.baddbmm(A, A, A, beta=b, alpha=c) if c != 0 else A.mul_(b)
@@ -144,7 +111,7 @@ def gram_newton_schulz_triton(
     restarts: Sequence[int] = (),
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    r"""Gram Newton–Schulz (see ``gram_newton_schulz_torch``): iterate on ``R = X Xᵀ``.
+    r"""Gram Newton–Schulz on ``R = X Xᵀ`` (twin: ``reference.gram_newton_schulz_torch``).
 
     Per step ``Z = b R + c R²``, ``Q ← Q Z + a Q`` (or ``Z + a I`` after a (re)start),
     ``R ← (Z + aI) R (Z + aI)`` as ``RZ = R Z + a R``, ``R = Z·RZ + a RZ`` (skipped when the next

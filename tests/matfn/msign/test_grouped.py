@@ -16,8 +16,10 @@ from hypothesis import strategies as st
 pytest.importorskip("triton")
 
 from matfn.coefficients import schedule  # noqa: E402
-from matfn.kernels.grouped import grouped_matmul, newton_schulz_grouped_launch  # noqa: E402
-from matfn.msign import newton_schulz_torch, normalize  # noqa: E402
+from matfn.msign import grouped, path  # noqa: E402
+from matfn.msign.grouped import grouped_matmul, newton_schulz_grouped_launch  # noqa: E402
+from matfn.msign.path import normalize  # noqa: E402
+from matfn.msign.reference import newton_schulz_torch  # noqa: E402
 
 ON_GPU = bool(os.environ.get("MATFN_TEST_ON_GPU")) and torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -88,11 +90,9 @@ def test_newton_schulz_grouped_launch_matches_torch(method, steps, dtype):
         torch.testing.assert_close(out.double().cpu(), ref, **tol)
 
 
-def test_dispatch_grouped_launch(monkeypatch):
-    """``newton_schulz_grouped`` takes the grouped kernel from GROUPED_MIN_SHAPES distinct shapes
-    on (lowered to 2 here); same results. One shape: the stacked path."""
-    from matfn.kernels import dispatch, grouped
-
+def test_path_grouped_launch(monkeypatch, ns_config):
+    """``newton_schulz_grouped`` takes the grouped kernel from ``grouped_min_shapes`` distinct
+    shapes on (lowered to 2 here); same results. One shape: the stacked path."""
     coeffs, factor = schedule("polar_express", 5)
     gen = torch.Generator().manual_seed(4)
     Xs = [
@@ -107,13 +107,12 @@ def test_dispatch_grouped_launch(monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(grouped, "newton_schulz_grouped_launch", spy)
-    monkeypatch.setattr(dispatch, "use_triton", lambda *t: True)
-    monkeypatch.setattr(dispatch, "_KERNEL_DTYPES", (torch.float32,))
-    monkeypatch.setattr(dispatch, "GROUPED_LAUNCH", True)
-    monkeypatch.setattr(dispatch, "GROUPED_MIN_SHAPES", 2)
-    outs = dispatch.newton_schulz_grouped([X.to(DEVICE) for X in Xs], coeffs, "standard")
+    monkeypatch.setattr(path, "use_triton", lambda *t: True)
+    monkeypatch.setattr(path, "_KERNEL_DTYPES", (torch.float32,))
+    ns_config(grouped_launch=True, grouped_min_shapes=2)
+    outs = path.newton_schulz_grouped([X.to(DEVICE) for X in Xs], coeffs, "standard")
     assert calls["n"] == 1
-    dispatch.newton_schulz_grouped([X.to(DEVICE) for X in Xs[:1]], coeffs, "standard")
+    path.newton_schulz_grouped([X.to(DEVICE) for X in Xs[:1]], coeffs, "standard")
     assert calls["n"] == 1
     for X, out in zip(Xs, outs, strict=True):
         ref = newton_schulz_torch(X[None], coeffs)[0]
@@ -124,8 +123,6 @@ def test_dispatch_grouped_launch(monkeypatch):
 def test_grouped_matmul_layout_and_alignment_paths(layout):
     """Dims that are multiples of 8 take the aligned (hinted) path; a group list that mixes
     layouts takes the general-stride path. Same result either way."""
-    from matfn.kernels import grouped
-
     gen = torch.Generator().manual_seed(7)
     shapes = [(16, 24, 32), (8, 40, 16), (24, 8, 8)]
     a_t = {"row-col": [False] * 3, "col-row": [True] * 3, "mixed": [False, True, False]}[layout]
@@ -154,12 +151,10 @@ def test_grouped_matmul_many_groups_find_their_tiles():
         torch.testing.assert_close(C.double(), A.double() @ B.double(), **TOL[torch.float32])
 
 
-def test_dispatch_grouped_launch_bf16_iterates_in_fp16(monkeypatch):
-    """bf16 lists on the grouped path iterate in FOLDED_HALF_DTYPE (fp16) and come back bf16, as
-    the stacked folded step does; the error vs the float64 iteration is fp16's, not bf16's
-    (fp16 rounding is 2⁻¹¹, bf16's 2⁻⁸: measured ≈ 1e-3 vs ≈ 1e-2 on the H100)."""
-    from matfn.kernels import dispatch, grouped
-
+def test_path_grouped_launch_bf16_iterates_in_fp16(monkeypatch, ns_config):
+    """bf16 lists on the grouped path iterate in ``folded_half_dtype`` (fp16) and come back bf16,
+    as the stacked folded step does; the error vs the float64 iteration is fp16's, not bf16's
+    (fp16 rounding is 2⁻¹¹, bf16's 2⁻⁸: ≈ 1e-3 vs ≈ 1e-2)."""
     coeffs, factor = schedule("polar_express", 5)
     gen = torch.Generator().manual_seed(5)
     Xs = [
@@ -174,9 +169,9 @@ def test_dispatch_grouped_launch_bf16_iterates_in_fp16(monkeypatch):
         return real(Ys, cs)
 
     monkeypatch.setattr(grouped, "newton_schulz_grouped_launch", spy)
-    monkeypatch.setattr(dispatch, "use_triton", lambda *t: True)
-    monkeypatch.setattr(dispatch, "GROUPED_MIN_SHAPES", 2)
-    outs = dispatch.newton_schulz_grouped([X.to(DEVICE, torch.bfloat16) for X in Xs], coeffs)
+    monkeypatch.setattr(path, "use_triton", lambda *t: True)
+    ns_config(grouped_min_shapes=2)
+    outs = path.newton_schulz_grouped([X.to(DEVICE, torch.bfloat16) for X in Xs], coeffs)
     assert seen == [{torch.float16}]
     for X, out in zip(Xs, outs, strict=True):
         assert out.dtype == torch.bfloat16 and out.shape == X.shape

@@ -7,6 +7,7 @@ fp16 output add one output rounding (2⁻¹¹ ≈ 4.9e-4 relative), we allow 2e-
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -16,7 +17,8 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
-import matfn.kernels.gram as gram  # noqa: E402
+import matfn.kernels.matmul as matmul  # noqa: E402
+from matfn import _backend  # noqa: E402
 
 ON_GPU = bool(os.environ.get("MATFN_TEST_ON_GPU")) and torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -34,7 +36,7 @@ SHAPES = [(1, 16, 16), (2, 37, 53), (3, 33, 20), (1, 5, 3), (2, 50, 7)]
 
 @pytest.fixture(params=list(BLOCKS), ids=list(BLOCKS))
 def blocks(request, monkeypatch):
-    monkeypatch.setattr(gram, "INTERPRET_BLOCKS", BLOCKS[request.param])
+    monkeypatch.setattr(matmul, "INTERPRET_BLOCKS", BLOCKS[request.param])
     return BLOCKS[request.param]
 
 
@@ -58,7 +60,7 @@ def test_gram_matches_float64(blocks, shape, dtype):
     X = _rand(shape, dtype, seed=sum(shape))
     out = torch.full((shape[0], shape[1], shape[1]), float("nan"), dtype=dtype, device=DEVICE)
     X_before = X.clone()
-    G = gram.gram_triton(X, out=out)
+    G = matmul.gram_triton(X, out=out)
     assert G is out
     ref = X.double() @ X.double().mT
     _close(G, ref, dtype)
@@ -71,11 +73,11 @@ def test_gram_matches_float64(blocks, shape, dtype):
 def test_symmetric_epilogue(blocks, shape, dtype):
     """``c A A + b D + γ I`` with A, D symmetric: the fused B = bA + cA² (+ aI) of NS/Gram."""
     b, s, _ = shape
-    A = gram.gram_triton(_rand(shape, dtype, seed=1))
+    A = matmul.gram_triton(_rand(shape, dtype, seed=1))
     D = _rand((b, s, s), dtype, seed=2)
     D = (D + D.mT) / 2
     out = torch.full((b, s, s), float("nan"), dtype=dtype, device=DEVICE)
-    gram.matmul_triton(A, A, D, alpha=2.03, beta=-4.77, gamma=3.44, symmetric=True, out=out)
+    matmul.matmul_triton(A, A, D, alpha=2.03, beta=-4.77, gamma=3.44, symmetric=True, out=out)
     eye = torch.eye(s, dtype=torch.float64, device=DEVICE)
     ref = 2.03 * A.double() @ A.double() - 4.77 * D.double() + 3.44 * eye
     _close(out, ref, dtype)
@@ -90,7 +92,7 @@ def test_general_epilogue_strided(blocks, shape, dtype):
     Xt = _rand((b, L, s), dtype, seed=3).mT  # (b, s, L) view with strides (.., 1, s)
     B = _rand((b, s, s), dtype, seed=4)
     out = torch.full((b, s, L), float("nan"), dtype=dtype, device=DEVICE)
-    gram.matmul_triton(B, Xt, Xt, alpha=0.7, beta=1.875, out=out)
+    matmul.matmul_triton(B, Xt, Xt, alpha=0.7, beta=1.875, out=out)
     ref = 0.7 * B.double() @ Xt.double() + 1.875 * Xt.double()
     _close(out, ref, dtype)
 
@@ -99,25 +101,25 @@ def test_broadcast_batch_and_empty():
     X = _rand((3, 20, 24), torch.float32, seed=5)
     D = _rand((1, 20, 20), torch.float32, seed=6)
     D = D + D.mT  # symmetric=True promises a symmetric result
-    out = gram.matmul_triton(X, X.mT, D, beta=2.0, symmetric=True)
+    out = matmul.matmul_triton(X, X.mT, D, beta=2.0, symmetric=True)
     _close(out, X.double() @ X.double().mT + 2 * D.double(), torch.float32)
     for shape in [(0, 4, 5), (2, 0, 5)]:
         E = torch.zeros(shape, device=DEVICE)
-        assert gram.gram_triton(E).shape == (shape[0], shape[1], shape[1])
-    Z = gram.gram_triton(torch.zeros(2, 4, 0, device=DEVICE))
+        assert matmul.gram_triton(E).shape == (shape[0], shape[1], shape[1])
+    Z = matmul.gram_triton(torch.zeros(2, 4, 0, device=DEVICE))
     assert torch.equal(Z, torch.zeros(2, 4, 4, device=DEVICE))
 
 
 def test_bad_shapes():
     X = torch.zeros(2, 4, 5, device=DEVICE)
     with pytest.raises(ValueError, match="3-D"):
-        gram.gram_triton(X[0])
+        matmul.gram_triton(X[0])
     with pytest.raises(ValueError, match="cannot be multiplied"):
-        gram.matmul_triton(X, X)
+        matmul.matmul_triton(X, X)
     with pytest.raises(ValueError, match="square"):
-        gram.matmul_triton(X, X.mT[:, :, :3], symmetric=True)
+        matmul.matmul_triton(X, X.mT[:, :, :3], symmetric=True)
     with pytest.raises(ValueError, match="`D`"):
-        gram.matmul_triton(X, X.mT, torch.zeros(2, 3, 3, device=DEVICE))
+        matmul.matmul_triton(X, X.mT, torch.zeros(2, 3, 3, device=DEVICE))
 
 
 # --------------------------------------------------------------------------- TMA-load kernels
@@ -127,19 +129,17 @@ TMA_SHAPES = [(1, 16, 16), (2, 40, 56), (3, 48, 24), (2, 24, 8)]
 
 
 @pytest.fixture
-def tma_launches(monkeypatch):
+def tma_launches(monkeypatch, matmul_config):
     """Force the TMA kernel where the operands allow it and count its launches."""
-    import matfn.kernels.matmul_tma as mt
-
-    monkeypatch.setattr(gram, "TMA", "always")
+    matmul_config(tma="always")
     calls = []
-    launch = mt.launch_tma
+    launch = matmul.launch_tma
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("config"))
         return launch(*args, **kwargs)
 
-    monkeypatch.setattr(mt, "launch_tma", spy)
+    monkeypatch.setattr(matmul, "launch_tma", spy)
     return calls
 
 
@@ -148,24 +148,24 @@ def tma_launches(monkeypatch):
 def test_tma_products_match_float64(blocks, tma_launches, monkeypatch, shape, programs):
     """Gram, ``cA² + bA + γI`` and ``αBX + βX`` (X and Xᵀ operands) through TMA descriptors
     (16-bit operands only; on a GPU the autotuned configs run instead of the interpreter's)."""
-    monkeypatch.setitem(gram.INTERPRET_BLOCKS, "PROGRAMS", programs)
+    monkeypatch.setitem(matmul.INTERPRET_BLOCKS, "PROGRAMS", programs)
     dtype = torch.float16
     b, s, L = shape
     X = _rand(shape, dtype, seed=sum(shape) + 7)
     G = torch.full((b, s, s), float("nan"), dtype=dtype, device=DEVICE)
-    gram.gram_triton(X, out=G)
+    matmul.gram_triton(X, out=G)
     _close(G, X.double() @ X.double().mT, dtype)
     assert torch.equal(G, G.mT), "the mirrored upper triangle must equal the lower exactly"
     D = _rand((b, s, s), dtype, seed=2)
     D = (D + D.mT) / 2
-    S = gram.matmul_triton(G, G, D, alpha=2.03, beta=-4.77, gamma=3.44, symmetric=True)
+    S = matmul.matmul_triton(G, G, D, alpha=2.03, beta=-4.77, gamma=3.44, symmetric=True)
     eye = torch.eye(s, dtype=torch.float64, device=DEVICE)
     _close(S, 2.03 * G.double() @ G.double() - 4.77 * D.double() + 3.44 * eye, dtype)
     assert torch.equal(S, S.mT)
-    Y = gram.matmul_triton(S, X, X, alpha=0.7, beta=1.875)
+    Y = matmul.matmul_triton(S, X, X, alpha=0.7, beta=1.875)
     _close(Y, 0.7 * S.double() @ X.double() + 1.875 * X.double(), dtype)
     Xt = X.mT.contiguous().mT  # column-major X: read through a transposed descriptor
-    Z = gram.matmul_triton(Xt.mT, Xt, gamma=-0.5)
+    Z = matmul.matmul_triton(Xt.mT, Xt, gamma=-0.5)
     eye_L = torch.eye(L, dtype=torch.float64, device=DEVICE)
     _close(Z, X.double().mT @ X.double() - 0.5 * eye_L, dtype)
     assert len(tma_launches) == 4, "every product here must take the TMA kernel"
@@ -180,7 +180,7 @@ def test_tma_descriptor_cache_rebinds_every_operand(blocks, tma_launches):
     X1, X2 = _rand((2, 24, 40), dtype, seed=11), _rand((2, 24, 40), dtype, seed=12)
     D1, D2 = _rand((2, 24, 24), dtype, seed=13), _rand((2, 24, 24), dtype, seed=14)
     for X, D in ((X1, D1), (X2, D2), (X1, D2)):
-        out = gram.matmul_triton(X, X.mT, D, alpha=0.5, beta=2.0)
+        out = matmul.matmul_triton(X, X.mT, D, alpha=0.5, beta=2.0)
         _close(out, 0.5 * X.double() @ X.double().mT + 2.0 * D.double(), dtype)
     assert len(tma_launches) == 3
     assert _DESCRIPTORS.table, "the launches above must have filled the cache"
@@ -207,27 +207,27 @@ def test_tma_applies_only_to_aligned_unit_stride_operands():
 
 
 @pytest.mark.skipif(ON_GPU, reason="fakes the GPU timer and SM count for the interpreter")
-def test_tma_autotune_path(monkeypatch):
+def test_tma_autotune_path(monkeypatch, matmul_config):
     """The GPU launch path: the autotuner prunes the TMA configs, its pre-hook sets the
     descriptors' block shapes for each one, and later calls launch the cached best config."""
     from types import SimpleNamespace
 
-    monkeypatch.setattr(gram, "INTERPRET", False)
-    monkeypatch.setattr(gram, "TMA", "always")
+    monkeypatch.setattr(matmul, "INTERPRET", False)
+    matmul_config(tma="always")
     blocks = [(16, 16, 16, 1, 1, False), (16, 16, 16, 1, 1, True), (32, 16, 16, 1, 1, False)]
-    monkeypatch.setattr(gram, "_TMA_SYMMETRIC_BLOCKS", blocks)
-    monkeypatch.setattr(gram, "_TMA_GENERAL_BLOCKS", blocks)
-    monkeypatch.setattr(gram, "_tma_tuned", {})
-    monkeypatch.setattr(gram, "_BEST_CONFIG", {})
+    monkeypatch.setattr(matmul, "_TMA_SYMMETRIC_BLOCKS", blocks)
+    monkeypatch.setattr(matmul, "_TMA_GENERAL_BLOCKS", blocks)
+    monkeypatch.setattr(matmul, "_tma_tuned", {})
+    monkeypatch.setattr(matmul, "_BEST_CONFIG", {})
     props = SimpleNamespace(multi_processor_count=3)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     X = _rand((2, 40, 56), torch.float16, seed=11)
     ref = X.double() @ X.double().mT
-    # (symmetric, TMA_WIDE_SYMMETRIC_ROWS, configs left to time: a single one is not timed)
+    # (symmetric, tma_wide_symmetric_rows, configs left to time: a single one is not timed)
     for symmetric, wide_rows, expect in ((True, 10**9, 2), (True, 40, 0), (False, 10**9, 3)):
-        monkeypatch.setattr(gram, "TMA_WIDE_SYMMETRIC_ROWS", wide_rows)
-        kernel = gram._tma_kernel(symmetric)
+        matmul_config(tma_wide_symmetric_rows=wide_rows)
+        kernel = matmul._tma_kernel(symmetric)
         timed = []
 
         def fake_bench(kernel_call, quantiles, timed=timed):
@@ -237,16 +237,16 @@ def test_tma_autotune_path(monkeypatch):
 
         kernel.do_bench = fake_bench
         kernel.cache.clear()
-        gram._BEST_CONFIG.clear()
+        matmul._BEST_CONFIG.clear()
         for _ in range(2):  # tune, then the cached config
-            G = gram.matmul_triton(X, X.mT, symmetric=symmetric)
+            G = matmul.matmul_triton(X, X.mT, symmetric=symmetric)
             _close(G, ref, torch.float16)
         assert len(timed) == expect
-        (best,) = gram._BEST_CONFIG.values()
+        (best,) = matmul._BEST_CONFIG.values()
         assert best is kernel.best_config
         if symmetric:
             wide = best.kwargs["BLOCK_M"] != best.kwargs["BLOCK_N"]
-            assert wide == (wide_rows <= 40), "square tiles below TMA_WIDE_SYMMETRIC_ROWS"
+            assert wide == (wide_rows <= 40), "square tiles below tma_wide_symmetric_rows"
 
 
 @settings(deadline=None, max_examples=15)
@@ -286,13 +286,13 @@ def test_tma_matches_pointer_kernel_and_float64(
     kw = dict(alpha=0.75, beta=-0.5 if with_d else 0.0, gamma=gamma, symmetric=symmetric)
     blocks = dict(BLOCKS[tiles], PROGRAMS=programs)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gram, "INTERPRET_BLOCKS", blocks)
-        mp.setattr(gram, "TMA", "always")
+        mp.setattr(matmul, "INTERPRET_BLOCKS", blocks)
+        mp.setattr(_backend, "MATMUL", dataclasses.replace(_backend.MATMUL, tma="always"))
         assert mt.tma_applies(A, B, D, torch.empty(batch, s, n, dtype=torch.float16))
-        out_tma = gram.matmul_triton(A, B, D, **kw)
-        mp.setattr(gram, "TMA", "never")
-        mp.setattr(gram, "INTERPRET_BLOCKS", BLOCKS[tiles])
-        out_ptr = gram.matmul_triton(A, B, D, **kw)
+        out_tma = matmul.matmul_triton(A, B, D, **kw)
+        mp.setattr(_backend, "MATMUL", dataclasses.replace(_backend.MATMUL, tma="never"))
+        mp.setattr(matmul, "INTERPRET_BLOCKS", BLOCKS[tiles])
+        out_ptr = matmul.matmul_triton(A, B, D, **kw)
     eye = torch.eye(s, n, dtype=torch.float64, device=A.device)
     ref = 0.75 * A.double() @ B.double() + gamma * eye
     if with_d:

@@ -1,0 +1,317 @@
+r"""msign: the polar factor ``U Vᵀ`` of a real matrix by Newton–Schulz iteration.
+
+The public function :func:`msign` validates, picks the path and calls; the package holds
+
+* :mod:`matfn.msign.reference`: the torch steps (the leaves), e.g. :func:`newton_schulz_torch`;
+* :mod:`matfn.msign.path`: which step runs for a batch (Triton, folded cuBLAS or torch), the
+  normalisation and :func:`run_newton_schulz`;
+* :mod:`matfn.msign.triton` and :mod:`matfn.msign.grouped`: the Triton launchers (imported on
+  the first CUDA call).
+
+The derivative (:class:`matfn.derivatives.MsignFunction`) composes msign with the Lyapunov solve
+of :mod:`matfn.sylvester`, which imports this package; so it is not imported here but registered
+by :mod:`matfn.derivatives` through :func:`register_autograd` when ``matfn`` is imported.
+
+``matfn.msign`` (the attribute) is the function; import the submodules as
+``from matfn.msign import path`` (``import matfn.msign.path as p`` fails: the attribute
+``matfn.msign`` it resolves is the function).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Literal
+
+import torch
+
+from .. import _graphs
+from .._batching import flatten_batch, to_wide, unflatten_batch
+from .._validation import check_matrix
+from ..coefficients import CONVERGENT_QUINTIC, DEFAULT_STEPS, auto_schedule, schedule
+from .path import (
+    cast,
+    choose_algorithm,
+    iteration_dtype,
+    normalize,
+    normalize_by,
+    normalize_for_iteration,
+    run_newton_schulz,
+)
+from .reference import (
+    AUTO_MAX_POLISH,
+    AUTO_TARGETS,
+    AUTO_TOL,
+    GRAM_NEGATIVE_EIGENVALUE,
+    GRAM_Q_MAX,
+    gram_newton_schulz_torch,
+    gram_restarts,
+    msign_svd,
+    newton_schulz_torch,
+    ns_step_torch,
+    polish_until_converged,
+    sign_step_torch,
+)
+
+__all__ = [
+    "msign",
+    "msign_wide",
+    "METHODS",
+    "ALGORITHMS",
+    "AUTO_MAX_POLISH",
+    "AUTO_TARGETS",
+    "AUTO_TOL",
+    "GRAM_NEGATIVE_EIGENVALUE",
+    "GRAM_Q_MAX",
+    "cast",
+    "check_options",
+    "choose_algorithm",
+    "default_compute_dtype",
+    "gram_newton_schulz_torch",
+    "gram_restarts",
+    "iteration_dtype",
+    "newton_schulz_torch",
+    "normalize",
+    "normalize_by",
+    "normalize_for_iteration",
+    "ns_step_torch",
+    "polish_until_converged",
+    "register_autograd",
+    "run_newton_schulz",
+    "sign_step_torch",
+    "wants_derivative",
+]
+
+Method = Literal["polar_express", "tuned", "keller", "cubic", "svd"]
+Algorithm = Literal["auto", "standard", "gram"]
+Steps = int | Literal["auto"] | None
+
+METHODS = ("polar_express", "tuned", "keller", "cubic", "svd")
+ALGORITHMS = ("auto", "standard", "gram")
+
+#: The autograd Function :func:`msign` defers to while autograd tracks its input
+#: (:class:`matfn.derivatives.MsignFunction`, set by :func:`register_autograd`).
+_autograd: type[torch.autograd.Function] | None = None
+
+
+def register_autograd(function: type[torch.autograd.Function]) -> None:
+    """Make ``function.apply(M, method, steps, algorithm, eps, compute_dtype)`` msign's autograd.
+
+    Called once, by :mod:`matfn.derivatives` on import (``import matfn`` imports it).
+    """
+    global _autograd
+    _autograd = function
+
+
+def wants_derivative(M: torch.Tensor) -> bool:
+    """Whether ``msign(M)`` must go through its autograd Function (autograd is tracking M)."""
+    if torch.is_grad_enabled() and M.requires_grad:
+        return True
+    # Outside a forward-AD dual level (the optimizer, torch.compile) skip the unpack_dual call.
+    if getattr(torch.autograd.forward_ad, "_current_level", 0) < 0:
+        return False
+    return torch.autograd.forward_ad.unpack_dual(M).tangent is not None
+
+
+def default_compute_dtype(M: torch.Tensor) -> torch.dtype:
+    """bf16 on CUDA, float32 on CPU; float64 inputs iterate in float64."""
+    if M.dtype == torch.float64:
+        return torch.float64
+    return torch.bfloat16 if M.is_cuda else torch.float32
+
+
+def _iterate_auto(X: torch.Tensor, algorithm: str) -> torch.Tensor:
+    lower, target = AUTO_TARGETS[X.dtype]
+    X = run_newton_schulz(X, auto_schedule(lower, target), algorithm)
+    tol = AUTO_TOL[X.dtype]
+    X, converged = polish_until_converged(
+        X, lambda Y: run_newton_schulz(Y, [CONVERGENT_QUINTIC], "standard"), tol
+    )
+    if not converged:
+        warnings.warn(
+            f"msign(steps='auto') did not converge to tol={tol:g} after the schedule and "
+            f"{AUTO_MAX_POLISH} polishing steps: singular values below about "
+            f"{lower:g}·‖M‖_F converge slowly (numerically rank-deficient input?)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return X
+
+
+def check_options(method: str, steps: object, algorithm: str) -> None:
+    """Raise ``ValueError`` for an unknown method/algorithm or a bad ``steps``."""
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"`algorithm` must be one of {ALGORITHMS}, got {algorithm!r}")
+    if steps is None or steps == "auto":
+        return
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"`steps` must be a positive int, 'auto' or None, got {steps!r}")
+
+
+def msign_wide(
+    X: torch.Tensor,
+    *,
+    method: str,
+    steps: Steps,
+    algorithm: str,
+    eps: float,
+    compute_dtype: torch.dtype,
+    norms: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """msign of a flattened wide batch ``(B, s, L)``, ``s ≤ L``, in the iteration dtype.
+
+    The building block shared by msign, mclip and the optimizer (no validation, no reshape).
+    The result is in ``compute_dtype``, or in fp16 where a bf16 batch took the folded CUDA path
+    (:func:`matfn.msign.path.iteration_dtype`); callers cast it (to save a pass when the
+    next consumer reads any float dtype, as the optimizer's update does).
+    ``norms``: ``‖X_b‖_F`` when the caller already has them (:func:`normalize_by` then skips
+    the read of X for the norm). ``out_dtype``: ask for the result in this dtype instead, for
+    fixed schedules (the Triton path rounds its last product to it: no cast pass).
+    """
+
+    def normalized(factor: float) -> torch.Tensor:
+        return normalize_for_iteration(X, factor, eps, compute_dtype, norms)
+
+    if method == "svd":
+        return msign_svd(X).to(compute_dtype)
+    if steps == "auto":
+        if method != "polar_express":
+            raise ValueError(f"steps='auto' uses the Polar-Express schedule; got method={method!r}")
+        return _iterate_auto(normalized(1.01), algorithm)
+    coeffs, factor = schedule(method, DEFAULT_STEPS[method] if steps is None else steps)
+    return run_newton_schulz(normalized(factor), coeffs, algorithm, out_dtype)
+
+
+def msign(
+    M: torch.Tensor,
+    *,
+    method: Method = "polar_express",
+    steps: Steps = None,
+    algorithm: Algorithm = "auto",
+    eps: float = 1e-7,
+    compute_dtype: torch.dtype | None = None,
+    check_finite: bool = True,
+    cuda_graph: bool = False,
+) -> torch.Tensor:
+    r"""Matrix sign (polar factor) ``msign(M) = U_r V_rᵀ`` by Newton–Schulz iteration.
+
+    For ``M = U Σ Vᵀ`` of rank ``r``, every nonzero singular value becomes 1 and zeros stay 0.
+    Equivalently ``msign(M) = (M Mᵀ)^{-1/2} M``, the orthogonal factor of the polar
+    decomposition for full-rank M, and the steepest-descent direction of Muon.
+
+    Parameters
+    ----------
+    M : torch.Tensor
+        Real ``(..., n, m)`` tensor (float64/32/16 or bfloat16), any leading batch dims,
+        any strides. Never modified.
+    method : {"polar_express", "tuned", "keller", "cubic", "svd"}
+        Coefficient schedule (see :mod:`matfn.coefficients`), or ``"svd"`` for the exact
+        result through ``torch.linalg.svd``.
+    steps : int, "auto" or None
+        Number of iterations; ``None`` is the method's default (5; 12 for ``cubic``).
+        ``"auto"`` runs the shortest Polar-Express schedule that resolves singular values down to
+        ``ℓ·‖M‖_F`` for the compute dtype (ℓ = 1e-7 in float64, 1e-6 in float32, 1e-3 in
+        half precision), then convergent quintic steps ``(15/8, −10/8, 3/8)`` until a step moves
+        X by less than the dtype's tolerance (1e-10, 1e-5, 2e-2). One host sync per polishing
+        step; warns if it does not converge.
+    algorithm : {"auto", "standard", "gram"}
+        ``standard`` forms ``X Xᵀ`` every step; ``gram`` iterates on the s×s Gram matrix and
+        applies the product once (cheaper for rectangular inputs; restarted where
+        :func:`gram_restarts` says, and iterated in fp16 for bf16 inputs); ``auto`` picks Gram
+        when its FLOP count, restarts included, is below 0.8× the standard one with general
+        products and 0.9× with the symmetric CUDA kernels (for 5 Polar-Express steps with their
+        two restarts: ``L > 8 s`` and ``L > 3.45 s``; see :func:`choose_algorithm`), and never
+        for CUDA problems below the kernels' size threshold (launch-bound).
+    eps : float
+        Normalisation floor: ``X₀ = M / max(sf·‖M‖_F, eps)``. msign(0) = 0 exactly.
+    compute_dtype : torch.dtype, optional
+        Dtype of the iteration. Default: bfloat16 on CUDA (fp32 accumulation in the matmuls),
+        float32 on CPU, float64 for float64 inputs. Norms are always taken in float32 or better.
+        CUDA bf16 batches with a short side below 2048 iterate in fp16 (same speed, 3× smaller
+        error; :func:`matfn.msign.path.iteration_dtype`), the Gram path always does.
+    check_finite : bool
+        Raise on NaN/Inf (one host sync). The optimizer passes ``False``; NaN then propagates.
+    cuda_graph : bool
+        Replay the call from a CUDA graph captured for this input geometry and these options
+        (:mod:`matfn._graphs`): for small CUDA inputs, whose eager calls are bound by the host
+        issuing 17–20 kernels. The first call per geometry runs eagerly and captures; later
+        calls issue three operations (copy in, replay, copy out). Ignored (eager) on CPU, for
+        GPU-bound inputs (above 2³⁴ multiply-adds per product, e.g. 4096²), ``steps="auto"``
+        (host syncs), ``method="svd"`` and under autograd. Combine with
+        ``check_finite=False`` to avoid the host sync of the check.
+
+    Returns
+    -------
+    torch.Tensor
+        Approximately ``U_r V_rᵀ``, same shape and dtype as ``M``. Differentiable: when
+        autograd tracks ``M`` the backward pass is :func:`matfn.msign_vjp`, the derivative of
+        the exact ``msign(M)`` through a Lyapunov equation (not of the truncated polynomial the
+        forward evaluated; see :class:`matfn.derivatives.MsignFunction`).
+
+    Raises
+    ------
+    TypeError
+        ``M`` is not a dense real floating tensor.
+    ValueError
+        ``M`` has fewer than 2 dims or non-finite entries; unknown method/algorithm; bad steps.
+
+    Notes
+    -----
+    The iteration (docs/math.md §1.2): transpose to the wide orientation (``s = min(n, m)`` rows),
+    ``X₀ = M / (sf ‖M‖_F)`` with ``sf = 1.01`` for Polar Express and 1 otherwise, then
+    ``A = X Xᵀ``, ``X ← a X + (b A + c A²) X`` per step. On singular values this is the scalar
+    composition ``f = p_T ∘ … ∘ p_1`` applied to ``σᵢ / (sf ‖M‖_F)``, so the output is exactly
+    ``U f(Σ/(sf‖M‖_F)) Vᵀ`` up to rounding.
+
+    Cost per quintic step: ``4 s² L + 2 s³`` FLOPs (``L = max(n, m)``), e.g. 2.06 TFLOP for
+    5 steps at 4096².
+
+    Accuracy (max ``|σᵢ(X) − 1|`` for normalised singular values in ``[ℓ, 1]``): Polar Express
+    5 steps 0.14 (ℓ = 1e-3), 8 steps 1e-15; tuned 0.05 (ℓ = 1e-2); Keller's quintic does not
+    converge (output singular values in [0.68, 1.13] for ℓ = 1e-2). Add about 1e-2 for bf16
+    rounding and 1e-5 for float32. Singular values below ℓ·‖M‖_F are not lifted to 1.
+
+    References
+    ----------
+    K. Jordan et al., "Muon: An optimizer for hidden layers in neural networks" (2024).
+    N. Amsel et al., "The Polar Express", arXiv:2505.16932 (2025).
+    Su Jianlin, kexue.fm/archives/10922 and 10996 (2025).
+
+    Examples
+    --------
+    >>> import torch, matfn
+    >>> M = torch.randn(64, 32, dtype=torch.float64)
+    >>> O = matfn.msign(M, steps="auto")
+    >>> torch.allclose(O.mT @ O, torch.eye(32, dtype=torch.float64), atol=1e-9)
+    True
+    """
+    check_matrix(M, "M", check_finite=check_finite)
+    check_options(method, steps, algorithm)
+    if wants_derivative(M):
+        if _autograd is None:
+            raise RuntimeError("msign's derivative is not registered: import matfn")
+        return _autograd.apply(M, method, steps, algorithm, eps, compute_dtype)
+    if M.numel() == 0:
+        return torch.empty_like(M)
+    compute_dtype = compute_dtype or default_compute_dtype(M)
+    call = functools.partial(
+        _msign, method=method, steps=steps, algorithm=algorithm, eps=eps,
+        compute_dtype=compute_dtype,
+    )  # fmt: skip
+    if cuda_graph and steps != "auto" and method != "svd" and _graphs.ns_graph_applies(M):
+        return _graphs.replay_or_capture(call, M)
+    return call(M)
+
+
+def _msign(M: torch.Tensor, **options) -> torch.Tensor:
+    """msign of a validated, non-empty ``M`` (the part a CUDA graph captures)."""
+    X, batch_shape = flatten_batch(M)
+    X, transposed = to_wide(X)
+    out = msign_wide(X, **options, out_dtype=M.dtype)
+    out = cast(out, M.dtype)  # svd and steps="auto" return the compute dtype
+    if transposed:
+        out = out.mT
+    return unflatten_batch(out, batch_shape)
