@@ -1,4 +1,4 @@
-"""CONVENTIONS.md bad-input table, run over every public matrix function (tests/bad_inputs.py)."""
+"""The bad-input table of tests/bad_inputs.py, run over every public matrix function."""
 
 from __future__ import annotations
 

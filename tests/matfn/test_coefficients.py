@@ -1,4 +1,4 @@
-"""Coefficient schedules: published tables, greedy optimality, scalar-map facts (math spec §1.3)."""
+"""Coefficient schedules: published tables, greedy optimality, scalar-map facts (docs/math.md §1.3)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from matfn.coefficients import (
     schedule,
 )
 
-# Table PE-raw (math spec §1.3(d)): cushion 0.02407327424182761, no safety factor, ℓ = 1e-3.
+# Table PE-raw (docs/math.md §1.3(d)): cushion 0.02407327424182761, no safety factor, ℓ = 1e-3.
 PE_RAW = [
     (8.287212018145622, -23.59588651909882, 17.300387312530923),
     (4.107059111542197, -2.9478499167379084, 0.54484310829266),

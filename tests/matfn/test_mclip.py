@@ -1,4 +1,4 @@
-"""mclip against the SVD oracle ``U clip(Σ, α, β) Vᵀ`` and its properties (math spec §3.5).
+"""mclip against the SVD oracle ``U clip(Σ, α, β) Vᵀ`` and its properties (docs/math.md §3.5).
 
 Tolerance with ``steps="auto"`` (:func:`clip_tolerance`): the Gram-side signs act on
 ``G − β²I`` (eigenvalues ``σ² − β²``) whose rounding is ``u‖G‖ ≈ u σ_max²``; it enters the

@@ -1,6 +1,6 @@
 """msign against float64 oracles (SVD, scipy polar, the schedule-exact map) and its invariants.
 
-Tolerances (math spec §1.6, derived here, checked by ``explore`` runs noted below):
+Tolerances (docs/math.md §1.6, derived here, checked by ``explore`` runs noted below):
 
 * **Schedule-exact** (:func:`schedule_tolerance`). In exact arithmetic Newton–Schulz returns
   ``S = U f(Σ/(sf‖M‖_F)) Vᵀ``. Rounding (unit roundoff ``u`` of the compute dtype) perturbs the
