@@ -8,10 +8,14 @@
   run of a tiny transformer; everything lands in one output folder.
 
 This package is the application layer: it uses matfn's public API and :mod:`optim`, and the
-library never imports it. rich and matplotlib are imported when a command first needs them, so
-``import matfn.cli`` (and ``matfn --help``) stays light. Also runnable as ``python -m matfn``.
+library never imports it. rich, matplotlib and scipy (the ``report`` extra) are imported when a
+command first needs them, so ``import matfn.cli`` (and ``matfn --help``) stays light; a command
+whose packages are missing says which extra to install and exits with status 2. Every flag is
+checked by argparse (:mod:`~matfn.cli.args`) before any work starts. Also runnable as
+``python -m matfn``; ``matfn --version`` prints the installed version.
 
-Modules: :mod:`~matfn.cli.report` (accuracy tables), :mod:`~matfn.cli.bench` (speed tables),
+Modules: :mod:`~matfn.cli.args` (flag converters, optional packages),
+:mod:`~matfn.cli.report` (accuracy tables), :mod:`~matfn.cli.bench` (speed tables),
 :mod:`~matfn.cli.demo` (the demo and its figures), :mod:`~matfn.cli.toy_model` (the tiny
 transformer the demo, notebook 04 and the tests train).
 """
@@ -19,6 +23,7 @@ transformer the demo, notebook 04 and the tests train).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,13 +32,46 @@ from typing import Any
 import numpy as np
 import torch
 
+import matfn
 from matfn.coefficients import polar_express_coefficients, scalar_map
 
 from . import bench, demo, report
+from .args import (
+    DEVICES,
+    EXTRA_OF,
+    REQUIRES,
+    device_name,
+    extra_message,
+    finite_positive,
+    missing_modules,
+    open_unit_interval,
+    output_dir,
+    positive_int,
+    safety_factor,
+    step_count,
+    triton_missing,
+    unit_interval,
+)
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "version"]
 
 DEFAULT_DEMO_DIR = "matfn-demo-output"
+
+
+def version() -> str:
+    """The installed version of the ``matfn`` distribution.
+
+    Returns
+    -------
+    str
+        ``importlib.metadata.version("matfn")``; when the distribution is not installed (a
+        source checkout on ``PYTHONPATH``), ``matfn.__version__`` followed by
+        ``" (not installed)"``, or ``"unknown (not installed)"`` without one.
+    """
+    try:
+        return importlib.metadata.version("matfn")
+    except importlib.metadata.PackageNotFoundError:
+        return f"{getattr(matfn, '__version__', 'unknown')} (not installed)"
 
 
 def _device(name: str | None) -> str:
@@ -195,16 +233,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Matrix functions for matrix-function optimizers: accuracy report, "
         "coefficient schedules, benchmarks and a demo.",
     )
+    p.add_argument("--version", action="version", version=f"matfn {version()}")
     p.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+        "--threads",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="torch CPU threads, >= 1 (default: torch's choice)",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="{report,coeffs,bench,demo}")
 
     def device_arg(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
             "--device",
-            choices=("auto", "cpu", "cuda"),
+            type=device_name,
             default=None,
+            metavar="{" + ",".join(DEVICES) + "}",
             help="where to run (default: cuda when available, else cpu)",
         )
 
@@ -212,71 +256,133 @@ def build_parser() -> argparse.ArgumentParser:
     device_arg(r)
     r.add_argument(
         "--sizes",
-        type=int,
+        type=positive_int,
         nargs="+",
         default=None,
-        help="short side s of the test matrices (default 64 256; --quick: 64)",
+        metavar="N",
+        help="short side s ≥ 1 of the test matrices (default 64 256; --quick: 64)",
     )
     r.add_argument("--quick", action="store_true", help="one size (about 20 s on 2 CPU cores)")
     r.add_argument("--markdown", action="store_true", help="also print the tables as markdown")
-    r.add_argument("--out", type=Path, default=None, help="write report.json and report.md here")
+    r.add_argument(
+        "--out", type=output_dir, default=None, help="write report.json and report.md here"
+    )
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_report)
 
     c = sub.add_parser("coeffs", help="print and plot a Polar-Express schedule")
-    c.add_argument("--steps", type=int, required=True, help="number of quintic steps")
-    c.add_argument("--lower", type=float, required=True, help="smallest σ/‖M‖_F to lift, in (0, 1)")
-    c.add_argument("--safety", type=float, default=1.01, help="safety factor sf ≥ 1 (default 1.01)")
-    c.add_argument("--cushion", type=float, default=0.02, help="cushion λ in [0, 1) (default 0.02)")
-    c.add_argument("--out", type=Path, default=Path("."), help="folder for the PNG (default .)")
+    c.add_argument(
+        "--steps", type=step_count, required=True, help="number of quintic steps, in [1, 99]"
+    )
+    c.add_argument(
+        "--lower",
+        type=open_unit_interval,
+        required=True,
+        help="smallest σ/‖M‖_F to lift, in (0, 1)",
+    )
+    c.add_argument(
+        "--safety",
+        type=safety_factor,
+        default=1.01,
+        help="safety factor sf in [1, 10] (default 1.01)",
+    )
+    c.add_argument(
+        "--cushion", type=unit_interval, default=0.02, help="cushion λ in [0, 1) (default 0.02)"
+    )
+    c.add_argument("--out", type=output_dir, default=".", help="folder for the PNG (default .)")
     c.set_defaults(func=cmd_coeffs)
 
     b = sub.add_parser("bench", help="speed against torch baselines")
     device_arg(b)
     b.add_argument(
         "--sizes",
-        type=int,
+        type=positive_int,
         nargs="+",
         default=None,
-        help="square sizes n (matrices n×n and n×2n); default by device",
+        metavar="N",
+        help="square sizes n ≥ 1 (matrices n×n and n×2n); default by device",
     )
     b.add_argument("--quick", action="store_true", help="small sizes, short timing")
-    b.add_argument("--out", type=Path, default=None, help="write bench.json and bench.md here")
+    b.add_argument(
+        "--out", type=output_dir, default=None, help="write bench.json and bench.md here"
+    )
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="report + bench + figures + a Muon/QK-Clip training run")
     device_arg(d)
     d.add_argument(
         "--out",
-        type=Path,
-        default=Path(DEFAULT_DEMO_DIR),
+        type=output_dir,
+        default=DEFAULT_DEMO_DIR,
         help=f"output folder (default ./{DEFAULT_DEMO_DIR})",
     )
     d.add_argument("--quick", action="store_true", help="shorter training")
     d.add_argument(
         "--train-steps",
-        type=int,
+        type=positive_int,
         default=None,
-        help="optimizer steps per training run (default 300; --quick: 100)",
+        metavar="N",
+        help="optimizer steps per training run, >= 1 (default 300; --quick: 100)",
     )
     d.add_argument(
         "--sizes",
-        type=int,
+        type=positive_int,
         nargs="+",
         default=None,
-        help="sizes for the report and bench parts (default: their quick sizes)",
+        metavar="N",
+        help="sizes ≥ 1 for the report and bench parts (default: their quick sizes)",
     )
-    d.add_argument("--tau", type=float, default=10.0, help="QK-Clip threshold τ (default 10)")
+    d.add_argument(
+        "--tau", type=finite_positive, default=10.0, help="QK-Clip threshold τ > 0 (default 10)"
+    )
     d.set_defaults(func=cmd_demo)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``matfn`` script; returns the exit status."""
+    """Entry point of the ``matfn`` script.
+
+    Parses and checks every flag, checks that the subcommand's optional packages import, then
+    runs it.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        The arguments (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        0 on success; 2 (after a one-line message on stderr naming the extra to install) when
+        an optional package is missing.
+
+    Raises
+    ------
+    SystemExit
+        With status 2 (argparse's usage error) for a bad flag, and 0 after ``--help`` or
+        ``--version``.
+    """
     args = build_parser().parse_args(argv)
+    missing = missing_modules(REQUIRES[args.command])
+    if missing:
+        print(extra_message(args.command, missing), file=sys.stderr)
+        return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    args.func(args)
+    if _device(args.device if "device" in args else "cpu") == "cuda" and triton_missing():
+        print(
+            f"matfn {args.command}: triton is not installed, so matfn runs its torch paths on "
+            'CUDA (no fused kernels); pip install "matfn[triton]" for them',
+            file=sys.stderr,
+        )
+    try:
+        args.func(args)
+    except ModuleNotFoundError as e:  # an optional package imported further down
+        top = (e.name or "").partition(".")[0]
+        if top not in EXTRA_OF:
+            raise
+        print(extra_message(args.command, [top]), file=sys.stderr)
+        return 2
     return 0
 
 
