@@ -1,4 +1,4 @@
-"""The bad-input table (what every public matrix function must do with bad input) as data, and the matrix functions it applies to.
+"""The bad-input table as data: what every public matrix function must do with bad input.
 
 ``MATRIX_FUNCTIONS`` lists every public matrix function with one line each; add a new one (e.g.
 ``solve_sylvester`` wrapped to take one matrix) by appending a :class:`MatrixFunction`.

@@ -1,4 +1,4 @@
-"""Coefficient schedules: published tables, greedy optimality, scalar-map facts (docs/math.md §1.3)."""
+"""Coefficient schedules: published tables, greedy optimality, scalar maps (docs/math.md §1.3)."""
 
 from __future__ import annotations
 
