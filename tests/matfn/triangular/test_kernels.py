@@ -1,7 +1,7 @@
 """Triton triangular kernels (TRITON_INTERPRET=1 on CPU, set by conftest) vs the torch reference.
 
 The launchers are called directly on CPU float32 tensors; outputs are poisoned with NaN first, so
-an unwritten element fails. Reference: the row recursion ``_tri_inv_torch`` in float64.
+an unwritten element fails. Reference: the row recursion ``tri_inv_torch`` in float64.
 Tolerance: relative Frobenius error ≤ 1e-5 — float32 forward substitution on these
 well-conditioned cases (|q·k| ≤ 0.6, |λ| ≥ 0.5, κ_F(T) < 100) lands near 1e-7 (measured
 0.5–3e-7), so a wrong tile or a missing level shows up as O(1).
@@ -9,8 +9,8 @@ well-conditioned cases (|q·k| ≤ 0.6, |λ| ≥ 0.5, κ_F(T) < 100) lands near 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-import types
 
 import pytest
 import torch
@@ -20,10 +20,20 @@ pytest.importorskip("triton")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-import matfn.kernels.triangular as kt  # noqa: E402
-from matfn import triangular as tri  # noqa: E402
-from matfn.kernels.triangular import tri_inv_triton, tri_solve_triton  # noqa: E402
-from matfn.kernels.triangular_chunk import _tf32_split  # noqa: E402
+import matfn.triangular as tri  # noqa: E402
+from matfn.triangular import chunk, inverse, scan, schedule, solve  # noqa: E402
+from matfn.triangular.config import (  # noqa: E402
+    TRI_INV_CONFIG,
+    TRI_SOLVE_CONFIG,
+    TriInvConfig,
+    TriSolveConfig,
+    inv_config,
+    solve_config,
+)
+from matfn.triangular.inverse import tri_inv_triton  # noqa: E402
+from matfn.triangular.reference import tri_inv_torch, tri_solve_torch  # noqa: E402
+from matfn.triangular.schedule import ScanPlan  # noqa: E402
+from matfn.triangular.solve import tri_solve_triton  # noqa: E402
 
 RTOL = 1e-5
 ALGORITHMS = ("scan", "tree")
@@ -49,8 +59,20 @@ def rel(a, b):
     return ((a.double() - b).norm() / b.norm()).item()
 
 
+def inv_cfg(**kw):
+    return dataclasses.replace(TRI_INV_CONFIG, **kw)
+
+
+def solve_cfg(**kw):
+    return dataclasses.replace(TRI_SOLVE_CONFIG, **kw)
+
+
+def reference(Q, K, V, lam):
+    return tri_solve_torch(Q.double(), K.double(), V.double(), lam.double())
+
+
 # (B, n, d, e, chunk, block_s): sizes not divisible by the chunk, several levels / groups,
-# d and e not powers of two, a single chunk, one row
+# d and e not powers of two, a single chunk, one row, d above the 64-wide d loop
 CASES = [
     (2, 37, 5, 3, 16, 16),
     (1, 100, 20, 17, 16, 16),
@@ -64,70 +86,87 @@ CASES = [
     (2, 37, 5, 3, 16, 2),
     (1, 1, 1, 1, 16, 1),
     (1, 500, 12, 7, 16, 16),  # 32 chunks: 5 levels, Grams combined 3 times
+    (1, 200, 100, 5, 64, 16),  # d > 64: the chunk kernel's d loop
 ]
 
 
 @pytest.mark.parametrize(
-    "B, n, d, e, chunk, bs",
+    "B, n, d, e, chunk_size, bs",
     CASES,
     ids=[f"b{c[0]}-n{c[1]}-d{c[2]}-e{c[3]}-C{c[4]}-S{c[5]}" for c in CASES],
 )
-def test_kernels_match_reference(B, n, d, e, chunk, bs):
+def test_kernels_match_reference(B, n, d, e, chunk_size, bs):
     Q, K, lam, V = make(B, n, d, e, seed=n)
-    Yr = tri._tri_inv_torch(Q.double(), K.double(), lam.double())
-    Xr = tri._tri_solve_torch(Q.double(), K.double(), V.double(), lam.double())
+    Yr = tri_inv_torch(Q.double(), K.double(), lam.double())
+    Xr = reference(Q, K, V, lam)
     Y = torch.full((B, n, n), float("nan"))
-    tri_inv_triton(Q, K, lam, chunk_size=chunk, block_s=bs, out=Y)
+    tri_inv_triton(Q, K, lam, config=inv_cfg(chunk_size=chunk_size, block_s=bs), out=Y)
     assert rel(Y, Yr) < RTOL
     assert torch.equal(torch.triu(Y, 1), torch.zeros_like(Y))
+    config = solve_cfg(chunk_size=chunk_size, block_s=bs)
     for algorithm in ALGORITHMS:
         X = torch.full((B, n, e), float("nan"))
-        tri_solve_triton(Q, K, V, lam, algorithm=algorithm, chunk_size=chunk, block_s=bs, out=X)
+        tri_solve_triton(Q, K, V, lam, config=config, algorithm=algorithm, out=X)
         assert rel(X, Xr) < RTOL, algorithm
 
 
-@pytest.mark.parametrize("scan_precision", ["ieee", "3xtf32"])
-@pytest.mark.parametrize("group_size", [1, 2, 5])
-def test_solve_group_sizes(group_size, scan_precision):
-    Q, K, lam, V = make(2, 90, 6, 20, seed=1)
-    Xr = tri._tri_solve_torch(Q.double(), K.double(), V.double(), lam.double())
+def test_inverse_of_wide_d_single_and_many_chunks():
+    """d = 130 (> 2 column tiles of the chunk kernel's d loop), one chunk and several."""
+    for n in (17, 150):
+        Q, K, lam, _ = make(2, n, 130, 1, seed=n)
+        Y = torch.full((2, n, n), float("nan"))
+        tri_inv_triton(Q, K, lam, out=Y)
+        assert rel(Y, tri_inv_torch(Q.double(), K.double(), lam.double())) < RTOL
+
+
+def _plan(fused, S0, NC, RNUM=0, RDEN=1):
+    NG = len(schedule.group_sizes(S0, RNUM, RDEN, NC))
+    return ScanPlan(fused and NG > 1, S0, RNUM, RDEN, NG)
+
+
+def _run_scan(Q, K, V, lam, config, plan=None):
     X = torch.full_like(V, float("nan"))
-    tri_solve_triton(
-        Q,
-        K,
-        V,
-        lam,
-        algorithm="scan",
-        chunk_size=16,
-        group_size=group_size,
-        scan_precision=scan_precision,
-        out=X,
-    )
-    assert rel(X, Xr) < RTOL
+    out = scan.solve_scan(Q, K, V, lam, X, config, plan)
+    assert out is X
+    return X
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("group_size", [1, 2, 5])
+def test_scan_equal_groups(group_size, fused):
+    """Equal groups (the unfused scan's schedule) of several sizes, fused and unfused."""
+    Q, K, lam, V = make(2, 90, 6, 20, seed=1)
+    config = solve_cfg(chunk_size=16)
+    X = _run_scan(Q, K, V, lam, config, _plan(fused, group_size, NC=6))
+    assert rel(X, reference(Q, K, V, lam)) < RTOL
 
 
 # the scan's settings: fused (flag- and sentinel-driven state and correction launches) or not,
 # growing or equal groups, slices of the state, column tiles of the group kernel, state tiles;
 # batch > 1 (flags and states per batch entry), d and e not powers of two
 SCAN_CASES = [
-    dict(),
-    dict(scan_fused=False),
-    dict(group_size=2),
-    dict(group_size=2, scan_fused=False),
-    dict(scan_ratio=0.5),
-    dict(scan_ratio=4.0, scan_fused=False),
-    dict(scan_slices=1, scan_block=32, state_block=16),
-    dict(scan_slices=2, scan_warps=8, state_warps=4),
+    (dict(), None),
+    (dict(), "unfused"),
+    (dict(scan_ratio=0.5), None),
+    (dict(scan_ratio=4.0), None),
+    (dict(scan_slices=1, scan_block=32, state_block=16), None),
+    (dict(scan_slices=1, scan_block=32, state_block=16), "unfused"),
+    (dict(scan_slices=2, scan_warps=8, state_warps=4), "unfused"),
+    (dict(scan_slices=8), None),  # clipped to the 16-row slices that d = 36 (padded 64) has
 ]
 
 
-@pytest.mark.parametrize("opts", SCAN_CASES, ids=[str(c) for c in SCAN_CASES])
-def test_scan_settings(opts):
+@pytest.mark.parametrize("opts, plan", SCAN_CASES, ids=[f"{c}-{p}" for c, p in SCAN_CASES])
+def test_scan_settings(opts, plan):
     Q, K, lam, V = make(3, 150, 36, 21, seed=2)
-    Xr = tri._tri_solve_torch(Q.double(), K.double(), V.double(), lam.double())
-    X = torch.full_like(V, float("nan"))
-    tri_solve_triton(Q, K, V, lam, algorithm="scan", chunk_size=16, out=X, **opts)
-    assert rel(X, Xr) < RTOL
+    config = solve_cfg(chunk_size=16, **opts)
+    NC = triton.cdiv(150, 16)
+    if plan == "unfused":  # what a batch gets on a GPU with too few SMs for the fused form
+        unfused = schedule.scan_plan(NC, 16, 36, 3 * 6, 16, config.scan_ratio, 6)
+        assert not unfused.fused and unfused.RNUM == 0
+        plan = unfused
+    X = _run_scan(Q, K, V, lam, config, plan)
+    assert rel(X, reference(Q, K, V, lam)) < RTOL
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -137,7 +176,9 @@ def test_fused_scan_with_non_finite_values_ends(bad):
     results in that column, where products meet the bad value, not a hang)."""
     Q, K, lam, V = make(1, 150, 8, 6, seed=4)
     V[0, 3, 2] = bad
-    X = tri_solve_triton(Q, K, V, lam, algorithm="scan", chunk_size=16)
+    config = solve_cfg(chunk_size=16)
+    assert scan.plan_for(Q, 6, config).fused
+    X = tri_solve_triton(Q, K, V, lam, config=config, algorithm="scan")
     assert not torch.isfinite(X[0, 3:, 2]).any()
     assert torch.isfinite(X[..., [0, 1, 3, 4, 5]]).all()
 
@@ -147,16 +188,16 @@ def test_fused_scan_with_non_finite_values_ends(bad):
 def test_chain_schedule(NC, ratio):
     """Growing groups cover every chunk once, in order, and the modelled end beats equal groups
     of the √-balanced size (the reason for growing them)."""
-    S0, RNUM, RDEN = kt._chain_schedule(NC, ratio)
-    starts = [kt._group_start_host(g, S0, RNUM, RDEN, NC) for g in range(NC + 2)]
+    S0, RNUM, RDEN = schedule.chain_schedule(NC, ratio)
+    starts = [schedule.group_start(g, S0, RNUM, RDEN, NC) for g in range(NC + 2)]
     assert starts[0] == 0 and starts[-1] == NC
     sizes = [b - a for a, b in itertools.pairwise(starts) if b > a]
     assert sum(sizes) == NC and all(s >= 1 for s in sizes)
-    assert sizes == kt._group_sizes(S0, RNUM, RDEN, NC)
+    assert sizes == schedule.group_sizes(S0, RNUM, RDEN, NC)
     assert all(b >= a for a, b in itertools.pairwise(sizes[:-1]))  # the last may be cut short
     gs = max(1, round((NC * ratio) ** 0.5))
     equal = [min(gs, NC - i) for i in range(0, NC, gs)]
-    assert kt._modelled_end(sizes, ratio) <= kt._modelled_end(equal, ratio)
+    assert schedule.modelled_end(sizes, ratio) <= schedule.modelled_end(equal, ratio)
 
 
 @pytest.mark.parametrize("NC", [5, 64, 128, 1000])
@@ -164,32 +205,43 @@ def test_chain_schedule(NC, ratio):
 def test_chain_schedule_max_groups(NC, max_groups):
     """With a cap (one group-kernel program per SM), the schedule still covers every chunk and
     has at most that many groups; no cap is never modelled later than a cap."""
-    S0, RNUM, RDEN = kt._chain_schedule(NC, 2.5, max_groups)
-    sizes = kt._group_sizes(S0, RNUM, RDEN, NC)
+    S0, RNUM, RDEN = schedule.chain_schedule(NC, 2.5, max_groups)
+    sizes = schedule.group_sizes(S0, RNUM, RDEN, NC)
     assert sum(sizes) == NC and all(s >= 1 for s in sizes)
     assert len(sizes) <= max_groups
-    free = kt._group_sizes(*kt._chain_schedule(NC, 2.5), NC)
-    assert kt._modelled_end(free, 2.5) <= kt._modelled_end(sizes, 2.5)
+    free = schedule.group_sizes(*schedule.chain_schedule(NC, 2.5), NC)
+    assert schedule.modelled_end(free, 2.5) <= schedule.modelled_end(sizes, 2.5)
 
 
-def test_groups_per_wave(monkeypatch):
-    """The cap: SMs // programs per group; 0 (the unfused scan) below MIN_GROUPS_PER_WAVE;
-    None (no cap) off CUDA."""
-    fake = types.SimpleNamespace(is_cuda=True, device=types.SimpleNamespace(index=0))
-    monkeypatch.setattr(kt, "INTERPRET", False)
-    monkeypatch.setattr(kt, "_sm_count", lambda index: 132)
-    assert kt._groups_per_wave(fake, 16) == 8
-    assert kt._groups_per_wave(fake, 32) == 0  # 4 groups: fewer than MIN_GROUPS_PER_WAVE
-    assert kt._groups_per_wave(torch.zeros(1), 16) is None
+def test_groups_per_wave_and_scan_plan():
+    """The cap: SMs // programs per group; 0 (the unfused scan) below min_groups; None (no cap)
+    without an SM count (interpreter, CPU). The plan: fused with growing groups under the cap,
+    else equal √-balanced groups; one group is never fused."""
+    assert schedule.groups_per_wave(132, 16, 6) == 8
+    assert schedule.groups_per_wave(132, 32, 6) == 0  # 4 groups: fewer than 6
+    assert schedule.groups_per_wave(None, 32, 6) is None
+    # n = 4096, C = 32, d = e = 128 on 132 SMs: B = 1 fused in ≤ 8 groups, B = 2 unfused
+    one = schedule.scan_plan(128, 32, 128, 16, 132, 1.4, 6)
+    assert one.fused and one.groups <= 8 and one.RNUM > 0
+    two = schedule.scan_plan(128, 32, 128, 32, 132, 1.4, 6)
+    assert not two.fused and (two.S0, two.RNUM, two.RDEN) == (round((128 * 128 / 64) ** 0.5), 0, 1)
+    assert two.groups == len(schedule.group_sizes(two.S0, 0, 1, 128))
+    assert not schedule.scan_plan(1, 32, 128, 16, None, 1.4, 6).fused
+    Q = torch.zeros(1, 4096, 128)  # CPU: no cap
+    assert scan.plan_for(Q, 128, TRI_SOLVE_CONFIG) == schedule.scan_plan(
+        128, 32, 128, 16, None, 1.4, 6
+    )
 
 
 def test_chunk_pass_initialises_scratch():
     """The chunk kernel's INIT: zeros, then SENTINEL, over a buffer split between programs."""
     Q, K, lam, V = make(1, 100, 8, 4)
-    chunk = kt._chunk_kernel("dense", 16, 16, "3xtf32", 4)
     W = torch.empty(1, 100, 12)
     scratch = torch.full((5000,), 7, dtype=torch.int32)
-    kt._chunk_pass(chunk, Q, K, lam, V=V, P=W[..., 4:], U=W, BE=32, scratch=(scratch, 64))
+    chunk.chunk_pass(
+        Q, K, lam, chunk_size=16, block_s=16, warps=4, V=V, P=W[..., 4:], U=W, BE=32,
+        scratch=(scratch, 64),
+    )  # fmt: skip
     assert torch.equal(scratch[:64], torch.zeros(64, dtype=torch.int32))
     assert (scratch[64:] == 0x7FC0DEAD).all()
     assert torch.isnan(scratch[64:].view(torch.float32)).all()
@@ -198,42 +250,39 @@ def test_chunk_pass_initialises_scratch():
 @triton.jit
 def _group_start_kernel(out_ptr, S0, RNUM, RDEN, NC, N: tl.constexpr):
     g = tl.arange(0, N)
-    tl.store(out_ptr + g, kt._group_start(g, S0, RNUM, RDEN, NC))
+    tl.store(out_ptr + g, scan.group_start(g, S0, RNUM, RDEN, NC))
 
 
 def test_group_start_matches_host():
     for S0, RNUM, RDEN, NC in [(3, 7, 4, 128), (1, 8, 4, 64), (16, 0, 1, 128), (2, 5, 4, 10)]:
         out = torch.empty(64, dtype=torch.int32)
         _group_start_kernel[(1,)](out, S0, RNUM, RDEN, NC, N=64)
-        host = [kt._group_start_host(g, S0, RNUM, RDEN, NC) for g in range(64)]
+        host = [schedule.group_start(g, S0, RNUM, RDEN, NC) for g in range(64)]
         assert out.tolist() == host
 
 
-@pytest.mark.parametrize("chunk_impl", ["dense", "blocked"])
-def test_3xtf32_everywhere(chunk_impl):
-    """The defaults, precision = scan_precision = "3xtf32" (the in-kernel hi/lo split), at C = 64
-    on several levels and groups (the default scan tile there is 32 columns).
+def test_chunk_64_everywhere():
+    """C = 64 on several levels and groups for the inverse and both solves.
 
     The interpreter runs the tf32 products in fp32, so this checks the plumbing and the
-    recombination; the split's accuracy is checked by the test_tf32_split_* tests below.
+    recombination of the three products; the split's accuracy is checked by the test_tf32_split_*
+    tests below.
     """
     Q, K, lam, V = make(2, 300, 40, 24, seed=5)
-    Yr = tri._tri_inv_torch(Q.double(), K.double(), lam.double())
+    Yr = tri_inv_torch(Q.double(), K.double(), lam.double())
     Y = torch.full((2, 300, 300), float("nan"))
-    tri_inv_triton(Q, K, lam, chunk_size=64, chunk_impl=chunk_impl, out=Y)
+    tri_inv_triton(Q, K, lam, out=Y)
     assert rel(Y, Yr) < RTOL
     for algorithm in ALGORITHMS:
         X = torch.full_like(V, float("nan"))
-        tri_solve_triton(
-            Q, K, V, lam, algorithm=algorithm, chunk_size=64, chunk_impl=chunk_impl, out=X
-        )
+        tri_solve_triton(Q, K, V, lam, config=solve_cfg(chunk_size=64), algorithm=algorithm, out=X)
         assert rel(X, Yr @ V.double()) < RTOL, algorithm
 
 
 @triton.jit
 def _split_kernel(x_ptr, hi_ptr, lo_ptr, N: tl.constexpr):
     r = tl.arange(0, N)
-    hi, lo = _tf32_split(tl.load(x_ptr + r))
+    hi, lo = chunk.tf32_split(tl.load(x_ptr + r))
     tl.store(hi_ptr + r, hi)
     tl.store(lo_ptr + r, lo)
 
@@ -281,160 +330,130 @@ def test_3xtf32_product_accuracy_with_tf32_inputs():
     assert err3 < 2e-6 < 1e-4 < err1
 
 
-def test_deltanet_batch_of_chunks_and_tf32x3_option():
-    """The DeltaNet benchmark shape in miniature: many independent 64×64 chunks."""
-    Q, K, lam, _ = make(5, 64, 32, 1, seed=3, deltanet=True)
-    Yr = tri._tri_inv_torch(Q.double(), K.double(), lam.double())
-    for prec in ("ieee", "tf32x3", "tf32"):  # the interpreter computes all exactly in fp32
-        Y = tri_inv_triton(Q, K, lam, chunk_size=64, precision=prec)
-        assert rel(Y, Yr) < RTOL
-        assert Y.abs().max() <= 1 + 1e-5
+def test_deltanet_batch_of_chunks():
+    """The DeltaNet benchmark shape in miniature: many independent 64×64 chunks (one chunk each,
+    so the chunk kernel alone), entries in [−1, 1]."""
+    Q, K, lam, V = make(5, 64, 32, 8, seed=3, deltanet=True)
+    Yr = tri_inv_torch(Q.double(), K.double(), lam.double())
+    Y = tri_inv_triton(Q, K, lam)
+    assert rel(Y, Yr) < RTOL
+    assert Y.abs().max() <= 1 + 1e-5
+    for algorithm in ALGORITHMS:
+        X = tri_solve_triton(Q, K, V, lam, config=solve_cfg(chunk_size=64), algorithm=algorithm)
+        assert rel(X, Yr @ V.double()) < RTOL, algorithm
 
 
 def test_public_api_dispatches_to_kernels(monkeypatch):
     """tri_inv / tri_solve route float32 batches to the launchers when kernels apply (forced
-    here on CPU, where the interpreter runs them); leading dims are flattened and restored."""
+    here on CPU, where the interpreter runs them); leading dims are flattened and restored, and
+    the requested chunk is rounded to the kernels' (the config of :func:`inv_config`)."""
     calls = []
-    import matfn.kernels.triangular as kt
 
     def spy(fn):
         def wrapped(*args, **kwargs):
-            calls.append(fn.__name__)
+            calls.append((fn.__name__, kwargs["config"]))
             return fn(*args, **kwargs)
 
         return wrapped
 
-    monkeypatch.setattr(tri, "_use_kernels", lambda *t: True)
-    monkeypatch.setattr(kt, "tri_inv_triton", spy(kt.tri_inv_triton))
-    monkeypatch.setattr(kt, "tri_solve_triton", spy(kt.tri_solve_triton))
+    monkeypatch.setattr(tri, "use_triton", lambda *t: True)
+    monkeypatch.setattr(inverse, "tri_inv_triton", spy(inverse.tri_inv_triton))
+    monkeypatch.setattr(solve, "tri_solve_triton", spy(solve.tri_solve_triton))
     Q, K, lam, V = make(6, 40, 4, 3, seed=4)
     Q, K, lam, V = Q.view(2, 3, 40, 4), K.view(2, 3, 40, 4), lam.view(2, 3, 40), V.view(2, 3, 40, 3)
     Y = tri.tri_inv(Q, K, lam, chunk_size=20)  # rounded to the kernel chunk 32
     X = tri.tri_solve(Q, K, V, lam)
-    assert calls == ["tri_inv_triton", "tri_solve_triton"]
-    Yr = tri._tri_inv_torch(
+    assert calls == [
+        ("tri_inv_triton", inv_cfg(chunk_size=32)),
+        ("tri_solve_triton", TRI_SOLVE_CONFIG),
+    ]
+    Yr = tri_inv_torch(
         Q.double().flatten(0, 1), K.double().flatten(0, 1), lam.double().flatten(0, 1)
     )
     assert Y.shape == (2, 3, 40, 40) and rel(Y.flatten(0, 1), Yr) < RTOL
     assert X.shape == (2, 3, 40, 3) and rel(X.flatten(0, 1), Yr @ V.double().flatten(0, 1)) < RTOL
 
 
-def test_public_api_kernel_options():
-    # dense kernel, 3xtf32 dots; the inverse keeps C = 64, the solve takes at most 32
-    assert tri._kernel_options("inv", 64) == {"chunk_size": 64, "precision": "3xtf32"}
-    assert tri._kernel_options("solve", 64) == {"chunk_size": 32, "precision": "3xtf32"}
-    assert tri._kernel_options("inv", 20)["chunk_size"] == 32
-    assert tri._kernel_options("solve", 10)["chunk_size"] == 16
+def test_public_api_kernel_configs():
+    # the inverse keeps C = 64, the solve takes at most 32; a smaller request is honoured,
+    # rounded up to a power of two ≥ 16; the default request gives the frozen configs themselves
+    assert inv_config(64) is TRI_INV_CONFIG and solve_config(64) is TRI_SOLVE_CONFIG
+    assert TRI_INV_CONFIG.chunk_size == 64 and TRI_SOLVE_CONFIG.chunk_size == 32
+    assert inv_config(20).chunk_size == 32 and inv_config(1000).chunk_size == 64
+    assert solve_config(10).chunk_size == 16 and solve_config(1).chunk_size == 16
+    assert inv_config(20) == dataclasses.replace(TRI_INV_CONFIG, chunk_size=32)
+
+
+def test_configs_are_frozen_and_hashable():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TRI_SOLVE_CONFIG.scan_ratio = 2.0  # type: ignore[misc]
+    assert hash(TRI_SOLVE_CONFIG) == hash(TriSolveConfig())
+    assert hash(TRI_INV_CONFIG) == hash(TriInvConfig())
+
+
+@pytest.mark.parametrize(
+    "cls, kw, match",
+    [
+        (TriInvConfig, dict(chunk_size=48), "chunk_size"),
+        (TriInvConfig, dict(block_s=3), "block_s"),
+        (TriInvConfig, dict(chunk_size=16, block_s=32), "block_s"),
+        (TriInvConfig, dict(level_rows=8), "level_rows"),
+        (TriInvConfig, dict(warps=3), "warps"),
+        (TriSolveConfig, dict(block_s=3), "block_s"),
+        (TriSolveConfig, dict(scan_block=8), "scan_block"),
+        (TriSolveConfig, dict(scan_warps=3), "scan_warps"),
+        (TriSolveConfig, dict(scan_slices=3), "scan_slices"),
+        (TriSolveConfig, dict(state_block=8), "state_block"),
+        (TriSolveConfig, dict(state_warps=3), "state_warps"),
+        (TriSolveConfig, dict(scan_ratio=0.0), "scan_ratio"),
+        (TriSolveConfig, dict(scan_ratio=None), "scan_ratio"),
+        (TriSolveConfig, dict(tree_rows=48), "tree_rows"),
+        (TriSolveConfig, dict(chunk_size=16, tree_rows=64), "tree_rows"),
+        (TriSolveConfig, dict(tree_cols=128), "tree_cols"),
+        (TriSolveConfig, dict(tree_gram_block=8), "tree_gram_block"),
+        (TriSolveConfig, dict(tree_warps=3), "tree_warps"),
+        (TriSolveConfig, dict(min_groups_per_wave=0), "min_groups_per_wave"),
+    ],
+)
+def test_config_rejects_bad_values(cls, kw, match):
+    with pytest.raises(ValueError, match=match):
+        cls(**kw)
 
 
 def test_launcher_rejects_bad_arguments():
     Q, K, lam, V = make(1, 20, 4, 2)
     with pytest.raises(TypeError):
         tri_inv_triton(Q.double(), K, lam)
-    with pytest.raises(ValueError, match="chunk_size"):
-        tri_inv_triton(Q, K, lam, chunk_size=48)
-    with pytest.raises(ValueError, match="block_s"):
-        tri_solve_triton(Q, K, V, lam, block_s=3)
-    with pytest.raises(ValueError, match="precision"):
-        tri_inv_triton(Q, K, lam, precision="fp32")
-    with pytest.raises(ValueError, match="scan_precision"):
-        tri_solve_triton(Q, K, V, lam, scan_precision="bf16")
-    with pytest.raises(ValueError, match="scan_block"):
-        tri_solve_triton(Q, K, V, lam, scan_block=8)
-    with pytest.raises(ValueError, match="scan_slices"):
-        tri_solve_triton(Q, K, V, lam, scan_slices=3)
-    with pytest.raises(ValueError, match="state_block"):
-        tri_solve_triton(Q, K, V, lam, state_block=8)
-    with pytest.raises(ValueError, match="state_warps"):
-        tri_solve_triton(Q, K, V, lam, state_warps=3)
-    with pytest.raises(ValueError, match="scan_ratio"):
-        tri_solve_triton(Q, K, V, lam, scan_ratio=0.0)
-    with pytest.raises(ValueError, match="scan_slices"):
-        tri_solve_triton(Q, K, V, lam, scan_slices=2)  # d = 4: one 16-row slice at most
+    with pytest.raises(ValueError, match="expected Q, K"):
+        tri_inv_triton(Q, K[:, :10], lam)
     with pytest.raises(ValueError, match="out"):
         tri_inv_triton(Q, K, lam, out=torch.empty(1, 20, 21))
+    with pytest.raises(ValueError, match="algorithm"):
+        tri_solve_triton(Q, K, V, lam, algorithm="dense")
+    with pytest.raises(ValueError, match="expected float32 V"):
+        tri_solve_triton(Q, K, V.double(), lam)
     with pytest.raises(ValueError, match="d ≤ 128"):
         tri_solve_triton(torch.zeros(1, 20, 129), torch.zeros(1, 20, 129), V, lam)
 
 
-# chunk_impl="blocked" (C = 64 on explicit 16×16 blocks): n not divisible by 64 (partial row
-# blocks in the last chunk), one row, one chunk, several levels, d not a power of two (also
-# d > BD = 64 for the d loop), batch > 1; make() gives negative and small (≥ 0.5) λ
-BLOCKED_CASES = [
-    (2, 37, 5, 3),
-    (1, 100, 20, 17),
-    (1, 200, 100, 5),
-    (1, 1, 1, 1),
-    (3, 64, 16, 16),
-    (2, 128, 20, 40),
-    (1, 300, 7, 2),
-    (2, 17, 130, 9),
-]
-
-
-@pytest.mark.parametrize("prec", ["ieee", "tf32x3"])
-@pytest.mark.parametrize(
-    "B, n, d, e", BLOCKED_CASES, ids=[f"b{c[0]}-n{c[1]}-d{c[2]}-e{c[3]}" for c in BLOCKED_CASES]
-)
-def test_blocked_chunk_kernel_matches_reference(B, n, d, e, prec):
-    Q, K, lam, V = make(B, n, d, e, seed=n + d)
-    Yr = tri._tri_inv_torch(Q.double(), K.double(), lam.double())
-    Y = torch.full((B, n, n), float("nan"))
-    tri_inv_triton(Q, K, lam, chunk_size=64, precision=prec, chunk_impl="blocked", out=Y)
-    assert rel(Y, Yr) < RTOL
-    assert torch.equal(torch.triu(Y, 1), torch.zeros_like(Y))
-    if d <= 128:  # the solve's limit
-        Xr = tri._tri_solve_torch(Q.double(), K.double(), V.double(), lam.double())
-        for algorithm in ALGORITHMS:
-            X = torch.full((B, n, e), float("nan"))
-            tri_solve_triton(
-                Q, K, V, lam, algorithm=algorithm, chunk_size=64, precision=prec,
-                chunk_impl="blocked", out=X,
-            )  # fmt: skip
-            assert rel(X, Xr) < RTOL, algorithm
-
-
-def test_blocked_matches_dense_on_deltanet_chunks():
-    """Many independent 64×64 chunks (the DeltaNet shape in miniature): both chunk kernels agree."""
-    Q, K, lam, V = make(5, 64, 32, 8, seed=3, deltanet=True)
-    Yd = tri_inv_triton(Q, K, lam, chunk_impl="dense")
-    Yb = tri_inv_triton(Q, K, lam, chunk_impl="blocked")
-    Yr = tri._tri_inv_torch(Q.double(), K.double(), lam.double())
-    assert rel(Yb, Yr) < RTOL and rel(Yb, Yd.double()) < RTOL
-    for algorithm in ALGORITHMS:
-        Xb = tri_solve_triton(
-            Q, K, V, lam, algorithm=algorithm, chunk_size=64, chunk_impl="blocked"
-        )
-        assert rel(Xb, Yr @ V.double()) < RTOL, algorithm
-
-
-def test_bad_chunk_impl_rejected():
-    Q, K, lam, V = make(1, 20, 4, 2)
-    with pytest.raises(ValueError, match="chunk_impl"):
-        tri_inv_triton(Q, K, lam, chunk_impl="fla")
-    with pytest.raises(ValueError, match="chunk_impl"):
-        tri_solve_triton(Q, K, V, lam, chunk_impl="Blocked")
-    with pytest.raises(ValueError, match="chunk_impl"):
-        tri_inv_triton(Q, K, lam, chunk_size=32, chunk_impl="blocked")
-    with pytest.raises(ValueError, match="chunk_impl"):
-        tri_solve_triton(Q, K, V, lam, chunk_size=16, chunk_impl="blocked")
-
-
-def test_solve_refuses_the_known_miscompiled_scan_shape():
-    """64-row chunks, 16-column scan tiles, 8 warps and tensor-core dots: wrong on the H100 with
-    Triton 3.6 (module docstring), so the launcher refuses it rather than return wrong values."""
-    Q, K, lam, V = make(1, 130, 100, 8)
-    scan = dict(algorithm="scan", chunk_size=64, scan_block=16)
+def test_config_refuses_the_known_miscompiled_shapes():
+    """64-row chunks, 16-column scan tiles, 8 warps (and 16-column tree tiles with 8 warps):
+    wrong tensor-core products on the H100 with Triton 3.6, so the config refuses them rather
+    than return wrong values; 4 warps on the same shape is right."""
     with pytest.raises(ValueError, match="scan_block=32 or scan_warps=4"):
-        tri_solve_triton(Q, K, V, lam, scan_warps=8, **scan)
-    X = tri_solve_triton(Q, K, V, lam, scan_warps=4, **scan)
-    assert rel(X, tri._tri_solve_torch(Q.double(), K.double(), V.double(), lam.double())) < RTOL
+        solve_cfg(chunk_size=64, scan_block=16, scan_warps=8)
+    with pytest.raises(ValueError, match="tree_cols ≥ 32 or tree_warps ≤ 4"):
+        solve_cfg(tree_cols=16, tree_warps=8)
+    Q, K, lam, V = make(1, 130, 100, 8)
+    config = solve_cfg(chunk_size=64, scan_block=16, scan_warps=4)
+    X = tri_solve_triton(Q, K, V, lam, config=config, algorithm="scan")
+    assert rel(X, reference(Q, K, V, lam)) < RTOL
 
 
-# tree solve (algorithm="tree"): L = ⌈log₂(n/C)⌉ levels; n ≤ C (no level), n = C + 1 and
-# C·2^k + 1 (a last block of one row, odd block counts, blocks without a partner on every
-# level), n = C·2^k exactly, n not a multiple of C, B > 1, d and e not powers of two, e < d,
-# e > d, d and e above the 64-wide d loop / 32-wide column tiles, d = e = 1
+# tree solve: L = ⌈log₂(n/C)⌉ levels; n ≤ C (no level), n = C + 1 and C·2^k + 1 (a last block
+# of one row, odd block counts, blocks without a partner on every level), n = C·2^k exactly,
+# n not a multiple of C, B > 1, d and e not powers of two, e < d, e > d, d and e above the
+# 64-wide d loop / 32-wide column tiles, d = e = 1
 TREE_CASES = [
     (1, 16, 4, 3, 16),
     (2, 10, 5, 7, 16),
@@ -454,84 +473,55 @@ TREE_CASES = [
 
 
 @pytest.mark.parametrize(
-    "B, n, d, e, chunk",
+    "B, n, d, e, chunk_size",
     TREE_CASES,
     ids=[f"b{c[0]}-n{c[1]}-d{c[2]}-e{c[3]}-C{c[4]}" for c in TREE_CASES],
 )
-def test_tree_solve_matches_reference(B, n, d, e, chunk):
+def test_tree_solve_matches_reference(B, n, d, e, chunk_size):
     Q, K, lam, V = make(B, n, d, e, seed=n + d)
-    Xr = tri._tri_solve_torch(Q.double(), K.double(), V.double(), lam.double())
     X = torch.full((B, n, e), float("nan"))
-    Xo = tri_solve_triton(Q, K, V, lam, algorithm="tree", chunk_size=chunk, out=X)
+    config = solve_cfg(chunk_size=chunk_size)
+    Xo = tri_solve_triton(Q, K, V, lam, config=config, algorithm="tree", out=X)
     assert Xo is X
-    assert rel(X, Xr) < RTOL
-
-
-@pytest.mark.parametrize("precision", ["ieee", "tf32x3", "3xtf32", "tf32"])
-def test_tree_solve_precisions(precision):
-    """Every dot mode (the interpreter runs them all in fp32: this checks the plumbing)."""
-    Q, K, lam, V = make(2, 100, 36, 20, seed=7)
-    Xr = tri._tri_solve_torch(Q.double(), K.double(), V.double(), lam.double())
-    X = torch.full_like(V, float("nan"))
-    tri_solve_triton(Q, K, V, lam, algorithm="tree", chunk_size=16, precision=precision, out=X)
-    assert rel(X, Xr) < RTOL
+    assert rel(X, reference(Q, K, V, lam)) < RTOL
 
 
 @pytest.mark.parametrize(
     "rows, cols, gram, warps", [(16, 16, 16, 4), (64, 64, 64, 8), (16, 64, 32, 2), (64, 32, 16, 1)]
 )
 def test_tree_solve_tiles(rows, cols, gram, warps):
-    """The tile knobs: row tiles smaller / larger than the chunk (up to 2C), column tiles
+    """The tile values: row tiles smaller / larger than the chunk (up to 2C), column tiles
     narrower / wider than e = 40 and d = 50, Gram-combine tiles of all sizes."""
     Q, K, lam, V = make(1, 130, 50, 40, seed=8)  # 5 chunks: 3 levels, one block unpaired
-    Xr = tri._tri_solve_torch(Q.double(), K.double(), V.double(), lam.double())
     X = torch.full_like(V, float("nan"))
-    tri_solve_triton(
-        Q, K, V, lam, algorithm="tree", chunk_size=32, tree_rows=rows, tree_cols=cols,
-        tree_gram_block=gram, tree_warps=warps, out=X,
-    )  # fmt: skip
-    assert rel(X, Xr) < RTOL
+    config = solve_cfg(
+        chunk_size=32, tree_rows=rows, tree_cols=cols, tree_gram_block=gram, tree_warps=warps
+    )
+    tri_solve_triton(Q, K, V, lam, config=config, algorithm="tree", out=X)
+    assert rel(X, reference(Q, K, V, lam)) < RTOL
 
 
-def test_tree_solve_deltanet_and_auto_choice(monkeypatch):
-    """Λ = I, Q = βK (DeltaNet); ``algorithm="auto"`` takes the tree only under CUDA-graph
-    capture and up to ``TREE_MAX_ROWS`` rows (B·n), the scan otherwise."""
-    import matfn.kernels.triangular as kt
-
-    assert not kt._capturing(torch.device("cpu"))
+def test_auto_choice(monkeypatch):
+    """``algorithm="auto"`` takes the tree only under CUDA-graph capture and up to
+    ``tree_max_rows`` rows (B·n), the scan otherwise; DeltaNet inputs (Λ = I, Q = βK)."""
+    assert not solve._capturing(torch.device("cpu"))
+    assert solve.use_tree(True, 1024, TRI_SOLVE_CONFIG)
+    assert not solve.use_tree(True, 1025, TRI_SOLVE_CONFIG)
+    assert not solve.use_tree(False, 1, TRI_SOLVE_CONFIG)
     Q, K, lam, V = make(2, 200, 24, 24, seed=9, deltanet=True)
-    Xr = tri._tri_solve_torch(Q.double(), K.double(), V.double(), lam.double())
+    Xr = reference(Q, K, V, lam)
     ran = []
-    for name in ("_solve_tree", "_solve_scan"):
-        fn = getattr(kt, name)
+    for name in ("solve_tree", "solve_scan"):
+        fn = getattr(solve, name)
         monkeypatch.setattr(
-            kt, name, lambda *a, fn=fn, name=name, **k: ran.append(name) or fn(*a, **k)
+            solve, name, lambda *a, fn=fn, name=name, **k: ran.append(name) or fn(*a, **k)
         )
     for capturing, max_rows, expect in (
-        (False, 10**6, "_solve_scan"),
-        (True, 400, "_solve_tree"),
-        (True, 399, "_solve_scan"),
+        (False, 10**6, "solve_scan"),
+        (True, 400, "solve_tree"),
+        (True, 399, "solve_scan"),
     ):
-        monkeypatch.setattr(kt, "_capturing", lambda device, c=capturing: c)
-        monkeypatch.setattr(kt, "TREE_MAX_ROWS", max_rows)
-        X = tri_solve_triton(Q, K, V, lam)
+        monkeypatch.setattr(solve, "_capturing", lambda device, c=capturing: c)
+        X = tri_solve_triton(Q, K, V, lam, config=solve_cfg(tree_max_rows=max_rows))
         assert ran.pop() == expect, (capturing, max_rows)
         assert rel(X, Xr) < RTOL
-
-
-def test_tree_solve_rejects_bad_arguments():
-    Q, K, lam, V = make(1, 20, 4, 2)
-    with pytest.raises(ValueError, match="algorithm"):
-        tri_solve_triton(Q, K, V, lam, algorithm="dense")
-    with pytest.raises(ValueError, match="tree_rows"):
-        tri_solve_triton(Q, K, V, lam, tree_rows=48)
-    with pytest.raises(ValueError, match="tree_rows"):
-        tri_solve_triton(Q, K, V, lam, chunk_size=16, tree_rows=64)
-    with pytest.raises(ValueError, match="tree_cols"):
-        tri_solve_triton(Q, K, V, lam, tree_cols=128)
-    with pytest.raises(ValueError, match="tree_gram_block"):
-        tri_solve_triton(Q, K, V, lam, tree_gram_block=8)
-    with pytest.raises(ValueError, match="tree_warps"):
-        tri_solve_triton(Q, K, V, lam, tree_warps=3)
-    with pytest.raises(ValueError, match="tree_cols ≥ 32 or tree_warps ≤ 4"):
-        tri_solve_triton(Q, K, V, lam, algorithm="tree", tree_cols=16, tree_warps=8)
