@@ -189,7 +189,9 @@ def tri_inv(
         The diagonal ``λ`` of ``Λ``: ``None`` (identity, the default), a number, or a tensor that
         broadcasts to ``(..., n)``. Every entry must be nonzero; negative values are fine.
     chunk_size : int
-        Rows per chunk ``C`` (results agree to rounding for every ``C``).
+        Rows per chunk ``C`` (results agree to rounding for every ``C``). The CUDA kernels take
+        the request rounded up to a power of two in ``[16, 64]``
+        (:func:`matfn.triangular.config.inv_config`).
     check_finite : bool
         Raise on NaN/Inf in the inputs (one host sync for all of them, shared with the
         zero-pivot test of a tensor ``diag``).
@@ -307,7 +309,8 @@ def tri_solve(
         The diagonal ``λ`` (``None`` = identity, a number, or a tensor broadcasting to
         ``(..., n)``); no zeros.
     chunk_size : int
-        Rows per chunk ``C``.
+        Rows per chunk ``C``; the CUDA kernels take the request rounded up to a power of two in
+        ``[16, 32]`` (:func:`matfn.triangular.config.solve_config`).
     check_finite : bool
         Raise on NaN/Inf in the inputs.
     cuda_graph : bool

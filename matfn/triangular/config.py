@@ -108,7 +108,7 @@ class TriSolveConfig:
     #: of tensor-core products instead of one long one.
     scan_slices: int = 4
     #: Scan: the cost of a state step in group steps (> 0); it sets how fast the groups grow
-    #: (:func:`matfn.triangular.schedule.chain_schedule`), measured by timer stamps in the kernels.
+    #: (:func:`matfn.triangular.schedule.chain_schedule`); measured (docs/benchmarks.md).
     scan_ratio: float = 1.4
     #: Scan: the fused form keeps one group-kernel program per SM, which leaves
     #: ``SMs // programs per group`` groups; below this many (batched inputs) the unfused form
