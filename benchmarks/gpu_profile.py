@@ -77,7 +77,8 @@ def msign_pieces():
 
 
 def tri_case(op: str):
-    from matfn.kernels.triangular import tri_inv_triton, tri_solve_triton
+    from matfn.triangular.inverse import tri_inv_triton
+    from matfn.triangular.solve import tri_solve_triton
 
     g = torch.Generator(device="cuda").manual_seed(0)
     Q, K, V = (torch.randn(3, 1, 4096, 128, device="cuda", generator=g) / 128).unbind(0)

@@ -10,7 +10,10 @@ The solve's two algorithms side by side (about 2 minutes, most of it compiling):
     PYTHONUNBUFFERED=1 python3 benchmarks/gpu_triangular.py --quick \
         --sections correct,profile,solve
 
-1. Correctness: every launcher variant on odd sizes and batches, outputs poisoned with NaN,
+Variants are ``dataclasses.replace`` of the frozen configs (:mod:`matfn.triangular.config`)
+plus, for the solve, a forced ``algorithm``.
+
+1. Correctness: every variant on odd sizes and batches, outputs poisoned with NaN,
    compared with the float64 chunked torch form (relative Frobenius error).
 2. n = 4096, d = 128, fp32: ours (variants) vs ``torch.linalg.solve_triangular(T, I)`` /
    ``torch.linalg.inv(T)`` for the inverse and ``solve_triangular(T, V)`` (e = 128) for the solve;
@@ -27,6 +30,8 @@ The solve's two algorithms side by side (about 2 minutes, most of it compiling):
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -41,14 +46,21 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from matfn.kernels.triangular import tri_inv_triton, tri_solve_triton  # noqa: E402
-from matfn.kernels.triangular_chunk import _mm  # noqa: E402
-from matfn.triangular import (  # noqa: E402
-    _tri_inv_chunked_torch,
-    _tri_solve_chunked_torch,
-    tri_inv,
-    tri_solve,
+from matfn import tri_inv, tri_solve  # noqa: E402
+from matfn.triangular import inverse, scan, tree  # noqa: E402
+from matfn.triangular.chunk import mm  # noqa: E402
+from matfn.triangular.config import (  # noqa: E402
+    TRI_INV_CONFIG,
+    TRI_SOLVE_CONFIG,
+    TriInvConfig,
+    TriSolveConfig,
 )
+from matfn.triangular.inverse import tri_inv_triton  # noqa: E402
+from matfn.triangular.reference import (  # noqa: E402
+    tri_inv_chunked_torch,
+    tri_solve_chunked_torch,
+)
+from matfn.triangular.solve import tri_solve_triton  # noqa: E402
 
 console = Console(width=160)
 
@@ -121,65 +133,46 @@ def ms(fn, graph=True):
     return t, tg
 
 
-# Each (chunk_size, block_s, precision) compiles its own chunk kernel (10-50 s of single-thread
-# compile time for C = 64 on first use, cached on disk afterwards), so `precompile` warms every
-# (variant, shape) pair in parallel processes first.
+# Each config compiles its own kernels (10-50 s of single-thread compile time for C = 64 on first
+# use, cached on disk afterwards), so `precompile` warms every (variant, shape) pair in parallel
+# processes first. A variant: TriInvConfig / TriSolveConfig fields, and the solve's "algorithm".
 VARIANTS_INV = [
-    dict(chunk_size=64, block_s=16, precision="3xtf32"),  # the default
-    dict(chunk_size=64, block_s=16, precision="tf32x3"),  # the default of session 2
-    dict(chunk_size=32, block_s=16, precision="3xtf32"),
-    dict(chunk_size=64, block_s=16, precision="ieee", chunk_impl="blocked"),  # session 2, n ≤ 64
-    dict(chunk_size=64, block_s=16, precision="tf32"),  # tf32 accuracy (≈1e-4), as fla's kkt
+    dict(),  # the default (C = 64)
+    dict(chunk_size=32),
 ]
-# the algorithm, the scan / tree kernels' settings and the group size only matter to the solve
-SCAN = dict(block_s=16, precision="3xtf32", algorithm="scan")
-TREE = dict(block_s=16, precision="3xtf32", algorithm="tree")
+SCAN = dict(algorithm="scan")
+TREE = dict(algorithm="tree")
 VARIANTS_SOLVE = [
-    dict(chunk_size=32, **TREE),  # the default (tree: 3xtf32, 32×32 tiles, 4 warps)
-    dict(chunk_size=32, **SCAN),  # the scan's default (3xtf32, 8 warps)
-    dict(chunk_size=32, group_size=8, **SCAN),
-    dict(chunk_size=32, group_size=32, **SCAN),
+    dict(**TREE),  # the tree with the defaults (C = 32, 32×32 tiles, 4 warps)
+    dict(**SCAN),  # the scan with the defaults (what an eager tri_solve runs)
     dict(chunk_size=16, **SCAN),
-    dict(chunk_size=64, **SCAN),  # scan tile 32 columns
-    dict(chunk_size=64, block_s=16, precision="tf32x3", scan_precision="ieee", algorithm="scan"),
+    dict(chunk_size=64, **SCAN),
     dict(chunk_size=16, **TREE),
     dict(chunk_size=64, **TREE),
-    dict(chunk_size=32, tree_cols=64, **TREE),
-    dict(chunk_size=32, tree_gram_block=64, **TREE),
-    dict(chunk_size=32, tree_rows=16, tree_cols=16, tree_gram_block=16, **TREE),
+    dict(tree_cols=64, **TREE),
+    dict(tree_gram_block=64, **TREE),
+    dict(tree_rows=16, tree_cols=16, tree_gram_block=16, **TREE),
     dict(chunk_size=64, tree_rows=64, tree_cols=64, tree_gram_block=64, tree_warps=8, **TREE),
 ]
-SOLVE_ONLY = (
-    "group_size",
-    "scan_slices",
-    "state_block",
-    "state_warps",
-    "scan_fused",
-    "scan_ratio",
-    "scan_precision",
-    "scan_warps",
-    "scan_block",
-    "algorithm",
-    "tree_rows",
-    "tree_cols",
-    "tree_gram_block",
-    "tree_warps",
-)
-# measured once (docs/benchmarks.md) and slower; --all-variants adds them
-EXTRA_VARIANTS = [
-    dict(chunk_size=64, block_s=16, precision="ieee"),
-    dict(chunk_size=64, block_s=32, precision="tf32x3"),
-    dict(chunk_size=32, block_s=16, precision="tf32x3"),
-    dict(chunk_size=64, block_s=16, precision="tf32x3", chunk_impl="blocked"),
-    dict(chunk_size=64, block_s=16, precision="ieee", chunk_impl="blocked", chunk_warps=2),
-    dict(chunk_size=64, block_s=1, precision="tf32x3"),
-    dict(chunk_size=32, block_s=16, precision="ieee"),
-]
+_INV_FIELDS = {f.name for f in dataclasses.fields(TriInvConfig)}
+_SOLVE_FIELDS = {f.name for f in dataclasses.fields(TriSolveConfig)}
 
 
 def inv_args(v: dict) -> dict:
-    """A solve variant's arguments that tri_inv_triton takes."""
-    return {k: x for k, x in v.items() if k not in SOLVE_ONLY}
+    """tri_inv_triton's arguments for a variant (its TriInvConfig fields)."""
+    return dict(
+        config=dataclasses.replace(
+            TRI_INV_CONFIG, **{k: x for k, x in v.items() if k in _INV_FIELDS}
+        )
+    )
+
+
+def solve_args(v: dict) -> dict:
+    """tri_solve_triton's arguments for a variant (its TriSolveConfig fields and algorithm)."""
+    config = dataclasses.replace(
+        TRI_SOLVE_CONFIG, **{k: x for k, x in v.items() if k in _SOLVE_FIELDS}
+    )
+    return dict(config=config, algorithm=v.get("algorithm", "auto"))
 
 
 CORRECTNESS_SHAPES = [
@@ -204,7 +197,7 @@ def _warm(task) -> tuple[str, float, str | None]:
         Q, K, lam, V = make(B, n, d, e)
         tri_inv_triton(Q, K, lam, **inv_args(v))
         if e:
-            tri_solve_triton(Q, K, V, lam, **v)
+            tri_solve_triton(Q, K, V, lam, **solve_args(v))
         torch.cuda.synchronize()
         err = None
     except Exception as exc:  # noqa: BLE001
@@ -241,8 +234,7 @@ def precompile(workers: int, sections: set[str], quick: bool) -> set[str]:
     if sections & {"correct", "main", "profile", "scaling", "deltanet"}:
         wanted += VARIANTS_INV
         shapes.append((16, 64, 128, 0))
-    # the group size is a runtime argument: one compile covers every group size
-    variants = list({vname(v).split("/G")[0]: v for v in wanted}.values())
+    variants = list({vname(v): v for v in wanted}.values())
     tasks = [(v, sh) for v in variants for sh in shapes]
     t0 = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
@@ -265,26 +257,13 @@ def precompile(workers: int, sections: set[str], quick: bool) -> set[str]:
             console.print(f"[red]FAILED {label}: {err}")
     # a variant that faults (illegal address) would poison the CUDA context of this process
     for lst in (VARIANTS_INV, VARIANTS_SOLVE):
-        lst[:] = [v for v in lst if vname(v).split("/G")[0] not in failed]
+        lst[:] = [v for v in lst if vname(v) not in failed]
     return failed
 
 
-def vname(v):
-    s = f"{v['algorithm']}/" if "algorithm" in v else ""
-    s += f"C{v['chunk_size']}/S{v['block_s']}/{v['precision']}"
-    s += f"/w{v['chunk_warps']}" if "chunk_warps" in v else ""
-    s += "/blocked" if v.get("chunk_impl") == "blocked" else ""
-    s += f"/scan-{v['scan_precision']}" if "scan_precision" in v else ""
-    s += f"/sw{v['scan_warps']}" if "scan_warps" in v else ""
-    s += f"/sb{v['scan_block']}" if "scan_block" in v else ""
-    s += f"/ns{v['scan_slices']}" if "scan_slices" in v else ""
-    s += f"/st{v['state_block']}" if "state_block" in v else ""
-    s += "/unfused" if v.get("scan_fused") is False else ""
-    s += f"/r{v['scan_ratio']}" if "scan_ratio" in v else ""
-    for k, short in (("tree_rows", "r"), ("tree_cols", "c"), ("tree_gram_block", "g")):
-        s += f"/{short}{v[k]}" if k in v else ""
-    s += f"/tw{v['tree_warps']}" if "tree_warps" in v else ""
-    return s + (f"/G{v['group_size']}" if "group_size" in v else "")
+def vname(v: dict) -> str:
+    """A variant's name: its fields, or "default"."""
+    return "/".join(f"{k}={x}" for k, x in v.items()) or "default"
 
 
 def correctness(quick: bool) -> bool:
@@ -296,18 +275,17 @@ def correctness(quick: bool) -> bool:
     for B, n, d, e in shapes:
         for kind in ("general", "deltanet"):
             Q, K, lam, V = make(B, n, d, e, kind, seed=n + d)
-            Yr = _tri_inv_chunked_torch(Q.double(), K.double(), lam.double())
-            Xr = _tri_solve_chunked_torch(Q.double(), K.double(), V.double(), lam.double())
+            Yr = tri_inv_chunked_torch(Q.double(), K.double(), lam.double())
+            Xr = tri_solve_chunked_torch(Q.double(), K.double(), V.double(), lam.double())
             for v in VARIANTS_SOLVE + [v for v in VARIANTS_INV if v not in VARIANTS_SOLVE]:
                 vs = dict(v)
                 Y = torch.full((B, n, n), float("nan"), device=dev)
                 tri_inv_triton(Q, K, lam, out=Y, **inv_args(vs))
                 X = torch.full((B, n, e), float("nan"), device=dev)
-                tri_solve_triton(Q, K, V, lam, out=X, **vs)
+                tri_solve_triton(Q, K, V, lam, out=X, **solve_args(vs))
                 torch.cuda.synchronize()
                 ei, es = rel(Y, Yr), rel(X, Xr)
-                # one-pass tf32 (≈ 2⁻¹¹ per product) is a speed option: 2e-3 at n = 4096
-                tol = 1e-2 if "tf32" in (v["precision"], v.get("scan_precision")) else 1e-5
+                tol = 1e-5
                 bad = not (ei < tol and es < tol)
                 ok &= not bad
                 if bad:
@@ -326,10 +304,10 @@ def correctness(quick: bool) -> bool:
                 )
     # the public API dispatches to the kernels on CUDA
     Q, K, lam, V = make(2, 300, 20, 7)
-    e1 = rel(tri_inv(Q, K, lam), _tri_inv_chunked_torch(Q.double(), K.double(), lam.double()))
+    e1 = rel(tri_inv(Q, K, lam), tri_inv_chunked_torch(Q.double(), K.double(), lam.double()))
     e2 = rel(
         tri_solve(Q, K, V, lam),
-        _tri_solve_chunked_torch(Q.double(), K.double(), V.double(), lam.double()),
+        tri_solve_chunked_torch(Q.double(), K.double(), V.double(), lam.double()),
     )
     tab.add_row("2", "300", "20", "7", "public API", "general", f"{e1:.1e}", f"{e2:.1e}", "")
     ok &= e1 < 1e-5 and e2 < 1e-5
@@ -340,8 +318,8 @@ def correctness(quick: bool) -> bool:
 def main_table(results, n=4096, d=128, e=128):
     Q, K, lam, V = make(1, n, d, e, "general", seed=1)
     T = dense_T(Q, K, lam)
-    Yr = _tri_inv_chunked_torch(Q.double(), K.double(), lam.double())
-    Xr = _tri_solve_chunked_torch(Q.double(), K.double(), V.double(), lam.double())
+    Yr = tri_inv_chunked_torch(Q.double(), K.double(), lam.double())
+    Xr = tri_solve_chunked_torch(Q.double(), K.double(), V.double(), lam.double())
     eye = torch.eye(n, device=dev)
     tab = Table(title=f"n={n}, d={d}, e={e}, fp32, one matrix (median ms)")
     for c in ("op", "impl", "do_bench", "cudagraph", "vs baseline", "rel err vs fp64"):
@@ -359,8 +337,8 @@ def main_table(results, n=4096, d=128, e=128):
     results["inv_baseline_ms"] = t_base
     results["inv_torch_inv_ms"] = t_invb
     for v in VARIANTS_INV:
-        t, tg = ms(lambda v=v: tri_inv_triton(Q, K, lam, **v))
-        err = rel(tri_inv_triton(Q, K, lam, **v), Yr)
+        t, tg = ms(lambda v=v: tri_inv_triton(Q, K, lam, **inv_args(v)))
+        err = rel(tri_inv_triton(Q, K, lam, **inv_args(v)), Yr)
         tab.add_row(
             "tri_inv",
             "ours " + vname(v),
@@ -377,8 +355,8 @@ def main_table(results, n=4096, d=128, e=128):
     )
     results["solve_baseline_ms"] = t_sb
     for v in VARIANTS_SOLVE:
-        t, tg = ms(lambda v=v: tri_solve_triton(Q, K, V, lam, **v))
-        err = rel(tri_solve_triton(Q, K, V, lam, **v), Xr)
+        t, tg = ms(lambda v=v: tri_solve_triton(Q, K, V, lam, **solve_args(v)))
+        err = rel(tri_solve_triton(Q, K, V, lam, **solve_args(v)), Xr)
         tab.add_row(
             "tri_solve",
             "ours " + vname(v),
@@ -415,18 +393,13 @@ def profile(results, n=4096, d=128, e=128, iters=20):
     import time
 
     Q, K, lam, V = make(1, n, d, e, "general", seed=1)
-    old_inv = VARIANTS_INV[1]
-    old_solve = dict(chunk_size=64, block_s=16, precision="tf32x3", scan_precision="ieee")
+    tree64 = solve_args(dict(chunk_size=64, **TREE))
     cases = {
         "inv default": lambda: tri_inv_triton(Q, K, lam),
-        "inv " + vname(old_inv): lambda: tri_inv_triton(Q, K, lam, **old_inv),
         # eagerly "auto" is the scan (the tree only while a CUDA graph is captured)
         "solve default (scan, C32)": lambda: tri_solve_triton(Q, K, V, lam),
-        "solve tree C64": lambda: tri_solve_triton(Q, K, V, lam, algorithm="tree", chunk_size=64),
+        "solve tree C64": lambda: tri_solve_triton(Q, K, V, lam, **tree64),
         "solve tree C32": lambda: tri_solve_triton(Q, K, V, lam, algorithm="tree"),
-        "solve scan " + vname(old_solve): lambda: tri_solve_triton(
-            Q, K, V, lam, algorithm="scan", **old_solve
-        ),
         "public tri_inv": lambda: tri_inv(Q[0], K[0], lam[0], check_finite=False),
         "public tri_solve": lambda: tri_solve(Q[0], K[0], V[0], lam[0], check_finite=False),
         "public tri_solve, check_finite": lambda: tri_solve(Q[0], K[0], V[0], lam[0]),
@@ -464,6 +437,15 @@ def profile(results, n=4096, d=128, e=128, iters=20):
 
 
 @triton.jit
+def _dot(a, b, PREC: tl.constexpr):
+    """``a @ b``: the library's three-pass product for ``"3xtf32"``, else ``tl.dot`` in ``PREC``."""
+    if PREC == "3xtf32":
+        return mm(a, b)
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
 def _trap_kernel(
     w_ptr,
     p_ptr,
@@ -486,14 +468,14 @@ def _trap_kernel(
         P = tl.load(p_ptr + (c * M + rm[:, None]) * D + rd[None, :])
         Kc = tl.load(k_ptr + (c * M + rm[:, None]) * D + rd[None, :])
         W = tl.load(w_ptr + (c * M + rm[:, None]) * N + rn[None, :])
-        X = W - _mm(P, S, PREC)
+        X = W - _dot(P, S, PREC)
         tl.store(x_ptr + (c * M + rm[:, None]) * N + rn[None, :], X)
-        S += _mm(tl.trans(Kc), X, PREC)
+        S += _dot(tl.trans(Kc), X, PREC)
     tl.store(out_s_ptr + rd[:, None] * N + rn[None, :], S)
 
 
 def trap(results, D=128, steps=8):
-    """The known trap of matfn.kernels.triangular in a bare kernel: a tensor-core dot of a 64-row
+    """The known trap of the triangular kernels in a bare kernel: a tensor-core dot of a 64-row
     tile by a 16-column tile with 8 warps (wrong in the group kernel on the H100, Triton 3.6)."""
     tab = Table(title="bare group-kernel loop vs float64: relative error of X and S")
     for c in ("M rows", "N cols", "warps", "dot", "err X", "err S"):
@@ -534,7 +516,7 @@ def solve_compare(results, quick, n=4096, d=128, e=128, sizes=None):
     scan with its chunk size at ``n``, then the defaults of both at doubling n and batch
     (``sizes``: (B, n) pairs)."""
     Q, K, lam, V = make(1, n, d, e, "general", seed=1)
-    Xr = _tri_solve_chunked_torch(Q.double(), K.double(), V.double(), lam.double())
+    Xr = tri_solve_chunked_torch(Q.double(), K.double(), V.double(), lam.double())
     tab = Table(title=f"tri_solve scan vs tree: n={n}, d={d}, e={e}, fp32 (median ms)")
     for c in (
         "C",
@@ -550,26 +532,28 @@ def solve_compare(results, quick, n=4096, d=128, e=128, sizes=None):
         tab.add_column(c)
 
     def run(v):
-        t, tg = ms(lambda: tri_solve_triton(Q, K, V, lam, **v))
+        t, tg = ms(lambda: tri_solve_triton(Q, K, V, lam, **solve_args(v)))
         X = torch.full((1, n, e), float("nan"), device=dev)
-        return t, tg, rel(tri_solve_triton(Q, K, V, lam, out=X, **v), Xr)
+        return t, tg, rel(tri_solve_triton(Q, K, V, lam, out=X, **solve_args(v)), Xr)
 
-    scan = {}
+    by_chunk = {}
     for v in [x for x in VARIANTS_SOLVE if x.get("algorithm") == "tree"]:
-        C = v["chunk_size"]
-        if C not in scan:
-            scan[C] = run(dict(SCAN, chunk_size=C))
-            results[f"solve scan C{C}"] = dict(zip(("ms", "ms_graph", "err"), scan[C], strict=True))
-        tree = run(v)
-        results[f"solve {vname(v)}"] = dict(zip(("ms", "ms_graph", "err"), tree, strict=True))
+        C = solve_args(v)["config"].chunk_size
+        if C not in by_chunk:
+            by_chunk[C] = run(dict(SCAN, chunk_size=C))
+            results[f"solve scan C{C}"] = dict(
+                zip(("ms", "ms_graph", "err"), by_chunk[C], strict=True)
+            )
+        tree_t = run(v)
+        results[f"solve {vname(v)}"] = dict(zip(("ms", "ms_graph", "err"), tree_t, strict=True))
         tab.add_row(
             str(C),
             vname(v),
-            *(f"{x:.3f}" for x in scan[C][:2]),
-            f"{scan[C][2]:.1e}",
-            *(f"{x:.3f}" for x in tree[:2]),
-            f"{tree[2]:.1e}",
-            f"{scan[C][1] / tree[1]:.2f}",
+            *(f"{x:.3f}" for x in by_chunk[C][:2]),
+            f"{by_chunk[C][2]:.1e}",
+            *(f"{x:.3f}" for x in tree_t[:2]),
+            f"{tree_t[2]:.1e}",
+            f"{by_chunk[C][1] / tree_t[1]:.2f}",
         )
     console.print(tab)
 
@@ -584,7 +568,7 @@ def solve_compare(results, quick, n=4096, d=128, e=128, sizes=None):
             sizes.insert(5, (1, 16384))
     for B, n in sizes:
         Q, K, lam, V = make(B, n, d, e, "general", seed=n + B)
-        Xr = _tri_solve_chunked_torch(Q.double(), K.double(), V.double(), lam.double())
+        Xr = tri_solve_chunked_torch(Q.double(), K.double(), V.double(), lam.double())
         row = {}
         for alg in ("scan", "tree"):
             row[alg] = ms(lambda alg=alg: tri_solve_triton(Q, K, V, lam, algorithm=alg))
@@ -670,7 +654,7 @@ def deltanet(results, B=8, H=16, T=4096, d=128, BT=64, timing=True):
     Qc = (Kc * bc[..., None]).contiguous()
     ones = torch.ones(Kc.shape[:2], device=dev)
     sub = slice(0, 256)
-    Yr = _tri_inv_chunked_torch(Qc[sub].double(), Kc[sub].double(), ones[sub].double())
+    Yr = tri_inv_chunked_torch(Qc[sub].double(), Kc[sub].double(), ones[sub].double())
     try:
         from fla.ops.common.chunk_scaled_dot_kkt import chunk_scaled_dot_kkt_fwd
         from fla.ops.utils.solve_tril import solve_tril
@@ -701,28 +685,27 @@ def deltanet(results, B=8, H=16, T=4096, d=128, BT=64, timing=True):
         del A
     except Exception as exc:  # noqa: BLE001
         console.print(f"[red]fla-core unavailable: {exc!r}")
-    for v in [x for x in VARIANTS_INV if x["chunk_size"] == BT]:
-        t, tg = ms(lambda v=v: tri_inv_triton(Qc, Kc, ones, **v))
-        err = rel(tri_inv_triton(Qc, Kc, ones, **v)[sub], Yr)
+    for v in [x for x in VARIANTS_INV if inv_args(x)["config"].chunk_size == BT]:
+        t, tg = ms(lambda v=v: tri_inv_triton(Qc, Kc, ones, **inv_args(v)))
+        err = rel(tri_inv_triton(Qc, Kc, ones, **inv_args(v))[sub], Yr)
         tab.add_row("ours " + vname(v), "Q=βK, K (fp32)", f"{t:.3f}", f"{tg:.3f}", f"{err:.1e}")
         results[f"deltanet ours {vname(v)}"] = dict(ms=t, ms_graph=tg, err=err)
     # general case on the same shapes: random Λ (both signs), Q ≠ K
     Qg, Kg, lam, _ = make(Kc.shape[0], BT, d, 0, "general", seed=5)
-    Yg = _tri_inv_chunked_torch(Qg[sub].double(), Kg[sub].double(), lam[sub].double())
-    for v in [x for x in VARIANTS_INV if x["chunk_size"] == BT]:
-        t, tg = ms(lambda v=v: tri_inv_triton(Qg, Kg, lam, **v))
-        err = rel(tri_inv_triton(Qg, Kg, lam, **v)[sub], Yg)
+    Yg = tri_inv_chunked_torch(Qg[sub].double(), Kg[sub].double(), lam[sub].double())
+    for v in [x for x in VARIANTS_INV if inv_args(x)["config"].chunk_size == BT]:
+        t, tg = ms(lambda v=v: tri_inv_triton(Qg, Kg, lam, **inv_args(v)))
+        err = rel(tri_inv_triton(Qg, Kg, lam, **inv_args(v))[sub], Yg)
         tab.add_row("ours " + vname(v), "general Λ, Q≠K", f"{t:.3f}", f"{tg:.3f}", f"{err:.1e}")
         results[f"deltanet-shape general ours {vname(v)}"] = dict(ms=t, ms_graph=tg, err=err)
     if TIMING:
         console.print(tab)
 
 
-# the scan's knobs at n = 4096 (section "scan"; loading one step ahead in registers, tried in
-# session 9, was slower in every case: docs/benchmarks.md)
+# the scan's values at n = 4096 (section "scan")
 SCAN_SWEEP = [
-    dict(),  # fused, growing groups (ratio 2.0), one group-kernel program per SM
-    dict(scan_fused=False),  # equal groups, separate state and correction launches
+    dict(),  # the default: fused, growing groups, one group-kernel program per SM
+    dict(min_groups_per_wave=10**6),  # the unfused form (what batches get), equal groups
     dict(scan_ratio=2.5),
     dict(scan_ratio=1.5),
 ]
@@ -770,62 +753,66 @@ def handoff(results, programs=(1, 32, 128)):
     console.print(tab)
 
 
+@contextlib.contextmanager
+def pdl_mode(mode: str):
+    """``"never"``: launch the triangular kernels without programmatic dependent launch (the
+    launchers' ``use_pdl`` patched for the duration); ``"auto"``: as shipped."""
+    modules = (inverse, scan, tree)
+    saved = [m.use_pdl for m in modules]
+    try:
+        if mode == "never":
+            for m in modules:
+                m.use_pdl = lambda *args, **kwargs: False
+        yield
+    finally:
+        for m, fn in zip(modules, saved, strict=True):
+            m.use_pdl = fn
+
+
 def scan_sweep(results, n=4096, d=128, e=128, pdl_modes=("auto", "never")):
     """The launch chains with programmatic dependent launch (PDL) on and off: tri_inv, the tree
     solves and the scan's variants (SCAN_SWEEP); graph-replayed and eager ms, error against
     float64 and, for the scan, device time per kernel (with PDL a kernel's time includes its
     wait for the one before, so those columns overlap)."""
-    from matfn.kernels import gram
-
     Q, K, lam, V = make(1, n, d, e, "general", seed=1)
-    Xr = _tri_solve_chunked_torch(Q.double(), K.double(), V.double(), lam.double())
+    Xr = tri_solve_chunked_torch(Q.double(), K.double(), V.double(), lam.double())
     tab = Table(title=f"tri_solve scan variants: n={n}, d={d}, e={e}, fp32 (graph-replayed ms)")
     for c in ("variant", "PDL", "graph ms", "eager ms", "err", "kernels (µs, profiler)"):
         tab.add_column(c)
-    Yr = _tri_inv_chunked_torch(Q.double(), K.double(), lam.double())
+    Yr = tri_inv_chunked_torch(Q.double(), K.double(), lam.double())
+    tree64 = solve_args(dict(chunk_size=64, **TREE))
     others = {  # the other launch chains, for programmatic dependent launch on and off
         "tri_inv default": (lambda: tri_inv_triton(Q, K, lam), Yr),
         "solve tree C32": (lambda: tri_solve_triton(Q, K, V, lam, algorithm="tree"), Xr),
-        "solve tree C64": (
-            lambda: tri_solve_triton(Q, K, V, lam, algorithm="tree", chunk_size=64),
-            Xr,
-        ),
+        "solve tree C64": (lambda: tri_solve_triton(Q, K, V, lam, **tree64), Xr),
     }
-    saved = gram.PDL
-    try:
-        for label, (fn, ref) in others.items():
-            for pdl in pdl_modes:
-                gram.PDL = pdl
+    for label, (fn, ref) in others.items():
+        for pdl in pdl_modes:
+            with pdl_mode(pdl):
                 err = rel(fn(), ref)
                 t, tg = ms(fn)
-                tab.add_row(label, pdl, f"{tg:.4f}", f"{t:.3f}", f"{err:.1e}", "")
-                results[f"{label} pdl={pdl}"] = dict(ms_graph=tg, ms=t, err=err)
-        for v in SCAN_SWEEP:
-            v = dict(SCAN, chunk_size=32, **v) if "chunk_size" not in v else dict(SCAN, **v)
-            for pdl in pdl_modes:
-                gram.PDL = pdl
+            tab.add_row(label, pdl, f"{tg:.4f}", f"{t:.3f}", f"{err:.1e}", "")
+            results[f"{label} pdl={pdl}"] = dict(ms_graph=tg, ms=t, err=err)
+    for v in SCAN_SWEEP:
+        v = dict(SCAN, **v)
+        for pdl in pdl_modes:
 
-                def fn(v=v):
-                    return tri_solve_triton(Q, K, V, lam, **v)
+            def fn(v=v):
+                return tri_solve_triton(Q, K, V, lam, **solve_args(v))
 
+            with pdl_mode(pdl):
                 X = torch.full((1, n, e), float("nan"), device=dev)
-                try:
-                    err = rel(tri_solve_triton(Q, K, V, lam, out=X, **v), Xr)
-                except Exception as exc:  # noqa: BLE001  (a variant that does not compile)
-                    tab.add_row(vname(v), pdl, "", "", "", f"failed: {exc!r:.120}")
-                    break
+                err = rel(tri_solve_triton(Q, K, V, lam, out=X, **solve_args(v)), Xr)
                 t, tg = ms(fn)
                 kern = {k: us for k, (_, us) in _kernel_times(fn).items()}
-                short = ", ".join(
-                    f"{k.removeprefix('_tri_').split('_kernel')[0]} {us:.1f}"
-                    for k, us in sorted(kern.items(), key=lambda kv: -kv[1])
-                )
-                tab.add_row(vname(v), pdl, f"{tg:.4f}", f"{t:.3f}", f"{err:.1e}", short)
-                results[f"scan {vname(v)} pdl={pdl}"] = dict(
-                    ms_graph=tg, ms=t, err=err, kernels_us=kern
-                )
-    finally:
-        gram.PDL = saved
+            short = ", ".join(
+                f"{k.removeprefix('_').split('_kernel')[0]} {us:.1f}"
+                for k, us in sorted(kern.items(), key=lambda kv: -kv[1])
+            )
+            tab.add_row(vname(v), pdl, f"{tg:.4f}", f"{t:.3f}", f"{err:.1e}", short)
+            results[f"scan {vname(v)} pdl={pdl}"] = dict(
+                ms_graph=tg, ms=t, err=err, kernels_us=kern
+            )
     console.print(tab)
 
 
@@ -846,11 +833,6 @@ def main() -> None:
         "--pdl", default="auto,never", help="scan section: PDL modes to time (comma list)"
     )
     ap.add_argument(
-        "--all-variants",
-        action="store_true",
-        help="also time the slower variants of EXTRA_VARIANTS (more compiles)",
-    )
-    ap.add_argument(
         "--workers",
         type=int,
         default=min(15, (os.cpu_count() or 2) - 1),
@@ -860,9 +842,6 @@ def main() -> None:
     sections = set(a.sections.split(",")) - set(a.skip.split(","))
     if sections - set(SECTIONS):
         ap.error(f"unknown sections {sorted(sections - set(SECTIONS))}; choose from {SECTIONS}")
-    if a.all_variants:
-        VARIANTS_INV.extend(EXTRA_VARIANTS)
-        VARIANTS_SOLVE.extend(dict(v, algorithm="scan") for v in EXTRA_VARIANTS)
     failed = sorted(precompile(a.workers, sections, a.quick)) if a.workers > 0 else []
     results = run_info(failed_variants=failed)
     console.print(results)

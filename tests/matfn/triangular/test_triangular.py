@@ -1,4 +1,4 @@
-"""tri_inv / tri_solve against scipy's dense triangular solves in float64 (math spec §5).
+"""tri_inv / tri_solve against scipy's dense triangular solves in float64 (docs/math.md §5).
 
 Tolerances (Frobenius norms, ``u`` the unit roundoff of the compute dtype, ``κ = ‖T‖‖T⁻¹‖``):
 
@@ -25,6 +25,7 @@ from scipy.linalg import solve_triangular
 import matfn
 from matfn import triangular as tri
 from matfn.triangular import SingularTriangularError, tri_inv, tri_solve
+from matfn.triangular import reference as ref
 
 U = {torch.float64: 2.0**-53, torch.float32: 2.0**-24}
 DIAG_KINDS = ("none", "scalar", "pos", "mixed", "tiny")
@@ -207,18 +208,18 @@ def test_chunk_size_invariance(case: TriCase, chunks: list[int]):
 
 @pytest.mark.parametrize("n, d, chunk", [(37, 5, 8), (64, 3, 16), (50, 12, 1)])
 def test_row_recursion_reference(n, d, chunk):
-    """The readable references (_tri_inv_torch, _tri_solve_torch) against scipy and the chunked
+    """The readable references (tri_inv_torch, tri_solve_torch) against scipy and the chunked
     forms."""
     case = TriCase((2,), n, d, 4, 0.7, "mixed", n)
     Q, K, V, _, lam = case.build()
     T = dense_T(Q, K, lam)
-    Y = tri._tri_inv_torch(Q, K, lam)
+    Y = ref.tri_inv_torch(Q, K, lam)
     check_forward(Y, scipy_inv(T), T, U[torch.float64])
-    X = tri._tri_solve_torch(Q, K, V, lam)
+    X = ref.tri_solve_torch(Q, K, V, lam)
     np.testing.assert_allclose(X.numpy(), scipy_solve(T, V), rtol=0, atol=1e-12 * fro(X).max())
-    torch.testing.assert_close(tri._tri_inv_chunked_torch(Q, K, lam, chunk), Y, rtol=0, atol=1e-13)
+    torch.testing.assert_close(ref.tri_inv_chunked_torch(Q, K, lam, chunk), Y, rtol=0, atol=1e-13)
     torch.testing.assert_close(
-        tri._tri_solve_chunked_torch(Q, K, V, lam, chunk), X, rtol=0, atol=1e-12
+        ref.tri_solve_chunked_torch(Q, K, V, lam, chunk), X, rtol=0, atol=1e-12
     )
 
 
@@ -250,7 +251,7 @@ def test_large(n, d, dtype):
 )
 def test_deltanet_entries_bounded(n, d, seed, dtype):
     """Λ = I, Q = K, ‖k_i‖ ≤ 1 ⇒ every entry of T⁻¹ lies in [−1, 1] (products of contractions),
-    and Y_ti = −k_iᵀ (I − k_{i+1}k_{i+1}ᵀ)…(I − k_{t−1}k_{t−1}ᵀ) k_t (math spec §5.3)."""
+    and Y_ti = −k_iᵀ (I − k_{i+1}k_{i+1}ᵀ)…(I − k_{t−1}k_{t−1}ᵀ) k_t (docs/math.md §5.3)."""
     g = torch.Generator().manual_seed(seed)
     K = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
     K = K * torch.rand(n, 1, generator=g, dtype=torch.float64) ** 0.25  # norms in (0, 1]
@@ -365,7 +366,7 @@ def test_exports():
 
 
 # --------------------------------------------------------------------------------------------
-# bad inputs (CONVENTIONS.md table)
+# bad inputs
 # --------------------------------------------------------------------------------------------
 
 
@@ -398,8 +399,6 @@ def test_zero_diagonal_names_index():
 def test_scalar_diagonal_is_checked_on_the_host(monkeypatch, diag):
     """A None/number diagonal needs no device test: with check_finite=False no host sync (the
     one fetch of ``assert_all_finite``) remains, which a CUDA-graph replay would wait on."""
-    import matfn.triangular as tri
-
     Q, K, V, _, _ = TriCase((2,), 9, 2, 2, 0.5, "pos", 0).build()
     expect = tri_solve(Q, K, V, diag)
 

@@ -1,22 +1,20 @@
-r"""O(n²) inverse and O(n) solve of diagonal-plus-low-rank lower-triangular matrices.
+r"""``tri_inv`` / ``tri_solve``: diagonal-plus-low-rank lower-triangular matrices in O(n²) / O(n).
 
 The matrix is ``T = Λ + tril(Q Kᵀ, −1)`` with ``Q, K ∈ ℝ^{n×d}`` (``n ≫ d``) and
-``Λ = diag(λ)`` without zeros (math spec §5). Its strictly lower part has rank ``d``, so
+``Λ = diag(λ)`` without zeros (docs/math.md §5). Its strictly lower part has rank ``d``, so
 
 * ``tri_inv`` forms ``T⁻¹`` in ``O(n² d)`` FLOPs instead of the ``n³/3`` of dense inversion, and
 * ``tri_solve`` computes ``T⁻¹ V`` in ``O(n d e)`` without forming ``T⁻¹``.
 
-Three torch forms live here, each the blueprint of the next:
+This module validates, picks the path and calls it. The modules of the package:
 
-``_tri_inv_torch`` / ``_tri_solve_torch``
-    The row recursion (forward substitution through the ``d``-dimensional state
-    ``S_i = K[:i]ᵀ Y[:i]``). Readable, one Python step per row.
-``_tri_inv_chunked_torch`` / ``_tri_solve_chunked_torch``
-    Chunks of ``C`` rows: a dense ``C×C`` triangular inverse inside a chunk and a ``d×n``
-    (``d×e``) state passed across chunks. This is the CPU path.
-:mod:`matfn.kernels.triangular`
-    The Triton kernels for CUDA tensors: chunk inverses, then a divide-and-conquer over
-    ``log₂(n/C)`` levels for the inverse and a two-level (group) scan for the solve.
+``reference``
+    The torch forms: the row recursion (the readable oracle) and the chunked form (the CPU path).
+``config``
+    The frozen tuning of the kernels, one config per op (no Triton).
+``chunk``, ``inverse``, ``solve`` (``scan``, ``tree``, ``schedule``)
+    The Triton kernels and launchers for CUDA float32 tensors, imported on first use
+    (:func:`_launchers`).
 """
 
 from __future__ import annotations
@@ -27,13 +25,19 @@ from numbers import Real
 
 import torch
 
-from . import _graphs
-from ._validation import assert_all_finite, check_matrix, check_same_device, non_finite_error
+from matfn import _graphs
+from matfn._backend import use_triton
+from matfn._validation import (
+    assert_all_finite,
+    check_matrix,
+    check_same_device,
+    non_finite_error,
+)
+
+from .config import SOLVE_MAX_D, inv_config, solve_config
+from .reference import DEFAULT_CHUNK, tri_inv_chunked_torch, tri_solve_chunked_torch
 
 __all__ = ["tri_inv", "tri_solve", "SingularTriangularError"]
-
-#: Default chunk size ``C`` of the chunked forms (and of the Triton kernels).
-DEFAULT_CHUNK = 64
 
 
 class SingularTriangularError(ZeroDivisionError, ValueError):
@@ -137,116 +141,6 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------
-# torch references
-# ---------------------------------------------------------------------------------------------
-
-
-def _tri_inv_torch(Q: torch.Tensor, K: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """Row recursion for ``T⁻¹``; ``Q, K`` are ``(B, n, d)``, ``λ`` is ``(B, n)``.
-
-    Row ``i`` of ``T Y = I`` reads ``λ_i Y_i + q_iᵀ S_i = e_i`` with the state
-    ``S_i = Σ_{j<i} k_j Y_j`` (``d×n``), so ``Y_i = (e_i − q_iᵀ S_i)/λ_i`` and
-    ``S_{i+1} = S_i + k_i Y_i``. Cost ``4 n² d`` FLOPs, ``n`` sequential steps.
-    """
-    B, n, d = Q.shape
-    Y = Q.new_zeros(B, n, n)
-    S = Q.new_zeros(B, d, n)
-    for i in range(n):
-        row = -(Q[:, i, None, :] @ S).squeeze(1)
-        row[:, i] += 1
-        row = row / lam[:, i, None]
-        Y[:, i] = row
-        S += K[:, i, :, None] * row[:, None, :]
-    return Y
-
-
-def _tri_solve_torch(
-    Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, lam: torch.Tensor
-) -> torch.Tensor:
-    """Row recursion for ``T⁻¹ V``: ``x_i = (v_i − q_iᵀ S)/λ_i``, ``S += k_i x_iᵀ`` (d×e state)."""
-    B, n, d = Q.shape
-    X = V.new_zeros(V.shape)
-    S = V.new_zeros(B, d, V.shape[-1])
-    for i in range(n):
-        x = (V[:, i] - (Q[:, i, None, :] @ S).squeeze(1)) / lam[:, i, None]
-        X[:, i] = x
-        S += K[:, i, :, None] * x[:, None, :]
-    return X
-
-
-def _chunk_blocks(
-    Q: torch.Tensor, K: torch.Tensor, lam: torch.Tensor, chunk_size: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All chunks at once: ``Q_c, K_c`` ``(B, NC, C, d)`` and ``Y_cc = T_cc⁻¹`` ``(B, NC, C, C)``.
-
-    ``n`` is padded to ``NC·C`` with zero rows of ``Q, K`` and ``λ = 1``; padding sits after the
-    real rows of the last chunk, so the top-left block of its inverse is the real one.
-    """
-    B, n, d = Q.shape
-    C = chunk_size
-    NC = -(-n // C)
-    pad = NC * C - n
-    Qc = torch.nn.functional.pad(Q, (0, 0, 0, pad)).view(B, NC, C, d)
-    Kc = torch.nn.functional.pad(K, (0, 0, 0, pad)).view(B, NC, C, d)
-    lc = torch.nn.functional.pad(lam, (0, pad), value=1.0).view(B, NC, C)
-    Tcc = torch.diag_embed(lc) + torch.tril(Qc @ Kc.mT, -1)
-    eye = torch.eye(C, dtype=Q.dtype, device=Q.device)
-    return Qc, Kc, torch.linalg.solve_triangular(Tcc, eye, upper=False)
-
-
-def _tri_inv_chunked_torch(
-    Q: torch.Tensor, K: torch.Tensor, lam: torch.Tensor, chunk_size: int = DEFAULT_CHUNK
-) -> torch.Tensor:
-    """Chunked ``T⁻¹`` (math spec §5.2): ``C×C`` inverses and a ``d×n`` state across chunks.
-
-    All chunk inverses ``Y_cc`` and ``P_c = Y_cc Q_c`` are formed in one batched call; then for
-    the chunk ``[l, e)``: ``Y[l:e, :l] = −P_c Z[:, :l]`` and ``Z[:, :e] += K_cᵀ Y[l:e, :e]`` with
-    ``Z = K[:l]ᵀ T[:l,:l]⁻¹``. Cost ``≈ (2d + C) n²`` FLOPs.
-    """
-    B, n, d = Q.shape
-    C = chunk_size
-    Qc, Kc, Ycc = _chunk_blocks(Q, K, lam, C)
-    Pc = Ycc @ Qc
-    Y = Q.new_zeros(B, n, n)
-    Z = Q.new_zeros(B, d, n)
-    for c in range(Ycc.shape[1]):
-        l, e = c * C, min(c * C + C, n)
-        if l:
-            Y[:, l:e, :l] = -Pc[:, c, : e - l] @ Z[:, :, :l]
-        Y[:, l:e, l:e] = Ycc[:, c, : e - l, : e - l]
-        if e < n:
-            Z[:, :, :e] += Kc[:, c, : e - l].mT @ Y[:, l:e, :e]
-    return Y
-
-
-def _tri_solve_chunked_torch(
-    Q: torch.Tensor,
-    K: torch.Tensor,
-    V: torch.Tensor,
-    lam: torch.Tensor,
-    chunk_size: int = DEFAULT_CHUNK,
-) -> torch.Tensor:
-    """Chunked ``T⁻¹ V``: ``X_c = U_c − P_c Z``, ``Z += K_cᵀ X_c`` (``Z`` is d×e).
-
-    The chunk-local ``U_c = Y_cc V_c`` and ``P_c = Y_cc Q_c`` are formed for all chunks in one
-    batch; the loop is two small products per chunk. Cost ``≈ n (4 d e + 2 C e + 2 C d)``.
-    """
-    B, n, d = Q.shape
-    C = chunk_size
-    Qc, Kc, Ycc = _chunk_blocks(Q, K, lam, C)
-    NC = Ycc.shape[1]
-    Vc = torch.nn.functional.pad(V, (0, 0, 0, NC * C - n)).view(B, NC, C, V.shape[-1])
-    Uc, Pc = Ycc @ Vc, Ycc @ Qc
-    X = torch.empty_like(Uc)
-    Z = V.new_zeros(B, d, V.shape[-1])
-    for c in range(NC):
-        X[:, c] = Uc[:, c] - Pc[:, c] @ Z
-        if c + 1 < NC:
-            Z += Kc[:, c].mT @ X[:, c]
-    return X.view(B, NC * C, -1)[:, :n]
-
-
-# ---------------------------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------------------------
 
@@ -264,10 +158,16 @@ def _prepare(
     return Qf, Kf, Vf, lamf
 
 
-def _use_kernels(*tensors: torch.Tensor) -> bool:
-    from .kernels import dispatch
+@functools.cache
+def _launchers():
+    """The launcher modules ``(inverse, solve)``: the one lazy import of the package.
 
-    return dispatch.use_triton(*tensors)
+    The Triton modules are imported when a CUDA path first runs, so ``import matfn`` does not
+    import Triton.
+    """
+    from . import inverse, solve
+
+    return inverse, solve
 
 
 def tri_inv(
@@ -289,15 +189,17 @@ def tri_inv(
         The diagonal ``λ`` of ``Λ``: ``None`` (identity, the default), a number, or a tensor that
         broadcasts to ``(..., n)``. Every entry must be nonzero; negative values are fine.
     chunk_size : int
-        Rows per chunk ``C`` (results agree to rounding for every ``C``).
+        Rows per chunk ``C`` (results agree to rounding for every ``C``). The CUDA kernels take
+        the request rounded up to a power of two in ``[16, 64]``
+        (:func:`matfn.triangular.config.inv_config`).
     check_finite : bool
         Raise on NaN/Inf in the inputs (one host sync for all of them, shared with the
         zero-pivot test of a tensor ``diag``).
     cuda_graph : bool
         Replay the kernels from a CUDA graph captured for this input geometry
         (:mod:`matfn._graphs`): eager CUDA calls are bound by the host issuing about 8 Triton
-        launches (0.6–0.7 ms of host time against 0.14 ms of GPU work at n = 4096, d = 128 on
-        the H200). The first call per geometry runs eagerly and captures. The input checks
+        launches, several times the GPU work at n = 4096, d = 128 (docs/benchmarks.md). The
+        first call per geometry runs eagerly and captures. The input checks
         still run eagerly: one host sync with ``check_finite=True`` or a tensor ``diag`` (its
         zero-pivot test), none with ``check_finite=False`` and ``diag`` None or a number.
         Ignored on CPU and under autograd.
@@ -322,7 +224,7 @@ def tri_inv(
     Notes
     -----
     Row ``i`` of ``T Y = I`` gives ``Y_i = (e_i − q_iᵀ S_i)/λ_i`` with the ``d×n`` state
-    ``S_i = K[:i]ᵀ Y[:i]``. In chunks of ``C`` rows (math spec §5.2):
+    ``S_i = K[:i]ᵀ Y[:i]``. In chunks of ``C`` rows (docs/math.md §5.2):
 
     ``Y_cc = T_cc⁻¹``, ``Y[c, :l] = −Y_cc Q_c (K[:l]ᵀ Y[:l, :l])``.
 
@@ -377,12 +279,11 @@ def _tri_inv(Q, K, lam, *, dtype: torch.dtype, chunk_size: int) -> torch.Tensor:
     """tri_inv of validated, non-empty inputs (the part a CUDA graph captures)."""
     n, d = Q.shape[-2:]
     Qf, Kf, _, lamf = _prepare(Q, K, None, lam, dtype)
-    if d > 0 and _use_kernels(Qf) and Qf.dtype == torch.float32:
-        from .kernels.triangular import tri_inv_triton
-
-        Y = tri_inv_triton(Qf, Kf, lamf, **_kernel_options("inv", chunk_size))
+    if d > 0 and use_triton(Qf) and Qf.dtype == torch.float32:
+        inverse, _ = _launchers()
+        Y = inverse.tri_inv_triton(Qf, Kf, lamf, config=inv_config(chunk_size))
     else:
-        Y = _tri_inv_chunked_torch(Qf, Kf, lamf, chunk_size)
+        Y = tri_inv_chunked_torch(Qf, Kf, lamf, chunk_size)
     return Y.reshape(*Q.shape[:-2], n, n).to(dtype)
 
 
@@ -408,12 +309,13 @@ def tri_solve(
         The diagonal ``λ`` (``None`` = identity, a number, or a tensor broadcasting to
         ``(..., n)``); no zeros.
     chunk_size : int
-        Rows per chunk ``C``.
+        Rows per chunk ``C``; the CUDA kernels take the request rounded up to a power of two in
+        ``[16, 32]`` (:func:`matfn.triangular.config.solve_config`).
     check_finite : bool
         Raise on NaN/Inf in the inputs.
     cuda_graph : bool
-        As in :func:`tri_inv` (eager: 0.35–0.4 ms of host time for 0.10 ms of GPU work at
-        n = 4096, d = e = 128 on the H200).
+        As in :func:`tri_inv`; under capture, small batches (``B·n ≤ 1024``) take the tree
+        solve, which has no sequential chain.
 
     Returns
     -------
@@ -432,7 +334,7 @@ def tri_solve(
 
     Notes
     -----
-    Chunk recursion (math spec §5.2): ``X_c = T_cc⁻¹ (V_c − Q_c Z)``, ``Z ← Z + K_cᵀ X_c`` with
+    Chunk recursion (docs/math.md §5.2): ``X_c = T_cc⁻¹ (V_c − Q_c Z)``, ``Z ← Z + K_cᵀ X_c`` with
     the ``d×e`` state ``Z = K[:l]ᵀ X[:l]`` (the DeltaNet state ``Sᵀ`` for ``Λ = I``, ``Q = K``).
     Cost ``≈ n (4 d e + C e)`` FLOPs plus the chunk-local solves. On CUDA the Triton path runs
     either a two-level scan — chunk-local solves of ``[V | Q]`` inside groups of chunks
@@ -441,7 +343,7 @@ def tri_solve(
     the last two in one flag-driven launch that overlaps the groups' chunk solves —
     or, while a CUDA graph is being captured and the batch has at most 1024 rows, a divide and
     conquer over ``⌈log₂(n/C)⌉`` parallel levels (``[X₂ | P₂] −= P₂ K₁ᵀ[X₁ | P₁]`` per pair of
-    blocks, no sequential chain, 2.4× the FLOPs; :mod:`matfn.kernels.triangular`).
+    blocks, no sequential chain, 2.4× the FLOPs; :mod:`matfn.triangular.solve`).
     Accuracy and conditioning are those of forward substitution; see :func:`tri_inv`.
 
     References
@@ -476,33 +378,9 @@ def _tri_solve(Q, K, V, lam, *, dtype: torch.dtype, chunk_size: int) -> torch.Te
     """tri_solve of validated, non-empty inputs (the part a CUDA graph captures)."""
     d = Q.shape[-1]
     Qf, Kf, Vf, lamf = _prepare(Q, K, V, lam, dtype)
-    if 0 < d <= 128 and _use_kernels(Qf) and Qf.dtype == torch.float32:
-        from .kernels.triangular import tri_solve_triton
-
-        X = tri_solve_triton(Qf, Kf, Vf, lamf, **_kernel_options("solve", chunk_size))
+    if 0 < d <= SOLVE_MAX_D and use_triton(Qf) and Qf.dtype == torch.float32:
+        _, solve = _launchers()
+        X = solve.tri_solve_triton(Qf, Kf, Vf, lamf, config=solve_config(chunk_size))
     else:
-        X = _tri_solve_chunked_torch(Qf, Kf, Vf, lamf, chunk_size)
+        X = tri_solve_chunked_torch(Qf, Kf, Vf, lamf, chunk_size)
     return X.reshape(V.shape).to(dtype)
-
-
-def _kernel_chunk(chunk_size: int) -> int:
-    """The kernels take a power-of-two chunk in [16, 64]; round the request to one."""
-    c = 1 << max(0, (chunk_size - 1).bit_length())
-    return min(64, max(16, c))
-
-
-def _kernel_options(op: str, chunk_size: int) -> dict:
-    """Launcher options, from the H100 measurements in docs/benchmarks.md (session 4).
-
-    Dense chunk kernel with ``"3xtf32"`` dots everywhere (fp32-accurate, ≈ 1e-6 relative at
-    n = 4096). The inverse keeps ``C = 64`` (n = 4096: 0.148 ms graph-replayed, against 0.21 for
-    ``C = 32``; DeltaNet's 8192 single chunks: 0.635 ms, against 0.90 for the blocked fp32-FMA
-    kernel); the solve takes ``C = 32`` (scan: 0.100 ms against 0.116 for ``C = 64``; session
-    10's fused scan on the H200: 0.076 ms against 0.116 for ``C = 16``; session 11's: 0.072
-    against 0.088–0.099 for ``C = 64``; the launcher picks scan or tree). A smaller requested
-    chunk is honoured.
-    """
-    C = _kernel_chunk(chunk_size)
-    if op == "solve":
-        C = min(C, 32)
-    return {"chunk_size": C, "precision": "3xtf32"}
