@@ -34,5 +34,5 @@ TAIL=60 run newton_schulz 420 python3 benchmarks/gpu_newton_schulz.py --json "$O
 run tma 330 python3 benchmarks/gpu_newton_schulz.py --sections tma --json "$OUT/tma.json"
 run tma_sweep 330 python3 benchmarks/gpu_tma_sweep.py --sections host,dispatch --json "$OUT/tma_sweep.json"
 run triangular 280 python3 benchmarks/gpu_triangular.py --json "$OUT/tri.json"
-run triangular_parts 120 python3 benchmarks/gpu_triangular_parts.py --sections timeline,chunk --json "$OUT/tri_parts.json"
+run triangular_parts 120 python3 benchmarks/gpu_triangular_parts.py --sections chunk,group,state,solve --json "$OUT/tri_parts.json"
 run derivatives 45 python3 benchmarks/gpu_derivatives.py --sizes 256 1024 2048 --reps 2
