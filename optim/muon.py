@@ -489,6 +489,7 @@ class Muon(Optimizer):
         self.__dict__.setdefault("_strategy", Strategy())
         for group in self.param_groups:
             group.setdefault("cuda_graphs", False)
+            group.setdefault("adamw_lr_ref", None)  # pickled before AdamW lrs were scheduled
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group: validate it, resolve ``ns_steps`` and the AdamW lr, check the routing.
@@ -504,12 +505,16 @@ class Muon(Optimizer):
         own_lr, own_adamw_lr = "lr" in own, own.get("adamw_lr") is not None
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _check_hyper(group)
-        _resolve_ns_steps(group)
-        if group["use_muon"]:
-            for p in group["params"]:
-                matrix_shape(p.shape, group["matrix_view"])  # raises for ndim < 2
-        _route_adamw_lr(group, own_lr=own_lr, own_adamw_lr=own_adamw_lr)
+        try:
+            _check_hyper(group)
+            _resolve_ns_steps(group)
+            if group["use_muon"]:
+                for p in group["params"]:
+                    matrix_shape(p.shape, group["matrix_view"])  # raises for ndim < 2
+            _route_adamw_lr(group, own_lr=own_lr, own_adamw_lr=own_adamw_lr)
+        except (TypeError, ValueError):
+            self.param_groups.pop()  # a rejected group is not half-added
+            raise
         if "_strategy" in self.__dict__:  # after construction (the constructor warns once)
             _warn_embedding_like([group], stacklevel=3)
 
@@ -631,7 +636,7 @@ class Muon(Optimizer):
                 group.setdefault(key, value)
             _resolve_ns_steps(group)
             if foreign:
-                _route_adamw_lr(group, own_lr=True, own_adamw_lr=False)
+                _route_adamw_lr(group, own_lr=True, own_adamw_lr=False, loading=True)
         ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(ids, params, strict=True):
@@ -671,11 +676,15 @@ def _resolve_ns_steps(group: dict[str, Any]) -> None:
         group["ns_steps"] = steps
 
 
-def _route_adamw_lr(group: dict[str, Any], *, own_lr: bool, own_adamw_lr: bool) -> None:
+def _route_adamw_lr(
+    group: dict[str, Any], *, own_lr: bool, own_adamw_lr: bool, loading: bool = False
+) -> None:
     """Make the group's AdamW lr one that LR schedulers scale (see :class:`Muon`).
 
     ``own_lr``/``own_adamw_lr``: whether the group itself (not the constructor's defaults) set
-    ``lr``/``adamw_lr``.
+    ``lr``/``adamw_lr``. ``loading``: a group of a foreign (torch.optim.Muon) checkpoint, whose
+    lr may be mid-schedule: the ratio is taken to its ``initial_lr``, and where that is 0 the
+    AdamW lr stays constant instead of raising.
     """
     alr = group["adamw_lr"]
     if group["use_muon"] is not None and not group["use_muon"]:
@@ -689,7 +698,9 @@ def _route_adamw_lr(group: dict[str, Any], *, own_lr: bool, own_adamw_lr: bool) 
         group["adamw_lr"] = None
         group["adamw_lr_ref"] = None
     elif group["use_muon"] is None and alr is not None and group["adamw_lr_ref"] is None:
-        ref = float(group["lr"])
+        ref = float(group.get("initial_lr", group["lr"]) if loading else group["lr"])
+        if loading and not ref > 0:
+            return
         if not ref > 0:
             raise ValueError(
                 "`adamw_lr` in a group routed by ndim follows the group's lr by ratio, which "

@@ -505,3 +505,17 @@ def test_functional_forms_skip_zero_size_parameters():
             kwargs["group"] = {"msign": "polar_express", "eps": 1e-7}
         fn(params, grads, bufs, **kwargs)
         assert not torch.equal(params[1], W[0]) and torch.isfinite(params[1]).all()
+
+
+def test_torch_checkpoint_saved_mid_warmup_loads_with_adamw_lr():
+    """A torch.optim.Muon group saved at lr 0 (warm-up) takes its ratio from initial_lr."""
+    ps = _leaves(_tensors([(6, 4)], 0))
+    topt = torch.optim.Muon(ps, lr=0.02)
+    LambdaLR(topt, lambda s: 0.0)
+    opt = Muon(_leaves(_tensors([(6, 4)], 0)), lr=0.02, adamw_lr=1e-3)
+    opt.load_state_dict(topt.state_dict())
+    group = opt.param_groups[0]
+    assert group["lr"] == 0.0 and group["adamw_lr_ref"] == 0.02 and group["ns_steps"] == 5
+    with pytest.raises(ValueError, match="lr > 0"):  # a new group has no schedule to follow
+        opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)], "lr": 0.0})
+    assert len(opt.param_groups) == 1  # the rejected group is not kept
