@@ -472,7 +472,7 @@ class Muon(Optimizer):
         )
         _check_hyper(defaults)
         super().__init__(params, defaults)
-        _warn_embedding_like(self.param_groups, stacklevel=3)
+        _warn_embedding_like(self.param_groups, stacklevel=2)
         self._graphs = BucketGraphs()  # captured bucket graphs: a cache, not state
         params_ = [p for g in self.param_groups for p in g["params"]]
         self._strategy: Strategy = choose_strategy(params_, process_group)
@@ -516,7 +516,7 @@ class Muon(Optimizer):
             self.param_groups.pop()  # a rejected group is not half-added
             raise
         if "_strategy" in self.__dict__:  # after construction (the constructor warns once)
-            _warn_embedding_like([group], stacklevel=3)
+            _warn_embedding_like([group], stacklevel=2)
 
     @staticmethod
     def _uses_muon(p: Tensor, group: Mapping[str, Any]) -> bool:

@@ -409,10 +409,12 @@ def test_warns_when_model_parameters_route_an_embedding_to_muon():
         nn.Linear(256, 64, device=meta),
         nn.Linear(64, 8192, device=meta),
     )
-    with pytest.warns(UserWarning, match=r"\(8192, 64\), \(8192, 64\).*muon_param_groups"):
+    with pytest.warns(UserWarning, match=r"\(8192, 64\), \(8192, 64\).*muon_param_groups") as w:
         opt = Muon(model.parameters())
-    with pytest.warns(UserWarning, match="embedding"):  # add_param_group after construction
+    assert w[0].filename == __file__  # points at the caller's line
+    with pytest.warns(UserWarning, match="embedding") as w:  # add_param_group, after construction
         opt.add_param_group({"params": [torch.empty(10000, 16, device=meta, requires_grad=True)]})
+    assert w[0].filename == __file__
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Muon(muon_param_groups(model))
