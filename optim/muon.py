@@ -382,7 +382,7 @@ class Muon(Optimizer):
     -----
     **LR schedulers.** Every group's ``lr`` is scheduled, AdamW's included (see above);
     ``initial_lr`` is set by the scheduler as usual. A hand-written schedule scales each
-    group's own lr (``g["lr"] = g["initial_lr"] * f(step)``); writing one lr into every group
+    group's own base lr (``g["lr"] = base_lrs[i] * f(step)``); writing one lr into every group
     would give the AdamW groups Muon's. ``OneCycleLR``'s momentum cycling (its
     default ``cycle_momentum=True``) cycles the ``momentum`` key, i.e. Muon's μ, between
     ``base_momentum`` and ``max_momentum``; AdamW's β₁ (``adamw_betas[0]``) is not cycled.
