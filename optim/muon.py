@@ -293,9 +293,9 @@ class Muon(Optimizer):
     * in a group routed by ndim (``use_muon`` None) that holds matrices and vectors, AdamW's lr
       follows the group's: ``adamw_lr · lr / adamw_lr_ref``, ``adamw_lr_ref`` being the
       group's lr when it was added (``adamw_lr`` None: ``lr`` itself);
-    * a group whose ``adamw_lr`` is set but ``adamw_lr_ref`` is None (a checkpoint saved before
-      AdamW groups were scheduled, or a value assigned to the key afterwards) keeps that
-      constant lr.
+    * a group whose ``adamw_lr`` is set but ``adamw_lr_ref`` is None (a checkpoint group
+      without the ``adamw_lr_ref`` key, or a value assigned to ``adamw_lr`` afterwards) runs
+      AdamW at that constant lr, so such checkpoints resume as they were trained.
 
     Parameters
     ----------
@@ -491,7 +491,7 @@ class Muon(Optimizer):
         self.__dict__.setdefault("_strategy", Strategy())
         for group in self.param_groups:
             group.setdefault("cuda_graphs", False)
-            group.setdefault("adamw_lr_ref", None)  # pickled before AdamW lrs were scheduled
+            group.setdefault("adamw_lr_ref", None)  # a pickle without the key: constant adamw_lr
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group: validate it, resolve ``ns_steps`` and the AdamW lr, check the routing.

@@ -211,8 +211,8 @@ def test_which_lr_a_use_muon_false_group_gets():
 
 
 def test_checkpoint_with_a_constant_adamw_lr_keeps_it():
-    """A group saved before AdamW groups carried their lr (adamw_lr set, no ref) still runs
-    AdamW at that constant lr, whatever the group's lr says."""
+    """A checkpoint group with adamw_lr set and no adamw_lr_ref runs AdamW at that constant
+    lr, whatever the group's lr says (it resumes as it was trained)."""
     vecs = _tensors([(6,)], 0)
     a, b = _leaves(vecs), _leaves(vecs)
     opt = Muon([{"params": a, "use_muon": False}], lr=0.02)
