@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,14 +35,19 @@ from matfn.functional import (
 
 __all__ = [
     "ADJUST_LR_FNS",
+    "DEFAULT_NS_STEPS",
     "LOW_PRECISION",
+    "MAX_NS_STEPS",
     "MUON_KEYS",
     "adjust_lr_ratio",
     "apply_",
     "buckets",
+    "drop_empty",
+    "is_triple",
     "iteration_dtype_of",
     "matrix_shape",
     "momentum_inputs",
+    "ns_table",
     "orthogonalize",
     "orthogonalize_bucket",
     "runs",
@@ -50,6 +56,12 @@ __all__ = [
 ]
 
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
+#: Newton–Schulz steps of a fixed ``ns_coefficients`` triple when ``ns_steps`` is None (torch's).
+DEFAULT_NS_STEPS = 5
+#: ``ns_steps`` must stay below this (torch.optim.Muon's limit).
+MAX_NS_STEPS = 100
+#: One Newton–Schulz step ``X ← aX + (bA + cA²)X``.
+Coefficients = tuple[float, float, float]
 #: Parameters stored in these dtypes keep their momentum buffer in float32.
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 #: The keys of a param group that :func:`orthogonalize` and the matrix view read.
@@ -122,6 +134,36 @@ def iteration_dtype_of(group: Mapping[str, Any], X: Tensor) -> torch.dtype:
 # --------------------------------------------------------------------------------------------
 
 
+def is_triple(value: object) -> bool:
+    """Whether ``value`` is one ``(a, b, c)`` of real numbers (not a table of them)."""
+    if isinstance(value, str | bytes | Tensor) or not isinstance(value, Sequence):
+        return False
+    return len(value) == 3 and all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value
+    )
+
+
+def ns_table(
+    coefficients: Coefficients | Sequence[Coefficients], steps: int | None
+) -> list[Coefficients]:
+    """The per-step Newton–Schulz table of ``ns_coefficients`` and ``ns_steps``.
+
+    One triple ``(a, b, c)``: that quintic for each of ``steps`` steps (default 5, torch's).
+    A table ``[(a₁, b₁, c₁), …]``: row ``t`` at step ``t``; ``steps`` must be None or its
+    length. A table is how tuned schedules (Polar Express, …) vary the polynomial per step.
+    """
+    if is_triple(coefficients):
+        row = tuple(float(v) for v in coefficients)
+        return [row] * (DEFAULT_NS_STEPS if steps is None else steps)  # type: ignore[list-item]
+    table = [tuple(float(v) for v in row) for row in coefficients]  # type: ignore[union-attr]
+    if steps is not None and steps != len(table):
+        raise ValueError(
+            f"`ns_steps`={steps} does not match the {len(table)}-step `ns_coefficients` table; "
+            "pass ns_steps=None or the table's length"
+        )
+    return table  # type: ignore[return-value]
+
+
 def _mclip_wide(X: Tensor, group: Mapping[str, Any], compute_dtype: torch.dtype) -> Tensor:
     """``mclip(X_b / c_b)`` with ``c_b = κ·‖X_b‖_F/√s``: singular values ``min(σ/c, 1)``."""
     eps = group["eps"]
@@ -148,9 +190,11 @@ def orthogonalize(X: Tensor, group: Mapping[str, Any], norms: Tensor | None = No
 
     ``update="msign"``: ``msign(X_b) ≈ U Vᵀ`` by Newton–Schulz. With ``ns_coefficients=(a, b, c)``
     this is torch.optim.Muon's fixed quintic: ``X₀ = X / max(‖X‖_F, eps)``, then ``ns_steps``
-    (default 5) steps ``X ← aX + (bA + cA²)X``, ``A = XXᵀ``; otherwise the ``msign`` method's
-    schedule (:func:`matfn.msign`). ``update="mclip"``: ``mclip(X_b / c_b)`` with
-    ``c_b = mclip_scale·‖X_b‖_F/√s``: singular values ``min(σ/c, 1)`` (docs/math.md §3).
+    (default 5) steps ``X ← aX + (bA + cA²)X``, ``A = XXᵀ``; with a table
+    ``[(a₁, b₁, c₁), …]`` the same normalisation and row ``t`` at step ``t``
+    (:func:`ns_table`); otherwise the ``msign`` method's schedule (:func:`matfn.msign`).
+    ``update="mclip"``: ``mclip(X_b / c_b)`` with ``c_b = mclip_scale·‖X_b‖_F/√s``: singular
+    values ``min(σ/c, 1)`` (docs/math.md §3).
 
     Only the keys ``msign, ns_coefficients, ns_steps, eps, ns_algorithm, ns_dtype, update,
     mclip_scale`` of ``group`` are read. Returns ``(B, n, m)`` in the iteration dtype
@@ -174,8 +218,7 @@ def orthogonalize(X: Tensor, group: Mapping[str, Any], norms: Tensor | None = No
         O = _mclip_wide(X, group, compute_dtype)
     elif coefficients is not None:
         X0 = normalize_for_iteration(X, 1.0, eps, compute_dtype, norms)
-        coeffs = [tuple(float(v) for v in coefficients)] * (5 if steps is None else steps)
-        O = run_newton_schulz(X0, coeffs, algorithm)
+        O = run_newton_schulz(X0, ns_table(coefficients, steps), algorithm)
     else:
         O = msign_wide(
             X,
@@ -241,6 +284,21 @@ def momentum_inputs(
         for i, r in zip(mixed, res, strict=True):
             out[i] = r
     return out  # type: ignore[return-value]
+
+
+def drop_empty(
+    params: list[Tensor], grads: list[Tensor], bufs: list[Tensor]
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """The ``(param, grad, buffer)`` lists without parameters that have a zero-size dimension.
+
+    Such a parameter has nothing to update, and its shape factor ``r(A, B)`` divides by zero.
+    ``numel`` of a DTensor is the global one, so every rank drops the same parameters (an
+    empty local shard of a non-empty matrix is kept: the collectives need it).
+    """
+    if all(p.numel() for p in params):
+        return params, grads, bufs
+    keep = [i for i, p in enumerate(params) if p.numel()]
+    return [params[i] for i in keep], [grads[i] for i in keep], [bufs[i] for i in keep]
 
 
 def foreach_ok(tensors: list[Tensor]) -> bool:

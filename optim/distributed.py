@@ -63,6 +63,7 @@ from ._math import (
     MUON_KEYS,
     adjust_lr_ratio,
     apply_,
+    drop_empty,
     iteration_dtype_of,
     matrix_shape,
     momentum_inputs,
@@ -382,7 +383,8 @@ def distributed_muon(
     ----------
     params, grads, momentum_bufs : list of Tensor
         Same-length lists; DTensors (any mix of placements) or plain tensors. ``params`` and
-        ``momentum_bufs`` are updated in place; ``grads`` are not modified.
+        ``momentum_bufs`` are updated in place; ``grads`` are not modified. Parameters with a
+        zero-size (global) dimension are skipped.
     lr, weight_decay, momentum, nesterov, adjust_lr_fn
         As in :class:`optim.Muon`.
     group : mapping
@@ -403,6 +405,7 @@ def distributed_muon(
     to-all out and back: ``2·numel/W`` elements per matrix); replicated parameters all-gather
     ``numel`` elements per matrix. 3-D expert weights sharded on the expert dimension: none.
     """
+    params, grads, momentum_bufs = drop_empty(params, grads, momentum_bufs)
     if not params:
         return
     lr = to_scalar(lr)

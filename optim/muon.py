@@ -12,7 +12,9 @@ distributed steps are :mod:`optim.distributed`. The math is docs/math.md §7.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -26,12 +28,17 @@ from . import _fused
 from ._fused import BucketGraphs
 from ._math import (
     ADJUST_LR_FNS,
+    DEFAULT_NS_STEPS,
     LOW_PRECISION,
+    MAX_NS_STEPS,
     MUON_KEYS,
+    Coefficients,
     adjust_lr_ratio,
     apply_,
     buckets,
+    drop_empty,
     foreach_ok,
+    is_triple,
     iteration_dtype_of,
     matrix_shape,
     momentum_inputs,
@@ -46,6 +53,7 @@ from .distributed import Strategy, choose_strategy, init_state
 __all__ = [
     "Muon",
     "adjust_lr_ratio",
+    "looks_like_embedding",
     "matrix_shape",
     "muon",
     "muon_param_groups",
@@ -57,7 +65,16 @@ AdjustLR = Literal["original", "match_rms_adamw"] | None
 Update = Literal["msign", "mclip"]
 MatrixView = Literal["auto", "flatten", "batch"]
 
+NSCoefficients = Coefficients | Sequence[Coefficients]
+
 UPDATES = ("msign", "mclip")
+#: AdamW betas when neither ``adamw_betas`` nor its alias ``betas`` is given.
+DEFAULT_ADAMW_BETAS = (0.9, 0.95)
+#: :func:`looks_like_embedding`: the long side of an embedding/head-like matrix is at least
+#: this many rows (vocabulary sizes; hidden widths of 8192 are rare) ...
+EMBEDDING_MIN_ROWS = 8192
+#: ... and more than this many times the short side (an MLP's 4× expansion is not flagged).
+EMBEDDING_MIN_ASPECT = 4
 MATRIX_VIEWS = ("auto", "flatten", "batch")
 NS_ALGORITHMS = ("auto", "standard", "gram")
 
@@ -171,7 +188,7 @@ def muon(
     weight_decay: float,
     momentum: float,
     nesterov: bool,
-    ns_coefficients: tuple[float, float, float] | None = None,
+    ns_coefficients: NSCoefficients | None = None,
     ns_steps: int | None = None,
     eps: float = 1e-7,
     adjust_lr_fn: AdjustLR = None,
@@ -193,11 +210,15 @@ def muon(
     :func:`optim._fused.applies`) and :func:`_batched_muon` elsewhere. ``graphs``: a
     :class:`optim._fused.BucketGraphs` cache kept across calls (by :class:`Muon`) to replay the
     orthogonalisation of small CUDA buckets from captured graphs; None runs eagerly.
+    ``ns_coefficients``: one ``(a, b, c)`` for every step or a per-step table (see
+    :class:`Muon`). Parameters with a zero-size dimension are skipped (nothing to update, and
+    the shape factor ``r(A, B)`` is undefined for them).
     """
     if has_complex:
         raise TypeError(
             "Muon does not support complex parameters; optimise real and imaginary parts"
         )
+    params, grads, momentum_bufs = drop_empty(params, grads, momentum_bufs)
     if not params:
         return
     lr = to_scalar(lr)
@@ -236,11 +257,13 @@ def muon(
 class Muon(Optimizer):
     r"""Muon (momentum orthogonalised by Newton–Schulz) for matrices, AdamW for the rest.
 
-    A drop-in replacement for ``torch.optim.AdamW(model.parameters(), ...)`` and a superset of
-    ``torch.optim.Muon``: the positional arguments and their defaults are torch's, so code
-    written for torch.optim.Muon runs unchanged, and with ``ns_coefficients=(3.4445, -4.7750,
-    2.0315)`` the update is torch's (to bf16 rounding: torch iterates in bf16, this class in
-    float32 on CPU and bf16 on CUDA unless ``ns_dtype`` says otherwise).
+    Takes ``torch.optim.Muon``'s positional arguments with torch's defaults, except that the
+    default Newton–Schulz schedule is Polar Express (``ns_coefficients=None``), not Keller's
+    fixed quintic: with ``ns_coefficients=(3.4445, -4.7750, 2.0315)`` the update is torch's (to
+    bf16 rounding: torch iterates in bf16, this class in float32 on CPU and bf16 on CUDA unless
+    ``ns_dtype`` says otherwise) and state dicts load both ways. Where
+    ``torch.optim.AdamW(model.parameters(), ...)`` was used, non-matrix parameters get the
+    built-in AdamW, but the hyper-parameters differ (README, "Migrating").
 
     Algorithm, per step for each parameter ``W`` routed to Muon (group key ``use_muon``;
     default ``W.ndim >= 2``; docs/math.md §7)::
@@ -260,8 +283,19 @@ class Muon(Optimizer):
 
     Every other parameter gets AdamW (``torch.optim.adam.adam`` with
     ``decoupled_weight_decay=True``; state ``exp_avg``, ``exp_avg_sq``, ``step``) with
-    ``lr = adamw_lr or lr``, ``weight_decay = adamw_weight_decay or weight_decay``,
-    ``betas = adamw_betas``, ``eps = adamw_eps``.
+    ``weight_decay = adamw_weight_decay or weight_decay``, ``betas = adamw_betas``,
+    ``eps = adamw_eps`` and a learning rate that LR schedulers scale:
+
+    * a ``use_muon=False`` group (:func:`muon_param_groups`' AdamW group) carries its AdamW lr
+      as its own ``lr``: the group's ``adamw_lr`` if it sets one, else its ``lr`` if it sets
+      one, else the constructor's ``adamw_lr``, else ``lr``. ``adamw_lr`` is then cleared to
+      ``None`` in the group;
+    * in a group routed by ndim (``use_muon`` None) that holds matrices and vectors, AdamW's lr
+      follows the group's: ``adamw_lr · lr / adamw_lr_ref``, ``adamw_lr_ref`` being the
+      group's lr when it was added (``adamw_lr`` None: ``lr`` itself);
+    * a group whose ``adamw_lr`` is set but ``adamw_lr_ref`` is None (a checkpoint group
+      without the ``adamw_lr_ref`` key, or a value assigned to ``adamw_lr`` afterwards) runs
+      AdamW at that constant lr, so such checkpoints resume as they were trained.
 
     Parameters
     ----------
@@ -277,15 +311,19 @@ class Muon(Optimizer):
         μ in ``[0, 1)``.
     nesterov : bool
         Use the Nesterov input ``(1 − μ)G + μB``.
-    ns_coefficients : (a, b, c) or None
-        A fixed quintic for every step (torch's behaviour; torch's default is Keller's
-        ``(3.4445, -4.7750, 2.0315)``), normalised by ``max(‖U‖_F, eps)``. ``None``: the
+    ns_coefficients : (a, b, c), sequence of (a, b, c), or None
+        One triple: that quintic at every step (torch's behaviour; torch's default is Keller's
+        ``(3.4445, -4.7750, 2.0315)``). A table ``[(a₁, b₁, c₁), …]``: row ``t`` at step ``t``
+        (a tuned per-step schedule). Both start from ``U / max(‖U‖_F, eps)``, as torch does.
+        Stored in the param group as floats (a tuple, or a tuple of tuples). ``None``: the
         schedule of the ``msign`` method (Polar Express by default: a different, convergent
         polynomial per step).
     eps : float
         Normalisation floor: a zero gradient gives a zero update.
     ns_steps : int or None
-        Newton–Schulz steps; ``None``: 5 with ``ns_coefficients``, else the method's default.
+        Newton–Schulz steps, below 100 (torch's limit). With a triple: ``None`` means 5; with a
+        table: ``None`` or its length; both are stored resolved, so the group's keys are
+        torch.optim.Muon's. Without ``ns_coefficients``: ``None`` is the method's default.
     adjust_lr_fn : {None, "original", "match_rms_adamw"}
         Shape factor ``r(A, B)`` for an ``A×B`` matrix: ``√max(1, A/B)`` (None/"original",
         Keller) or ``0.2·√max(A, B)`` (Moonlight: update RMS 0.2, so AdamW's lr and weight decay
@@ -307,8 +345,13 @@ class Muon(Optimizer):
         flattens ≥ 4-D conv weights with ``view(out, -1)``; ``flatten`` also flattens 3-D
         (Conv1d); ``batch`` batches over all leading dims.
     adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay
-        Hyper-parameters of the built-in AdamW (``None`` lr/decay: reuse ``lr``/``weight_decay``;
-        an LR scheduler then scales both).
+        Hyper-parameters of the built-in AdamW. ``adamw_lr``: see above (``None``: ``lr``);
+        ``adamw_weight_decay`` ``None``: ``weight_decay``; ``adamw_betas`` ``None``:
+        ``(0.9, 0.95)``; ``adamw_eps`` is Adam's ε (``eps`` is Muon's normalisation floor).
+    betas : (float, float) or None
+        Alias of ``adamw_betas`` (``torch.optim.AdamW``'s name; Muon's own momentum is
+        ``momentum``). Giving both with different values raises ``ValueError``. A param group
+        may use either key; it is stored as ``adamw_betas``.
     batched : bool
         Orthogonalise same-shape matrices in one batched call (``False``: one at a time).
     cuda_graphs : bool
@@ -327,8 +370,26 @@ class Muon(Optimizer):
         rank orthogonalises its share and the results are all-gathered. ``None`` (default):
         plain parameters are single-process.
 
+    Warns
+    -----
+    UserWarning
+        When a group routed by ndim (``use_muon`` None, e.g. ``model.parameters()``) holds a
+        matrix that looks like an embedding or output head (:func:`looks_like_embedding`):
+        Muon is meant for hidden matrices, those belong on AdamW. :func:`muon_param_groups`
+        and explicit ``use_muon`` groups never warn.
+
     Notes
     -----
+    **LR schedulers.** Every group's ``lr`` is scheduled, AdamW's included (see above);
+    ``initial_lr`` is set by the scheduler as usual. A hand-written schedule scales each
+    group's own base lr (``g["lr"] = base_lrs[i] * f(step)``); writing one lr into every group
+    would give the AdamW groups Muon's. ``OneCycleLR``'s momentum cycling (its
+    default ``cycle_momentum=True``) cycles the ``momentum`` key, i.e. Muon's μ, between
+    ``base_momentum`` and ``max_momentum``; AdamW's β₁ (``adamw_betas[0]``) is not cycled.
+    Pass ``cycle_momentum=False`` to keep μ fixed, as Muon's recipes do.
+
+    **Zero-size parameters** (a dimension of size 0) get state but are never updated.
+
     **Update RMS.** For a full-rank ``A×B`` matrix ``‖msign(U)‖_F² = min(A, B)``, so
     ``RMS(O) = 1/√max(A, B)`` and ``RMS(r·O)`` is ``1/√B`` ("original") or exactly 0.2
     ("match_rms_adamw"). With ``update="mclip"``, ``‖O‖_F² = Σ min(σᵢ²/c², 1) ≤ min(s, s/κ²)``
@@ -344,7 +405,9 @@ class Muon(Optimizer):
 
     **State.** ``momentum_buffer`` has the param's shape; it is float32 for bf16/fp16 params
     (kept float32 across ``load_state_dict``, which would otherwise cast it to the param dtype).
-    ``step`` exists only for AdamW params. NaN/Inf gradients propagate (no host sync).
+    ``step`` exists only for AdamW params. NaN/Inf gradients propagate (no host sync). With one
+    ``ns_coefficients`` triple the state dict loads into ``torch.optim.Muon`` and back (its
+    group keys are a superset of torch's); torch cannot run a method schedule or a table.
 
     Examples
     --------
@@ -364,7 +427,7 @@ class Muon(Optimizer):
         weight_decay: float = 0.1,
         momentum: float = 0.95,
         nesterov: bool = True,
-        ns_coefficients: tuple[float, float, float] | None = None,
+        ns_coefficients: NSCoefficients | None = None,
         eps: float = 1e-7,
         ns_steps: int | None = None,
         adjust_lr_fn: AdjustLR = None,
@@ -376,13 +439,15 @@ class Muon(Optimizer):
         ns_dtype: torch.dtype | None = None,
         matrix_view: MatrixView = "auto",
         adamw_lr: float | Tensor | None = None,
-        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        adamw_betas: tuple[float, float] | None = None,
         adamw_eps: float = 1e-8,
         adamw_weight_decay: float | None = None,
+        betas: tuple[float, float] | None = None,
         batched: bool = True,
         cuda_graphs: bool = False,
         process_group: Any = None,
     ) -> None:
+        adamw_betas = _alias_betas(betas, adamw_betas)
         defaults = dict(
             lr=lr,
             weight_decay=weight_decay,
@@ -402,12 +467,14 @@ class Muon(Optimizer):
             adamw_betas=adamw_betas,
             adamw_eps=adamw_eps,
             adamw_weight_decay=adamw_weight_decay,
+            adamw_lr_ref=None,
             batched=batched,
             cuda_graphs=cuda_graphs,
             use_muon=None,
         )
         _check_hyper(defaults)
         super().__init__(params, defaults)
+        _warn_embedding_like(self.param_groups, stacklevel=2)
         self._graphs = BucketGraphs()  # captured bucket graphs: a cache, not state
         params_ = [p for g in self.param_groups for p in g["params"]]
         self._strategy: Strategy = choose_strategy(params_, process_group)
@@ -424,15 +491,34 @@ class Muon(Optimizer):
         self.__dict__.setdefault("_strategy", Strategy())
         for group in self.param_groups:
             group.setdefault("cuda_graphs", False)
+            group.setdefault("adamw_lr_ref", None)  # a pickle without the key: constant adamw_lr
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; validates its hyper-parameters and its ``use_muon`` routing."""
+        """Add a group: validate it, resolve ``ns_steps`` and the AdamW lr, check the routing.
+
+        ``betas`` is stored as ``adamw_betas``; see the class docstring for which lr a
+        ``use_muon=False`` group gets. Warns as the constructor does for embedding-like
+        matrices routed to Muon by ndim.
+        """
+        if isinstance(param_group, dict) and "betas" in param_group:
+            betas = param_group.pop("betas")
+            param_group["adamw_betas"] = _alias_betas(betas, param_group.get("adamw_betas"))
+        own = param_group if isinstance(param_group, dict) else {}
+        own_lr, own_adamw_lr = "lr" in own, own.get("adamw_lr") is not None
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _check_hyper(group)
-        if group["use_muon"]:
-            for p in group["params"]:
-                matrix_shape(p.shape, group["matrix_view"])  # raises for ndim < 2
+        try:
+            _check_hyper(group)
+            _resolve_ns_steps(group)
+            if group["use_muon"]:
+                for p in group["params"]:
+                    matrix_shape(p.shape, group["matrix_view"])  # raises for ndim < 2
+            _route_adamw_lr(group, own_lr=own_lr, own_adamw_lr=own_adamw_lr)
+        except (TypeError, ValueError):
+            self.param_groups.pop()  # a rejected group is not half-added
+            raise
+        if "_strategy" in self.__dict__:  # after construction (the constructor warns once)
+            _warn_embedding_like([group], stacklevel=2)
 
     @staticmethod
     def _uses_muon(p: Tensor, group: Mapping[str, Any]) -> bool:
@@ -515,7 +601,7 @@ class Muon(Optimizer):
                 )
             if adam_lists[0]:
                 beta1, beta2 = group["adamw_betas"]
-                lr = group["adamw_lr"] if group["adamw_lr"] is not None else group["lr"]
+                lr = _adamw_lr(group)
                 wd = group["adamw_weight_decay"]
                 adam(
                     *adam_lists[:4],
@@ -537,6 +623,8 @@ class Muon(Optimizer):
 
         Also accepts a ``torch.optim.Muon`` state dict: missing group keys take this
         optimizer's defaults, and its ``ns_coefficients``/``ns_steps`` keep torch's iteration.
+        A group saved without ``adamw_lr_ref`` but with ``adamw_lr`` keeps that constant AdamW
+        lr, as when it was saved; a group without ``adamw_lr`` (torch's) is routed as a new one.
         """
         saved = {
             pid: s["momentum_buffer"]
@@ -545,13 +633,128 @@ class Muon(Optimizer):
         }
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # e.g. a torch.optim.Muon checkpoint lacks our keys
+            foreign = "adamw_lr" not in group
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+            _resolve_ns_steps(group)
+            if foreign:
+                _route_adamw_lr(group, own_lr=True, own_adamw_lr=False, loading=True)
         ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(ids, params, strict=True):
             if pid in saved:
                 self.state[p]["momentum_buffer"] = saved[pid].to(device=p.device, copy=True)
+
+
+def _alias_betas(
+    betas: tuple[float, float] | None, adamw_betas: tuple[float, float] | None
+) -> tuple[float, float]:
+    """``adamw_betas`` from it and its alias ``betas`` (torch.optim.AdamW's name)."""
+    if betas is not None and adamw_betas is not None and tuple(betas) != tuple(adamw_betas):
+        raise ValueError(
+            "`betas` is an alias of `adamw_betas` (the built-in AdamW's betas; Muon's momentum "
+            f"is `momentum`): pass one of them, got betas={betas!r}, adamw_betas={adamw_betas!r}"
+        )
+    chosen = betas if betas is not None else adamw_betas
+    return DEFAULT_ADAMW_BETAS if chosen is None else chosen
+
+
+def _resolve_ns_steps(group: dict[str, Any]) -> None:
+    """Store ``ns_coefficients`` as floats and ``ns_steps`` resolved (torch's group keys).
+
+    With one triple and ``ns_steps`` None, 5 steps run (torch's default); with a table, its
+    length. Storing the number makes the group loadable by torch.optim.Muon.
+    """
+    coefficients = group["ns_coefficients"]
+    if coefficients is None:
+        return
+    if is_triple(coefficients):
+        group["ns_coefficients"] = tuple(float(v) for v in coefficients)
+        steps = DEFAULT_NS_STEPS
+    else:
+        group["ns_coefficients"] = tuple(tuple(float(v) for v in row) for row in coefficients)
+        steps = len(coefficients)
+    if group["ns_steps"] is None:
+        group["ns_steps"] = steps
+
+
+def _route_adamw_lr(
+    group: dict[str, Any], *, own_lr: bool, own_adamw_lr: bool, loading: bool = False
+) -> None:
+    """Make the group's AdamW lr one that LR schedulers scale (see :class:`Muon`).
+
+    ``own_lr``/``own_adamw_lr``: whether the group itself (not the constructor's defaults) set
+    ``lr``/``adamw_lr``. ``loading``: a group of a foreign (torch.optim.Muon) checkpoint, whose
+    lr may be mid-schedule: the ratio is taken to its ``initial_lr``, and where that is 0 the
+    AdamW lr stays constant instead of raising.
+    """
+    alr = group["adamw_lr"]
+    if group["use_muon"] is not None and not group["use_muon"]:
+        if alr is not None and (own_adamw_lr or not own_lr):
+            if own_lr and own_adamw_lr and float(group["lr"]) != float(alr):
+                raise ValueError(
+                    "a use_muon=False group's lr is its AdamW lr: set `lr` or `adamw_lr`, not "
+                    f"both (got lr={group['lr']!r}, adamw_lr={alr!r})"
+                )
+            group["lr"] = alr
+        group["adamw_lr"] = None
+        group["adamw_lr_ref"] = None
+    elif group["use_muon"] is None and alr is not None and group["adamw_lr_ref"] is None:
+        ref = float(group.get("initial_lr", group["lr"]) if loading else group["lr"])
+        if loading and not ref > 0:
+            return
+        if not ref > 0:
+            raise ValueError(
+                "`adamw_lr` in a group routed by ndim follows the group's lr by ratio, which "
+                f"needs lr > 0 (got lr={group['lr']!r}); put the AdamW parameters in a "
+                "use_muon=False group with its own lr (muon_param_groups does)"
+            )
+        group["adamw_lr_ref"] = ref
+
+
+def _adamw_lr(group: Mapping[str, Any]) -> float | Tensor:
+    """The lr of a group's AdamW parameters this step (scaled with ``lr``; see :class:`Muon`)."""
+    alr, ref = group["adamw_lr"], group.get("adamw_lr_ref")
+    if alr is None:
+        return group["lr"]
+    if ref is None:
+        return alr
+    return alr * (group["lr"] / ref)  # exactly adamw_lr while lr is unscheduled (lr/ref = 1)
+
+
+def looks_like_embedding(p: Tensor) -> bool:
+    """Whether a matrix has an embedding's or output head's shape, ``(vocab, d)`` or its transpose.
+
+    2-D with its long side at least :data:`EMBEDDING_MIN_ROWS` (8192) and more than
+    :data:`EMBEDDING_MIN_ASPECT` (4) times the short side. Why: Muon's orthogonalised update
+    suits hidden matrices; embeddings and heads train better on AdamW. A shape heuristic: a
+    hidden matrix this elongated is flagged too, a small-vocabulary head is not.
+    """
+    if p.ndim != 2:
+        return False
+    long, short = max(p.shape), min(p.shape)
+    return long >= EMBEDDING_MIN_ROWS and long > EMBEDDING_MIN_ASPECT * short
+
+
+def _warn_embedding_like(groups: Iterable[Mapping[str, Any]], stacklevel: int) -> None:
+    """Warn once for embedding-like matrices that ndim routing (``use_muon`` None) sends to Muon."""
+    shapes = [
+        tuple(p.shape)
+        for g in groups
+        if g["use_muon"] is None
+        for p in g["params"]
+        if looks_like_embedding(p)
+    ]
+    if shapes:
+        warnings.warn(
+            f"Muon: parameter(s) of shape {', '.join(map(str, shapes))} look like an embedding "
+            "or output head (2-D, long side >= 8192 and > 4x the short side) and go to Muon "
+            "because they are 2-D; those usually train better on AdamW: build the groups with "
+            "optim.muon_param_groups(model), or put them in a group with use_muon=False "
+            "(use_muon=True keeps them on Muon without this warning)",
+            UserWarning,
+            stacklevel=stacklevel + 1,
+        )
 
 
 def _check_hyper(group: Mapping[str, Any]) -> None:
@@ -572,11 +775,15 @@ def _check_hyper(group: Mapping[str, Any]) -> None:
     if not group["eps"] > 0:
         raise ValueError(f"`eps` must be > 0, got {group['eps']}")
     coeffs = group["ns_coefficients"]
-    if coeffs is not None and (len(tuple(coeffs)) != 3):
-        raise ValueError(f"`ns_coefficients` must be None or (a, b, c), got {coeffs!r}")
     steps = group["ns_steps"]
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"`ns_steps` must be a positive int or None, got {steps!r}")
+    if steps is not None and steps >= MAX_NS_STEPS:
+        raise ValueError(
+            f"`ns_steps` must be < {MAX_NS_STEPS} (torch.optim.Muon's limit), got {steps}"
+        )
+    if coeffs is not None:
+        _check_coefficients(coeffs, steps)
     if group["adjust_lr_fn"] not in ADJUST_LR_FNS:
         raise ValueError(
             f"`adjust_lr_fn` must be one of {ADJUST_LR_FNS}, got {group['adjust_lr_fn']!r}"
@@ -616,6 +823,36 @@ def _check_hyper(group: Mapping[str, Any]) -> None:
     alr = group["adamw_lr"]
     if alr is not None and not isinstance(alr, Tensor) and not alr >= 0:
         raise ValueError(f"`adamw_lr` must be >= 0 or None, got {alr}")
+
+
+def _check_coefficients(coeffs: object, steps: int | None) -> None:
+    """Validate ``ns_coefficients`` (a triple or a per-step table) against ``ns_steps``."""
+    table = not is_triple(coeffs)
+    rows = coeffs if table else [coeffs]
+    if table and (
+        isinstance(coeffs, str | bytes | Tensor)
+        or not isinstance(coeffs, Sequence)
+        or not coeffs
+        or not all(is_triple(row) for row in coeffs)
+    ):
+        raise ValueError(
+            "`ns_coefficients` must be None, one (a, b, c) or a non-empty table "
+            f"[(a₁, b₁, c₁), …] with one triple per step, got {coeffs!r}"
+        )
+    if not all(math.isfinite(float(v)) for row in rows for v in row):  # type: ignore[union-attr]
+        raise ValueError(f"`ns_coefficients` must be finite, got {coeffs!r}")
+    if table:
+        n = len(coeffs)  # type: ignore[arg-type]
+        if n >= MAX_NS_STEPS:
+            raise ValueError(
+                f"an `ns_coefficients` table must have < {MAX_NS_STEPS} rows (torch.optim.Muon's "
+                f"step limit), got {n}"
+            )
+        if steps is not None and steps != n:
+            raise ValueError(
+                f"`ns_steps`={steps} does not match the {n}-step `ns_coefficients` table; pass "
+                f"ns_steps=None or {n}"
+            )
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ from pytest, each running every scenario in one process group (startup dominates
 * ``optimizer``: the optimizer alone, fed identical gradients, over awkward placements — rows
   not divisible by the world size (uneven and empty shards), ``Shard(1)``, a tall matrix, a conv
   weight (flatten view), 3-D expert stacks sharded on the expert dim (no communication) and on a
-  matrix dim, ``Replicate`` DTensors and plain DDP-style parameters, ``grad=None`` on one step,
-  and a few update configurations.
+  matrix dim, ``Replicate`` DTensors and plain DDP-style parameters, zero-size parameters,
+  ``grad=None`` on one step, and a few update configurations (a per-step table among them).
 * ``fsdp2``: ``fully_shard`` training with gradient accumulation (two micro-batches, Muon once
   per step), a branch unused on odd steps (``grad=None``), an embedding and biases on AdamW;
   then a ``torch.distributed.checkpoint`` save at step 2 and a resumed run.
@@ -161,6 +161,8 @@ def _placements():
         ((4, 6), None),
         ((8, 3), None),
         ((0, 5), Shard(0)),  # empty matrix
+        ((5, 0), Shard(0)),  # zero-size dimensions: skipped (r(A, B) would divide by 0)
+        ((4, 0), None),
         ((8, 3), _StridedShard(0, split_factor=2)),  # the full_tensor() fallback
     ]
 
@@ -169,6 +171,8 @@ CONFIGS = [
     dict(lr=0.02, weight_decay=0.1),
     dict(lr=0.05, weight_decay=0.0, ns_coefficients=(3.4445, -4.7750, 2.0315), nesterov=False),
     dict(lr=torch.tensor(0.03), update="mclip", adjust_lr_fn="match_rms_adamw"),
+    # a per-step table (ns_steps resolved to its length)
+    dict(lr=0.02, ns_coefficients=[(3.4445, -4.7750, 2.0315)] * 3 + [(1.875, -1.25, 0.375)]),
 ]
 
 
