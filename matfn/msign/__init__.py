@@ -275,12 +275,12 @@ def msign(
         Raise on NaN/Inf (one host sync). The optimizer passes ``False``; NaN then propagates.
     cuda_graph : bool
         Replay the call from a CUDA graph captured for this input geometry and these options,
-        a table's values included (:mod:`matfn._graphs`): for small CUDA inputs, whose eager calls are bound by the host
-        issuing 17–20 kernels. The first call per geometry runs eagerly and captures; later
-        calls issue three operations (copy in, replay, copy out). Ignored (eager) on CPU, for
-        GPU-bound inputs (above 2³⁴ multiply-adds per product, e.g. 4096²), ``steps="auto"``
-        (host syncs), ``method="svd"`` and under autograd. Combine with
-        ``check_finite=False`` to avoid the host sync of the check.
+        a table's values included (:mod:`matfn._graphs`): for small CUDA inputs, whose eager
+        calls are bound by the host issuing 17–20 kernels. The first call per geometry runs
+        eagerly and captures; later calls issue three operations (copy in, replay, copy out).
+        Ignored (eager) on CPU, for GPU-bound inputs (above 2³⁴ multiply-adds per product,
+        e.g. 4096²), ``steps="auto"`` (host syncs), ``method="svd"`` and under autograd.
+        Combine with ``check_finite=False`` to avoid the host sync of the check.
 
     Returns
     -------
