@@ -66,8 +66,9 @@ Method: TypeAlias = MethodName | Sequence[tuple[float, float, float]]
 #: schedule (``steps="auto"`` needs at most 15 steps in float64).
 MAX_TABLE_ROWS = 99
 
-#: Keller Jordan's quintic; maximises the slope at 0, does not converge to 1 (fixed points
-#: 0.868 and 1.264): after 5 steps ``[0.01, 1]`` maps into ``[0.68, 1.13]``.
+#: Keller Jordan's quintic (kellerjordan.github.io/posts/muon); maximises the slope at 0, does
+#: not converge to 1 (fixed points 0.868 and 1.264): after 5 steps ``[0.01, 1]`` maps into
+#: ``[0.68, 1.13]``.
 KELLER: Coefficients = (3.4445, -4.7750, 2.0315)
 #: The classic cubic Newton–Schulz step ``1.5 x − 0.5 x³``.
 CUBIC: Coefficients = (1.5, -0.5, 0.0)

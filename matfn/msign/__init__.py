@@ -331,6 +331,9 @@ def msign(
     >>> O = matfn.msign(M, steps="auto")
     >>> torch.allclose(O.mT @ O, torch.eye(32, dtype=torch.float64), atol=1e-9)
     True
+    >>> table = [(3.4445, -4.7750, 2.0315)] * 5  # Keller's quintic, as a per-step table
+    >>> torch.equal(matfn.msign(M, method=table), matfn.msign(M, method="keller"))
+    True
     """
     check_matrix(M, "M", check_finite=check_finite)
     method = check_options(method, steps, algorithm)

@@ -44,7 +44,7 @@ from matfn.coefficients import (
     scalar_map,
     schedule,
 )
-from matfn.msign import AUTO_MAX_POLISH, AUTO_TARGETS
+from matfn.msign import AUTO_MAX_POLISH, AUTO_TARGETS, gram_restarts, path
 from matfn.oracles import as_float64, msign_oracle, polar_oracle, schedule_oracle
 from tests.strategies import (
     DTYPE_NAMES,
@@ -574,6 +574,24 @@ def test_random_table_float32_schedule_exact(case, table):
         assert np.all(spectral_error(as_float64(X), schedule_oracle(A, table, 1.0)) <= tol)
 
 
+@pytest.mark.parametrize("table", [list(YOUJIACHENG_6), [KELLER] * 5, [CUBIC] * 7], ids=len)
+def test_table_gram_restarts_come_from_its_rows(monkeypatch, table):
+    """Gram NS restarts where gram_restarts(table) says, and algorithm="auto" counts them."""
+    calls = []
+    gram = path.gram_newton_schulz
+
+    def spy(X, coeffs, restarts=None, out_dtype=None):
+        calls.append((list(coeffs), restarts))
+        return gram(X, coeffs, restarts, out_dtype)
+
+    monkeypatch.setattr(path, "gram_newton_schulz", spy)
+    M = MatrixCase((4, 64), cond=10.0, seed=8).tensor()  # L = 16 s: "auto" takes Gram
+    for algorithm in ("gram", "auto"):
+        matfn.msign(M, method=table, algorithm=algorithm)
+        assert calls.pop() == (table, gram_restarts(table))
+    assert gram_restarts(YOUJIACHENG_6) == (2, 4)
+
+
 def test_named_table_runs_with_its_source_normalisation():
     # "polar_express_modded" divides by 1.02‖M‖_F as modded-nanogpt does; the same rows passed as
     # a table divide by ‖M‖_F (as torch.optim.Muon does).
@@ -602,8 +620,6 @@ def test_generated_table_converges_to_the_svd_oracle():
 def test_table_on_the_triton_kernels(monkeypatch, algorithm):
     """A table through the Triton products (interpreter on CPU): the kernels take any row."""
     pytest.importorskip("triton")
-    from matfn.msign import path
-
     table = [(3.9, -7.5, 4.1), (1.5, -0.5, 0.0), *YOUJIACHENG_6[3:]]
     M = MatrixCase((2, 20, 45), dtype=torch.float32, cond=10.0, seed=6).tensor()
     ref = matfn.msign(M, method=table, algorithm=algorithm)
