@@ -62,8 +62,8 @@ MethodName = Literal[
 ]
 #: What ``method=`` accepts: a name, or a per-step table ``[(a, b, c), …]``.
 Method: TypeAlias = MethodName | Sequence[tuple[float, float, float]]
-#: Longest table accepted: a longer one is a mistake (a flattened or transposed array), not a
-#: schedule (``steps="auto"`` needs at most 15 steps in float64).
+#: Longest table accepted: a longer one is more likely a mistake than a schedule (the longest
+#: ``steps="auto"`` schedule, float64, has 15 steps).
 MAX_TABLE_ROWS = 99
 
 #: Keller Jordan's quintic (kellerjordan.github.io/posts/muon); maximises the slope at 0, does

@@ -97,8 +97,8 @@ def mclip(
         near ``1.3·max_sv``). ``method="svd"`` gives the exact result through
         ``torch.linalg.svd`` (so does ``form="svd"``). A per-step table ``[(a, b, c), …]`` runs
         in every inner msign (each normalised by its own ``‖·‖_F``; ``steps`` None or the
-        table's length); clipping is only as sharp as the table converges to 1 (docs/math.md
-        §3.3), so non-convergent tables such as Keller's or ``"youjiacheng"`` clip loosely.
+        table's length); the clip is as accurate as the table's ``f ≈ 1`` (docs/math.md §3.3),
+        so a table that does not converge, such as Keller's quintic, clips loosely.
     compute_dtype : torch.dtype, optional
         Iteration dtype; default float32 (float64 for float64 input), on CUDA too: bfloat16
         cannot resolve ``σ² − β²`` next to ``σ_max² ≫ β²`` and lets clipped values through.

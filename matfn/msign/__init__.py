@@ -293,13 +293,12 @@ def msign(
     Raises
     ------
     TypeError
-        ``M`` is not a dense real floating tensor.
+        ``M`` is not a dense real floating tensor; a table is not a sequence of sequences of
+        real numbers.
     ValueError
         ``M`` has fewer than 2 dims or non-finite entries; unknown method/algorithm; bad steps
         (for a table: not None or its length); a table with no rows, 100 rows or more, a row
         that is not a triple or a non-finite entry.
-    TypeError
-        A table that is not a sequence of sequences of real numbers.
 
     Notes
     -----
