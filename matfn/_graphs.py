@@ -11,9 +11,10 @@ output. The captured kernels are chosen by GPU time, not launch cost
 How it stays correct:
 
 * The key holds everything the captured kernels depend on: the function and the arguments bound
-  to it (a ``functools.partial``), the inputs' shapes, strides, dtypes and devices, the current
-  stream (a graph's static buffers are used in that stream's order only) and the kernel
-  configs (:func:`matfn._backend.graph_key`).
+  to it (a ``functools.partial``; a per-step coefficient table by value, as the tuple of float
+  triples :func:`matfn.coefficients.check_table` returns), the inputs' shapes, strides, dtypes
+  and devices, the current stream (a graph's static buffers are used in that stream's order
+  only) and the kernel configs (:func:`matfn._backend.graph_key`).
 * The first call with a key runs eagerly on a side stream (Triton autotuning, cuBLAS workspaces;
   its result is returned), then captures. At most :data:`MAX_GRAPHS` graphs are kept, least
   recently used dropped; each holds a private memory pool for its intermediates.

@@ -12,13 +12,19 @@ Schedules here:
 * ``polar_express``: the greedy minimax (Remez) quintics of Amsel et al., generated for any step
   count and lower bound by :func:`polar_express_coefficients` and cached.
 * ``cubic``: the classic ``(1.5, −0.5)``.
+* ``polar_express_modded`` and ``youjiacheng``: fixed published tables (:data:`NAMED_TABLES`).
+
+Any per-step table ``[(a, b, c), …]`` runs as well (``msign(M, method=table)``); it is checked by
+:func:`check_table` and normalised by ``‖M‖_F`` alone, as ``torch.optim.Muon`` does.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
-from typing import Literal
+from typing import Literal, TypeAlias
 
 import numpy as np
 
@@ -28,8 +34,18 @@ __all__ = [
     "CONVERGENT_QUINTIC",
     "TUNED_5",
     "TUNED_6",
+    "POLAR_EXPRESS_MODDED",
+    "YOUJIACHENG_6",
+    "NAMED_TABLES",
+    "NAME_FACTORS",
     "DEFAULT_STEPS",
+    "MAX_TABLE_ROWS",
     "Coefficients",
+    "Table",
+    "MethodName",
+    "Method",
+    "check_table",
+    "check_table_steps",
     "polar_express_coefficients",
     "schedule",
     "scalar_map",
@@ -37,11 +53,22 @@ __all__ = [
     "auto_schedule",
 ]
 
-Coefficients = tuple[float, float, float]
-Method = Literal["polar_express", "tuned", "keller", "cubic"]
+Coefficients: TypeAlias = tuple[float, float, float]
+#: A validated per-step table: one float triple per step (hashable, so it can key a CUDA graph).
+Table: TypeAlias = tuple[Coefficients, ...]
+#: The named schedules (``msign`` also takes ``"svd"``, the exact result).
+MethodName = Literal[
+    "polar_express", "tuned", "keller", "cubic", "polar_express_modded", "youjiacheng"
+]
+#: What ``method=`` accepts: a name, or a per-step table ``[(a, b, c), …]``.
+Method: TypeAlias = MethodName | Sequence[tuple[float, float, float]]
+#: Longest table accepted: a longer one is more likely a mistake than a schedule (the longest
+#: ``steps="auto"`` schedule, float64, has 15 steps).
+MAX_TABLE_ROWS = 99
 
-#: Keller Jordan's quintic; maximises the slope at 0, does not converge to 1 (fixed points
-#: 0.868 and 1.264): after 5 steps ``[0.01, 1]`` maps into ``[0.68, 1.13]``.
+#: Keller Jordan's quintic (kellerjordan.github.io/posts/muon); maximises the slope at 0, does
+#: not converge to 1 (fixed points 0.868 and 1.264): after 5 steps ``[0.01, 1]`` maps into
+#: ``[0.68, 1.13]``.
 KELLER: Coefficients = (3.4445, -4.7750, 2.0315)
 #: The classic cubic Newton–Schulz step ``1.5 x − 0.5 x³``.
 CUBIC: Coefficients = (1.5, -0.5, 0.0)
@@ -69,8 +96,112 @@ TUNED_6: tuple[Coefficients, ...] = tuple(
     )
 )
 
+#: The 5-step Polar-Express table of modded-nanogpt's Muon (github.com/KellerJordan/modded-nanogpt,
+#: ``train_gpt.py``), used there with the input divided by ``1.02·‖M‖_F``: the greedy minimax
+#: quintics of Amsel et al. (arXiv:2505.16932) for ℓ = 1e-3 with safety factor 1.02 and cushion
+#: 0.02, i.e. ``polar_express_coefficients(5, 1e-3, 1.02, 0.02)`` (docs/math.md §1.3(d), table
+#: PE-modded). With that normalisation ``[1e-3, 1]`` maps into ``[0.847, 1.141]``.
+POLAR_EXPRESS_MODDED: Table = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+#: You Jiacheng's 6-step table, numbers /1024, found by numerically optimising the composed
+#: scalar map with an added stability term (x.com/YouJiacheng/status/1893704552689303901; the
+#: optimiser: gist.github.com/YouJiacheng/393c90cbdc23b09d5688815ba382288b), used with
+#: ``X₀ = M/‖M‖_F``. It maps ``[1e-3, 1]`` into ``[0.866, 0.9994]`` and ``[2e-3, 1]`` into
+#: ``[0.9956, 0.9994]``: it approaches 1 from below.
+YOUJIACHENG_6: Table = tuple(
+    (a / 1024, b / 1024, c / 1024)
+    for a, b, c in (
+        (3955, -8306, 5008),
+        (3735, -6681, 3463),
+        (3799, -6499, 3211),
+        (4019, -6385, 2906),
+        (2677, -3029, 1162),
+        (2172, -1833, 682),
+    )
+)
+#: Fixed published tables selectable by name (``method="polar_express_modded"`` etc.). Each runs
+#: with exactly its own length of steps and with its source's input normalisation
+#: (:data:`NAME_FACTORS`).
+NAMED_TABLES: Mapping[str, Table] = {
+    "polar_express_modded": POLAR_EXPRESS_MODDED,
+    "youjiacheng": YOUJIACHENG_6,
+}
+#: ``sf`` in ``X₀ = M / (sf·‖M‖_F)`` per named method; 1 for the others and for tables.
+NAME_FACTORS: Mapping[str, float] = {"polar_express": 1.01, "polar_express_modded": 1.02}
+
 #: Default step count per method (``steps=None``).
-DEFAULT_STEPS: dict[str, int] = {"polar_express": 5, "tuned": 5, "keller": 5, "cubic": 12}
+DEFAULT_STEPS: dict[str, int] = {
+    "polar_express": 5,
+    "tuned": 5,
+    "keller": 5,
+    "cubic": 12,
+    **{name: len(table) for name, table in NAMED_TABLES.items()},
+}
+
+
+def _is_real(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def check_table(table: object, name: str = "method") -> Table:
+    """Validate a per-step table ``[(a, b, c), …]`` and return it as a tuple of float triples.
+
+    Parameters
+    ----------
+    table : sequence of (a, b, c)
+        One triple of finite real numbers per step (step ``t`` maps ``x ↦ a x + b x³ + c x⁵``),
+        1 to :data:`MAX_TABLE_ROWS` rows; a list, a tuple or a ``(T, 3)`` numpy array.
+    name : str
+        The argument's name, quoted in the messages (``"method"``, ``"ns_coefficients"``).
+
+    Returns
+    -------
+    tuple of (float, float, float)
+        The same values as Python floats: hashable, so a CUDA graph's key can hold it.
+
+    Raises
+    ------
+    TypeError
+        Not a sequence of sequences of real numbers (e.g. a string, a dict, a tensor entry, a
+        bool or complex value).
+    ValueError
+        No rows, :data:`MAX_TABLE_ROWS` + 1 rows or more, a row that is not a triple, a NaN or
+        infinite entry.
+    """
+    if isinstance(table, np.ndarray):
+        table = table.tolist()
+    if isinstance(table, (str, bytes)) or not isinstance(table, Sequence):
+        raise TypeError(
+            f"`{name}` must be a method name or a sequence of (a, b, c) triples, "
+            f"got {type(table).__name__}"
+        )
+    if not 1 <= len(table) <= MAX_TABLE_ROWS:
+        raise ValueError(
+            f"`{name}` must have 1 to {MAX_TABLE_ROWS} rows (one (a, b, c) per step), "
+            f"got {len(table)}"
+        )
+    rows = []
+    for t, row in enumerate(table):
+        if isinstance(row, np.ndarray):
+            row = row.tolist()
+        if isinstance(row, (str, bytes)) or not isinstance(row, Sequence):
+            raise TypeError(
+                f"`{name}` row {t} must be an (a, b, c) triple, got {type(row).__name__}"
+            )
+        if len(row) != 3:
+            raise ValueError(f"`{name}` row {t} must have 3 entries (a, b, c), got {len(row)}")
+        if not all(_is_real(v) for v in row):
+            raise TypeError(f"`{name}` row {t} must hold real numbers, got {tuple(row)!r}")
+        values = tuple(float(v) for v in row)
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"`{name}` row {t} must be finite, got {values!r}")
+        rows.append(values)
+    return tuple(rows)
 
 
 def _poly(coeffs: Coefficients, x: float) -> float:
@@ -205,18 +336,32 @@ def polar_express_coefficients(
     return list(_polar_express_cached(steps, float(lower), float(safety), float(cushion)))
 
 
-def schedule(method: Method, steps: int) -> tuple[list[Coefficients], float]:
+def schedule(method: Method, steps: int | None) -> tuple[list[Coefficients], float]:
     """Coefficients for ``steps`` steps of ``method`` and the input normalisation factor.
 
-    The iteration starts from ``X₀ = M / (factor · ‖M‖_F)``.
+    The iteration starts from ``X₀ = M / (factor · ‖M‖_F)``. ``method`` is a name or a per-step
+    table; a table (and a name of :data:`NAMED_TABLES`) runs exactly its rows with factor
+    :data:`NAME_FACTORS` (1 for a table), so ``steps`` must then be None or the table's length.
+    ``steps=None`` is :data:`DEFAULT_STEPS` for the other names.
 
     Raises
     ------
     ValueError
-        Unknown method, non-positive ``steps``, or ``tuned`` with fewer than 5 steps (the
-        published tables have 5 and 6 steps; longer runs append the convergent quintic
-        ``(15/8, −10/8, 3/8)``).
+        Unknown method, non-positive ``steps``, ``steps`` not the length of a table, or
+        ``tuned`` with fewer than 5 steps (the published tables have 5 and 6 steps; longer runs
+        append the convergent quintic ``(15/8, −10/8, 3/8)``).
+    TypeError
+        A table that is not a sequence of real triples (:func:`check_table`).
     """
+    if not isinstance(method, str):
+        table = check_table(method)
+        check_table_steps(table, steps)
+        return list(table), 1.0
+    if method in NAMED_TABLES:
+        check_table_steps(NAMED_TABLES[method], steps, method)
+        return list(NAMED_TABLES[method]), NAME_FACTORS.get(method, 1.0)
+    if steps is None and method in DEFAULT_STEPS:
+        steps = DEFAULT_STEPS[method]
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"`steps` must be a positive int, 'auto' or None, got {steps!r}")
     if method == "polar_express":
@@ -234,9 +379,23 @@ def schedule(method: Method, steps: int) -> tuple[list[Coefficients], float]:
         base = TUNED_5 if steps == 5 else TUNED_6
         return list(base) + [CONVERGENT_QUINTIC] * (steps - len(base)), 1.0
     raise ValueError(
-        f"`method` must be one of 'polar_express', 'tuned', 'keller', 'cubic', 'svd'; "
-        f"got {method!r}"
+        f"`method` must be one of {', '.join(map(repr, DEFAULT_STEPS))}, 'svd' or a table "
+        f"[(a, b, c), ...]; got {method!r}"
     )
+
+
+def check_table_steps(table: Table, steps: object, name: str | None = None) -> None:
+    """Raise ``ValueError`` unless ``steps`` is None or ``len(table)``.
+
+    A table is a whole schedule: a prefix of a safety-factored table is not a schedule (its last
+    step is scaled), and repeating rows has no published meaning, so neither is guessed.
+    """
+    if steps is None or (
+        not isinstance(steps, bool) and isinstance(steps, int) and steps == len(table)
+    ):
+        return
+    what = f"method={name!r}, a fixed table" if name else "the length of the table `method`"
+    raise ValueError(f"`steps` must be None or {len(table)} ({what}), got {steps!r}")
 
 
 def scalar_map(coeffs: list[Coefficients], x: np.ndarray | float) -> np.ndarray:

@@ -95,7 +95,10 @@ def mclip(
         As in :func:`matfn.msign`; they apply to every inner msign call, except that
         ``steps=None`` with ``polar_express`` means 8 steps (5 leave the largest singular value
         near ``1.3·max_sv``). ``method="svd"`` gives the exact result through
-        ``torch.linalg.svd`` (so does ``form="svd"``).
+        ``torch.linalg.svd`` (so does ``form="svd"``). A per-step table ``[(a, b, c), …]`` runs
+        in every inner msign (each normalised by its own ``‖·‖_F``; ``steps`` None or the
+        table's length); the clip is as accurate as the table's ``f ≈ 1`` (docs/math.md §3.3),
+        so a table that does not converge, such as Keller's quintic, clips loosely.
     compute_dtype : torch.dtype, optional
         Iteration dtype; default float32 (float64 for float64 input), on CUDA too: bfloat16
         cannot resolve ``σ² − β²`` next to ``σ_max² ≫ β²`` and lets clipped values through.
@@ -114,7 +117,7 @@ def mclip(
     Raises
     ------
     TypeError, ValueError
-        Bad input as in :func:`matfn.msign`; ``max_sv ≤ 0``, ``min_sv < 0`` or
+        Bad input or a malformed table as in :func:`matfn.msign`; ``max_sv ≤ 0``, ``min_sv < 0`` or
         ``min_sv > max_sv``; unknown ``form``.
 
     Notes
@@ -157,7 +160,7 @@ def mclip(
             [0.0000, 0.5000]], dtype=torch.float64)
     """
     check_matrix(M, "M", check_finite=check_finite)
-    check_options(method, steps, algorithm)
+    method = check_options(method, steps, algorithm)
     if form not in FORMS:
         raise ValueError(f"`form` must be one of {FORMS}, got {form!r}")
     if not (max_sv > 0):

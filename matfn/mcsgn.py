@@ -12,7 +12,6 @@ from ._batching import flatten_batch, unflatten_batch
 from ._validation import check_matrix
 from .coefficients import (
     CONVERGENT_QUINTIC,
-    DEFAULT_STEPS,
     Coefficients,
     auto_schedule,
     scalar_map,
@@ -136,14 +135,18 @@ def mcsgn(
     M : torch.Tensor
         Real square ``(..., n, n)`` tensor, any batch dims. Its eigenvalues should be real (or
         have real parts well away from 0) for the iteration to converge.
-    method : {"polar_express", "tuned", "keller", "cubic", "svd"}
-        Newton–Schulz schedule as in :func:`matfn.msign`; ``"svd"`` means the exact
-        eigendecomposition reference (``torch.linalg.eig``, float64).
+    method : str or sequence of (a, b, c)
+        Newton–Schulz schedule as in :func:`matfn.msign`, a per-step table ``[(a, b, c), …]``
+        included; ``"svd"`` means the exact eigendecomposition reference
+        (``torch.linalg.eig``, float64). A table runs from ``X₀ = M / √tr(M²)`` (``sf = 1``):
+        each step is the same odd quintic ``a x + b x³ + c x⁵``, applied to the eigenvalues
+        (docs/math.md §2.2), so an msign table lifts ``|λ|`` as it lifts ``σ``.
     steps : int, "auto" or None
         As in :func:`matfn.msign`, except that ``None`` with ``polar_express`` means ``"auto"``:
         mcsgn is used to solve equations, so by default it iterates until converged for the
         compute dtype and raises :class:`MatrixSignConvergenceError` if it does not. Pass an
-        int for a fixed cost (then only gross failures raise).
+        int for a fixed cost (then only gross failures raise). A table (or a named table) runs
+        its own length: ``steps`` must be None or that length.
     eps : float
         Floor of the normaliser ``√tr(M²)``; mcsgn(0) = 0.
     compute_dtype : torch.dtype, optional
@@ -169,7 +172,7 @@ def mcsgn(
     Raises
     ------
     TypeError, ValueError
-        Bad input (see :func:`matfn.msign`); non-square ``M``.
+        Bad input or a malformed table (see :func:`matfn.msign`); non-square ``M``.
     MatrixSignConvergenceError
         The iteration did not converge: eigenvalues on or near the imaginary axis, or nonzero
         eigenvalues smaller than the schedule resolves (about ``1e-3·√tr(M²)`` for 5 steps).
@@ -197,7 +200,7 @@ def mcsgn(
             [ 0.0000, -1.0000]], dtype=torch.float64)
     """
     check_matrix(M, "M", square=True, check_finite=check_finite)
-    check_options(method, steps, "auto")
+    method = check_options(method, steps, "auto")
     if M.numel() == 0:
         return torch.empty_like(M)
     X, batch_shape = flatten_batch(M)
@@ -226,7 +229,7 @@ def mcsgn(
             )
         bound = 0.0
     else:
-        coeffs, factor = schedule(method, DEFAULT_STEPS[method] if steps is None else steps)
+        coeffs, factor = schedule(method, steps)
         iterate = functools.partial(
             _normalized_sign_iteration,
             coeffs=tuple(map(tuple, coeffs)), factor=factor, eps=eps, dtype=compute_dtype,

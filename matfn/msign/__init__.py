@@ -21,14 +21,24 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Literal
+from collections.abc import Sequence
+from typing import Literal, TypeAlias
 
 import torch
 
 from .. import _graphs
 from .._batching import flatten_batch, to_wide, unflatten_batch
 from .._validation import check_matrix
-from ..coefficients import CONVERGENT_QUINTIC, DEFAULT_STEPS, auto_schedule, schedule
+from ..coefficients import (
+    CONVERGENT_QUINTIC,
+    DEFAULT_STEPS,
+    NAMED_TABLES,
+    Table,
+    auto_schedule,
+    check_table,
+    check_table_steps,
+    schedule,
+)
 from .path import (
     cast,
     choose_algorithm,
@@ -82,11 +92,18 @@ __all__ = [
     "wants_derivative",
 ]
 
-Method = Literal["polar_express", "tuned", "keller", "cubic", "svd"]
+#: A schedule's name, ``"svd"`` (exact), or a per-step table ``[(a, b, c), …]``.
+Method: TypeAlias = (
+    Literal[
+        "polar_express", "tuned", "keller", "cubic", "polar_express_modded", "youjiacheng", "svd"
+    ]
+    | Sequence[tuple[float, float, float]]
+)
 Algorithm = Literal["auto", "standard", "gram"]
 Steps = int | Literal["auto"] | None
 
-METHODS = ("polar_express", "tuned", "keller", "cubic", "svd")
+#: The method names (a per-step table is accepted besides).
+METHODS = (*DEFAULT_STEPS, "svd")
 ALGORITHMS = ("auto", "standard", "gram")
 
 #: The autograd Function :func:`msign` defers to while autograd tracks its input
@@ -138,22 +155,37 @@ def _iterate_auto(X: torch.Tensor, algorithm: str) -> torch.Tensor:
     return X
 
 
-def check_options(method: str, steps: object, algorithm: str) -> None:
-    """Raise ``ValueError`` for an unknown method/algorithm or a bad ``steps``."""
-    if method not in METHODS:
-        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
+def check_options(method: object, steps: object, algorithm: str) -> str | Table:
+    """Validate the options; return ``method``, a table as a tuple of float triples.
+
+    Raises ``ValueError`` for an unknown method/algorithm or a bad ``steps`` (for a table or a
+    name of :data:`matfn.coefficients.NAMED_TABLES`: anything but None or its length), and
+    ``TypeError``/``ValueError`` for a malformed table (:func:`matfn.coefficients.check_table`).
+    The returned table is hashable: it can key a CUDA graph.
+    """
+    if not isinstance(method, str):
+        method = check_table(method)
+    elif method not in METHODS:
+        raise ValueError(
+            f"`method` must be one of {METHODS} or a table [(a, b, c), ...], got {method!r}"
+        )
     if algorithm not in ALGORITHMS:
         raise ValueError(f"`algorithm` must be one of {ALGORITHMS}, got {algorithm!r}")
+    if isinstance(method, tuple) or method in NAMED_TABLES:
+        table = method if isinstance(method, tuple) else NAMED_TABLES[method]
+        check_table_steps(table, steps, method if isinstance(method, str) else None)
+        return method
     if steps is None or steps == "auto":
-        return
+        return method
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"`steps` must be a positive int, 'auto' or None, got {steps!r}")
+    return method
 
 
 def msign_wide(
     X: torch.Tensor,
     *,
-    method: str,
+    method: Method,
     steps: Steps,
     algorithm: str,
     eps: float,
@@ -169,19 +201,20 @@ def msign_wide(
     next consumer reads any float dtype, as the optimizer's update does).
     ``norms``: ``‖X_b‖_F`` when the caller already has them (:func:`normalize_by` then skips
     the read of X for the norm). ``out_dtype``: ask for the result in this dtype instead, for
-    fixed schedules (the Triton path rounds its last product to it: no cast pass).
+    fixed schedules (the Triton path rounds its last product to it: no cast pass). ``method``
+    may be a per-step table (normalised by ``‖X_b‖_F``; ``steps`` None or its length).
     """
 
     def normalized(factor: float) -> torch.Tensor:
         return normalize_for_iteration(X, factor, eps, compute_dtype, norms)
 
-    if method == "svd":
+    if isinstance(method, str) and method == "svd":
         return msign_svd(X).to(compute_dtype)
     if steps == "auto":
-        if method != "polar_express":
+        if not (isinstance(method, str) and method == "polar_express"):
             raise ValueError(f"steps='auto' uses the Polar-Express schedule; got method={method!r}")
         return _iterate_auto(normalized(1.01), algorithm)
-    coeffs, factor = schedule(method, DEFAULT_STEPS[method] if steps is None else steps)
+    coeffs, factor = schedule(method, steps)
     return run_newton_schulz(normalized(factor), coeffs, algorithm, out_dtype)
 
 
@@ -207,11 +240,17 @@ def msign(
     M : torch.Tensor
         Real ``(..., n, m)`` tensor (float64/32/16 or bfloat16), any leading batch dims,
         any strides. Never modified.
-    method : {"polar_express", "tuned", "keller", "cubic", "svd"}
-        Coefficient schedule (see :mod:`matfn.coefficients`), or ``"svd"`` for the exact
-        result through ``torch.linalg.svd``.
+    method : str or sequence of (a, b, c)
+        Coefficient schedule: ``"polar_express"``, ``"tuned"``, ``"keller"``, ``"cubic"``, the
+        published tables ``"polar_express_modded"`` (modded-nanogpt's 5 steps, ``sf = 1.02``)
+        and ``"youjiacheng"`` (6 steps) (see :mod:`matfn.coefficients`); ``"svd"`` for the
+        exact result through ``torch.linalg.svd``; or a per-step table ``[(a, b, c), …]``
+        (1 to 99 rows of finite reals), run row by row from ``X₀ = M / ‖M‖_F`` (``sf = 1``, as
+        ``torch.optim.Muon``), so that any published or generated schedule (e.g.
+        :func:`matfn.polar_express_coefficients`) runs without a new name.
     steps : int, "auto" or None
-        Number of iterations; ``None`` is the method's default (5; 12 for ``cubic``).
+        Number of iterations; ``None`` is the method's default (5; 12 for ``cubic``; a table's
+        or a named table's length, the only other value these accept).
         ``"auto"`` runs the shortest Polar-Express schedule that resolves singular values down to
         ``ℓ·‖M‖_F`` for the compute dtype (ℓ = 1e-7 in float64, 1e-6 in float32, 1e-3 in
         half precision), then convergent quintic steps ``(15/8, −10/8, 3/8)`` until a step moves
@@ -235,13 +274,13 @@ def msign(
     check_finite : bool
         Raise on NaN/Inf (one host sync). The optimizer passes ``False``; NaN then propagates.
     cuda_graph : bool
-        Replay the call from a CUDA graph captured for this input geometry and these options
-        (:mod:`matfn._graphs`): for small CUDA inputs, whose eager calls are bound by the host
-        issuing 17–20 kernels. The first call per geometry runs eagerly and captures; later
-        calls issue three operations (copy in, replay, copy out). Ignored (eager) on CPU, for
-        GPU-bound inputs (above 2³⁴ multiply-adds per product, e.g. 4096²), ``steps="auto"``
-        (host syncs), ``method="svd"`` and under autograd. Combine with
-        ``check_finite=False`` to avoid the host sync of the check.
+        Replay the call from a CUDA graph captured for this input geometry and these options,
+        a table's values included (:mod:`matfn._graphs`): for small CUDA inputs, whose eager
+        calls are bound by the host issuing 17–20 kernels. The first call per geometry runs
+        eagerly and captures; later calls issue three operations (copy in, replay, copy out).
+        Ignored (eager) on CPU, for GPU-bound inputs (above 2³⁴ multiply-adds per product,
+        e.g. 4096²), ``steps="auto"`` (host syncs), ``method="svd"`` and under autograd.
+        Combine with ``check_finite=False`` to avoid the host sync of the check.
 
     Returns
     -------
@@ -254,14 +293,18 @@ def msign(
     Raises
     ------
     TypeError
-        ``M`` is not a dense real floating tensor.
+        ``M`` is not a dense real floating tensor; a table is not a sequence of sequences of
+        real numbers.
     ValueError
-        ``M`` has fewer than 2 dims or non-finite entries; unknown method/algorithm; bad steps.
+        ``M`` has fewer than 2 dims or non-finite entries; unknown method/algorithm; bad steps
+        (for a table: not None or its length); a table with no rows, 100 rows or more, a row
+        that is not a triple or a non-finite entry.
 
     Notes
     -----
     The iteration (docs/math.md §1.2): transpose to the wide orientation (``s = min(n, m)`` rows),
-    ``X₀ = M / (sf ‖M‖_F)`` with ``sf = 1.01`` for Polar Express and 1 otherwise, then
+    ``X₀ = M / (sf ‖M‖_F)`` with ``sf = 1.01`` for Polar Express, 1.02 for its modded-nanogpt
+    table and 1 otherwise (tables included), then
     ``A = X Xᵀ``, ``X ← a X + (b A + c A²) X`` per step. On singular values this is the scalar
     composition ``f = p_T ∘ … ∘ p_1`` applied to ``σᵢ / (sf ‖M‖_F)``, so the output is exactly
     ``U f(Σ/(sf‖M‖_F)) Vᵀ`` up to rounding.
@@ -287,9 +330,12 @@ def msign(
     >>> O = matfn.msign(M, steps="auto")
     >>> torch.allclose(O.mT @ O, torch.eye(32, dtype=torch.float64), atol=1e-9)
     True
+    >>> table = [(3.4445, -4.7750, 2.0315)] * 5  # Keller's quintic, as a per-step table
+    >>> torch.equal(matfn.msign(M, method=table), matfn.msign(M, method="keller"))
+    True
     """
     check_matrix(M, "M", check_finite=check_finite)
-    check_options(method, steps, algorithm)
+    method = check_options(method, steps, algorithm)
     if wants_derivative(M):
         if _autograd is None:
             raise RuntimeError("msign's derivative is not registered: import matfn")

@@ -15,9 +15,15 @@ from matfn.coefficients import (
     CUBIC,
     DEFAULT_STEPS,
     KELLER,
+    MAX_TABLE_ROWS,
+    NAME_FACTORS,
+    NAMED_TABLES,
+    POLAR_EXPRESS_MODDED,
     TUNED_5,
     TUNED_6,
+    YOUJIACHENG_6,
     auto_schedule,
+    check_table,
     max_scalar_error,
     polar_express_coefficients,
     scalar_map,
@@ -240,7 +246,9 @@ def test_schedule_presets():
     for method, steps in DEFAULT_STEPS.items():
         coeffs, factor = schedule(method, steps)
         assert len(coeffs) == steps
-        assert factor == (1.01 if method == "polar_express" else 1.0)
+        assert factor == NAME_FACTORS.get(method, 1.0)
+        assert schedule(method, None) == (coeffs, factor)
+    assert NAME_FACTORS == {"polar_express": 1.01, "polar_express_modded": 1.02}
     assert schedule("keller", 3)[0] == [KELLER] * 3
     assert schedule("cubic", 2)[0] == [CUBIC] * 2
     assert schedule("tuned", 5)[0] == list(TUNED_5)
@@ -299,3 +307,101 @@ def test_generator_returns_fresh_list():
     assert polar_express_coefficients(5) == polar_express_coefficients(5)
     assert len(polar_express_coefficients(5)) == 5
     assert polar_express_coefficients(5)[0] != (0.0, 0.0, 0.0)
+
+
+# --- Per-step tables (docs/math.md §1.3(g)) ---------------------------------------------------
+
+#: You Jiacheng's published 6-step table in its source's form (numerators over 1024).
+YOUJIACHENG_NUMERATORS = [
+    (3955, -8306, 5008),
+    (3735, -6681, 3463),
+    (3799, -6499, 3211),
+    (4019, -6385, 2906),
+    (2677, -3029, 1162),
+    (2172, -1833, 682),
+]
+
+
+def test_named_tables_are_the_published_numbers():
+    assert list(POLAR_EXPRESS_MODDED) == PE_MODDED
+    published = [(a / 1024, b / 1024, c / 1024) for a, b, c in YOUJIACHENG_NUMERATORS]
+    assert list(YOUJIACHENG_6) == published
+    # The modded-nanogpt table is the generator's output for its parameters (to 1e-13).
+    generated = polar_express_coefficients(5, 1e-3, safety=1.02, cushion=0.02)
+    np.testing.assert_allclose(generated, POLAR_EXPRESS_MODDED, rtol=1e-13, atol=1e-13)
+    assert dict(NAMED_TABLES) == {
+        "polar_express_modded": POLAR_EXPRESS_MODDED,
+        "youjiacheng": YOUJIACHENG_6,
+    }
+    for name, table in NAMED_TABLES.items():
+        assert DEFAULT_STEPS[name] == len(table)
+        assert schedule(name, None) == (list(table), NAME_FACTORS.get(name, 1.0))
+        assert schedule(name, len(table))[0] == list(table)
+        with pytest.raises(ValueError, match=f"`steps` must be None or {len(table)}"):
+            schedule(name, len(table) - 1)
+
+
+def test_named_table_images():
+    """The scalar images quoted in the constants' docstrings (with their normalisation)."""
+    x = np.concatenate([np.geomspace(1e-3, 1, 20001), np.linspace(1e-3, 1, 20001)])
+    f = scalar_map(list(POLAR_EXPRESS_MODDED), x / 1.02)
+    assert 0.846 <= f.min() and f.max() <= 1.142
+    f = scalar_map(list(YOUJIACHENG_6), x)
+    assert 0.866 <= f.min() and f.max() <= 0.9994
+    assert scalar_map(list(YOUJIACHENG_6), x[x >= 2e-3]).min() >= 0.9955
+
+
+table_rows = st.tuples(
+    st.floats(-10, 10, allow_nan=False), st.floats(-30, 30), st.integers(-20, 20)
+)
+
+
+@given(rows=st.lists(table_rows, min_size=1, max_size=MAX_TABLE_ROWS))
+def test_check_table_returns_hashable_float_triples(rows):
+    table = check_table(rows)
+    assert isinstance(table, tuple) and len(table) == len(rows)
+    assert all(type(v) is float for row in table for v in row)
+    assert table == tuple(tuple(float(v) for v in row) for row in rows)
+    hash(table)
+    assert check_table(table) == table  # idempotent
+    assert check_table(np.array(rows, dtype=np.float64)) == table
+    assert schedule(rows, None) == (list(table), 1.0)
+    assert schedule(rows, len(rows)) == (list(table), 1.0)
+
+
+@pytest.mark.parametrize(
+    ("table", "error", "match"),
+    [
+        ([], ValueError, "1 to 99 rows"),
+        ([(1.0, 2.0, 3.0)] * (MAX_TABLE_ROWS + 1), ValueError, "1 to 99 rows .*, got 100"),
+        ([(1.0, 2.0)], ValueError, "row 0 must have 3 entries"),
+        ([(1.0, 2.0, 3.0), (1.0, 2.0, 3.0, 4.0)], ValueError, "row 1 must have 3 entries"),
+        ([(1.0, 2.0, math.nan)], ValueError, "row 0 must be finite"),
+        ([(1.0, math.inf, 0.0)], ValueError, "row 0 must be finite"),
+        ([(1.0, 2.0, "3")], TypeError, "row 0 must hold real numbers"),
+        ([(1.0, 2.0, True)], TypeError, "row 0 must hold real numbers"),
+        ([(1.0, 2.0, 1j)], TypeError, "row 0 must hold real numbers"),
+        ([(1.0, 2.0, None)], TypeError, "row 0 must hold real numbers"),
+        ([1.0, 2.0, 3.0], TypeError, "row 0 must be an \\(a, b, c\\) triple"),
+        (["abc"], TypeError, "row 0 must be an"),
+        ("polar", TypeError, "sequence of \\(a, b, c\\) triples, got str"),
+        ({(1.0, 2.0, 3.0)}, TypeError, "got set"),
+        (3.0, TypeError, "got float"),
+        (None, TypeError, "got NoneType"),
+    ],
+    ids=lambda v: v if isinstance(v, str) and len(v) < 20 else None,
+)
+def test_check_table_rejects(table, error, match):
+    with pytest.raises(error, match=match):
+        check_table(table, "ns_coefficients")
+    with pytest.raises(error, match="`ns_coefficients`"):
+        check_table(table, "ns_coefficients")
+    with pytest.raises(error, match="`method`"):
+        check_table(table)
+
+
+@pytest.mark.parametrize("steps", [0, 2, 4, 1.0, True, "auto"])
+def test_table_steps_must_match(steps):
+    table = [KELLER, CUBIC, CONVERGENT_QUINTIC]
+    with pytest.raises(ValueError, match="`steps` must be None or 3 \\(the length of the table"):
+        schedule(table, steps)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 
+import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
@@ -197,10 +198,17 @@ def test_call_sites_hand_a_hashable_partial_of_the_eager_computation(monkeypatch
     Q, K = (torch.randn(2, 2, 40, 3, dtype=torch.float64) / 4).unbind(0)
     V = torch.randn(2, 40, 2, dtype=torch.float64)
     kw = {"steps": 8, "check_convergence": False}
+    table = [(3.4445, -4.775, 2.0315), (1.875, -1.25, 0.375)] * 4
     cases = [
         (lambda g: matfn.msign(M, cuda_graph=g), "_msign"),
+        (lambda g: matfn.msign(M, method=table, cuda_graph=g), "_msign"),
         (lambda g: matfn.mclip(M, max_sv=0.3, cuda_graph=g), "_mclip"),
+        (lambda g: matfn.mclip(M, max_sv=0.3, method=table, cuda_graph=g), "_mclip"),
         (lambda g: matfn.mcsgn(S, cuda_graph=g, **kw), "_normalized_sign_iteration"),
+        (
+            lambda g: matfn.mcsgn(S, method=table, cuda_graph=g, check_convergence=False),
+            "_normalized_sign_iteration",
+        ),
         (lambda g: matfn.tri_inv(Q, K, cuda_graph=g), "_tri_inv"),
         (lambda g: matfn.tri_solve(Q, K, V, 2.0, cuda_graph=g), "_tri_solve"),
     ]
@@ -213,6 +221,8 @@ class _FakeCuda:
     """Stand-ins for the CUDA stream and graph calls of a capture, for a CPU test."""
 
     class Stream:
+        stream_id = 0
+
         def __init__(self, device=None):
             pass
 
@@ -220,7 +230,8 @@ class _FakeCuda:
             pass
 
     class CUDAGraph:
-        pass
+        def replay(self):
+            """Nothing: the static output keeps the value of the capture run."""
 
     @staticmethod
     def current_stream(device=None):
@@ -260,3 +271,43 @@ def test_capture_warms_up_and_records_on_the_same_gpu_time_kernels(monkeypatch, 
     assert modes == [True, True], "warm-up and capture"
     assert torch.equal(out, X * 2) and not recording.recording()
     assert list(_graphs._ENTRIES) == ["key"]
+
+
+def test_tables_key_their_own_graphs(monkeypatch, fake_cuda):
+    """A per-step table is part of the graph key, by value: another table of the same length
+    captures its own graph (a replay of the first would return the first table's result, since
+    the fake replay leaves the capture run's output), and the same values as a list, tuple or
+    array replay the first graph."""
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
+    monkeypatch.setattr(_graphs, "graph_applies", lambda *tensors, work: True)
+    M = torch.randn(2, 12, 20, dtype=torch.float64)
+    first = [(3.4445, -4.775, 2.0315)] * 3
+    second = [(3.4445, -4.775, 2.0315), (1.5, -0.5, 0.0), (1.875, -1.25, 0.375)]
+    for table in (first, second):
+        out = matfn.msign(M, method=table, cuda_graph=True)  # eager warm-up result of a capture
+        assert torch.equal(out, matfn.msign(M, method=table))
+    assert len(_graphs._ENTRIES) == 2
+    keys = list(_graphs._ENTRIES)
+    for key, table in zip(keys, (first, second), strict=True):
+        bound = dict(key[0][2])
+        assert bound["method"] == tuple(tuple(map(float, row)) for row in table)
+    for same in (
+        tuple(first),
+        np.array(first),
+        [[int(v) if v == int(v) else v for v in r] for r in first],
+    ):
+        out = matfn.msign(M, method=same, cuda_graph=True)  # replay: the capture's output
+        assert torch.equal(out, matfn.msign(M, method=first))
+    assert list(_graphs._ENTRIES) == [keys[1], keys[0]]  # replayed: most recently used
+    # a named method with the same rows is another key (the name is bound, not its rows)
+    matfn.msign(M, method="keller", steps=3, cuda_graph=True)
+    assert len(_graphs._ENTRIES) == 3
+    # mclip and mcsgn bind the table too
+    matfn.mclip(M, max_sv=0.5, method=first, cuda_graph=True)
+    matfn.mclip(M, max_sv=0.5, method=second, cuda_graph=True)
+    S = torch.randn(2, 8, 8, dtype=torch.float64)
+    S = S + S.mT
+    for table in (first, second):
+        out = matfn.mcsgn(S, method=table, check_convergence=False, cuda_graph=True)
+        assert torch.equal(out, matfn.mcsgn(S, method=table, check_convergence=False))
+    assert len(_graphs._ENTRIES) == 7

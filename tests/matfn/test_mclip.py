@@ -10,6 +10,7 @@ The default (F3, 8 fixed steps) is judged by its documented envelope instead (se
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -19,6 +20,13 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import matfn
+from matfn.coefficients import (
+    CONVERGENT_QUINTIC,
+    KELLER,
+    TUNED_5,
+    YOUJIACHENG_6,
+    auto_schedule,
+)
 from matfn.oracles import as_float64, mclip_oracle, msign_oracle
 from tests.strategies import MatrixCase, haar_orthonormal, matrices
 
@@ -269,3 +277,59 @@ def test_large_default_and_auto():
     assert spectral_error(X, clip_oracle(A, case.k, 0.0, 1.0)) <= clip_tolerance(
         A, 1.0, torch.float32
     )
+
+
+# --- Per-step tables: method=[(a, b, c), …] -------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["F3", "F2", "dilation"])
+@pytest.mark.parametrize(
+    ("name", "steps", "table"),
+    [("keller", 5, [KELLER] * 5), ("tuned", 5, list(TUNED_5)), ("youjiacheng", 6, YOUJIACHENG_6)],
+    ids=lambda v: str(v)[:12],
+)
+def test_table_equal_to_named_method_is_bit_identical(name, steps, table, form):
+    # Every inner msign runs the table's rows from ‖·‖_F, as the named method's.
+    M = MatrixCase((2, 12, 20), cond=1e2, scale=3.0, seed=2).tensor()
+    for min_sv in (0.0, 0.5):
+        kw = {"max_sv": 1.0, "min_sv": min_sv, "form": form}
+        ref = matfn.mclip(M, method=name, steps=steps, **kw)
+        assert torch.equal(matfn.mclip(M, method=table, **kw), ref)
+        assert torch.equal(matfn.mclip(M, method=tuple(table), steps=len(table), **kw), ref)
+
+
+@given(
+    case=matrices(dtypes=[torch.float64], max_side=24, max_cond=30.0, scales=(1e-2, 30.0)),
+    form=st.sampled_from(["F3", "F2", "dilation"]),
+    beta=st.sampled_from([1.0, 0.5, 2.0]),
+)
+def test_converging_table_agrees_with_svd(case, form, beta):
+    # A table that resolves |σ² − β²| down to 1e-7‖G − β²I‖_F to 1e-12 (the float64 auto
+    # schedule and two convergent steps) clips as steps="auto" does
+    # (test_forms_agree_with_svd_auto, same tolerance).
+    table = auto_schedule(1e-7, 1e-12) + [CONVERGENT_QUINTIC] * 2
+    M = case.tensor()
+    A = as_float64(M)
+    assume(np.all(np.linalg.norm(A, ord=2, axis=(-2, -1)) <= 30 * beta))
+    X = as_float64(matfn.mclip(M, max_sv=beta, form=form, method=table))
+    ref = clip_oracle(A, case.effective_rank, 0.0, beta)
+    assert np.all(spectral_error(X, ref) <= clip_tolerance(A, beta, case.dtype))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"method": []}, ValueError, "`method` must have 1 to 99 rows"),
+        ({"method": [(1.0, 2.0, math.nan)]}, ValueError, "`method` row 0 must be finite"),
+        ({"method": [(1.0, 2.0, "c")]}, TypeError, "`method` row 0 must hold real numbers"),
+        ({"method": {"a": 1.0}}, TypeError, "`method` must be a method name"),
+        ({"method": [KELLER] * 3, "steps": 8}, ValueError, "`steps` must be None or 3"),
+        ({"method": [KELLER] * 3, "steps": "auto"}, ValueError, "`steps` must be None or 3"),
+        ({"method": "polar_express_modded", "steps": 8}, ValueError, "None or 5"),
+    ],
+    ids=lambda v: v.__name__ if isinstance(v, type) else None,
+)
+def test_bad_tables_raise(kwargs, error, match):
+    M = torch.randn(4, 6, dtype=torch.float64)
+    with pytest.raises(error, match=match):
+        matfn.mclip(M, **kwargs)

@@ -9,6 +9,8 @@ measured ratios ≤ 1.7 (fp64 and fp32, n ≤ 32, κ(Q) ≤ 10, block couplings 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -18,7 +20,17 @@ from hypothesis import strategies as st
 
 import matfn
 from matfn import MatrixSignConvergenceError
-from matfn.coefficients import DEFAULT_STEPS, scalar_map, schedule
+from matfn.coefficients import (
+    CONVERGENT_QUINTIC,
+    CUBIC,
+    DEFAULT_STEPS,
+    KELLER,
+    TUNED_6,
+    YOUJIACHENG_6,
+    polar_express_coefficients,
+    scalar_map,
+    schedule,
+)
 from matfn.oracles import as_float64, mcsgn_oracle, msign_oracle
 from tests.strategies import (
     DTYPE_NAMES,
@@ -298,3 +310,72 @@ def test_svd_method_is_exact_eig():
     case = SignCase(n=12, batch=(2,), kind="eig", gap=0.01, q_cond=10.0, seed=7)
     S = as_float64(matfn.mcsgn(case.tensor(), method="svd"))
     assert np.all(spectral_error(S, case.exact_sign()) <= 1e-11)
+
+
+# --- Per-step tables: method=[(a, b, c), …] -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "steps", "table"),
+    [
+        ("keller", 5, [KELLER] * 5),
+        ("tuned", 6, list(TUNED_6)),
+        ("cubic", 12, [CUBIC] * 12),
+        ("youjiacheng", None, list(YOUJIACHENG_6)),
+    ],
+    ids=lambda v: str(v)[:12],
+)
+def test_table_equal_to_named_method_is_bit_identical(name, steps, table):
+    # Both run X₀ = M/√tr(M²) (sf = 1) and the same rows.
+    case = SignCase(n=12, batch=(2,), kind="eig", gap=0.3, q_cond=2.0, seed=3)
+    M = case.tensor()
+    kw = {"check_convergence": False}
+    ref = matfn.mcsgn(M, method=name, steps=steps, **kw)
+    assert torch.equal(matfn.mcsgn(M, method=table, **kw), ref)
+    assert torch.equal(matfn.mcsgn(M, method=tuple(table), steps=len(table), **kw), ref)
+
+
+@given(case=sign_matrices(kinds=["eig", "sym"], max_side=16))
+def test_converging_table_matches_exact_sign(case):
+    # The odd quintics act on the eigenvalues (docs/math.md §2.2): a table that converges on
+    # [1e-3, 1] to the dtype's target (Polar Express without safety factor, 10 steps: 1e-15)
+    # gives the sign within the steps="auto" tolerance on eigenvalues |λ| ≥ gap·scale.
+    table = polar_express_coefficients(10, 1e-3, safety=1.0)
+    lam = np.abs(np.linalg.eigvals(case.array()))
+    trace = np.sqrt(np.abs(np.trace(case.array() @ case.array(), axis1=-2, axis2=-1)))
+    assume(np.all(lam.min(-1) >= 2e-3 * trace))
+    S = as_float64(matfn.mcsgn(case.tensor(), method=table))
+    exact = case.exact_sign()
+    assert np.all(spectral_error(S, exact) <= 4 * sign_tolerance(exact, case.dtype))
+
+
+def test_fixed_table_follows_scalar_map():
+    # A non-converging table: P f(Λ/√tr M²) P⁻¹, error ≤ κ(Q)·max |f(x) − 1| + rounding.
+    case = SignCase(n=12, kind="eig", gap=0.3, q_cond=2.0, seed=7)
+    A = case.array()
+    table = [(3.0, -3.2, 1.2)] * 4 + [CONVERGENT_QUINTIC]
+    x = np.abs(np.linalg.eigvals(A)) / np.sqrt(np.trace(A @ A))
+    scalar = float(np.abs(scalar_map(table, x) - 1).max())
+    S = as_float64(matfn.mcsgn(case.tensor(), method=table))
+    tol = case.q_cond * scalar + sign_tolerance(case.exact_sign(), torch.float64)
+    assert spectral_error(S, case.exact_sign()) <= tol
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"method": []}, ValueError, "`method` must have 1 to 99 rows"),
+        ({"method": [(1.0, math.inf, 0.0)]}, ValueError, "`method` row 0 must be finite"),
+        ({"method": [(1.0, 2.0)]}, ValueError, "`method` row 0 must have 3 entries"),
+        ({"method": "fast"}, ValueError, "`method` must be one of"),
+        ({"method": 1.5}, TypeError, "`method` must be a method name"),
+        ({"method": [KELLER] * 3, "steps": 4}, ValueError, "`steps` must be None or 3"),
+        ({"method": [KELLER] * 3, "steps": "auto"}, ValueError, "`steps` must be None or 3"),
+        ({"method": "youjiacheng", "steps": "auto"}, ValueError, "`steps` must be None or 6"),
+    ],
+    ids=lambda v: v.__name__ if isinstance(v, type) else None,
+)
+def test_bad_tables_raise(kwargs, error, match):
+    M = torch.eye(4, dtype=torch.float64)
+    with pytest.raises(error, match=match):
+        matfn.mcsgn(M, **kwargs)

@@ -18,6 +18,7 @@ Tolerances (docs/math.md §1.6, derived here, checked by ``explore`` runs noted 
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -30,13 +31,20 @@ from hypothesis import strategies as st
 import matfn
 from matfn.coefficients import (
     CONVERGENT_QUINTIC,
+    CUBIC,
     DEFAULT_STEPS,
+    KELLER,
+    POLAR_EXPRESS_MODDED,
+    TUNED_5,
+    TUNED_6,
+    YOUJIACHENG_6,
     auto_schedule,
     max_scalar_error,
+    polar_express_coefficients,
     scalar_map,
     schedule,
 )
-from matfn.msign import AUTO_MAX_POLISH, AUTO_TARGETS
+from matfn.msign import AUTO_MAX_POLISH, AUTO_TARGETS, gram_restarts, path
 from matfn.oracles import as_float64, msign_oracle, polar_oracle, schedule_oracle
 from tests.strategies import (
     DTYPE_NAMES,
@@ -468,3 +476,197 @@ def test_scipy_polar_disagrees_on_rank_deficient():
     torch.testing.assert_close(
         matfn.msign(torch.from_numpy(A), method="svd"), torch.from_numpy(msign_oracle(A))
     )
+
+
+# --- Per-step tables: method=[(a, b, c), …] (docs/math.md §1.3(g)) ----------------------------
+
+#: Named methods whose normalisation is ‖M‖_F alone, with a step count and the equal table.
+TABLE_TWINS = [
+    ("keller", 5, [KELLER] * 5),
+    ("tuned", 5, list(TUNED_5)),
+    ("tuned", 6, list(TUNED_6)),
+    ("tuned", 7, [*TUNED_6, CONVERGENT_QUINTIC]),
+    ("cubic", 12, [CUBIC] * 12),
+    ("youjiacheng", None, list(YOUJIACHENG_6)),
+]
+#: Rows that random tables perturb: every published quintic and the cubic.
+SEED_ROWS = [KELLER, CUBIC, CONVERGENT_QUINTIC, *TUNED_5, *YOUJIACHENG_6, *POLAR_EXPRESS_MODDED]
+
+
+def numpy_table_iteration(A: np.ndarray, table, factor: float = 1.0) -> np.ndarray:
+    """The table's steps in float64 numpy: wide orientation, ``X₀ = A/(sf‖A‖_F)``, per row
+    ``X ← a X + (b S + c S²) X`` with ``S = X Xᵀ`` (an independent reimplementation)."""
+    tall = A.shape[-2] > A.shape[-1]
+    X = A.swapaxes(-1, -2) if tall else A
+    norm = np.sqrt(np.sum(X * X, axis=(-2, -1), keepdims=True))
+    X = X / np.maximum(factor * norm, 1e-7)
+    for a, b, c in table:
+        S = X @ X.swapaxes(-1, -2)
+        X = a * X + (b * S + c * (S @ S)) @ X
+    return X.swapaxes(-1, -2) if tall else X
+
+
+@st.composite
+def random_tables(draw, max_steps: int = 8):
+    """Tables of 1…max_steps rows, each a published row with its entries scaled by factors in
+    [0.9, 1.1], then the whole row by ``γ ≤ 1`` so that the composed map stays in [0, 1.5] on
+    [0, 1] (rows of different tables in random order can otherwise diverge, or cross 0, where
+    the schedule tolerance's grids assume positive values; such a row becomes the convergent
+    quintic)."""
+    steps = draw(st.integers(1, max_steps))
+    x = np.linspace(0, 1, 2001)
+    rows = []
+    for _ in range(steps):
+        a, b, c = draw(st.sampled_from(SEED_ROWS))
+        row = [v * draw(st.floats(0.9, 1.1)) for v in (a, b, c)]
+        y = scalar_map([tuple(row)], x)
+        if y.min() < 0:
+            row, y = list(CONVERGENT_QUINTIC), scalar_map([CONVERGENT_QUINTIC], x)
+        gamma = min(1.0, 1.5 / float(np.abs(y).max()))
+        rows.append(tuple(gamma * v for v in row))
+        x = gamma * y
+    return rows
+
+
+@pytest.mark.parametrize("algorithm", ["standard", "gram", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("name", "steps", "table"), TABLE_TWINS, ids=lambda v: str(v)[:12])
+def test_table_equal_to_named_method_is_bit_identical(name, steps, table, dtype, algorithm):
+    for shape in ((2, 24, 40), (40, 9)):  # wide batch; tall (transposed) single matrix
+        M = MatrixCase(shape, dtype=dtype, cond=1e2, seed=len(table)).tensor()
+        ref = matfn.msign(M, method=name, steps=steps, algorithm=algorithm)
+        for form in (table, tuple(table), np.array(table)):
+            out = matfn.msign(M, method=form, algorithm=algorithm)
+            assert out.dtype == M.dtype and torch.equal(out, ref)
+        assert torch.equal(
+            matfn.msign(M, method=table, steps=len(table)), matfn.msign(M, method=name, steps=steps)
+        )
+
+
+@given(
+    case=matrices(dtypes=[torch.float64], max_cond=1e4, max_side=24, rank_deficient=True),
+    table=random_tables(),
+)
+def test_random_table_matches_numpy_and_svd_oracle(case, table):
+    # Standard iteration in float64 vs (i) a numpy reimplementation of the same steps and (ii) the
+    # SVD oracle U f(Σ/‖M‖_F) Vᵀ; both within the schedule tolerance (module docstring).
+    M = case.tensor()
+    A = as_float64(M)
+    X = matfn.msign(M, method=table, algorithm="standard")
+    # + 20 k ε: the float64 SVD oracle's own rounding, which a 1-step table's tolerance does not
+    # dwarf (measured 9.8e-15 against 9.2e-15 on a 9×9 rank-8 input).
+    tol = schedule_tolerance(table, 1.0, A, torch.float64, torch.float64)
+    tol = tol + 20 * case.k * np.finfo(np.float64).eps
+    assert np.all(spectral_error(as_float64(X), numpy_table_iteration(A, table)) <= 2 * tol)
+    assert np.all(spectral_error(as_float64(X), schedule_oracle(A, table, 1.0)) <= tol)
+    # Gram NS: the same polynomial, restarts from gram_restarts(table) (4× as in the PE tests).
+    G = matfn.msign(M, method=table, algorithm="gram")
+    assert np.all(spectral_error(as_float64(G), schedule_oracle(A, table, 1.0)) <= 4 * tol + 1e-12)
+
+
+@given(case=matrices(dtypes=[torch.float32], max_cond=1e2, max_side=24), table=random_tables(6))
+def test_random_table_float32_schedule_exact(case, table):
+    M = case.tensor()
+    A = as_float64(M)
+    for algorithm, factor in (("standard", 1), ("gram", 4)):
+        X = matfn.msign(M, method=table, algorithm=algorithm)
+        tol = factor * schedule_tolerance(table, 1.0, A, torch.float32, torch.float32)
+        assert np.all(spectral_error(as_float64(X), schedule_oracle(A, table, 1.0)) <= tol)
+
+
+@pytest.mark.parametrize("table", [list(YOUJIACHENG_6), [KELLER] * 5, [CUBIC] * 7], ids=len)
+def test_table_gram_restarts_come_from_its_rows(monkeypatch, table):
+    """Gram NS restarts where gram_restarts(table) says, and algorithm="auto" counts them."""
+    calls = []
+    gram = path.gram_newton_schulz
+
+    def spy(X, coeffs, restarts=None, out_dtype=None):
+        calls.append((list(coeffs), restarts))
+        return gram(X, coeffs, restarts, out_dtype)
+
+    monkeypatch.setattr(path, "gram_newton_schulz", spy)
+    M = MatrixCase((4, 64), cond=10.0, seed=8).tensor()  # L = 16 s: "auto" takes Gram
+    for algorithm in ("gram", "auto"):
+        matfn.msign(M, method=table, algorithm=algorithm)
+        assert calls.pop() == (table, gram_restarts(table))
+    assert gram_restarts(YOUJIACHENG_6) == (2, 4)
+
+
+def test_named_table_runs_with_its_source_normalisation():
+    # "polar_express_modded" divides by 1.02‖M‖_F as modded-nanogpt does; the same rows passed as
+    # a table divide by ‖M‖_F (as torch.optim.Muon does).
+    M = MatrixCase((3, 20, 30), cond=1e2, seed=4).tensor()
+    A = as_float64(M)
+    named = as_float64(matfn.msign(M, method="polar_express_modded"))
+    table = as_float64(matfn.msign(M, method=POLAR_EXPRESS_MODDED))
+    np.testing.assert_allclose(
+        named, numpy_table_iteration(A, POLAR_EXPRESS_MODDED, 1.02), atol=1e-12
+    )
+    np.testing.assert_allclose(table, numpy_table_iteration(A, POLAR_EXPRESS_MODDED), atol=1e-12)
+    assert np.abs(named - table).max() > 1e-3
+
+
+def test_generated_table_converges_to_the_svd_oracle():
+    # A converging table (Polar Express, 8 steps, no safety factor) reaches U_r V_rᵀ in float64.
+    table = polar_express_coefficients(8, 1e-3, safety=1.0)
+    case = MatrixCase((2, 16, 40), cond=1e2, seed=5)
+    M = case.tensor()
+    for algorithm in ("standard", "gram"):
+        X = matfn.msign(M, method=table, algorithm=algorithm)
+        assert np.all(spectral_error(as_float64(X), msign_oracle(as_float64(M))) <= 1e-12)
+
+
+@pytest.mark.parametrize("algorithm", ["standard", "gram"])
+def test_table_on_the_triton_kernels(monkeypatch, algorithm):
+    """A table through the Triton products (interpreter on CPU): the kernels take any row."""
+    pytest.importorskip("triton")
+    table = [(3.9, -7.5, 4.1), (1.5, -0.5, 0.0), *YOUJIACHENG_6[3:]]
+    M = MatrixCase((2, 20, 45), dtype=torch.float32, cond=10.0, seed=6).tensor()
+    ref = matfn.msign(M, method=table, algorithm=algorithm)
+    monkeypatch.setattr(path, "kernels_apply", lambda X: True)
+    out = matfn.msign(M, method=table, algorithm=algorithm)
+    assert out.dtype == torch.float32 and not torch.equal(out, ref)  # another summation order
+    rtol = 2e-5 if algorithm == "standard" else 2e-4  # as tests/matfn/msign/test_triton.py
+    assert float((out - ref).norm() / ref.norm()) <= rtol
+
+
+def test_table_derivative_does_not_depend_on_the_coefficients():
+    # Backward is msign_vjp of the exact msign(M): the same gradient for any schedule.
+    M = MatrixCase((2, 12, 20), cond=10.0, seed=7).tensor()
+    W = torch.randn(M.shape, dtype=M.dtype, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for method in ("keller", [(3.0, -3.2, 1.2)] * 4, list(YOUJIACHENG_6)):
+        A = M.clone().requires_grad_()
+        O = matfn.msign(A, method=method)
+        assert torch.equal(O.detach(), matfn.msign(M, method=method))
+        (O * W).sum().backward()
+        grads.append(A.grad)
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
+    torch.testing.assert_close(grads[0], matfn.msign_vjp(M, W), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"method": []}, ValueError, "`method` must have 1 to 99 rows"),
+        ({"method": [KELLER] * 100}, ValueError, "`method` must have 1 to 99 rows"),
+        ({"method": [(1.0, 2.0)]}, ValueError, "`method` row 0 must have 3 entries"),
+        ({"method": [KELLER, (1.0, math.nan, 0.0)]}, ValueError, "`method` row 1 must be finite"),
+        ({"method": [(1.0, 2.0, "x")]}, TypeError, "`method` row 0 must hold real numbers"),
+        ({"method": list(KELLER)}, TypeError, "`method` row 0 must be an"),
+        ({"method": torch.tensor([KELLER])}, TypeError, "`method` must be a method name"),
+        ({"method": "keler"}, ValueError, "`method` must be one of"),
+        ({"method": [KELLER] * 3, "steps": 5}, ValueError, "`steps` must be None or 3"),
+        ({"method": [KELLER] * 3, "steps": "auto"}, ValueError, "`steps` must be None or 3"),
+        ({"method": "youjiacheng", "steps": 5}, ValueError, "`steps` must be None or 6"),
+        ({"method": "polar_express_modded", "steps": "auto"}, ValueError, "None or 5"),
+        ({"method": [KELLER], "algorithm": "fast"}, ValueError, "`algorithm`"),
+    ],
+    ids=lambda v: v.__name__ if isinstance(v, type) else (v if isinstance(v, str) else None),
+)
+def test_bad_tables_raise(kwargs, error, match):
+    M = torch.randn(4, 6, dtype=torch.float64)
+    with pytest.raises(error, match=match):
+        matfn.msign(M, **kwargs)
+    with pytest.raises(error, match=match):  # the check comes before autograd's Function
+        matfn.msign(M.requires_grad_(), **kwargs)
