@@ -1,0 +1,364 @@
+"""QK-Clip on sharded weights equals single-process QK-Clip: FSDP2, DDP, tensor-parallel heads.
+
+Worlds of 2 and 3 CPU ranks (gloo) are spawned from pytest, each running every scenario in one
+process group (startup dominates the cost), as tests/optim/test_distributed.py does:
+
+* ``fsdp2``: ``fully_shard`` training with Muon + QKClip (two micro-batches per step) of a model
+  with an MQA attention (one key head shared by all query heads, biases), an MLA attention and
+  a GQA attention with QK-Norm (a shared q gain, per-key-head k gains); every sharded row count
+  (25, 5, 20, 25, 6, ...) is uneven on 2 or 3 ranks and heads straddle shard boundaries. The
+  parameters, statistics and clip decisions equal the single-process run to float32 rounding.
+  A ``torch.distributed.checkpoint`` save at step 2 (model, optimizer and the QKClip as a
+  ``Stateful``) resumes bit-identically.
+* ``ddp``: the same model under ``DistributedDataParallel`` (plain replicated parameters).
+* ``tp``: q/k/v projections ``ColwiseParallel`` and the output ``RowwiseParallel`` over a
+  ``(dp=1, tp=world)`` mesh, with biases and shared QK-Norm gains; ``record`` sees each rank's
+  heads, ``process_group`` is the data-parallel group; equal to single-process training.
+* ``errors``: unsupported placements and misuse raise, naming the parameter and placement.
+"""
+
+from __future__ import annotations
+
+import gc
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.testing import assert_close
+
+from optim import Muon, QKClip, muon_param_groups
+
+from .test_distributed import TRAIN_TOL, _full_state, _nullcontext
+from .toy_attention import ToyAttention, ToyMLA
+
+V, DIM, BATCH, MICRO, STEPS = 13, 16, 6, 2, 4
+TAU = 3.0  # between the boosted heads' max-logits and the others'
+
+
+class _Model(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, DIM)
+        self.attn = nn.ModuleList(
+            [
+                # MQA, odd head_dim (no RoPE): q rows 25, k rows 5, biases
+                ToyAttention(DIM, 5, 1, head_dim=5, bias=True, use_rope=False),
+                # MLA: q rows 5·(2+2) = 20, kv_b rows 5·(2+3) = 25
+                ToyMLA(DIM, num_heads=5, nope_dim=2, rope_dim=2, v_dim=3, kv_rank=6),
+                # GQA + QK-Norm: q gain (6,) shared, k gains (2, 6) per key head
+                ToyAttention(DIM, 4, 2, head_dim=6, q_norm="shared", k_norm="per_head"),
+            ]
+        )
+        self.head = nn.Linear(DIM, V, bias=False)
+        with torch.no_grad():  # a few heads far above τ, the others below
+            self.attn[0].q_proj.weight.view(5, 5, DIM)[[1, 3]] *= 6.0
+            self.attn[1].q_proj.weight.view(5, 4, DIM)[2] *= 6.0
+            self.attn[2].k_norm[1] *= 4.0
+        # softmax is blind to a key bias (it adds q·b_k to a whole row of logits): its gradient
+        # is rounding noise, which AdamW would blow up into rank-dependent updates
+        self.attn[0].k_proj.bias.requires_grad_(False)
+
+    def register(self, qk: QKClip) -> None:
+        for i, a in enumerate(self.attn):
+            a.register(qk, f"layer{i}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        for a in self.attn:
+            h = h + a(h)
+        return self.head(h)
+
+
+def _data(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 * step + micro)
+    x = torch.randint(0, V, (BATCH, 7), generator=gen)
+    return x, torch.roll(x, 1, 1)
+
+
+def _train(model, opt, steps, world, rank, before_micro=None) -> None:
+    """Gradient accumulation over MICRO micro-batches; this rank's slice of each batch."""
+    per = BATCH // world
+    for step in steps:
+        for micro in range(MICRO):
+            if before_micro is not None:
+                before_micro(micro)
+            x, y = _data(step, micro)
+            x, y = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
+            loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()) / MICRO
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _setup(shard=None, **qk_kw) -> tuple[_Model, Muon, QKClip]:
+    torch.manual_seed(0)
+    model = _Model()
+    if shard is not None:
+        shard(model)
+    opt = Muon(muon_param_groups(model), lr=0.05, adamw_lr=2e-2)
+    qk = QKClip(tau=TAU, alpha=0.4, **qk_kw)
+    model.register(qk)  # after sharding: fully_shard replaces the parameters
+    qk.attach(opt)
+    return model, opt, qk
+
+
+def _reference(steps: int) -> tuple[dict[str, torch.Tensor], dict, list]:
+    model, opt, qk = _setup(distributed=False)
+    seen = []
+    for s in range(steps):
+        _train(model, opt, [s], 1, 0)
+        seen.append(qk.last_stats())
+    return _full_state(model), qk.last_stats(), seen
+
+
+def _check_stats(got: dict, want: dict) -> None:
+    for n in want:
+        assert torch.equal(got[n]["clipped"], want[n]["clipped"]), n
+        assert_close(got[n]["max_logits"], want[n]["max_logits"], rtol=1e-5, atol=1e-6)
+        assert_close(got[n]["gamma"], want[n]["gamma"], rtol=1e-5, atol=1e-6)
+
+
+# ---- scenario: FSDP2 + DCP -------------------------------------------------------------------
+
+
+def _fsdp2(mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    def shard(model: _Model) -> None:
+        for m in (model.emb, *model.attn, model.head):
+            fully_shard(m, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+
+    return _setup(shard)
+
+
+def _scenario_fsdp2(rank: int, world: int, tmp: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.tensor import DTensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    ref, ref_last, ref_seen = _reference(STEPS)
+    # the clip acts on some heads of every layer and leaves others alone
+    assert all(any(d[n]["clipped"].any() for d in ref_seen) for n in ref_seen[0]), ref_seen
+    assert not all(d[n]["clipped"].all() for d in ref_seen for n in d)
+
+    model, opt, qk = _fsdp2(mesh)
+    assert isinstance(model.attn[0].q_proj.weight, DTensor)
+
+    def sync(micro: int) -> None:  # reduce-scatter once per step, after the last micro-batch
+        model.set_requires_gradient_sync(micro == MICRO - 1)
+
+    for s in range(STEPS):
+        _train(model, opt, [s], world, rank, sync)
+        _check_stats(qk.last_stats(), ref_seen[s])
+        if s == 1:
+            msd, osd = get_state_dict(model, opt)
+            dcp.save({"model": msd, "optim": osd, "qk": qk}, checkpoint_id=f"{tmp}/ckpt")
+    got = _full_state(model)
+    for k in ref:
+        assert_close(got[k], ref[k], **TRAIN_TOL, msg=lambda m, k=k: f"{k}: {m}")
+    assert qk.num_clips == STEPS
+
+    # resume: fresh model, optimizer and QKClip (registered), load, then attach
+    model2, opt2, qk2 = _fsdp2(mesh)
+    qk2.detach()
+    qk2.tau = 99.0
+    msd2, osd2 = get_state_dict(model2, opt2)
+    state = {"model": msd2, "optim": osd2, "qk": qk2}
+    dcp.load(state, checkpoint_id=f"{tmp}/ckpt")
+    set_state_dict(model2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    assert (qk2.tau, qk2.alpha, qk2.num_clips) == (TAU, 0.4, 2)
+    _check_stats(qk2.last_stats(), ref_seen[1])
+    qk2.attach(opt2)
+
+    def sync2(micro: int) -> None:
+        model2.set_requires_gradient_sync(micro == MICRO - 1)
+
+    _train(model2, opt2, range(2, STEPS), world, rank, sync2)
+    resumed = _full_state(model2)
+    for k in got:
+        assert_close(resumed[k], got[k], rtol=0, atol=0, msg=lambda m, k=k: f"resume {k}: {m}")
+    assert qk2.num_clips == STEPS
+    _check_stats(qk2.last_stats(), qk.last_stats())
+
+
+# ---- scenario: DDP ---------------------------------------------------------------------------
+
+
+def _scenario_ddp(rank: int, world: int, tmp: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ref, ref_last, _ = _reference(STEPS)
+    model, opt, qk = _setup()
+    ddp = DDP(model)
+    per = BATCH // world
+    for step in range(STEPS):
+        for micro in range(MICRO):
+            x, y = _data(step, micro)
+            x, y = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
+            with ddp.no_sync() if micro < MICRO - 1 else _nullcontext():
+                loss = nn.functional.cross_entropy(ddp(x).flatten(0, 1), y.flatten()) / MICRO
+                loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    got = model.state_dict()
+    for k in ref:
+        assert_close(got[k], ref[k], **TRAIN_TOL, msg=lambda m, k=k: f"{k}: {m}")
+    _check_stats(qk.last_stats(), ref_last)
+    del ddp, opt
+    gc.collect()
+
+
+# ---- scenario: tensor-parallel heads ---------------------------------------------------------
+
+
+class _TPModel(nn.Module):
+    def __init__(self, world: int) -> None:
+        super().__init__()
+        H, Hkv = 2 * world, world  # GQA, heads split evenly over the tp ranks
+        self.emb = nn.Embedding(V, DIM)
+        self.attn = nn.ModuleList(
+            [
+                ToyAttention(DIM, H, Hkv, head_dim=4, bias=True),
+                ToyAttention(DIM, H, H, head_dim=4, q_norm="shared", k_norm="shared"),
+            ]
+        )
+        self.head = nn.Linear(DIM, V, bias=False)
+        for a in self.attn:  # replicated gains would need a TP-aware gradient all-reduce
+            for g in (a.q_norm, a.k_norm):
+                if g is not None:
+                    g.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        for a in self.attn:
+            h = h + a(h)
+        return self.head(h)
+
+
+def _tp_run(world: int, mesh=None) -> tuple[_TPModel, QKClip]:
+    torch.manual_seed(0)
+    model = _TPModel(world)
+    kw: dict = {"distributed": False}
+    if mesh is not None:
+        from torch.distributed.tensor.parallel import (
+            ColwiseParallel,
+            RowwiseParallel,
+            parallelize_module,
+        )
+
+        plan = {n: ColwiseParallel() for n in ("q_proj", "k_proj", "v_proj")}
+        for a in model.attn:
+            parallelize_module(a, mesh["tp"], {**plan, "o_proj": RowwiseParallel()})
+        kw = {"process_group": mesh["dp"]}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    qk = QKClip(tau=1.2, **kw)
+    for i, a in enumerate(model.attn):
+        a.register(qk, f"layer{i}", **({} if mesh is None else {"tp_group": mesh["tp"]}))
+    qk.attach(opt)
+    for s in range(STEPS):  # tensor parallel: every rank sees the whole batch
+        _train(model, opt, [s], 1, 0)
+    return model, qk
+
+
+def _scenario_tp(rank: int, world: int, tmp: str) -> None:
+    from torch.distributed.tensor import init_device_mesh
+
+    ref_model, ref_qk = _tp_run(world)
+    mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "tp"))
+    model, qk = _tp_run(world, mesh)
+    assert model.attn[0].q_proj.weight.placements[0].is_shard(0)
+    ref, got = _full_state(ref_model), _full_state(model)
+    for k in ref:
+        assert_close(got[k], ref[k], **TRAIN_TOL, msg=lambda m, k=k: f"{k}: {m}")
+    # every rank ends with every head's statistic (reduced over dp, then tp)
+    _check_stats(qk.last_stats(), ref_qk.last_stats())
+    assert any(d["clipped"].any() for d in ref_qk.last_stats().values())
+
+
+# ---- scenario: unsupported layouts -----------------------------------------------------------
+
+
+def _scenario_errors(rank: int, world: int, tmp: str) -> None:
+    from torch.distributed.tensor import (
+        DTensor,
+        Partial,
+        Replicate,
+        Shard,
+        distribute_tensor,
+        init_device_mesh,
+    )
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    mesh = init_device_mesh("cpu", (world,))
+    gen = torch.Generator().manual_seed(0)
+    wq, wk = torch.randn(8, 5, generator=gen), torch.randn(8, 5, generator=gen)
+    k = nn.Parameter(distribute_tensor(wk.clone(), mesh, [Replicate()], src_data_rank=None))
+    for pl in (Partial(), _StridedShard(0, split_factor=2)):
+        local = DTensor.from_local(
+            wq.clone(), mesh, [pl], run_check=False, shape=wq.shape, stride=wq.stride()
+        )  # only the placement matters: it is refused before the local shard is read
+        q = nn.Parameter(local)
+        with pytest.raises(ValueError, match=r"attn\.q_weight.*placement"):
+            QKClip().add_attention("attn", q, k, 2, 4)
+    # Shard(1) of an (out, in) weight (5 columns: uneven) and Replicate: every row is local
+    q = nn.Parameter(distribute_tensor(wq.clone(), mesh, [Shard(1)], src_data_rank=None))
+    qk = QKClip(tau=1.0)
+    qk.add_attention("a", q, k, 2, 4)
+    qk.record_max_logits("a", torch.tensor([4.0, 0.5]) if rank == 0 else torch.zeros(2))
+    assert qk.clip_()["a"]["clipped"].tolist() == [True, False]
+    want_q, want_k = wq.clone(), wk.clone()
+    want_q[:4] *= 0.5  # γ = 1/4, α = 1/2
+    want_k[:4] *= 0.5
+    assert_close(q.full_tensor(), want_q, rtol=1e-7, atol=0)
+    assert_close(k.to_local(), want_k, rtol=1e-7, atol=0)
+    # DTensors without the reduction: refused, not clipped rank by rank
+    qk = QKClip(distributed=False)
+    qk.add_attention("attn", q, k, 2, 4)
+    with pytest.raises(RuntimeError, match="MAX all-reduce"):
+        qk.clip_()
+    # per-rank statistics are not checkpointed silently
+    qk = QKClip()
+    qk.add_attention("attn", nn.Parameter(wq.clone()), nn.Parameter(wk.clone()), 2, 4)
+    qk.record_max_logits("attn", torch.tensor([1.0, float(rank)]))
+    with pytest.raises(RuntimeError, match="reduce_"):
+        qk.state_dict()
+    qk.reduce_()
+    assert qk.state_dict()["stats"]["attn"].tolist() == [1.0, float(world - 1)]
+    with pytest.raises(ValueError, match="tensor-parallel size"):
+        QKClip().add_attention("t", wq, wk, 5, 4, tp_group=mesh)
+
+
+# ---- the spawned worlds ----------------------------------------------------------------------
+
+
+def _entry(rank: int, world: int, tmp: str) -> None:
+    torch.set_num_threads(1)  # 3 ranks share CI's 2 cores
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{tmp}/rendezvous",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=120),
+    )
+    try:
+        for scenario in (_scenario_errors, _scenario_fsdp2, _scenario_ddp, _scenario_tp):
+            try:
+                scenario(rank, world, tmp)
+            except Exception as e:
+                raise AssertionError(
+                    f"[world {world}, rank {rank}] {scenario.__name__}: {e}"
+                ) from e
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world", [2, 3])
+def test_qk_clip_sharded_equals_single_process(world: int, tmp_path) -> None:
+    mp.spawn(_entry, args=(world, str(tmp_path)), nprocs=world, join=True)
