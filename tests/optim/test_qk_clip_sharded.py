@@ -279,6 +279,25 @@ def _scenario_tp(rank: int, world: int, tmp: str) -> None:
     _check_stats(qk.last_stats(), ref_qk.last_stats())
     assert any(d["clipped"].any() for d in ref_qk.last_stats().values())
 
+    # Megatron-style plain local weights (this rank's heads only) clip as the DTensors do
+    a, H, Hkv, Hl = model.attn[0], 2 * world, world, 2
+    wq, wk, bq = (t.to_local().detach().clone() for t in (a.q_proj.weight, a.k_proj.weight,
+                                                          a.q_proj.bias))  # fmt: skip
+    plain, dt = QKClip(tau=1.5, process_group=mesh["dp"]), QKClip(tau=1.5, process_group=mesh["dp"])
+    plain.add_attention("p", wq, wk, H, 4, Hkv, q_bias=bq, tp_group=mesh["tp"])
+    dt.add_attention("p", a.q_proj.weight, a.k_proj.weight, H, 4, Hkv, q_bias=a.q_proj.bias,
+                     tp_group=mesh["tp"])  # fmt: skip
+    local = torch.tensor([1.0, 2.0]) * (rank + 1)  # this rank's heads' maxima
+    for c in (plain, dt):
+        c.record_max_logits("p", local)
+    s_plain, s_dt = plain.clip_()["p"], dt.clip_()["p"]
+    want = torch.tensor([[1.0, 2.0]]) * torch.arange(1, world + 1.0)[:, None]
+    assert s_plain["max_logits"].tolist() == want.flatten().tolist()  # all heads, every rank
+    assert torch.equal(s_plain["gamma"], s_dt["gamma"]) and Hl * world == H
+    assert torch.equal(wq, a.q_proj.weight.to_local())
+    assert torch.equal(bq, a.q_proj.bias.to_local())
+    assert torch.equal(wk, a.k_proj.weight.to_local())
+
 
 # ---- scenario: unsupported layouts -----------------------------------------------------------
 
