@@ -324,20 +324,32 @@ def _scenario_errors(rank: int, world: int, tmp: str) -> None:
         q = nn.Parameter(local)
         with pytest.raises(ValueError, match=r"attn\.q_weight.*placement"):
             QKClip().add_attention("attn", q, k, 2, 4)
-    # Shard(1) of an (out, in) weight (5 columns: uneven) and Replicate: every row is local
-    q = nn.Parameter(distribute_tensor(wq.clone(), mesh, [Shard(1)], src_data_rank=None))
-    qk = QKClip(tau=1.0)
-    qk.add_attention("a", q, k, 2, 4)
-    qk.record_max_logits("a", torch.tensor([4.0, 0.5]) if rank == 0 else torch.zeros(2))
-    assert qk.clip_()["a"]["clipped"].tolist() == [True, False]
-    want_q, want_k = wq.clone(), wk.clone()
-    want_q[:4] *= 0.5  # γ = 1/4, α = 1/2
-    want_k[:4] *= 0.5
-    assert_close(q.full_tensor(), want_q, rtol=1e-7, atol=0)
-    assert_close(k.to_local(), want_k, rtol=1e-7, atol=0)
+    # every supported layout, on 1-D and 2-D meshes: 9-row weights, q = rows 1..8, k = rows
+    # 0..7, so head boundaries fall inside shards; 5 columns: Shard(1) is uneven too
+    mesh2 = init_device_mesh("cpu", (1, world))
+    layouts = [
+        (mesh, [Shard(1)], [Replicate()]),
+        (mesh, [Shard(0)], [Shard(0)]),
+        (mesh2, [Shard(0), Shard(0)], [Replicate(), Shard(0)]),
+        (mesh2, [Replicate(), Shard(1)], [Shard(0), Replicate()]),
+    ]
+    wq9, wk9 = torch.randn(9, 5, generator=gen), torch.randn(9, 5, generator=gen)
+    for m, pq, pk in layouts:
+        q = nn.Parameter(distribute_tensor(wq9.clone(), m, pq, src_data_rank=None))
+        k9 = nn.Parameter(distribute_tensor(wk9.clone(), m, pk, src_data_rank=None))
+        qk = QKClip(tau=1.0)
+        qk.add_attention("a", q, k9, 2, 4, q_rows=slice(1, 9), k_rows=slice(0, 8))
+        qk.record_max_logits("a", torch.tensor([4.0, 0.5]) if rank == 0 else torch.zeros(2))
+        assert qk.clip_()["a"]["clipped"].tolist() == [True, False]
+        want_q, want_k = wq9.clone(), wk9.clone()
+        want_q[1:5] *= 0.5  # head 0: γ = 1/4, α = 1/2
+        want_k[0:4] *= 0.5
+        msg = f"{pq} / {pk}"
+        assert_close(q.full_tensor(), want_q, rtol=1e-7, atol=0, msg=msg)
+        assert_close(k9.full_tensor(), want_k, rtol=1e-7, atol=0, msg=msg)
     # DTensors without the reduction: refused, not clipped rank by rank
     qk = QKClip(distributed=False)
-    qk.add_attention("attn", q, k, 2, 4)
+    qk.add_attention("attn", q, k9, 2, 4, q_rows=slice(1, 9), k_rows=slice(0, 8))
     with pytest.raises(RuntimeError, match="MAX all-reduce"):
         qk.clip_()
     # per-rank statistics are not checkpointed silently
