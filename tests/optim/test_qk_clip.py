@@ -749,9 +749,14 @@ def test_qk_norm_gains_clip_exactly(case):
     qk = QKClip(tau=tau, alpha=0.3)
     m.register(qk, "attn", gqa=gqa)
     before, L0 = _params(m), m.logits(x).detach()
-    q, k, _ = m.qkv_heads(x)
-    qk.record("attn", q, k)
-    st_ = qk.clip_()["attn"]
+    # one training step that leaves the weights as they are (lr 0), then the clip
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    qk.attach(opt)
+    m.train()
+    m(x).square().mean().backward()
+    opt.step()
+    m.eval()
+    st_ = qk.last_stats()["attn"]
     over = S0 > tau
     assert st_["clipped"].tolist() == over.tolist()
     after, L1 = _params(m), m.logits(x).detach()
@@ -831,6 +836,9 @@ def test_qk_norm_flat_per_head_gain_and_errors():
 
 
 def test_attach_is_idempotent_per_optimizer():
+    from torch.distributed.checkpoint.stateful import Stateful
+
+    assert isinstance(QKClip(), Stateful)  # torch.distributed.checkpoint calls its state_dict
     torch.manual_seed(0)
     model = ToyLM(layers=1)
     qk = QKClip(tau=1.0)
