@@ -473,7 +473,8 @@ class QKClip:
             Tensor parallelism by heads (``ColwiseParallel`` q/k projections): rank ``r`` of the
             ``T`` ranks of this group computes query heads ``[r·H/T, (r+1)·H/T)`` and key heads
             ``[r·H_kv/T, (r+1)·H_kv/T)``, and ``record`` receives those. Plain weights, biases
-            and per-head gains then hold this rank's heads only; DTensors are global. ``H`` and
+            and per-head gains then hold this rank's heads only (a gain of one local head as
+            ``(1, head_dim)``: ``(head_dim,)`` means shared); DTensors are global. ``H`` and
             ``H_kv`` must be divisible by ``T``.
 
         Raises
@@ -519,7 +520,7 @@ class QKClip:
             parts.append(_part(role, g, 0, grows, first, f"{name}.{gname}"))
         self._attn[name] = _Attention(
             "mha", H, Hkv, parts, gqa, alpha, self._fresh_stats(H, _local(qw).device), units,
-            tp=tp, sharded=any(_is_dtensor(p.tensor) for p in parts),
+            tp=tp, sharded=any(_is_dtensor(t) for t in (qw, kw, *(p.tensor for p in parts))),
         )  # fmt: skip
 
     def add_mla(
