@@ -5,9 +5,6 @@ from __future__ import annotations
 import copy
 import io
 import math
-import os
-import socket
-import sys
 
 import numpy as np
 import pytest
@@ -618,50 +615,8 @@ def test_training_max_logit_grows_without_clip_and_is_capped_with_it():
 # --------------------------------------------------------------------------- distributed
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _dist_worker(rank, world, port, out_dir):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)  # fmt: skip
-    try:
-        torch.manual_seed(0)  # identical replicas
-        lin_q = torch.nn.Linear(4, 8, bias=False)
-        lin_k = torch.nn.Linear(4, 8, bias=False)
-        qk = QKClip(tau=5.0)
-        qk.add_attention("a", lin_q.weight, lin_k.weight, 2, 4)
-        # each rank sees a different max: rank 0 head 0 = 10, rank 1 head 1 = 20
-        local = torch.tensor([10.0, 1.0]) if rank == 0 else torch.tensor([2.0, 20.0])
-        qk.record_max_logits("a", local)
-        st_ = qk.clip_()["a"]
-        torch.save((st_["max_logits"].tolist(), lin_q.weight.detach().clone()),
-                   os.path.join(out_dir, f"rank{rank}.pt"))  # fmt: skip
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.distributed
-@pytest.mark.skipif(sys.platform != "linux", reason="gloo over tcp, linux only")
-def test_all_reduce_max_across_ranks(tmp_path, monkeypatch):
-    import torch.multiprocessing as mp
-
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    mp.start_processes(_dist_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2,
-                       start_method="spawn")  # fmt: skip
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert r0[0] == r1[0] == [10.0, 20.0]
-    assert torch.equal(r0[1], r1[1])  # replicas stay identical
-    torch.manual_seed(0)
-    w0 = torch.nn.Linear(4, 8, bias=False).weight.detach()
-    torch.testing.assert_close(r0[1][:4], w0[:4] * (5 / 10) ** 0.5)
-    torch.testing.assert_close(r0[1][4:], w0[4:] * (5 / 20) ** 0.5)
+# The spawned 2- and 3-rank worlds (MAX all-reduce over plain replicas, DTensor layouts, FSDP2,
+# DDP and tensor-parallel training) are in test_qk_clip_sharded.py.
 
 
 def test_reduce_path_with_mocked_dist(monkeypatch):

@@ -14,7 +14,9 @@ process group (startup dominates the cost), as tests/optim/test_distributed.py d
 * ``tp``: q/k/v projections ``ColwiseParallel`` and the output ``RowwiseParallel`` over a
   ``(dp=1, tp=world)`` mesh, with biases and shared QK-Norm gains; ``record`` sees each rank's
   heads, ``process_group`` is the data-parallel group; equal to single-process training.
-* ``errors``: unsupported placements and misuse raise, naming the parameter and placement.
+* ``layouts``: every supported placement on 1-D and 2-D meshes clips the right rows; plain
+  replicas reduce with MAX; unsupported placements and misuse raise, naming the parameter and
+  the placement.
 """
 
 from __future__ import annotations
@@ -302,7 +304,7 @@ def _scenario_tp(rank: int, world: int, tmp: str) -> None:
 # ---- scenario: unsupported layouts -----------------------------------------------------------
 
 
-def _scenario_errors(rank: int, world: int, tmp: str) -> None:
+def _scenario_layouts(rank: int, world: int, tmp: str) -> None:
     from torch.distributed.tensor import (
         DTensor,
         Partial,
@@ -347,6 +349,19 @@ def _scenario_errors(rank: int, world: int, tmp: str) -> None:
         msg = f"{pq} / {pk}"
         assert_close(q.full_tensor(), want_q, rtol=1e-7, atol=0, msg=msg)
         assert_close(k9.full_tensor(), want_k, rtol=1e-7, atol=0, msg=msg)
+    # plain replicas (DDP): each rank saw a different max; all end with the MAX and clip alike
+    torch.manual_seed(0)
+    lin_q, lin_k = nn.Linear(4, 8, bias=False), nn.Linear(4, 8, bias=False)
+    w0 = lin_q.weight.detach().clone()
+    qk = QKClip(tau=5.0)
+    qk.add_attention("a", lin_q.weight, lin_k.weight, 2, 4)
+    qk.record_max_logits("a", torch.tensor([[10.0, 1.0], [2.0, 20.0], [3.0, 3.0]][rank]))
+    assert qk.clip_()["a"]["max_logits"].tolist() == [10.0, 20.0]
+    assert_close(lin_q.weight[:4], w0[:4] * (5 / 10) ** 0.5)
+    assert_close(lin_q.weight[4:], w0[4:] * (5 / 20) ** 0.5)
+    everyone = [torch.empty_like(w0) for _ in range(world)]
+    dist.all_gather(everyone, lin_q.weight.detach())
+    assert all(torch.equal(w, everyone[0]) for w in everyone)
     # DTensors without the reduction: refused, not clipped rank by rank
     qk = QKClip(distributed=False)
     qk.add_attention("attn", q, k9, 2, 4, q_rows=slice(1, 9), k_rows=slice(0, 8))
@@ -377,7 +392,7 @@ def _entry(rank: int, world: int, tmp: str) -> None:
         timeout=timedelta(seconds=120),
     )
     try:
-        for scenario in (_scenario_errors, _scenario_fsdp2, _scenario_ddp, _scenario_tp):
+        for scenario in (_scenario_layouts, _scenario_fsdp2, _scenario_ddp, _scenario_tp):
             try:
                 scenario(rank, world, tmp)
             except Exception as e:
