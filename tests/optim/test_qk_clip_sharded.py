@@ -301,7 +301,7 @@ def _scenario_tp(rank: int, world: int, tmp: str) -> None:
     assert torch.equal(wk, a.k_proj.weight.to_local())
 
 
-# ---- scenario: unsupported layouts -----------------------------------------------------------
+# ---- scenario: layouts, replicas and refusals ------------------------------------------------
 
 
 def _scenario_layouts(rank: int, world: int, tmp: str) -> None:
