@@ -167,44 +167,58 @@ def _held_rows(t: torch.Tensor, dim: int, name: str) -> torch.Tensor:
 
     ``Replicate`` keeps every row, ``Shard(dim)`` takes this rank's ``torch.chunk`` piece (mesh
     dims left to right, DTensor's default order), ``Shard`` of another dim keeps every row (of
-    fewer columns). Anything else raises: writing rows needs to know exactly where they are.
+    fewer columns). ``_StridedShard`` (FSDP2 over tensor-parallel weights) is resolved by
+    DTensor itself, by distributing an index tensor the same way (no communication; memory:
+    the local shard's rows, or its elements where other dims are sharded too). ``Partial`` and
+    other placements raise: writing rows needs to know exactly where they are.
     """
-    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
 
-    n = t.shape[dim]
-    held = torch.arange(n)
-    mesh = t.device_mesh
+    n, nd = t.shape[dim], t.ndim
+    mesh, placements = t.device_mesh, tuple(t.placements)
     coord = mesh.get_coordinate()
     supported = (
-        "QKClip supports Replicate and Shard(d) placements (FSDP2's Shard(0), tensor-parallel "
-        "Shard(0)/Shard(1)), in DTensor's default mesh-dim order"
+        "QKClip supports Replicate, Shard(d) and _StridedShard placements (FSDP2, HSDP, "
+        "tensor-parallel Shard(0)/Shard(1), FSDP2 over tensor parallelism)"
     )
-    for md, pl in enumerate(t.placements):
-        if type(pl) is Replicate:
-            continue
-        if type(pl) is not Shard:
+    for md, pl in enumerate(placements):
+        if not isinstance(pl, (Replicate, Shard, _StridedShard)):
             raise ValueError(
                 f"`{name}` is a DTensor with placement {pl!r} on mesh dim {md} (placements "
-                f"{tuple(t.placements)}): {supported}"
+                f"{placements}): {supported}"
             )
-        if pl.dim % t.ndim != dim:
-            continue
-        if coord is None:
-            held = held[:0]
-            continue
-        chunks = held.chunk(mesh.size(md))
-        held = chunks[coord[md]] if coord[md] < len(chunks) else held[:0]
-    spec = getattr(t, "_spec", None)
-    order = getattr(spec, "shard_order", None)
-    default = getattr(type(spec), "compute_default_shard_order", None)
-    if order is not None and default is not None and tuple(order) != tuple(default(t.placements)):
-        raise ValueError(
-            f"`{name}` is a DTensor with a non-default shard order {order}: {supported}"
+    held = torch.arange(n)
+    if coord is None:
+        held = held[:0]
+    elif all(type(pl) in (Replicate, Shard) for pl in placements):
+        spec = getattr(t, "_spec", None)
+        order = getattr(spec, "shard_order", None)
+        default = getattr(type(spec), "compute_default_shard_order", None)
+        if order is not None and default is not None and tuple(order) != tuple(default(placements)):
+            raise ValueError(
+                f"`{name}` is a DTensor with a non-default shard order {order}: {supported} "
+                "in DTensor's default mesh-dim order"
+            )
+        for md, pl in enumerate(placements):
+            if isinstance(pl, Shard) and pl.dim % nd == dim:
+                chunks = held.chunk(mesh.size(md))
+                held = chunks[coord[md]] if coord[md] < len(chunks) else held[:0]
+    else:
+        sharded = {pl.dim % nd for pl in placements if isinstance(pl, (Shard, _StridedShard))}
+        shape = [t.shape[d] if d == dim or d in sharded else 1 for d in range(nd)]
+        index = torch.arange(n, device=_local(t).device).view(
+            [n if d == dim else 1 for d in range(nd)]
         )
-    if coord is not None and t.to_local().shape[dim] != held.numel():
+        local = distribute_tensor(index.expand(shape), mesh, placements, src_data_rank=None)
+        rows = local.to_local().movedim(dim, 0).reshape(local.to_local().shape[dim], -1)
+        held = rows[:, 0].cpu() if rows.numel() else held[:0]
+    if t.to_local().numel() == 0:
+        return held[:0]  # nothing local to write (an empty piece of some dim)
+    if t.to_local().shape[dim] != held.numel():
         raise ValueError(
             f"`{name}`'s local shard has {t.to_local().shape[dim]} rows along dim {dim}, but its "
-            f"placements {tuple(t.placements)} give {held.numel()}: {supported}"
+            f"placements {placements} give {held.numel()}: {supported}"
         )
     return held
 

@@ -319,7 +319,7 @@ def _scenario_layouts(rank: int, world: int, tmp: str) -> None:
     gen = torch.Generator().manual_seed(0)
     wq, wk = torch.randn(8, 5, generator=gen), torch.randn(8, 5, generator=gen)
     k = nn.Parameter(distribute_tensor(wk.clone(), mesh, [Replicate()], src_data_rank=None))
-    for pl in (Partial(), _StridedShard(0, split_factor=2)):
+    for pl in (Partial(), Partial("max")):
         local = DTensor.from_local(
             wq.clone(), mesh, [pl], run_check=False, shape=wq.shape, stride=wq.stride()
         )  # only the placement matters: it is refused before the local shard is read
@@ -334,6 +334,9 @@ def _scenario_layouts(rank: int, world: int, tmp: str) -> None:
         (mesh, [Shard(0)], [Shard(0)]),
         (mesh2, [Shard(0), Shard(0)], [Replicate(), Shard(0)]),
         (mesh2, [Replicate(), Shard(1)], [Shard(0), Replicate()]),
+        # strided rows (FSDP2 over tensor parallelism declares _StridedShard on its dp dim)
+        (mesh, [_StridedShard(0, split_factor=2)], [_StridedShard(1, split_factor=2)]),
+        (mesh2, [_StridedShard(0, split_factor=2), Shard(0)], [Shard(1), Shard(0)]),
     ]
     wq9, wk9 = torch.randn(9, 5, generator=gen), torch.randn(9, 5, generator=gen)
     for m, pq, pk in layouts:
