@@ -928,9 +928,9 @@ class QKClip:
         """Run ``clip_`` after every ``optimizer.step()`` (a step post-hook).
 
         Idempotent per optimizer: attaching again while the hook is in place returns the same
-        handle, so the clip never runs twice per step. Warns when none of an attention's
-        registered tensors is a parameter of ``optimizer`` (registered before sharding replaced
-        them, or the wrong optimizer). Attach to one optimizer per model: each
+        handle, so the clip never runs twice per step. Warns when the optimizer holds DTensors but
+        an attention's registered tensors are plain ones it does not hold (registered before
+        sharding replaced them). Attach to one optimizer per model: each
         attached optimizer's step clips (and resets the statistics). Re-call after
         ``copy.deepcopy``/unpickling an optimizer or loading a checkpoint: hooks are not saved.
 
@@ -948,18 +948,23 @@ class QKClip:
             hooks = handle.hooks_dict_ref()
             if hooks is not None and handle.id in hooks:
                 return handle
-        owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        stray = [
-            n for n, a in self._attn.items() if not any(id(p.tensor) in owned for p in a.parts)
-        ]
-        if stray:
-            warnings.warn(
-                f"QKClip.attach: no tensor registered for {stray} is a parameter of this "
-                "optimizer; registered before fully_shard / parallelize_module replaced the "
-                "parameters (the clip would scale stale copies)? Register after sharding.",
-                UserWarning,
-                stacklevel=2,
-            )
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if any(_is_dtensor(p) for p in params):  # sharded training: catch stale registrations
+            owned = {id(p) for p in params}
+            stale = [
+                n
+                for n, a in self._attn.items()
+                if not any(_is_dtensor(p.tensor) or id(p.tensor) in owned for p in a.parts)
+            ]
+            if stale:
+                warnings.warn(
+                    f"QKClip.attach: the tensors registered for {stale} are plain tensors that "
+                    "this optimizer (of DTensor parameters) does not hold: registered before "
+                    "fully_shard / parallelize_module replaced them? The clip would scale stale "
+                    "copies. Register after sharding.",
+                    UserWarning,
+                    stacklevel=2,
+                )
         handle = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.clip_())
         self._hooks[optimizer] = handle
         return handle

@@ -150,6 +150,13 @@ def _scenario_fsdp2(rank: int, world: int, tmp: str) -> None:
 
     model, opt, qk = _fsdp2(mesh)
     assert isinstance(model.attn[0].q_proj.weight, DTensor)
+    # registered before fully_shard replaced the parameters: attach warns
+    stale, _, _ = _setup()
+    early = QKClip()
+    stale.register(early)
+    with pytest.warns(UserWarning, match=r"layer0.*Register after sharding"):
+        early.attach(opt)
+    early.detach()
 
     def sync(micro: int) -> None:  # reduce-scatter once per step, after the last micro-batch
         model.set_requires_gradient_sync(micro == MICRO - 1)
