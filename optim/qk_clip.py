@@ -41,9 +41,9 @@ step's forward (pre-update weights) and is applied to the post-update weights, s
 step's max-logit is ≤ τ only approximately.
 
 Sharded weights: a DTensor parameter (FSDP2's ``Shard(0)``, ``Shard(1)``, ``Replicate``, a
-tensor-parallel ``Shard``, several mesh dims) is registered as it is; every rank scales, in
-place, only the rows of its local shard, located through the shard's global offset, with no
-gather. Tensor-parallel heads (``tp_group=``): each rank records its own heads and the
+tensor-parallel ``Shard``, FSDP2's ``_StridedShard`` over tensor parallelism, several mesh
+dims) is registered as it is; every rank scales, in place, only the rows of its local shard,
+located through the shard's global offset, with no gather. Tensor-parallel heads (``tp_group=``): each rank records its own heads and the
 statistics are reduced over ``process_group`` (data parallel) and then ``tp_group``.
 """
 
@@ -321,10 +321,11 @@ class QKClip:
     rows this rank holds.
 
     Sharded weights: register DTensor parameters as they are, after ``fully_shard`` /
-    ``parallelize_module`` (those replace the parameters). ``Replicate`` and ``Shard(d)``
-    placements on any number of mesh dims are supported; ``_StridedShard`` (FSDP2 over
-    tensor-parallel weights), ``Partial`` and non-default shard orders raise ``ValueError``
-    naming the parameter and the placement. Plain parameters replicated by DDP need nothing.
+    ``parallelize_module`` (those replace the parameters; ``attach`` warns when it sees stale
+    ones). ``Replicate``, ``Shard(d)`` and ``_StridedShard`` placements on any number of mesh
+    dims are supported (FSDP2, HSDP, tensor parallelism, FSDP2 over tensor parallelism);
+    ``Partial`` and non-default shard orders raise ``ValueError`` naming the parameter and the
+    placement. Plain parameters replicated by DDP need nothing.
 
     Checkpoints: ``state_dict``/``load_state_dict`` make a QKClip ``Stateful``, so it can sit
     beside the model and optimizer in ``torch.distributed.checkpoint.save``/``load``. Step hooks

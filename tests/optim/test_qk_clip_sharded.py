@@ -22,6 +22,7 @@ process group (startup dominates the cost), as tests/optim/test_distributed.py d
 from __future__ import annotations
 
 import gc
+import os
 from datetime import timedelta
 
 import pytest
@@ -249,11 +250,15 @@ class _TPModel(nn.Module):
         return self.head(h)
 
 
-def _tp_run(world: int, mesh=None) -> tuple[_TPModel, QKClip]:
+def _tp_run(tp: int, mesh=None, fsdp: bool = False) -> tuple[_TPModel, QKClip]:
+    """Train ``_TPModel`` single-process, or tensor parallel over ``mesh["tp"]`` (and FSDP2 over
+    ``mesh["dp"]`` when ``fsdp``), with QK-Clip; data split over the dp ranks."""
     torch.manual_seed(0)
-    model = _TPModel(world)
+    model = _TPModel(tp)
     kw: dict = {"distributed": False}
+    dp, dp_rank = 1, 0
     if mesh is not None:
+        from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor.parallel import (
             ColwiseParallel,
             RowwiseParallel,
@@ -263,15 +268,35 @@ def _tp_run(world: int, mesh=None) -> tuple[_TPModel, QKClip]:
         plan = {n: ColwiseParallel() for n in ("q_proj", "k_proj", "v_proj")}
         for a in model.attn:
             parallelize_module(a, mesh["tp"], {**plan, "o_proj": RowwiseParallel()})
+        if fsdp:
+            for a in model.attn:
+                fully_shard(a, mesh=mesh["dp"])
+            fully_shard(model, mesh=mesh["dp"])
         kw = {"process_group": mesh["dp"]}
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        dp, dp_rank = mesh["dp"].size(), mesh.get_coordinate()[0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
     qk = QKClip(tau=1.2, **kw)
     for i, a in enumerate(model.attn):
         a.register(qk, f"layer{i}", **({} if mesh is None else {"tp_group": mesh["tp"]}))
     qk.attach(opt)
-    for s in range(STEPS):  # tensor parallel: every rank sees the whole batch
-        _train(model, opt, [s], 1, 0)
+    for s in range(STEPS):  # the tp ranks of a dp rank see the same tokens
+        _train(model, opt, [s], dp, dp_rank)
     return model, qk
+
+
+def _scenario_fsdp2_tp(rank: int, world: int, tmp: str) -> None:
+    """FSDP2 over tensor parallelism on a 2×2 mesh: q/k weights are (_StridedShard, Shard)."""
+    from torch.distributed.tensor import init_device_mesh
+
+    ref_model, ref_qk = _tp_run(2)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    model, qk = _tp_run(2, mesh, fsdp=True)
+    assert "StridedShard" in repr(model.attn[0].q_proj.weight.placements[0])
+    ref, got = _full_state(ref_model), _full_state(model)
+    for k in ref:
+        assert_close(got[k], ref[k], **TRAIN_TOL, msg=lambda m, k=k: f"{k}: {m}")
+    _check_stats(qk.last_stats(), ref_qk.last_stats())
 
 
 def _scenario_tp(rank: int, world: int, tmp: str) -> None:
@@ -392,7 +417,7 @@ def _scenario_layouts(rank: int, world: int, tmp: str) -> None:
 # ---- the spawned worlds ----------------------------------------------------------------------
 
 
-def _entry(rank: int, world: int, tmp: str) -> None:
+def _entry(rank: int, world: int, tmp: str, scenarios: tuple = ()) -> None:
     torch.set_num_threads(1)  # 3 ranks share CI's 2 cores
     dist.init_process_group(
         "gloo",
@@ -402,7 +427,8 @@ def _entry(rank: int, world: int, tmp: str) -> None:
         timeout=timedelta(seconds=120),
     )
     try:
-        for scenario in (_scenario_layouts, _scenario_fsdp2, _scenario_ddp, _scenario_tp):
+        default = (_scenario_layouts, _scenario_fsdp2, _scenario_ddp, _scenario_tp)
+        for scenario in scenarios or default:
             try:
                 scenario(rank, world, tmp)
             except Exception as e:
@@ -418,3 +444,9 @@ def _entry(rank: int, world: int, tmp: str) -> None:
 @pytest.mark.parametrize("world", [2, 3])
 def test_qk_clip_sharded_equals_single_process(world: int, tmp_path) -> None:
     mp.spawn(_entry, args=(world, str(tmp_path)), nprocs=world, join=True)
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif((os.cpu_count() or 1) < 4, reason="4 ranks: too slow on CI's 2 cores")
+def test_qk_clip_fsdp2_over_tensor_parallel(tmp_path) -> None:
+    mp.spawn(_entry, args=(4, str(tmp_path), (_scenario_fsdp2_tp,)), nprocs=4, join=True)
