@@ -43,8 +43,9 @@ step's max-logit is ≤ τ only approximately.
 Sharded weights: a DTensor parameter (FSDP2's ``Shard(0)``, ``Shard(1)``, ``Replicate``, a
 tensor-parallel ``Shard``, FSDP2's ``_StridedShard`` over tensor parallelism, several mesh
 dims) is registered as it is; every rank scales, in place, only the rows of its local shard,
-located through the shard's global offset, with no gather. Tensor-parallel heads (``tp_group=``): each rank records its own heads and the
-statistics are reduced over ``process_group`` (data parallel) and then ``tp_group``.
+located through the shard's global offset, with no gather. Tensor-parallel heads
+(``tp_group=``): each rank records its own heads and the statistics are reduced over
+``process_group`` (data parallel) and then ``tp_group``.
 """
 
 from __future__ import annotations
@@ -735,6 +736,7 @@ class QKClip:
         shared ``k_r`` broadcast to every head (or ``num_kv_heads = 1``).
         """
         attn = self._get(name)
+        q, k = (t.to_local() if _is_dtensor(t) else t for t in (q, k))  # TP: this rank's heads
         q, k = check_qk(q, k)
         h0, hq, hk = self._local_heads(attn)
         where = "" if attn.tp is None else f" (this rank's share of tp_group, of {attn.num_heads})"

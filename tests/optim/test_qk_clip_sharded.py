@@ -5,18 +5,22 @@ process group (startup dominates the cost), as tests/optim/test_distributed.py d
 
 * ``fsdp2``: ``fully_shard`` training with Muon + QKClip (two micro-batches per step) of a model
   with an MQA attention (one key head shared by all query heads, biases), an MLA attention and
-  a GQA attention with QK-Norm (a shared q gain, per-key-head k gains); every sharded row count
-  (25, 5, 20, 25, 6, ...) is uneven on 2 or 3 ranks and heads straddle shard boundaries. The
-  parameters, statistics and clip decisions equal the single-process run to float32 rounding.
+  a GQA attention with QK-Norm (a shared q gain, per-key-head k gains): 25 and 5 rows are
+  uneven on 2 and 3 ranks, 20 on 3, the (2, 6) k gain leaves a rank empty on 3, and heads
+  straddle shard boundaries. Parameters, statistics and clip decisions equal the
+  single-process run to float32 rounding; registering before ``fully_shard`` warns.
   A ``torch.distributed.checkpoint`` save at step 2 (model, optimizer and the QKClip as a
   ``Stateful``) resumes bit-identically.
 * ``ddp``: the same model under ``DistributedDataParallel`` (plain replicated parameters).
 * ``tp``: q/k/v projections ``ColwiseParallel`` and the output ``RowwiseParallel`` over a
   ``(dp=1, tp=world)`` mesh, with biases and shared QK-Norm gains; ``record`` sees each rank's
   heads, ``process_group`` is the data-parallel group; equal to single-process training.
+  Megatron-style plain local weights clip as the DTensors do.
 * ``layouts``: every supported placement on 1-D and 2-D meshes clips the right rows; plain
   replicas reduce with MAX; unsupported placements and misuse raise, naming the parameter and
   the placement.
+
+A 4-rank world (skipped below 4 cores) checks FSDP2 over tensor parallelism on a 2×2 mesh.
 """
 
 from __future__ import annotations
