@@ -269,7 +269,10 @@ def _tp_info(tp_group: Any, heads: dict[str, int]) -> tuple[Any, int, int] | Non
     """``(group, rank, size)`` of the tensor-parallel group; every head count divisible."""
     if tp_group is None:
         return None
-    group = resolve_process_group(tp_group)
+    try:
+        group = resolve_process_group(tp_group)
+    except (TypeError, ValueError) as e:
+        raise type(e)(str(e).replace("`process_group`", "`tp_group`")) from None
     dist = torch.distributed
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     if rank < 0:

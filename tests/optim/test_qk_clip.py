@@ -454,6 +454,9 @@ def test_registration_errors():
         qk.record_max_logits("a", torch.zeros(3))
     with pytest.raises(TypeError, match="optimizer"):
         qk.attach(lin)
+    with pytest.raises(ValueError, match="tp_group"):  # no torch.distributed here
+        qk.add_attention("t", lin.weight, lin.weight, 2, 2, q_rows=slice(0, 4),
+                         k_rows=slice(4, 8), tp_group=True)  # fmt: skip
     mla = ToyMLA(16, 2, 4, 4, 4, 8)
     with pytest.raises(ValueError, match="k_rope_weight"):
         qk.add_mla("m", mla.q_proj.weight, mla.kv_b.weight, mla.q_proj.weight,
