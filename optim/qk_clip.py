@@ -1,6 +1,7 @@
 r"""QK-Clip: cap the attention max-logit by rescaling query/key projections after each step.
 
-Usage (any ``nn.Module``, any ``torch.optim.Optimizer``)::
+Usage (any ``nn.Module``, any ``torch.optim.Optimizer``; FSDP2/DTensor, DDP and tensor-parallel
+weights)::
 
     qk = QKClip(tau=100.0)
     for i, blk in enumerate(model.blocks):
@@ -25,26 +26,41 @@ GQA / MQA (key head shared by G>1)   ``W_q^h ← γ_h W_q^h``; the shared key he
                                      the α split on q and on the shared k)
 MLA                                  ``W_qc^h ← γ^α``, ``W_kc^h ← γ^(1−α)``, ``W_qr^h ← γ``;
                                      the shared RoPE key ``W_kr`` untouched
+QK-Norm (RMSNorm gains on q and k)   the gains instead of the weights, by the same rules where
+                                     gains are per head; a gain shared by several heads gets
+                                     the smallest γ of the heads sharing it (docs/math.md §6)
 ===================================  ==========================================================
 
 Bias rule: ``q = x W_qᵀ + b_q``, so the rows of ``b_q`` (and ``b_k``) are scaled with their
 weight rows; the logit of head ``h`` then scales by exactly ``γ_h``. RoPE is linear, so it
 commutes with the scaling. Heads with ``S_h ≤ τ`` (and non-finite ``S_h``: a NaN/Inf max is a
 numerical failure that clipping cannot fix, so it is logged and left alone) are never written
-to, so their outputs stay bit-identical. Optimizer states (momentum, Adam moments) are not
-touched (Su, 11126). ``γ`` comes from this step's forward (pre-update weights) and is applied
-to the post-update weights, so the next step's max-logit is ≤ τ only approximately.
+to, so their outputs stay bit-identical (except where a shared QK-Norm gain forces otherwise).
+Optimizer states (momentum, Adam moments) are not touched (Su, 11126). ``γ`` comes from this
+step's forward (pre-update weights) and is applied to the post-update weights, so the next
+step's max-logit is ≤ τ only approximately.
+
+Sharded weights: a DTensor parameter (FSDP2's ``Shard(0)``, ``Shard(1)``, ``Replicate``, a
+tensor-parallel ``Shard``, FSDP2's ``_StridedShard`` over tensor parallelism, several mesh
+dims) is registered as it is; every rank scales, in place, only the rows of its local shard,
+located through the shard's global offset, with no gather. Tensor-parallel heads
+(``tp_group=``): each rank records its own heads and the statistics are reduced over
+``process_group`` (data parallel) and then ``tp_group``.
 """
 
 from __future__ import annotations
 
 import math
+import sys
+import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
+from .distributed import resolve_process_group
 from .max_logit import check_qk, max_logits
 
 __all__ = ["QKClip", "max_logits"]
@@ -57,13 +73,18 @@ RowSpec = slice | Sequence[int] | torch.Tensor | None
 
 @dataclass
 class _Part:
-    """Rows of one projection that belong to each head: ``rows[h]`` are head h's rows."""
+    """One tensor the clip may scale, cut into units (a head's rows, or one shared gain).
+
+    ``units[i]`` is the global unit id (query head for q roles, key head for k roles, 0 for a
+    gain shared by all heads) of the rows ``rows[i]``: indices into the *local* tensor along
+    ``dim``, ``-1`` where the row lives on another rank.
+    """
 
     role: str  # "q", "k", "q_nope", "k_nope", "q_rope"
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    rows: torch.Tensor  # (heads_of_part, rows_per_head) int64 on the weight's device
-    out_dim: int
+    tensor: torch.Tensor  # the registered tensor: plain or DTensor
+    dim: int
+    units: torch.Tensor  # (n,) int64, CPU
+    rows: torch.Tensor  # (n, rows_per_unit) int64, CPU
 
 
 @dataclass
@@ -74,8 +95,23 @@ class _Attention:
     parts: list[_Part]
     gqa: Literal["per_head", "group"]
     alpha: float | None
-    stats: torch.Tensor  # (num_heads,) float32 running max
+    stats: torch.Tensor  # (num_heads,) float32 running max, global head order
+    units: dict[str, int]  # role -> global unit count (heads, key heads, or 1 for a shared gain)
+    tp: tuple[Any, int, int] | None = None  # (group, rank, size): heads split over the group
+    sharded: bool = False  # some tensor is a DTensor: the MAX reduction is required
     frozen: list[torch.Tensor] = field(default_factory=list)  # shared k_rope: never written
+
+
+def _is_dtensor(t: object) -> bool:
+    # anything that creates a DTensor has imported torch.distributed.tensor; when it is not
+    # loaded no DTensor exists, and single-process users skip its ~1 s import
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor to write in place: a DTensor's local shard, else the tensor's data."""
+    return t.to_local() if _is_dtensor(t) else t.data
 
 
 def _check_param(t: object, name: str) -> torch.Tensor:
@@ -88,9 +124,8 @@ def _check_param(t: object, name: str) -> torch.Tensor:
     return t
 
 
-def _rows(
-    spec: RowSpec, size: int, heads: int, per_head: int, name: str, device: torch.device
-) -> torch.Tensor:
+def _rows(spec: RowSpec, size: int, heads: int, per_head: int, name: str) -> torch.Tensor:
+    """``(heads, per_head)`` int64 CPU row indices selected by ``spec`` out of ``size`` rows."""
     n = heads * per_head
     if spec is None:
         idx = torch.arange(size)
@@ -110,7 +145,7 @@ def _rows(
         )
     if torch.unique(idx).numel() != n:
         raise ValueError(f"`{name}` selects some rows twice")
-    return idx.view(heads, per_head).to(device)
+    return idx.view(heads, per_head)
 
 
 def _check_bias(b: object, weight: torch.Tensor, out_dim: int, name: str) -> torch.Tensor | None:
@@ -123,16 +158,132 @@ def _check_bias(b: object, weight: torch.Tensor, out_dim: int, name: str) -> tor
             f"`{name}` must have shape ({weight.shape[out_dim]},) to match its weight's output "
             f"rows, got {tuple(b.shape)}"
         )
+    if _is_dtensor(b) != _is_dtensor(weight):
+        raise TypeError(f"`{name}` and its weight must both be DTensors or both plain tensors")
     return b
 
 
-def _scale_rows(t: torch.Tensor, rows: torch.Tensor, factors: torch.Tensor, out_dim: int) -> None:
-    """``t[rows] *= factors`` along the output dim, in float32 or better, cast back once."""
-    view = t.transpose(0, 1) if (t.ndim == 2 and out_dim == 1) else t
+def _held_rows(t: torch.Tensor, dim: int, name: str) -> torch.Tensor:
+    """Global indices (along ``dim``) of the rows of DTensor ``t``'s local shard, in order.
+
+    ``Replicate`` keeps every row, ``Shard(dim)`` takes this rank's ``torch.chunk`` piece (mesh
+    dims left to right, DTensor's default order), ``Shard`` of another dim keeps every row (of
+    fewer columns). ``_StridedShard`` (FSDP2 over tensor-parallel weights) is resolved by
+    DTensor itself, by distributing an index tensor the same way (no communication; memory:
+    the local shard's rows, or its elements where other dims are sharded too). ``Partial`` and
+    other placements raise: writing rows needs to know exactly where they are.
+    """
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    n, nd = t.shape[dim], t.ndim
+    mesh, placements = t.device_mesh, tuple(t.placements)
+    coord = mesh.get_coordinate()
+    supported = (
+        "QKClip supports Replicate, Shard(d) and _StridedShard placements (FSDP2, HSDP, "
+        "tensor-parallel Shard(0)/Shard(1), FSDP2 over tensor parallelism)"
+    )
+    for md, pl in enumerate(placements):
+        if not isinstance(pl, (Replicate, Shard, _StridedShard)):
+            raise ValueError(
+                f"`{name}` is a DTensor with placement {pl!r} on mesh dim {md} (placements "
+                f"{placements}): {supported}"
+            )
+    held = torch.arange(n)
+    if coord is None:
+        held = held[:0]
+    elif all(type(pl) in (Replicate, Shard) for pl in placements):
+        spec = getattr(t, "_spec", None)
+        order = getattr(spec, "shard_order", None)
+        default = getattr(type(spec), "compute_default_shard_order", None)
+        if order is not None and default is not None and tuple(order) != tuple(default(placements)):
+            raise ValueError(
+                f"`{name}` is a DTensor with a non-default shard order {order}: {supported} "
+                "in DTensor's default mesh-dim order"
+            )
+        for md, pl in enumerate(placements):
+            if isinstance(pl, Shard) and pl.dim % nd == dim:
+                chunks = held.chunk(mesh.size(md))
+                held = chunks[coord[md]] if coord[md] < len(chunks) else held[:0]
+    else:
+        sharded = {pl.dim % nd for pl in placements if isinstance(pl, (Shard, _StridedShard))}
+        shape = [t.shape[d] if d == dim or d in sharded else 1 for d in range(nd)]
+        index = torch.arange(n, device=_local(t).device).view(
+            [n if d == dim else 1 for d in range(nd)]
+        )
+        local = distribute_tensor(index.expand(shape), mesh, placements, src_data_rank=None)
+        rows = local.to_local().movedim(dim, 0).reshape(local.to_local().shape[dim], -1)
+        held = rows[:, 0].cpu() if rows.numel() else held[:0]
+    if t.to_local().numel() == 0:
+        return held[:0]  # nothing local to write (an empty piece of some dim)
+    if t.to_local().shape[dim] != held.numel():
+        raise ValueError(
+            f"`{name}`'s local shard has {t.to_local().shape[dim]} rows along dim {dim}, but its "
+            f"placements {placements} give {held.numel()}: {supported}"
+        )
+    return held
+
+
+def _part(role: str, t: torch.Tensor, dim: int, rows: torch.Tensor, unit0: int, name: str) -> _Part:
+    """A part whose ``rows`` (global for a DTensor, local otherwise) start at unit ``unit0``."""
+    units = unit0 + torch.arange(rows.shape[0])
+    if _is_dtensor(t):
+        held = _held_rows(t, dim, name)
+        where = torch.full((t.shape[dim],), -1, dtype=torch.int64)
+        where[held] = torch.arange(held.numel())
+        rows = where[rows]
+    return _Part(role, t, dim, units, rows)
+
+
+def _gain_rows(g: object, units: int, head_dim: int, name: str) -> tuple[torch.Tensor, int]:
+    """Rows of a QK-Norm gain and its unit count: 1 (shared by all heads) or ``units``.
+
+    ``(head_dim,)`` is shared; ``(units·head_dim,)`` or ``(units, head_dim)`` is per head.
+    """
+    if not isinstance(g, torch.Tensor) or not g.is_floating_point():
+        raise TypeError(f"`{name}` must be a floating torch.Tensor (the norm's weight)")
+    shape = tuple(g.shape)
+    if shape == (head_dim,):
+        return torch.arange(head_dim).view(1, head_dim), 1
+    if shape == (units * head_dim,):
+        return torch.arange(units * head_dim).view(units, head_dim), units
+    if shape == (units, head_dim):
+        return torch.arange(units).view(units, 1), units
+    raise ValueError(
+        f"`{name}` must have shape ({head_dim},) (shared by all heads), ({units * head_dim},) "
+        f"or ({units}, {head_dim}) (per head), got {shape}"
+    )
+
+
+def _scale_rows(t: torch.Tensor, rows: torch.Tensor, factors: torch.Tensor, dim: int) -> None:
+    """``t[rows] *= factors`` along ``dim``, in float32 or better, cast back once."""
+    view = t.transpose(0, 1) if (t.ndim == 2 and dim == 1) else t
     cdt = torch.promote_types(t.dtype, torch.float32)
+    rows = rows.to(t.device)
     sel = view[rows]
     f = factors.to(device=t.device, dtype=cdt).view(-1, *([1] * (sel.ndim - 1)))
     view[rows] = (sel.to(cdt) * f).to(t.dtype)
+
+
+def _tp_info(tp_group: Any, heads: dict[str, int]) -> tuple[Any, int, int] | None:
+    """``(group, rank, size)`` of the tensor-parallel group; every head count divisible."""
+    if tp_group is None:
+        return None
+    try:
+        group = resolve_process_group(tp_group)
+    except (TypeError, ValueError) as e:
+        raise type(e)(str(e).replace("`process_group`", "`tp_group`")) from None
+    dist = torch.distributed
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    if rank < 0:
+        raise ValueError("this rank is not a member of `tp_group`")
+    for nm, h in heads.items():
+        if h % size:
+            raise ValueError(
+                f"`{nm}`={h} is not divisible by the tensor-parallel size {size}: heads must be "
+                "split evenly over `tp_group` (replicated key heads are not supported)"
+            )
+    return group, rank, size
 
 
 # --------------------------------------------------------------------------- QKClip
@@ -155,9 +306,13 @@ class QKClip:
     distributed : bool, optional
         All-reduce (MAX) the statistics over ``process_group`` before clipping. ``None``: when
         ``torch.distributed`` is initialised. Every rank must register the same attentions in the
-        same order and call ``clip_`` together (``attach`` does).
-    process_group : optional
-        The group to reduce over (data/sequence/context-parallel ranks); default WORLD.
+        same order and call ``clip_`` together (``attach`` does). ``False`` is refused once a
+        DTensor or tensor-parallel attention is registered (ranks would clip differently).
+    process_group : ProcessGroup or DeviceMesh, optional
+        The group to reduce over: the data-parallel ranks (with sequence/context parallel ranks)
+        that see different tokens of the same heads; default WORLD. Under tensor parallelism
+        pass the data-parallel group (e.g. ``mesh["dp"]``): the statistics are then reduced over
+        each attention's ``tp_group`` as well, so every rank ends with every head's max.
 
     Notes
     -----
@@ -165,15 +320,21 @@ class QKClip:
     clip (micro-batches, activation-checkpoint recomputations), of the logits fed to softmax.
     ``clip_`` (run by the step post-hook that ``attach`` registers) computes
     ``γ_h = min(1, τ/S_h)``, rescales as in the module docstring, saves the statistics for
-    ``last_stats()`` and resets them. Cost per step: one host sync and, for clipped heads only,
-    one read-modify-write of their rows.
+    ``last_stats()`` and resets them. Cost per step: one host sync, one all-reduce of
+    ``Σ num_heads`` floats per group and, for clipped heads only, one read-modify-write of the
+    rows this rank holds.
 
-    Pickling or ``copy.deepcopy`` of an optimizer drops its step hooks (and a QKClip refers to
-    the parameters of one model): after loading a checkpoint build the model, the optimizer and a
-    QKClip, ``load_state_dict`` each, then call ``attach`` again.
+    Sharded weights: register DTensor parameters as they are, after ``fully_shard`` /
+    ``parallelize_module`` (those replace the parameters; ``attach`` warns when it sees stale
+    ones). ``Replicate``, ``Shard(d)`` and ``_StridedShard`` placements on any number of mesh
+    dims are supported (FSDP2, HSDP, tensor parallelism, FSDP2 over tensor parallelism);
+    ``Partial`` and non-default shard orders raise ``ValueError`` naming the parameter and the
+    placement. Plain parameters replicated by DDP need nothing.
 
-    Sharded parameters (FSDP/DTensor, tensor-parallel heads) are not supported: register the
-    full local weights (e.g. DDP replicas or fp32 master weights).
+    Checkpoints: ``state_dict``/``load_state_dict`` make a QKClip ``Stateful``, so it can sit
+    beside the model and optimizer in ``torch.distributed.checkpoint.save``/``load``. Step hooks
+    are not state: build the model, the optimizer and a QKClip, register the attentions, load,
+    then call ``attach``.
 
     References
     ----------
@@ -213,7 +374,10 @@ class QKClip:
         self.num_clips = 0
         self._attn: dict[str, _Attention] = {}
         self._last: dict[str, dict[str, torch.Tensor]] = {}
-        self._handles: list[Any] = []
+        self._hooks: weakref.WeakKeyDictionary[torch.optim.Optimizer, Any] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._pending = False  # recorded since the last reduction (rank-local statistics)
 
     # -- validated settings ----------------------------------------------------------
     @property
@@ -254,6 +418,18 @@ class QKClip:
             raise ValueError(f"`name` {name!r} is already registered")
         return name
 
+    @staticmethod
+    def _listed(t: torch.Tensor, heads: int, tp: tuple[Any, int, int] | None) -> tuple[int, int]:
+        """(heads whose rows ``t`` lists, first global head) of a registered tensor.
+
+        A plain tensor under tensor parallelism holds this rank's heads only; a DTensor is
+        indexed globally.
+        """
+        if tp is None or _is_dtensor(t):
+            return heads, 0
+        per = heads // tp[2]
+        return per, tp[1] * per
+
     def add_attention(
         self,
         name: str,
@@ -270,6 +446,9 @@ class QKClip:
         out_dim: int = 0,
         alpha: float | None = None,
         gqa: Literal["per_head", "group"] = "per_head",
+        q_norm_weight: torch.Tensor | None = None,
+        k_norm_weight: torch.Tensor | None = None,
+        tp_group: Any = None,
     ) -> None:
         """Register an MHA / GQA / MQA attention layer.
 
@@ -278,11 +457,11 @@ class QKClip:
         name : str
             The key used by ``record`` and in the statistics.
         q_weight, k_weight : torch.Tensor
-            The query and key projection weights (the same tensor for a fused QKV projection).
-            Output features along ``out_dim``, head-major: row ``h·head_dim + d`` of the selected
-            rows is component ``d`` of head ``h``.
+            The query and key projection weights (the same tensor for a fused QKV projection),
+            plain or DTensor. Output features along ``out_dim``, head-major: row
+            ``h·head_dim + d`` of the selected rows is component ``d`` of head ``h``.
         num_heads, head_dim : int
-            Query heads and the per-head width.
+            Query heads (all of them, also under tensor parallelism) and the per-head width.
         num_kv_heads : int, optional
             Key heads (default ``num_heads``); ``num_heads % num_kv_heads == 0``.
         q_bias, k_bias : torch.Tensor, optional
@@ -290,7 +469,7 @@ class QKClip:
         q_rows, k_rows : slice or sequence of int or Tensor, optional
             Which output rows hold q (k), in head-major order; default all rows. For a fused
             ``[Q | K | V]`` Linear: ``q_rows=slice(0, H·D)``, ``k_rows=slice(H·D, (H+H_kv)·D)``;
-            for interleaved layouts pass explicit indices.
+            for interleaved layouts pass explicit indices. Indices are global for a DTensor.
         out_dim : int
             The weight's output-feature dim: 0 for ``nn.Linear`` (out, in), 1 for (in, out).
         alpha : float, optional
@@ -299,11 +478,29 @@ class QKClip:
             With shared key heads: ``"per_head"`` (default) puts the whole γ_h on query head h
             and leaves the key head alone, so heads below τ are untouched; ``"group"`` is
             Megatron-LM's rule (group min γ, split by α between q and the shared k).
+        q_norm_weight, k_norm_weight : torch.Tensor, optional
+            QK-Norm gains (``q = RMSNorm(x W_qᵀ)·g_q`` per head, as in OLMo 2 and Qwen3): the
+            scaling of W_q (W_k) would be undone by the norm, so the clip scales the gain of
+            that side instead and leaves its weight and bias alone. Shape ``(head_dim,)``: one
+            gain shared by all heads; ``(heads·head_dim,)`` or ``(heads, head_dim)``: per head
+            (``heads`` = ``num_heads`` for q, ``num_kv_heads`` for k). Rules: per-head gains as
+            weights; a shared q gain with per-head k puts the whole γ on k (unclipped heads
+            bit-identical); a shared gain whose heads cannot be separated gets the smallest γ
+            of the heads sharing it, split by α when both sides are shared — heads below τ
+            that share it are then scaled too, and every head ends ≤ τ (docs/math.md §6).
+        tp_group : ProcessGroup or DeviceMesh, optional
+            Tensor parallelism by heads (``ColwiseParallel`` q/k projections): rank ``r`` of the
+            ``T`` ranks of this group computes query heads ``[r·H/T, (r+1)·H/T)`` and key heads
+            ``[r·H_kv/T, (r+1)·H_kv/T)``, and ``record`` receives those. Plain weights, biases
+            and per-head gains then hold this rank's heads only (a gain of one local head as
+            ``(1, head_dim)``: ``(head_dim,)`` means shared); DTensors are global. ``H`` and
+            ``H_kv`` must be divisible by ``T``.
 
         Raises
         ------
         TypeError, ValueError
-            Bad names, shapes, row selections, overlapping q/k rows, or settings.
+            Bad names, shapes, row selections, overlapping q/k rows, settings, unsupported
+            DTensor placements or tensor-parallel head counts.
         """
         name = self._new_name(name)
         H, D, Hkv = self._check_heads(num_heads, head_dim, num_kv_heads)
@@ -316,13 +513,34 @@ class QKClip:
         qw, kw = _check_param(q_weight, "q_weight"), _check_param(k_weight, "k_weight")
         qb = _check_bias(q_bias, qw, out_dim, "q_bias")
         kb = _check_bias(k_bias, kw, out_dim, "k_bias")
-        qr = _rows(q_rows, qw.shape[out_dim], H, D, "q_rows", qw.device)
-        kr = _rows(k_rows, kw.shape[out_dim], Hkv, D, "k_rows", kw.device)
-        parts = [_Part("q", qw, qb, qr, out_dim), _Part("k", kw, kb, kr, out_dim)]
-        self._check_disjoint(parts)
+        tp = _tp_info(tp_group, {"num_heads": H, "num_kv_heads": Hkv})
+        (hq, q0), (hk, k0) = self._listed(qw, H, tp), self._listed(kw, Hkv, tp)
+        qr = _rows(q_rows, qw.shape[out_dim], hq, D, "q_rows")
+        kr = _rows(k_rows, kw.shape[out_dim], hk, D, "k_rows")
+        self._check_disjoint([("q", qw, qr), ("k", kw, kr)])
+        if q_norm_weight is not None and q_norm_weight is k_norm_weight:
+            raise ValueError("`q_norm_weight` and `k_norm_weight` must be different tensors")
+        parts: list[_Part] = []
+        units = {"q": H, "k": Hkv}
+        for role, w, b, rows, heads, first, g in (
+            ("q", qw, qb, qr, H, q0, q_norm_weight),
+            ("k", kw, kb, kr, Hkv, k0, k_norm_weight),
+        ):
+            if g is None:
+                parts.append(_part(role, w, out_dim, rows, first, f"{name}.{role}_weight"))
+                if b is not None:
+                    parts.append(_part(role, b, 0, rows, first, f"{name}.{role}_bias"))
+                continue
+            gname = f"{role}_norm_weight"
+            n, first = self._listed(g, heads, tp)
+            grows, u = _gain_rows(g, n, D, gname)
+            if u == 1 and not (tp is not None and heads > 1 and g.ndim == 2):
+                units[role], first = 1, 0  # one gain shared by all heads of this side
+            parts.append(_part(role, g, 0, grows, first, f"{name}.{gname}"))
         self._attn[name] = _Attention(
-            "mha", H, Hkv, parts, gqa, alpha, self._fresh_stats(H, qw.device)
-        )
+            "mha", H, Hkv, parts, gqa, alpha, self._fresh_stats(H, _local(qw).device), units,
+            tp=tp, sharded=any(_is_dtensor(t) for t in (qw, kw, *(p.tensor for p in parts))),
+        )  # fmt: skip
 
     def add_mla(
         self,
@@ -343,6 +561,7 @@ class QKClip:
         q_rope_bias: torch.Tensor | None = None,
         out_dim: int = 0,
         alpha: float | None = None,
+        tp_group: Any = None,
     ) -> None:
         """Register a multi-head latent attention (MLA) layer (DeepSeek-V2/V3, Kimi K2).
 
@@ -375,6 +594,9 @@ class QKClip:
             0 for ``nn.Linear`` weights (out, in), 1 for (in, out).
         alpha : float, optional
             Per-layer override of the split between ``q_c`` and ``k_c``.
+        tp_group : ProcessGroup or DeviceMesh, optional
+            Heads split over tensor-parallel ranks, as in ``add_attention``; the shared ``k_r``
+            is replicated.
         """
         name = self._new_name(name)
         H, dn, _ = self._check_heads(num_heads, qk_nope_head_dim, None)
@@ -391,39 +613,50 @@ class QKClip:
         kn = _check_param(k_nope_weight, "k_nope_weight")
         qr = _check_param(q_rope_weight, "q_rope_weight")
         kr = None if k_rope_weight is None else _check_param(k_rope_weight, "k_rope_weight")
-        per = torch.arange(H)[:, None]
+        tp = _tp_info(tp_group, {"num_heads": H})
+        (hqn, q0), (hkn, k0), (hqr, r0) = (self._listed(t, H, tp) for t in (qn, kn, qr))
         if qn is qr and q_nope_rows is None and q_rope_rows is None:
-            if qn.shape[out_dim] != H * (dn + dr):
+            if qn.shape[out_dim] != hqn * (dn + dr):
                 raise ValueError(
                     f"fused `q_nope_weight`/`q_rope_weight` must have num_heads·(nope+rope) = "
-                    f"{H * (dn + dr)} output rows, got {qn.shape[out_dim]}"
+                    f"{hqn * (dn + dr)} output rows, got {qn.shape[out_dim]}"
                 )
+            per = torch.arange(hqn)[:, None]
             q_nope_rows = (per * (dn + dr) + torch.arange(dn)).flatten()
             q_rope_rows = (per * (dn + dr) + dn + torch.arange(dr)).flatten()
-        if k_nope_rows is None and kn.shape[out_dim] != H * dn:
-            if kn.shape[out_dim] % H or kn.shape[out_dim] // H <= dn:
+        if k_nope_rows is None and kn.shape[out_dim] != hkn * dn:
+            if kn.shape[out_dim] % hkn or kn.shape[out_dim] // hkn <= dn:
                 raise ValueError(
                     f"`k_nope_weight` has {kn.shape[out_dim]} output rows: expected "
-                    f"num_heads·qk_nope_head_dim = {H * dn} or num_heads·(qk_nope_head_dim + "
+                    f"num_heads·qk_nope_head_dim = {hkn * dn} or num_heads·(qk_nope_head_dim + "
                     "v_head_dim); pass `k_nope_rows` for other layouts"
                 )
-            k_nope_rows = (per * (kn.shape[out_dim] // H) + torch.arange(dn)).flatten()
-        parts = [
-            _Part("q_nope", qn, _check_bias(q_nope_bias, qn, out_dim, "q_nope_bias"),
-                  _rows(q_nope_rows, qn.shape[out_dim], H, dn, "q_nope_rows", qn.device), out_dim),
-            _Part("k_nope", kn, _check_bias(k_nope_bias, kn, out_dim, "k_nope_bias"),
-                  _rows(k_nope_rows, kn.shape[out_dim], H, dn, "k_nope_rows", kn.device), out_dim),
-            _Part("q_rope", qr, _check_bias(q_rope_bias, qr, out_dim, "q_rope_bias"),
-                  _rows(q_rope_rows, qr.shape[out_dim], H, dr, "q_rope_rows", qr.device), out_dim),
+            per = torch.arange(hkn)[:, None]
+            k_nope_rows = (per * (kn.shape[out_dim] // hkn) + torch.arange(dn)).flatten()
+        specs = [
+            ("q_nope", qn, q_nope_bias, _rows(q_nope_rows, qn.shape[out_dim], hqn, dn,
+                                              "q_nope_rows"), q0),
+            ("k_nope", kn, k_nope_bias, _rows(k_nope_rows, kn.shape[out_dim], hkn, dn,
+                                              "k_nope_rows"), k0),
+            ("q_rope", qr, q_rope_bias, _rows(q_rope_rows, qr.shape[out_dim], hqr, dr,
+                                              "q_rope_rows"), r0),
         ]  # fmt: skip
-        self._check_disjoint(parts)
-        if kr is not None and any(p.weight is kr for p in parts):
+        self._check_disjoint([(role, w, rows) for role, w, _, rows, _ in specs])
+        if kr is not None and any(w is kr for _, w, _, _, _ in specs):
             raise ValueError(
                 "`k_rope_weight` (the shared RoPE key) must not be one of the per-head weights; "
                 "register only the rows of its own projection"
             )
+        parts: list[_Part] = []
+        for role, w, b, rows, first in specs:
+            parts.append(_part(role, w, out_dim, rows, first, f"{name}.{role}_weight"))
+            b = _check_bias(b, w, out_dim, f"{role}_bias")
+            if b is not None:
+                parts.append(_part(role, b, 0, rows, first, f"{name}.{role}_bias"))
         self._attn[name] = _Attention(
-            "mla", H, 1, parts, "per_head", alpha, self._fresh_stats(H, qn.device),
+            "mla", H, 1, parts, "per_head", alpha, self._fresh_stats(H, _local(qn).device),
+            {"q_nope": H, "k_nope": H, "q_rope": H}, tp=tp,
+            sharded=any(_is_dtensor(p.tensor) for p in parts),
             frozen=[] if kr is None else [kr],
         )  # fmt: skip
 
@@ -446,16 +679,15 @@ class QKClip:
         return num_heads, head_dim, Hkv
 
     @staticmethod
-    def _check_disjoint(parts: list[_Part]) -> None:
+    def _check_disjoint(parts: list[tuple[str, torch.Tensor, torch.Tensor]]) -> None:
+        """Refuse overlapping row selections of one fused weight (compared as registered)."""
         for a in range(len(parts)):
             for b in range(a + 1, len(parts)):
-                pa, pb = parts[a], parts[b]
-                if pa.weight is pb.weight and bool(
-                    torch.isin(pa.rows.flatten(), pb.rows.flatten()).any()
-                ):
+                (ra, ta, rows_a), (rb, tb, rows_b) = parts[a], parts[b]
+                if ta is tb and bool(torch.isin(rows_a.flatten(), rows_b.flatten()).any()):
                     raise ValueError(
-                        f"the {pa.role} and {pb.role} rows of a fused weight overlap; pass "
-                        "disjoint row selections"
+                        f"the {ra} and {rb} rows of a fused weight overlap; pass disjoint row "
+                        "selections"
                     )
 
     @staticmethod
@@ -479,6 +711,15 @@ class QKClip:
         except (KeyError, TypeError):
             raise KeyError(f"no attention registered as {name!r}; known: {self.names()}") from None
 
+    @staticmethod
+    def _local_heads(attn: _Attention) -> tuple[int, int, int]:
+        """(first query head, query heads, key heads) that this rank's ``record`` receives."""
+        if attn.tp is None:
+            return 0, attn.num_heads, attn.num_kv_heads
+        _, r, T = attn.tp
+        hq = attn.num_heads // T
+        return r * hq, hq, (attn.num_kv_heads // T if attn.kind == "mha" else 1)
+
     def record(
         self,
         name: str,
@@ -491,42 +732,55 @@ class QKClip:
 
         Call inside the attention forward (training only) on the tensors given to softmax
         attention: post-RoPE ``q`` of shape ``(batch, num_heads, seq, head_dim)`` and ``k`` of
-        shape ``(batch, num_kv_heads, seq, head_dim)``. ``scale`` defaults to ``1/√head_dim``
-        as in ``scaled_dot_product_attention``. No gradient; see :func:`max_logits` for cost.
+        shape ``(batch, num_kv_heads, seq, head_dim)`` (under ``tp_group``: this rank's heads,
+        ``num_heads / T`` and ``num_kv_heads / T``). ``scale`` defaults to ``1/√head_dim`` as
+        in ``scaled_dot_product_attention``. No gradient; see :func:`max_logits` for cost.
         For MLA, ``q``/``k`` are the concatenated ``[nope | rope]`` per-head tensors with the
         shared ``k_r`` broadcast to every head (or ``num_kv_heads = 1``).
         """
         attn = self._get(name)
+        q, k = (t.to_local() if _is_dtensor(t) else t for t in (q, k))  # TP: this rank's heads
         q, k = check_qk(q, k)
-        if q.shape[1] != attn.num_heads:
+        h0, hq, hk = self._local_heads(attn)
+        where = "" if attn.tp is None else f" (this rank's share of tp_group, of {attn.num_heads})"
+        if q.shape[1] != hq:
             raise ValueError(
                 f"`q` has {q.shape[1]} heads but {name!r} was registered with "
-                f"num_heads={attn.num_heads}"
+                f"num_heads={attn.num_heads}: expected {hq}{where}"
             )
-        if attn.kind == "mha" and k.shape[1] != attn.num_kv_heads:
+        if attn.kind == "mha" and k.shape[1] != hk:
             raise ValueError(
                 f"`k` has {k.shape[1]} heads but {name!r} was registered with "
-                f"num_kv_heads={attn.num_kv_heads}"
+                f"num_kv_heads={attn.num_kv_heads}: expected {hk}{where}"
             )
         m = max_logits(q, k, causal=causal, scale=scale, use_abs=self.use_abs)
-        self._fold(attn, m)
+        self._fold(attn, m, h0)
 
     def record_max_logits(self, name: str, per_head_max: torch.Tensor) -> None:
-        """Fold a per-head max-logit ``(num_heads,)`` computed elsewhere (e.g. by a kernel)."""
+        """Fold a per-head max-logit computed elsewhere (e.g. by a kernel).
+
+        Shape ``(num_heads,)``, or under ``tp_group`` this rank's ``(num_heads / T,)``.
+        """
         attn = self._get(name)
         if not isinstance(per_head_max, torch.Tensor) or not per_head_max.is_floating_point():
             raise TypeError("`per_head_max` must be a floating torch.Tensor")
-        if per_head_max.shape != (attn.num_heads,):
+        h0, hq, _ = self._local_heads(attn)
+        shape = tuple(per_head_max.shape)
+        if shape == (attn.num_heads,):
+            h0 = 0
+        elif shape != (hq,):
             raise ValueError(
-                f"`per_head_max` must have shape ({attn.num_heads},), got "
-                f"{tuple(per_head_max.shape)}"
+                f"`per_head_max` must have shape ({attn.num_heads},)"
+                + ("" if attn.tp is None else f" or ({hq},) (this rank's heads)")
+                + f", got {shape}"
             )
-        self._fold(attn, per_head_max.detach())
+        self._fold(attn, per_head_max.detach(), h0)
 
-    @staticmethod
-    def _fold(attn: _Attention, m: torch.Tensor) -> None:
+    def _fold(self, attn: _Attention, m: torch.Tensor, h0: int = 0) -> None:
         m = m.to(device=attn.stats.device, dtype=attn.stats.dtype)
-        torch.maximum(attn.stats, m, out=attn.stats)
+        s = attn.stats[h0 : h0 + m.shape[0]]
+        torch.maximum(s, m, out=s)
+        self._pending = True
 
     def max_logits(self) -> dict[str, torch.Tensor]:
         """The running per-head max-logits since the last clip (copies; ``-inf``: not seen)."""
@@ -536,45 +790,84 @@ class QKClip:
         """Forget the running statistics (``clip_`` does this after every step)."""
         for a in self._attn.values():
             a.stats.fill_(float("-inf"))
+        self._pending = False
 
     def last_stats(self) -> dict[str, dict[str, torch.Tensor]]:
         """What the last ``clip_`` saw and did, per attention, as CPU tensors of shape (H,).
 
         ``max_logits`` (the reduced statistic, ``-inf`` if never recorded), ``gamma`` (the
         factor γ = min(1, τ/S) that was applied, or would have been in log-only mode) and
-        ``clipped`` (bool: the head's weights were rescaled).
+        ``clipped`` (bool: the head's max-logit exceeded τ and the clip acted on it).
         """
         return {n: dict(d) for n, d in self._last.items()}
 
     # -- distributed -----------------------------------------------------------------
-    def _reduce(self) -> None:
+    def _dist_on(self) -> bool:
         dist = torch.distributed
         on = self.distributed
         if on is None:
             on = dist.is_available() and dist.is_initialized()
-        if not on or not self._attn:
-            return
+        if not on:
+            bad = [n for n, a in self._attn.items() if a.sharded or a.tp is not None]
+            if bad:
+                raise RuntimeError(
+                    f"attentions {bad} hold DTensor or tensor-parallel weights, which need the "
+                    "MAX all-reduce of the statistics (ranks see different tokens or heads); "
+                    "leave `distributed` as None or True"
+                )
+        return bool(on)
+
+    def _all_reduce(self, attns: list[_Attention], group: Any) -> None:
+        dist = torch.distributed
         by_device: dict[torch.device, list[_Attention]] = {}
-        for a in self._attn.values():
+        for a in attns:
             by_device.setdefault(a.stats.device, []).append(a)
-        for attns in by_device.values():
-            flat = torch.cat([a.stats for a in attns])
-            dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=self.process_group)
-            for a, s in zip(attns, flat.split([a.num_heads for a in attns]), strict=True):
+        for same in by_device.values():
+            flat = torch.cat([a.stats for a in same])
+            dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
+            for a, s in zip(same, flat.split([a.num_heads for a in same]), strict=True):
                 a.stats.copy_(s)
+
+    @torch.no_grad()
+    def reduce_(self) -> None:
+        """All-reduce (MAX) the running statistics now, as ``clip_`` does first.
+
+        Over ``process_group``, then over each attention's ``tp_group``. A no-op without
+        ``torch.distributed``. Collective: every rank must call it.
+        """
+        if not self._attn or not self._dist_on():
+            return
+        pg = self.process_group
+        mesh_mod = sys.modules.get("torch.distributed.device_mesh")
+        if mesh_mod is not None and isinstance(pg, mesh_mod.DeviceMesh):
+            pg = resolve_process_group(pg)
+        self._all_reduce(list(self._attn.values()), pg)
+        by_group: dict[int, tuple[Any, list[_Attention]]] = {}
+        for a in self._attn.values():
+            if a.tp is not None:
+                by_group.setdefault(id(a.tp[0]), (a.tp[0], []))[1].append(a)
+        for group, attns in by_group.values():
+            self._all_reduce(attns, group)
+        self._pending = False
 
     # -- clipping --------------------------------------------------------------------
     def _factors(self, attn: _Attention, gamma: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per role, the factor of each global unit (docs/math.md §6)."""
         a = self.alpha if attn.alpha is None else attn.alpha
         if attn.kind == "mla":
             return {"q_nope": gamma**a, "k_nope": gamma ** (1 - a), "q_rope": gamma}
-        G = attn.num_heads // attn.num_kv_heads
-        if G == 1:
+        H, Uq, Uk = attn.num_heads, attn.units["q"], attn.units["k"]
+        Gq, Gk = H // Uq, H // Uk  # query heads sharing one q unit / one k unit
+        if Gq == 1 and Gk == 1:
             return {"q": gamma**a, "k": gamma ** (1 - a)}
-        if attn.gqa == "per_head":
-            return {"q": gamma}
-        g = gamma.view(attn.num_kv_heads, G).amin(dim=1)
-        return {"q": (g**a).repeat_interleave(G), "k": g ** (1 - a)}
+        g_k = gamma.view(Uk, Gk).amin(dim=1)  # the smallest γ of the heads sharing a k unit
+        if Gq == 1:
+            if attn.gqa == "per_head":
+                return {"q": gamma}
+            return {"q": (g_k**a).repeat_interleave(Gk), "k": g_k ** (1 - a)}
+        if Uk > 1:  # one q gain for all heads: the k units separate them, or their groups
+            return {"k": g_k}
+        return {"q": g_k**a, "k": g_k ** (1 - a)}  # both gains shared by every head
 
     def _to_host(self) -> dict[str, torch.Tensor]:
         """All statistics as float64 CPU tensors, with one device-to-host copy per device."""
@@ -588,6 +881,25 @@ class QKClip:
             host.update(zip(names, flat.split(sizes), strict=True))
         return host
 
+    @staticmethod
+    def _apply(attn: _Attention, facs: dict[str, torch.Tensor]) -> None:
+        """Scale the rows this rank holds of every unit with a factor < 1."""
+        for p in attn.parts:
+            f = facs.get(p.role)
+            if f is None:
+                continue
+            f = f[p.units]
+            touch = f < 1
+            if not bool(touch.any()):
+                continue
+            rows = p.rows[touch]
+            fr = f[touch].repeat_interleave(rows.shape[1])
+            rows = rows.flatten()
+            here = rows >= 0
+            if not bool(here.any()):
+                continue
+            _scale_rows(_local(p.tensor), rows[here], fr[here], p.dim)
+
     @torch.no_grad()
     def clip_(self) -> dict[str, dict[str, torch.Tensor]]:
         """Reduce the statistics, rescale the heads over τ, save ``last_stats``, reset.
@@ -597,7 +909,7 @@ class QKClip:
         dict
             ``last_stats()``.
         """
-        self._reduce()
+        self.reduce_()
         host = self._to_host()
         last: dict[str, dict[str, torch.Tensor]] = {}
         for n, attn in self._attn.items():
@@ -606,20 +918,7 @@ class QKClip:
             gamma = torch.where(over, self.tau / S, torch.ones_like(S))
             clipped = over if not self.log_only else torch.zeros_like(over)
             if bool(clipped.any()):
-                facs = self._factors(attn, gamma)
-                for p in attn.parts:
-                    f = facs.get(p.role)
-                    if f is None:
-                        continue
-                    touch = f < 1
-                    if not bool(touch.any()):
-                        continue
-                    rows = p.rows[touch.to(p.rows.device)]
-                    fr = f[touch].repeat_interleave(rows.shape[1])
-                    rows = rows.flatten()
-                    _scale_rows(p.weight.data, rows, fr, p.out_dim)
-                    if p.bias is not None:
-                        _scale_rows(p.bias.data, rows, fr, 0)
+                self._apply(attn, self._factors(attn, gamma))
             last[n] = {
                 "max_logits": S.float(),
                 "gamma": gamma.float(),
@@ -634,7 +933,12 @@ class QKClip:
     def attach(self, optimizer: torch.optim.Optimizer) -> Any:
         """Run ``clip_`` after every ``optimizer.step()`` (a step post-hook).
 
-        Re-call after ``copy.deepcopy``/unpickling an optimizer: hooks are not saved.
+        Idempotent per optimizer: attaching again while the hook is in place returns the same
+        handle, so the clip never runs twice per step. Warns when the optimizer holds DTensors but
+        an attention's registered tensors are plain ones it does not hold (registered before
+        sharding replaced them). Attach to one optimizer per model: each
+        attached optimizer's step clips (and resets the statistics). Re-call after
+        ``copy.deepcopy``/unpickling an optimizer or loading a checkpoint: hooks are not saved.
 
         Returns
         -------
@@ -645,19 +949,68 @@ class QKClip:
             raise TypeError(
                 f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
+        handle = self._hooks.get(optimizer)
+        if handle is not None:
+            hooks = handle.hooks_dict_ref()
+            if hooks is not None and handle.id in hooks:
+                return handle
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if any(_is_dtensor(p) for p in params):  # sharded training: catch stale registrations
+            owned = {id(p) for p in params}
+            stale = [
+                n
+                for n, a in self._attn.items()
+                if not any(_is_dtensor(p.tensor) or id(p.tensor) in owned for p in a.parts)
+            ]
+            if stale:
+                warnings.warn(
+                    f"QKClip.attach: the tensors registered for {stale} are plain tensors that "
+                    "this optimizer (of DTensor parameters) does not hold: registered before "
+                    "fully_shard / parallelize_module replaced them? The clip would scale stale "
+                    "copies. Register after sharding.",
+                    UserWarning,
+                    stacklevel=2,
+                )
         handle = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.clip_())
-        self._handles.append(handle)
+        self._hooks[optimizer] = handle
         return handle
 
     def detach(self) -> None:
         """Remove every hook registered by ``attach``."""
-        for h in self._handles:
+        for h in list(self._hooks.values()):
             h.remove()
-        self._handles.clear()
+        self._hooks.clear()
 
     # -- state -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Settings and running statistics (CPU copies); the weights belong to the model."""
+        """Settings, counters and statistics (CPU copies); the weights belong to the model.
+
+        The keys depend only on the registered names, so ``torch.distributed.checkpoint``
+        can load into a fresh QKClip (``last`` holds placeholders while ``has_last`` is false).
+
+        Raises
+        ------
+        RuntimeError
+            Under ``torch.distributed`` with statistics recorded since the last reduction:
+            they differ per rank and a checkpoint keeps one copy. Save after
+            ``optimizer.step()`` or call ``reduce_()`` (on every rank) first.
+        """
+        if self._pending and self._attn and self._dist_on():
+            raise RuntimeError(
+                "QKClip holds per-rank statistics recorded since the last step; save after "
+                "optimizer.step() or call `reduce_()` on every rank first"
+            )
+        last = {}
+        for n, a in self._attn.items():
+            d = self._last.get(n)
+            if d is None:
+                H = a.num_heads
+                d = {
+                    "max_logits": torch.full((H,), float("-inf")),
+                    "gamma": torch.ones(H),
+                    "clipped": torch.zeros(H, dtype=torch.bool),
+                }
+            last[n] = {k: v.clone() for k, v in d.items()}
         return {
             "tau": self.tau,
             "alpha": self.alpha,
@@ -666,7 +1019,8 @@ class QKClip:
             "num_clips": self.num_clips,
             "layer_alpha": {n: a.alpha for n, a in self._attn.items()},
             "stats": {n: a.stats.detach().cpu().clone() for n, a in self._attn.items()},
-            "last": {n: {k: v.clone() for k, v in d.items()} for n, d in self._last.items()},
+            "last": last,
+            "has_last": bool(self._last),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -693,9 +1047,12 @@ class QKClip:
             self._attn[n].alpha = None if a is None else self._check_alpha(a)
         for n, s in stats.items():
             self._attn[n].stats.copy_(s)
-        self._last = {
-            n: {k: v.clone() for k, v in d.items()} for n, d in state_dict.get("last", {}).items()
-        }
+        self._pending = False
+        last = state_dict.get("last", {})
+        has_last = bool(state_dict.get("has_last", bool(last)))
+        self._last = (
+            {n: {k: v.clone() for k, v in d.items()} for n, d in last.items()} if has_last else {}
+        )
 
     def __repr__(self) -> str:
         return (

@@ -5,9 +5,6 @@ from __future__ import annotations
 import copy
 import io
 import math
-import os
-import socket
-import sys
 
 import numpy as np
 import pytest
@@ -457,6 +454,9 @@ def test_registration_errors():
         qk.record_max_logits("a", torch.zeros(3))
     with pytest.raises(TypeError, match="optimizer"):
         qk.attach(lin)
+    with pytest.raises(ValueError, match="tp_group"):  # no torch.distributed here
+        qk.add_attention("t", lin.weight, lin.weight, 2, 2, q_rows=slice(0, 4),
+                         k_rows=slice(4, 8), tp_group=True)  # fmt: skip
     mla = ToyMLA(16, 2, 4, 4, 4, 8)
     with pytest.raises(ValueError, match="k_rope_weight"):
         qk.add_mla("m", mla.q_proj.weight, mla.kv_b.weight, mla.q_proj.weight,
@@ -618,50 +618,8 @@ def test_training_max_logit_grows_without_clip_and_is_capped_with_it():
 # --------------------------------------------------------------------------- distributed
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _dist_worker(rank, world, port, out_dir):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)  # fmt: skip
-    try:
-        torch.manual_seed(0)  # identical replicas
-        lin_q = torch.nn.Linear(4, 8, bias=False)
-        lin_k = torch.nn.Linear(4, 8, bias=False)
-        qk = QKClip(tau=5.0)
-        qk.add_attention("a", lin_q.weight, lin_k.weight, 2, 4)
-        # each rank sees a different max: rank 0 head 0 = 10, rank 1 head 1 = 20
-        local = torch.tensor([10.0, 1.0]) if rank == 0 else torch.tensor([2.0, 20.0])
-        qk.record_max_logits("a", local)
-        st_ = qk.clip_()["a"]
-        torch.save((st_["max_logits"].tolist(), lin_q.weight.detach().clone()),
-                   os.path.join(out_dir, f"rank{rank}.pt"))  # fmt: skip
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.distributed
-@pytest.mark.skipif(sys.platform != "linux", reason="gloo over tcp, linux only")
-def test_all_reduce_max_across_ranks(tmp_path, monkeypatch):
-    import torch.multiprocessing as mp
-
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    mp.start_processes(_dist_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2,
-                       start_method="spawn")  # fmt: skip
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert r0[0] == r1[0] == [10.0, 20.0]
-    assert torch.equal(r0[1], r1[1])  # replicas stay identical
-    torch.manual_seed(0)
-    w0 = torch.nn.Linear(4, 8, bias=False).weight.detach()
-    torch.testing.assert_close(r0[1][:4], w0[:4] * (5 / 10) ** 0.5)
-    torch.testing.assert_close(r0[1][4:], w0[4:] * (5 / 20) ** 0.5)
+# The spawned 2- and 3-rank worlds (MAX all-reduce over plain replicas, DTensor layouts, FSDP2,
+# DDP and tensor-parallel training) are in test_qk_clip_sharded.py.
 
 
 def test_reduce_path_with_mocked_dist(monkeypatch):
@@ -700,3 +658,161 @@ def test_reference_mask_with_planted_logit(causal, pair, block_q, block_k):
     got = max_logit_torch(q, k, causal=causal, scale=1.0, block_q=block_q, block_k=block_k)
     np.testing.assert_allclose(got.double().numpy(), _oracle(q, k, causal, 1.0), atol=1e-5)
     assert (got[1] > 50) == (not causal or j <= i)
+
+
+# --------------------------------------------------------------------------- QK-Norm
+
+# (num_kv_heads, q gain, k gain, gqa rule)
+NORM_CASES = {
+    "mha-shared-shared": (None, "shared", "shared", "per_head"),
+    "gqa-shared-shared": (2, "shared", "shared", "per_head"),
+    "mha-perhead-perhead": (None, "per_head", "per_head", "per_head"),
+    "mha-shared-perhead": (None, "shared", "per_head", "per_head"),
+    "gqa-shared-perhead": (2, "shared", "per_head", "per_head"),
+    "gqa-perhead-shared": (2, "per_head", "shared", "per_head"),
+    "gqa-perhead-perhead-group": (2, "per_head", "per_head", "group"),
+    "mha-qnorm-only": (None, "per_head", None, "per_head"),
+    "gqa-knorm-only": (2, None, "shared", "per_head"),
+}
+
+
+def _expected_scale(Hkv, qn, kn, gqa, g):
+    """Per head, the factor its logits get, from docs/math.md §6 written out per case."""
+    H = g.shape[0]
+    Uq = 1 if qn == "shared" else H
+    Uk = 1 if kn == "shared" else Hkv
+    Gq, Gk = H // Uq, H // Uk
+    if Gq == 1 and Gk == 1:
+        return g  # α split: g^α · g^(1−α)
+    gk = g.view(Uk, Gk).amin(1).repeat_interleave(Gk)
+    if Gq == 1:
+        return g if gqa == "per_head" else gk
+    return gk  # shared q gain: k units carry the (group) min, or both shared: the min
+
+
+@pytest.mark.parametrize("case", list(NORM_CASES))
+def test_qk_norm_gains_clip_exactly(case):
+    Hkv, qn, kn, gqa = NORM_CASES[case]
+    torch.manual_seed(3)
+    m = ToyAttention(16, 4, Hkv, q_norm=qn, k_norm=kn).double().eval()
+    x = torch.randn(2, 11, 16, dtype=F64)
+    with torch.no_grad():  # spread the heads: per-head gains (or the data) set their scale
+        for g, heads in ((m.q_norm, 4), (m.k_norm, m.Hkv)):
+            if g is not None and g.ndim == 2:
+                g.mul_(torch.linspace(1.0, 3.0, heads, dtype=F64)[:, None])
+        m.q_proj.weight.mul_(4.0)  # no effect on normed sides; grows unnormed logits
+    S0 = _head_max(m, x)
+    srt = S0.sort().values
+    tau = float((srt[1] + srt[2]) / 2)  # two heads over τ, two under
+    qk = QKClip(tau=tau, alpha=0.3)
+    m.register(qk, "attn", gqa=gqa)
+    before, L0 = _params(m), m.logits(x).detach()
+    # one training step that leaves the weights as they are (lr 0), then the clip
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    qk.attach(opt)
+    m.train()
+    m(x).square().mean().backward()
+    opt.step()
+    m.eval()
+    st_ = qk.last_stats()["attn"]
+    over = S0 > tau
+    assert st_["clipped"].tolist() == over.tolist()
+    after, L1 = _params(m), m.logits(x).detach()
+    # weights of a normed side are never written (the norm would undo it)
+    if qn is not None:
+        assert torch.equal(after["q_proj.weight"], before["q_proj.weight"])
+    if kn is not None:
+        assert torch.equal(after["k_proj.weight"], before["k_proj.weight"])
+    e = _expected_scale(m.Hkv, qn, kn, gqa, st_["gamma"].double())
+    for h in range(4):
+        if e[h] == 1:
+            assert torch.equal(L1[:, h], L0[:, h]), h  # untouched heads: bit-identical
+        else:
+            torch.testing.assert_close(L1[:, h], e[h] * L0[:, h], rtol=1e-6, atol=0)
+    S1 = L1.amax(dim=(0, 2, 3))
+    assert (S1 <= tau * (1 + 1e-6)).all()  # every head ≤ τ after one clip
+    exact = torch.equal(e, st_["gamma"].double())  # no head shares a unit with a clipped one
+    assert not exact or (S1[over] >= tau * (1 - 1e-6)).all()  # then clipped to τ exactly
+
+
+def test_qk_norm_shared_gains_alpha_split_and_per_head_keeps_others():
+    """Both gains shared: q × γ*^α, k × γ*^(1−α) with γ* the smallest γ; per-head: only the
+    clipped heads' gain rows change."""
+    torch.manual_seed(4)
+    m = ToyAttention(16, 4, q_norm="shared", k_norm="shared").double().eval()
+    x = torch.randn(2, 9, 16, dtype=F64)
+    S0 = _head_max(m, x)
+    qk = QKClip(tau=float(S0.max() / 2), alpha=0.25)
+    m.register(qk, "a")
+    g_q, g_k = m.q_norm.detach().clone(), m.k_norm.detach().clone()
+    qk.record("a", *m.qkv_heads(x)[:2])
+    gs = qk.clip_()["a"]["gamma"].double().min()
+    torch.testing.assert_close(m.q_norm.detach(), g_q * gs**0.25, rtol=1e-7, atol=0)
+    torch.testing.assert_close(m.k_norm.detach(), g_k * gs**0.75, rtol=1e-7, atol=0)
+
+    m = ToyAttention(16, 4, q_norm="per_head", k_norm="per_head").double().eval()
+    with torch.no_grad():
+        m.q_norm[1].mul_(5.0)
+    S0 = _head_max(m, x)
+    qk = QKClip(tau=float(S0[1] * 0.8))
+    assert int((S0 > qk.tau).sum()) == 1
+    m.register(qk, "a")
+    g_q, g_k = m.q_norm.detach().clone(), m.k_norm.detach().clone()
+    qk.record("a", *m.qkv_heads(x)[:2])
+    qk.clip_()
+    rest = [0, 2, 3]
+    assert torch.equal(m.q_norm.detach()[rest], g_q[rest])
+    assert torch.equal(m.k_norm.detach()[rest], g_k[rest])
+    assert not torch.equal(m.q_norm.detach()[1], g_q[1])
+
+
+def test_qk_norm_flat_per_head_gain_and_errors():
+    """A per-head gain stored flat (H·D,), and shapes that fit no rule."""
+    torch.manual_seed(5)
+    lin_q, lin_k = torch.nn.Linear(8, 8, bias=False), torch.nn.Linear(8, 8, bias=False)
+    g_q = torch.nn.Parameter(torch.ones(8))  # H=2, D=4: (H·D,) per head
+    g_k = torch.nn.Parameter(torch.ones(4))  # (D,) shared
+    qk = QKClip(tau=1.0)
+    qk.add_attention("a", lin_q.weight, lin_k.weight, 2, 4, q_norm_weight=g_q,
+                     k_norm_weight=g_k)  # fmt: skip
+    qk.record_max_logits("a", torch.tensor([4.0, 0.5]))
+    qk.clip_()
+    # q per head, k shared by both heads (G_k = 2): the whole γ on q's rows of head 0
+    assert torch.equal(g_q.detach()[4:], torch.ones(4))
+    torch.testing.assert_close(g_q.detach()[:4], torch.full((4,), 0.25))
+    assert torch.equal(g_k.detach(), torch.ones(4))
+    with pytest.raises(ValueError, match="q_norm_weight"):
+        qk.add_attention("b", lin_q.weight, lin_k.weight, 2, 4, q_norm_weight=torch.ones(5))
+    with pytest.raises(ValueError, match="different tensors"):
+        qk.add_attention("b", lin_q.weight, lin_k.weight, 2, 4, q_norm_weight=g_k,
+                         k_norm_weight=g_k)  # fmt: skip
+    with pytest.raises(TypeError, match="k_norm_weight"):
+        qk.add_attention("b", lin_q.weight, lin_k.weight, 2, 4, k_norm_weight="g")
+
+
+# --------------------------------------------------------------------------- attach
+
+
+def test_attach_is_idempotent_per_optimizer():
+    from torch.distributed.checkpoint.stateful import Stateful
+
+    assert isinstance(QKClip(), Stateful)  # torch.distributed.checkpoint calls its state_dict
+    torch.manual_seed(0)
+    model = ToyLM(layers=1)
+    qk = QKClip(tau=1.0)
+    model.register(qk)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    h1 = qk.attach(opt)
+    h2 = qk.attach(opt)
+    assert h1 is h2 and len(opt._optimizer_step_post_hooks) == 1
+    _train(model, opt, 2)
+    assert qk.num_clips == 2  # once per step, not twice
+    assert torch.isfinite(qk.last_stats()["layer0"]["max_logits"]).all()  # not a second −inf
+    h1.remove()
+    h3 = qk.attach(opt)  # removed: attaching again registers anew
+    assert h3 is not h1 and len(opt._optimizer_step_post_hooks) == 1
+    opt2 = torch.optim.SGD(model.parameters(), lr=0.1)
+    qk.attach(opt2)
+    qk.detach()
+
+    assert not opt._optimizer_step_post_hooks and not opt2._optimizer_step_post_hooks

@@ -45,6 +45,8 @@ class ToyAttention(nn.Module):
         fused: bool = False,
         use_rope: bool = True,
         causal: bool = True,
+        q_norm: str | None = None,
+        k_norm: str | None = None,
     ) -> None:
         super().__init__()
         self.H = num_heads
@@ -59,11 +61,21 @@ class ToyAttention(nn.Module):
             self.k_proj = nn.Linear(dim, nk, bias=bias)
             self.v_proj = nn.Linear(dim, nk, bias=bias)
         self.o_proj = nn.Linear(nq, dim, bias=False)
+        # QK-Norm (RMSNorm over head_dim, then a gain): "shared" (D,) or "per_head" (heads, D)
+        self.q_norm = self._gain(q_norm, self.H)
+        self.k_norm = self._gain(k_norm, self.Hkv)
         self.qk_clip: QKClip | None = None
         self.clip_name = ""
 
+    def _gain(self, kind: str | None, heads: int) -> nn.Parameter | None:
+        if kind is None:
+            return None
+        shape = {"shared": (self.D,), "per_head": (heads, self.D)}[kind]
+        return nn.Parameter(1.0 + 0.1 * torch.randn(shape))
+
     def register(self, qk_clip: QKClip, name: str, **kwargs: object) -> None:
         nq, nk = self.H * self.D, self.Hkv * self.D
+        kwargs = dict(q_norm_weight=self.q_norm, k_norm_weight=self.k_norm) | kwargs
         if self.fused:
             w, b = self.qkv.weight, self.qkv.bias
             qk_clip.add_attention(
@@ -84,17 +96,26 @@ class ToyAttention(nn.Module):
             q, k, v = self.qkv(x).split([nq, nk, nk], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, S, self.H, self.D).transpose(1, 2)
-        k = k.view(B, S, self.Hkv, self.D).transpose(1, 2)
-        v = v.view(B, S, self.Hkv, self.D).transpose(1, 2)
+        # heads from the width: under tensor parallelism this rank's share of them
+        q = q.view(B, S, -1, self.D).transpose(1, 2)
+        k = k.view(B, S, -1, self.D).transpose(1, 2)
+        v = v.view(B, S, -1, self.D).transpose(1, 2)
+        if self.q_norm is not None:
+            q = F.rms_norm(q, (self.D,), eps=1e-6) * self._per_head(self.q_norm)
+        if self.k_norm is not None:
+            k = F.rms_norm(k, (self.D,), eps=1e-6) * self._per_head(self.k_norm)
         if self.use_rope:
             q, k = rope(q), rope(k)
         return q, k, v
 
+    @staticmethod
+    def _per_head(g: torch.Tensor) -> torch.Tensor:
+        return g[:, None, :] if g.ndim == 2 else g  # (H, 1, D) against (B, H, S, D)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, S, S) scaled logits, ``-inf`` on masked pairs."""
         q, k, _ = self.qkv_heads(x)
-        k = k.repeat_interleave(self.H // self.Hkv, dim=1)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         s = (q @ k.transpose(-1, -2)) / math.sqrt(self.D)
         if self.causal:
             s = s.masked_fill(~_causal_mask(x.shape[1], x.device), float("-inf"))
@@ -103,7 +124,7 @@ class ToyAttention(nn.Module):
     def head_outputs(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, S, D): softmax(logits) @ v per head."""
         _, _, v = self.qkv_heads(x)
-        v = v.repeat_interleave(self.H // self.Hkv, dim=1)
+        v = v.repeat_interleave(self.H // v.shape[1], dim=1)
         return torch.softmax(self.logits(x), dim=-1) @ v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,11 +132,11 @@ class ToyAttention(nn.Module):
         q, k, v = self.qkv_heads(x)
         if self.qk_clip is not None and self.training:
             self.qk_clip.record(self.clip_name, q, k, causal=self.causal)
-        G = self.H // self.Hkv
+        G = q.shape[1] // k.shape[1]
         o = F.scaled_dot_product_attention(
             q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), is_causal=self.causal
         )
-        return self.o_proj(o.transpose(1, 2).reshape(B, S, self.H * self.D))
+        return self.o_proj(o.transpose(1, 2).reshape(B, S, -1))
 
 
 class ToyMLA(nn.Module):
