@@ -19,6 +19,7 @@ Tolerances (docs/math.md §1.6, derived here, checked by ``explore`` runs noted 
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import numpy as np
@@ -622,6 +623,10 @@ def test_table_on_the_triton_kernels(monkeypatch, algorithm):
     pytest.importorskip("triton")
     table = [(3.9, -7.5, 4.1), (1.5, -0.5, 0.0), *YOUJIACHENG_6[3:]]
     M = MatrixCase((2, 20, 45), dtype=torch.float32, cond=10.0, seed=6).tensor()
+    if os.environ.get("MATFN_TEST_ON_GPU"):  # the kernels read CPU tensors only interpreted
+        if not torch.cuda.is_available():
+            pytest.skip("MATFN_TEST_ON_GPU=1 without CUDA")
+        M = M.cuda()
     ref = matfn.msign(M, method=table, algorithm=algorithm)
     monkeypatch.setattr(path, "kernels_apply", lambda X: True)
     out = matfn.msign(M, method=table, algorithm=algorithm)

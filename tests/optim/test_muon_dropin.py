@@ -548,6 +548,9 @@ def test_cuda_fused_and_graphed_steps_with_tables_and_zero_size(dtype, coefficie
         for a, b in zip(outs[name], outs["fused"], strict=True):
             assert torch.isfinite(a).all()
             # a step moves an entry by ≤ ~0.008 (lr·√2·max|O|); the paths differ by bf16
-            # rounding of the iteration (~1 % of that), bf16 params also by an ulp of W
-            rtol = 2**-7 if dtype == torch.bfloat16 else 0.0
+            # rounding of the iteration (~1 % of that). bf16 params: the fused pass applies
+            # decay and update in float32 and rounds once, the torch paths round after each
+            # (two roundings a step), so after 4 steps they may be up to 8 bf16 ulps apart
+            # (2⁻⁴ relative; measured on an H100: 2⁻⁵)
+            rtol = 2**-4 if dtype == torch.bfloat16 else 0.0
             torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=2e-3)
