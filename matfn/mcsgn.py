@@ -48,6 +48,17 @@ def _normalized_sign_iteration(
     return _run_sign_iteration(_normalize_trace(X, factor, eps, dtype), coeffs)
 
 
+def _prescale(X: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``X / max|Xᵢⱼ|`` per matrix in ``acc``, so that no later norm or product overflows.
+
+    The sign is scale-invariant, so this changes nothing but the range; all-zero matrices stay
+    zero.
+    """
+    X = X.to(acc)
+    amax = X.abs().amax(dim=(-2, -1), keepdim=True)
+    return X / torch.where(amax > 0, amax, torch.ones_like(amax))
+
+
 def _normalize_trace(
     X: torch.Tensor, factor: float, eps: float, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -55,37 +66,146 @@ def _normalize_trace(
 
     Unlike ``‖X‖_F`` it ignores the off-diagonal block of a block-triangular matrix. Where
     ``tr(X²) ≤ 0`` (complex eigenvalues) fall back to the Frobenius norm (docs/math.md §2.2).
+    ``X`` is first divided by its largest entry (exactly, in the accumulation dtype), so that
+    ``tr(X²)`` cannot overflow or underflow for any finite input.
     """
-    acc = X.to(torch.float64 if X.dtype == torch.float64 else torch.float32)
+    acc = _prescale(X, torch.float64 if X.dtype == torch.float64 else torch.float32)
     trace_sq = (acc * acc.mT).sum(dim=(-2, -1), keepdim=True)
     fro = torch.linalg.matrix_norm(acc, keepdim=True)
     scale = torch.where(trace_sq > 0, trace_sq.clamp_min(0).sqrt(), fro)
     return (acc / (scale * factor).clamp_min(eps)).to(dtype)
 
 
-def _power_norm(S: torch.Tensor, cubic_residual: bool, iters: int = 12) -> torch.Tensor:
-    """Power-iteration estimate of ``‖S³ − S‖₂`` (or ``‖S‖₂``) per matrix, ``O(n²)`` per step.
+#: Scaled Newton: the most steps before giving up (eigenvalues within about 1e-12·‖M‖ of the
+#: imaginary axis need ~40; the scaled iteration needs ≤ 12 for anything farther than 1e-4).
+NEWTON_MAX_STEPS = 60
+#: Scaled Newton: stop scaling (μ = 1) once a step moves X by less than this (relative), so
+#: the quadratic convergence of the unscaled iteration is not disturbed.
+_NEWTON_UNSCALED_BELOW = 1e-2
+#: Exact residual check of the Newton result: ``‖S² − I‖_F ≤ limit·max(1, ‖S‖_F²)`` per
+#: compute dtype (a converged result sits at about ``u·n``; any eigenvalue whose scalar iterate
+#: has not reached ±1 leaves an O(1) residual, since ``ρ(S² − I) ≤ ‖S² − I‖_F``).
+_NEWTON_CHECK = {torch.float64: 1e-8, torch.float32: 1e-3}
 
-    ``csgn`` takes values in {−1, 0, 1}, so an exact sign satisfies ``S³ = S`` even when M has
-    zero eigenvalues; an unconverged or complex eigenvalue leaves a residual of order 1.
+
+class NewtonSign:
+    """The scaled Newton sign iteration ``X ← (μX + (μX)⁻¹)/2`` on a batch ``(B, n, n)``.
+
+    ``run`` iterates to convergence and records ``steps`` (used), ``converged`` (the relative
+    change fell below the tolerance or stopped decreasing at the rounding floor) and
+    ``singular`` (an iterate could not be inverted: an eigenvalue on the imaginary axis).
     """
-    acc = S.to(torch.float64)  # S³ of a diverged iterate overflows float32
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    v = torch.randn(acc.shape[0], acc.shape[-1], 4, generator=gen, dtype=acc.dtype)
-    v = v.to(acc.device)
 
-    def apply(w: torch.Tensor, mat: torch.Tensor) -> torch.Tensor:
-        sw = mat @ w
-        return mat @ (mat @ sw) - sw if cubic_residual else sw
+    def __init__(self, X: torch.Tensor) -> None:
+        self.X = X
+        self.steps = 0
+        self.converged = False
+        self.singular = False
+        self.last_change = float("inf")
 
-    est = torch.zeros(acc.shape[0], dtype=acc.dtype, device=acc.device)
-    for _ in range(iters):
-        v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True).clamp_min(1e-30)
-        w = apply(v, acc)
-        w_norm = torch.linalg.vector_norm(w, dim=-2, keepdim=True)
-        est = w_norm.squeeze(-2).amax(dim=-1)
-        v = apply(w / w_norm.clamp_min(1e-300), acc.mT)
-    return torch.nan_to_num(est, nan=float("inf"))
+    def run(self, max_steps: int = NEWTON_MAX_STEPS) -> torch.Tensor:
+        X = self.X
+        u = torch.finfo(X.dtype).eps
+        tol = 4 * u * max(1, X.shape[-1]) ** 0.5
+        previous = float("inf")
+        scaled = True
+        for _ in range(max_steps):
+            inv, info = torch.linalg.inv_ex(X)
+            if bool((info != 0).any()) or not bool(torch.isfinite(inv).all()):
+                self.singular = True
+                break
+            if scaled:
+                # Frobenius-norm scaling μ = (‖X⁻¹‖/‖X‖)^{1/2}: balances the eigenvalue moduli
+                # about 1 (Higham, Functions of Matrices, §5.5); per matrix.
+                mu = torch.sqrt(
+                    torch.linalg.matrix_norm(inv, keepdim=True)
+                    / torch.linalg.matrix_norm(X, keepdim=True).clamp_min(torch.finfo(X.dtype).tiny)
+                )
+                X_next = 0.5 * (mu * X + inv / mu)
+            else:
+                X_next = 0.5 * (X + inv)
+            change = float(
+                (
+                    torch.linalg.matrix_norm(X_next - X)
+                    / torch.linalg.matrix_norm(X_next).clamp_min(torch.finfo(X.dtype).tiny)
+                ).max()
+            )
+            X = X_next
+            self.steps += 1
+            self.last_change = change
+            if not change == change:  # NaN
+                self.singular = True
+                break
+            if change <= tol or (previous < 1e-3 and change > 0.5 * previous):
+                self.converged = True
+                break
+            if change < _NEWTON_UNSCALED_BELOW:
+                scaled = False
+            previous = change
+        self.X = X
+        return X
+
+
+def _involution_residual(S: torch.Tensor) -> torch.Tensor:
+    """``‖S² − I‖_F / max(1, ‖S‖²_F)`` per matrix, in float64 (the exact check)."""
+    S = S.to(torch.float64)
+    eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
+    res = torch.linalg.matrix_norm(S @ S - eye)
+    size = torch.linalg.matrix_norm(S).square().clamp_min(1.0)
+    return torch.nan_to_num(res / size, nan=float("inf"))
+
+
+def _cubic_residual(S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``‖S³ − S‖_F`` per matrix, in float64, with ``S`` scaled to avoid overflow.
+
+    Exact (up to float64 rounding), unlike a power-iteration estimate: ``csgn`` takes values in
+    {−1, 0, 1}, so an exact sign satisfies ``S³ = S`` even when M has zero eigenvalues, and
+    ``ρ(S³ − S) = max |f(λ)³ − f(λ)| ≤ ‖S³ − S‖_F`` for the iterate ``S = f(M)``: no
+    eigenvalue whose scalar iterate missed {−1, 0, 1} can hide. Returned with
+    ``max(1, ‖S‖²_F / n)``, the non-normality factor the caller's limit is multiplied by.
+    """
+    S = S.to(torch.float64)
+    n = S.shape[-1]
+    norm = torch.linalg.matrix_norm(S, keepdim=True)
+    if not bool(torch.isfinite(norm).all()):
+        inf = torch.full((S.shape[0],), float("inf"), dtype=S.dtype, device=S.device)
+        return inf, inf
+    res = torch.linalg.matrix_norm(S @ (S @ S) - S)
+    growth = (norm.squeeze(-1).squeeze(-1) ** 2 / n).clamp_min(1.0)
+    return torch.nan_to_num(res, nan=float("inf")), growth
+
+
+def _mcsgn_newton(
+    X: torch.Tensor, compute_dtype: torch.dtype, check_convergence: bool
+) -> torch.Tensor:
+    """mcsgn of a flattened batch by the scaled Newton iteration, checked (docs/math.md §2.3)."""
+    newton = NewtonSign(_prescale(X, compute_dtype))
+    S = newton.run()
+    if not check_convergence:
+        return S
+    if newton.singular:
+        raise MatrixSignConvergenceError(
+            "mcsgn: M is singular or has eigenvalues on the imaginary axis (a Newton iterate "
+            "could not be inverted); the sign function is undefined there"
+        )
+    if not newton.converged:
+        raise MatrixSignConvergenceError(
+            f"mcsgn: the scaled Newton iteration did not converge in {newton.steps} steps (last "
+            f"relative change {newton.last_change:.3g}): M has eigenvalues on or extremely "
+            "near the imaginary axis (relative to its norm), or eigenvectors too ill-conditioned "
+            "for the compute dtype (try float64)"
+        )
+    residual = _involution_residual(S)
+    limit = _NEWTON_CHECK[compute_dtype]
+    bad = ~(residual <= limit)
+    if bool(bad.any()):
+        raise MatrixSignConvergenceError(
+            f"mcsgn: the Newton iteration settled, but ‖S² − I‖_F/max(1, ‖S‖²_F) = "
+            f"{float(residual.max()):.3g} exceeds {limit:g} for {int(bad.sum())} of "
+            f"{bad.numel()} matrices: M's eigenvectors are too ill-conditioned (or an "
+            "eigenvalue too close to the imaginary axis) for the compute dtype; try float64"
+        )
+    return S
 
 
 #: Residual slack added to the schedule's scalar bound, per compute dtype (rounding of 3n³
@@ -211,6 +331,9 @@ def mcsgn(
     if steps == "auto":
         if method != "polar_express":
             raise ValueError(f"steps='auto' uses the Polar-Express schedule; got method={method!r}")
+        if not bool((X == X.mT).all()):
+            S = _mcsgn_newton(X, compute_dtype, check_convergence)
+            return unflatten_batch(S.to(M.dtype), batch_shape)
         lower, target = AUTO_TARGETS[compute_dtype]
         X = _normalize_trace(X, 1.01, eps, compute_dtype)
         X = _run_sign_iteration(X, auto_schedule(lower, target))
@@ -220,9 +343,9 @@ def mcsgn(
         )
         if not converged and check_convergence:
             raise MatrixSignConvergenceError(
-                f"mcsgn(steps='auto') did not converge to tol={tol:g}: M has eigenvalues on or "
-                "near the imaginary axis, or eigenvalues below "
-                f"{lower:g}·√tr(M²) (for exact zeros, which map to 0, pass an int `steps`)"
+                f"mcsgn(steps='auto') did not converge to tol={tol:g}: the symmetric M has "
+                f"eigenvalues below {lower:g}·√tr(M²) (for exact zeros, which map to 0, pass an "
+                "int `steps`)"
             )
         bound = 0.0
     else:
@@ -240,20 +363,23 @@ def mcsgn(
     if check_convergence:
         if not bool(torch.isfinite(X).all()):
             raise MatrixSignConvergenceError(
-                "mcsgn diverged (non-finite iterate): M has eigenvalues on or near the imaginary "
-                "axis, or is too non-normal for the compute dtype (try float64)"
+                "mcsgn diverged (non-finite iterate): M has complex eigenvalues or eigenvalues "
+                "on or near the imaginary axis, which this polynomial schedule cannot map to ±1 "
+                "(steps='auto' handles complex eigenvalues)"
             )
-        residual = _power_norm(X, cubic_residual=True)
-        # S³ − S = P (f³ − f)(Λ) P⁻¹: non-normal M amplifies the scalar residual by up to κ(P),
-        # of which ‖S‖₂ is a proxy, so a fixed step count is judged relative to it.
-        scale = _power_norm(X, cubic_residual=False).clamp_min(1) if bound else 1.0
-        limit = (bound + _RESIDUAL_SLACK[compute_dtype]) * scale
+        residual, growth = _cubic_residual(X)
+        # ρ(S³ − S) ≤ ‖S³ − S‖_F, so every eigenvalue's scalar residual |f³ − f| is below the
+        # limit; √n sums the n eigenvalues' residuals, and ‖S‖²_F/n measures the non-normality
+        # that amplifies them and the rounding.
+        n = X.shape[-1]
+        limit = (bound + _RESIDUAL_SLACK[compute_dtype]) * n**0.5 * growth
         bad = ~(residual <= limit)
         if bool(bad.any()):
-            worst = float(residual.max())
+            worst = float((residual / limit).max())
             raise MatrixSignConvergenceError(
-                f"mcsgn did not converge: ‖S³ − S‖₂ ≈ {worst:.3g} exceeds its bound for "
-                f"{int(bad.sum())} of {bad.numel()} matrices; M has eigenvalues on or near the "
-                "imaginary axis or too close to 0 for this schedule (try steps='auto')"
+                f"mcsgn did not converge in the given steps: ‖S³ − S‖_F is {worst:.3g}× its "
+                f"limit for {int(bad.sum())} of {bad.numel()} matrices; M has complex "
+                "eigenvalues, eigenvalues near the imaginary axis, or nonzero eigenvalues too "
+                "small for this schedule (try steps='auto')"
             )
     return unflatten_batch(X.to(M.dtype), batch_shape)

@@ -6,10 +6,10 @@ import torch
 
 from ._validation import check_matrix, check_same_device, float_result_dtype
 from .coefficients import CONVERGENT_QUINTIC, Coefficients, auto_schedule
-from .mcsgn import MatrixSignConvergenceError
+from .mcsgn import _NEWTON_UNSCALED_BELOW, NEWTON_MAX_STEPS, MatrixSignConvergenceError
 from .msign import AUTO_MAX_POLISH, AUTO_TARGETS, AUTO_TOL
 
-__all__ = ["solve_sylvester"]
+__all__ = ["SylvesterSolveError", "solve_sylvester"]
 
 #: The diagonal blocks of the converged iterate must be within this of ``±I`` (Frobenius):
 #: converged float32 iterates sit near 1e-6·√n; a failure leaves an O(1) deviation.
@@ -210,6 +210,237 @@ def _solve_once(
     return (-0.5 * Z.R.to(acc) * c_scale).to(compute_dtype)
 
 
+#: Newton route: the most steps before giving up (see :data:`matfn.mcsgn.NEWTON_MAX_STEPS`).
+_NEWTON_MAX_STEPS = NEWTON_MAX_STEPS
+#: Acceptance: relative residual ``‖AX + XB − C‖_F/‖C‖_F`` per compute dtype ...
+ACCEPT_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+#: ... or normwise backward error ``‖AX + XB − C‖_F/((‖A‖_F + ‖B‖_F)‖X‖_F + ‖C‖_F)`` below
+#: this many unit roundoffs of the compute dtype times ``n + m`` (what a backward-stable solver
+#: such as Bartels–Stewart attains; then no method in this dtype does better).
+_ACCEPT_BACKWARD_ULPS = 8.0
+#: Default most refinement steps (``refine=None``); refinement also stops once the residual
+#: reaches the float64 rounding level or stops halving.
+_MAX_REFINE = 5
+
+
+class SylvesterSolveError(MatrixSignConvergenceError):
+    """No method reached the accuracy contract; ``residual`` is the best relative residual."""
+
+    def __init__(self, message: str, residual: float) -> None:
+        super().__init__(message)
+        self.residual = residual
+
+
+class _NewtonSylvester:
+    """Scaled Newton sign iteration on ``Z = [[A, −C], [0, −B]]`` (normalised), replayable.
+
+    With ``Z⁻¹ = [[A⁻¹, −A⁻¹ C B⁻¹], [0, −B⁻¹]]`` the step ``Z ← (μZ + (μZ)⁻¹)/2`` acts on the
+    blocks as ``A ← (μA + (μA)⁻¹)/2``, ``B`` likewise, and ``C ← (μC + μ⁻¹ A⁻¹ C B⁻¹)/2``; then
+    ``A_k → I``, ``B_k → I`` and ``C_k → 2X`` (Roberts 1980; Benner–Quintana-Ortí 1999). The
+    diagonal blocks never see ``C``, so the run records ``(μ_k, A_k⁻¹, B_k⁻¹)`` and
+    :meth:`apply` replays the off-diagonal recursion for any right-hand side at
+    ``2nm(n + m)`` FLOPs per step: iterative refinement costs no further inversion.
+    """
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor) -> None:
+        self.steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.singular = False
+        self.converged = False
+        self.last_change = float("inf")
+        tiny = torch.finfo(A.dtype).tiny
+        u = torch.finfo(A.dtype).eps
+        tol = 4 * u * max(A.shape[-1], B.shape[-1]) ** 0.5
+        previous = float("inf")
+        scaled = True
+        for _ in range(_NEWTON_MAX_STEPS):
+            Ai, ia = torch.linalg.inv_ex(A)
+            Bi, ib = torch.linalg.inv_ex(B)
+            if bool((ia != 0).any() | (ib != 0).any()) or not (
+                bool(torch.isfinite(Ai).all()) and bool(torch.isfinite(Bi).all())
+            ):
+                self.singular = True
+                break
+            if scaled:
+                num = (
+                    torch.linalg.matrix_norm(Ai, keepdim=True) ** 2
+                    + torch.linalg.matrix_norm(Bi, keepdim=True) ** 2
+                )
+                den = (
+                    torch.linalg.matrix_norm(A, keepdim=True) ** 2
+                    + torch.linalg.matrix_norm(B, keepdim=True) ** 2
+                )
+                mu = (num / den.clamp_min(tiny)) ** 0.25
+            else:
+                mu = torch.ones_like(A[..., :1, :1])
+            self.steps.append((mu, Ai, Bi))
+            A_next = 0.5 * (mu * A + Ai / mu)
+            B_next = 0.5 * (mu * B + Bi / mu)
+            change = 0.0
+            for new, old in ((A_next, A), (B_next, B)):
+                rel = torch.linalg.matrix_norm(new - old) / torch.linalg.matrix_norm(new).clamp_min(
+                    tiny
+                )
+                change = max(change, float(rel.max()))
+            A, B = A_next, B_next
+            self.last_change = change
+            if change != change:  # NaN
+                self.singular = True
+                break
+            if change <= tol or (previous < 1e-3 and change > 0.5 * previous):
+                self.converged = True
+                break
+            if change < _NEWTON_UNSCALED_BELOW:
+                scaled = False
+            previous = change
+        self.A, self.B = A, B
+
+    def apply(self, C: torch.Tensor) -> torch.Tensor:
+        """``X`` with ``A X + X B = C`` for the recorded ``A``, ``B`` (any ``(K, n, m)`` C)."""
+        Y = C
+        for mu, Ai, Bi in self.steps:
+            Y = 0.5 * (mu * Y + torch.bmm(torch.bmm(Ai, Y), Bi) / mu)
+        return 0.5 * Y
+
+
+def _scaled_problem(
+    A: torch.Tensor, B: torch.Tensor, C: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float64 ``A/ν, B/ν, C/(ν·γ)`` with ``ν`` of order ``‖A‖ + ‖B‖`` and ``γ`` of ``‖C‖``.
+
+    ``ν = β·ν'`` where ``β = max |entry|`` of A and B (exact rescaling first, so no norm
+    overflows) and ``ν' = √(‖A/β‖²_F + ‖B/β‖²_F)``; ``γ = max |Cᵢⱼ|``. The solution of the
+    scaled equation is ``X·β/γ``; returns the three and the factor ``γ/β`` (``(K, 1, 1)``) that
+    maps it back.
+    """
+    A, B, C = A.to(torch.float64), B.to(torch.float64), C.to(torch.float64)
+
+    def amax(t: torch.Tensor) -> torch.Tensor:
+        return t.abs().amax(dim=(-2, -1), keepdim=True)
+
+    big = torch.maximum(amax(A), amax(B))
+    big = torch.where(big > 0, big, torch.ones_like(big))
+    A, B = A / big, B / big
+    nu = torch.sqrt(
+        torch.linalg.matrix_norm(A, keepdim=True) ** 2
+        + torch.linalg.matrix_norm(B, keepdim=True) ** 2
+    )
+    A, B = A / nu, B / nu
+    gamma = amax(C)
+    gamma = torch.where(gamma > 0, gamma, torch.ones_like(gamma))
+    C = C / gamma
+    return A, B, C / nu, gamma / big
+
+
+def _residual(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``C − A X − X B`` (float64)."""
+    return torch.baddbmm(torch.baddbmm(C, A, X, alpha=-1.0), X, B, alpha=-1.0)
+
+
+def _acceptance(
+    A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, X: torch.Tensor, compute_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per matrix: (relative residual, accepted?) under the contract of :func:`solve_sylvester`."""
+    res = torch.linalg.matrix_norm(_residual(A, B, C, X))
+    c_norm = torch.linalg.matrix_norm(C)
+    size = (torch.linalg.matrix_norm(A) + torch.linalg.matrix_norm(B)) * torch.linalg.matrix_norm(
+        X
+    ) + c_norm
+    rel = res / c_norm.clamp_min(torch.finfo(torch.float64).tiny)
+    rel = torch.where(c_norm > 0, rel, res)
+    u = torch.finfo(compute_dtype).eps / 2
+    n_m = A.shape[-1] + B.shape[-1]
+    ok = (rel <= ACCEPT_RTOL[compute_dtype]) | (res <= _ACCEPT_BACKWARD_ULPS * u * n_m * size)
+    return torch.nan_to_num(rel, nan=float("inf")), ok
+
+
+def _newton_precondition_error(name: str, block: torch.Tensor) -> Exception | None:
+    """``None`` if the converged diagonal block is near ``I``; else the error to raise.
+
+    ``ρ(S − I) ≤ ‖S − I‖_F``: a block whose iteration reached some sign matrix with an
+    eigenvalue −1 (an eigenvalue of ``name`` in the left half-plane) is at least 2 away.
+    """
+    eye = torch.eye(block.shape[-1], dtype=block.dtype, device=block.device)
+    if bool((torch.linalg.matrix_norm(block - eye) <= 0.5).all()):
+        return None
+    return _precondition_error(name, block)
+
+
+def _bartels_stewart(
+    A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, residual: float
+) -> torch.Tensor:
+    """``scipy.linalg.solve_sylvester`` per matrix (float64, on the host), lazily imported."""
+    try:
+        from scipy.linalg import solve_sylvester as scipy_solve
+    except ImportError as err:
+        raise SylvesterSolveError(
+            "solve_sylvester: the sign iteration reached only a relative residual of "
+            f"{residual:.3g}, and the Bartels–Stewart fallback needs scipy, which is not "
+            "installed (pip install 'matfn[oracles]')",
+            residual,
+        ) from err
+    a, b, c = (t.detach().cpu().numpy() for t in (A, B, C))
+    out = [scipy_solve(x, y, z) for x, y, z in zip(a, b, c, strict=True)]
+    return torch.stack([torch.from_numpy(x) for x in out]).to(C.device)
+
+
+def _solve_newton(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    compute_dtype: torch.dtype,
+    refine: int | None,
+) -> torch.Tensor:
+    """Checked solve of flattened ``(K, n, n)``, ``(K, m, m)``, ``(K, n, m)``; float64 result.
+
+    Scaled Newton (compute dtype) → refinement with float64 residuals → acceptance test →
+    Bartels–Stewart for the matrices that fail it → acceptance test → error.
+    """
+    A64, B64, C64, gamma = _scaled_problem(A, B, C)
+    newton = _NewtonSylvester(A64.to(compute_dtype), B64.to(compute_dtype))
+    if newton.singular:
+        raise MatrixSignConvergenceError(
+            "solve_sylvester: a Newton iterate of A or B could not be inverted: A or B is "
+            "singular or has eigenvalues on the imaginary axis; the spectra of A and B must lie "
+            "in the open right half-plane"
+        )
+    for name, block in (("A", newton.A), ("B", newton.B)):
+        error = _newton_precondition_error(name, block.to(torch.float64))
+        if error is not None:
+            raise error
+    X = newton.apply(C64.to(compute_dtype)).to(torch.float64)
+    limit = _MAX_REFINE if refine is None else refine
+    rel, ok = _acceptance(A64, B64, C64, X, compute_dtype)
+    best = rel
+    goal = 4 * torch.finfo(torch.float64).eps
+    for _ in range(limit):
+        R = _residual(A64, B64, C64, X)
+        X_new = X + newton.apply(R.to(compute_dtype)).to(torch.float64)
+        rel_new, ok_new = _acceptance(A64, B64, C64, X_new, compute_dtype)
+        better = (rel_new < best).view(-1, 1, 1)
+        X = torch.where(better, X_new, X)
+        ok = torch.where(better.view(-1), ok_new, ok)
+        improved = float((best / rel_new.clamp_min(1e-300)).min())
+        best = torch.minimum(best, rel_new)
+        if refine is None and (float(best.max()) <= goal or improved < 2.0):
+            break
+    if not bool(ok.all()):
+        idx = (~ok).nonzero().squeeze(-1)
+        worst = float(best[idx].max())
+        fallback = _bartels_stewart(A64[idx], B64[idx], C64[idx], worst)
+        rel_bs, ok_bs = _acceptance(A64[idx], B64[idx], C64[idx], fallback, compute_dtype)
+        if not bool(ok_bs.all()):
+            achieved = float(torch.minimum(rel_bs, best[idx]).max())
+            raise SylvesterSolveError(
+                "solve_sylvester: neither the sign iteration (relative residual "
+                f"{worst:.3g}) nor the Bartels–Stewart fallback (relative residual "
+                f"{float(rel_bs.max()):.3g}) reached the accuracy contract: the equation is "
+                "singular or too ill-conditioned for the compute dtype",
+                achieved,
+            )
+        X = X.index_put((idx,), fallback)
+    return X * gamma
+
+
 def solve_sylvester(
     A: torch.Tensor,
     B: torch.Tensor,
@@ -343,9 +574,9 @@ def solve_sylvester(
     A_f = A.expand(*batch, n, n).reshape(-1, n, n)
     B_f = B.expand(*batch, m, m).reshape(-1, m, m)
     C_f = C.expand(*batch, n, m).reshape(-1, n, m)
-    if refine is None:
-        refine = 0 if compute_dtype == torch.float64 else 1
-    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+    if refine is not None and (
+        isinstance(refine, bool) or not isinstance(refine, int) or refine < 0
+    ):
         raise ValueError(f"`refine` must be a non-negative int or None, got {refine!r}")
-    X = _solve_flat(A_f, B_f, C_f, compute_dtype, refine)
+    X = _solve_newton(A_f, B_f, C_f, compute_dtype, refine)
     return X.reshape(out_shape).to(out_dtype)
