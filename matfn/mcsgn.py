@@ -88,12 +88,49 @@ _NEWTON_UNSCALED_BELOW = 1e-2
 _NEWTON_CHECK = {torch.float64: 1e-8, torch.float32: 1e-3}
 
 
+#: A Newton iterate whose Frobenius condition number ``κ_F(X) = ‖X‖_F‖X⁻¹‖_F`` exceeds this
+#: (per compute dtype) and ``10·κ_F(X₀)`` counts as numerically singular. The Newton map keeps
+#: the sign of real parts, ``Re((z + 1/z)/2) = Re z·(1 + |z|⁻²)/2``, and shrinks a near-axis
+#: eigenvalue ``δ ± i`` (δ ≪ 1) to ``≈ δ`` in one step, so the iterate's condition jumps to
+#: about ``1/δ``: an eigenvalue on or within about ``1/limit`` (relative to the norm) of the
+#: imaginary axis, where the sign is undefined or too ill-conditioned for the dtype. The
+#: ``κ_F(X₀)`` term keeps strongly non-normal (ill-conditioned) but well-posed inputs going.
+NEWTON_SINGULAR_COND = {torch.float64: 1e13, torch.float32: 1e6}
+
+
+def newton_inverse(
+    X: torch.Tensor, limit: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """``(X⁻¹, ‖X‖_F, ‖X⁻¹‖_F, limit, ok)`` for a batch ``(K, n, n)`` (norms ``(K, 1, 1)``).
+
+    ``ok`` is False when an iterate is numerically singular (see :data:`NEWTON_SINGULAR_COND`);
+    ``limit=None`` (the first step) sets the per-matrix condition limit, returned for the next
+    calls. One host sync.
+    """
+    inv, info = torch.linalg.inv_ex(X)
+    x_norm = torch.linalg.matrix_norm(X, keepdim=True)
+    inv_norm = torch.linalg.matrix_norm(inv, keepdim=True)
+    cond = x_norm * inv_norm
+    if limit is None:
+        limit = torch.nan_to_num(10 * cond, nan=0.0).clamp_min(NEWTON_SINGULAR_COND[X.dtype])
+    ok = bool(((info.view(-1, 1, 1) == 0) & (cond <= limit)).all())
+    return inv, x_norm, inv_norm, limit, ok
+
+
+def relative_change(new: torch.Tensor, old: torch.Tensor) -> float:
+    """Largest ``‖new − old‖_F/‖new‖_F`` over the batch (NaN propagates; one host sync)."""
+    tiny = torch.finfo(new.dtype).tiny
+    diff = torch.linalg.matrix_norm(new - old)
+    return float((diff / torch.linalg.matrix_norm(new).clamp_min(tiny)).max())
+
+
 class NewtonSign:
     """The scaled Newton sign iteration ``X ← (μX + (μX)⁻¹)/2`` on a batch ``(B, n, n)``.
 
     ``run`` iterates to convergence and records ``steps`` (used), ``converged`` (the relative
-    change fell below the tolerance or stopped decreasing at the rounding floor) and
-    ``singular`` (an iterate could not be inverted: an eigenvalue on the imaginary axis).
+    change fell below the tolerance or stopped decreasing at the rounding floor),
+    ``singular`` (an iterate was numerically singular, :data:`NEWTON_SINGULAR_COND`: an
+    eigenvalue on or too near the imaginary axis) and ``last_change``.
     """
 
     def __init__(self, X: torch.Tensor) -> None:
@@ -105,35 +142,25 @@ class NewtonSign:
 
     def run(self, max_steps: int = NEWTON_MAX_STEPS) -> torch.Tensor:
         X = self.X
-        u = torch.finfo(X.dtype).eps
-        tol = 4 * u * max(1, X.shape[-1]) ** 0.5
+        tol = 4 * torch.finfo(X.dtype).eps * max(1, X.shape[-1]) ** 0.5
+        tiny = torch.finfo(X.dtype).tiny
         previous = float("inf")
         scaled = True
+        limit = None
         for _ in range(max_steps):
-            inv, info = torch.linalg.inv_ex(X)
-            if bool((info != 0).any()) or not bool(torch.isfinite(inv).all()):
+            inv, x_norm, inv_norm, limit, ok = newton_inverse(X, limit)
+            if not ok:
                 self.singular = True
                 break
-            if scaled:
-                # Frobenius-norm scaling μ = (‖X⁻¹‖/‖X‖)^{1/2}: balances the eigenvalue moduli
-                # about 1 (Higham, Functions of Matrices, §5.5); per matrix.
-                mu = torch.sqrt(
-                    torch.linalg.matrix_norm(inv, keepdim=True)
-                    / torch.linalg.matrix_norm(X, keepdim=True).clamp_min(torch.finfo(X.dtype).tiny)
-                )
-                X_next = 0.5 * (mu * X + inv / mu)
-            else:
-                X_next = 0.5 * (X + inv)
-            change = float(
-                (
-                    torch.linalg.matrix_norm(X_next - X)
-                    / torch.linalg.matrix_norm(X_next).clamp_min(torch.finfo(X.dtype).tiny)
-                ).max()
-            )
+            # Frobenius-norm scaling μ = (‖X⁻¹‖/‖X‖)^{1/2} balances the eigenvalue moduli about
+            # 1 (Higham, Functions of Matrices, §5.5), per matrix; off near convergence.
+            mu = torch.sqrt(inv_norm / x_norm.clamp_min(tiny)) if scaled else 1.0
+            X_next = 0.5 * (mu * X + inv / mu)
+            change = relative_change(X_next, X)
             X = X_next
             self.steps += 1
             self.last_change = change
-            if not change == change:  # NaN
+            if change != change:  # NaN
                 self.singular = True
                 break
             if change <= tol or (previous < 1e-3 and change > 0.5 * previous):
@@ -185,8 +212,9 @@ def _mcsgn_newton(
         return S
     if newton.singular:
         raise MatrixSignConvergenceError(
-            "mcsgn: M is singular or has eigenvalues on the imaginary axis (a Newton iterate "
-            "could not be inverted); the sign function is undefined there"
+            "mcsgn: M has eigenvalues on or too near the imaginary axis (or is singular): a "
+            "Newton iterate was numerically singular; the sign function is undefined on the axis "
+            "and too ill-conditioned near it for the compute dtype"
         )
     if not newton.converged:
         raise MatrixSignConvergenceError(

@@ -6,7 +6,13 @@ import torch
 
 from ._validation import check_matrix, check_same_device, float_result_dtype
 from .coefficients import CONVERGENT_QUINTIC, Coefficients, auto_schedule
-from .mcsgn import _NEWTON_UNSCALED_BELOW, NEWTON_MAX_STEPS, MatrixSignConvergenceError
+from .mcsgn import (
+    _NEWTON_UNSCALED_BELOW,
+    NEWTON_MAX_STEPS,
+    MatrixSignConvergenceError,
+    newton_inverse,
+    relative_change,
+)
 from .msign import AUTO_MAX_POLISH, AUTO_TARGETS, AUTO_TOL
 
 __all__ = ["SylvesterSolveError", "solve_sylvester"]
@@ -248,39 +254,28 @@ class _NewtonSylvester:
         self.converged = False
         self.last_change = float("inf")
         tiny = torch.finfo(A.dtype).tiny
-        u = torch.finfo(A.dtype).eps
-        tol = 4 * u * max(A.shape[-1], B.shape[-1]) ** 0.5
+        tol = 4 * torch.finfo(A.dtype).eps * max(A.shape[-1], B.shape[-1]) ** 0.5
         previous = float("inf")
         scaled = True
+        a_limit = b_limit = None
         for _ in range(_NEWTON_MAX_STEPS):
-            Ai, ia = torch.linalg.inv_ex(A)
-            Bi, ib = torch.linalg.inv_ex(B)
-            if bool((ia != 0).any() | (ib != 0).any()) or not (
-                bool(torch.isfinite(Ai).all()) and bool(torch.isfinite(Bi).all())
-            ):
+            Ai, a_norm, ai_norm, a_limit, a_ok = newton_inverse(A, a_limit)
+            Bi, b_norm, bi_norm, b_limit, b_ok = newton_inverse(B, b_limit)
+            if not (a_ok and b_ok):
                 self.singular = True
                 break
             if scaled:
-                num = (
-                    torch.linalg.matrix_norm(Ai, keepdim=True) ** 2
-                    + torch.linalg.matrix_norm(Bi, keepdim=True) ** 2
-                )
-                den = (
-                    torch.linalg.matrix_norm(A, keepdim=True) ** 2
-                    + torch.linalg.matrix_norm(B, keepdim=True) ** 2
-                )
-                mu = (num / den.clamp_min(tiny)) ** 0.25
+                # One μ for the whole block matrix (it must stay block-triangular), from the
+                # diagonal blocks only: C does not affect the spectrum.
+                num = ai_norm**2 + bi_norm**2
+                den = (a_norm**2 + b_norm**2).clamp_min(tiny)
+                mu = (num / den) ** 0.25
             else:
-                mu = torch.ones_like(A[..., :1, :1])
+                mu = torch.ones_like(a_norm)
             self.steps.append((mu, Ai, Bi))
             A_next = 0.5 * (mu * A + Ai / mu)
             B_next = 0.5 * (mu * B + Bi / mu)
-            change = 0.0
-            for new, old in ((A_next, A), (B_next, B)):
-                rel = torch.linalg.matrix_norm(new - old) / torch.linalg.matrix_norm(new).clamp_min(
-                    tiny
-                )
-                change = max(change, float(rel.max()))
+            change = max(relative_change(A_next, A), relative_change(B_next, B))
             A, B = A_next, B_next
             self.last_change = change
             if change != change:  # NaN
@@ -353,29 +348,29 @@ def _acceptance(
     return torch.nan_to_num(rel, nan=float("inf")), ok
 
 
-def _newton_precondition_error(name: str, block: torch.Tensor) -> Exception | None:
-    """``None`` if the converged diagonal block is near ``I``; else the error to raise.
+def _left_half_plane(block: torch.Tensor) -> bool:
+    """Whether the Newton iteration of a diagonal block settled on a sign matrix other than I.
 
-    ``ρ(S − I) ≤ ‖S − I‖_F``: a block whose iteration reached some sign matrix with an
-    eigenvalue −1 (an eigenvalue of ``name`` in the left half-plane) is at least 2 away.
+    ``ρ(S − I) ≤ ‖S − I‖_F``: a sign matrix with an eigenvalue −1 (an eigenvalue of the block
+    in the left half-plane) is at least 2 from ``I``, while ``S² ≈ I`` says it did settle.
     """
     eye = torch.eye(block.shape[-1], dtype=block.dtype, device=block.device)
-    if bool((torch.linalg.matrix_norm(block - eye) <= 0.5).all()):
-        return None
-    return _precondition_error(name, block)
+    far = torch.linalg.matrix_norm(block - eye) > 1.0
+    settled = torch.linalg.matrix_norm(torch.bmm(block, block) - eye) < 0.1
+    return bool((far & settled).any())
 
 
 def _bartels_stewart(
-    A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, residual: float
+    A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, cause: str, residual: float
 ) -> torch.Tensor:
     """``scipy.linalg.solve_sylvester`` per matrix (float64, on the host), lazily imported."""
     try:
         from scipy.linalg import solve_sylvester as scipy_solve
     except ImportError as err:
         raise SylvesterSolveError(
-            "solve_sylvester: the sign iteration reached only a relative residual of "
-            f"{residual:.3g}, and the Bartels–Stewart fallback needs scipy, which is not "
-            "installed (pip install 'matfn[oracles]')",
+            f"solve_sylvester: {cause} (relative residual {residual:.3g}), and the "
+            "Bartels–Stewart fallback needs scipy, which is not installed "
+            "(pip install 'matfn[oracles]')",
             residual,
         ) from err
     a, b, c = (t.detach().cpu().numpy() for t in (A, B, C))
@@ -397,44 +392,54 @@ def _solve_newton(
     """
     A64, B64, C64, gamma = _scaled_problem(A, B, C)
     newton = _NewtonSylvester(A64.to(compute_dtype), B64.to(compute_dtype))
-    if newton.singular:
-        raise MatrixSignConvergenceError(
-            "solve_sylvester: a Newton iterate of A or B could not be inverted: A or B is "
-            "singular or has eigenvalues on the imaginary axis; the spectra of A and B must lie "
-            "in the open right half-plane"
+    K = C64.shape[0]
+    cause = ""
+    if newton.singular or not newton.converged:
+        what = "was numerically singular" if newton.singular else "did not converge"
+        cause = (
+            f"the Newton sign iteration of A and B {what} (A or B has eigenvalues on or too "
+            "near the imaginary axis, or is too ill-conditioned for the compute dtype)"
         )
-    for name, block in (("A", newton.A), ("B", newton.B)):
-        error = _newton_precondition_error(name, block.to(torch.float64))
-        if error is not None:
-            raise error
-    X = newton.apply(C64.to(compute_dtype)).to(torch.float64)
-    limit = _MAX_REFINE if refine is None else refine
-    rel, ok = _acceptance(A64, B64, C64, X, compute_dtype)
-    best = rel
-    goal = 4 * torch.finfo(torch.float64).eps
-    for _ in range(limit):
-        R = _residual(A64, B64, C64, X)
-        X_new = X + newton.apply(R.to(compute_dtype)).to(torch.float64)
-        rel_new, ok_new = _acceptance(A64, B64, C64, X_new, compute_dtype)
-        better = (rel_new < best).view(-1, 1, 1)
-        X = torch.where(better, X_new, X)
-        ok = torch.where(better.view(-1), ok_new, ok)
-        improved = float((best / rel_new.clamp_min(1e-300)).min())
-        best = torch.minimum(best, rel_new)
-        if refine is None and (float(best.max()) <= goal or improved < 2.0):
-            break
+    else:
+        for name, block in (("A", newton.A), ("B", newton.B)):
+            if _left_half_plane(block.to(torch.float64)):
+                raise ValueError(
+                    f"`{name}` has eigenvalues in the left half-plane: solve_sylvester needs the "
+                    "spectra of A and B in the open right half-plane (e.g. symmetric positive "
+                    "definite A and B)"
+                )
+    if cause:
+        X = torch.zeros_like(C64)
+        best = torch.full((K,), float("inf"), dtype=torch.float64, device=C64.device)
+        ok = torch.zeros(K, dtype=torch.bool, device=C64.device)
+    else:
+        X = newton.apply(C64.to(compute_dtype)).to(torch.float64)
+        best, ok = _acceptance(A64, B64, C64, X, compute_dtype)
+        goal = 4 * torch.finfo(torch.float64).eps
+        for _ in range(_MAX_REFINE if refine is None else refine):
+            R = _residual(A64, B64, C64, X)
+            X_new = X + newton.apply(R.to(compute_dtype)).to(torch.float64)
+            rel_new, ok_new = _acceptance(A64, B64, C64, X_new, compute_dtype)
+            better = rel_new < best
+            X = torch.where(better.view(-1, 1, 1), X_new, X)
+            ok = torch.where(better, ok_new, ok)
+            improved = float((best / rel_new.clamp_min(1e-300)).min())
+            best = torch.minimum(best, rel_new)
+            if refine is None and (float(best.max()) <= goal or improved < 2.0):
+                break
+        cause = "the sign iteration and refinement did not reach the tolerance"
     if not bool(ok.all()):
         idx = (~ok).nonzero().squeeze(-1)
         worst = float(best[idx].max())
-        fallback = _bartels_stewart(A64[idx], B64[idx], C64[idx], worst)
+        fallback = _bartels_stewart(A64[idx], B64[idx], C64[idx], cause, worst)
         rel_bs, ok_bs = _acceptance(A64[idx], B64[idx], C64[idx], fallback, compute_dtype)
         if not bool(ok_bs.all()):
             achieved = float(torch.minimum(rel_bs, best[idx]).max())
             raise SylvesterSolveError(
-                "solve_sylvester: neither the sign iteration (relative residual "
-                f"{worst:.3g}) nor the Bartels–Stewart fallback (relative residual "
-                f"{float(rel_bs.max()):.3g}) reached the accuracy contract: the equation is "
-                "singular or too ill-conditioned for the compute dtype",
+                f"solve_sylvester: {cause} (relative residual {worst:.3g}), and the "
+                "Bartels–Stewart fallback reached only a relative residual of "
+                f"{float(rel_bs.max()):.3g}: the equation is singular or too ill-conditioned "
+                "for the compute dtype (an eigenvalue of A near minus one of B)",
                 achieved,
             )
         X = X.index_put((idx,), fallback)
