@@ -202,11 +202,26 @@ def _cubic_residual(S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.nan_to_num(res, nan=float("inf")), growth
 
 
+#: The axis-distance test of the Newton path: every eigenvalue must have ``|Re λ| ≥ τ·‖M‖_F``
+#: (per compute dtype), or mcsgn raises. Closer eigenvalues are within rounding (times the
+#: eigenvector condition) of changing sign, so no dtype-accurate answer exists.
+AXIS_DISTANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
 def _mcsgn_newton(
     X: torch.Tensor, compute_dtype: torch.dtype, check_convergence: bool
 ) -> torch.Tensor:
-    """mcsgn of a flattened batch by the scaled Newton iteration, checked (docs/math.md §2.3)."""
-    newton = NewtonSign(_prescale(X, compute_dtype))
+    """mcsgn of a flattened batch by the scaled Newton iteration, checked (docs/math.md §2.3).
+
+    With ``check_convergence`` it also runs the *shift test*: ``S`` commutes with ``M``, so
+    ``M − τ‖M‖_F·S = P (Λ − τ‖M‖_F·sign(Re Λ)) P⁻¹`` moves every eigenvalue exactly ``τ‖M‖_F``
+    towards the imaginary axis, also for non-normal M. Its sign equals ``S`` unless an eigenvalue
+    had ``|Re λ| < τ‖M‖_F``, which then crosses the axis and changes ``S`` by at least 2 in
+    Frobenius norm (``ρ(S' − S) = 2``). A second Newton run, so the check doubles the cost.
+    """
+    X0 = _prescale(X, compute_dtype)
+    X0 = X0 / torch.linalg.matrix_norm(X0, keepdim=True).clamp_min(torch.finfo(X0.dtype).tiny)
+    newton = NewtonSign(X0)
     S = newton.run()
     if not check_convergence:
         return S
@@ -232,6 +247,18 @@ def _mcsgn_newton(
             f"{float(residual.max()):.3g} exceeds {limit:g} for {int(bad.sum())} of "
             f"{bad.numel()} matrices: M's eigenvectors are too ill-conditioned (or an "
             "eigenvalue too close to the imaginary axis) for the compute dtype; try float64"
+        )
+    tau = AXIS_DISTANCE[compute_dtype]
+    shifted = NewtonSign(X0 - tau * S)
+    S_shift = shifted.run()
+    moved = torch.linalg.matrix_norm((S_shift - S).to(torch.float64))
+    near = ~(moved <= 0.5) | shifted.singular
+    if bool(near.any()):
+        raise MatrixSignConvergenceError(
+            f"mcsgn: M has eigenvalues on or too near the imaginary axis: |Re λ| < {tau:g}·‖M‖_F "
+            f"for {int(near.sum())} of {near.numel()} matrices (the sign changes when they "
+            f"move {tau:g}·‖M‖_F towards the axis), which is within rounding of the axis for "
+            "the compute dtype"
         )
     return S
 
