@@ -1,4 +1,10 @@
-r"""mcsgn: the classic matrix sign function of a square matrix, by Newton–Schulz iteration."""
+r"""mcsgn: the classic matrix sign function of a square matrix.
+
+Two iterations: the scaled Newton iteration ``X ← (μX + (μX)⁻¹)/2`` for general (non-symmetric)
+input with ``steps="auto"``, which converges for every eigenvalue off the imaginary axis, complex
+ones included; and the Newton–Schulz polynomial schedules shared with msign for symmetric input
+and for fixed step counts (matrix products only). docs/math.md §2.
+"""
 
 from __future__ import annotations
 
@@ -303,39 +309,44 @@ def mcsgn(
 ) -> torch.Tensor:
     r"""Matrix sign function ``mcsgn(M) = M (M²)^{-1/2}`` of square matrices.
 
-    For ``M = P Λ P⁻¹`` with real eigenvalues, ``mcsgn(M) = P sign(Λ) P⁻¹``: every eigenvalue
-    becomes ±1 (0 stays 0). Unlike msign (orthogonally invariant, acts on singular values) it is
-    similarity-invariant and acts on eigenvalues; the two agree for symmetric M.
+    For ``M = P Λ P⁻¹``, ``mcsgn(M) = P sign(Re Λ) P⁻¹``: every eigenvalue becomes ±1 by the
+    sign of its real part (complex eigenvalues included; 0 stays 0 on the fixed-step path). Unlike
+    msign (orthogonally invariant, acts on singular values) it is similarity-invariant and acts on
+    eigenvalues; the two agree for symmetric M. It is scale-invariant, ``mcsgn(sM) = mcsgn(M)``
+    for ``s > 0``, for any finite scaling (the input is divided by its largest entry first).
 
     Parameters
     ----------
     M : torch.Tensor
-        Real square ``(..., n, n)`` tensor, any batch dims. Its eigenvalues should be real (or
-        have real parts well away from 0) for the iteration to converge.
+        Real square ``(..., n, n)`` tensor, any batch dims, no eigenvalue on the imaginary axis
+        (exact zeros are allowed with an int ``steps``).
     method : {"polar_express", "tuned", "keller", "cubic", "svd"}
-        Newton–Schulz schedule as in :func:`matfn.msign`; ``"svd"`` means the exact
-        eigendecomposition reference (``torch.linalg.eig``, float64).
+        Newton–Schulz schedule as in :func:`matfn.msign`, for symmetric input and for int
+        ``steps``; ``"svd"`` means the exact eigendecomposition reference
+        (``torch.linalg.eig``, float64).
     steps : int, "auto" or None
-        As in :func:`matfn.msign`, except that ``None`` with ``polar_express`` means ``"auto"``:
-        mcsgn is used to solve equations, so by default it iterates until converged for the
-        compute dtype and raises :class:`MatrixSignConvergenceError` if it does not. Pass an
-        int for a fixed cost (then only gross failures raise).
+        ``None`` with ``polar_express`` means ``"auto"``: iterate until converged for the
+        compute dtype, check, and raise :class:`MatrixSignConvergenceError` if not (the path is
+        chosen from the input, see Notes). An int runs that many steps of the polynomial
+        schedule (fixed cost, CUDA-graph capturable, real eigenvalues only) and then checks the
+        result exactly; it raises where the schedule did not converge.
     eps : float
-        Floor of the normaliser ``√tr(M²)``; mcsgn(0) = 0.
+        Floor of the polynomial path's normaliser ``√tr(M²)``; mcsgn(0) = 0 there. The Newton
+        path has no normaliser to floor (a singular M raises).
     compute_dtype : torch.dtype, optional
         Iteration dtype. Default float64 for float64 input, else float32 (also on CUDA:
         mcsgn solves equations, where bf16 is too coarse).
     check_finite : bool
         Raise on NaN/Inf input.
     check_convergence : bool
-        Verify the result: ``‖S³ − S‖₂`` (power iteration, ``O(n²)``, one host sync) must lie
-        within the schedule's scalar bound plus rounding slack.
+        Verify the result (see Raises; the checks cost a few products, and on the Newton path
+        a second Newton run for the axis-distance test). ``False`` returns the last iterate
+        unchecked, possibly non-finite.
     cuda_graph : bool
         Replay the normalisation and the iteration from a CUDA graph captured for this input
         geometry and these options (see :func:`matfn.msign`; the convergence check, if any,
         runs after it). Ignored (eager) on CPU, for ``steps="auto"`` (the default with
-        ``polar_express``: its polishing syncs with the host), ``method="svd"`` and GPU-bound
-        inputs (see :func:`matfn.msign`).
+        ``polar_express``: it syncs with the host), ``method="svd"`` and GPU-bound inputs.
 
     Returns
     -------
@@ -345,23 +356,59 @@ def mcsgn(
     Raises
     ------
     TypeError, ValueError
-        Bad input (see :func:`matfn.msign`); non-square ``M``.
+        Bad input (see :func:`matfn.msign`); non-square ``M``; ``steps="auto"`` with a method
+        other than ``polar_express``.
     MatrixSignConvergenceError
-        The iteration did not converge: eigenvalues on or near the imaginary axis, or nonzero
-        eigenvalues smaller than the schedule resolves (about ``1e-3·√tr(M²)`` for 5 steps).
+        The message names the cause. ``steps="auto"``, non-symmetric M: an eigenvalue on or
+        within ``τ·‖M‖_F`` of the imaginary axis (``τ`` = 1e-10 in float64, 1e-4 in float32;
+        :data:`AXIS_DISTANCE`), a singular M, no convergence in :data:`NEWTON_MAX_STEPS` steps,
+        or ``‖S² − I‖_F > 1e-8·max(1, ‖S‖²_F)`` (float32: 1e-3; eigenvectors too
+        ill-conditioned for the dtype). ``steps="auto"``, symmetric M: nonzero eigenvalues
+        below the schedule's resolution (about 1e-7·√tr(M²) in float64, 1e-6 in float32) or
+        exact zeros. Int ``steps``: a non-finite iterate, or ``‖S³ − S‖_F`` above the schedule's
+        scalar bound plus rounding slack, times ``√n·max(1, ‖S‖²_F/n)`` (complex eigenvalues,
+        eigenvalues near the axis, or nonzero eigenvalues below about ``1e-3·√tr(M²)``).
 
     Notes
     -----
-    ``X₀ = M / (sf·√tr(M²))`` puts real eigenvalues in ``[−1, 1]`` (docs/math.md §2.2), then
-    ``X ← a X + (b X² + c X⁴) X`` per step: 3 dense products, ``6 n³`` FLOPs per step.
-    In exact arithmetic the result is ``P f(Λ/(sf√tr M²)) P⁻¹`` with f the scalar composition,
-    so the schedule's accuracy on ``[ℓ, 1]`` carries over to eigenvalues; rounding is amplified by
-    ``κ(P)`` for non-normal M. float32 with ``steps="auto"``: relative error about 1e-6 on
-    well-conditioned problems.
+    **Paths.** ``steps="auto"`` (the default) looks at the input once (``M == Mᵀ``, exact):
+
+    * *non-symmetric M*: the scaled Newton iteration ``X₀ = M/‖M‖_F``,
+      ``X ← (μX + (μX)⁻¹)/2`` with Frobenius-norm scaling ``μ = (‖X⁻¹‖_F/‖X‖_F)^{1/2}``
+      (per matrix; ``μ = 1`` once a step moves X by less than 1e-2), until the relative change
+      is below ``4u√n`` or stops halving. Each eigenvalue follows the scalar map
+      ``z ← (μz + 1/(μz))/2``, which keeps the sign of ``Re z`` and converges to it from
+      anywhere off the imaginary axis, so complex spectra converge (a real polynomial cannot
+      move a complex eigenvalue to ±1). Cost per step: one inversion (``≈ 2n³`` FLOPs by LU)
+      and a few norms; about 8–15 steps for eigenvalues at up to 87° from the real axis,
+      ``~log₂(1/δ)`` for relative distance δ from the axis. The checks: ``‖S² − I‖_F``
+      computed exactly, then the *shift test*: ``S`` commutes with ``M``, so
+      ``M − τ‖M‖_F·S`` has the eigenvalues ``λ − τ‖M‖_F·sign(Re λ)`` (also for non-normal
+      M); its sign equals ``S`` unless some ``|Re λ| < τ‖M‖_F``, which then crosses the axis
+      and moves the sign by at least 2 (``ρ(S' − S) = 2``). It costs a second Newton run.
+    * *symmetric M* (real eigenvalues, orthogonal eigenvectors: the msign-derived uses such
+      as ``[[0, C], [Cᵀ, 0]]``): the Polar-Express Newton–Schulz schedule
+      ``X ← a X + (b X² + c X⁴) X`` of :func:`matfn.msign` (``steps="auto"``) from
+      ``X₀ = M/(1.01·√tr(M²))``, then convergent quintic polishing; matrix products only
+      (``6n³`` FLOPs per step, fast on GPUs), accuracy about ``u·n``.
+
+    An int ``steps`` always runs the polynomial schedule (eigenvalues must be real), then
+    computes ``‖S³ − S‖_F`` in float64: ``S³ − S = P (f³ − f)(Λ) P⁻¹`` for the scalar
+    composition f, so ``max_λ |f(λ)³ − f(λ)| = ρ(S³ − S) ≤ ‖S³ − S‖_F`` and no unconverged
+    eigenvalue can hide (``csgn`` takes values in {−1, 0, 1}, so exact zeros pass).
+
+    **Accuracy** (relative Frobenius error against the exact ``P sign(Λ) P⁻¹``, tested with
+    hypothesis on ``Q D Q⁻¹``, ``κ₂(Q)`` controlled, complex pairs at 0°–87°, moduli spread
+    ≤ 1e2, scales 1e-3–1e3, n ≤ 24): float64 Newton ≤ 1e-10 for ``κ₂(Q) ≤ 1e3`` (measured
+    ≤ 4e-12), within 10× of ``scipy.linalg.signm`` for ``κ₂(Q) ≤ 1e5`` (where signm itself
+    often fails); float32 Newton about ``u·κ₂(Q)²`` (measured 3e-7–2e-6 for ``κ₂(Q) ≤ 10``,
+    3e-5 for 1e2). Scale invariance tested from 1e-300 to 1e300 (float64) and 1e-30 to 1e30
+    (float32) on all three paths.
 
     References
     ----------
-    N. J. Higham, "Functions of Matrices", SIAM 2008, ch. 5.
+    N. J. Higham, "Functions of Matrices", SIAM 2008, ch. 5 (§5.3 Newton, §5.5 scaling).
+    C. Kenney, A. J. Laub, "The matrix sign function", IEEE Trans. Autom. Control 40 (1995).
     Su Jianlin, kexue.fm/archives/11056 (2025).
 
     Examples
@@ -371,6 +418,10 @@ def mcsgn(
     >>> matfn.mcsgn(M, steps="auto")
     tensor([[ 1.0000,  0.4000],
             [ 0.0000, -1.0000]], dtype=torch.float64)
+    >>> R = torch.tensor([[1.0, -2.0], [2.0, 1.0]], dtype=torch.float64)  # eigenvalues 1 ± 2i
+    >>> matfn.mcsgn(R)
+    tensor([[1., 0.],
+            [0., 1.]], dtype=torch.float64)
     """
     check_matrix(M, "M", square=True, check_finite=check_finite)
     check_options(method, steps, "auto")
