@@ -216,8 +216,13 @@ AXIS_DISTANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
 
 def _mcsgn_newton(
     X: torch.Tensor, compute_dtype: torch.dtype, check_convergence: bool
-) -> torch.Tensor:
-    """mcsgn of a flattened batch by the scaled Newton iteration, checked (docs/math.md §2.3).
+) -> torch.Tensor | None:
+    """mcsgn of a flattened batch by the scaled Newton iteration, checked (docs/math.md §2.6).
+
+    Zero matrices give exact zeros. Returns ``None`` when an iterate is numerically singular
+    (a singular M, or an eigenvalue on or near the imaginary axis): the caller then runs the
+    polynomial path, which maps exact zero eigenvalues to 0 where the structure keeps them exact
+    and otherwise raises.
 
     With ``check_convergence`` it also runs the *shift test*: ``S`` commutes with ``M``, so
     ``M − τ‖M‖_F·S = P (Λ − τ‖M‖_F·sign(Re Λ)) P⁻¹`` moves every eigenvalue exactly ``τ‖M‖_F``
@@ -226,17 +231,17 @@ def _mcsgn_newton(
     Frobenius norm (``ρ(S' − S) = 2``). A second Newton run, so the check doubles the cost.
     """
     X0 = _prescale(X, compute_dtype)
-    X0 = X0 / torch.linalg.matrix_norm(X0, keepdim=True).clamp_min(torch.finfo(X0.dtype).tiny)
+    norm = torch.linalg.matrix_norm(X0, keepdim=True)
+    zero = norm == 0
+    eye = torch.eye(X0.shape[-1], dtype=X0.dtype, device=X0.device)
+    X0 = torch.where(zero, eye, X0 / torch.where(zero, torch.ones_like(norm), norm))
     newton = NewtonSign(X0)
     S = newton.run()
+    if newton.singular:
+        return None
+    S = torch.where(zero, torch.zeros_like(S), S)
     if not check_convergence:
         return S
-    if newton.singular:
-        raise MatrixSignConvergenceError(
-            "mcsgn: M has eigenvalues on or too near the imaginary axis (or is singular): a "
-            "Newton iterate was numerically singular; the sign function is undefined on the axis "
-            "and too ill-conditioned near it for the compute dtype"
-        )
     if not newton.converged:
         raise MatrixSignConvergenceError(
             f"mcsgn: the scaled Newton iteration did not converge in {newton.steps} steps (last "
@@ -244,7 +249,7 @@ def _mcsgn_newton(
             "near the imaginary axis (relative to its norm), or eigenvectors too ill-conditioned "
             "for the compute dtype (try float64)"
         )
-    residual = _involution_residual(S)
+    residual = torch.where(zero.flatten(), 0.0, _involution_residual(S))
     limit = _NEWTON_CHECK[compute_dtype]
     bad = ~(residual <= limit)
     if bool(bad.any()):
@@ -255,9 +260,10 @@ def _mcsgn_newton(
             "eigenvalue too close to the imaginary axis) for the compute dtype; try float64"
         )
     tau = AXIS_DISTANCE[compute_dtype]
-    shifted = NewtonSign(X0 - tau * S)
+    shifted = NewtonSign(torch.where(zero, eye, X0 - tau * S))
     S_shift = shifted.run()
     moved = torch.linalg.matrix_norm((S_shift - S).to(torch.float64))
+    moved = torch.where(zero.flatten(), 0.0, moved)
     near = ~(moved <= 0.5) | shifted.singular
     if bool(near.any()):
         raise MatrixSignConvergenceError(
@@ -435,12 +441,15 @@ def mcsgn(
 
     if steps is None and method == "polar_express":
         steps = "auto"
+    singular = False  # the Newton path broke down: a singular M or an eigenvalue on the axis
     if steps == "auto":
         if method != "polar_express":
             raise ValueError(f"steps='auto' uses the Polar-Express schedule; got method={method!r}")
         if not bool((X == X.mT).all()):
             S = _mcsgn_newton(X, compute_dtype, check_convergence)
-            return unflatten_batch(S.to(M.dtype), batch_shape)
+            if S is not None:
+                return unflatten_batch(S.to(M.dtype), batch_shape)
+            singular = True
         lower, target = AUTO_TARGETS[compute_dtype]
         X = _normalize_trace(X, 1.01, eps, compute_dtype)
         X = _run_sign_iteration(X, auto_schedule(lower, target))
@@ -449,6 +458,13 @@ def mcsgn(
             X, lambda Y: _run_sign_iteration(Y, [CONVERGENT_QUINTIC]), tol
         )
         if not converged and check_convergence:
+            if singular:
+                raise MatrixSignConvergenceError(
+                    "mcsgn: M has eigenvalues on or too near the imaginary axis, or is singular: "
+                    "a Newton iterate was numerically singular, and the polynomial iteration "
+                    f"did not converge to tol={tol:g} either (for exact zero eigenvalues, which "
+                    "map to 0, pass an int `steps`)"
+                )
             raise MatrixSignConvergenceError(
                 f"mcsgn(steps='auto') did not converge to tol={tol:g}: the symmetric M has "
                 f"eigenvalues below {lower:g}·√tr(M²) (for exact zeros, which map to 0, pass an "
@@ -468,12 +484,17 @@ def mcsgn(
         bound = _scalar_residual_bound(coeffs, factor, 1e-3)
 
     if check_convergence:
+        cause = (
+            "M is singular or has eigenvalues on or too near the imaginary axis (a Newton "
+            "iterate was numerically singular; the polynomial iteration run instead handles "
+            "exact zero eigenvalues only)"
+            if singular
+            else "M has complex eigenvalues or eigenvalues on or near the imaginary axis, "
+            "which this polynomial schedule cannot map to ±1 (steps='auto' handles complex "
+            "eigenvalues)"
+        )
         if not bool(torch.isfinite(X).all()):
-            raise MatrixSignConvergenceError(
-                "mcsgn diverged (non-finite iterate): M has complex eigenvalues or eigenvalues "
-                "on or near the imaginary axis, which this polynomial schedule cannot map to ±1 "
-                "(steps='auto' handles complex eigenvalues)"
-            )
+            raise MatrixSignConvergenceError(f"mcsgn diverged (non-finite iterate): {cause}")
         residual, growth = _cubic_residual(X)
         # ρ(S³ − S) ≤ ‖S³ − S‖_F, so every eigenvalue's scalar residual |f³ − f| is below the
         # limit; √n sums the n eigenvalues' residuals, and ‖S‖²_F/n measures the non-normality
@@ -483,10 +504,14 @@ def mcsgn(
         bad = ~(residual <= limit)
         if bool(bad.any()):
             worst = float((residual / limit).max())
+            detail = (
+                cause
+                if singular
+                else "M has complex eigenvalues, eigenvalues near the imaginary axis, or "
+                "nonzero eigenvalues too small for this schedule (try steps='auto')"
+            )
             raise MatrixSignConvergenceError(
-                f"mcsgn did not converge in the given steps: ‖S³ − S‖_F is {worst:.3g}× its "
-                f"limit for {int(bad.sum())} of {bad.numel()} matrices; M has complex "
-                "eigenvalues, eigenvalues near the imaginary axis, or nonzero eigenvalues too "
-                "small for this schedule (try steps='auto')"
+                f"mcsgn did not converge: ‖S³ − S‖_F is {worst:.3g}× its limit for "
+                f"{int(bad.sum())} of {bad.numel()} matrices; {detail}"
             )
     return unflatten_batch(X.to(M.dtype), batch_shape)
