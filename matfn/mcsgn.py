@@ -367,9 +367,11 @@ def mcsgn(
     MatrixSignConvergenceError
         The message names the cause. ``steps="auto"``, non-symmetric M: an eigenvalue on or
         within ``τ·‖M‖_F`` of the imaginary axis (``τ`` = 1e-10 in float64, 1e-4 in float32;
-        :data:`AXIS_DISTANCE`), a singular M, no convergence in :data:`NEWTON_MAX_STEPS` steps,
+        :data:`AXIS_DISTANCE`), no convergence in :data:`NEWTON_MAX_STEPS` steps,
         or ``‖S² − I‖_F > 1e-8·max(1, ‖S‖²_F)`` (float32: 1e-3; eigenvectors too
-        ill-conditioned for the dtype). ``steps="auto"``, symmetric M: nonzero eigenvalues
+        ill-conditioned for the dtype); a singular M goes to the polynomial path, which keeps
+        exact zero eigenvalues at 0 only where the structure keeps them exact (e.g. a rank-one
+        ``v 1ᵀ``) and raises otherwise. ``steps="auto"``, symmetric M: nonzero eigenvalues
         below the schedule's resolution (about 1e-7·√tr(M²) in float64, 1e-6 in float32) or
         exact zeros. Int ``steps``: a non-finite iterate, or ``‖S³ − S‖_F`` above the schedule's
         scalar bound plus rounding slack, times ``√n·max(1, ‖S‖²_F/n)`` (complex eigenvalues,
@@ -392,6 +394,8 @@ def mcsgn(
       ``M − τ‖M‖_F·S`` has the eigenvalues ``λ − τ‖M‖_F·sign(Re λ)`` (also for non-normal
       M); its sign equals ``S`` unless some ``|Re λ| < τ‖M‖_F``, which then crosses the axis
       and moves the sign by at least 2 (``ρ(S' − S) = 2``). It costs a second Newton run.
+      Zero matrices give exact zeros; if an iterate is numerically singular (a singular M, or
+      an eigenvalue on the axis) the polynomial path below runs instead, with its checks.
     * *symmetric M* (real eigenvalues, orthogonal eigenvectors: the msign-derived uses such
       as ``[[0, C], [Cᵀ, 0]]``): the Polar-Express Newton–Schulz schedule
       ``X ← a X + (b X² + c X⁴) X`` of :func:`matfn.msign` (``steps="auto"``) from
