@@ -87,7 +87,7 @@ def _normalize_trace(
 NEWTON_MAX_STEPS = 60
 #: Scaled Newton: stop scaling (μ = 1) once a step moves X by less than this (relative), so
 #: the quadratic convergence of the unscaled iteration is not disturbed.
-_NEWTON_UNSCALED_BELOW = 1e-2
+NEWTON_UNSCALED_BELOW = 1e-2
 #: Exact residual check of the Newton result: ``‖S² − I‖_F ≤ limit·max(1, ‖S‖_F²)`` per
 #: compute dtype (a converged result sits at about ``u·n``; any eigenvalue whose scalar iterate
 #: has not reached ±1 leaves an O(1) residual, since ``ρ(S² − I) ≤ ‖S² − I‖_F``).
@@ -172,7 +172,7 @@ class NewtonSign:
             if change <= tol or (previous < 1e-3 and change > 0.5 * previous):
                 self.converged = True
                 break
-            if change < _NEWTON_UNSCALED_BELOW:
+            if change < NEWTON_UNSCALED_BELOW:
                 scaled = False
             previous = change
         self.X = X

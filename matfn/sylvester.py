@@ -14,8 +14,8 @@ import torch
 from ._validation import check_matrix, check_same_device, float_result_dtype
 from .coefficients import CONVERGENT_QUINTIC, Coefficients, auto_schedule
 from .mcsgn import (
-    _NEWTON_UNSCALED_BELOW,
     NEWTON_MAX_STEPS,
+    NEWTON_UNSCALED_BELOW,
     MatrixSignConvergenceError,
     newton_inverse,
     relative_change,
@@ -223,8 +223,6 @@ def _solve_once(
     return (-0.5 * Z.R.to(acc) * c_scale).to(compute_dtype)
 
 
-#: Newton route: the most steps before giving up (see :data:`matfn.mcsgn.NEWTON_MAX_STEPS`).
-_NEWTON_MAX_STEPS = NEWTON_MAX_STEPS
 #: Acceptance: relative residual ``‖AX + XB − C‖_F/‖C‖_F`` of the float64 result, per compute
 #: dtype. Checked before the cast to the output dtype (refinement runs on float64 residuals, so a
 #: float32 solve usually lands far below its bound).
@@ -263,7 +261,7 @@ class _NewtonSylvester:
         previous = float("inf")
         scaled = True
         a_limit = b_limit = None
-        for _ in range(_NEWTON_MAX_STEPS):
+        for _ in range(NEWTON_MAX_STEPS):
             Ai, a_norm, ai_norm, a_limit, a_ok = newton_inverse(A, a_limit)
             Bi, b_norm, bi_norm, b_limit, b_ok = newton_inverse(B, b_limit)
             if not (a_ok and b_ok):
@@ -289,7 +287,7 @@ class _NewtonSylvester:
             if change <= tol or (previous < 1e-3 and change > 0.5 * previous):
                 self.converged = True
                 break
-            if change < _NEWTON_UNSCALED_BELOW:
+            if change < NEWTON_UNSCALED_BELOW:
                 scaled = False
             previous = change
         self.A, self.B = A, B
