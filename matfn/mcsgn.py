@@ -413,8 +413,8 @@ def mcsgn(
     ≤ 4e-12); for ``κ₂(Q) ≤ 1e5`` within 10× of ``scipy.linalg.signm`` or below the
     inversion floor ``u·‖S‖²_F`` (of 400 random cases one was 13× signm's error, at 8e-10;
     signm itself was off by more than 1e-6 in 39); float32 Newton about ``u·κ₂(Q)²``
-    (measured 3e-7–2e-6 for ``κ₂(Q) ≤ 10``, 3e-5 for 1e2). Scale invariance tested from 1e-300 to 1e300 (float64) and 1e-30 to 1e30
-    (float32) on all three paths.
+    (measured 3e-7–2e-6 for ``κ₂(Q) ≤ 10``, 3e-5 for 1e2). Scale invariance tested from
+    1e-300 to 1e300 (float64) and 1e-30 to 1e30 (float32) on all three paths.
 
     References
     ----------
