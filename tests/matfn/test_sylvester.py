@@ -395,3 +395,34 @@ def test_refinement_replays_without_reinverting(monkeypatch: pytest.MonkeyPatch)
     X = matfn.solve_sylvester(A, B, C, refine=3)
     assert calls["inv"] == without
     assert _rel(X.double().numpy(), sylvester_oracle(A, B, C)) <= 1e-6
+
+
+def test_fallback_only_for_the_failing_batch_members(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only the members that fail the residual test go to Bartels–Stewart; the others keep the
+    # sign route's result.
+    sizes: list[int] = []
+    real = matfn.sylvester._bartels_stewart
+
+    def spy(A: torch.Tensor, *rest: object) -> torch.Tensor:
+        sizes.append(A.shape[0])
+        return real(A, *rest)
+
+    monkeypatch.setattr(matfn.sylvester, "_bartels_stewart", spy)
+    case = SylvesterCase((3,), 4, 3, 10.0, 10.0, 1.0, 1.0, 1.0, "eig", torch.float64, 5)
+    A, B, C = case.tensors()
+    X = matfn.solve_sylvester(A, B, C)
+    assert sizes == []
+    np.testing.assert_allclose(X.numpy(), sylvester_oracle(A, B, C), rtol=0, atol=1e-12)
+    # Spoil member 1's sign-route result (and every refinement correction of it): exactly that
+    # member is handed to Bartels–Stewart.
+    real_apply = matfn.sylvester._NewtonSylvester.apply
+
+    def spoiled(self: object, rhs: torch.Tensor) -> torch.Tensor:
+        out = real_apply(self, rhs)
+        out[1] = 0
+        return out
+
+    monkeypatch.setattr(matfn.sylvester._NewtonSylvester, "apply", spoiled)
+    X = matfn.solve_sylvester(A, B, C)
+    assert sizes == [1]
+    np.testing.assert_allclose(X.numpy(), sylvester_oracle(A, B, C), rtol=0, atol=1e-12)
