@@ -426,3 +426,21 @@ def test_fallback_only_for_the_failing_batch_members(monkeypatch: pytest.MonkeyP
     X = matfn.solve_sylvester(A, B, C)
     assert sizes == [1]
     np.testing.assert_allclose(X.numpy(), sylvester_oracle(A, B, C), rtol=0, atol=1e-12)
+
+
+def test_block_newton_schulz_solve_checks_its_residual() -> None:
+    # The products-only block iteration (the msign derivative's Lyapunov solve) on the issue's
+    # strongly non-normal A: it must raise (its caller then takes the SVD route), not return X
+    # with relative residual 5.
+    rng = np.random.default_rng(0)
+    n = 30
+    A = np.diag(np.linspace(1, 3, n)) + np.triu(rng.standard_normal((n, n)), 1)
+    B, C = 2 * np.eye(n), rng.standard_normal((n, n))
+    tA, tB, tC = (torch.from_numpy(t)[None] for t in (A, B, C))
+    with pytest.raises(MatrixSignConvergenceError, match="relative residual"):
+        _solve_flat(tA, tB, tC, torch.float64)
+    # Symmetric positive definite coefficients: accurate, and the check passes.
+    case = SylvesterCase((2,), 7, 7, 100.0, 100.0, 1.0, 1.0, 1.0, "spd", torch.float64, 2)
+    A2, _, C2 = case.tensors()
+    X = _solve_flat(A2, None, C2, torch.float64)
+    np.testing.assert_allclose(X.numpy(), sylvester_oracle(A2, A2, C2), rtol=0, atol=1e-11)
