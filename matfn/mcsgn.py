@@ -341,7 +341,8 @@ def mcsgn(
         path has no normaliser to floor (a singular M raises).
     compute_dtype : torch.dtype, optional
         Iteration dtype. Default float64 for float64 input, else float32 (also on CUDA:
-        mcsgn solves equations, where bf16 is too coarse).
+        mcsgn solves equations, where bf16 is too coarse). The Newton path inverts matrices,
+        which needs float32 at least: there a half-precision ``compute_dtype`` means float32.
     check_finite : bool
         Raise on NaN/Inf input.
     check_convergence : bool
@@ -455,7 +456,9 @@ def mcsgn(
         if method != "polar_express":
             raise ValueError(f"steps='auto' uses the Polar-Express schedule; got method={method!r}")
         if not bool((X == X.mT).all()):
-            S = _mcsgn_newton(X, compute_dtype, check_convergence)
+            # Inversions need float32 at least: a half-precision compute_dtype runs in float32.
+            newton_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
+            S = _mcsgn_newton(X, newton_dtype, check_convergence)
             if S is not None:
                 return unflatten_batch(S.to(M.dtype), batch_shape)
             singular = True
