@@ -333,8 +333,9 @@ def sylvester_spectral_problems(
 
 # Tested envelope: A, B of side ≤ 12 with eigenvector condition κ₂(Q) ≤ 1e3 each, complex
 # pairs at 0°–87°, moduli spread ≤ 1e2, scales 1e-2…1e2 (A and B independently), ‖C‖ scale
-# 1e-6…1e6; cases with Kronecker condition above 1e4 are skipped. The targets hold with a
-# margin: measured ≤ 1e-13 (float64) and ≤ 3e-5·κ-limited output rounding (float32).
+# 1e-6…1e6; cases with Kronecker condition above 1e4 are skipped. float64: the 1e-10 target
+# (measured ≤ 1e-13). float32: 1e-5 plus the float32 output's own rounding
+# u·(‖A‖ + ‖B‖)‖X‖/‖C‖; the float64 result of a float32 solve meets 1e-5 itself.
 @given(sylvester_spectral_problems(dtypes=(torch.float64, torch.float32)))
 def test_complex_nonnormal_spectra(problem: tuple) -> None:
     case_a, case_b, c_scale, seed = problem
