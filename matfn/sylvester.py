@@ -1,4 +1,11 @@
-r"""Sylvester equations ``A X + X B = C`` through the matrix sign of a block-triangular matrix."""
+r"""Sylvester equations ``A X + X B = C`` through the matrix sign of a block-triangular matrix.
+
+:func:`solve_sylvester` runs the scaled Newton sign iteration on the blocks, refines with float64
+residuals, accepts only a verified residual and otherwise falls back to Bartels–Stewart
+(scipy, imported lazily) or raises. :func:`_solve_flat`, the Newton–Schulz block iteration (matrix
+products only), serves the msign derivative's Lyapunov solve with a symmetric positive definite
+coefficient. docs/math.md §2.3 and §4.3.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +13,16 @@ import torch
 
 from ._validation import check_matrix, check_same_device, float_result_dtype
 from .coefficients import CONVERGENT_QUINTIC, Coefficients, auto_schedule
-from .mcsgn import MatrixSignConvergenceError
+from .mcsgn import (
+    NEWTON_MAX_STEPS,
+    NEWTON_UNSCALED_BELOW,
+    MatrixSignConvergenceError,
+    newton_inverse,
+    relative_change,
+)
 from .msign import AUTO_MAX_POLISH, AUTO_TARGETS, AUTO_TOL
 
-__all__ = ["solve_sylvester"]
+__all__ = ["SylvesterSolveError", "solve_sylvester"]
 
 #: The diagonal blocks of the converged iterate must be within this of ``±I`` (Frobenius):
 #: converged float32 iterates sit near 1e-6·√n; a failure leaves an O(1) deviation.
@@ -118,6 +131,12 @@ def _precondition_error(name: str, block: torch.Tensor) -> Exception:
     )
 
 
+#: :func:`_solve_flat`'s residual check: ``‖AX + XB − C‖_F ≤ this·‖C‖_F`` per accumulation
+#: dtype. Loose (a gross-failure guard for the derivative's internal Lyapunov solve, whose
+#: caller falls back to the SVD route on the error), far above a converged solve's 1e-15 / 1e-6.
+_FLAT_RTOL = {torch.float64: 1e-8, torch.float32: 1e-3}
+
+
 def _solve_flat(
     A: torch.Tensor,
     B: torch.Tensor | None,
@@ -128,23 +147,38 @@ def _solve_flat(
 ) -> torch.Tensor:
     """Solve ``A X + X B = C`` for flattened batches ``(K, n, n)``, ``(K, m, m)``, ``(K, n, m)``.
 
-    ``B=None`` solves the Lyapunov-type equation ``A X + X A = C``. ``refine`` steps of
-    iterative refinement ``X ← X + solve(C − A X − X B)`` follow. No validation; returns
-    ``compute_dtype``. ``lower``: a known lower bound on ``min Re λ / (1.01·√(‖A‖²_F + ‖B‖²_F))``
-    that shortens the schedule (default: the dtype's resolution, 1e-6 in float32). Raises
-    ``ValueError`` / :class:`MatrixSignConvergenceError` when the precondition fails (see
-    :func:`solve_sylvester`).
+    The Newton–Schulz block iteration (matrix products only), for symmetric positive definite
+    coefficients such as the msign derivative's Lyapunov equation. ``B=None`` solves the
+    Lyapunov-type equation ``A X + X A = C``. ``refine`` steps of iterative refinement
+    ``X ← X + solve(C − A X − X B)`` follow. No validation; returns ``compute_dtype``.
+    ``lower``: a known lower bound on ``min Re λ / (1.01·√(‖A‖²_F + ‖B‖²_F))`` that shortens the
+    schedule (default: the dtype's resolution, 1e-6 in float32). Raises ``ValueError`` /
+    :class:`MatrixSignConvergenceError` when the precondition fails (see
+    :func:`solve_sylvester`) or the relative residual exceeds :data:`_FLAT_RTOL` (one host sync).
     """
     acc = torch.float64 if compute_dtype == torch.float64 else torch.float32
     A, C = A.to(acc), C.to(acc)
     B = None if B is None else B.to(acc)
     X = _solve_once(A, B, C, compute_dtype, lower)
-    for _ in range(refine):
+
+    def residual_of(X: torch.Tensor) -> torch.Tensor:
         Xa = X.to(C.dtype)
-        residual = torch.baddbmm(
+        return torch.baddbmm(
             torch.baddbmm(C, A, Xa, alpha=-1.0), Xa, A if B is None else B, alpha=-1.0
         )
-        X = X + _solve_once(A, B, residual, compute_dtype, lower)
+
+    for _ in range(refine):
+        X = X + _solve_once(A, B, residual_of(X), compute_dtype, lower)
+    res = torch.linalg.matrix_norm(residual_of(X))
+    c_norm = torch.linalg.matrix_norm(C)
+    rel = torch.nan_to_num(res / c_norm.clamp_min(torch.finfo(acc).tiny), nan=float("inf"))
+    rel = torch.where(c_norm > 0, rel, res)
+    if not bool((rel <= _FLAT_RTOL[acc]).all()):
+        raise MatrixSignConvergenceError(
+            "the Newton–Schulz block Sylvester solve reached only a relative residual of "
+            f"{float(rel.max()):.3g} (the coefficients are too non-normal or ill-conditioned "
+            "for the compute dtype)"
+        )
     return X
 
 
@@ -210,6 +244,232 @@ def _solve_once(
     return (-0.5 * Z.R.to(acc) * c_scale).to(compute_dtype)
 
 
+#: Acceptance: relative residual ``‖AX + XB − C‖_F/‖C‖_F`` of the float64 result, per compute
+#: dtype. Checked before the cast to the output dtype (refinement runs on float64 residuals, so a
+#: float32 solve usually lands far below its bound).
+ACCEPT_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+#: Default most refinement steps (``refine=None``); refinement also stops once the residual
+#: reaches the float64 rounding level or stops halving.
+_MAX_REFINE = 5
+
+
+class SylvesterSolveError(MatrixSignConvergenceError):
+    """No method reached the accuracy contract; ``residual`` is the best relative residual."""
+
+    def __init__(self, message: str, residual: float) -> None:
+        super().__init__(message)
+        self.residual = residual
+
+
+class _NewtonSylvester:
+    """Scaled Newton sign iteration on ``Z = [[A, −C], [0, −B]]`` (normalised), replayable.
+
+    With ``Z⁻¹ = [[A⁻¹, −A⁻¹ C B⁻¹], [0, −B⁻¹]]`` the step ``Z ← (μZ + (μZ)⁻¹)/2`` acts on the
+    blocks as ``A ← (μA + (μA)⁻¹)/2``, ``B`` likewise, and ``C ← (μC + μ⁻¹ A⁻¹ C B⁻¹)/2``; then
+    ``A_k → I``, ``B_k → I`` and ``C_k → 2X`` (Roberts 1980; Benner–Quintana-Ortí 1999). The
+    diagonal blocks never see ``C``, so the run records ``(μ_k, A_k⁻¹, B_k⁻¹)`` and
+    :meth:`apply` replays the off-diagonal recursion for any right-hand side at
+    ``2nm(n + m)`` FLOPs per step: iterative refinement costs no further inversion.
+    """
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor) -> None:
+        self.steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.singular = False
+        self.converged = False
+        self.last_change = float("inf")
+        tiny = torch.finfo(A.dtype).tiny
+        tol = 4 * torch.finfo(A.dtype).eps * max(A.shape[-1], B.shape[-1]) ** 0.5
+        previous = float("inf")
+        scaled = True
+        a_limit = b_limit = None
+        for _ in range(NEWTON_MAX_STEPS):
+            Ai, a_norm, ai_norm, a_limit, a_ok = newton_inverse(A, a_limit)
+            Bi, b_norm, bi_norm, b_limit, b_ok = newton_inverse(B, b_limit)
+            if not (a_ok and b_ok):
+                self.singular = True
+                break
+            if scaled:
+                # One μ for the whole block matrix (it must stay block-triangular), from the
+                # diagonal blocks only: C does not affect the spectrum.
+                num = ai_norm**2 + bi_norm**2
+                den = (a_norm**2 + b_norm**2).clamp_min(tiny)
+                mu = (num / den) ** 0.25
+            else:
+                mu = torch.ones_like(a_norm)
+            self.steps.append((mu, Ai, Bi))
+            A_next = 0.5 * (mu * A + Ai / mu)
+            B_next = 0.5 * (mu * B + Bi / mu)
+            change = max(relative_change(A_next, A), relative_change(B_next, B))
+            A, B = A_next, B_next
+            self.last_change = change
+            if change != change:  # NaN
+                self.singular = True
+                break
+            if change <= tol or (previous < 1e-3 and change > 0.5 * previous):
+                self.converged = True
+                break
+            if change < NEWTON_UNSCALED_BELOW:
+                scaled = False
+            previous = change
+        self.A, self.B = A, B
+
+    def apply(self, C: torch.Tensor) -> torch.Tensor:
+        """``X`` with ``A X + X B = C`` for the recorded ``A``, ``B`` (any ``(K, n, m)`` C)."""
+        Y = C
+        for mu, Ai, Bi in self.steps:
+            Y = 0.5 * (mu * Y + torch.bmm(torch.bmm(Ai, Y), Bi) / mu)
+        return 0.5 * Y
+
+
+def _scaled_problem(
+    A: torch.Tensor, B: torch.Tensor, C: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float64 ``A/ν, B/ν, C/(ν·γ)`` with ``ν`` of order ``‖A‖ + ‖B‖`` and ``γ`` of ``‖C‖``.
+
+    ``ν = β·ν'`` where ``β = max |entry|`` of A and B (exact rescaling first, so no norm
+    overflows) and ``ν' = √(‖A/β‖²_F + ‖B/β‖²_F)``; ``γ = max |Cᵢⱼ|``. The solution of the
+    scaled equation is ``X·β/γ``; returns the three and the factor ``γ/β`` (``(K, 1, 1)``) that
+    maps it back.
+    """
+    A, B, C = A.to(torch.float64), B.to(torch.float64), C.to(torch.float64)
+
+    def amax(t: torch.Tensor) -> torch.Tensor:
+        return t.abs().amax(dim=(-2, -1), keepdim=True)
+
+    big = torch.maximum(amax(A), amax(B))
+    big = torch.where(big > 0, big, torch.ones_like(big))
+    A, B = A / big, B / big
+    nu = torch.sqrt(
+        torch.linalg.matrix_norm(A, keepdim=True) ** 2
+        + torch.linalg.matrix_norm(B, keepdim=True) ** 2
+    )
+    A, B = A / nu, B / nu
+    gamma = amax(C)
+    gamma = torch.where(gamma > 0, gamma, torch.ones_like(gamma))
+    C = C / gamma
+    return A, B, C / nu, gamma / big
+
+
+def _residual(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``C − A X − X B`` (float64)."""
+    return torch.baddbmm(torch.baddbmm(C, A, X, alpha=-1.0), X, B, alpha=-1.0)
+
+
+def _acceptance(
+    A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, X: torch.Tensor, compute_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per matrix: (relative residual, accepted?) under the contract of :func:`solve_sylvester`.
+
+    Only the residual relative to ``‖C‖`` is accepted, never a small backward error alone: a
+    singular equation has backward-stable "solutions" of norm ``1/u``.
+    """
+    res = torch.linalg.matrix_norm(_residual(A, B, C, X))
+    c_norm = torch.linalg.matrix_norm(C)
+    rel = res / c_norm.clamp_min(torch.finfo(torch.float64).tiny)
+    rel = torch.nan_to_num(torch.where(c_norm > 0, rel, res), nan=float("inf"))
+    return rel, rel <= ACCEPT_RTOL[compute_dtype]
+
+
+def _left_half_plane(block: torch.Tensor) -> bool:
+    """Whether the Newton iteration of a diagonal block settled on a sign matrix other than I.
+
+    ``ρ(S − I) ≤ ‖S − I‖_F``: a sign matrix with an eigenvalue −1 (an eigenvalue of the block
+    in the left half-plane) is at least 2 from ``I``, while ``S² ≈ I`` says it did settle.
+    """
+    eye = torch.eye(block.shape[-1], dtype=block.dtype, device=block.device)
+    far = torch.linalg.matrix_norm(block - eye) > 1.0
+    settled = torch.linalg.matrix_norm(torch.bmm(block, block) - eye) < 0.1
+    return bool((far & settled).any())
+
+
+def _bartels_stewart(
+    A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, cause: str, residual: float
+) -> torch.Tensor:
+    """``scipy.linalg.solve_sylvester`` per matrix (float64, on the host), lazily imported."""
+    try:
+        from scipy.linalg import solve_sylvester as scipy_solve
+    except ImportError as err:
+        raise SylvesterSolveError(
+            f"solve_sylvester: {cause}"
+            + (f" (relative residual {residual:.3g})" if residual < float("inf") else "")
+            + ", and the Bartels–Stewart fallback needs scipy, which is not installed "
+            "(pip install 'matfn[oracles]')",
+            residual,
+        ) from err
+    a, b, c = (t.detach().cpu().numpy() for t in (A, B, C))
+    out = [scipy_solve(x, y, z) for x, y, z in zip(a, b, c, strict=True)]
+    return torch.stack([torch.from_numpy(x) for x in out]).to(C.device)
+
+
+def _solve_newton(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    compute_dtype: torch.dtype,
+    refine: int | None,
+) -> torch.Tensor:
+    """Checked solve of flattened ``(K, n, n)``, ``(K, m, m)``, ``(K, n, m)``; float64 result.
+
+    Scaled Newton (compute dtype) → refinement with float64 residuals → acceptance test →
+    Bartels–Stewart for the matrices that fail it → acceptance test → error.
+    """
+    A64, B64, C64, gamma = _scaled_problem(A, B, C)
+    newton = _NewtonSylvester(A64.to(compute_dtype), B64.to(compute_dtype))
+    K = C64.shape[0]
+    cause = ""
+    if newton.singular or not newton.converged:
+        what = "was numerically singular" if newton.singular else "did not converge"
+        cause = (
+            f"the Newton sign iteration of A and B {what} (A or B has eigenvalues on or too "
+            "near the imaginary axis, or is too ill-conditioned for the compute dtype)"
+        )
+    else:
+        for name, block in (("A", newton.A), ("B", newton.B)):
+            if _left_half_plane(block.to(torch.float64)):
+                raise ValueError(
+                    f"`{name}` has eigenvalues in the left half-plane: solve_sylvester needs the "
+                    "spectra of A and B in the open right half-plane (e.g. symmetric positive "
+                    "definite A and B)"
+                )
+    if cause:
+        X = torch.zeros_like(C64)
+        best = torch.full((K,), float("inf"), dtype=torch.float64, device=C64.device)
+        ok = torch.zeros(K, dtype=torch.bool, device=C64.device)
+    else:
+        X = newton.apply(C64.to(compute_dtype)).to(torch.float64)
+        best, ok = _acceptance(A64, B64, C64, X, compute_dtype)
+        goal = 4 * torch.finfo(torch.float64).eps
+        for _ in range(_MAX_REFINE if refine is None else refine):
+            R = _residual(A64, B64, C64, X)
+            X_new = X + newton.apply(R.to(compute_dtype)).to(torch.float64)
+            rel_new, ok_new = _acceptance(A64, B64, C64, X_new, compute_dtype)
+            better = rel_new < best
+            X = torch.where(better.view(-1, 1, 1), X_new, X)
+            ok = torch.where(better, ok_new, ok)
+            improved = float((best / rel_new.clamp_min(1e-300)).min())
+            best = torch.minimum(best, rel_new)
+            if refine is None and (float(best.max()) <= goal or improved < 2.0):
+                break
+        cause = "the sign iteration and refinement did not reach the tolerance"
+    if not bool(ok.all()):
+        idx = (~ok).nonzero().squeeze(-1)
+        worst = float(best[idx].max())
+        fallback = _bartels_stewart(A64[idx], B64[idx], C64[idx], cause, worst)
+        rel_bs, ok_bs = _acceptance(A64[idx], B64[idx], C64[idx], fallback, compute_dtype)
+        if not bool(ok_bs.all()):
+            achieved = float(torch.minimum(rel_bs, best[idx]).max())
+            sign_part = f" (relative residual {worst:.3g})" if worst < float("inf") else ""
+            raise SylvesterSolveError(
+                f"solve_sylvester: {cause}{sign_part}, and the "
+                "Bartels–Stewart fallback reached only a relative residual of "
+                f"{float(rel_bs.max()):.3g}: the equation is singular or too ill-conditioned "
+                "for the compute dtype (an eigenvalue of A near minus one of B)",
+                achieved,
+            )
+        X = X.index_put((idx,), fallback)
+    return X * gamma
+
+
 def solve_sylvester(
     A: torch.Tensor,
     B: torch.Tensor,
@@ -219,11 +479,14 @@ def solve_sylvester(
     refine: int | None = None,
     check_finite: bool = True,
 ) -> torch.Tensor:
-    r"""Solve the Sylvester equation ``A X + X B = C`` by the matrix sign function.
+    r"""Solve the Sylvester equation ``A X + X B = C`` by the matrix sign function, verified.
 
-    Same convention as ``scipy.linalg.solve_sylvester(A, B, C)``. Requires the spectra of
-    ``A`` and ``B`` to lie in the open right half-plane (then the solution is unique); the case
-    met by the msign derivative is ``A``, ``B`` symmetric positive (semi)definite.
+    Same convention as ``scipy.linalg.solve_sylvester(A, B, C)``. Meant for spectra of ``A``
+    and ``B`` in the open right half-plane (then the solution is unique), complex and
+    non-normal included; the case met by the msign derivative is ``A``, ``B`` symmetric positive
+    (semi)definite. Every result is residual-checked: it is returned only if
+    ``‖AX + XB − C‖_F ≤ rtol·‖C‖_F`` in float64, with ``rtol`` = 1e-10 (float64 compute) or
+    1e-5 (float32 compute), before the cast to the output dtype.
 
     Parameters
     ----------
@@ -234,12 +497,14 @@ def solve_sylvester(
     C : torch.Tensor
         ``(..., n, m)`` right-hand side. Batch dims of A, B and C broadcast against each other.
     compute_dtype : torch.dtype, optional
-        Iteration dtype: float64 (default for float64 inputs) or float32 (default otherwise,
-        also for half-precision inputs: bf16 is too coarse to solve equations).
+        Dtype of the Newton iteration: float64 (default for float64 inputs) or float32
+        (default otherwise, also for half-precision inputs: bf16 is too coarse to solve
+        equations). Residuals, refinement and the acceptance test are float64 either way.
     refine : int, optional
-        Steps of iterative refinement ``X ← X + solve(C − A X − X B)``, each costing one more
-        solve. Default 1 in float32 (relative error about 5e-6 → 2e-7 on well-conditioned
-        problems) and 0 in float64.
+        Iterative refinement ``X ← X + solve(C − A X − X B)`` (float64 residual and
+        accumulation), each step replaying the recorded Newton inverses (no new inversion).
+        ``None`` (default): up to 5 steps, stopping once the residual reaches float64 rounding
+        or stops halving. An int: exactly that many steps (keeping the best iterate).
     check_finite : bool
         Raise on NaN/Inf input (one host sync).
 
@@ -255,14 +520,15 @@ def solve_sylvester(
         An input is not a dense real floating tensor.
     ValueError
         Fewer than 2 dims; ``A``/``B`` not square; ``C`` not ``n×m``; batch dims that do not
-        broadcast; mixed devices; NaN/Inf; unsupported ``compute_dtype``; ``A`` or ``B`` has
-        eigenvalues in the left half-plane (detected: the iteration converges to a sign
-        matrix other than ``±I``).
-    MatrixSignConvergenceError
-        The sign iteration did not converge: an eigenvalue of ``A`` or ``B`` on or too near the
-        imaginary axis (below about ``1e-6·√(‖A‖²_F + ‖B‖²_F)`` in float32, ``1e-7`` in
-        float64, after polishing somewhat lower), or complex eigenvalues the real polynomial
-        iteration cannot move to ``±1``.
+        broadcast; mixed devices; NaN/Inf; unsupported ``compute_dtype`` or ``refine``; ``A`` or
+        ``B`` has eigenvalues in the left half-plane (its Newton iteration settles on a sign
+        matrix other than ``I``).
+    SylvesterSolveError
+        (a :class:`MatrixSignConvergenceError`) Neither the sign iteration nor the
+        Bartels–Stewart fallback reached the residual bound (the equation is singular or too
+        ill-conditioned: an eigenvalue of ``A`` at or near minus one of ``B``), or the fallback
+        was needed and scipy is not installed (``pip install 'matfn[oracles]'``). The message
+        states the cause and the achieved relative residual; ``.residual`` holds it.
 
     Notes
     -----
@@ -273,35 +539,48 @@ def solve_sylvester(
     .. math:: \operatorname{mcsgn}(Z) = T \operatorname{diag}(I, −I) T^{-1}
               = \begin{bmatrix} I & −2X \\ 0 & −I \end{bmatrix}.
 
-    The Newton–Schulz sign iteration ``Z ← a Z + (b Z² + c Z⁴) Z`` (the Polar-Express schedule
-    of ``steps="auto"`` for the compute dtype, then convergent quintic steps
-    ``(15/8, −10/8, 3/8)`` until a step moves every block by less than 1e-5 in float32 /
-    1e-10 in float64) runs on the three blocks ``P, R, Q`` of ``Z`` only: block
-    upper-triangularity is preserved and the diagonal blocks evolve as independent sign
-    iterations of ``A`` and ``−B``. ``Z`` is normalised by ``1.01·√(‖A‖²_F + ‖B‖²_F)``, which
-    ignores ``C``; and since the iterate's off-diagonal block is linear in ``C`` and the rest
-    never sees it, ``C`` is divided by ``‖C‖_F`` first (only to stay in range: the result is
-    otherwise unchanged). The converged diagonal blocks are checked against ``±I``, which
-    detects every violated precondition.
+    **Algorithm.** ``A``, ``B``, ``C`` are rescaled first (by the largest entries, then
+    ``√(‖A‖²_F + ‖B‖²_F)``), so any finite scaling works. The scaled Newton iteration
+    ``Z ← (μZ + (μZ)⁻¹)/2`` keeps ``Z`` block upper-triangular; with
+    ``Z⁻¹ = [[A⁻¹, −A⁻¹CB⁻¹], [0, −B⁻¹]]`` it acts on the blocks as
 
-    Cost per step: ``6n³ + 6m³ + 6nm(n + m)`` FLOPs (the dense ``2(n+m)``-square iteration
-    costs ``6(n + m)³``, twice as much for ``n = m``); the number of steps grows like
-    ``log κ``, with ``κ = √(‖A‖²_F + ‖B‖²_F)/min Re λ``: about 10–20 in float32.
+    .. math:: A ← (μA + (μA)^{-1})/2,\quad B ← (μB + (μB)^{-1})/2,\quad
+              C ← (μC + μ^{-1} A^{-1} C B^{-1})/2,
 
-    Accuracy: in exact arithmetic the result is exact once the scalar map converged; rounding
-    is amplified by the non-normality of ``Z`` (``κ(T) ≈ (1 + ‖X‖)²`` relative to the scale of
-    the blocks) and by the conditioning of the equation ``‖X‖·(λ_min(A) + λ_min(B))/‖C‖``.
-    Measured on symmetric positive definite A, B (n = m = 128…256) against
-    ``scipy.linalg.solve_sylvester``: float32 relative error 2e-6–9e-6 without refinement,
-    2e-7 (condition number 10) to 3e-6 (1e3) with the default single refinement step;
-    float64 1e-14–1e-13.
+    ``A_k, B_k → I`` and ``C_k → 2X`` (one ``μ`` per matrix from the diagonal blocks'
+    Frobenius norms, ``μ = 1`` near convergence). Newton converges for any spectrum off the
+    imaginary axis, so complex eigenvalues and strongly non-normal ``A``, ``B`` converge (a
+    real polynomial iteration does not, and loses accuracy with the non-normality). The
+    diagonal blocks never see ``C``: the run records ``(μ_k, A_k⁻¹, B_k⁻¹)`` and replays the
+    ``C`` recursion for the refinement right-hand sides. Matrices whose result misses the
+    residual bound after refinement, and every matrix when the Newton iteration breaks down
+    (a numerically singular iterate: eigenvalues on or near the axis, or a singular ``A``),
+    go to ``scipy.linalg.solve_sylvester`` (Bartels–Stewart via the real Schur form, float64,
+    on the host, also for CUDA tensors), whose result must pass the same test. So an equation
+    outside the sign route's precondition but solvable (``A`` singular, ``B`` in the right
+    half-plane) still gets its verified solution; a singular equation raises.
+
+    **Cost.** Per Newton step: two inversions (``≈ 2n³ + 2m³`` FLOPs) and ``2nm(n + m)``;
+    about 8–15 steps. Per refinement step: ``≈ 2nm(n + m)`` per recorded step plus the
+    float64 residual. Memory: the recorded inverses, ``steps·(n² + m²)`` per matrix.
+
+    **Accuracy** (tested with hypothesis: ``A``, ``B`` of side ≤ 12 built as ``Q D Q⁻¹`` with
+    ``κ₂(Q) ≤ 1e3``, complex pairs at 0°–87°, moduli spread ≤ 1e2, scales 1e-2…1e2, ``‖C‖``
+    1e-6…1e6, Kronecker condition ≤ 1e4; the issue's non-normal example; scale sweeps to
+    1e±150 in float64, 1e±30 in float32): float64 relative residual ≤ 1e-13 (measured, bound
+    1e-10); float32 compute with float64 refinement reaches float64-level residuals before the
+    cast, and a float32 *output* carries its own rounding, ``≲ u·(‖A‖ + ‖B‖)‖X‖/‖C‖``
+    (measured ≤ 3e-6 for Kronecker condition ≤ 1e3, ≤ 6e-5 up to 1e4).
 
     References
     ----------
     J. D. Roberts, "Linear model reduction and solution of the algebraic Riccati equation by use
     of the sign function", Int. J. Control 32 (1980).
+    P. Benner, E. S. Quintana-Ortí, "Solving stable generalized Lyapunov equations with the
+    matrix sign function", Numer. Algorithms 20 (1999).
+    R. H. Bartels, G. W. Stewart, "Solution of the matrix equation AX + XB = C", Comm. ACM 15
+    (1972).
     N. J. Higham, "Functions of Matrices", SIAM 2008, §2.4 and ch. 5.
-    Su Jianlin, kexue.fm/archives/11025 and 11056 (2025).
 
     Examples
     --------
@@ -343,9 +622,9 @@ def solve_sylvester(
     A_f = A.expand(*batch, n, n).reshape(-1, n, n)
     B_f = B.expand(*batch, m, m).reshape(-1, m, m)
     C_f = C.expand(*batch, n, m).reshape(-1, n, m)
-    if refine is None:
-        refine = 0 if compute_dtype == torch.float64 else 1
-    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+    if refine is not None and (
+        isinstance(refine, bool) or not isinstance(refine, int) or refine < 0
+    ):
         raise ValueError(f"`refine` must be a non-negative int or None, got {refine!r}")
-    X = _solve_flat(A_f, B_f, C_f, compute_dtype, refine)
+    X = _solve_newton(A_f, B_f, C_f, compute_dtype, refine)
     return X.reshape(out_shape).to(out_dtype)

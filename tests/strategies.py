@@ -43,14 +43,17 @@ __all__ = [
     "FLOAT_DTYPES",
     "MatrixCase",
     "SignCase",
+    "SpectralCase",
     "case_id",
     "dtype_range",
     "fmt",
     "haar_orthonormal",
+    "kronecker_condition",
     "matrices",
     "prescribed_matrix",
     "shapes",
     "sign_matrices",
+    "spectral_matrices",
     "spectrum",
 ]
 
@@ -509,3 +512,150 @@ def sign_matrices(
 def case_id(case: object) -> str:
     """pytest id for a :class:`MatrixCase` / :class:`SignCase` (or ``str`` of anything else)."""
     return getattr(case, "id", None) or str(case)
+
+
+HalfPlane = Literal["both", "right"]
+
+
+@dataclass(frozen=True)
+class SpectralCase:
+    """``Q D Q⁻¹`` with complex spectra at controlled angles and controlled eigenvector condition.
+
+    ``D`` is real block-diagonal: 1×1 blocks ``±r`` and 2×2 blocks
+    ``±r·[[cos θ, sin θ], [−sin θ, cos θ]]`` (eigenvalues ``±r·e^{±iθ}``, ``θ`` from the
+    imaginary-axis-safe range ``[0, max_angle]`` degrees), moduli ``r`` log-spaced in
+    ``[1/spread, 1]``. ``Q = W₁ diag(d) W₂ᵀ`` with Haar ``W`` and ``d`` log-spaced in
+    ``[1, q_cond]``, so ``κ₂(Q) = q_cond`` exactly: the non-normality is controlled.
+    ``half_plane="right"`` keeps every sign +1 (spectrum in the open right half-plane, as
+    :func:`matfn.solve_sylvester` needs); ``"both"`` draws signs (both present when ``n ≥ 2``).
+    ``complex_pairs``: how many 2×2 blocks (at most ``n // 2``). Angles are spread evenly
+    over ``[0, max_angle]`` with the largest always present, so ``max_angle`` is attained.
+    The exact sign is ``Q diag(±1) Q⁻¹`` from the construction, and
+    ``min |Re λ| ≥ cos(max_angle)/spread``.
+    """
+
+    n: int
+    batch: tuple[int, ...] = ()
+    q_cond: float = 1.0
+    max_angle: float = 60.0
+    complex_pairs: int = 0
+    spread: float = 10.0
+    half_plane: HalfPlane = "both"
+    scale: float = 1.0
+    seed: int = 0
+    dtype: torch.dtype = torch.float64
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.batch, self.n, self.n)
+
+    def _one(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        n = self.n
+        pairs = min(self.complex_pairs, n // 2)
+        sizes = [2] * pairs + [1] * (n - 2 * pairs)
+        sizes = [sizes[i] for i in rng.permutation(len(sizes))]
+        mods = np.geomspace(1.0, 1.0 / self.spread, len(sizes)) if len(sizes) > 1 else [1.0]
+        mods = rng.permutation(mods)
+        if self.half_plane == "right":
+            signs = np.ones(len(sizes))
+        else:
+            signs = rng.choice([-1.0, 1.0], size=len(sizes))
+            if len(sizes) >= 2 and abs(signs.sum()) == len(sizes):
+                signs[0] *= -1
+        angles = np.deg2rad(np.linspace(0.0, self.max_angle, pairs)[::-1]) if pairs else []
+        D, E = np.zeros((n, n)), np.zeros((n, n))
+        i = k = 0
+        for size, r, s in zip(sizes, mods, signs, strict=True):
+            if size == 2:
+                c, t = math.cos(angles[k]), math.sin(angles[k])
+                D[i : i + 2, i : i + 2] = s * r * np.array([[c, t], [-t, c]])
+                k += 1
+            else:
+                D[i, i] = s * r
+            E[i : i + size, i : i + size] = s * np.eye(size)
+            i += size
+        d = np.geomspace(1.0, self.q_cond, n) if n > 1 else np.ones(1)
+        Q = (haar_orthonormal(rng, n, n) * d) @ haar_orthonormal(rng, n, n).T
+        Qi = np.linalg.inv(Q)
+        return Q @ D @ Qi, Q @ E @ Qi
+
+    def _parts(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        rng = np.random.default_rng(self.seed)
+        return [self._one(rng) for _ in range(math.prod(self.batch))]
+
+    def array(self) -> np.ndarray:
+        """The float64 matrix, shape ``(*batch, n, n)`` (scaled)."""
+        return self.scale * np.stack([m for m, _ in self._parts()]).reshape(self.shape)
+
+    def exact_sign(self) -> np.ndarray:
+        """``mcsgn`` of :meth:`array` from the construction (float64)."""
+        return np.stack([s for _, s in self._parts()]).reshape(self.shape)
+
+    def tensor(self, device: str | torch.device = "cpu") -> torch.Tensor:
+        return torch.from_numpy(self.array()).to(device=device, dtype=self.dtype)
+
+    @property
+    def id(self) -> str:
+        parts = ["b" + "x".join(map(str, self.batch))] if self.batch else []
+        parts += [f"n{self.n}", f"qcond{fmt(self.q_cond)}", f"pairs{self.complex_pairs}"]
+        parts += [f"angle{fmt(self.max_angle)}", f"spread{fmt(self.spread)}", self.half_plane]
+        if self.scale != 1:
+            parts.append(f"scale{fmt(self.scale)}")
+        parts += [DTYPE_NAMES[self.dtype], f"seed{self.seed}"]
+        return "-".join(parts)
+
+    def __repr__(self) -> str:
+        return f"SpectralCase({self.id})"
+
+
+@st.composite
+def spectral_matrices(
+    draw: st.DrawFn,
+    *,
+    dtypes: Sequence[torch.dtype] = (torch.float64,),
+    min_side: int = 1,
+    max_side: int = 24,
+    max_batch_dims: int = 1,
+    max_batch: int = 2,
+    max_q_cond: float = 1e3,
+    max_angle: float = 87.0,
+    max_spread: float = 1e2,
+    half_plane: HalfPlane = "both",
+    scales: tuple[float, float] | None = (1e-3, 1e3),
+) -> SpectralCase:
+    """Strategy for :class:`SpectralCase`: non-normal, complex spectra, scale sweeps.
+
+    ``q_cond`` (eigenvector condition) and ``spread`` are drawn in half decades up to their
+    maxima, the angle among 0°, 30°, 60°, 80° and ``max_angle`` (shrinking towards real
+    spectra), the number of complex pairs from 0 to ``n // 2``.
+    """
+    batch = draw(
+        hnp.array_shapes(min_dims=0, max_dims=max_batch_dims, min_side=1, max_side=max_batch)
+    )
+    n = draw(st.integers(min_side, max_side))
+    angles = sorted({a for a in (0.0, 30.0, 60.0, 80.0, max_angle) if a <= max_angle})
+    dtype = draw(st.sampled_from(list(dtypes)))
+    scale = 1.0
+    if scales is not None:
+        lo, hi = scales
+        dlo, dhi = dtype_range(dtype)
+        scale = draw(_log_uniform(max(lo, dlo), min(hi, dhi)))
+    return SpectralCase(
+        n=n,
+        batch=tuple(batch),
+        q_cond=draw(_log_uniform(1.0, max_q_cond)),
+        max_angle=draw(st.sampled_from(angles)),
+        complex_pairs=draw(st.integers(0, n // 2)),
+        spread=draw(_log_uniform(1.0, max_spread)),
+        half_plane=half_plane,
+        scale=scale,
+        seed=draw(st.integers(0, 2**16)),
+        dtype=dtype,
+    )
+
+
+def kronecker_condition(A: np.ndarray, B: np.ndarray) -> float:
+    """2-norm condition of ``X ↦ A X + X B`` (the ``nm × nm`` Kronecker form; small sides)."""
+    n, m = A.shape[-1], B.shape[-1]
+    T = np.kron(np.eye(m), A) + np.kron(B.T, np.eye(n))
+    return float(np.linalg.cond(T))

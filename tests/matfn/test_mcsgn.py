@@ -10,6 +10,7 @@ measured ratios ≤ 1.7 (fp64 and fp32, n ≤ 32, κ(Q) ≤ 10, block couplings 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -31,13 +32,16 @@ from matfn.coefficients import (
     scalar_map,
     schedule,
 )
+from matfn.mcsgn import AXIS_DISTANCE
 from matfn.oracles import as_float64, mcsgn_oracle, msign_oracle
 from tests.strategies import (
     DTYPE_NAMES,
     SignCase,
+    SpectralCase,
     case_id,
     haar_orthonormal,
     sign_matrices,
+    spectral_matrices,
 )
 
 ROUNDING_FACTOR = 16.0
@@ -233,15 +237,25 @@ def _embedded(block: np.ndarray, n: int = 6, seed: int = 0) -> np.ndarray:
 @pytest.mark.parametrize("embed", [False, True], ids=["2x2", "embedded"])
 @pytest.mark.parametrize("name", list(ROTATIONS))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=DTYPE_NAMES.get)
-def test_raises_on_imaginary_axis_eigenvalues(name, embed, steps, dtype):
+def test_imaginary_axis_and_near_axis_eigenvalues(name, embed, steps, dtype):
+    # Eigenvalues exactly on the axis (±i) raise on every path. Eigenvalues 1e-3 off the axis
+    # (89.94°) are well-posed: the Newton path (steps None/"auto") returns their sign; a real
+    # polynomial schedule (int steps) cannot move them to ±1 and raises.
     A = _embedded(ROTATIONS[name]) if embed else ROTATIONS[name]
     M = torch.from_numpy(A).to(dtype)
-    with pytest.raises(MatrixSignConvergenceError):
-        matfn.mcsgn(M, steps=steps)
-    # In a batch with well-posed matrices it still raises (no silent garbage for one element).
     good = torch.from_numpy(_embedded(np.diag([1.0, -2.0]), A.shape[-1], seed=1)).to(dtype)
-    with pytest.raises(MatrixSignConvergenceError):
-        matfn.mcsgn(torch.stack([good, M]), steps=steps)
+    if name == "rotation" or isinstance(steps, int):
+        with pytest.raises(MatrixSignConvergenceError, match="imaginary axis|complex eig"):
+            matfn.mcsgn(M, steps=steps)
+        # In a batch with well-posed matrices it still raises (no silent garbage for one element).
+        with pytest.raises(MatrixSignConvergenceError):
+            matfn.mcsgn(torch.stack([good, M]), steps=steps)
+        return
+    S = as_float64(matfn.mcsgn(torch.stack([good, M]), steps=steps))
+    exact = mcsgn_oracle(torch.stack([good, M]).double())
+    # Condition of the near-axis pair ≈ ‖M‖/|Re λ| ≈ 1e3; float32 rounding of M moves it too.
+    tol = 1e-11 if dtype == torch.float64 else 1e-3
+    assert np.all(spectral_error(S, exact) <= tol * np.linalg.norm(exact, 2, axis=(-2, -1)))
 
 
 @pytest.mark.parametrize(
@@ -379,3 +393,99 @@ def test_bad_tables_raise(kwargs, error, match):
     M = torch.eye(4, dtype=torch.float64)
     with pytest.raises(error, match=match):
         matfn.mcsgn(M, **kwargs)
+
+
+def _relative_errors(S: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(S - exact, axis=(-2, -1)) / np.linalg.norm(exact, axis=(-2, -1))
+
+
+# Tested envelope of the Newton path (non-symmetric input, steps="auto"): eigenvector condition
+# κ₂(Q) ≤ 1e3, complex pairs at angles 0°–87° from the real axis, moduli spread ≤ 1e2, scales
+# 1e-3–1e3, n ≤ 24, both half-planes. Measured worst error ~4e-12 (κ₂(Q) = 1e3).
+@given(case=spectral_matrices(max_q_cond=1e3))
+def test_newton_complex_nonnormal_float64(case):
+    S = as_float64(matfn.mcsgn(case.tensor()))
+    assert np.all(_relative_errors(S, case.exact_sign()) <= 1e-10)
+
+
+@given(case=spectral_matrices(max_q_cond=1e5, max_spread=10.0, max_batch_dims=0, max_side=16))
+def test_newton_beyond_envelope_within_10x_of_signm(case):
+    # κ₂(Q) up to 1e5: no absolute target, but never worse than 10× scipy's signm (which often
+    # fails outright on such input), 1e-10, or the inversion floor u·‖S‖²_F of any
+    # inversion-based iteration (a Schur method can beat it where M ∝ S, e.g. all |λ| = 1).
+    M = case.array()
+    exact = case.exact_sign()
+    S = as_float64(matfn.mcsgn(case.tensor()))
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = np.atleast_2d(scipy.linalg.signm(M))
+    ref_err = float(_relative_errors(np.real(ref), exact))
+    floor = torch.finfo(torch.float64).eps / 2 * float(np.linalg.norm(exact)) ** 2
+    assert float(_relative_errors(S, exact)) <= max(10 * ref_err, 1e-10, floor)
+
+
+@given(case=spectral_matrices(dtypes=[torch.float32], max_q_cond=1e2))
+def test_newton_complex_nonnormal_float32(case):
+    # Rounding u·κ₂(Q)² (measured ≤ 30·u for κ = 1, ≤ 0.04·u·κ² for κ = 1e2, n = 20).
+    # Eigenvalues nearer the axis than AXIS_DISTANCE·‖M‖_F (1e-4 in float32) raise instead.
+    M = case.tensor()
+    margin = math.cos(math.radians(case.max_angle)) / case.spread * case.scale
+    fro = float(torch.linalg.matrix_norm(M.double()).min())
+    if margin < 3 * AXIS_DISTANCE[torch.float32] * fro:
+        try:
+            S = as_float64(matfn.mcsgn(M))
+        except MatrixSignConvergenceError as err:
+            assert "imaginary axis" in str(err)
+            return
+    else:
+        S = as_float64(matfn.mcsgn(M))
+    u = torch.finfo(torch.float32).eps / 2
+    tol = 4 * u * (case.n + 8) * case.q_cond**2
+    assert np.all(_relative_errors(S, case.exact_sign()) <= tol)
+
+
+def test_issue_complex_example_converges():
+    # A = 2I + 0.1·randn(20, 20): eigenvalues 1.95 ± 0.23i etc.; sign = I.
+    rng = np.random.default_rng(0)
+    A = 2 * np.eye(20) + 0.1 * rng.standard_normal((20, 20))
+    S = as_float64(matfn.mcsgn(torch.from_numpy(A)))
+    np.testing.assert_allclose(S, np.eye(20), atol=1e-13)
+    np.testing.assert_allclose(S, mcsgn_oracle(A), atol=1e-13)
+
+
+@pytest.mark.parametrize("steps", [5, 8, 12])
+def test_fixed_steps_on_rotation_raise(steps):
+    # sign(rotation by 10°) = I; a real polynomial schedule blows its eigenvalues e^{±10°i} up
+    # (entries 1e82 for 5 steps); the exact ‖S³ − S‖_F check sees it.
+    t = np.deg2rad(10.0)
+    R = torch.tensor([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]], dtype=torch.float64)
+    with pytest.raises(MatrixSignConvergenceError, match="complex eigenvalues"):
+        matfn.mcsgn(R, steps=steps)
+    np.testing.assert_allclose(as_float64(matfn.mcsgn(R)), np.eye(2), atol=1e-14)
+
+
+SCALES = {torch.float32: [1e-30, 1e-19, 1e19, 1e30], torch.float64: [1e-300, 1e-150, 1e150, 1e300]}
+
+
+@pytest.mark.parametrize("path", ["newton", "symmetric", "steps"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=DTYPE_NAMES.get)
+def test_scale_invariance(path, dtype):
+    # mcsgn(sM) = mcsgn(M) for any finite scaling (inputs are divided by their largest entry
+    # before any norm is formed), on all three paths.
+    if path == "newton":
+        case = SpectralCase(n=9, q_cond=10.0, complex_pairs=3, max_angle=80.0, seed=3)
+    else:
+        case = SignCase(n=9, kind="sym", gap=0.1, seed=3)
+    steps = 10 if path == "steps" else None
+    M = case.tensor().to(dtype)
+    S0 = matfn.mcsgn(M, steps=steps)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for scale in SCALES[dtype]:
+        S = matfn.mcsgn(M * scale, steps=steps)
+        torch.testing.assert_close(S, S0, rtol=0, atol=tol * float(S0.abs().max()))
+
+
+def test_exact_axis_error_names_the_axis():
+    M = torch.from_numpy(_embedded(ROTATIONS["rotation"], 8, seed=2))
+    with pytest.raises(MatrixSignConvergenceError, match="on or too near the imaginary axis"):
+        matfn.mcsgn(M)

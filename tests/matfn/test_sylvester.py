@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import matfn
 from matfn import MatrixSignConvergenceError
-from matfn.sylvester import _solve_flat
-from tests.strategies import DTYPE_NAMES, fmt, haar_orthonormal
+from matfn.sylvester import SylvesterSolveError, _solve_flat
+from tests.strategies import (
+    DTYPE_NAMES,
+    SpectralCase,
+    fmt,
+    haar_orthonormal,
+    kronecker_condition,
+    spectral_matrices,
+)
 
 
 @dataclass(frozen=True)
@@ -210,18 +220,41 @@ def test_left_half_plane_is_a_clear_error() -> None:
         matfn.solve_sylvester(B, -A, C.mT)
 
 
-def test_imaginary_axis_raises_convergence_error() -> None:
-    rot = torch.tensor([[0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)  # eigenvalues ±i
-    B = torch.eye(2, dtype=torch.float64)
-    with pytest.raises(MatrixSignConvergenceError, match="imaginary axis"):
-        matfn.solve_sylvester(rot, B, torch.ones(2, 2, dtype=torch.float64))
+def test_singular_equation_raises_with_residual() -> None:
+    # A = B = rotation: λ(A) + λ(B) = i − i = 0, the equation is singular. The Newton iteration
+    # breaks down on the axis eigenvalues, Bartels–Stewart returns garbage: a clear error that
+    # states the achieved residual (never the backward-stable 1e16-sized "solution").
+    rot = torch.tensor([[0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
+    C = torch.ones(2, 2, dtype=torch.float64)
+    for dtype in (torch.float64, torch.float32):
+        with pytest.raises(SylvesterSolveError, match="relative residual") as info:
+            matfn.solve_sylvester(rot.to(dtype), rot.to(dtype), C.to(dtype))
+        assert isinstance(info.value, MatrixSignConvergenceError)
+        assert "imaginary axis" in str(info.value) and info.value.residual > 1e-3
 
 
-def test_singular_A_raises() -> None:
-    A = _spd(3, [1.0, 0.5, 0.0])
-    B = _spd(2, [1.0, 2.0])
-    with pytest.raises((ValueError, MatrixSignConvergenceError), match="`A`"):
-        matfn.solve_sylvester(A, B, torch.ones(3, 2, dtype=torch.float64))
+def test_axis_or_singular_A_solvable_equation_uses_fallback() -> None:
+    # Outside the sign route's precondition (A singular, or eigenvalues ±i) but a solvable
+    # equation: the Newton iteration breaks down and Bartels–Stewart's verified result returns.
+    rot = torch.tensor([[0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
+    singular = _spd(3, [1.0, 0.5, 0.0])
+    for A, B in ((rot, torch.eye(2, dtype=torch.float64)), (singular, _spd(2, [1.0, 2.0]))):
+        C = torch.ones(A.shape[-1], B.shape[-1], dtype=torch.float64)
+        X = matfn.solve_sylvester(A, B, C)
+        np.testing.assert_allclose(X.numpy(), sylvester_oracle(A, B, C), rtol=1e-12, atol=1e-12)
+
+
+def test_missing_scipy_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without scipy the fallback cannot run: the error names the `oracles` extra and the cause.
+    monkeypatch.setitem(sys.modules, "scipy.linalg", None)
+    rot = torch.tensor([[0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
+    with pytest.raises(SylvesterSolveError, match=r"matfn\[oracles\]"):
+        matfn.solve_sylvester(rot, torch.eye(2, dtype=torch.float64), torch.ones(2, 2))
+
+
+def test_import_does_not_import_scipy() -> None:
+    code = "import sys, matfn; assert 'scipy' not in sys.modules, 'scipy imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
 
 
 @pytest.mark.parametrize(
@@ -254,3 +287,161 @@ def test_bad_options() -> None:
         matfn.solve_sylvester(A, B, C, compute_dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="`refine`"):
         matfn.solve_sylvester(A, B, C, refine=-1)
+
+
+def _relative_residual(A: np.ndarray, B: np.ndarray, C: np.ndarray, X: np.ndarray) -> float:
+    return float(np.linalg.norm(A @ X + X @ B - C) / np.linalg.norm(C))
+
+
+@pytest.mark.parametrize("coupling", [0.1, 0.3, 0.5, 1.0, 2.0, 3.0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_issue_nonnormal_example(coupling: float, dtype: torch.dtype) -> None:
+    # A = diag(1…3) + coupling·(strictly upper N(0, 1)), n = 30, B = 2I (issue #25): strongly
+    # non-normal A, well-conditioned equation (Kronecker condition 1.7 … 2.6e3). A polynomial
+    # sign iteration loses accuracy like the non-normality (relative residual 50 at coupling 1).
+    rng = np.random.default_rng(0)
+    n = 30
+    A = np.diag(np.linspace(1, 3, n)) + coupling * np.triu(rng.standard_normal((n, n)), 1)
+    B, C = 2 * np.eye(n), rng.standard_normal((n, n))
+    tA, tB, tC = (torch.from_numpy(t).to(dtype) for t in (A, B, C))
+    X = matfn.solve_sylvester(tA, tB, tC)
+    a, b, c = (t.double().numpy() for t in (tA, tB, tC))
+    res = _relative_residual(a, b, c, X.double().numpy())
+    if dtype == torch.float64:
+        assert res <= 1e-13, res
+    else:
+        # The float32 output's rounding: u·(‖A‖ + ‖B‖)‖X‖/‖C‖ (the float64 result before the
+        # cast meets 1e-5 by the acceptance test).
+        x = X.double().numpy()
+        floor = 4 * 2**-24 * (np.linalg.norm(a) + np.linalg.norm(b)) * np.linalg.norm(x)
+        assert res <= 1e-5 + floor / np.linalg.norm(c), res
+
+
+@st.composite
+def sylvester_spectral_problems(
+    draw: st.DrawFn, dtypes: tuple[torch.dtype, ...] = (torch.float64,)
+) -> tuple[SpectralCase, SpectralCase, float, int]:
+    """Right-half-plane ``A``, ``B`` (complex, non-normal), a scale for ``C`` and a seed."""
+    common = dict(
+        max_side=12, max_batch_dims=0, half_plane="right", max_q_cond=1e3, scales=(1e-2, 1e2)
+    )
+    dtype = draw(st.sampled_from(list(dtypes)))
+    A = draw(spectral_matrices(dtypes=[dtype], **common))
+    B = draw(spectral_matrices(dtypes=[dtype], **common))
+    return A, B, draw(st.sampled_from([1e-6, 1.0, 1e6])), draw(st.integers(0, 2**16))
+
+
+# Tested envelope: A, B of side ≤ 12 with eigenvector condition κ₂(Q) ≤ 1e3 each, complex
+# pairs at 0°–87°, moduli spread ≤ 1e2, scales 1e-2…1e2 (A and B independently), ‖C‖ scale
+# 1e-6…1e6; cases with Kronecker condition above 1e4 are skipped. float64: the 1e-10 target
+# (measured ≤ 1e-13). float32: 1e-5 plus the float32 output's own rounding
+# u·(‖A‖ + ‖B‖)‖X‖/‖C‖; the float64 result of a float32 solve meets 1e-5 itself.
+@given(sylvester_spectral_problems(dtypes=(torch.float64, torch.float32)))
+def test_complex_nonnormal_spectra(problem: tuple) -> None:
+    case_a, case_b, c_scale, seed = problem
+    A, B = case_a.tensor(), case_b.tensor()
+    a, b = A.double().numpy(), B.double().numpy()
+    kappa = kronecker_condition(a, b)
+    assume(kappa <= 1e4)
+    rng = np.random.default_rng(seed)
+    C = torch.from_numpy(c_scale * rng.standard_normal((case_a.n, case_b.n))).to(A.dtype)
+    X = matfn.solve_sylvester(A, B, C)
+    c, x = C.double().numpy(), X.double().numpy()
+    res = _relative_residual(a, b, c, x)
+    if A.dtype == torch.float64:
+        assert res <= 1e-10, (res, kappa)
+        ref = sylvester_oracle(A, B, C)
+        assert _rel(x, ref) <= 1e-14 * kappa * max(case_a.q_cond, case_b.q_cond) ** 2 + 1e-13
+    else:
+        floor = 4 * 2**-24 * (np.linalg.norm(a) + np.linalg.norm(b)) * np.linalg.norm(x)
+        assert res <= 1e-5 + floor / np.linalg.norm(c), (res, kappa)
+        # Computed in float32 with float64 residuals, returned in float64: the target itself.
+        X64 = matfn.solve_sylvester(A.double(), B.double(), C.double(), compute_dtype=torch.float32)
+        assert _relative_residual(a, b, c, X64.numpy()) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_scale_sweep(dtype: torch.dtype) -> None:
+    # X(sA, sB, tC) = (t/s)·X(A, B, C) for s, t across the dtype's range (no overflow in norms).
+    case_a = SpectralCase(n=6, q_cond=10.0, complex_pairs=2, max_angle=80.0, half_plane="right")
+    case_b = SpectralCase(n=5, q_cond=3.0, complex_pairs=1, max_angle=60.0, half_plane="right")
+    A, B = case_a.tensor().to(dtype), case_b.tensor().to(dtype)
+    C = torch.from_numpy(np.random.default_rng(1).standard_normal((6, 5))).to(dtype)
+    X0 = matfn.solve_sylvester(A, B, C).double()
+    exps = (-30, -15, 15, 30) if dtype == torch.float32 else (-150, -75, 75, 150)
+    for es in exps:
+        for et in exps:
+            s, t = 10.0**es, 10.0**et
+            if dtype == torch.float32 and abs(et - es) > 30:
+                continue  # X itself would leave the float32 range
+            X = matfn.solve_sylvester(A * s, B * s, C * t).double() * (s / t)
+            assert _rel(X.numpy(), X0.numpy()) <= (1e-12 if dtype == torch.float64 else 1e-5)
+
+
+def test_refinement_replays_without_reinverting(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The Newton run's inverses are recorded: refinement steps invert nothing.
+    calls = {"inv": 0}
+    real = torch.linalg.inv_ex
+
+    def counting(*args, **kwargs):
+        calls["inv"] += 1
+        return real(*args, **kwargs)
+
+    case = SylvesterCase((), 20, 15, 100.0, 100.0, 1.0, 1.0, 1.0, "eig", torch.float32, 3)
+    A, B, C = case.tensors()
+    monkeypatch.setattr(torch.linalg, "inv_ex", counting)
+    matfn.solve_sylvester(A, B, C, refine=0)
+    without = calls["inv"]
+    calls["inv"] = 0
+    X = matfn.solve_sylvester(A, B, C, refine=3)
+    assert calls["inv"] == without
+    assert _rel(X.double().numpy(), sylvester_oracle(A, B, C)) <= 1e-6
+
+
+def test_fallback_only_for_the_failing_batch_members(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only the members that fail the residual test go to Bartels–Stewart; the others keep the
+    # sign route's result.
+    sizes: list[int] = []
+    real = matfn.sylvester._bartels_stewart
+
+    def spy(A: torch.Tensor, *rest: object) -> torch.Tensor:
+        sizes.append(A.shape[0])
+        return real(A, *rest)
+
+    monkeypatch.setattr(matfn.sylvester, "_bartels_stewart", spy)
+    case = SylvesterCase((3,), 4, 3, 10.0, 10.0, 1.0, 1.0, 1.0, "eig", torch.float64, 5)
+    A, B, C = case.tensors()
+    X = matfn.solve_sylvester(A, B, C)
+    assert sizes == []
+    np.testing.assert_allclose(X.numpy(), sylvester_oracle(A, B, C), rtol=0, atol=1e-12)
+    # Spoil member 1's sign-route result (and every refinement correction of it): exactly that
+    # member is handed to Bartels–Stewart.
+    real_apply = matfn.sylvester._NewtonSylvester.apply
+
+    def spoiled(self: object, rhs: torch.Tensor) -> torch.Tensor:
+        out = real_apply(self, rhs)
+        out[1] = 0
+        return out
+
+    monkeypatch.setattr(matfn.sylvester._NewtonSylvester, "apply", spoiled)
+    X = matfn.solve_sylvester(A, B, C)
+    assert sizes == [1]
+    np.testing.assert_allclose(X.numpy(), sylvester_oracle(A, B, C), rtol=0, atol=1e-12)
+
+
+def test_block_newton_schulz_solve_checks_its_residual() -> None:
+    # The products-only block iteration (the msign derivative's Lyapunov solve) on the issue's
+    # strongly non-normal A: it must raise (its caller then takes the SVD route), not return X
+    # with relative residual 5.
+    rng = np.random.default_rng(0)
+    n = 30
+    A = np.diag(np.linspace(1, 3, n)) + np.triu(rng.standard_normal((n, n)), 1)
+    B, C = 2 * np.eye(n), rng.standard_normal((n, n))
+    tA, tB, tC = (torch.from_numpy(t)[None] for t in (A, B, C))
+    with pytest.raises(MatrixSignConvergenceError, match="relative residual"):
+        _solve_flat(tA, tB, tC, torch.float64)
+    # Symmetric positive definite coefficients: accurate, and the check passes.
+    case = SylvesterCase((2,), 7, 7, 100.0, 100.0, 1.0, 1.0, 1.0, "spd", torch.float64, 2)
+    A2, _, C2 = case.tensors()
+    X = _solve_flat(A2, None, C2, torch.float64)
+    np.testing.assert_allclose(X.numpy(), sylvester_oracle(A2, A2, C2), rtol=0, atol=1e-11)
