@@ -11,7 +11,7 @@ from .derivatives import msign_jvp, msign_vjp
 from .mclip import mclip
 from .mcsgn import MatrixSignConvergenceError, mcsgn
 from .msign import msign
-from .sylvester import solve_sylvester
+from .sylvester import SylvesterSolveError, solve_sylvester
 from .triangular import tri_inv, tri_solve
 
 __version__ = "0.1.0"
@@ -21,6 +21,7 @@ __all__ = [
     "mcsgn",
     "mclip",
     "MatrixSignConvergenceError",
+    "SylvesterSolveError",
     "polar_express_coefficients",
     "solve_sylvester",
     "msign_jvp",
