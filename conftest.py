@@ -30,4 +30,7 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
+#: Shared fixtures (``fake_cuda``) for every test module.
+pytest_plugins = ["tests.fakes"]
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -10,7 +10,6 @@ where reductions may be split differently).
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import numpy as np
@@ -215,42 +214,6 @@ def test_call_sites_hand_a_hashable_partial_of_the_eager_computation(monkeypatch
     for fn, name in cases:
         assert_close(fn(True), fn(False), rtol=0, atol=0)
         assert seen.pop() == name and not seen
-
-
-class _FakeCuda:
-    """Stand-ins for the CUDA stream and graph calls of a capture, for a CPU test."""
-
-    class Stream:
-        stream_id = 0
-
-        def __init__(self, device=None):
-            pass
-
-        def wait_stream(self, other):
-            pass
-
-    class CUDAGraph:
-        def replay(self):
-            """Nothing: the static output keeps the value of the capture run."""
-
-    @staticmethod
-    def current_stream(device=None):
-        return _FakeCuda.Stream()
-
-    @staticmethod
-    def stream(stream):
-        return contextlib.nullcontext()
-
-    @staticmethod
-    def graph(graph, **kwargs):
-        return contextlib.nullcontext()
-
-
-@pytest.fixture
-def fake_cuda(monkeypatch):
-    """Replace the CUDA stream and graph calls of a capture by :class:`_FakeCuda`'s."""
-    for name in ("Stream", "CUDAGraph", "current_stream", "stream", "graph"):
-        monkeypatch.setattr(torch.cuda, name, getattr(_FakeCuda, name))
 
 
 def test_capture_warms_up_and_records_on_the_same_gpu_time_kernels(monkeypatch, fake_cuda):

@@ -326,38 +326,10 @@ def test_graph_key_holds_the_kernel_choice():
     assert graphs.key(*args[:3], {"ns_steps": 6}) != key
 
 
-class _FakeCuda:
-    """Stand-ins for the CUDA stream and graph calls of a capture, for a CPU test."""
-
-    class Stream:
-        def __init__(self, device=None):
-            pass
-
-        def wait_stream(self, other):
-            pass
-
-    class CUDAGraph:
-        pass
-
-    @staticmethod
-    def current_stream(device=None):
-        return _FakeCuda.Stream()
-
-    @staticmethod
-    def stream(stream):
-        return contextlib.nullcontext()
-
-    @staticmethod
-    def graph(graph, **kwargs):
-        return contextlib.nullcontext()
-
-
 @pytest.mark.parametrize("gpu_time_kernels", [True, False])
-def test_bucket_graphs_record_on_the_configured_kernels(monkeypatch, gpu_time_kernels):
+def test_bucket_graphs_record_on_the_configured_kernels(monkeypatch, fake_cuda, gpu_time_kernels):
     """Warm-up and capture run inside ``for_graph()`` exactly when the config asks for the
     GPU-fastest kernels; a bucket is captured on its second sighting only, once."""
-    for name in ("Stream", "CUDAGraph", "current_stream", "stream", "graph"):
-        monkeypatch.setattr(torch.cuda, name, getattr(_FakeCuda, name))
     inside = [False]
 
     @contextlib.contextmanager
@@ -383,9 +355,7 @@ def test_bucket_graphs_record_on_the_configured_kernels(monkeypatch, gpu_time_ke
     assert not inside[0]
 
 
-def test_bucket_graphs_keep_at_most_max_graphs(monkeypatch):
-    for name in ("Stream", "CUDAGraph", "current_stream", "stream", "graph"):
-        monkeypatch.setattr(torch.cuda, name, getattr(_FakeCuda, name))
+def test_bucket_graphs_keep_at_most_max_graphs(fake_cuda):
     cache = BucketGraphs(FusedConfig(max_graphs=2))
     stack, partials = torch.zeros(1, 2, 2), torch.zeros(1)
     for key in ("a", "a", "b", "b", "c", "c"):
