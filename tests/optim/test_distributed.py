@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import itertools
-from datetime import timedelta
 
 import pytest
 import torch
@@ -33,6 +32,8 @@ from torch.testing import assert_close
 
 from optim import Muon, muon_param_groups
 from optim.distributed import assign_owners, resolve_process_group, shard_sizes
+
+from .gloo import run_scenarios
 
 # Tolerances. Optimizer alone: the owner orthogonalises exactly the single-process matrix in
 # float32; only the batch composition of the batched matmuls differs, so agreement is at float32
@@ -111,25 +112,7 @@ def test_single_process_unchanged() -> None:
 
 
 def _entry(rank: int, world: int, tmp: str) -> None:
-    torch.set_num_threads(1)  # 3 ranks share CI's 2 cores
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{tmp}/rendezvous",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=120),
-    )
-    try:
-        for scenario in (_scenario_optimizer, _scenario_fsdp2, _scenario_ddp):
-            try:
-                scenario(rank, world, tmp)
-            except Exception as e:
-                raise AssertionError(
-                    f"[world {world}, rank {rank}] {scenario.__name__}: {e}"
-                ) from e
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    run_scenarios(rank, world, tmp, (_scenario_optimizer, _scenario_fsdp2, _scenario_ddp))
 
 
 @pytest.mark.distributed

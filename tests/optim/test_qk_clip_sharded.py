@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import gc
 import os
-from datetime import timedelta
 
 import pytest
 import torch
@@ -38,6 +37,7 @@ from torch.testing import assert_close
 
 from optim import Muon, QKClip, muon_param_groups
 
+from .gloo import run_scenarios
 from .test_distributed import TRAIN_TOL, _full_state, _nullcontext
 from .toy_attention import ToyAttention, ToyMLA
 
@@ -422,26 +422,8 @@ def _scenario_layouts(rank: int, world: int, tmp: str) -> None:
 
 
 def _entry(rank: int, world: int, tmp: str, scenarios: tuple = ()) -> None:
-    torch.set_num_threads(1)  # 3 ranks share CI's 2 cores
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{tmp}/rendezvous",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=120),
-    )
-    try:
-        default = (_scenario_layouts, _scenario_fsdp2, _scenario_ddp, _scenario_tp)
-        for scenario in scenarios or default:
-            try:
-                scenario(rank, world, tmp)
-            except Exception as e:
-                raise AssertionError(
-                    f"[world {world}, rank {rank}] {scenario.__name__}: {e}"
-                ) from e
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    default = (_scenario_layouts, _scenario_fsdp2, _scenario_ddp, _scenario_tp)
+    run_scenarios(rank, world, tmp, scenarios or default)
 
 
 @pytest.mark.distributed
