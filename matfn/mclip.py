@@ -8,9 +8,12 @@ from typing import Literal
 
 import torch
 
-from . import _graphs
+import math
+
+from . import _graphs, _scaling
+from ._autocast import no_autocast
 from ._batching import flatten_batch, to_wide, unflatten_batch
-from ._validation import check_matrix
+from ._validation import check_compute_dtype, check_eps, check_matrix, check_real
 from .msign import Algorithm, Method, Steps, check_options, msign_wide
 
 __all__ = ["mclip"]
@@ -25,47 +28,65 @@ MCLIP_DEFAULT_STEPS = 8
 def _clip_above(
     M: torch.Tensor,
     O: torch.Tensor,
-    beta: float,
+    beta: torch.Tensor,
     form: str,
     sign: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
     """``U min(Σ, β) Vᵀ`` for a wide batch ``(B, s, L)`` given ``O = msign(M)``.
 
-    ``sign`` computes msign of a wide batch. Formulas (docs/math.md §3.2) with ``G = M Mᵀ`` on the
-    short side and ``β`` folded in by scale invariance (``msign(G/β² − I) = msign(G − β² I)``):
+    ``beta``: ``(B, 1, 1)``, one ``β > 0`` per matrix (``inf`` allowed), float64. ``sign``
+    computes msign of a wide batch. Formulas (docs/math.md §3.2) with ``G = M Mᵀ`` on the short
+    side and ``β`` folded in by scale invariance (``msign(G/β² − I) = msign(G − β² I)``):
 
     * F2: ``½[M + βO + msign(G − β²I)(βO − M)]``;
     * F3: ``½[msign(G + β²I)(βO + M) + msign(G − β²I)(βO − M)]``;
     * dilation: ``Q + P M`` with ``[[P, Q], [·, ·]] = msign([[βI, M], [Mᵀ, βI]])``.
+
+    Matrices with ``β ≥ b``, ``b`` a bound on ``σ_max`` (``‖G‖_F^{1/2}``; ``‖M‖_F`` for the
+    dilation), are returned exactly: for them the clip is the identity, and the formulas would
+    cancel ``βO ± M`` (β ≫ σ loses M to rounding). They are iterated with ``β = b`` (finite).
     """
     s = M.shape[-2]
     eye = torch.eye(s, dtype=M.dtype, device=M.device)
+    if form == "dilation":
+        bound = torch.linalg.matrix_norm(M, keepdim=True)
+    else:
+        G = M @ M.mT
+        bound = torch.linalg.matrix_norm(G, keepdim=True).sqrt()
+    keep = beta >= bound
+    b = torch.where(keep, bound.to(beta.dtype), beta)
+    beta, beta2 = b.to(M.dtype), (b * b).to(M.dtype)
     if form == "dilation":
         L = M.shape[-1]
         H = torch.zeros(M.shape[0], s + L, s + L, dtype=M.dtype, device=M.device)
         H[:, :s, s:] = M
         H[:, s:, :s] = M.mT
-        H.diagonal(dim1=-2, dim2=-1).fill_(beta)
+        H.diagonal(dim1=-2, dim2=-1).copy_(beta.reshape(-1, 1).expand(-1, s + L))
         OH = sign(H)
-        return OH[:, :s, s:] * beta + OH[:, :s, :s] @ M
-    G = M @ M.mT
-    shifted = G - (beta * beta) * eye
-    if form == "F2":
-        return 0.5 * (M + beta * O + sign(shifted) @ (beta * O - M))
-    # F3: both Gram-side signs in one batched call.
-    both = sign(torch.cat([G + (beta * beta) * eye, shifted]))
-    plus, minus = both.chunk(2)
-    return 0.5 * (plus @ (beta * O + M) + minus @ (beta * O - M))
+        out = OH[:, :s, s:] * beta + OH[:, :s, :s] @ M
+    else:
+        shifted = G - beta2 * eye
+        if form == "F2":
+            out = 0.5 * (M + beta * O + sign(shifted) @ (beta * O - M))
+        else:
+            # F3: both Gram-side signs in one batched call.
+            both = sign(torch.cat([G + beta2 * eye, shifted]))
+            plus, minus = both.chunk(2)
+            out = 0.5 * (plus @ (beta * O + M) + minus @ (beta * O - M))
+    return torch.where(keep, M, out)
 
 
-def _clip_svd(X: torch.Tensor, min_sv: float, max_sv: float) -> torch.Tensor:
+def _clip_svd(X: torch.Tensor, min_sv: torch.Tensor, max_sv: torch.Tensor) -> torch.Tensor:
+    """The exact clip by the SVD; ``min_sv``, ``max_sv``: ``(B, 1, 1)`` float64 bounds."""
     work = X.to(torch.float64 if X.dtype == torch.float64 else torch.float32)
     U, S, Vh = torch.linalg.svd(work, full_matrices=False)
     tol = max(X.shape[-2:]) * torch.finfo(work.dtype).eps * S[..., :1]
-    clipped = torch.where(S > tol, S.clamp(min=min_sv, max=max_sv), torch.zeros_like(S))
+    lo, hi = min_sv.reshape(-1, 1).to(S.dtype), max_sv.reshape(-1, 1).to(S.dtype)
+    clipped = torch.where(S > tol, torch.minimum(torch.maximum(S, lo), hi), torch.zeros_like(S))
     return (U * clipped.unsqueeze(-2)) @ Vh
 
 
+@no_autocast
 def mclip(
     M: torch.Tensor,
     *,
@@ -87,12 +108,15 @@ def mclip(
     M : torch.Tensor
         Real ``(..., n, m)`` tensor, any batch dims. Never modified.
     max_sv : float
-        Upper bound ``β > 0``.
+        Upper bound ``β > 0``; ``inf`` returns M. A matrix with ``β ≥ ‖M Mᵀ‖_F^{1/2}`` (a bound
+        on ``σ_max``; ``‖M‖_F`` for ``form="dilation"``) comes back exactly (the clip is the
+        identity there); for β between ``σ_max`` and that bound the iteration's accuracy applies.
     min_sv : float
-        Lower bound ``α`` with ``0 ≤ α ≤ β``. Only nonzero singular values are lifted: the rank
+        Lower bound ``α``, finite, with ``0 ≤ α ≤ β``. Only nonzero singular values are lifted: the rank
         is preserved (for rank-deficient M the lifted directions would not be unique).
     method, steps, algorithm, eps, check_finite, cuda_graph
-        As in :func:`matfn.msign`; they apply to every inner msign call, except that
+        As in :func:`matfn.msign` (``eps`` is the inner calls' normalisation floor, met only by
+        exact zeros: the inputs are rescaled first); they apply to every inner msign call, except that
         ``steps=None`` with ``polar_express`` means 8 steps (5 leave the largest singular value
         near ``1.3·max_sv``). ``method="svd"`` gives the exact result through
         ``torch.linalg.svd`` (so does ``form="svd"``).
@@ -114,11 +138,18 @@ def mclip(
     Raises
     ------
     TypeError, ValueError
-        Bad input as in :func:`matfn.msign`; ``max_sv ≤ 0``, ``min_sv < 0`` or
-        ``min_sv > max_sv``; unknown ``form``.
+        Bad input as in :func:`matfn.msign`; ``max_sv ≤ 0`` or NaN, ``min_sv < 0``, not finite
+        or ``> max_sv``; unknown ``form``.
 
     Notes
     -----
+    Scale: ``mclip(sM, max_sv=sβ, min_sv=sα) = s·mclip(M, max_sv=β, min_sv=α)`` to rounding for
+    any finite input and any ``s > 0`` that keeps the bounds representable (bitwise for powers
+    of two): each matrix is rescaled by a power of two to largest entry in ``[½, 1)`` first, so
+    ``M Mᵀ`` and the inner norms never over- or underflow. Meta tensors propagate shape and
+    dtype; autocast is off inside.
+
+
     With ``O = msign(M)`` and, on the short side, ``G = M Mᵀ``:
     ``mclip_[0,β](M) = ½[msign(G + β²I)(βO + M) + msign(G − β²I)(βO − M)]`` (F3). In exact
     arithmetic ``msign(G + β²I) = I`` and F3 equals F2; numerically that factor cancels part of
@@ -156,16 +187,20 @@ def mclip(
     tensor([[1.0000, 0.0000],
             [0.0000, 0.5000]], dtype=torch.float64)
     """
-    check_matrix(M, "M", check_finite=check_finite)
+    check_matrix(M, "M", check_finite=check_finite and not getattr(M, "is_meta", False))
     check_options(method, steps, algorithm)
     if form not in FORMS:
         raise ValueError(f"`form` must be one of {FORMS}, got {form!r}")
-    if not (max_sv > 0):
-        raise ValueError(f"`max_sv` must be > 0, got {max_sv!r}")
-    if not (0 <= min_sv <= max_sv):
+    max_sv = check_real(max_sv, "max_sv", low=0.0, low_open=True, finite=False)
+    min_sv = check_real(min_sv, "min_sv", low=0.0)
+    if min_sv > max_sv:
         raise ValueError(f"`min_sv` must satisfy 0 <= min_sv <= max_sv, got {min_sv!r}")
-    if M.numel() == 0:
+    check_eps(eps)
+    check_compute_dtype(compute_dtype)
+    if M.numel() == 0 or M.is_meta:
         return torch.empty_like(M)
+    if math.isinf(max_sv) and min_sv == 0:
+        return M.clone(memory_format=torch.contiguous_format)
 
     if steps is None and method == "polar_express":
         steps = MCLIP_DEFAULT_STEPS
@@ -180,12 +215,22 @@ def mclip(
 
 
 def _mclip(M: torch.Tensor, options: tuple) -> torch.Tensor:
-    """mclip of a validated, non-empty ``M`` (the part a CUDA graph captures)."""
+    """mclip of a validated, non-empty ``M`` (the part a CUDA graph captures).
+
+    Scale-safe by homogeneity, ``mclip(M, α, β) = 2^e·mclip(2^{-e} M, 2^{-e}α, 2^{-e}β)``, with
+    ``2^e`` each matrix's largest entry's binade (:mod:`matfn._scaling`): exact, and bitwise
+    neutral where nothing over- or underflowed without it; ``G = M Mᵀ`` and the norms of the
+    inner msign calls then stay in range for any finite input.
+    """
     min_sv, max_sv, method, steps, form, algorithm, eps, compute_dtype = options
     X, batch_shape = flatten_batch(M)
     X, transposed = to_wide(X)
+    e = _scaling.exponents(X)
+    unit = torch.exp2(-e.to(torch.float64)).reshape(-1, 1, 1)
+    upper, lower = max_sv * unit, min_sv * unit
+    X = _scaling.scale_pow2(X, -e)
     if method == "svd" or form == "svd":
-        out = _clip_svd(X, min_sv, max_sv)
+        out = _clip_svd(X, lower, upper)
     else:
         work = X.to(torch.float64 if compute_dtype == torch.float64 else torch.float32)
 
@@ -201,9 +246,10 @@ def _mclip(M: torch.Tensor, options: tuple) -> torch.Tensor:
             return out.to(work.dtype)
 
         O = sign(work)
-        out = _clip_above(work, O, max_sv, form, sign)
+        out = _clip_above(work, O, upper, form, sign)
         if min_sv > 0:
-            out = out + min_sv * O - _clip_above(work, O, min_sv, form, sign)
+            out = out + lower.to(work.dtype) * O - _clip_above(work, O, lower, form, sign)
+    out = _scaling.scale_pow2(out, e)
     if transposed:
         out = out.mT
     return unflatten_batch(out.to(M.dtype), batch_shape)
