@@ -3,12 +3,11 @@ r"""mclip: singular-value clipping ``U clip(Σ, min_sv, max_sv) Vᵀ`` through m
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Literal
 
 import torch
-
-import math
 
 from . import _graphs, _scaling
 from ._autocast import no_autocast
@@ -112,13 +111,13 @@ def mclip(
         on ``σ_max``; ``‖M‖_F`` for ``form="dilation"``) comes back exactly (the clip is the
         identity there); for β between ``σ_max`` and that bound the iteration's accuracy applies.
     min_sv : float
-        Lower bound ``α``, finite, with ``0 ≤ α ≤ β``. Only nonzero singular values are lifted: the rank
-        is preserved (for rank-deficient M the lifted directions would not be unique).
+        Lower bound ``α``, finite, with ``0 ≤ α ≤ β``. Only nonzero singular values are lifted:
+        the rank is preserved (for rank-deficient M the lifted directions would not be unique).
     method, steps, algorithm, eps, check_finite, cuda_graph
         As in :func:`matfn.msign` (``eps`` is the inner calls' normalisation floor, met only by
-        exact zeros: the inputs are rescaled first); they apply to every inner msign call, except that
-        ``steps=None`` with ``polar_express`` means 8 steps (5 leave the largest singular value
-        near ``1.3·max_sv``). ``method="svd"`` gives the exact result through
+        exact zeros: the inputs are rescaled first); they apply to every inner msign call,
+        except that ``steps=None`` with ``polar_express`` means 8 steps (5 leave the largest
+        singular value near ``1.3·max_sv``). ``method="svd"`` gives the exact result through
         ``torch.linalg.svd`` (so does ``form="svd"``).
     compute_dtype : torch.dtype, optional
         Iteration dtype; default float32 (float64 for float64 input), on CUDA too: bfloat16

@@ -30,8 +30,8 @@ from .. import _graphs, _scaling
 from .._autocast import no_autocast
 from .._batching import flatten_batch, to_wide, unflatten_batch
 from .._validation import check_compute_dtype, check_eps, check_matrix
-from ..kernels.recording import recording
 from ..coefficients import CONVERGENT_QUINTIC, DEFAULT_STEPS, auto_schedule, schedule
+from ..kernels.recording import recording
 from .path import (
     cast,
     choose_algorithm,
