@@ -72,9 +72,7 @@ def scale_pow2(M: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return M * f1 * f2
 
 
-def norms_in_range(
-    M: torch.Tensor, floor: float, *, check_finite: bool, name: str = "M"
-) -> bool:
+def norms_in_range(M: torch.Tensor, floor: float, *, check_finite: bool, name: str = "M") -> bool:
     """Whether every matrix of ``M`` has a Frobenius norm in range and ``≥ floor`` (one sync).
 
     In range: within :func:`norm_range` of the accumulate dtype (so the plain norm is correct to

@@ -215,8 +215,7 @@ def check_compute_dtype(
     names = ", ".join(str(d) for d in allowed)
     if not isinstance(dtype, torch.dtype):
         raise TypeError(
-            f"`{name}` must be a torch.dtype (one of {names}), got {type(dtype).__name__} "
-            f"{dtype!r}"
+            f"`{name}` must be a torch.dtype (one of {names}), got {type(dtype).__name__} {dtype!r}"
         )
     if dtype not in allowed:
         raise ValueError(f"`{name}` must be one of {names}, got {dtype}")
