@@ -8,6 +8,7 @@ the tensors (:func:`check_matrix`) and the options (:func:`check_eps`,
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -158,7 +159,7 @@ def float_result_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 def _is_real_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def check_real(
@@ -182,9 +183,12 @@ def check_real(
     lo_ok = value > low if low_open else value >= low
     hi_ok = value < high if high_open else value <= high
     if math.isnan(value) or (finite and math.isinf(value)) or not (lo_ok and hi_ok):
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        kind = "a finite number in " if finite else "a number in "
-        raise ValueError(f"`{name}` must be {kind}{interval}, got {x!r}")
+        if math.isinf(high):
+            where = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            where = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        kind = "a finite number" if finite else "a number (inf allowed)"
+        raise ValueError(f"`{name}` must be {kind} {where}, got {x!r}")
     return value
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ._autocast import no_autocast
 from ._validation import check_matrix, check_same_device, float_result_dtype
 from .coefficients import CONVERGENT_QUINTIC, Coefficients, auto_schedule
 from .mcsgn import MatrixSignConvergenceError
@@ -210,6 +211,7 @@ def _solve_once(
     return (-0.5 * Z.R.to(acc) * c_scale).to(compute_dtype)
 
 
+@no_autocast
 def solve_sylvester(
     A: torch.Tensor,
     B: torch.Tensor,
