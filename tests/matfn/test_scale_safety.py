@@ -105,7 +105,7 @@ def test_msign_mixed_scales_in_one_batch():
     M[4] *= 1e-9  # below the default eps: normalised all the same
     out = matfn.msign(M)
     for b in range(5):  # batched and single products may round differently
-        torch.testing.assert_close(out[b], matfn.msign(M[b]), rtol=0, atol=1e-6)
+        torch.testing.assert_close(out[b], matfn.msign(M[b]), rtol=0, atol=1e-4)
     assert torch.equal(out[3], torch.zeros_like(out[3]))
     for b in (0, 1, 4):
         ref = msign_oracle(M[b])
