@@ -170,9 +170,10 @@ def _divide_by_norms_kernel(
     b = tl.program_id(1)
     offs = t * BLOCK + tl.arange(0, BLOCK)
     mask = offs < size
-    denom = tl.maximum(tl.load(norms_ptr + b).to(tl.float32) * factor, eps)
-    # an overflowed (inf) or NaN norm gives NaN, never a silent x / inf = 0
-    denom = tl.where(denom < float("inf"), denom, float("nan"))
+    scaled = tl.load(norms_ptr + b).to(tl.float32) * factor
+    # an overflowed (inf) or NaN norm gives NaN, never a silent x / inf = 0 (or x / eps: max
+    # does not propagate NaN)
+    denom = tl.where(scaled < float("inf"), tl.maximum(scaled, eps), float("nan"))
     x = tl.load(x_ptr + b.to(tl.int64) * size + offs, mask=mask, other=0.0).to(tl.float32)
     # correctly rounded, as torch's divide (Triton's `/` is the 2-ulp approximation): the same
     # values as `normalize`'s torch path, also for float32 iterates
