@@ -291,10 +291,10 @@ def msign_jvp(
         M only); ``"svd"``: the closed form with the SVD (any rank, pseudo-inverse convention);
         ``"auto"``: the first with the second as fallback for rank-deficient M.
     compute_dtype : torch.dtype, optional
-        float64 or float32 (default: float64 for float64 inputs, else float32).
+        torch.float64 or torch.float32 (default: float64 for float64 inputs, else float32).
     rank_tol : float, optional
-        Singular values ``≤ rank_tol·σ₁`` count as zero in the SVD route (default
-        ``max(n, m)·ε`` of the compute dtype, as ``msign(method="svd")``).
+        A finite number ≥ 0: singular values ``≤ rank_tol·σ₁`` count as zero in the SVD route
+        (default ``max(n, m)·ε`` of the compute dtype, as ``msign(method="svd")``).
     check_finite : bool
         Raise on NaN/Inf (one host sync).
 
@@ -306,10 +306,12 @@ def msign_jvp(
     Raises
     ------
     TypeError
-        ``M`` or ``dM`` is not a dense real floating tensor.
+        ``M`` or ``dM`` is not a dense real floating tensor; ``compute_dtype`` is not a
+        ``torch.dtype``; ``rank_tol`` is not a number.
     ValueError
-        Fewer than 2 dims, mismatched shapes, mixed devices, NaN/Inf, unknown ``method`` or
-        ``compute_dtype``; ``method="sylvester"`` with numerically rank-deficient ``M``.
+        Fewer than 2 dims, mismatched shapes, mixed devices, NaN/Inf, unknown ``method``,
+        ``compute_dtype`` other than float64/float32, ``rank_tol`` negative or not finite;
+        ``method="sylvester"`` with numerically rank-deficient ``M``.
 
     Notes
     -----
@@ -348,6 +350,12 @@ def msign_jvp(
     1e-12–1e-10; float32 about 1e-6·(σ₁/σ_min) for well-conditioned M (σ₁/σ_min ≤ 1e2:
     1e-5 checked in the tests). ``J`` is homogeneous of degree −1 (``J_{cM} = J_M / c``) and
     ``J_M[M] = 0``.
+
+    Scale: any finite ``M`` and ``dM`` (1e-30 … 1e30 in float32): both are rescaled by powers of
+    two to largest entry in ``[½, 1)`` first and the result scaled back by ``2^{e_D − e_M}``
+    (exact; bitwise neutral for in-range inputs), so no product or norm over- or underflows
+    unless the result itself does. Meta tensors propagate shape and dtype; autocast is off
+    inside.
 
     References
     ----------
