@@ -12,7 +12,8 @@ import torch
 from . import _graphs, _scaling
 from ._autocast import no_autocast
 from ._batching import flatten_batch, to_wide, unflatten_batch
-from ._validation import check_compute_dtype, check_eps, check_matrix, check_real
+from ._validation import assert_finite, check_compute_dtype, check_eps, check_matrix, check_real
+from .kernels.recording import recording
 from .msign import Algorithm, Method, Steps, check_options, msign_wide
 
 __all__ = ["mclip"]
@@ -27,43 +28,54 @@ MCLIP_DEFAULT_STEPS = 8
 def _clip_above(
     M: torch.Tensor,
     O: torch.Tensor,
-    beta: torch.Tensor,
+    beta: float | torch.Tensor,
     form: str,
     sign: Callable[[torch.Tensor], torch.Tensor],
+    check_keep: bool = False,
 ) -> torch.Tensor:
     """``U min(Σ, β) Vᵀ`` for a wide batch ``(B, s, L)`` given ``O = msign(M)``.
 
-    ``beta``: ``(B, 1, 1)``, one ``β > 0`` per matrix (``inf`` allowed), float64. ``sign``
-    computes msign of a wide batch. Formulas (docs/math.md §3.2) with ``G = M Mᵀ`` on the short
-    side and ``β`` folded in by scale invariance (``msign(G/β² − I) = msign(G − β² I)``):
+    ``beta``: one ``β > 0`` for the batch, or a ``(B, 1, 1)`` float64 tensor of one per matrix
+    (rescaled inputs). ``sign`` computes msign of a wide batch. Formulas (docs/math.md §3.2)
+    with ``G = M Mᵀ`` on the short side and ``β`` folded in by scale invariance
+    (``msign(G/β² − I) = msign(G − β² I)``):
 
     * F2: ``½[M + βO + msign(G − β²I)(βO − M)]``;
     * F3: ``½[msign(G + β²I)(βO + M) + msign(G − β²I)(βO − M)]``;
     * dilation: ``Q + P M`` with ``[[P, Q], [·, ·]] = msign([[βI, M], [Mᵀ, βI]])``.
 
-    Matrices with ``β ≥ b``, ``b`` a bound on ``σ_max`` (``‖G‖_F^{1/2}``; ``‖M‖_F`` for the
-    dilation), are returned exactly: for them the clip is the identity, and the formulas would
-    cancel ``βO ± M`` (β ≫ σ loses M to rounding). They are iterated with ``β = b`` (finite).
+    ``check_keep``: matrices with ``β ≥ ‖M‖_F ≥ σ_max`` come back exactly (the clip is the
+    identity for them, and the formulas would cancel ``βO ± M``: β ≫ σ loses M to rounding);
+    they are iterated with ``β = ‖M‖_F`` (finite) and replaced.
     """
     s = M.shape[-2]
     eye = torch.eye(s, dtype=M.dtype, device=M.device)
-    if form == "dilation":
-        bound = torch.linalg.matrix_norm(M, keepdim=True)
+    keep = None
+    if check_keep:
+        if not isinstance(beta, torch.Tensor):
+            beta = torch.full((M.shape[0], 1, 1), beta, dtype=torch.float64, device=M.device)
+        bound = torch.linalg.matrix_norm(M, keepdim=True).to(torch.float64)
+        keep = beta >= bound
+        beta = torch.where(keep, bound, beta)
+    if isinstance(beta, torch.Tensor):
+        # β² rounded once from float64, as the scalar path's Python product
+        beta, beta2 = beta.to(M.dtype), (beta * beta).to(M.dtype)
     else:
-        G = M @ M.mT
-        bound = torch.linalg.matrix_norm(G, keepdim=True).sqrt()
-    keep = beta >= bound
-    b = torch.where(keep, bound.to(beta.dtype), beta)
-    beta, beta2 = b.to(M.dtype), (b * b).to(M.dtype)
+        beta2 = beta * beta
     if form == "dilation":
         L = M.shape[-1]
         H = torch.zeros(M.shape[0], s + L, s + L, dtype=M.dtype, device=M.device)
         H[:, :s, s:] = M
         H[:, s:, :s] = M.mT
-        H.diagonal(dim1=-2, dim2=-1).copy_(beta.reshape(-1, 1).expand(-1, s + L))
+        diagonal = H.diagonal(dim1=-2, dim2=-1)
+        if isinstance(beta, torch.Tensor):
+            diagonal.copy_(beta.reshape(-1, 1).expand(-1, s + L))
+        else:
+            diagonal.fill_(beta)
         OH = sign(H)
         out = OH[:, :s, s:] * beta + OH[:, :s, :s] @ M
     else:
+        G = M @ M.mT
         shifted = G - beta2 * eye
         if form == "F2":
             out = 0.5 * (M + beta * O + sign(shifted) @ (beta * O - M))
@@ -72,17 +84,51 @@ def _clip_above(
             both = sign(torch.cat([G + beta2 * eye, shifted]))
             plus, minus = both.chunk(2)
             out = 0.5 * (plus @ (beta * O + M) + minus @ (beta * O - M))
-    return torch.where(keep, M, out)
+    return out if keep is None else torch.where(keep, M, out)
 
 
-def _clip_svd(X: torch.Tensor, min_sv: torch.Tensor, max_sv: torch.Tensor) -> torch.Tensor:
-    """The exact clip by the SVD; ``min_sv``, ``max_sv``: ``(B, 1, 1)`` float64 bounds."""
+def _clip_svd(
+    X: torch.Tensor, min_sv: float | torch.Tensor, max_sv: float | torch.Tensor
+) -> torch.Tensor:
+    """The exact clip by the SVD; bounds as floats or ``(B, 1, 1)`` float64 tensors."""
     work = X.to(torch.float64 if X.dtype == torch.float64 else torch.float32)
     U, S, Vh = torch.linalg.svd(work, full_matrices=False)
     tol = max(X.shape[-2:]) * torch.finfo(work.dtype).eps * S[..., :1]
-    lo, hi = min_sv.reshape(-1, 1).to(S.dtype), max_sv.reshape(-1, 1).to(S.dtype)
-    clipped = torch.where(S > tol, torch.minimum(torch.maximum(S, lo), hi), torch.zeros_like(S))
+    if isinstance(max_sv, torch.Tensor):
+        lo = torch.as_tensor(min_sv, dtype=torch.float64, device=S.device).reshape(-1, 1)
+        hi = max_sv.reshape(-1, 1)
+        clamped = torch.minimum(torch.maximum(S, lo.to(S.dtype)), hi.to(S.dtype))
+    else:
+        clamped = S.clamp(min=min_sv, max=max_sv)
+    clipped = torch.where(S > tol, clamped, torch.zeros_like(S))
     return (U * clipped.unsqueeze(-2)) @ Vh
+
+
+def _plan(M: torch.Tensor, max_sv: float, eps: float, check_finite: bool) -> tuple[bool, str]:
+    """``(rescale, keep)``: whether to rescale M by powers of two, and the exact-M rule's mode.
+
+    One norm pass and one host sync (which carries the finiteness check): rescale unless every
+    ``‖M_b‖_F`` lies in ``[2√(eps·s), max^{1/4}/4]`` (so ``M Mᵀ``, the inner norms ``Σσ⁴`` and the
+    inner msign's floor eps stay out of trouble; rescaling is exact, so this only chooses the
+    cheaper path); ``keep`` is ``"all"`` when ``max_sv ≥ ‖M_b‖_F`` for every matrix (M is the
+    answer), ``"none"`` when for none, else ``"some"`` (decided per matrix on the device).
+    CUDA calls with ``check_finite=False``, graph captures and ``torch.compile`` skip it (no
+    sync): ``(False, "none")``.
+    """
+    if not check_finite and (M.is_cuda or recording() or torch.compiler.is_compiling()):
+        return False, "none"
+    acc = _scaling.accumulate_dtype(M.dtype)
+    norms = torch.linalg.matrix_norm(M.detach(), dtype=acc)
+    smallest, largest = torch.stack(torch.aminmax(norms.reshape(-1))).tolist()
+    if check_finite and not math.isfinite(smallest + largest):
+        assert_finite(M, "M")
+    lo_acc, _ = _scaling.norm_range(acc)
+    lo = 2 * max(math.sqrt(eps * min(M.shape[-2:])), math.sqrt(lo_acc))
+    hi = torch.finfo(acc).max ** 0.25 / 4
+    rescale = not (lo <= smallest and largest <= hi)
+    if rescale:
+        return True, "some"
+    return False, "all" if max_sv >= largest else "none" if max_sv < smallest else "some"
 
 
 @no_autocast
@@ -107,9 +153,11 @@ def mclip(
     M : torch.Tensor
         Real ``(..., n, m)`` tensor, any batch dims. Never modified.
     max_sv : float
-        Upper bound ``β > 0``; ``inf`` returns M. A matrix with ``β ≥ ‖M Mᵀ‖_F^{1/2}`` (a bound
-        on ``σ_max``; ``‖M‖_F`` for ``form="dilation"``) comes back exactly (the clip is the
-        identity there); for β between ``σ_max`` and that bound the iteration's accuracy applies.
+        Upper bound ``β > 0``; ``inf`` allowed. Rule: a matrix with ``β ≥ ‖M‖_F`` (a cheap bound
+        on ``σ_max``) comes back exactly, ``max_sv=inf`` included (the clip is the identity
+        there); for β between ``σ_max`` and ``‖M‖_F`` the iteration's accuracy applies. On CUDA
+        with ``check_finite=False`` the rule (and the rescale of the Notes) needs the check's
+        host sync and is skipped, except for ``max_sv=inf`` with ``min_sv=0``.
     min_sv : float
         Lower bound ``α``, finite, with ``0 ≤ α ≤ β``. Only nonzero singular values are lifted:
         the rank is preserved (for rank-deficient M the lifted directions would not be unique).
@@ -144,8 +192,11 @@ def mclip(
     -----
     Scale: ``mclip(sM, max_sv=sβ, min_sv=sα) = s·mclip(M, max_sv=β, min_sv=α)`` to rounding for
     any finite input and any ``s > 0`` that keeps the bounds representable (bitwise for powers
-    of two): each matrix is rescaled by a power of two to largest entry in ``[½, 1)`` first, so
-    ``M Mᵀ`` and the inner norms never over- or underflow. Meta tensors propagate shape and
+    of two): a batch with a ``‖M_b‖_F`` outside ``[2√(eps·s), max^{1/4}/4]`` of the accumulate
+    dtype is rescaled per matrix by a power of two to largest entry in ``[½, 1)`` (exact), so
+    ``M Mᵀ`` and the inner norms never over- or underflow. The test rides on the finiteness
+    check's pass and sync (skipped on CUDA with ``check_finite=False``: inputs must then be in
+    that range, as the optimizer's normalised ones are). Meta tensors propagate shape and
     dtype; autocast is off inside.
 
 
@@ -186,7 +237,7 @@ def mclip(
     tensor([[1.0000, 0.0000],
             [0.0000, 0.5000]], dtype=torch.float64)
     """
-    check_matrix(M, "M", check_finite=check_finite and not getattr(M, "is_meta", False))
+    check_matrix(M, "M", check_finite=False)
     check_options(method, steps, algorithm)
     if form not in FORMS:
         raise ValueError(f"`form` must be one of {FORMS}, got {form!r}")
@@ -198,14 +249,15 @@ def mclip(
     check_compute_dtype(compute_dtype)
     if M.numel() == 0 or M.is_meta:
         return torch.empty_like(M)
-    if math.isinf(max_sv) and min_sv == 0:
+    rescale, keep = _plan(M, max_sv, eps, check_finite)
+    if keep == "all" and min_sv == 0:
         return M.clone(memory_format=torch.contiguous_format)
 
     if steps is None and method == "polar_express":
         steps = MCLIP_DEFAULT_STEPS
     if compute_dtype is None:
         compute_dtype = torch.float64 if M.dtype == torch.float64 else torch.float32
-    options = (float(min_sv), float(max_sv), method, steps, form, algorithm, eps, compute_dtype)
+    options = (min_sv, max_sv, method, steps, form, algorithm, eps, compute_dtype, rescale, keep)
     call = functools.partial(_mclip, options=options)
     exact = method == "svd" or form == "svd"
     if cuda_graph and steps != "auto" and not exact and _graphs.ns_graph_applies(M):
@@ -216,18 +268,22 @@ def mclip(
 def _mclip(M: torch.Tensor, options: tuple) -> torch.Tensor:
     """mclip of a validated, non-empty ``M`` (the part a CUDA graph captures).
 
-    Scale-safe by homogeneity, ``mclip(M, α, β) = 2^e·mclip(2^{-e} M, 2^{-e}α, 2^{-e}β)``, with
-    ``2^e`` each matrix's largest entry's binade (:mod:`matfn._scaling`): exact, and bitwise
-    neutral where nothing over- or underflowed without it; ``G = M Mᵀ`` and the norms of the
-    inner msign calls then stay in range for any finite input.
+    With ``rescale``, scale-safe by homogeneity, ``mclip(M, α, β) = 2^e·mclip(2^{-e} M,
+    2^{-e}α, 2^{-e}β)``, ``2^e`` each matrix's largest entry's binade (:mod:`matfn._scaling`):
+    exact, and bitwise the unscaled path's result wherever that one was in range; ``G = M Mᵀ``
+    and the inner msign norms then stay in range for any finite input. ``keep``: :func:`_plan`.
     """
-    min_sv, max_sv, method, steps, form, algorithm, eps, compute_dtype = options
+    min_sv, max_sv, method, steps, form, algorithm, eps, compute_dtype, rescale, keep = options
     X, batch_shape = flatten_batch(M)
     X, transposed = to_wide(X)
-    e = _scaling.exponents(X)
-    unit = torch.exp2(-e.to(torch.float64)).reshape(-1, 1, 1)
-    upper, lower = max_sv * unit, min_sv * unit
-    X = _scaling.scale_pow2(X, -e)
+    e = None
+    upper: float | torch.Tensor = max_sv
+    lower: float | torch.Tensor = min_sv
+    if rescale:
+        e = _scaling.exponents(X)
+        unit = torch.exp2(-e.to(torch.float64)).reshape(-1, 1, 1)
+        upper, lower = max_sv * unit, min_sv * unit
+        X = _scaling.scale_pow2(X, -e)
     if method == "svd" or form == "svd":
         out = _clip_svd(X, lower, upper)
     else:
@@ -245,10 +301,13 @@ def _mclip(M: torch.Tensor, options: tuple) -> torch.Tensor:
             return out.to(work.dtype)
 
         O = sign(work)
-        out = _clip_above(work, O, upper, form, sign)
+        check = keep != "none"
+        out = _clip_above(work, O, upper, form, sign, check)
         if min_sv > 0:
-            out = out + lower.to(work.dtype) * O - _clip_above(work, O, lower, form, sign)
-    out = _scaling.scale_pow2(out, e)
+            low = lower.to(work.dtype) if isinstance(lower, torch.Tensor) else lower
+            out = out + low * O - _clip_above(work, O, lower, form, sign, check)
+    if e is not None:
+        out = _scaling.scale_pow2(out, e)
     if transposed:
         out = out.mT
     return unflatten_batch(out.to(M.dtype), batch_shape)
