@@ -286,6 +286,9 @@ def _mclip(M: torch.Tensor, options: tuple) -> torch.Tensor:
         X = _scaling.scale_pow2(X, -e)
     if method == "svd" or form == "svd":
         out = _clip_svd(X, lower, upper)
+        if keep != "none" and min_sv == 0:  # the exact-M rule, as _clip_above applies it
+            bound = torch.linalg.matrix_norm(X, keepdim=True).to(torch.float64)
+            out = torch.where(torch.as_tensor(upper, device=X.device) >= bound, X, out)
     else:
         work = X.to(torch.float64 if compute_dtype == torch.float64 else torch.float32)
 
