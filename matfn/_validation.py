@@ -65,7 +65,8 @@ def check_matrix(
     TypeError
         Not a tensor; sparse or other non-strided layout; complex, integer or bool dtype.
     ValueError
-        Fewer than ``min_ndim`` dims; non-square when ``square``; NaN or Inf entries.
+        Fewer than ``min_ndim`` dims; non-square when ``square``; NaN or Inf entries; a meta
+        tensor (no values) with ``check_finite``.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
