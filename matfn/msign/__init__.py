@@ -140,14 +140,14 @@ def _iterate_auto(X: torch.Tensor, algorithm: str) -> torch.Tensor:
     X, converged = polish_until_converged(
         X, lambda Y: run_newton_schulz(Y, [CONVERGENT_QUINTIC], "standard"), tol
     )
-    if converged:
-        return X
-    # Singular values between 0 and 1 are left: rounding noise of a rank-deficient input (or
-    # values at the dtype's resolution), which the polishing quintic would lift to 1. Split them
-    # instead: below √(2/3) to 0, above to 1 (the numerical rank rule of the docstring).
-    X, converged = polish_until_converged(
-        X, lambda Y: run_newton_schulz(Y, [PURIFYING_QUINTIC], "standard"), tol
-    )
+    if not converged and X.dtype != torch.float64:
+        # Singular values between 0 and 1 are left: below ℓ·‖M‖_F, which in float32 and half
+        # precision is the rounding noise of a rank-deficient input; the polishing quintic would
+        # lift them to 1. Split them instead: below √(2/3) to 0, above to 1 (the numerical rank
+        # rule of the docstring). Not in float64, whose ℓ = 1e-7 lies far above its noise.
+        X, converged = polish_until_converged(
+            X, lambda Y: run_newton_schulz(Y, [PURIFYING_QUINTIC], "standard"), tol
+        )
     if not converged:
         warnings.warn(
             f"msign(steps='auto') did not converge to tol={tol:g} after the schedule and "
@@ -238,11 +238,13 @@ def msign(
         ``ℓ·‖M‖_F`` for the compute dtype (ℓ = 1e-7 in float64, 1e-6 in float32, 1e-3 in
         half precision), then convergent quintic steps ``(15/8, −10/8, 3/8)`` until a step moves
         X by less than the dtype's tolerance (1e-10, 1e-5, 2e-2). One host sync per polishing
-        step. **Numerical rank:** when those steps stop converging (singular values left
+        step. **Numerical rank** (float32 and half-precision iterations, where ``ℓ`` sits at
+        the rounding resolution): when those steps stop converging (singular values left
         strictly between 0 and 1, i.e. below about ``ℓ·‖M‖_F``: the rounding noise of a
         rank-deficient input), purifying steps ``x ↦ (5x³ − 3x⁵)/2`` send iterates below
-        ``√(2/3)`` to 0 and the others to 1, so exact null spaces stay null (e.g. a rank-1
-        16×10 float32 input gives ``U₁V₁ᵀ`` to 1e-6); warns if even that does not converge.
+        ``√(2/3)`` to 0 and the others to 1, so exact null spaces stay null (a rank-1 16×10
+        float32 input gives ``U₁V₁ᵀ`` to 1e-6). Warns if that does not converge either, and in
+        float64 (where values below ``ℓ`` are not noise) whenever polishing does not converge.
     algorithm : {"auto", "standard", "gram"}
         ``standard`` forms ``X Xᵀ`` every step; ``gram`` iterates on the s×s Gram matrix and
         applies the product once (cheaper for rectangular inputs; restarted where
