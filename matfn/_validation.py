@@ -1,9 +1,14 @@
 """Input checks shared by every public function, so all of them raise the same messages.
 
-Each check names the argument and says what was expected, in the style of ``scipy.linalg``.
+Each check names the argument and says what was expected, in the style of ``scipy.linalg``:
+the tensors (:func:`check_matrix`) and the options (:func:`check_eps`,
+:func:`check_compute_dtype`, :func:`check_rank_tol`, :func:`check_real`).
 """
 
 from __future__ import annotations
+
+import math
+import numbers
 
 import torch
 
@@ -12,7 +17,15 @@ __all__ = [
     "check_same_device",
     "assert_finite",
     "float_result_dtype",
+    "check_eps",
+    "check_compute_dtype",
+    "check_rank_tol",
+    "check_real",
+    "FLOAT_DTYPES",
 ]
+
+#: The floating dtypes the functions compute in (float8 types have no matmul on every device).
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 def _shape(x: torch.Tensor) -> str:
@@ -52,7 +65,8 @@ def check_matrix(
     TypeError
         Not a tensor; sparse or other non-strided layout; complex, integer or bool dtype.
     ValueError
-        Fewer than ``min_ndim`` dims; non-square when ``square``; NaN or Inf entries.
+        Fewer than ``min_ndim`` dims; non-square when ``square``; NaN or Inf entries; a meta
+        tensor (no values) with ``check_finite``.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
@@ -105,6 +119,12 @@ def assert_all_finite(extra: torch.Tensor | None = None, **tensors: torch.Tensor
     can fold one more device-side test, e.g. "is any pivot zero", into this sync).
     """
     named = [(k, v) for k, v in tensors.items() if v is not None and v.numel()]
+    for name, v in named:
+        if v.is_meta:
+            raise ValueError(
+                f"`{name}` is a meta tensor (shape only): its values cannot be checked for "
+                "NaN/Inf; pass check_finite=False, or real data"
+            )
     flags = [torch.isfinite(v).all() for _, v in named]
     if extra is not None:
         flags.append(extra.reshape(()))
@@ -136,4 +156,72 @@ def float_result_dtype(*tensors: torch.Tensor) -> torch.dtype:
     dtype = tensors[0].dtype
     for t in tensors[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _is_real_number(x: object) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def check_real(
+    x: object,
+    name: str,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+    finite: bool = True,
+) -> float:
+    """Validate a real number option in ``[low, high]`` (open ends as asked); return it as float.
+
+    Raises ``TypeError`` for a non-number (bool, str, tensor, complex) and ``ValueError`` for NaN,
+    ±inf when ``finite`` or a value out of range; the message names ``name`` and the range.
+    """
+    if not _is_real_number(x):
+        raise TypeError(f"`{name}` must be a real number, got {type(x).__name__} {x!r}")
+    value = float(x)  # type: ignore[arg-type]
+    lo_ok = value > low if low_open else value >= low
+    hi_ok = value < high if high_open else value <= high
+    if math.isnan(value) or (finite and math.isinf(value)) or not (lo_ok and hi_ok):
+        if math.isinf(high):
+            where = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            where = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        kind = "a finite number" if finite else "a number (inf allowed)"
+        raise ValueError(f"`{name}` must be {kind} {where}, got {x!r}")
+    return value
+
+
+def check_eps(eps: object, name: str = "eps") -> float:
+    """``eps`` (a normalisation floor) must be a finite number > 0."""
+    return check_real(eps, name, low=0.0, low_open=True)
+
+
+def check_rank_tol(rank_tol: object, name: str = "rank_tol") -> float | None:
+    """``rank_tol`` must be None or a finite number ≥ 0."""
+    if rank_tol is None:
+        return None
+    return check_real(rank_tol, name, low=0.0)
+
+
+def check_compute_dtype(
+    dtype: object,
+    name: str = "compute_dtype",
+    allowed: tuple[torch.dtype, ...] = FLOAT_DTYPES,
+) -> torch.dtype | None:
+    """``dtype`` must be None or one of ``allowed`` (real floating ``torch.dtype`` objects).
+
+    ``TypeError`` for a non-dtype (a string such as ``"float32"``, a numpy dtype);
+    ``ValueError`` for integer, complex or otherwise unsupported dtypes.
+    """
+    if dtype is None:
+        return None
+    names = ", ".join(str(d) for d in allowed)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(
+            f"`{name}` must be a torch.dtype (one of {names}), got {type(dtype).__name__} {dtype!r}"
+        )
+    if dtype not in allowed:
+        raise ValueError(f"`{name}` must be one of {names}, got {dtype}")
     return dtype

@@ -28,6 +28,8 @@ from typing import Literal, TypeAlias
 
 import numpy as np
 
+from ._validation import check_real
+
 __all__ = [
     "KELLER",
     "CUBIC",
@@ -296,7 +298,7 @@ def polar_express_coefficients(
     lower : float
         The smallest normalised singular value ``ℓ`` in ``(0, 1)`` the schedule must lift.
     safety : float
-        The factor ``sf ≥ 1``. ``1.0`` disables it.
+        The factor ``sf ≥ 1``, finite. ``1.0`` disables it.
     cushion : float
         ``λ`` in ``[0, 1)``; ``0`` gives the plain minimax composition.
 
@@ -327,13 +329,10 @@ def polar_express_coefficients(
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"`steps` must be a positive int, got {steps!r}")
-    if not (0 < lower < 1):
-        raise ValueError(f"`lower` must lie in (0, 1), got {lower!r}")
-    if not (safety >= 1):
-        raise ValueError(f"`safety` must be >= 1, got {safety!r}")
-    if not (0 <= cushion < 1):
-        raise ValueError(f"`cushion` must lie in [0, 1), got {cushion!r}")
-    return list(_polar_express_cached(steps, float(lower), float(safety), float(cushion)))
+    lower = check_real(lower, "lower", low=0.0, high=1.0, low_open=True, high_open=True)
+    safety = check_real(safety, "safety", low=1.0)
+    cushion = check_real(cushion, "cushion", low=0.0, high=1.0, high_open=True)
+    return list(_polar_express_cached(steps, lower, safety, cushion))
 
 
 def schedule(method: Method, steps: int | None) -> tuple[list[Coefficients], float]:

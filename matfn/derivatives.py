@@ -22,8 +22,10 @@ from typing import Any, Literal
 import torch
 from torch.autograd.function import once_differentiable
 
+from . import _scaling
+from ._autocast import autocast_disabled, no_autocast
 from ._batching import flatten_batch, to_wide, unflatten_batch
-from ._validation import check_matrix, check_same_device
+from ._validation import check_compute_dtype, check_matrix, check_rank_tol, check_same_device
 from .coefficients import CONVERGENT_QUINTIC
 from .mcsgn import MatrixSignConvergenceError
 from .msign import (
@@ -48,10 +50,6 @@ ROUTES = ("auto", "sylvester", "svd")
 def _compute_dtype(dtype: torch.dtype, compute_dtype: torch.dtype | None) -> torch.dtype:
     if compute_dtype is None:
         return torch.float64 if dtype == torch.float64 else torch.float32
-    if compute_dtype not in (torch.float64, torch.float32):
-        raise ValueError(
-            f"`compute_dtype` must be torch.float64 or torch.float32, got {compute_dtype}"
-        )
     return compute_dtype
 
 
@@ -174,11 +172,19 @@ def _derivative(
 ) -> torch.Tensor:
     """The shared core of msign_jvp / msign_vjp (inputs validated)."""
     out_dtype = torch.promote_types(M.dtype, D.dtype)
+    if M.is_meta or D.is_meta:
+        return torch.empty(M.shape, dtype=out_dtype, device="meta")
     if M.numel() == 0:
         return torch.zeros(M.shape, dtype=out_dtype, device=M.device)
     cdt = _compute_dtype(out_dtype, compute_dtype)
-    Mf, batch_shape = flatten_batch(M.to(cdt))
-    Df, _ = flatten_batch(D.to(cdt).expand(M.shape))
+    # J is homogeneous of degree −1 in M and linear in D: J_M[D] = 2^{e_D − e_M} J_{M'}[D'] with
+    # M' = 2^{−e_M} M, D' = 2^{−e_D} D (largest entries in [½, 1), exact), so no product or
+    # norm below over- or underflows for any finite input; bitwise neutral for in-range ones.
+    Mf, batch_shape = flatten_batch(M)
+    Df, _ = flatten_batch(D.expand(M.shape))
+    e_M, e_D = _scaling.exponents(Mf), _scaling.exponents(Df)
+    Mf = _scaling.scale_pow2(Mf, -e_M).to(cdt)
+    Df = _scaling.scale_pow2(Df, -e_D).to(cdt)
     Mf, transposed = to_wide(Mf)
     Df = Df.mT if transposed else Df
     n, m = Mf.shape[-2:]
@@ -229,12 +235,22 @@ def _derivative(
             out = svd_route()
     if transposed:
         out = out.mT
-    return unflatten_batch(out, batch_shape).to(out_dtype)
+    out = _scaling.scale_pow2(out.to(out_dtype), e_D - e_M)
+    return unflatten_batch(out, batch_shape)
 
 
-def _check(M: object, D: object, name: str, check_finite: bool, method: str) -> None:
-    check_matrix(M, "M", check_finite=check_finite)
-    check_matrix(D, name, check_finite=check_finite)
+def _check(
+    M: object,
+    D: object,
+    name: str,
+    check_finite: bool,
+    method: str,
+    compute_dtype: object,
+    rank_tol: object,
+) -> None:
+    meta = getattr(M, "is_meta", False) or getattr(D, "is_meta", False)
+    check_matrix(M, "M", check_finite=check_finite and not meta)
+    check_matrix(D, name, check_finite=check_finite and not meta)
     check_same_device(M=M, **{name: D})
     assert isinstance(M, torch.Tensor) and isinstance(D, torch.Tensor)
     try:
@@ -248,8 +264,11 @@ def _check(M: object, D: object, name: str, check_finite: bool, method: str) -> 
         )
     if method not in ROUTES:
         raise ValueError(f"`method` must be one of {ROUTES}, got {method!r}")
+    check_compute_dtype(compute_dtype, allowed=(torch.float64, torch.float32))
+    check_rank_tol(rank_tol)
 
 
+@no_autocast
 def msign_jvp(
     M: torch.Tensor,
     dM: torch.Tensor,
@@ -272,10 +291,10 @@ def msign_jvp(
         M only); ``"svd"``: the closed form with the SVD (any rank, pseudo-inverse convention);
         ``"auto"``: the first with the second as fallback for rank-deficient M.
     compute_dtype : torch.dtype, optional
-        float64 or float32 (default: float64 for float64 inputs, else float32).
+        torch.float64 or torch.float32 (default: float64 for float64 inputs, else float32).
     rank_tol : float, optional
-        Singular values ``≤ rank_tol·σ₁`` count as zero in the SVD route (default
-        ``max(n, m)·ε`` of the compute dtype, as ``msign(method="svd")``).
+        A finite number ≥ 0: singular values ``≤ rank_tol·σ₁`` count as zero in the SVD route
+        (default ``max(n, m)·ε`` of the compute dtype, as ``msign(method="svd")``).
     check_finite : bool
         Raise on NaN/Inf (one host sync).
 
@@ -287,10 +306,12 @@ def msign_jvp(
     Raises
     ------
     TypeError
-        ``M`` or ``dM`` is not a dense real floating tensor.
+        ``M`` or ``dM`` is not a dense real floating tensor; ``compute_dtype`` is not a
+        ``torch.dtype``; ``rank_tol`` is not a number.
     ValueError
-        Fewer than 2 dims, mismatched shapes, mixed devices, NaN/Inf, unknown ``method`` or
-        ``compute_dtype``; ``method="sylvester"`` with numerically rank-deficient ``M``.
+        Fewer than 2 dims, mismatched shapes, mixed devices, NaN/Inf, unknown ``method``,
+        ``compute_dtype`` other than float64/float32, ``rank_tol`` negative or not finite;
+        ``method="sylvester"`` with numerically rank-deficient ``M``.
 
     Notes
     -----
@@ -330,6 +351,12 @@ def msign_jvp(
     1e-5 checked in the tests). ``J`` is homogeneous of degree −1 (``J_{cM} = J_M / c``) and
     ``J_M[M] = 0``.
 
+    Scale: any finite ``M`` and ``dM`` (1e-30 … 1e30 in float32): both are rescaled by powers of
+    two to largest entry in ``[½, 1)`` first and the result scaled back by ``2^{e_D − e_M}``
+    (exact; bitwise neutral for in-range inputs), so no product or norm over- or underflows
+    unless the result itself does. Meta tensors propagate shape and dtype; autocast is off
+    inside.
+
     References
     ----------
     Su Jianlin, "msign的导数" (kexue.fm/archives/11025) and "SVD的导数" (10878), 2025.
@@ -347,10 +374,11 @@ def msign_jvp(
     >>> torch.allclose(matfn.msign_jvp(M, dM), fd, atol=1e-8)
     True
     """
-    _check(M, dM, "dM", check_finite, method)
+    _check(M, dM, "dM", check_finite, method, compute_dtype, rank_tol)
     return _derivative(M, dM, method=method, compute_dtype=compute_dtype, rank_tol=rank_tol)
 
 
+@no_autocast
 def msign_vjp(
     M: torch.Tensor,
     G: torch.Tensor,
@@ -409,7 +437,7 @@ def msign_vjp(
     >>> bool(torch.isclose(lhs, rhs))
     True
     """
-    _check(M, G, "G", check_finite, method)
+    _check(M, G, "G", check_finite, method, compute_dtype, rank_tol)
     return _derivative(M, G, method=method, compute_dtype=compute_dtype, rank_tol=rank_tol)
 
 
@@ -469,14 +497,16 @@ class MsignFunction(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """``msign_vjp(M, grad)``."""
         M, O = ctx.saved_tensors
-        G = _derivative(M.detach(), grad, method="auto", compute_dtype=None, rank_tol=None, O=O)
+        with autocast_disabled():
+            G = _derivative(M.detach(), grad, method="auto", compute_dtype=None, rank_tol=None, O=O)
         return G.to(M.dtype), None, None, None, None, None
 
     @staticmethod
     def jvp(ctx: Any, dM: torch.Tensor, *_: Any) -> torch.Tensor:
         """``msign_jvp(M, dM)``."""
         M, O = ctx.saved_tensors
-        dO = _derivative(M, dM, method="auto", compute_dtype=None, rank_tol=None, O=O)
+        with autocast_disabled():
+            dO = _derivative(M, dM, method="auto", compute_dtype=None, rank_tol=None, O=O)
         return dO.to(M.dtype)
 
 

@@ -3,14 +3,17 @@ r"""mclip: singular-value clipping ``U clip(Σ, min_sv, max_sv) Vᵀ`` through m
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Literal
 
 import torch
 
-from . import _graphs
+from . import _graphs, _scaling
+from ._autocast import no_autocast
 from ._batching import flatten_batch, to_wide, unflatten_batch
-from ._validation import check_matrix
+from ._validation import assert_finite, check_compute_dtype, check_eps, check_matrix, check_real
+from .kernels.recording import recording
 from .msign import Algorithm, Method, Steps, check_options, msign_wide
 
 __all__ = ["mclip"]
@@ -25,47 +28,110 @@ MCLIP_DEFAULT_STEPS = 8
 def _clip_above(
     M: torch.Tensor,
     O: torch.Tensor,
-    beta: float,
+    beta: float | torch.Tensor,
     form: str,
     sign: Callable[[torch.Tensor], torch.Tensor],
+    check_keep: bool = False,
 ) -> torch.Tensor:
     """``U min(Σ, β) Vᵀ`` for a wide batch ``(B, s, L)`` given ``O = msign(M)``.
 
-    ``sign`` computes msign of a wide batch. Formulas (docs/math.md §3.2) with ``G = M Mᵀ`` on the
-    short side and ``β`` folded in by scale invariance (``msign(G/β² − I) = msign(G − β² I)``):
+    ``beta``: one ``β > 0`` for the batch, or a ``(B, 1, 1)`` float64 tensor of one per matrix
+    (rescaled inputs). ``sign`` computes msign of a wide batch. Formulas (docs/math.md §3.2)
+    with ``G = M Mᵀ`` on the short side and ``β`` folded in by scale invariance
+    (``msign(G/β² − I) = msign(G − β² I)``):
 
     * F2: ``½[M + βO + msign(G − β²I)(βO − M)]``;
     * F3: ``½[msign(G + β²I)(βO + M) + msign(G − β²I)(βO − M)]``;
     * dilation: ``Q + P M`` with ``[[P, Q], [·, ·]] = msign([[βI, M], [Mᵀ, βI]])``.
+
+    ``check_keep``: matrices with ``β ≥ ‖M‖_F ≥ σ_max`` come back exactly (the clip is the
+    identity for them, and the formulas would cancel ``βO ± M``: β ≫ σ loses M to rounding);
+    they are iterated with ``β = ‖M‖_F`` (finite) and replaced.
     """
     s = M.shape[-2]
     eye = torch.eye(s, dtype=M.dtype, device=M.device)
+    keep = None
+    if check_keep:
+        if not isinstance(beta, torch.Tensor):
+            beta = torch.full((M.shape[0], 1, 1), beta, dtype=torch.float64, device=M.device)
+        bound = torch.linalg.matrix_norm(M, keepdim=True).to(torch.float64)
+        keep = beta >= bound
+        beta = torch.where(keep, bound, beta)
+    if isinstance(beta, torch.Tensor):
+        # β² rounded once from float64, as the scalar path's Python product
+        beta, beta2 = beta.to(M.dtype), (beta * beta).to(M.dtype)
+    else:
+        beta2 = beta * beta
     if form == "dilation":
         L = M.shape[-1]
         H = torch.zeros(M.shape[0], s + L, s + L, dtype=M.dtype, device=M.device)
         H[:, :s, s:] = M
         H[:, s:, :s] = M.mT
-        H.diagonal(dim1=-2, dim2=-1).fill_(beta)
+        diagonal = H.diagonal(dim1=-2, dim2=-1)
+        if isinstance(beta, torch.Tensor):
+            diagonal.copy_(beta.reshape(-1, 1).expand(-1, s + L))
+        else:
+            diagonal.fill_(beta)
         OH = sign(H)
-        return OH[:, :s, s:] * beta + OH[:, :s, :s] @ M
-    G = M @ M.mT
-    shifted = G - (beta * beta) * eye
-    if form == "F2":
-        return 0.5 * (M + beta * O + sign(shifted) @ (beta * O - M))
-    # F3: both Gram-side signs in one batched call.
-    both = sign(torch.cat([G + (beta * beta) * eye, shifted]))
-    plus, minus = both.chunk(2)
-    return 0.5 * (plus @ (beta * O + M) + minus @ (beta * O - M))
+        out = OH[:, :s, s:] * beta + OH[:, :s, :s] @ M
+    else:
+        G = M @ M.mT
+        shifted = G - beta2 * eye
+        if form == "F2":
+            out = 0.5 * (M + beta * O + sign(shifted) @ (beta * O - M))
+        else:
+            # F3: both Gram-side signs in one batched call.
+            both = sign(torch.cat([G + beta2 * eye, shifted]))
+            plus, minus = both.chunk(2)
+            out = 0.5 * (plus @ (beta * O + M) + minus @ (beta * O - M))
+    return out if keep is None else torch.where(keep, M, out)
 
 
-def _clip_svd(X: torch.Tensor, min_sv: float, max_sv: float) -> torch.Tensor:
+def _clip_svd(
+    X: torch.Tensor, min_sv: float | torch.Tensor, max_sv: float | torch.Tensor
+) -> torch.Tensor:
+    """The exact clip by the SVD; bounds as floats or ``(B, 1, 1)`` float64 tensors."""
     work = X.to(torch.float64 if X.dtype == torch.float64 else torch.float32)
     U, S, Vh = torch.linalg.svd(work, full_matrices=False)
     tol = max(X.shape[-2:]) * torch.finfo(work.dtype).eps * S[..., :1]
-    clipped = torch.where(S > tol, S.clamp(min=min_sv, max=max_sv), torch.zeros_like(S))
+    if isinstance(max_sv, torch.Tensor):
+        lo = torch.as_tensor(min_sv, dtype=torch.float64, device=S.device).reshape(-1, 1)
+        hi = max_sv.reshape(-1, 1)
+        clamped = torch.minimum(torch.maximum(S, lo.to(S.dtype)), hi.to(S.dtype))
+    else:
+        clamped = S.clamp(min=min_sv, max=max_sv)
+    clipped = torch.where(S > tol, clamped, torch.zeros_like(S))
     return (U * clipped.unsqueeze(-2)) @ Vh
 
 
+def _plan(M: torch.Tensor, max_sv: float, eps: float, check_finite: bool) -> tuple[bool, str]:
+    """``(rescale, keep)``: whether to rescale M by powers of two, and the exact-M rule's mode.
+
+    One norm pass and one host sync (which carries the finiteness check): rescale unless every
+    ``‖M_b‖_F`` lies in ``[2√(eps·s), max^{1/4}/4]`` (so ``M Mᵀ``, the inner norms ``Σσ⁴`` and the
+    inner msign's floor eps stay out of trouble; rescaling is exact, so this only chooses the
+    cheaper path); ``keep`` is ``"all"`` when ``max_sv ≥ ‖M_b‖_F`` for every matrix (M is the
+    answer), ``"none"`` when for none, else ``"some"`` (decided per matrix on the device).
+    CUDA calls with ``check_finite=False``, graph captures and ``torch.compile`` skip it (no
+    sync): ``(False, "none")``.
+    """
+    if not check_finite and (M.is_cuda or recording() or torch.compiler.is_compiling()):
+        return False, "none"
+    acc = _scaling.accumulate_dtype(M.dtype)
+    norms = torch.linalg.matrix_norm(M.detach(), dtype=acc)
+    smallest, largest = torch.stack(torch.aminmax(norms.reshape(-1))).tolist()
+    if check_finite and not math.isfinite(smallest + largest):
+        assert_finite(M, "M")
+    lo_acc, _ = _scaling.norm_range(acc)
+    lo = 2 * max(math.sqrt(eps * min(M.shape[-2:])), math.sqrt(lo_acc))
+    hi = torch.finfo(acc).max ** 0.25 / 4
+    rescale = not (lo <= smallest and largest <= hi)
+    if rescale:
+        return True, "some"
+    return False, "all" if max_sv >= largest else "none" if max_sv < smallest else "some"
+
+
+@no_autocast
 def mclip(
     M: torch.Tensor,
     *,
@@ -87,14 +153,19 @@ def mclip(
     M : torch.Tensor
         Real ``(..., n, m)`` tensor, any batch dims. Never modified.
     max_sv : float
-        Upper bound ``β > 0``.
+        Upper bound ``β > 0``; ``inf`` allowed. Rule: a matrix with ``β ≥ ‖M‖_F`` (a cheap bound
+        on ``σ_max``) comes back exactly, ``max_sv=inf`` included (the clip is the identity
+        there); for β between ``σ_max`` and ``‖M‖_F`` the iteration's accuracy applies. On CUDA
+        with ``check_finite=False`` the rule (and the rescale of the Notes) needs the check's
+        host sync and is skipped, except for ``max_sv=inf`` with ``min_sv=0``.
     min_sv : float
-        Lower bound ``α`` with ``0 ≤ α ≤ β``. Only nonzero singular values are lifted: the rank
-        is preserved (for rank-deficient M the lifted directions would not be unique).
+        Lower bound ``α``, finite, with ``0 ≤ α ≤ β``. Only nonzero singular values are lifted:
+        the rank is preserved (for rank-deficient M the lifted directions would not be unique).
     method, steps, algorithm, eps, check_finite, cuda_graph
-        As in :func:`matfn.msign`; they apply to every inner msign call, except that
-        ``steps=None`` with ``polar_express`` means 8 steps (5 leave the largest singular value
-        near ``1.3·max_sv``). ``method="svd"`` gives the exact result through
+        As in :func:`matfn.msign` (``eps`` is the inner calls' normalisation floor, met only by
+        exact zeros: the inputs are rescaled first); they apply to every inner msign call,
+        except that ``steps=None`` with ``polar_express`` means 8 steps (5 leave the largest
+        singular value near ``1.3·max_sv``). ``method="svd"`` gives the exact result through
         ``torch.linalg.svd`` (so does ``form="svd"``). A per-step table ``[(a, b, c), …]`` runs
         in every inner msign (each normalised by its own ``‖·‖_F``; ``steps`` None or the
         table's length); the clip is as accurate as the table's ``f ≈ 1`` (docs/math.md §3.3),
@@ -117,11 +188,21 @@ def mclip(
     Raises
     ------
     TypeError, ValueError
-        Bad input or a malformed table as in :func:`matfn.msign`; ``max_sv ≤ 0``, ``min_sv < 0`` or
-        ``min_sv > max_sv``; unknown ``form``.
+        Bad input or a malformed table as in :func:`matfn.msign`; ``max_sv ≤ 0`` or NaN,
+        ``min_sv < 0``, not finite or ``> max_sv``; unknown ``form``.
 
     Notes
     -----
+    Scale: ``mclip(sM, max_sv=sβ, min_sv=sα) = s·mclip(M, max_sv=β, min_sv=α)`` to rounding for
+    any finite input and any ``s > 0`` that keeps the bounds representable (bitwise for powers
+    of two): a batch with a ``‖M_b‖_F`` outside ``[2√(eps·s), max^{1/4}/4]`` of the accumulate
+    dtype is rescaled per matrix by a power of two to largest entry in ``[½, 1)`` (exact), so
+    ``M Mᵀ`` and the inner norms never over- or underflow. The test rides on the finiteness
+    check's pass and sync (skipped on CUDA with ``check_finite=False``: inputs must then be in
+    that range, as the optimizer's normalised ones are). Meta tensors propagate shape and
+    dtype; autocast is off inside.
+
+
     With ``O = msign(M)`` and, on the short side, ``G = M Mᵀ``:
     ``mclip_[0,β](M) = ½[msign(G + β²I)(βO + M) + msign(G − β²I)(βO − M)]`` (F3). In exact
     arithmetic ``msign(G + β²I) = I`` and F3 equals F2; numerically that factor cancels part of
@@ -159,22 +240,27 @@ def mclip(
     tensor([[1.0000, 0.0000],
             [0.0000, 0.5000]], dtype=torch.float64)
     """
-    check_matrix(M, "M", check_finite=check_finite)
+    check_matrix(M, "M", check_finite=False)
     method = check_options(method, steps, algorithm)
     if form not in FORMS:
         raise ValueError(f"`form` must be one of {FORMS}, got {form!r}")
-    if not (max_sv > 0):
-        raise ValueError(f"`max_sv` must be > 0, got {max_sv!r}")
-    if not (0 <= min_sv <= max_sv):
+    max_sv = check_real(max_sv, "max_sv", low=0.0, low_open=True, finite=False)
+    min_sv = check_real(min_sv, "min_sv", low=0.0)
+    if min_sv > max_sv:
         raise ValueError(f"`min_sv` must satisfy 0 <= min_sv <= max_sv, got {min_sv!r}")
-    if M.numel() == 0:
+    check_eps(eps)
+    check_compute_dtype(compute_dtype)
+    if M.numel() == 0 or M.is_meta:
         return torch.empty_like(M)
+    rescale, keep = _plan(M, max_sv, eps, check_finite)
+    if keep == "all" and min_sv == 0:
+        return M.clone(memory_format=torch.contiguous_format)
 
     if steps is None and method == "polar_express":
         steps = MCLIP_DEFAULT_STEPS
     if compute_dtype is None:
         compute_dtype = torch.float64 if M.dtype == torch.float64 else torch.float32
-    options = (float(min_sv), float(max_sv), method, steps, form, algorithm, eps, compute_dtype)
+    options = (min_sv, max_sv, method, steps, form, algorithm, eps, compute_dtype, rescale, keep)
     call = functools.partial(_mclip, options=options)
     exact = method == "svd" or form == "svd"
     if cuda_graph and steps != "auto" and not exact and _graphs.ns_graph_applies(M):
@@ -183,12 +269,29 @@ def mclip(
 
 
 def _mclip(M: torch.Tensor, options: tuple) -> torch.Tensor:
-    """mclip of a validated, non-empty ``M`` (the part a CUDA graph captures)."""
-    min_sv, max_sv, method, steps, form, algorithm, eps, compute_dtype = options
+    """mclip of a validated, non-empty ``M`` (the part a CUDA graph captures).
+
+    With ``rescale``, scale-safe by homogeneity, ``mclip(M, α, β) = 2^e·mclip(2^{-e} M,
+    2^{-e}α, 2^{-e}β)``, ``2^e`` each matrix's largest entry's binade (:mod:`matfn._scaling`):
+    exact, and bitwise the unscaled path's result wherever that one was in range; ``G = M Mᵀ``
+    and the inner msign norms then stay in range for any finite input. ``keep``: :func:`_plan`.
+    """
+    min_sv, max_sv, method, steps, form, algorithm, eps, compute_dtype, rescale, keep = options
     X, batch_shape = flatten_batch(M)
     X, transposed = to_wide(X)
+    e = None
+    upper: float | torch.Tensor = max_sv
+    lower: float | torch.Tensor = min_sv
+    if rescale:
+        e = _scaling.exponents(X)
+        unit = torch.exp2(-e.to(torch.float64)).reshape(-1, 1, 1)
+        upper, lower = max_sv * unit, min_sv * unit
+        X = _scaling.scale_pow2(X, -e)
     if method == "svd" or form == "svd":
-        out = _clip_svd(X, min_sv, max_sv)
+        out = _clip_svd(X, lower, upper)
+        if keep != "none" and min_sv == 0:  # the exact-M rule, as _clip_above applies it
+            bound = torch.linalg.matrix_norm(X, keepdim=True).to(torch.float64)
+            out = torch.where(torch.as_tensor(upper, device=X.device) >= bound, X, out)
     else:
         work = X.to(torch.float64 if compute_dtype == torch.float64 else torch.float32)
 
@@ -204,9 +307,13 @@ def _mclip(M: torch.Tensor, options: tuple) -> torch.Tensor:
             return out.to(work.dtype)
 
         O = sign(work)
-        out = _clip_above(work, O, max_sv, form, sign)
+        check = keep != "none"
+        out = _clip_above(work, O, upper, form, sign, check)
         if min_sv > 0:
-            out = out + min_sv * O - _clip_above(work, O, min_sv, form, sign)
+            low = lower.to(work.dtype) if isinstance(lower, torch.Tensor) else lower
+            out = out + low * O - _clip_above(work, O, lower, form, sign, check)
+    if e is not None:
+        out = _scaling.scale_pow2(out, e)
     if transposed:
         out = out.mT
     return unflatten_batch(out.to(M.dtype), batch_shape)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from . import _graphs
+from ._autocast import no_autocast
 from ._batching import flatten_batch, unflatten_batch
 from ._validation import check_matrix
 from .coefficients import (
@@ -301,6 +302,7 @@ def _mcsgn_eig(X: torch.Tensor) -> torch.Tensor:
     return S.real
 
 
+@no_autocast
 def mcsgn(
     M: torch.Tensor,
     *,

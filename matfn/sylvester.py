@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ._autocast import no_autocast
 from ._validation import check_matrix, check_same_device, float_result_dtype
 from .coefficients import CONVERGENT_QUINTIC, Coefficients, auto_schedule
 from .mcsgn import (
@@ -470,6 +471,7 @@ def _solve_newton(
     return X * gamma
 
 
+@no_autocast
 def solve_sylvester(
     A: torch.Tensor,
     B: torch.Tensor,

@@ -11,7 +11,12 @@ Tables:
 * ``SQUARE_ONLY_BAD_INPUTS`` — extra rows for functions that need square matrices;
 * ``EMPTY_SHAPES`` / ``SQUARE_EMPTY_SHAPES`` — empty in, empty out (same shape and dtype);
 * ``LAYOUTS`` — non-contiguous views that must give the same result as a contiguous copy;
-* ``MatrixFunction.bad_options`` — per-function bad keyword arguments.
+* ``MatrixFunction.bad_options`` — per-function bad keyword arguments (``eps``,
+  ``compute_dtype``, ``steps``, …);
+* ``DERIVATIVE_BAD_OPTIONS`` / ``COEFFICIENT_BAD_OPTIONS`` — the options of
+  ``msign_jvp``/``msign_vjp`` (``rank_tol``, ``compute_dtype``) and of
+  ``polar_express_coefficients`` (``lower``, ``safety``, ``cushion``);
+* ``META_SHAPES`` — meta tensors: shape propagation or an error naming the argument.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ from .strategies import MatrixCase, SignCase
 __all__ = [
     "BAD_INPUTS",
     "BadInput",
+    "COEFFICIENT_BAD_OPTIONS",
+    "DERIVATIVE_BAD_OPTIONS",
+    "META_SHAPES",
     "EMPTY_SHAPES",
     "LAYOUTS",
     "Layout",
@@ -78,7 +86,22 @@ class MatrixFunction:
         return self.name
 
 
+#: Rows every function with an ``eps`` / ``compute_dtype`` option shares.
+_EPS_DTYPE_OPTIONS = (
+    ({"eps": 0.0}, ValueError, "`eps`.*> 0"),
+    ({"eps": -1.0}, ValueError, "`eps`.*> 0"),
+    ({"eps": float("nan")}, ValueError, "`eps`.*nan"),
+    ({"eps": float("inf")}, ValueError, "`eps`.*finite"),
+    ({"eps": "1e-7"}, TypeError, "`eps`.*real number"),
+    ({"eps": True}, TypeError, "`eps`.*real number"),
+    ({"compute_dtype": torch.int32}, ValueError, "`compute_dtype`.*int32"),
+    ({"compute_dtype": torch.complex64}, ValueError, "`compute_dtype`.*complex64"),
+    ({"compute_dtype": "float32"}, TypeError, "`compute_dtype`.*torch.dtype"),
+    ({"compute_dtype": np.float32}, TypeError, "`compute_dtype`.*torch.dtype"),
+)
+
 _MSIGN_OPTIONS = (
+    *_EPS_DTYPE_OPTIONS,
     ({"method": "newton"}, ValueError, "`method`"),
     ({"steps": 0}, ValueError, "`steps`"),
     ({"steps": -3}, ValueError, "`steps`"),
@@ -115,8 +138,46 @@ MATRIX_FUNCTIONS: tuple[MatrixFunction, ...] = (
             ({"max_sv": float("nan")}, ValueError, "`max_sv`"),
             ({"min_sv": -0.5}, ValueError, "`min_sv`"),
             ({"min_sv": 2.0, "max_sv": 1.0}, ValueError, "`min_sv`"),
+            ({"min_sv": float("inf"), "max_sv": float("inf")}, ValueError, "`min_sv`"),
+            ({"max_sv": "1"}, TypeError, "`max_sv`"),
         ),
     ),
+)
+
+#: The derivative's options, run with a well-posed ``(M, D)`` by ``test_derivative_options``.
+DERIVATIVE_BAD_OPTIONS: tuple[tuple[dict[str, Any], type[Exception], str], ...] = (
+    ({"method": "newton"}, ValueError, "`method`"),
+    ({"compute_dtype": torch.float16}, ValueError, "`compute_dtype`.*float16"),
+    ({"compute_dtype": torch.int32}, ValueError, "`compute_dtype`"),
+    ({"compute_dtype": torch.complex64}, ValueError, "`compute_dtype`"),
+    ({"compute_dtype": "float32"}, TypeError, "`compute_dtype`.*torch.dtype"),
+    ({"rank_tol": -1.0}, ValueError, "`rank_tol`.*>= 0"),
+    ({"rank_tol": float("nan")}, ValueError, "`rank_tol`"),
+    ({"rank_tol": float("inf")}, ValueError, "`rank_tol`.*finite"),
+    ({"rank_tol": "0"}, TypeError, "`rank_tol`"),
+)
+
+#: ``polar_express_coefficients(5, **kwargs)`` must raise.
+COEFFICIENT_BAD_OPTIONS: tuple[tuple[dict[str, Any], type[Exception], str], ...] = (
+    ({"lower": 0.0}, ValueError, "`lower`.*\\(0, 1\\)"),
+    ({"lower": 1.0}, ValueError, "`lower`"),
+    ({"lower": -0.5}, ValueError, "`lower`"),
+    ({"lower": float("nan")}, ValueError, "`lower`"),
+    ({"lower": "1e-3"}, TypeError, "`lower`"),
+    ({"safety": 0.99}, ValueError, "`safety`.*>= 1"),
+    ({"safety": float("inf")}, ValueError, "`safety`.*finite"),
+    ({"safety": float("nan")}, ValueError, "`safety`"),
+    ({"cushion": -0.1}, ValueError, "`cushion`"),
+    ({"cushion": 1.0}, ValueError, "`cushion`.*\\[0, 1\\)"),
+    ({"cushion": float("nan")}, ValueError, "`cushion`"),
+)
+
+#: Meta tensors (shape only): a function either propagates shape and dtype or raises an error
+#: that names the argument. ``(shape, dtype)`` rows; run by ``test_meta_tensors``.
+META_SHAPES: tuple[tuple[tuple[int, ...], torch.dtype], ...] = (
+    ((4, 4), torch.float32),
+    ((2, 3, 5, 5), torch.bfloat16),
+    ((6, 6), torch.float64),
 )
 
 

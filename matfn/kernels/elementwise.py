@@ -170,7 +170,10 @@ def _divide_by_norms_kernel(
     b = tl.program_id(1)
     offs = t * BLOCK + tl.arange(0, BLOCK)
     mask = offs < size
-    denom = tl.maximum(tl.load(norms_ptr + b).to(tl.float32) * factor, eps)
+    scaled = tl.load(norms_ptr + b).to(tl.float32) * factor
+    # an overflowed (inf) or NaN norm gives NaN, never a silent x / inf = 0 (or x / eps: max
+    # does not propagate NaN)
+    denom = tl.where(scaled < float("inf"), tl.maximum(scaled, eps), float("nan"))
     x = tl.load(x_ptr + b.to(tl.int64) * size + offs, mask=mask, other=0.0).to(tl.float32)
     # correctly rounded, as torch's divide (Triton's `/` is the 2-ulp approximation): the same
     # values as `normalize`'s torch path, also for float32 iterates
@@ -190,7 +193,10 @@ def divide_by_norms(
 
     ``out`` may be ``X`` (in place) or a contiguous tensor of another float dtype. One pass,
     correctly rounded like torch's division; torch's broadcast ``X.div_(denom)`` of a bf16
-    batch by float32 norms takes 2.5× the bandwidth time (docs/benchmarks.md).
+    batch by float32 norms takes 2.5× the bandwidth time (docs/benchmarks.md). A norm that is
+    inf (a float32 sum of squares that overflowed) or NaN makes its matrix NaN, not zeros:
+    the callers' norms are plain sums of squares, and scale-safe callers
+    (:func:`matfn.msign`, :func:`matfn.mclip`) rescale such inputs before they get here.
     """
     if not (X.is_contiguous() and out.is_contiguous() and out.shape == X.shape):
         raise ValueError("`X` and `out` must be contiguous batches of one shape")

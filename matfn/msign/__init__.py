@@ -20,15 +20,17 @@ by :mod:`matfn.derivatives` through :func:`register_autograd` when ``matfn`` is 
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Literal, TypeAlias
 
 import torch
 
-from .. import _graphs
+from .. import _graphs, _scaling
+from .._autocast import no_autocast
 from .._batching import flatten_batch, to_wide, unflatten_batch
-from .._validation import check_matrix
+from .._validation import check_compute_dtype, check_eps, check_matrix
 from ..coefficients import (
     CONVERGENT_QUINTIC,
     DEFAULT_STEPS,
@@ -39,6 +41,7 @@ from ..coefficients import (
     check_table_steps,
     schedule,
 )
+from ..kernels.recording import recording
 from .path import (
     cast,
     choose_algorithm,
@@ -87,6 +90,8 @@ __all__ = [
     "ns_step_torch",
     "polish_until_converged",
     "register_autograd",
+    "rescale_if_needed",
+    "PURIFYING_QUINTIC",
     "run_newton_schulz",
     "sign_step_torch",
     "wants_derivative",
@@ -137,6 +142,14 @@ def default_compute_dtype(M: torch.Tensor) -> torch.dtype:
     return torch.bfloat16 if M.is_cuda else torch.float32
 
 
+#: steps="auto" on numerically rank-deficient input: the odd quintic ``(5x³ − 3x⁵)/2`` with
+#: fixed points 0 and 1 (both attracting, ``p′ = 0`` there) and the repelling one ``√(2/3)``:
+#: iterates below ``√(2/3) ≈ 0.816`` go to 0 cubically, those above to 1 quadratically.
+PURIFYING_QUINTIC = (0.0, 2.5, -1.5)
+#: The threshold between the two basins of :data:`PURIFYING_QUINTIC`.
+PURIFY_THRESHOLD = math.sqrt(2 / 3)
+
+
 def _iterate_auto(X: torch.Tensor, algorithm: str) -> torch.Tensor:
     lower, target = AUTO_TARGETS[X.dtype]
     X = run_newton_schulz(X, auto_schedule(lower, target), algorithm)
@@ -144,6 +157,14 @@ def _iterate_auto(X: torch.Tensor, algorithm: str) -> torch.Tensor:
     X, converged = polish_until_converged(
         X, lambda Y: run_newton_schulz(Y, [CONVERGENT_QUINTIC], "standard"), tol
     )
+    if not converged and X.dtype != torch.float64:
+        # Singular values between 0 and 1 are left: below ℓ·‖M‖_F, which in float32 and half
+        # precision is the rounding noise of a rank-deficient input; the polishing quintic would
+        # lift them to 1. Split them instead: below √(2/3) to 0, above to 1 (the numerical rank
+        # rule of the docstring). Not in float64, whose ℓ = 1e-7 lies far above its noise.
+        X, converged = polish_until_converged(
+            X, lambda Y: run_newton_schulz(Y, [PURIFYING_QUINTIC], "standard"), tol
+        )
     if not converged:
         warnings.warn(
             f"msign(steps='auto') did not converge to tol={tol:g} after the schedule and "
@@ -218,6 +239,7 @@ def msign_wide(
     return run_newton_schulz(normalized(factor), coeffs, algorithm, out_dtype)
 
 
+@no_autocast
 def msign(
     M: torch.Tensor,
     *,
@@ -255,7 +277,13 @@ def msign(
         ``ℓ·‖M‖_F`` for the compute dtype (ℓ = 1e-7 in float64, 1e-6 in float32, 1e-3 in
         half precision), then convergent quintic steps ``(15/8, −10/8, 3/8)`` until a step moves
         X by less than the dtype's tolerance (1e-10, 1e-5, 2e-2). One host sync per polishing
-        step; warns if it does not converge.
+        step. **Numerical rank** (float32 and half-precision iterations, where ``ℓ`` sits at
+        the rounding resolution): when those steps stop converging (singular values left
+        strictly between 0 and 1, i.e. below about ``ℓ·‖M‖_F``: the rounding noise of a
+        rank-deficient input), purifying steps ``x ↦ (5x³ − 3x⁵)/2`` send iterates below
+        ``√(2/3)`` to 0 and the others to 1, so exact null spaces stay null (a rank-1 16×10
+        float32 input gives ``U₁V₁ᵀ`` to 1e-6). Warns if that does not converge either, and in
+        float64 (where values below ``ℓ`` are not noise) whenever polishing does not converge.
     algorithm : {"auto", "standard", "gram"}
         ``standard`` forms ``X Xᵀ`` every step; ``gram`` iterates on the s×s Gram matrix and
         applies the product once (cheaper for rectangular inputs; restarted where
@@ -265,7 +293,13 @@ def msign(
         two restarts: ``L > 8 s`` and ``L > 3.45 s``; see :func:`choose_algorithm`), and never
         for CUDA problems below the kernels' size threshold (launch-bound).
     eps : float
-        Normalisation floor: ``X₀ = M / max(sf·‖M‖_F, eps)``. msign(0) = 0 exactly.
+        Normalisation floor, a finite number > 0: ``X₀ = M / max(sf·‖M‖_F, eps)``, so
+        msign(0) = 0 exactly. It never reaches a nonzero M: an M with ``‖M‖_F < eps`` (or a norm
+        that over- or underflows the accumulate dtype) is first rescaled by a power of two to
+        largest entry in ``[½, 1)`` (exact), so msign is scale-invariant over the whole range of
+        the dtype (for ``eps ≤ ½``). On CUDA with ``check_finite=False`` this rescue is skipped
+        (it needs the check's host sync): norms must then lie in float32's range (entries
+        between about 1e-15 and 1e19/√(nm)).
     compute_dtype : torch.dtype, optional
         Dtype of the iteration. Default: bfloat16 on CUDA (fp32 accumulation in the matmuls),
         float32 on CPU, float64 for float64 inputs. Norms are always taken in float32 or better.
@@ -294,14 +328,18 @@ def msign(
     ------
     TypeError
         ``M`` is not a dense real floating tensor; a table is not a sequence of sequences of
-        real numbers.
+        real numbers; ``eps`` not a number; ``compute_dtype`` not a ``torch.dtype``.
     ValueError
         ``M`` has fewer than 2 dims or non-finite entries; unknown method/algorithm; bad steps
         (for a table: not None or its length); a table with no rows, 100 rows or more, a row
-        that is not a triple or a non-finite entry.
+        that is not a triple or a non-finite entry; ``eps`` not finite and > 0;
+        ``compute_dtype`` not float64/32/16 or bfloat16.
 
     Notes
     -----
+    Meta tensors propagate shape and dtype (the result is an empty meta tensor like ``M``).
+    Autocast is off inside (:mod:`matfn._autocast`): the dtypes are the ones described here.
+
     The iteration (docs/math.md §1.2): transpose to the wide orientation (``s = min(n, m)`` rows),
     ``X₀ = M / (sf ‖M‖_F)`` with ``sf = 1.01`` for Polar Express, 1.02 for its modded-nanogpt
     table and 1 otherwise (tables included), then
@@ -334,8 +372,14 @@ def msign(
     >>> torch.equal(matfn.msign(M, method=table), matfn.msign(M, method="keller"))
     True
     """
-    check_matrix(M, "M", check_finite=check_finite)
+    check_matrix(M, "M", check_finite=False)
     method = check_options(method, steps, algorithm)
+    check_eps(eps)
+    check_compute_dtype(compute_dtype)
+    if M.is_meta:
+        return torch.empty_like(M)
+    if M.numel():
+        M = rescale_if_needed(M, eps, check_finite=check_finite)
     if wants_derivative(M):
         if _autograd is None:
             raise RuntimeError("msign's derivative is not registered: import matfn")
@@ -350,6 +394,22 @@ def msign(
     if cuda_graph and steps != "auto" and method != "svd" and _graphs.ns_graph_applies(M):
         return _graphs.replay_or_capture(call, M)
     return call(M)
+
+
+def rescale_if_needed(M: torch.Tensor, floor: float, *, check_finite: bool) -> torch.Tensor:
+    """``M`` itself, or ``2^{-e} M`` per matrix when a norm is out of range or below ``floor``.
+
+    The finiteness check of ``check_finite`` rides on the same pass and sync
+    (:func:`matfn._scaling.norms_in_range`). Without it, CUDA inputs, CUDA graph captures and
+    ``torch.compile`` skip the test (it needs a host sync) and return M; CPU inputs always test.
+    The rescale is exact and msign scale-invariant, so a rescaled result is bitwise the result
+    of an in-range M.
+    """
+    if not check_finite and (M.is_cuda or recording() or torch.compiler.is_compiling()):
+        return M
+    if _scaling.norms_in_range(M, floor, check_finite=check_finite):
+        return M
+    return _scaling.scale_pow2(M, -_scaling.exponents(M))
 
 
 def _msign(M: torch.Tensor, **options) -> torch.Tensor:

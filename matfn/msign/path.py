@@ -322,6 +322,10 @@ def run_newton_schulz(
 def normalize(X: torch.Tensor, factor: float, eps: float, dtype: torch.dtype) -> torch.Tensor:
     """``X / max(factor·‖X‖_F, eps)`` per matrix, the norm in float32 or better, cast last.
 
+    A plain sum of squares: callers bring X into range first where it may not be
+    (:func:`matfn.msign.rescale_if_needed`); an overflowed norm gives NaN, not zeros
+    (:func:`matfn.kernels.elementwise.divide_by_norms`).
+
     One read of X for the norm and one fused divide-and-cast pass (no float32 copy of X). A
     dense CUDA batch ``(B, s, L)`` of at least ``min_triton_divide`` entries, or its transpose,
     is divided by :func:`normalize_by`'s Triton pass (torch's broadcast divide by a
@@ -338,8 +342,19 @@ def normalize(X: torch.Tensor, factor: float, eps: float, dtype: torch.dtype) ->
             if view.is_contiguous():
                 out = normalize_by(view, norm.reshape(-1), factor, eps, dtype)
                 return out.mT if transposed else out
-    denom = (norm * factor).clamp_min(eps)
+    denom = _poison_overflow((norm * factor).clamp_min(eps))
     return torch.div(X, denom, out=torch.empty_like(X, dtype=dtype))
+
+
+def _poison_overflow(denom: torch.Tensor) -> torch.Tensor:
+    """``denom`` with inf replaced by NaN off CUDA: an overflowed norm never gives silent zeros.
+
+    On CUDA the torch path keeps its launches (the Triton divide does this for free); callers
+    that need scale safety there rescale first (:func:`matfn.msign`'s check).
+    """
+    if denom.is_cuda:
+        return denom
+    return torch.where(denom < torch.inf, denom, torch.nan)
 
 
 def normalize_by(
@@ -360,7 +375,7 @@ def normalize_by(
     if use_triton(X) and X.is_contiguous() and {X.dtype, dtype} <= set(kernel_dtypes):
         divide_by_norms = triton_module("kernels.elementwise").divide_by_norms
         return divide_by_norms(X, norms, factor, eps, out)
-    denom = (norms.reshape(-1, 1, 1) * factor).clamp_min(eps)
+    denom = _poison_overflow((norms.reshape(-1, 1, 1) * factor).clamp_min(eps))
     return torch.div(X, denom, out=out)
 
 

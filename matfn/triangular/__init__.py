@@ -26,6 +26,7 @@ from numbers import Real
 import torch
 
 from matfn import _graphs
+from matfn._autocast import no_autocast
 from matfn._backend import use_triton
 from matfn._validation import (
     assert_all_finite,
@@ -170,6 +171,7 @@ def _launchers():
     return inverse, solve
 
 
+@no_autocast
 def tri_inv(
     Q: torch.Tensor,
     K: torch.Tensor,
@@ -287,6 +289,7 @@ def _tri_inv(Q, K, lam, *, dtype: torch.dtype, chunk_size: int) -> torch.Tensor:
     return Y.reshape(*Q.shape[:-2], n, n).to(dtype)
 
 
+@no_autocast
 def tri_solve(
     Q: torch.Tensor,
     K: torch.Tensor,

@@ -7,11 +7,15 @@ import re
 import pytest
 import torch
 
+import matfn
 from tests.bad_inputs import (
     BAD_INPUTS,
+    COEFFICIENT_BAD_OPTIONS,
+    DERIVATIVE_BAD_OPTIONS,
     EMPTY_SHAPES,
     LAYOUTS,
     MATRIX_FUNCTIONS,
+    META_SHAPES,
     SQUARE_EMPTY_SHAPES,
     SQUARE_ONLY_BAD_INPUTS,
 )
@@ -59,6 +63,49 @@ def test_bad_options_raise(func):
     for kwargs, error, match in func.bad_options:
         with pytest.raises(error, match=match):
             func(M, **kwargs)
+
+
+@pytest.mark.parametrize("derivative", [matfn.msign_jvp, matfn.msign_vjp], ids=["jvp", "vjp"])
+@pytest.mark.parametrize("row", DERIVATIVE_BAD_OPTIONS, ids=lambda r: str(r[0]))
+def test_derivative_options(derivative, row):
+    kwargs, error, match = row
+    M = torch.randn(4, 6, dtype=torch.float64)
+    with pytest.raises(error, match=match):
+        derivative(M, torch.ones_like(M), **kwargs)
+
+
+@pytest.mark.parametrize("row", COEFFICIENT_BAD_OPTIONS, ids=lambda r: str(r[0]))
+def test_coefficient_options(row):
+    kwargs, error, match = row
+    with pytest.raises(error, match=match):
+        matfn.polar_express_coefficients(5, **kwargs)
+
+
+@pytest.mark.parametrize("shape_dtype", META_SHAPES, ids=str)
+@pytest.mark.parametrize("func", FUNCS)
+def test_meta_tensors(func, shape_dtype):
+    shape, dtype = shape_dtype
+    M = torch.empty(shape, dtype=dtype, device="meta")
+    try:
+        out = func(M)
+    except (ValueError, TypeError, NotImplementedError) as err:
+        assert f"`{func.arg}`" in str(err) and "meta" in str(err), err
+        return
+    assert out.is_meta and out.shape == M.shape and out.dtype == dtype
+
+
+@pytest.mark.parametrize("derivative", [matfn.msign_jvp, matfn.msign_vjp], ids=["jvp", "vjp"])
+def test_meta_tensors_derivative(derivative):
+    M = torch.empty(2, 5, 3, device="meta")
+    out = derivative(M, torch.empty(5, 3, dtype=torch.float64, device="meta"))
+    assert out.is_meta and out.shape == M.shape and out.dtype == torch.float64
+
+
+def test_meta_tensor_with_the_finite_check_names_the_argument():
+    from matfn._validation import check_matrix
+
+    with pytest.raises(ValueError, match="`Q` is a meta tensor"):
+        check_matrix(torch.empty(3, 3, device="meta"), "Q")
 
 
 @pytest.mark.parametrize("func", FUNCS)
