@@ -175,9 +175,17 @@ def check_real(
 ) -> float:
     """Validate a real number option in ``[low, high]`` (open ends as asked); return it as float.
 
-    Raises ``TypeError`` for a non-number (bool, str, tensor, complex) and ``ValueError`` for NaN,
+    A 0-d real tensor counts as its value (read on the host). Raises ``TypeError`` for a
+    non-number (bool, str, a tensor of other shape or dtype, complex) and ``ValueError`` for NaN,
     ±inf when ``finite`` or a value out of range; the message names ``name`` and the range.
     """
+    if (
+        isinstance(x, torch.Tensor)
+        and x.ndim == 0
+        and not x.is_meta
+        and (x.is_floating_point() or (not x.is_complex() and x.dtype != torch.bool))
+    ):
+        x = x.item()
     if not _is_real_number(x):
         raise TypeError(f"`{name}` must be a real number, got {type(x).__name__} {x!r}")
     value = float(x)  # type: ignore[arg-type]

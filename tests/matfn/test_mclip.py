@@ -333,3 +333,15 @@ def test_bad_tables_raise(kwargs, error, match):
     M = torch.randn(4, 6, dtype=torch.float64)
     with pytest.raises(error, match=match):
         matfn.mclip(M, **kwargs)
+
+
+def test_zero_dim_tensor_bounds_count_as_their_value():
+    # A 0-d tensor bound is read on the host, as torch reads a tensor lr; any other shape raises.
+    M = torch.randn(5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ref = matfn.mclip(M, max_sv=0.5, min_sv=0.1)
+    out = matfn.mclip(M, max_sv=torch.tensor(0.5), min_sv=torch.tensor(0.1, dtype=torch.float64))
+    assert torch.equal(out, ref)
+    with pytest.raises(TypeError, match="max_sv"):
+        matfn.mclip(M, max_sv=torch.tensor([0.5]))
+    with pytest.raises(TypeError, match="max_sv"):
+        matfn.mclip(M, max_sv=torch.tensor(True))
