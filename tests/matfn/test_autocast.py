@@ -1,4 +1,4 @@
-"""Public functions under an enclosing ``torch.autocast`` (#25 point 5).
+"""Public functions under an enclosing ``torch.autocast``.
 
 Every public matrix function turns autocast off inside (:mod:`matfn._autocast`), so under
 ``torch.autocast("cpu", bfloat16)`` (and "cuda" where available) it gives bitwise the result

@@ -1,4 +1,4 @@
-"""Scale safety (#25 point 3): any finite input in the dtype's range, against float64 oracles.
+"""Scale safety: any finite input in the dtype's range, against float64 oracles.
 
 msign is scale-invariant, mclip homogeneous (``mclip(sM, sβ) = s·mclip(M, β)``) and the
 derivative homogeneous of degree −1 in M and linear in the direction. Two kinds of sweep:
@@ -254,7 +254,7 @@ def test_vjp_issue_example():
 
 
 # ---------------------------------------------------------------------------------------------
-# steps="auto" on rank-deficient input (#25 point 6)
+# steps="auto" on rank-deficient input
 # ---------------------------------------------------------------------------------------------
 
 

@@ -296,7 +296,7 @@ def _relative_residual(A: np.ndarray, B: np.ndarray, C: np.ndarray, X: np.ndarra
 @pytest.mark.parametrize("coupling", [0.1, 0.3, 0.5, 1.0, 2.0, 3.0])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_issue_nonnormal_example(coupling: float, dtype: torch.dtype) -> None:
-    # A = diag(1…3) + coupling·(strictly upper N(0, 1)), n = 30, B = 2I (issue #25): strongly
+    # A = diag(1…3) + coupling·(strictly upper N(0, 1)), n = 30, B = 2I: strongly
     # non-normal A, well-conditioned equation (Kronecker condition 1.7 … 2.6e3). A polynomial
     # sign iteration loses accuracy like the non-normality (relative residual 50 at coupling 1).
     rng = np.random.default_rng(0)

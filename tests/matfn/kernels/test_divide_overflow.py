@@ -1,4 +1,4 @@
-"""divide_by_norms: an overflowed (inf) or NaN norm gives NaN, never silent zeros (#25 point 3).
+"""divide_by_norms: an overflowed (inf) or NaN norm gives NaN, never silent zeros.
 
 Runs the kernel in Triton's interpreter on CPU (or on the GPU when present), like
 ``test_elementwise.py``.
@@ -26,7 +26,9 @@ def test_divide_by_norms_poisons_non_finite_norms(out_dtype):
     out = torch.empty_like(X, dtype=out_dtype)
     got = elementwise.divide_by_norms(X, norms, 1.01, 1e-7, out, config=CONFIG)
     assert torch.isnan(got[0]).all() and torch.isnan(got[1]).all()
-    # finite norms are divided as before (correctly rounded, as torch)
-    torch.testing.assert_close(got[2], (X[2] / (2.0 * 1.01)).to(out_dtype), rtol=0, atol=0)
+    # finite norms are divided as before, correctly rounded: as torch's tensor-by-tensor divide
+    # (a Python-scalar divisor would be applied as a reciprocal multiply on CUDA)
+    denom = torch.tensor(2.0 * 1.01, dtype=torch.float32, device=DEVICE)
+    torch.testing.assert_close(got[2], (X[2] / denom).to(out_dtype), rtol=0, atol=0)
     # 3.4e38 · 1.01 overflows float32 in the kernel: NaN as well
     assert torch.isnan(got[3]).all()
