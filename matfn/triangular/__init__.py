@@ -183,8 +183,10 @@ def _check_decay(log_decay: object, Q: torch.Tensor) -> torch.Tensor:
         except RuntimeError:
             return False
 
-    if log_decay.ndim == Q.ndim and log_decay.shape[-2:] == (n, d) and fits(
-        log_decay.shape, Q.shape
+    if (
+        log_decay.ndim == Q.ndim
+        and log_decay.shape[-2:] == (n, d)
+        and fits(log_decay.shape, Q.shape)
     ):
         return log_decay.expand(Q.shape)
     if log_decay.ndim >= 1 and log_decay.shape[-1] == n and fits(log_decay.shape, Q.shape[:-1]):
@@ -446,9 +448,7 @@ def tri_solve(
     >>> bool(torch.allclose(T @ X, V))
     True
     """
-    Q, K, V, lam, decay, dtype = _check_inputs(
-        Q, K, V, diag, check_finite, chunk_size, log_decay
-    )
+    Q, K, V, lam, decay, dtype = _check_inputs(Q, K, V, diag, check_finite, chunk_size, log_decay)
     n, d = Q.shape[-2:]
     e = V.shape[-1]
     batch = Q.shape[:-2]

@@ -15,8 +15,9 @@ For ``Y = T⁻¹`` and ``dY``: ``dT = −T⁻ᵀ dY T⁻ᵀ`` by two structured 
 (``W = T⁻ᵀ tril(dY)``, ``dT = −(T⁻¹ Wᵀ)ᵀ``), ``O(n² d)``, then ``dλ = diag(dT)``,
 ``dQ = dL K``, ``dK = dLᵀ Q``.
 
-The backward runs in torch (first order: the Functions are once differentiable) on every device (the chunked solver of
-:mod:`matfn.triangular.reference`); the forward is whatever path the public function took.
+The backward runs in torch on every device (the chunked solver of
+:mod:`matfn.triangular.reference`); the forward is whatever path the public function took. The
+Functions are once differentiable (no double backward).
 """
 
 from __future__ import annotations
@@ -142,6 +143,7 @@ class TriSolveFunction(torch.autograd.Function):
         dtype: torch.dtype,
         chunk_size: int,
     ) -> torch.Tensor:
+        """Solve in the compute dtype, save ``(Q, K, λ, Z)`` flattened, return ``Z``."""
         Qf, Kf, Vf, lamf = prepare(Q, K, V, lam, dtype)
         Zf = solve(Qf, Kf, Vf, lamf)
         ctx.save_for_backward(Qf, Kf, lamf, Zf)
@@ -152,15 +154,14 @@ class TriSolveFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dZ: torch.Tensor):  # type: ignore[override]
+        """``(dQ, dK, dV, dλ)`` for the inputs that need them, in their shapes and dtypes."""
         Qf, Kf, lamf, Zf = ctx.saved_tensors
         nq, nk, nv, nl = ctx.needs_input_grad[:4]
         grads = [None] * 8
         if not (nq or nk or nv or nl):
             return tuple(grads)
         dZf = dZ.reshape(Zf.shape).to(Zf.dtype)
-        dQ, dK, dV, dlam = tri_solve_backward(
-            Qf, Kf, lamf, Zf, dZf, ctx.chunk_size, (nq, nk, nl)
-        )
+        dQ, dK, dV, dlam = tri_solve_backward(Qf, Kf, lamf, Zf, dZf, ctx.chunk_size, (nq, nk, nl))
         for i, (g, need) in enumerate(zip((dQ, dK, dV, dlam), (nq, nk, nv, nl), strict=True)):
             if need:
                 shape, dt = ctx.metas[i]
@@ -185,6 +186,7 @@ class TriInvFunction(torch.autograd.Function):
         dtype: torch.dtype,
         chunk_size: int,
     ) -> torch.Tensor:
+        """Invert in the compute dtype, save ``(Q, K, λ)`` flattened, return ``Y``."""
         Qf, Kf, _, lamf = prepare(Q, K, None, lam, dtype)
         Yf = invert(Qf, Kf, lamf)
         ctx.save_for_backward(Qf, Kf, lamf)
@@ -196,6 +198,7 @@ class TriInvFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dY: torch.Tensor):  # type: ignore[override]
+        """``(dQ, dK, dλ)`` for the inputs that need them, in their shapes and dtypes."""
         Qf, Kf, lamf = ctx.saved_tensors
         nq, nk, nl = ctx.needs_input_grad[:3]
         grads = [None] * 7
