@@ -235,5 +235,8 @@ def decay_dense_torch(
     below = torch.ones(n, n, dtype=torch.bool, device=Q.device).tril(-1)
     D = torch.where(below[..., None], G[:, :, None, :] - G[:, None, :, :], -torch.inf)
     E = D.to(Q.dtype).exp()  # (B, n, n, g)
-    L = torch.einsum("bic,bjc,bijc->bij", Q, K, E.expand(*E.shape[:3], Q.shape[-1]))
+    if E.shape[-1] == 1:
+        L = (Q @ K.mT) * E[..., 0]
+    else:
+        L = torch.einsum("bic,bjc,bijc->bij", Q, K, E)
     return torch.diag_embed(lam) + L
