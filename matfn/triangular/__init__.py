@@ -260,6 +260,14 @@ def tri_inv(
     diag : torch.Tensor or float, optional
         The diagonal ``λ`` of ``Λ``: ``None`` (identity, the default), a number, or a tensor that
         broadcasts to ``(..., n)``. Every entry must be nonzero; negative values are fine.
+    log_decay : torch.Tensor, optional
+        Log-decays ``ℓ`` of a decayed system (Gated DeltaNet, KDA): with ``G = cumsum(ℓ)``
+        along the rows, ``T_ij = λ_i δ_ij + [i > j] Σ_c Q_ic K_jc exp(G_ic − G_jc)``. Shape
+        ``(..., n)`` (one decay per row) or ``(..., n, d)`` with the dims of ``Q`` (per
+        channel); batch dims broadcast. Stable in float32 for any ``ℓ ≤ 0`` (only
+        chunk-relative exponents, all ``≤ 0``, are formed; docs/math.md §5.6). Runs the torch
+        chunked form on every device (the Triton kernels take no decay yet), in
+        ``O(n² (d + C))``.
     chunk_size : int
         Rows per chunk ``C`` (results agree to rounding for every ``C``). The CUDA kernels take
         the request rounded up to a power of two in ``[16, 64]``
@@ -274,7 +282,7 @@ def tri_inv(
         first call per geometry runs eagerly and captures. The input checks
         still run eagerly: one host sync with ``check_finite=True`` or a tensor ``diag`` (its
         zero-pivot test), none with ``check_finite=False`` and ``diag`` None or a number.
-        Ignored on CPU and under autograd.
+        Ignored on CPU, under autograd and with ``log_decay``.
 
     Returns
     -------
@@ -288,7 +296,8 @@ def tri_inv(
         A non-tensor, complex, integer, bool or sparse input; ``diag`` of a bad type.
     ValueError
         Fewer than 2 dims; ``Q``/``K`` shapes differ; ``diag`` does not broadcast to
-        ``(..., n)``; NaN/Inf entries; inputs on different devices.
+        ``(..., n)``; ``log_decay`` of neither shape; NaN/Inf entries; inputs on different
+        devices.
     SingularTriangularError
         A zero on the diagonal (a subclass of both ``ZeroDivisionError`` and ``ValueError``);
         the message names the index.
@@ -321,6 +330,16 @@ def tri_inv(
     Inf/NaN in the result. The well-conditioned DeltaNet case ``Λ = I``, ``Q = K`` with
     ``‖k_i‖ ≤ 1`` has all entries in ``[−1, 1]`` (each factor ``I − k kᵀ`` is a contraction):
     float32 errors stay near ``1e-6`` relative for ``n`` in the thousands.
+
+    **Gradients.** Exact gradients w.r.t. ``Q``, ``K`` and a tensor ``diag`` (a number or
+    ``None`` has none). Without ``log_decay``, when autograd records the call, an autograd
+    Function runs the forward above and a torch backward on every device: ``dT = −T⁻ᵀ dY T⁻ᵀ``
+    by two structured solves (the transposed one on reversed rows with ``Q`` and ``K``
+    swapped), then ``dλ = diag(dT)``, ``dQ = dL K``, ``dK = dLᵀ Q`` for ``dL = tril(dT, −1)``:
+    ``O(n² d)``, about ``(12 d + 4 C) n²`` FLOPs (:mod:`matfn.triangular.backward`). Calls that
+    autograd does not record take the plain path (no wrapper, no extra sync or copy). With
+    ``log_decay``, autograd differentiates the chunked torch form (``ℓ`` included), at a
+    constant multiple of its forward cost. Double backward is not supported.
 
     References
     ----------
@@ -395,6 +414,11 @@ def tri_solve(
     diag : torch.Tensor or float, optional
         The diagonal ``λ`` (``None`` = identity, a number, or a tensor broadcasting to
         ``(..., n)``); no zeros.
+    log_decay : torch.Tensor, optional
+        Log-decays ``ℓ``, ``(..., n)`` or ``(..., n, d)``, as in :func:`tri_inv`: the decayed
+        system ``T_ij = λ_i δ_ij + [i > j] Σ_c Q_ic K_jc exp(G_ic − G_jc)``, ``G = cumsum(ℓ)``.
+        Torch chunked form on every device (the kernels take no decay yet),
+        ``O(n (d e + C e + C d))``, stable in float32 for any ``ℓ ≤ 0``.
     chunk_size : int
         Rows per chunk ``C``; the CUDA kernels take the request rounded up to a power of two in
         ``[16, 32]`` (:func:`matfn.triangular.config.solve_config`).
@@ -402,7 +426,7 @@ def tri_solve(
         Raise on NaN/Inf in the inputs.
     cuda_graph : bool
         As in :func:`tri_inv`; under capture, small batches (``B·n ≤ 1024``) take the tree
-        solve, which has no sequential chain.
+        solve, which has no sequential chain. Ignored under autograd and with ``log_decay``.
 
     Returns
     -------
@@ -415,7 +439,8 @@ def tri_solve(
     TypeError
         A non-tensor, complex, integer, bool or sparse input; ``diag`` of a bad type.
     ValueError
-        Bad dims; ``Q``/``K``/``V``/``diag`` shapes that do not match; NaN/Inf; mixed devices.
+        Bad dims; ``Q``/``K``/``V``/``diag``/``log_decay`` shapes that do not match; NaN/Inf;
+        mixed devices.
     SingularTriangularError
         A zero on the diagonal (names the index); also a ``ZeroDivisionError``.
 
@@ -432,6 +457,15 @@ def tri_solve(
     conquer over ``⌈log₂(n/C)⌉`` parallel levels (``[X₂ | P₂] −= P₂ K₁ᵀ[X₁ | P₁]`` per pair of
     blocks, no sequential chain, 2.4× the FLOPs; :mod:`matfn.triangular.solve`).
     Accuracy and conditioning are those of forward substitution; see :func:`tri_inv`.
+
+    **Gradients** w.r.t. ``Q``, ``K``, ``V`` and a tensor ``diag``, exact, in ``O(n d e)`` like
+    the forward (:mod:`matfn.triangular.backward`, torch on every device): for ``X = T⁻¹ V``,
+    ``dV = T⁻ᵀ dX`` (the chunked solver on reversed rows with ``Q`` and ``K`` swapped),
+    ``dλ = −Σ_e dV ⊙ X``, and the rank-``e`` ``dL = −tril(dV Xᵀ, −1)`` enters only through the
+    causal products ``dQ_i = −Σ_{j<i} (dV_i·X_j) K_j`` and ``dK_j = −Σ_{i>j} (dV_i·X_j) Q_i``,
+    chunked with an ``e×d`` running state. ``X`` is saved for the backward. Calls autograd does
+    not record take the plain path. With ``log_decay``, autograd differentiates the chunked
+    torch form (``ℓ`` included). Double backward is not supported.
 
     References
     ----------
