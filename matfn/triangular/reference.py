@@ -161,9 +161,9 @@ def tri_solve_decay_chunked_torch(
 
     ``ℓ`` is ``(B, n, 1)`` (one decay per row) or ``(B, n, d)`` (one per channel). Only
     chunk-relative log-decays are formed, each in float64 (so that differences of large
-    cumulative sums do not cancel) and cast to the compute dtype before ``exp``: with ``R`` the
-    cumulative sum of ``ℓ`` inside a chunk (``R_i = G_i − G_{l−1}``, the last row of the
-    previous chunk as reference, ``G_{−1} = 0``),
+    cumulative sums do not cancel; float32 on MPS) and cast to the compute dtype before
+    ``exp``: with ``R`` the cumulative sum of ``ℓ`` inside a chunk (``R_i = G_i − G_{l−1}``,
+    the last row of the previous chunk as reference, ``G_{−1} = 0``),
 
     * the chunk block ``A_ij = Σ_c Q_ic K_jc exp(R_ic − R_jc)`` for ``i > j`` (exponent masked
       to ``−∞`` on and above the diagonal before ``exp``),
@@ -180,7 +180,8 @@ def tri_solve_decay_chunked_torch(
     Qc, Kc, Vc = _chunk_rows(Q, NC, C), _chunk_rows(K, NC, C), _chunk_rows(V, NC, C)
     lc = torch.nn.functional.pad(lam, (0, NC * C - n), value=1.0).reshape(B, NC, C)
     dt = Q.dtype
-    R = _chunk_rows(log_decay.to(torch.float64), NC, C).cumsum(2)  # (B, NC, C, g)
+    edt = torch.float32 if Q.device.type == "mps" else torch.float64  # MPS has no float64
+    R = _chunk_rows(log_decay.to(edt), NC, C).cumsum(2)  # (B, NC, C, g)
     last = R[:, :, -1:]  # (B, NC, 1, g)
     Qt = Qc * R.to(dt).exp()
     Kt = Kc * (last - R).to(dt).exp()

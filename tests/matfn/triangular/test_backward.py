@@ -66,7 +66,7 @@ def test_gradcheck_scalar_and_none_diag(diag):
     assert gradcheck(fn, (Q, K, V))
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(
     n=st.integers(1, 150),
     d=st.integers(1, 6),
