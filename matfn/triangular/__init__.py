@@ -9,7 +9,11 @@ The matrix is ``T = Λ + tril(Q Kᵀ, −1)`` with ``Q, K ∈ ℝ^{n×d}`` (``n 
 This module validates, picks the path and calls it. The modules of the package:
 
 ``reference``
-    The torch forms: the row recursion (the readable oracle) and the chunked form (the CPU path).
+    The torch forms: the row recursion (the readable oracle), the chunked form (the CPU path)
+    and the decayed chunked form (the ``log_decay`` path on every device).
+``backward``
+    The exact backward (torch, every device) behind :class:`torch.autograd.Function` s, used
+    when autograd records the call.
 ``config``
     The frozen tuning of the kernels, one config per op (no Triton).
 ``chunk``, ``inverse``, ``solve`` (``scan``, ``tree``, ``schedule``)
@@ -35,8 +39,15 @@ from matfn._validation import (
     non_finite_error,
 )
 
+from .backward import TriInvFunction, TriSolveFunction
 from .config import SOLVE_MAX_D, inv_config, solve_config
-from .reference import DEFAULT_CHUNK, tri_inv_chunked_torch, tri_solve_chunked_torch
+from .reference import (
+    DEFAULT_CHUNK,
+    tri_inv_chunked_torch,
+    tri_inv_decay_chunked_torch,
+    tri_solve_chunked_torch,
+    tri_solve_decay_chunked_torch,
+)
 
 __all__ = ["tri_inv", "tri_solve", "SingularTriangularError"]
 
@@ -61,8 +72,15 @@ def _check_inputs(
     diag: object,
     check_finite: bool,
     chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.dtype]:
-    """Validate and return ``(Q, K, V, λ, result dtype)`` with ``λ`` of shape ``Q.shape[:-1]``."""
+    log_decay: object = None,
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.dtype
+]:
+    """Validate and return ``(Q, K, V, λ, ℓ, result dtype)``.
+
+    ``λ`` has shape ``Q.shape[:-1]``; ``ℓ`` is ``None`` or ``(..., n, g)`` broadcast to the batch
+    dims of ``Q`` with ``g = 1`` (one decay per row) or ``g = d`` (per channel).
+    """
     # finiteness of every input and the zero-pivot test are fetched in one host sync, below
     Q = check_matrix(Q, "Q", check_finite=False)
     K = check_matrix(K, "K", check_finite=False)
@@ -113,7 +131,11 @@ def _check_inputs(
             f"`diag` must be None, a real number or a tensor of shape (..., n), "
             f"got {type(diag).__name__}"
         )
-    check_same_device(Q=Q, K=K, V=V, diag=lam)
+    decay = None
+    if log_decay is not None:
+        decay = _check_decay(log_decay, Q)
+        dtype = torch.promote_types(dtype, decay.dtype)
+    check_same_device(Q=Q, K=K, V=V, diag=lam, log_decay=decay)
     if lam.numel() and host_value is not None:
         # a scalar diagonal is tested on the host: no sync unless check_finite asks for one
         if check_finite and not math.isfinite(host_value):
@@ -124,17 +146,57 @@ def _check_inputs(
                 "is every diagonal entry)"
             )
         if check_finite:
-            assert_all_finite(Q=Q, K=K, V=V)
+            assert_all_finite(Q=Q, K=K, V=V, log_decay=decay)
     elif lam.numel():  # else Q, K, V are empty too
         zero = lam == 0
-        inputs = {"Q": Q, "K": K, "V": V, "diag": lam} if check_finite else {}
+        inputs = {"Q": Q, "K": K, "V": V, "diag": lam, "log_decay": decay} if check_finite else {}
         if assert_all_finite(zero.any(), **inputs):
             idx = tuple(int(i) for i in zero.nonzero()[0])
             raise SingularTriangularError(
                 f"T is singular: its diagonal `diag` is zero at index {idx[-1]} "
                 f"(full index {idx} of diag broadcast to {tuple(lead)})"
             )
-    return Q, K, V, lam, dtype
+    return Q, K, V, lam, decay, dtype
+
+
+def _check_decay(log_decay: object, Q: torch.Tensor) -> torch.Tensor:
+    """``log_decay`` as ``(..., n, g)`` broadcast to the batch dims of ``Q`` (``g ∈ {1, d}``).
+
+    A tensor with the dims of ``Q`` whose last two dims are ``(n, d)`` is per channel; else it
+    must broadcast to ``(..., n)`` (one decay per row).
+    """
+    if (
+        not isinstance(log_decay, torch.Tensor)
+        or log_decay.layout != torch.strided
+        or log_decay.is_complex()
+        or not log_decay.is_floating_point()
+    ):
+        raise TypeError(
+            "`log_decay` must be a real floating tensor of shape (..., n) or (..., n, d), "
+            f"got {type(log_decay).__name__}"
+            + (f" of dtype {log_decay.dtype}" if isinstance(log_decay, torch.Tensor) else "")
+        )
+    n, d = Q.shape[-2:]
+
+    def fits(shape: tuple[int, ...], target: torch.Size) -> bool:
+        try:
+            return torch.broadcast_shapes(shape, target) == target
+        except RuntimeError:
+            return False
+
+    if (
+        log_decay.ndim == Q.ndim
+        and log_decay.shape[-2:] == (n, d)
+        and fits(log_decay.shape, Q.shape)
+    ):
+        return log_decay.expand(Q.shape)
+    if log_decay.ndim >= 1 and log_decay.shape[-1] == n and fits(log_decay.shape, Q.shape[:-1]):
+        return log_decay.expand(Q.shape[:-1]).unsqueeze(-1)
+    raise ValueError(
+        f"`log_decay` must have shape (..., n) = {tuple(Q.shape[:-1])} (one decay per row) or "
+        f"(..., n, d) = {tuple(Q.shape)} (per channel), up to broadcasting of the batch dims; "
+        f"got {_shape(log_decay)}"
+    )
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -159,6 +221,15 @@ def _prepare(
     return Qf, Kf, Vf, lamf
 
 
+def _records_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records a call on ``tensors`` (then the autograd Function runs)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _flat_decay(decay: torch.Tensor, B: int, cdt: torch.dtype) -> torch.Tensor:
+    return decay.reshape(B, *decay.shape[-2:]).to(cdt)
+
+
 @functools.cache
 def _launchers():
     """The launcher modules ``(inverse, solve)``: the one lazy import of the package.
@@ -177,6 +248,7 @@ def tri_inv(
     K: torch.Tensor,
     diag: torch.Tensor | float | None = None,
     *,
+    log_decay: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK,
     check_finite: bool = True,
     cuda_graph: bool = False,
@@ -190,6 +262,14 @@ def tri_inv(
     diag : torch.Tensor or float, optional
         The diagonal ``λ`` of ``Λ``: ``None`` (identity, the default), a number, or a tensor that
         broadcasts to ``(..., n)``. Every entry must be nonzero; negative values are fine.
+    log_decay : torch.Tensor, optional
+        Log-decays ``ℓ`` of a decayed system (Gated DeltaNet, KDA): with ``G = cumsum(ℓ)``
+        along the rows, ``T_ij = λ_i δ_ij + [i > j] Σ_c Q_ic K_jc exp(G_ic − G_jc)``. Shape
+        ``(..., n)`` (one decay per row) or ``(..., n, d)`` with the dims of ``Q`` (per
+        channel); batch dims broadcast. Stable in float32 for any ``ℓ ≤ 0`` (only
+        chunk-relative exponents, all ``≤ 0``, are formed; docs/math.md §5.6). Runs the torch
+        chunked form on every device (the Triton kernels take no decay yet), in
+        ``O(n² (d + C))``.
     chunk_size : int
         Rows per chunk ``C`` (results agree to rounding for every ``C``). The CUDA kernels take
         the request rounded up to a power of two in ``[16, 64]``
@@ -204,7 +284,7 @@ def tri_inv(
         first call per geometry runs eagerly and captures. The input checks
         still run eagerly: one host sync with ``check_finite=True`` or a tensor ``diag`` (its
         zero-pivot test), none with ``check_finite=False`` and ``diag`` None or a number.
-        Ignored on CPU and under autograd.
+        Ignored on CPU, under autograd and with ``log_decay``.
 
     Returns
     -------
@@ -218,7 +298,8 @@ def tri_inv(
         A non-tensor, complex, integer, bool or sparse input; ``diag`` of a bad type.
     ValueError
         Fewer than 2 dims; ``Q``/``K`` shapes differ; ``diag`` does not broadcast to
-        ``(..., n)``; NaN/Inf entries; inputs on different devices.
+        ``(..., n)``; ``log_decay`` of neither shape; NaN/Inf entries; inputs on different
+        devices.
     SingularTriangularError
         A zero on the diagonal (a subclass of both ``ZeroDivisionError`` and ``ValueError``);
         the message names the index.
@@ -252,6 +333,16 @@ def tri_inv(
     ``‖k_i‖ ≤ 1`` has all entries in ``[−1, 1]`` (each factor ``I − k kᵀ`` is a contraction):
     float32 errors stay near ``1e-6`` relative for ``n`` in the thousands.
 
+    **Gradients.** Exact gradients w.r.t. ``Q``, ``K`` and a tensor ``diag`` (a number or
+    ``None`` has none). Without ``log_decay``, when autograd records the call, an autograd
+    Function runs the forward above and a torch backward on every device: ``dT = −T⁻ᵀ dY T⁻ᵀ``
+    by two structured solves (the transposed one on reversed rows with ``Q`` and ``K``
+    swapped), then ``dλ = diag(dT)``, ``dQ = dL K``, ``dK = dLᵀ Q`` for ``dL = tril(dT, −1)``:
+    ``O(n² d)``, about ``(12 d + 4 C) n²`` FLOPs (:mod:`matfn.triangular.backward`). Calls that
+    autograd does not record take the plain path (no wrapper, no extra sync or copy). With
+    ``log_decay``, autograd differentiates the chunked torch form (``ℓ`` included), at a
+    constant multiple of its forward cost. Double backward is not supported.
+
     References
     ----------
     Su Jianlin, kexue.fm/archives/11072 (the chunked recursion) and 11563 (DeltaNet's inverse).
@@ -266,11 +357,21 @@ def tri_inv(
     >>> bool(torch.allclose(Y @ T, torch.eye(100, dtype=torch.float64)))
     True
     """
-    Q, K, _, lam, dtype = _check_inputs(Q, K, None, diag, check_finite, chunk_size)
+    Q, K, _, lam, decay, dtype = _check_inputs(
+        Q, K, None, diag, check_finite, chunk_size, log_decay
+    )
     n, d = Q.shape[-2:]
     batch = Q.shape[:-2]
     if n == 0 or math.prod(batch) == 0:
         return Q.new_zeros((*batch, n, n), dtype=dtype)
+    if decay is not None:  # torch on every device, differentiated by autograd
+        Qf, Kf, _, lamf = _prepare(Q, K, None, lam, dtype)
+        Lf = _flat_decay(decay, Qf.shape[0], Qf.dtype)
+        Y = tri_inv_decay_chunked_torch(Qf, Kf, lamf, Lf, chunk_size)
+        return Y.reshape(*batch, n, n).to(dtype)
+    if _records_grad(Q, K, lam):
+        invert = functools.partial(_tri_inv_flat, chunk_size=chunk_size)
+        return TriInvFunction.apply(Q, K, lam, _prepare, invert, dtype, chunk_size)
     call = functools.partial(_tri_inv, dtype=dtype, chunk_size=chunk_size)
     if cuda_graph and _graphs.graph_applies(Q, K, lam, work=math.prod(batch) * n * n * d):
         return _graphs.replay_or_capture(call, Q, K, lam)
@@ -279,14 +380,18 @@ def tri_inv(
 
 def _tri_inv(Q, K, lam, *, dtype: torch.dtype, chunk_size: int) -> torch.Tensor:
     """tri_inv of validated, non-empty inputs (the part a CUDA graph captures)."""
-    n, d = Q.shape[-2:]
+    n = Q.shape[-2]
     Qf, Kf, _, lamf = _prepare(Q, K, None, lam, dtype)
-    if d > 0 and use_triton(Qf) and Qf.dtype == torch.float32:
-        inverse, _ = _launchers()
-        Y = inverse.tri_inv_triton(Qf, Kf, lamf, config=inv_config(chunk_size))
-    else:
-        Y = tri_inv_chunked_torch(Qf, Kf, lamf, chunk_size)
+    Y = _tri_inv_flat(Qf, Kf, lamf, chunk_size=chunk_size)
     return Y.reshape(*Q.shape[:-2], n, n).to(dtype)
+
+
+def _tri_inv_flat(Qf, Kf, lamf, *, chunk_size: int) -> torch.Tensor:
+    """``T⁻¹`` of flattened compute-dtype operands: Triton on CUDA float32, else torch."""
+    if Qf.shape[-1] > 0 and use_triton(Qf) and Qf.dtype == torch.float32:
+        inverse, _ = _launchers()
+        return inverse.tri_inv_triton(Qf, Kf, lamf, config=inv_config(chunk_size))
+    return tri_inv_chunked_torch(Qf, Kf, lamf, chunk_size)
 
 
 @no_autocast
@@ -296,6 +401,7 @@ def tri_solve(
     V: torch.Tensor,
     diag: torch.Tensor | float | None = None,
     *,
+    log_decay: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK,
     check_finite: bool = True,
     cuda_graph: bool = False,
@@ -311,6 +417,11 @@ def tri_solve(
     diag : torch.Tensor or float, optional
         The diagonal ``λ`` (``None`` = identity, a number, or a tensor broadcasting to
         ``(..., n)``); no zeros.
+    log_decay : torch.Tensor, optional
+        Log-decays ``ℓ``, ``(..., n)`` or ``(..., n, d)``, as in :func:`tri_inv`: the decayed
+        system ``T_ij = λ_i δ_ij + [i > j] Σ_c Q_ic K_jc exp(G_ic − G_jc)``, ``G = cumsum(ℓ)``.
+        Torch chunked form on every device (the kernels take no decay yet),
+        ``O(n (d e + C e + C d))``, stable in float32 for any ``ℓ ≤ 0``.
     chunk_size : int
         Rows per chunk ``C``; the CUDA kernels take the request rounded up to a power of two in
         ``[16, 32]`` (:func:`matfn.triangular.config.solve_config`).
@@ -318,7 +429,7 @@ def tri_solve(
         Raise on NaN/Inf in the inputs.
     cuda_graph : bool
         As in :func:`tri_inv`; under capture, small batches (``B·n ≤ 1024``) take the tree
-        solve, which has no sequential chain.
+        solve, which has no sequential chain. Ignored under autograd and with ``log_decay``.
 
     Returns
     -------
@@ -331,7 +442,8 @@ def tri_solve(
     TypeError
         A non-tensor, complex, integer, bool or sparse input; ``diag`` of a bad type.
     ValueError
-        Bad dims; ``Q``/``K``/``V``/``diag`` shapes that do not match; NaN/Inf; mixed devices.
+        Bad dims; ``Q``/``K``/``V``/``diag``/``log_decay`` shapes that do not match; NaN/Inf;
+        mixed devices.
     SingularTriangularError
         A zero on the diagonal (names the index); also a ``ZeroDivisionError``.
 
@@ -349,6 +461,15 @@ def tri_solve(
     blocks, no sequential chain, 2.4× the FLOPs; :mod:`matfn.triangular.solve`).
     Accuracy and conditioning are those of forward substitution; see :func:`tri_inv`.
 
+    **Gradients** w.r.t. ``Q``, ``K``, ``V`` and a tensor ``diag``, exact, in ``O(n d e)`` like
+    the forward (:mod:`matfn.triangular.backward`, torch on every device): for ``X = T⁻¹ V``,
+    ``dV = T⁻ᵀ dX`` (the chunked solver on reversed rows with ``Q`` and ``K`` swapped),
+    ``dλ = −Σ_e dV ⊙ X``, and the rank-``e`` ``dL = −tril(dV Xᵀ, −1)`` enters only through the
+    causal products ``dQ_i = −Σ_{j<i} (dV_i·X_j) K_j`` and ``dK_j = −Σ_{i>j} (dV_i·X_j) Q_i``,
+    chunked with an ``e×d`` running state. ``X`` is saved for the backward. Calls autograd does
+    not record take the plain path. With ``log_decay``, autograd differentiates the chunked
+    torch form (``ℓ`` included). Double backward is not supported.
+
     References
     ----------
     Su Jianlin, kexue.fm/archives/11072 and 11563.
@@ -364,12 +485,20 @@ def tri_solve(
     >>> bool(torch.allclose(T @ X, V))
     True
     """
-    Q, K, V, lam, dtype = _check_inputs(Q, K, V, diag, check_finite, chunk_size)
+    Q, K, V, lam, decay, dtype = _check_inputs(Q, K, V, diag, check_finite, chunk_size, log_decay)
     n, d = Q.shape[-2:]
     e = V.shape[-1]
     batch = Q.shape[:-2]
     if n == 0 or e == 0 or math.prod(batch) == 0:
         return V.new_zeros((*batch, n, e), dtype=dtype)
+    if decay is not None:  # torch on every device, differentiated by autograd
+        Qf, Kf, Vf, lamf = _prepare(Q, K, V, lam, dtype)
+        Lf = _flat_decay(decay, Qf.shape[0], Qf.dtype)
+        X = tri_solve_decay_chunked_torch(Qf, Kf, Vf, lamf, Lf, chunk_size)
+        return X.reshape(V.shape).to(dtype)
+    if _records_grad(Q, K, V, lam):
+        solve = functools.partial(_tri_solve_flat, chunk_size=chunk_size)
+        return TriSolveFunction.apply(Q, K, V, lam, _prepare, solve, dtype, chunk_size)
     call = functools.partial(_tri_solve, dtype=dtype, chunk_size=chunk_size)
     work = math.prod(batch) * n * d * (d + e)
     if cuda_graph and _graphs.graph_applies(Q, K, V, lam, work=work):
@@ -379,11 +508,14 @@ def tri_solve(
 
 def _tri_solve(Q, K, V, lam, *, dtype: torch.dtype, chunk_size: int) -> torch.Tensor:
     """tri_solve of validated, non-empty inputs (the part a CUDA graph captures)."""
-    d = Q.shape[-1]
     Qf, Kf, Vf, lamf = _prepare(Q, K, V, lam, dtype)
-    if 0 < d <= SOLVE_MAX_D and use_triton(Qf) and Qf.dtype == torch.float32:
-        _, solve = _launchers()
-        X = solve.tri_solve_triton(Qf, Kf, Vf, lamf, config=solve_config(chunk_size))
-    else:
-        X = tri_solve_chunked_torch(Qf, Kf, Vf, lamf, chunk_size)
+    X = _tri_solve_flat(Qf, Kf, Vf, lamf, chunk_size=chunk_size)
     return X.reshape(V.shape).to(dtype)
+
+
+def _tri_solve_flat(Qf, Kf, Vf, lamf, *, chunk_size: int) -> torch.Tensor:
+    """``T⁻¹ V`` of flattened compute-dtype operands: Triton on CUDA float32, else torch."""
+    if 0 < Qf.shape[-1] <= SOLVE_MAX_D and use_triton(Qf) and Qf.dtype == torch.float32:
+        _, solve = _launchers()
+        return solve.tri_solve_triton(Qf, Kf, Vf, lamf, config=solve_config(chunk_size))
+    return tri_solve_chunked_torch(Qf, Kf, Vf, lamf, chunk_size)

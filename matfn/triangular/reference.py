@@ -10,8 +10,13 @@ Each form is the blueprint of the next:
     (``d×e``) state passed across chunks. The CPU (and float64) path of the public functions.
 :mod:`matfn.triangular.inverse`, :mod:`matfn.triangular.solve`
     The Triton kernels for CUDA float32, built on the chunked form.
+:func:`tri_inv_decay_chunked_torch` / :func:`tri_solve_decay_chunked_torch`
+    The decayed systems ``T_ij = λ_i δ_ij + [i > j] Σ_c Q_ic K_jc exp(G_ic − G_jc)`` with
+    ``G = cumsum(ℓ)`` (docs/math.md §5.6), chunked with chunk-relative exponents only; written
+    without in-place updates so that autograd differentiates them (every device).
 
-All take ``Q, K`` ``(B, n, d)``, ``V`` ``(B, n, e)`` and ``λ`` ``(B, n)`` of one dtype.
+All take ``Q, K`` ``(B, n, d)``, ``V`` ``(B, n, e)`` and ``λ`` ``(B, n)`` of one dtype; the
+decayed forms also take ``ℓ`` ``(B, n, 1)`` (one decay per row) or ``(B, n, d)`` (per channel).
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ __all__ = [
     "tri_solve_torch",
     "tri_inv_chunked_torch",
     "tri_solve_chunked_torch",
+    "tri_inv_decay_chunked_torch",
+    "tri_solve_decay_chunked_torch",
+    "decay_dense_torch",
 ]
 
 #: Default chunk size ``C`` of the chunked forms.
@@ -133,3 +141,103 @@ def tri_solve_chunked_torch(
         if c + 1 < NC:
             Z += Kc[:, c].mT @ X[:, c]
     return X.view(B, NC * C, -1)[:, :n]
+
+
+def _chunk_rows(x: torch.Tensor, NC: int, C: int) -> torch.Tensor:
+    """``(B, n, m)`` → ``(B, NC, C, m)``, zero rows appended."""
+    B, n, m = x.shape
+    return torch.nn.functional.pad(x, (0, 0, 0, NC * C - n)).reshape(B, NC, C, m)
+
+
+def tri_solve_decay_chunked_torch(
+    Q: torch.Tensor,
+    K: torch.Tensor,
+    V: torch.Tensor,
+    lam: torch.Tensor,
+    log_decay: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    r"""Chunked ``T⁻¹ V`` for the decayed ``T`` (docs/math.md §5.6), stable for any ``ℓ ≤ 0``.
+
+    ``ℓ`` is ``(B, n, 1)`` (one decay per row) or ``(B, n, d)`` (one per channel). Only
+    chunk-relative log-decays are formed, each in float64 (so that differences of large
+    cumulative sums do not cancel; float32 on MPS) and cast to the compute dtype before
+    ``exp``: with ``R`` the cumulative sum of ``ℓ`` inside a chunk (``R_i = G_i − G_{l−1}``,
+    the last row of the previous chunk as reference, ``G_{−1} = 0``),
+
+    * the chunk block ``A_ij = Σ_c Q_ic K_jc exp(R_ic − R_jc)`` for ``i > j`` (exponent masked
+      to ``−∞`` on and above the diagonal before ``exp``),
+    * ``Q̃ = Q ⊙ exp(R)`` reads the state, ``K̃ = K ⊙ exp(R_last − R)`` writes it, and the state
+      ``S = Σ_{j<l} exp(G_{l−1} − G_j) ⊙ K_j x_jᵀ`` (``d×e``) is carried by
+      ``S ← exp(R_last) ⊙ S + K̃_cᵀ X_c``;
+
+    for ``ℓ ≤ 0`` every exponent is ``≤ 0``, so no factor exceeds 1 however strong the decay.
+    Cost ``≈ n (4 d e + 2 C e + 2 C d)`` plus the ``C×C×d`` block for per-channel decay.
+    """
+    B, n, d = Q.shape
+    C = chunk_size
+    NC = -(-n // C)
+    Qc, Kc, Vc = _chunk_rows(Q, NC, C), _chunk_rows(K, NC, C), _chunk_rows(V, NC, C)
+    lc = torch.nn.functional.pad(lam, (0, NC * C - n), value=1.0).reshape(B, NC, C)
+    dt = Q.dtype
+    edt = torch.float32 if Q.device.type == "mps" else torch.float64  # MPS has no float64
+    R = _chunk_rows(log_decay.to(edt), NC, C).cumsum(2)  # (B, NC, C, g)
+    last = R[:, :, -1:]  # (B, NC, 1, g)
+    Qt = Qc * R.to(dt).exp()
+    Kt = Kc * (last - R).to(dt).exp()
+    step = last.squeeze(2).to(dt).exp()  # (B, NC, g): the state's decay across a chunk
+    below = torch.ones(C, C, dtype=torch.bool, device=Q.device).tril(-1)
+    if log_decay.shape[-1] == 1:
+        D = R[..., :, None, 0] - R[..., None, :, 0]  # (B, NC, C, C)
+        E = torch.where(below, D, -torch.inf).to(dt).exp()
+        A = (Qc @ Kc.mT) * E
+    else:
+        D = R[..., :, None, :] - R[..., None, :, :]  # (B, NC, C, C, d)
+        E = torch.where(below[..., None], D, -torch.inf).to(dt).exp()
+        A = torch.einsum("bnic,bnjc,bnijc->bnij", Qc, Kc, E)
+    Tcc = torch.diag_embed(lc) + A
+    Uc = torch.linalg.solve_triangular(Tcc, Vc, upper=False)
+    Pc = torch.linalg.solve_triangular(Tcc, Qt, upper=False)
+    S = V.new_zeros(B, d, V.shape[-1])
+    X = []
+    for c in range(NC):
+        Xc = Uc[:, c] - Pc[:, c] @ S if c else Uc[:, c]
+        X.append(Xc)
+        if c + 1 < NC:
+            S = step[:, c, :, None] * S + Kt[:, c].mT @ Xc
+    return torch.stack(X, 1).reshape(B, NC * C, -1)[:, :n]
+
+
+def tri_inv_decay_chunked_torch(
+    Q: torch.Tensor,
+    K: torch.Tensor,
+    lam: torch.Tensor,
+    log_decay: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """Chunked ``T⁻¹`` of the decayed ``T``: :func:`tri_solve_decay_chunked_torch` on ``V = I``.
+
+    The ``d×n`` state makes it ``O(n² (d + C))``; the result is exactly lower triangular.
+    """
+    B, n, _ = Q.shape
+    eye = torch.eye(n, dtype=Q.dtype, device=Q.device).expand(B, n, n)
+    return torch.tril(tri_solve_decay_chunked_torch(Q, K, eye, lam, log_decay, chunk_size))
+
+
+def decay_dense_torch(
+    Q: torch.Tensor, K: torch.Tensor, lam: torch.Tensor, log_decay: torch.Tensor
+) -> torch.Tensor:
+    """The dense decayed ``T`` ``(B, n, n)`` from its definition, pairwise exponents only.
+
+    ``O(n² d)`` memory for per-channel decay: the tests' oracle, not a solver.
+    """
+    G = log_decay.to(torch.float64).cumsum(1)  # (B, n, g)
+    n = Q.shape[1]
+    below = torch.ones(n, n, dtype=torch.bool, device=Q.device).tril(-1)
+    D = torch.where(below[..., None], G[:, :, None, :] - G[:, None, :, :], -torch.inf)
+    E = D.to(Q.dtype).exp()  # (B, n, n, g)
+    if E.shape[-1] == 1:
+        L = (Q @ K.mT) * E[..., 0]
+    else:
+        L = torch.einsum("bic,bjc,bijc->bij", Q, K, E)
+    return torch.diag_embed(lam) + L

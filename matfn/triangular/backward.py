@@ -1,0 +1,214 @@
+r"""Backward of ``tri_inv`` / ``tri_solve`` for ``T = Λ + tril(Q Kᵀ, −1)`` (docs/math.md §5.6).
+
+For ``Z = T⁻¹ V`` and an upstream gradient ``dZ``:
+
+* ``dV = T⁻ᵀ dZ``. ``Tᵀ = Λ + triu(K Qᵀ, 1)`` is upper triangular; reversing the row and
+  column order, ``J Tᵀ J = JΛJ + tril((JK)(JQ)ᵀ, −1)`` (``J`` the flip), so
+  ``T⁻ᵀ W = J · tri_solve(JK, JQ, JW, Jλ)``: the forward solver with ``Q`` and ``K`` swapped on
+  reversed rows (:func:`solve_transposed`).
+* ``dT = −dV Zᵀ``, so ``dλ = −Σ_e dV ⊙ Z`` (row sums), and with ``dL = tril(dT, −1)``
+  (rank ``e``, never formed): ``dQ_i = −Σ_{j<i} (dV_i·Z_j) K_j`` and
+  ``dK_j = −Σ_{i>j} (dV_i·Z_j) Q_i`` — causal linear-attention products
+  (:func:`causal_product`), ``O(n (C (d + e) + d e))``.
+
+For ``Y = T⁻¹`` and ``dY``: ``dT = −T⁻ᵀ dY T⁻ᵀ`` by two structured solves
+(``W = T⁻ᵀ tril(dY)``, ``dT = −(T⁻¹ Wᵀ)ᵀ``), ``O(n² d)``, then ``dλ = diag(dT)``,
+``dQ = dL K``, ``dK = dLᵀ Q``.
+
+The backward runs in torch on every device (the chunked solver of
+:mod:`matfn.triangular.reference`); the forward is whatever path the public function took. The
+Functions are once differentiable (no double backward).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .reference import tri_solve_chunked_torch
+
+__all__ = [
+    "causal_product",
+    "solve_transposed",
+    "tri_solve_backward",
+    "tri_inv_backward",
+    "TriSolveFunction",
+    "TriInvFunction",
+]
+
+
+def causal_product(
+    A: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
+    """``out_i = Σ_{j<i} (A_i · B_j) C_j`` for ``A, B`` ``(b, n, e)``, ``C`` ``(b, n, d)``.
+
+    Strictly causal linear attention in chunks of ``C`` rows: the strictly lower masked
+    ``C×C`` products inside a chunk plus ``A_c S_c`` with the exclusive prefix sum
+    ``S_c = Σ_{chunks c' < c} B_{c'}ᵀ C_{c'}`` (``e×d``). Cost ``O(n (C (e + d) + e d))``;
+    no ``n×n`` matrix is formed.
+    """
+    b, n, e = A.shape
+    d = Cm.shape[-1]
+    C = chunk_size
+    NC = -(-n // C)
+    pad = NC * C - n
+
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, 0, 0, pad)).reshape(b, NC, C, x.shape[-1])
+
+    Ac, Bc, Cc = rows(A), rows(Bm), rows(Cm)
+    below = torch.ones(C, C, dtype=torch.bool, device=A.device).tril(-1)
+    out = ((Ac @ Bc.mT) * below) @ Cc
+    if NC > 1:
+        states = Bc[:, :-1].mT @ Cc[:, :-1]  # (b, NC − 1, e, d)
+        prefix = states.cumsum(1)
+        out[:, 1:] += Ac[:, 1:] @ prefix
+    return out.reshape(b, NC * C, d)[:, :n]
+
+
+def solve_transposed(
+    Q: torch.Tensor, K: torch.Tensor, W: torch.Tensor, lam: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
+    """``T⁻ᵀ W`` as ``J · T'⁻¹ (J W)`` with ``T' = JΛJ + tril((JK)(JQ)ᵀ, −1)``."""
+    flipped = tri_solve_chunked_torch(
+        K.flip(1), Q.flip(1), W.flip(1).contiguous(), lam.flip(1), chunk_size
+    )
+    return flipped.flip(1)
+
+
+def tri_solve_backward(
+    Q: torch.Tensor,
+    K: torch.Tensor,
+    lam: torch.Tensor,
+    Z: torch.Tensor,
+    dZ: torch.Tensor,
+    chunk_size: int,
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """``(dQ, dK, dV, dλ)`` of ``Z = T⁻¹ V`` (flattened ``(B, n, ·)`` operands, one dtype).
+
+    ``needs`` says which of ``dQ, dK, dλ`` to compute (``dV`` is always needed by the others).
+    """
+    need_q, need_k, need_lam = needs
+    dV = solve_transposed(Q, K, dZ, lam, chunk_size)
+    dlam = -(dV * Z).sum(-1) if need_lam else None
+    dQ = -causal_product(dV, Z, K, chunk_size) if need_q else None
+    dK = None
+    if need_k:
+        dK = -causal_product(Z.flip(1), dV.flip(1), Q.flip(1), chunk_size).flip(1)
+    return dQ, dK, dV, dlam
+
+
+def tri_inv_backward(
+    Q: torch.Tensor,
+    K: torch.Tensor,
+    lam: torch.Tensor,
+    dY: torch.Tensor,
+    chunk_size: int,
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(dQ, dK, dλ)`` of ``Y = T⁻¹``: ``dT = −T⁻ᵀ dY T⁻ᵀ`` by two solves, ``O(n² d)``.
+
+    Only ``tril(dY)`` matters (the upper part of ``Y`` is constant zero), so it is masked first.
+    """
+    need_q, need_k, need_lam = needs
+    W = solve_transposed(Q, K, torch.tril(dY), lam, chunk_size)  # T⁻ᵀ dY
+    dT = -tri_solve_chunked_torch(Q, K, W.mT.contiguous(), lam, chunk_size).mT  # −W T⁻ᵀ
+    dlam = torch.diagonal(dT, dim1=-2, dim2=-1) if need_lam else None
+    dL = torch.tril(dT, -1)
+    dQ = dL @ K if need_q else None
+    dK = dL.mT @ Q if need_k else None
+    return dQ, dK, dlam
+
+
+class TriSolveFunction(torch.autograd.Function):
+    """``Z = T⁻¹ V`` with the structured backward of :func:`tri_solve_backward`.
+
+    ``apply(Q, K, V, λ, prepare, solve, dtype, chunk_size)``: ``prepare`` flattens the inputs
+    to ``(B, n, ·)`` compute-dtype tensors, ``solve`` runs the forward path on them; the
+    compute-dtype result is saved for the backward.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        Q: torch.Tensor,
+        K: torch.Tensor,
+        V: torch.Tensor,
+        lam: torch.Tensor,
+        prepare: Callable,
+        solve: Callable,
+        dtype: torch.dtype,
+        chunk_size: int,
+    ) -> torch.Tensor:
+        """Solve in the compute dtype, save ``(Q, K, λ, Z)`` flattened, return ``Z``."""
+        Qf, Kf, Vf, lamf = prepare(Q, K, V, lam, dtype)
+        Zf = solve(Qf, Kf, Vf, lamf)
+        ctx.save_for_backward(Qf, Kf, lamf, Zf)
+        ctx.chunk_size = chunk_size
+        ctx.metas = tuple((t.shape, t.dtype) for t in (Q, K, V, lam))
+        return Zf.reshape(V.shape).to(dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dZ: torch.Tensor):  # type: ignore[override]
+        """``(dQ, dK, dV, dλ)`` for the inputs that need them, in their shapes and dtypes."""
+        Qf, Kf, lamf, Zf = ctx.saved_tensors
+        nq, nk, nv, nl = ctx.needs_input_grad[:4]
+        grads = [None] * 8
+        if not (nq or nk or nv or nl):
+            return tuple(grads)
+        dZf = dZ.reshape(Zf.shape).to(Zf.dtype)
+        dQ, dK, dV, dlam = tri_solve_backward(Qf, Kf, lamf, Zf, dZf, ctx.chunk_size, (nq, nk, nl))
+        for i, (g, need) in enumerate(zip((dQ, dK, dV, dlam), (nq, nk, nv, nl), strict=True)):
+            if need:
+                shape, dt = ctx.metas[i]
+                grads[i] = g.reshape(shape).to(dt)
+        return tuple(grads)
+
+
+class TriInvFunction(torch.autograd.Function):
+    """``Y = T⁻¹`` with the structured backward of :func:`tri_inv_backward`.
+
+    ``apply(Q, K, λ, prepare, invert, dtype, chunk_size)`` as in :class:`TriSolveFunction`.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        Q: torch.Tensor,
+        K: torch.Tensor,
+        lam: torch.Tensor,
+        prepare: Callable,
+        invert: Callable,
+        dtype: torch.dtype,
+        chunk_size: int,
+    ) -> torch.Tensor:
+        """Invert in the compute dtype, save ``(Q, K, λ)`` flattened, return ``Y``."""
+        Qf, Kf, _, lamf = prepare(Q, K, None, lam, dtype)
+        Yf = invert(Qf, Kf, lamf)
+        ctx.save_for_backward(Qf, Kf, lamf)
+        ctx.chunk_size = chunk_size
+        ctx.metas = tuple((t.shape, t.dtype) for t in (Q, K, lam))
+        n = Q.shape[-2]
+        return Yf.reshape(*Q.shape[:-2], n, n).to(dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dY: torch.Tensor):  # type: ignore[override]
+        """``(dQ, dK, dλ)`` for the inputs that need them, in their shapes and dtypes."""
+        Qf, Kf, lamf = ctx.saved_tensors
+        nq, nk, nl = ctx.needs_input_grad[:3]
+        grads = [None] * 7
+        if not (nq or nk or nl):
+            return tuple(grads)
+        n = Qf.shape[1]
+        dYf = dY.reshape(-1, n, n).to(Qf.dtype)
+        dQ, dK, dlam = tri_inv_backward(Qf, Kf, lamf, dYf, ctx.chunk_size, (nq, nk, nl))
+        for i, (g, need) in enumerate(zip((dQ, dK, dlam), (nq, nk, nl), strict=True)):
+            if need:
+                shape, dt = ctx.metas[i]
+                grads[i] = g.reshape(shape).to(dt)
+        return tuple(grads)
