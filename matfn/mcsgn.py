@@ -130,6 +130,34 @@ def relative_change(new: torch.Tensor, old: torch.Tensor) -> float:
     return float((diff / torch.linalg.matrix_norm(new).clamp_min(tiny)).max())
 
 
+class NewtonProgress:
+    """The stopping rule of a scaled Newton sign iteration, fed one relative change per step.
+
+    :meth:`update` says ``"singular"`` for a NaN change, ``"converged"`` once the change is
+    below ``tol`` or stops decreasing at the rounding floor (below 1e-3 and no longer halving),
+    else ``None``; :attr:`scaled` turns off once a step moves the iterate by less than
+    :data:`NEWTON_UNSCALED_BELOW`, so the unscaled iteration's quadratic convergence is kept.
+    Shared by :class:`NewtonSign` and the Sylvester solve's block iteration.
+    """
+
+    def __init__(self, tol: float) -> None:
+        self.tol = tol
+        self.previous = float("inf")
+        self.scaled = True
+        self.last_change = float("inf")
+
+    def update(self, change: float) -> str | None:
+        self.last_change = change
+        if change != change:  # NaN
+            return "singular"
+        if change <= self.tol or (self.previous < 1e-3 and change > 0.5 * self.previous):
+            return "converged"
+        if change < NEWTON_UNSCALED_BELOW:
+            self.scaled = False
+        self.previous = change
+        return None
+
+
 class NewtonSign:
     """The scaled Newton sign iteration ``X ← (μX + (μX)⁻¹)/2`` on a batch ``(B, n, n)``.
 
@@ -148,10 +176,8 @@ class NewtonSign:
 
     def run(self, max_steps: int = NEWTON_MAX_STEPS) -> torch.Tensor:
         X = self.X
-        tol = 4 * torch.finfo(X.dtype).eps * max(1, X.shape[-1]) ** 0.5
+        progress = NewtonProgress(4 * torch.finfo(X.dtype).eps * max(1, X.shape[-1]) ** 0.5)
         tiny = torch.finfo(X.dtype).tiny
-        previous = float("inf")
-        scaled = True
         limit = None
         for _ in range(max_steps):
             inv, x_norm, inv_norm, limit, ok = newton_inverse(X, limit)
@@ -160,21 +186,17 @@ class NewtonSign:
                 break
             # Frobenius-norm scaling μ = (‖X⁻¹‖/‖X‖)^{1/2} balances the eigenvalue moduli about
             # 1 (Higham, Functions of Matrices, §5.5), per matrix; off near convergence.
-            mu = torch.sqrt(inv_norm / x_norm.clamp_min(tiny)) if scaled else 1.0
+            mu = torch.sqrt(inv_norm / x_norm.clamp_min(tiny)) if progress.scaled else 1.0
             X_next = 0.5 * (mu * X + inv / mu)
             change = relative_change(X_next, X)
             X = X_next
             self.steps += 1
+            verdict = progress.update(change)
             self.last_change = change
-            if change != change:  # NaN
-                self.singular = True
+            if verdict is not None:
+                self.singular = verdict == "singular"
+                self.converged = verdict == "converged"
                 break
-            if change <= tol or (previous < 1e-3 and change > 0.5 * previous):
-                self.converged = True
-                break
-            if change < NEWTON_UNSCALED_BELOW:
-                scaled = False
-            previous = change
         self.X = X
         return X
 

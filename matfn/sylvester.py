@@ -16,8 +16,8 @@ from ._validation import check_matrix, check_same_device, float_result_dtype
 from .coefficients import CONVERGENT_QUINTIC, Coefficients, auto_schedule
 from .mcsgn import (
     NEWTON_MAX_STEPS,
-    NEWTON_UNSCALED_BELOW,
     MatrixSignConvergenceError,
+    NewtonProgress,
     newton_inverse,
     relative_change,
 )
@@ -279,9 +279,9 @@ class _NewtonSylvester:
         self.converged = False
         self.last_change = float("inf")
         tiny = torch.finfo(A.dtype).tiny
-        tol = 4 * torch.finfo(A.dtype).eps * max(A.shape[-1], B.shape[-1]) ** 0.5
-        previous = float("inf")
-        scaled = True
+        progress = NewtonProgress(
+            4 * torch.finfo(A.dtype).eps * max(A.shape[-1], B.shape[-1]) ** 0.5
+        )
         a_limit = b_limit = None
         for _ in range(NEWTON_MAX_STEPS):
             Ai, a_norm, ai_norm, a_limit, a_ok = newton_inverse(A, a_limit)
@@ -289,7 +289,7 @@ class _NewtonSylvester:
             if not (a_ok and b_ok):
                 self.singular = True
                 break
-            if scaled:
+            if progress.scaled:
                 # One μ for the whole block matrix (it must stay block-triangular), from the
                 # diagonal blocks only: C does not affect the spectrum.
                 num = ai_norm**2 + bi_norm**2
@@ -302,16 +302,12 @@ class _NewtonSylvester:
             B_next = 0.5 * (mu * B + Bi / mu)
             change = max(relative_change(A_next, A), relative_change(B_next, B))
             A, B = A_next, B_next
+            verdict = progress.update(change)
             self.last_change = change
-            if change != change:  # NaN
-                self.singular = True
+            if verdict is not None:
+                self.singular = verdict == "singular"
+                self.converged = verdict == "converged"
                 break
-            if change <= tol or (previous < 1e-3 and change > 0.5 * previous):
-                self.converged = True
-                break
-            if change < NEWTON_UNSCALED_BELOW:
-                scaled = False
-            previous = change
         self.A, self.B = A, B
 
     def apply(self, C: torch.Tensor) -> torch.Tensor:
