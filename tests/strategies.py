@@ -363,8 +363,31 @@ def matrices(
 SignKind = Literal["eig", "sym", "block"]
 
 
+class _ConstructedSign:
+    """A batch of square matrices built with their exact matrix sign (mixin of the cases below).
+
+    Subclasses are dataclasses with ``n``, ``batch``, ``scale`` and ``dtype`` fields and a
+    ``_parts()`` giving, per batch element, the float64 matrix and its exact sign.
+    """
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.batch, self.n, self.n)
+
+    def array(self) -> np.ndarray:
+        """The float64 matrix, shape ``(*batch, n, n)`` (scaled)."""
+        return self.scale * np.stack([m for m, _ in self._parts()]).reshape(self.shape)
+
+    def exact_sign(self) -> np.ndarray:
+        """``mcsgn`` of :meth:`array` from the construction (float64)."""
+        return np.stack([s for _, s in self._parts()]).reshape(self.shape)
+
+    def tensor(self, device: str | torch.device = "cpu") -> torch.Tensor:
+        return torch.from_numpy(self.array()).to(device=device, dtype=self.dtype)
+
+
 @dataclass(frozen=True)
-class SignCase:
+class SignCase(_ConstructedSign):
     """A square matrix with real eigenvalues, magnitudes in ``[gap, 1]·scale``, and its exact sign.
 
     * ``eig``: ``Q diag(λ) Q⁻¹`` with ``Q = W₁ diag(d) W₂`` (Haar ``W``, ``d`` log-spaced in
@@ -387,10 +410,6 @@ class SignCase:
     scale: float = 1.0
     seed: int = 0
     dtype: torch.dtype = torch.float64
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (*self.batch, self.n, self.n)
 
     def _parts(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per batch element: (matrix, exact sign), both float64."""
@@ -434,17 +453,6 @@ class SignCase:
                     S = (Q * sgn) @ Qi
             out.append((M, S))
         return out
-
-    def array(self) -> np.ndarray:
-        """The float64 matrix, shape ``(*batch, n, n)`` (scaled)."""
-        return self.scale * np.stack([m for m, _ in self._parts()]).reshape(self.shape)
-
-    def exact_sign(self) -> np.ndarray:
-        """``mcsgn`` of :meth:`array` from the construction (float64)."""
-        return np.stack([s for _, s in self._parts()]).reshape(self.shape)
-
-    def tensor(self, device: str | torch.device = "cpu") -> torch.Tensor:
-        return torch.from_numpy(self.array()).to(device=device, dtype=self.dtype)
 
     @property
     def id(self) -> str:
@@ -518,7 +526,7 @@ HalfPlane = Literal["both", "right"]
 
 
 @dataclass(frozen=True)
-class SpectralCase:
+class SpectralCase(_ConstructedSign):
     """``Q D Q⁻¹`` with complex spectra at controlled angles and controlled eigenvector condition.
 
     ``D`` is real block-diagonal: 1×1 blocks ``±r`` and 2×2 blocks
@@ -544,10 +552,6 @@ class SpectralCase:
     scale: float = 1.0
     seed: int = 0
     dtype: torch.dtype = torch.float64
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (*self.batch, self.n, self.n)
 
     def _one(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         n = self.n
@@ -582,17 +586,6 @@ class SpectralCase:
     def _parts(self) -> list[tuple[np.ndarray, np.ndarray]]:
         rng = np.random.default_rng(self.seed)
         return [self._one(rng) for _ in range(math.prod(self.batch))]
-
-    def array(self) -> np.ndarray:
-        """The float64 matrix, shape ``(*batch, n, n)`` (scaled)."""
-        return self.scale * np.stack([m for m, _ in self._parts()]).reshape(self.shape)
-
-    def exact_sign(self) -> np.ndarray:
-        """``mcsgn`` of :meth:`array` from the construction (float64)."""
-        return np.stack([s for _, s in self._parts()]).reshape(self.shape)
-
-    def tensor(self, device: str | torch.device = "cpu") -> torch.Tensor:
-        return torch.from_numpy(self.array()).to(device=device, dtype=self.dtype)
 
     @property
     def id(self) -> str:
