@@ -33,7 +33,7 @@ from torch.testing import assert_close
 from optim import Muon, muon_param_groups
 from optim.distributed import assign_owners, resolve_process_group, shard_sizes
 
-from .gloo import run_scenarios
+from .gloo import run_scenarios, train_on_rank_slices
 
 # Tolerances. Optimizer alone: the owner orthogonalises exactly the single-process matrix in
 # float32; only the batch composition of the batched matmuls differs, so agreement is at float32
@@ -271,17 +271,13 @@ def _data(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _train(model, opt, steps, world, rank, before_micro=None) -> None:
     """Gradient accumulation over MICRO micro-batches; this rank's slice of each batch."""
-    per = BATCH // world
-    for step in steps:
-        for micro in range(MICRO):
-            if before_micro is not None:
-                before_micro(micro)
-            x, y = _data(step, micro)
-            x, y = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
-            loss = nn.functional.cross_entropy(model(x, step % 2 == 0), y) / MICRO
-            loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+
+    def loss(x, y, step):
+        return nn.functional.cross_entropy(model(x, step % 2 == 0), y)
+
+    train_on_rank_slices(
+        opt, steps, world, rank, _data, loss, batch=BATCH, micro=MICRO, before_micro=before_micro
+    )
 
 
 def _reference(steps: int) -> dict[str, torch.Tensor]:

@@ -37,7 +37,7 @@ from torch.testing import assert_close
 
 from optim import Muon, QKClip, muon_param_groups
 
-from .gloo import run_scenarios
+from .gloo import run_scenarios, train_on_rank_slices
 from .test_distributed import TRAIN_TOL, _full_state, _nullcontext
 from .toy_attention import ToyAttention, ToyMLA
 
@@ -87,17 +87,13 @@ def _data(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _train(model, opt, steps, world, rank, before_micro=None) -> None:
     """Gradient accumulation over MICRO micro-batches; this rank's slice of each batch."""
-    per = BATCH // world
-    for step in steps:
-        for micro in range(MICRO):
-            if before_micro is not None:
-                before_micro(micro)
-            x, y = _data(step, micro)
-            x, y = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
-            loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()) / MICRO
-            loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+
+    def loss(x, y, step):
+        return nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+    train_on_rank_slices(
+        opt, steps, world, rank, _data, loss, batch=BATCH, micro=MICRO, before_micro=before_micro
+    )
 
 
 def _setup(shard=None, **qk_kw) -> tuple[_Model, Muon, QKClip]:
