@@ -13,7 +13,7 @@ import importlib
 import importlib.util
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -73,178 +73,92 @@ EXTRA_OF: dict[str, str] = {
 # --------------------------------------------------------------------------- converters
 
 
-def _number(text: str, expected: str) -> float:
-    """``float(text)``, rejecting non-numbers, nan and ±inf with an argparse error.
+def _interval(low: float, high: float | None, low_open: bool, high_open: bool) -> str:
+    """``"in [1, 99]"``, ``"in (0, 1)"`` or ``">= 1"`` / ``"> 0"`` (no upper end)."""
+    if high is None:
+        return f"{'>' if low_open else '>='} {low:g}"
+    return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
-    ``expected`` describes the accepted range for the message, e.g. ``"a number in (0, 1)"``.
+
+def _integer_in(name: str, low: int, high: int | None, doc: str) -> Callable[[str], int]:
+    """An argparse ``type=`` converter to an integer in ``[low, high]`` (``high`` None: no end)."""
+    where = _interval(low, high, False, False)
+
+    def convert(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer {where}, got {text!r}") from None
+        if n < low or (high is not None and n > high):
+            raise argparse.ArgumentTypeError(f"must be an integer {where}, got {text!r}")
+        return n
+
+    convert.__name__ = convert.__qualname__ = name
+    convert.__doc__ = doc
+    return convert
+
+
+def _number_in(
+    name: str,
+    low: float,
+    high: float | None,
+    doc: str,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    at_least: float | None = None,
+) -> Callable[[str], float]:
+    """An argparse ``type=`` converter to a finite number in the interval (``high`` None: no end).
+
+    ``at_least``: a further lower bound inside the interval, named in its own message.
     """
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-    if not math.isfinite(x):
-        raise argparse.ArgumentTypeError(f"must be {expected} (finite), got {text!r}")
-    return x
+    where = _interval(low, high, low_open, high_open)
+    must = "must be a finite number" if high is None else "must lie"
+
+    def convert(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number {where}, got {text!r}") from None
+        above = x > low if low_open else x >= low
+        below = high is None or (x < high if high_open else x <= high)
+        if not (math.isfinite(x) and above and below):
+            raise argparse.ArgumentTypeError(f"{must} {where}, got {text!r}")
+        if at_least is not None and x < at_least:
+            raise argparse.ArgumentTypeError(
+                f"must lie {where} and be >= {at_least:g}, got {text!r}"
+            )
+        return x
+
+    convert.__name__ = convert.__qualname__ = name
+    convert.__doc__ = doc
+    return convert
 
 
-def positive_int(text: str) -> int:
-    """An integer ``>= 1`` (``--sizes``, ``--threads``, ``--train-steps``).
-
-    Parameters
-    ----------
-    text : str
-        The command-line value.
-
-    Returns
-    -------
-    int
-        The value.
-
-    Raises
-    ------
-    argparse.ArgumentTypeError
-        When ``text`` is not an integer or is below 1.
-    """
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a positive integer (>= 1), got {text!r}"
-        ) from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {text!r}")
-    return n
-
-
-def step_count(text: str) -> int:
-    """An integer in ``[1, MAX_STEPS)`` (``coeffs --steps``).
-
-    Parameters
-    ----------
-    text : str
-        The command-line value.
-
-    Returns
-    -------
-    int
-        The number of steps.
-
-    Raises
-    ------
-    argparse.ArgumentTypeError
-        When ``text`` is not an integer in ``[1, 99]``.
-    """
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected an integer in [1, {MAX_STEPS - 1}], got {text!r}"
-        ) from None
-    if not 1 <= n < MAX_STEPS:
-        raise argparse.ArgumentTypeError(
-            f"must be an integer in [1, {MAX_STEPS - 1}], got {text!r}"
-        )
-    return n
-
-
-def open_unit_interval(text: str) -> float:
-    """A number in the open interval ``(0, 1)``, at least :data:`MIN_LOWER` (``coeffs --lower``).
-
-    Parameters
-    ----------
-    text : str
-        The command-line value.
-
-    Returns
-    -------
-    float
-        The value.
-
-    Raises
-    ------
-    argparse.ArgumentTypeError
-        When ``text`` is not a number with ``MIN_LOWER <= x < 1``.
-    """
-    x = _number(text, "a number in (0, 1)")
-    if not 0.0 < x < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {text!r}")
-    if x < MIN_LOWER:
-        raise argparse.ArgumentTypeError(
-            f"must lie in (0, 1) and be >= {MIN_LOWER:g}, got {text!r}"
-        )
-    return x
-
-
-def unit_interval(text: str) -> float:
-    """A number in the half-open interval ``[0, 1)`` (``coeffs --cushion``).
-
-    Parameters
-    ----------
-    text : str
-        The command-line value.
-
-    Returns
-    -------
-    float
-        The value.
-
-    Raises
-    ------
-    argparse.ArgumentTypeError
-        When ``text`` is not a number with ``0 <= x < 1``.
-    """
-    x = _number(text, "a number in [0, 1)")
-    if not 0.0 <= x < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text!r}")
-    return x
-
-
-def safety_factor(text: str) -> float:
-    """A number in ``[1, MAX_SAFETY]`` (``coeffs --safety``).
-
-    Parameters
-    ----------
-    text : str
-        The command-line value.
-
-    Returns
-    -------
-    float
-        The value.
-
-    Raises
-    ------
-    argparse.ArgumentTypeError
-        When ``text`` is not a number with ``1 <= x <= MAX_SAFETY``.
-    """
-    x = _number(text, f"a number in [1, {MAX_SAFETY:g}]")
-    if not 1.0 <= x <= MAX_SAFETY:
-        raise argparse.ArgumentTypeError(f"must lie in [1, {MAX_SAFETY:g}], got {text!r}")
-    return x
-
-
-def finite_positive(text: str) -> float:
-    """A finite number ``> 0`` (``demo --tau``).
-
-    Parameters
-    ----------
-    text : str
-        The command-line value.
-
-    Returns
-    -------
-    float
-        The value.
-
-    Raises
-    ------
-    argparse.ArgumentTypeError
-        When ``text`` is not a finite number ``> 0``.
-    """
-    x = _number(text, "a number > 0")
-    if x <= 0.0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return x
+positive_int = _integer_in(
+    "positive_int", 1, None, "An integer ``>= 1`` (``--sizes``, ``--threads``, ``--train-steps``)."
+)
+step_count = _integer_in(
+    "step_count", 1, MAX_STEPS - 1, "An integer in ``[1, MAX_STEPS)`` (``coeffs --steps``)."
+)
+open_unit_interval = _number_in(
+    "open_unit_interval",
+    0.0,
+    1.0,
+    "A number in ``(0, 1)``, at least :data:`MIN_LOWER` (``coeffs --lower``).",
+    low_open=True,
+    high_open=True,
+    at_least=MIN_LOWER,
+)
+unit_interval = _number_in(
+    "unit_interval", 0.0, 1.0, "A number in ``[0, 1)`` (``coeffs --cushion``).", high_open=True
+)
+safety_factor = _number_in(
+    "safety_factor", 1.0, MAX_SAFETY, "A number in ``[1, MAX_SAFETY]`` (``coeffs --safety``)."
+)
+finite_positive = _number_in(
+    "finite_positive", 0.0, None, "A finite number ``> 0`` (``demo --tau``).", low_open=True
+)
 
 
 def device_name(text: str) -> str:
