@@ -12,9 +12,11 @@ Everything here is stable for the optimizer package; users call the functions of
   and the frozen configs of :mod:`matfn._backend`).
 - :func:`for_graph`: a context in which kernels are chosen for graph replay (GPU time).
 - :func:`mclip`: singular-value clipping (the ``update="mclip"`` rule).
+- :func:`triton_module`: a Triton kernel module (``"kernels.elementwise"``,
+  ``"kernels.max_logit"``), imported on first use so that ``import optim`` loads no Triton.
 """
 
-from ._backend import graph_key, use_triton
+from ._backend import graph_key, triton_module, use_triton
 from ._batching import to_wide
 from .kernels.recording import for_graph
 from .mclip import mclip
@@ -38,5 +40,6 @@ __all__ = [
     "normalize_for_iteration",
     "run_newton_schulz",
     "to_wide",
+    "triton_module",
     "use_triton",
 ]

@@ -7,7 +7,8 @@ paths), :mod:`optim._groups` (param-group validation and normalisation, ``muon_p
 strategies), :mod:`optim.qk_clip` (:class:`QKClip`), :mod:`optim._qk_layout` (where its
 registered rows live) and :mod:`optim.max_logit` (its statistic).
 optim uses matfn through :mod:`matfn.functional` and, once a CUDA path runs, the kernel modules
-:mod:`matfn.kernels.elementwise` and :mod:`matfn.kernels.max_logit` (:mod:`optim._kernels`), so
+:mod:`matfn.kernels.elementwise` and :mod:`matfn.kernels.max_logit` (through
+:func:`matfn.functional.triton_module`), so
 ``import optim`` does not import Triton.
 """
 

@@ -39,9 +39,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from matfn.functional import for_graph, graph_key, use_triton
+from matfn.functional import for_graph, graph_key, triton_module, use_triton
 
-from ._kernels import kernels
 from ._math import (
     MUON_KEYS,
     Member,
@@ -223,7 +222,7 @@ def _momentum_stack(
     entries, ``(K, tiles)`` float32 (``partials.sum(1).sqrt()`` are the Frobenius norms), in
     ``buffers`` when given (a captured graph's static inputs).
     """
-    elementwise = kernels("elementwise")
+    elementwise = triton_module("kernels.elementwise")
     if buffers is None:
         n, m = members[0][0][:2]
         s, L = min(n, m), max(n, m)
@@ -289,7 +288,7 @@ def fused_muon(
             block = O[start : start + len(idx) * k]
             blocks.append((run_key, idx, block.mT if n > m else block))
 
-    apply_update = kernels("elementwise").apply_update
+    apply_update = triton_module("kernels.elementwise").apply_update
     for (n, m, _, _, _), idx, block in blocks:
         scale = -lr * adjust_lr_ratio(adjust_lr_fn, n, m)
         apply_update([params[i] for i in idx], block, factor=1 - lr * weight_decay, scale=scale)

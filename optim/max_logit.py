@@ -13,9 +13,7 @@ import math
 
 import torch
 
-from matfn.functional import use_triton
-
-from ._kernels import kernels
+from matfn.functional import triton_module, use_triton
 
 __all__ = ["check_qk", "max_logit_torch", "max_logits"]
 
@@ -154,7 +152,7 @@ def max_logits(
         # than the chunked reference's tensor-core matmuls (docs/benchmarks.md)
         half = q.dtype in (torch.bfloat16, torch.float16)
         if q.dtype == k.dtype and half and use_triton(q, k):
-            kernel = kernels("max_logit")
+            kernel = triton_module("kernels.max_logit")
             if 0 < q.shape[-1] <= kernel.MAX_HEAD_DIM:
                 return kernel.max_logit_triton(q, k, causal=causal, scale=scale, use_abs=use_abs)
         return max_logit_torch(q, k, causal=causal, scale=scale, use_abs=use_abs)

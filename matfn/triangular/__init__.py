@@ -18,7 +18,7 @@ This module validates, picks the path and calls it. The modules of the package:
     The frozen tuning of the kernels, one config per op (no Triton).
 ``chunk``, ``inverse``, ``solve`` (``scan``, ``tree``, ``schedule``)
     The Triton kernels and launchers for CUDA float32 tensors, imported on first use
-    (:func:`_launchers`).
+    (:func:`matfn._backend.triton_module`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 
 from matfn import _graphs
 from matfn._autocast import no_autocast
-from matfn._backend import use_triton
+from matfn._backend import triton_module, use_triton
 from matfn._validation import (
     assert_all_finite,
     check_matrix,
@@ -230,18 +230,6 @@ def _flat_decay(decay: torch.Tensor, B: int, cdt: torch.dtype) -> torch.Tensor:
     return decay.reshape(B, *decay.shape[-2:]).to(cdt)
 
 
-@functools.cache
-def _launchers():
-    """The launcher modules ``(inverse, solve)``: the one lazy import of the package.
-
-    The Triton modules are imported when a CUDA path first runs, so ``import matfn`` does not
-    import Triton.
-    """
-    from . import inverse, solve
-
-    return inverse, solve
-
-
 @no_autocast
 def tri_inv(
     Q: torch.Tensor,
@@ -389,7 +377,7 @@ def _tri_inv(Q, K, lam, *, dtype: torch.dtype, chunk_size: int) -> torch.Tensor:
 def _tri_inv_flat(Qf, Kf, lamf, *, chunk_size: int) -> torch.Tensor:
     """``T⁻¹`` of flattened compute-dtype operands: Triton on CUDA float32, else torch."""
     if Qf.shape[-1] > 0 and use_triton(Qf) and Qf.dtype == torch.float32:
-        inverse, _ = _launchers()
+        inverse = triton_module("triangular.inverse")
         return inverse.tri_inv_triton(Qf, Kf, lamf, config=inv_config(chunk_size))
     return tri_inv_chunked_torch(Qf, Kf, lamf, chunk_size)
 
@@ -516,6 +504,6 @@ def _tri_solve(Q, K, V, lam, *, dtype: torch.dtype, chunk_size: int) -> torch.Te
 def _tri_solve_flat(Qf, Kf, Vf, lamf, *, chunk_size: int) -> torch.Tensor:
     """``T⁻¹ V`` of flattened compute-dtype operands: Triton on CUDA float32, else torch."""
     if 0 < Qf.shape[-1] <= SOLVE_MAX_D and use_triton(Qf) and Qf.dtype == torch.float32:
-        _, solve = _launchers()
+        solve = triton_module("triangular.solve")
         return solve.tri_solve_triton(Qf, Kf, Vf, lamf, config=solve_config(chunk_size))
     return tri_solve_chunked_torch(Qf, Kf, Vf, lamf, chunk_size)
