@@ -429,7 +429,7 @@ class SignCase(_ConstructedSign):
                 C *= self.coupling * np.linalg.norm(mags) / max(np.linalg.norm(C), 1e-300)
                 M = np.block([[A, C], [np.zeros((n - n1, n1)), B]])
                 # mcsgn(M) = [[I, Y], [0, −I]]; S M = M S gives C + Y B = A Y − C, i.e.
-                # A Y + Y (−B) = 2 C (spec §2.3(1) with the blocks' roles swapped).
+                # A Y + Y (−B) = 2 C (docs/math.md §2.3(1) with the blocks' roles swapped).
                 Y = solve_sylvester(A, -B, 2 * C) if n1 and n - n1 else C
                 S = np.block([[np.eye(n1), Y], [np.zeros((n - n1, n1)), -np.eye(n - n1)]])
             else:

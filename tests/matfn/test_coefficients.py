@@ -197,7 +197,7 @@ def test_convergent_and_cubic_fixed_point():
         assert float(scalar_map([coeffs], 1.0)) == 1.0
         a, b, c = coeffs
         assert a + 3 * b + 5 * c == 0  # p′(1) = 0: at least quadratic convergence
-    # Cubic from 1e-3 needs 21 steps to reach 1e-6 (spec §1.3(a)).
+    # Cubic from 1e-3 needs 21 steps to reach 1e-6 (docs/math.md §1.3(a)).
     errs = [abs(float(scalar_map([CUBIC] * t, 1e-3)) - 1) for t in (20, 21)]
     assert errs[0] > 1e-6 >= errs[1]
 
@@ -213,7 +213,7 @@ def test_convergent_and_cubic_fixed_point():
     ids=["ours-x3-1e-2", "ours-x3-1e-3", "ours-x-1e-3", "ours-x-1e-2"],
 )
 def test_tuned_scalar_errors(table, lower, expected):
-    # max |f − 1| on [ℓ, 1], spec §1.3(c) table (rounded there to 2 significant digits).
+    # max |f − 1| on [ℓ, 1], docs/math.md §1.3(c) table (rounded there to 2 significant digits).
     assert max_scalar_error(list(table), lower) == pytest.approx(expected, rel=0.05)
 
 

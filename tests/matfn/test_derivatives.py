@@ -72,7 +72,7 @@ def test_rank_deficient_pseudo_inverse_convention(case: MatrixCase, method: str)
     U, _, Vh = np.linalg.svd(A, full_matrices=True)
     rng = np.random.default_rng(case.seed)
     # Rank-preserving direction U_r K Vᵀ + U K' V_rᵀ: there msign is differentiable and the
-    # formula is its derivative (spec §4.4); finite differences are meaningless elsewhere.
+    # formula is its derivative (docs/math.md §4.4); finite differences are meaningless elsewhere.
     K1 = rng.standard_normal((*case.batch, r, case.m))
     K2 = rng.standard_normal((*case.batch, case.n, r))
     D = U[..., :, :r] @ K1 @ Vh + U @ K2 @ Vh[..., :r, :]

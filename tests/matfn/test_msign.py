@@ -13,7 +13,7 @@ Tolerances (docs/math.md §1.6, derived here, checked by ``explore`` runs noted 
   ``C = 8``.
 * **Against the SVD oracle** ``U_r V_rᵀ``: ``‖X − U_r V_rᵀ‖₂ ≤ max_{x∈[x_r, x_1]} |f(x) − 1| +
   max_{i>r} |f(x_i)| + schedule tolerance``, the scalar bound on the actual normalised spectrum
-  (spec §1.6) plus the rounding slack above.
+  (docs/math.md §1.6) plus the rounding slack above.
 """
 
 from __future__ import annotations
@@ -477,7 +477,7 @@ def test_large_schedule_exact(case):
 
 
 def test_scipy_polar_disagrees_on_rank_deficient():
-    # Why the oracle is U_r V_rᵀ, not scipy.linalg.polar (spec §1.6: 8×12 rank 4 → 2.0 apart).
+    # Why the oracle is U_r V_rᵀ, not scipy.linalg.polar (docs/math.md §1.6: 8×12 rank 4 → 2.0 apart).
     A = MatrixCase((8, 12), rank=4, seed=0).array()
     diff = np.linalg.norm(scipy.linalg.polar(A)[0] - msign_oracle(A))
     assert diff == pytest.approx(2.0, abs=1e-8)
@@ -634,9 +634,10 @@ def test_table_on_the_triton_kernels(monkeypatch, algorithm):
         if not torch.cuda.is_available():
             pytest.skip("MATFN_TEST_ON_GPU=1 without CUDA")
         M = M.cuda()
-    ref = matfn.msign(M, method=table, algorithm=algorithm)
+    f32 = {"method": table, "algorithm": algorithm, "compute_dtype": torch.float32}
+    ref = matfn.msign(M, **f32)  # torch products (CPU, or CUDA below the kernels' threshold)
     monkeypatch.setattr(path, "kernels_apply", lambda X: True)
-    out = matfn.msign(M, method=table, algorithm=algorithm)
+    out = matfn.msign(M, **f32)
     assert out.dtype == torch.float32 and not torch.equal(out, ref)  # another summation order
     rtol = 2e-5 if algorithm == "standard" else 2e-4  # as tests/matfn/msign/test_triton.py
     assert float((out - ref).norm() / ref.norm()) <= rtol
