@@ -51,21 +51,38 @@ def bench(fn: Callable[[], object], rep: int) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median"))
 
 
-def host_ms(fn: Callable[[], object], calls: int = 50) -> float:
-    """Host time per call, with the GPU kept busy so that the host never blocks on it."""
+def host_ms(fn: Callable[[], object], calls: int = 10) -> float | str:
+    """Host time per call, with the GPU kept busy so that the host never waits for it.
+
+    ``calls`` stays small so that the queued launches fit CUDA's launch queue (about a thousand
+    entries; a full queue blocks the host). A call that waits for the GPU (a host sync) reads
+    ``"sync"``.
+    """
     fn()
     torch.cuda.synchronize()
-    torch.cuda._sleep(int(2e9))  # about a second of GPU time queued ahead of the calls
+    t_sleep = time.perf_counter()
+    torch.cuda._sleep(int(3e8))  # about 0.15 s of GPU time queued ahead of the calls
+    torch.cuda.synchronize()
+    sleep_s = time.perf_counter() - t_sleep
+    torch.cuda._sleep(int(3e8))
     t0 = time.perf_counter()
     for _ in range(calls):
         fn()
     elapsed = time.perf_counter() - t0
     torch.cuda.synchronize()
-    return elapsed / calls * 1e3
+    return "sync" if elapsed > 0.5 * sleep_s else elapsed / calls * 1e3
 
 
-def record(group: str, case: str, impl: str, fn: Callable[[], object], rep: int, *, host=False,
-           error: Callable[[object], float] | None = None) -> None:  # fmt: skip
+def record(
+    group: str,
+    case: str,
+    impl: str,
+    fn: Callable[[], object],
+    rep: int,
+    *,
+    host=False,
+    error: Callable[[object], float] | None = None,
+) -> None:
     row = {"group": group, "case": case, "impl": impl}
     try:
         out = fn()
@@ -78,10 +95,15 @@ def record(group: str, case: str, impl: str, fn: Callable[[], object], rep: int,
     except Exception as exc:  # a failing row is reported; the others still run
         row["failed"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
     ROWS.append(row)
-    cells = [f"{row[k]:.4f}" if k in row else "" for k in ("ms", "host_ms")]
+    cells = [
+        f"{row[k]:.4f}" if isinstance(row.get(k), float) else str(row.get(k, ""))
+        for k in ("ms", "host_ms")
+    ]
     err = f"{row['error']:.1e}" if "error" in row else ""
-    print(f"| {case} | {impl} | {cells[0]} | {cells[1]} | {err} | {row.get('failed', '')} |",
-          flush=True)  # fmt: skip
+    print(
+        f"| {case} | {impl} | {cells[0]} | {cells[1]} | {err} | {row.get('failed', '')} |",
+        flush=True,
+    )
 
 
 def msign_error(M: torch.Tensor, O: torch.Tensor) -> float:
@@ -131,9 +153,12 @@ def peers() -> dict[str, Callable[[torch.Tensor], object] | str]:
     except Exception as exc:
         out["emerging-optimizers"] = repr(exc)
     try:
+        import heavyball.utils
         from heavyball.utils import zeropower_via_newtonschulz5
 
-        out["heavyball"] = lambda M: zeropower_via_newtonschulz5(M, STEPS)
+        # Its default compiles with max-autotune (a minute of tuning per shape); eager here.
+        heavyball.utils.compile_mode = None
+        out["heavyball (eager)"] = lambda M: zeropower_via_newtonschulz5(M, STEPS)
     except Exception as exc:
         out["heavyball"] = repr(exc)
     return out
@@ -145,14 +170,28 @@ def section_msign(rep: int) -> None:
         M = torch.randn(shape, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(1))
         err = (lambda O, M=M: msign_error(M, O)) if M.numel() <= 2**24 else None
         record("msign", case, "matfn eager", lambda M=M: matfn.msign(M), rep, host=True, error=err)
-        record("msign", case, "matfn eager check_finite=False",
-               lambda M=M: matfn.msign(M, check_finite=False), rep, host=True)  # fmt: skip
-        record("msign", case, "matfn cuda_graph=True",
-               lambda M=M: matfn.msign(M, check_finite=False, cuda_graph=True), rep, host=True)  # fmt: skip
-        compiled = torch.compile(lambda M: matfn.msign(M, check_finite=False),
-                                 mode="reduce-overhead", fullgraph=True)  # fmt: skip
-        record("msign", case, "matfn compile reduce-overhead", lambda M=M: compiled(M), rep,
-               error=err)  # fmt: skip
+        record(
+            "msign",
+            case,
+            "matfn eager check_finite=False",
+            lambda M=M: matfn.msign(M, check_finite=False),
+            rep,
+            host=True,
+        )
+        record(
+            "msign",
+            case,
+            "matfn cuda_graph=True",
+            lambda M=M: matfn.msign(M, check_finite=False, cuda_graph=True),
+            rep,
+            host=True,
+        )
+        compiled = torch.compile(
+            lambda M: matfn.msign(M, check_finite=False), mode="reduce-overhead", fullgraph=True
+        )
+        record(
+            "msign", case, "matfn compile reduce-overhead", lambda M=M: compiled(M), rep, error=err
+        )
         for name, fn in others.items():
             if isinstance(fn, str):
                 print(f"| {case} | {name} | | | | unavailable: {fn[:100]} |")
@@ -180,21 +219,54 @@ def section_triangular(rep: int) -> None:
 
     case = f"n={n} d=e={d}"
     record("tri", case, "tri_inv eager", lambda: matfn.tri_inv(Q, K), rep, host=True)
-    record("tri", case, "tri_inv eager check_finite=False",
-           lambda: matfn.tri_inv(Q, K, check_finite=False), rep, host=True)  # fmt: skip
-    record("tri", case, "tri_inv cuda_graph=True",
-           lambda: matfn.tri_inv(Q, K, check_finite=False, cuda_graph=True), rep)  # fmt: skip
-    inv_c = torch.compile(lambda Q, K: matfn.tri_inv(Q, K, check_finite=False),
-                          mode="reduce-overhead", fullgraph=True)  # fmt: skip
+    record(
+        "tri",
+        case,
+        "tri_inv eager check_finite=False",
+        lambda: matfn.tri_inv(Q, K, check_finite=False),
+        rep,
+        host=True,
+    )
+    record(
+        "tri",
+        case,
+        "tri_inv cuda_graph=True",
+        lambda: matfn.tri_inv(Q, K, check_finite=False, cuda_graph=True),
+        rep,
+    )
+    inv_c = torch.compile(
+        lambda Q, K: matfn.tri_inv(Q, K, check_finite=False), mode="reduce-overhead", fullgraph=True
+    )
     record("tri", case, "tri_inv compile reduce-overhead", lambda: inv_c(Q, K), rep)
-    record("tri", case, "tri_solve eager", lambda: matfn.tri_solve(Q, K, V), rep, host=True,
-           error=solve_err)  # fmt: skip
-    record("tri", case, "tri_solve eager check_finite=False",
-           lambda: matfn.tri_solve(Q, K, V, check_finite=False), rep, host=True)  # fmt: skip
-    record("tri", case, "tri_solve cuda_graph=True",
-           lambda: matfn.tri_solve(Q, K, V, check_finite=False, cuda_graph=True), rep)  # fmt: skip
-    solve_c = torch.compile(lambda Q, K, V: matfn.tri_solve(Q, K, V, check_finite=False),
-                            mode="reduce-overhead", fullgraph=True)  # fmt: skip
+    record(
+        "tri",
+        case,
+        "tri_solve eager",
+        lambda: matfn.tri_solve(Q, K, V),
+        rep,
+        host=True,
+        error=solve_err,
+    )
+    record(
+        "tri",
+        case,
+        "tri_solve eager check_finite=False",
+        lambda: matfn.tri_solve(Q, K, V, check_finite=False),
+        rep,
+        host=True,
+    )
+    record(
+        "tri",
+        case,
+        "tri_solve cuda_graph=True",
+        lambda: matfn.tri_solve(Q, K, V, check_finite=False, cuda_graph=True),
+        rep,
+    )
+    solve_c = torch.compile(
+        lambda Q, K, V: matfn.tri_solve(Q, K, V, check_finite=False),
+        mode="reduce-overhead",
+        fullgraph=True,
+    )
     record("tri", case, "tri_solve compile reduce-overhead", lambda: solve_c(Q, K, V), rep)
 
     # Backward of tri_solve: forward + backward against the forward alone (same inputs).
@@ -205,8 +277,13 @@ def section_triangular(rep: int) -> None:
         Z = matfn.tri_solve(Qg, Kg, Vg, check_finite=False)
         return torch.autograd.grad(Z, (Qg, Kg, Vg), dZ)
 
-    record("tri", case, "tri_solve forward (grad-enabled inputs)",
-           lambda: matfn.tri_solve(Qg, Kg, Vg, check_finite=False), rep)  # fmt: skip
+    record(
+        "tri",
+        case,
+        "tri_solve forward (grad-enabled inputs)",
+        lambda: matfn.tri_solve(Qg, Kg, Vg, check_finite=False),
+        rep,
+    )
     record("tri", case, "tri_solve forward+backward", fwd_bwd, rep)
 
     # Decayed (GDN: one log-decay per row), where folding the decay into Q and K overflows.
@@ -219,8 +296,14 @@ def section_triangular(rep: int) -> None:
     def decay_err(Z):
         return float(torch.linalg.norm(Td @ Z[0].double() - V[0].double()) / V.double().norm())
 
-    record("tri", case, "tri_solve log_decay (GDN) eager",
-           lambda: matfn.tri_solve(Q, K, V, log_decay=log_decay), rep, error=decay_err)  # fmt: skip
+    record(
+        "tri",
+        case,
+        "tri_solve log_decay (GDN) eager",
+        lambda: matfn.tri_solve(Q, K, V, log_decay=log_decay),
+        rep,
+        error=decay_err,
+    )
 
     # fla-core's chunk inverse of many 64-row DeltaNet chunks, beside tri_inv on the same chunks.
     B, H, L = 8, 16, 4096
@@ -234,25 +317,46 @@ def section_triangular(rep: int) -> None:
         from fla.ops.utils.solve_tril import solve_tril
 
         A = chunk_scaled_dot_kkt_fwd(k=Kc, beta=bc, output_dtype=torch.float32)
-        record("tri", "8×16 heads, 4096 rows, 64-row chunks", "fla solve_tril (A given)",
-               lambda: solve_tril(A, output_dtype=torch.float32), rep)  # fmt: skip
-        record("tri", "8×16 heads, 4096 rows, 64-row chunks", "fla kkt + solve_tril",
-               lambda: solve_tril(chunk_scaled_dot_kkt_fwd(k=Kc, beta=bc,
-                                  output_dtype=torch.float32), output_dtype=torch.float32),
-               rep)  # fmt: skip
+        record(
+            "tri",
+            "8×16 heads, 4096 rows, 64-row chunks",
+            "fla solve_tril (A given)",
+            lambda: solve_tril(A, output_dtype=torch.float32),
+            rep,
+        )
+        record(
+            "tri",
+            "8×16 heads, 4096 rows, 64-row chunks",
+            "fla kkt + solve_tril",
+            lambda: solve_tril(
+                chunk_scaled_dot_kkt_fwd(k=Kc, beta=bc, output_dtype=torch.float32),
+                output_dtype=torch.float32,
+            ),
+            rep,
+        )
     except Exception as exc:
         print(f"| fla | unavailable: {type(exc).__name__}: {exc} |")
     Kh = Kc.transpose(1, 2).reshape(B * H * (L // 64), 64, d).contiguous()
     bh = bc.transpose(1, 2).reshape(B * H * (L // 64), 64, 1).contiguous()
     Qh = Kh * bh
-    record("tri", "8×16 heads, 4096 rows, 64-row chunks", "matfn tri_inv (batched chunks)",
-           lambda: matfn.tri_inv(Qh, Kh, check_finite=False), rep)  # fmt: skip
+    record(
+        "tri",
+        "8×16 heads, 4096 rows, 64-row chunks",
+        "matfn tri_inv (batched chunks)",
+        lambda: matfn.tri_inv(Qh, Kh, check_finite=False),
+        rep,
+    )
     chunks = getattr(matfn, "tri_inv_chunks", None)
     if chunks is not None:
         Kb = Kc.transpose(1, 2).contiguous()
         bb = bc.transpose(1, 2).contiguous()
-        record("tri", "8×16 heads, 4096 rows, 64-row chunks", "matfn tri_inv_chunks",
-               lambda: chunks(Kb, bb, check_finite=False), rep)  # fmt: skip
+        record(
+            "tri",
+            "8×16 heads, 4096 rows, 64-row chunks",
+            "matfn tri_inv_chunks",
+            lambda: chunks(Kb, bb, check_finite=False),
+            rep,
+        )
 
 
 def section_muon(rep: int) -> None:
@@ -266,8 +370,9 @@ def section_muon(rep: int) -> None:
         ("torch.optim.Muon", lambda ps: torch.optim.Muon(ps, lr=0.02)),
         ("torch.optim.AdamW fused", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)),
     ]:
-        params = [torch.nn.Parameter(torch.randn(s, device=DEVICE, generator=g) * 0.02)
-                  for s in shapes]  # fmt: skip
+        params = [
+            torch.nn.Parameter(torch.randn(s, device=DEVICE, generator=g) * 0.02) for s in shapes
+        ]
         for p in params:
             p.grad = torch.randn(p.shape, device=DEVICE, generator=g)
         try:
@@ -276,8 +381,7 @@ def section_muon(rep: int) -> None:
             print(f"| GPT-2-small | {label} | unavailable: {exc} |")
             continue
         record("muon", "GPT-2-small 72 matrices", label, opt.step, rep, host=True)
-    params = [torch.nn.Parameter(torch.randn(s, device=DEVICE, generator=g) * 0.02)
-              for s in shapes]  # fmt: skip
+    params = [torch.nn.Parameter(torch.randn(s, device=DEVICE, generator=g) * 0.02) for s in shapes]
     for p in params:
         p.grad = torch.randn(p.shape, device=DEVICE, generator=g)
     opt = Muon(params, lr=0.02)
@@ -293,9 +397,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import triton
 
-    env = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
-           f"{triton.__version__}, python {platform.python_version()}, "
-           f"{time.strftime('%Y-%m-%d', time.gmtime())}")  # fmt: skip
+    env = (
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+        f"{triton.__version__}, python {platform.python_version()}, "
+        f"{time.strftime('%Y-%m-%d', time.gmtime())}"
+    )
     print(env)
     print("| case | impl | ms | host ms | error | note |\n|---|---|---|---|---|---|")
     sections = {"msign": section_msign, "tri": section_triangular, "muon": section_muon}
