@@ -4,6 +4,10 @@ Two iterations: the scaled Newton iteration ``X ← (μX + (μX)⁻¹)/2`` for g
 input with ``steps="auto"``, which converges for every eigenvalue off the imaginary axis, complex
 ones included; and the Newton–Schulz polynomial schedules shared with msign for symmetric input
 and for fixed step counts (matrix products only). docs/math.md §2.
+
+The compute path is the custom op ``torch.ops.matfn.mcsgn`` (fake implementation, autograd
+through the sign of a block matrix), so :func:`mcsgn` compiles and exports; the public function
+validates the options and calls it.
 """
 
 from __future__ import annotations
@@ -417,6 +421,15 @@ def _mcsgn_compute(
     return unflatten_batch(X.to(M.dtype), batch_shape)
 
 
+def is_meta(x: object) -> bool:
+    """Whether ``x`` is a meta tensor (shape only), whose finiteness cannot be checked.
+
+    The public functions test this before the op, whose fake implementation would otherwise
+    answer for a meta tensor without the error the finiteness check gives.
+    """
+    return isinstance(x, torch.Tensor) and x.is_meta
+
+
 #: The ``method`` string of the ``matfn::mcsgn`` op for a per-step table (passed flat).
 TABLE_METHOD = "table"
 
@@ -571,9 +584,10 @@ def mcsgn(
         ``None`` with ``polar_express`` means ``"auto"``: iterate until converged for the
         compute dtype, check, and raise :class:`MatrixSignConvergenceError` if not (the path is
         chosen from the input, see Notes). An int runs that many steps of the polynomial
-        schedule (fixed cost, CUDA-graph capturable, real eigenvalues only) and then checks the
-        result exactly; it raises where the schedule did not converge. A table (or a named
-        table) runs its own length: ``steps`` must be None or that length.
+        schedule (fixed cost, real eigenvalues only) and then checks the result exactly; it
+        raises where the schedule did not converge. With ``check_finite=False`` and
+        ``check_convergence=False`` an int needs no host sync (CUDA-graph capturable). A table
+        (or a named table) runs its own length: ``steps`` must be None or that length.
     eps : float
         Floor of the polynomial path's normaliser ``√tr(M²)``; mcsgn(0) = 0 there. The Newton
         path has no normaliser to floor (a singular M raises).
@@ -582,7 +596,7 @@ def mcsgn(
         mcsgn solves equations, where bf16 is too coarse). The Newton path inverts matrices,
         which needs float32 at least: there a half-precision ``compute_dtype`` means float32.
     check_finite : bool
-        Raise on NaN/Inf input.
+        Raise on NaN/Inf input (one host sync).
     check_convergence : bool
         Verify the result (see Raises; the checks cost a few products, and on the Newton path
         a second Newton run for the axis-distance test). ``False`` returns the last iterate
@@ -659,6 +673,28 @@ def mcsgn(
     (measured 3e-7–2e-6 for ``κ₂(Q) ≤ 10``, 3e-5 for 1e2). Scale invariance tested from
     1e-300 to 1e300 (float64) and 1e-30 to 1e30 (float32) on all three paths.
 
+    **Host synchronisation.** ``steps="auto"`` (the default with ``polar_express``) always
+    synchronises with the host: the symmetry test picks the path, and the Newton iteration and
+    the polishing stop on a tolerance. ``check_convergence=True`` synchronises (its tests decide
+    from the values whether to raise, which no deferred device-side flag can do without
+    returning unchecked results), and so does ``check_finite=True``. An int ``steps`` (or a
+    table) with ``check_finite=False`` and ``check_convergence=False`` only launches work: no
+    host sync, so the call can be captured in the caller's ``torch.cuda.graph``.
+
+    **torch.compile and torch.export.** The compute path is the custom op
+    ``torch.ops.matfn.mcsgn`` (one opaque node); the option checks above it are traced, so
+    ``torch.compile(mcsgn, fullgraph=True)`` and ``torch.export`` work, with the Triton kernels
+    and every data-dependent step inside the op.
+
+    **Autograd** (reverse mode). The backward pass is the adjoint Fréchet derivative of the
+    exact sign, ``∂M = L(Mᵀ, G)``, the top-right block of the sign of
+    ``[[Mᵀ, G], [0, Mᵀ]]`` (Higham, Thm 3.6; ``G`` rescaled to ``M``'s size), computed by this
+    function with ``steps="auto"`` whatever schedule the forward ran: for a short fixed
+    schedule it is the derivative of the sign the schedule approximates, not of the
+    polynomial. It raises :class:`MatrixSignConvergenceError` where the sign is not
+    differentiable (an eigenvalue on or near the imaginary axis, a singular M). Cost: one
+    mcsgn of side 2n. Forward-mode AD (dual tensors, ``torch.func.jvp``) is not supported.
+
     References
     ----------
     N. J. Higham, "Functions of Matrices", SIAM 2008, ch. 5 (§5.3 Newton, §5.5 scaling).
@@ -679,7 +715,7 @@ def mcsgn(
     """
     # Options and shapes only (traceable); the values are read inside the op. A meta tensor
     # has no values to check: check_matrix names it.
-    check_matrix(M, "M", square=True, check_finite=check_finite and M.is_meta)
+    check_matrix(M, "M", square=True, check_finite=check_finite and is_meta(M))
     method = check_options(method, steps, "auto")
     if M.numel() == 0:
         return torch.empty_like(M)

@@ -4,7 +4,9 @@ r"""Sylvester equations ``A X + X B = C`` through the matrix sign of a block-tri
 residuals, accepts only a verified residual and otherwise falls back to Bartels–Stewart
 (scipy, imported lazily) or raises. :func:`_solve_flat`, the Newton–Schulz block iteration (matrix
 products only), serves the msign derivative's Lyapunov solve with a symmetric positive definite
-coefficient. docs/math.md §2.3 and §4.3.
+coefficient. docs/math.md §2.3 and §4.3. The checked solve is the custom op
+``torch.ops.matfn.solve_sylvester`` (fake implementation, autograd through the adjoint
+equation), so :func:`solve_sylvester` compiles and exports.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .mcsgn import (
     NEWTON_MAX_STEPS,
     MatrixSignConvergenceError,
     NewtonProgress,
+    is_meta,
     newton_inverse,
     relative_change,
 )
@@ -639,6 +642,17 @@ def solve_sylvester(
     cast, and a float32 *output* carries its own rounding, ``≲ u·(‖A‖ + ‖B‖)‖X‖/‖C‖``
     (measured ≤ 3e-6 for Kronecker condition ≤ 1e3, ≤ 6e-5 up to 1e4).
 
+    **Host synchronisation.** Every call synchronises with the host, whatever the options: the
+    Newton iteration stops on a tolerance, refinement and the acceptance test decide from
+    residuals, and the matrices that fail go to scipy on the host. So it cannot be captured in
+    a CUDA graph. ``torch.compile`` (``fullgraph=True``) and ``torch.export`` keep the solve as
+    one opaque node, the custom op ``torch.ops.matfn.solve_sylvester``.
+
+    **Autograd** (reverse mode, in ``A``, ``B`` and ``C``). With ``Y`` solving the adjoint
+    equation ``Aᵀ Y + Y Bᵀ = G`` (same spectra, same options), ``∂C = Y``, ``∂A = −Y Xᵀ``,
+    ``∂B = −Xᵀ Y`` (from ``dA X + A dX + dX B + X dB = dC``): one more solve. Forward-mode AD
+    is not supported.
+
     References
     ----------
     J. D. Roberts, "Linear model reduction and solution of the algebraic Riccati equation by use
@@ -661,9 +675,9 @@ def solve_sylvester(
     """
     # Options and shapes only (traceable); the values are read inside the op. A meta tensor
     # has no values to check: check_matrix names it.
-    check_matrix(A, "A", square=True, check_finite=check_finite and A.is_meta)
-    check_matrix(B, "B", square=True, check_finite=check_finite and B.is_meta)
-    check_matrix(C, "C", check_finite=check_finite and C.is_meta)
+    check_matrix(A, "A", square=True, check_finite=check_finite and is_meta(A))
+    check_matrix(B, "B", square=True, check_finite=check_finite and is_meta(B))
+    check_matrix(C, "C", check_finite=check_finite and is_meta(C))
     check_same_device(A=A, B=B, C=C)
     n, m = A.shape[-1], B.shape[-1]
     if C.shape[-2:] != (n, m):

@@ -40,13 +40,23 @@ def sign_input(*batch: int, n: int = 5, dtype=torch.float64, device="cpu", seed=
     return M.to(device=device, dtype=dtype)
 
 
+def symmetric_input(*batch: int, n: int = 5, dtype=torch.float64, device="cpu", seed=0):
+    """``Q D Qᵀ`` with ``Q`` orthogonal: eigenvalues of both signs in ±[0.5, 3]."""
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.linalg.qr(torch.randn(*batch, n, n, generator=g, dtype=torch.float64)).Q
+    d = torch.linspace(0.5, 3.0, n, dtype=torch.float64) * torch.tensor([1.0, -1.0]).repeat(n)[:n]
+    M = Q @ torch.diag_embed(d.expand(*batch, n)) @ Q.mT
+    return (0.5 * (M + M.mT)).to(device=device, dtype=dtype)
+
+
 def sylvester_input(*batch: int, n: int = 4, m: int = 3, dtype=torch.float64, device="cpu"):
     """``A (…, n, n)``, ``B (m, m)`` with spectra in the right half-plane, ``C (…, n, m)``."""
     g = torch.Generator().manual_seed(1)
 
     def coefficient(*shape: int) -> torch.Tensor:
         k = shape[-1]
-        return torch.randn(*shape, generator=g, dtype=torch.float64) * 0.3 + 2 * torch.eye(k)
+        noise = torch.randn(*shape, generator=g, dtype=torch.float64) * (0.6 / k**0.5)
+        return noise + 2 * torch.eye(k)  # eigenvalues within about 0.6 of 2
 
     A, B = coefficient(*batch, n, n), coefficient(m, m)
     C = torch.randn(*batch, n, m, generator=g, dtype=torch.float64)
@@ -82,9 +92,9 @@ MCSGN_CASES = [
 
 @pytest.mark.parametrize(("batch", "dtype", "options", "grad"), MCSGN_CASES)
 def test_opcheck_mcsgn(batch, dtype, options, grad):
-    M = sign_input(*batch, dtype=dtype)
-    if options.get("method") == TABLE_METHOD:
-        M = M + M.mT  # a polynomial table needs real eigenvalues: symmetric input
+    # a polynomial table needs real eigenvalues: symmetric input
+    table = options.get("method") == TABLE_METHOD
+    M = (symmetric_input if table else sign_input)(*batch, dtype=dtype)
     torch.library.opcheck(torch.ops.matfn.mcsgn, mcsgn_args(M.requires_grad_(grad), **options))
 
 
@@ -115,7 +125,7 @@ def test_mcsgn_backward_is_the_frechet_derivative():
     # of the exact sign, which finite differences of the float64 Newton path reproduce.
     M = sign_input(2, n=4).requires_grad_()
     assert torch.autograd.gradcheck(matfn.mcsgn, (M,))
-    S = (M + M.mT).detach().requires_grad_()
+    S = symmetric_input(2, n=4).requires_grad_()
     assert torch.autograd.gradcheck(lambda x: matfn.mcsgn(x, steps=30), (S,))
     assert torch.autograd.gradcheck(lambda x: matfn.mcsgn(x, method="svd"), (M,))
 
@@ -138,9 +148,7 @@ def test_solve_sylvester_backward_against_finite_differences():
     ids=["auto", "steps8", "table", "svd"],
 )
 def test_compiled_mcsgn_matches_eager(options):
-    M = sign_input(2)
-    if "method" in options and options["method"] is TABLE:
-        M = M + M.mT
+    M = (symmetric_input if options.get("method") is TABLE else sign_input)(2)
     f = torch.compile(lambda x: matfn.mcsgn(x, **options), fullgraph=True, backend="aot_eager")
     assert torch.equal(f(M), matfn.mcsgn(M, **options))
 
@@ -217,8 +225,7 @@ class _SignAndSolve(torch.nn.Module):
 
 
 def test_export_keeps_each_op_as_one_node():
-    M = sign_input(2, dtype=torch.float32)
-    M = M + M.mT
+    M = symmetric_input(2, dtype=torch.float32)
     _, B, C = sylvester_input(2, n=5, dtype=torch.float32)
     ep = torch.export.export(_SignAndSolve(), (M, B, C))
     targets = [node.target for node in ep.graph.nodes]
@@ -262,8 +269,7 @@ def test_mcsgn_fixed_steps_unchecked_reads_no_value(method):
 
 @gpu
 def test_gpu_inductor_matches_eager():
-    M = sign_input(4, n=64, dtype=torch.float32, device="cuda")
-    M = M + M.mT
+    M = symmetric_input(4, n=64, dtype=torch.float32, device="cuda")
     for options in ({}, {"steps": 8}, {"steps": 5, "check_finite": False}):
         f = torch.compile(lambda x, o=options: matfn.mcsgn(x, **o), fullgraph=True)
         torch.testing.assert_close(f(M), matfn.mcsgn(M, **options), rtol=1e-5, atol=1e-5)
@@ -274,8 +280,7 @@ def test_gpu_inductor_matches_eager():
 
 @gpu
 def test_gpu_cuda_graph_capture_of_fixed_steps_unchecked_mcsgn():
-    M = sign_input(4, n=256, dtype=torch.float32, device="cuda")
-    M = M + M.mT
+    M = symmetric_input(4, n=256, dtype=torch.float32, device="cuda")
     options = {"steps": 5, "check_finite": False, "check_convergence": False}
     static = M.clone()
     side = torch.cuda.Stream()
@@ -290,8 +295,7 @@ def test_gpu_cuda_graph_capture_of_fixed_steps_unchecked_mcsgn():
             out = matfn.mcsgn(static, **options)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    fresh = sign_input(4, n=256, dtype=torch.float32, device="cuda", seed=3)
-    fresh = fresh + fresh.mT
+    fresh = symmetric_input(4, n=256, dtype=torch.float32, device="cuda", seed=3)
     static.copy_(fresh)
     graph.replay()
     torch.cuda.synchronize()
