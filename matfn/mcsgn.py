@@ -4,6 +4,10 @@ Two iterations: the scaled Newton iteration ``X ← (μX + (μX)⁻¹)/2`` for g
 input with ``steps="auto"``, which converges for every eigenvalue off the imaginary axis, complex
 ones included; and the Newton–Schulz polynomial schedules shared with msign for symmetric input
 and for fixed step counts (matrix products only). docs/math.md §2.
+
+The compute path is the custom op ``torch.ops.matfn.mcsgn`` (fake implementation, autograd
+through the sign of a block matrix), so :func:`mcsgn` compiles and exports; the public function
+validates the options and calls it.
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ import torch
 from . import _graphs
 from ._autocast import no_autocast
 from ._batching import flatten_batch, unflatten_batch
-from ._validation import check_matrix
+from ._validation import assert_finite, check_matrix
 from .coefficients import (
     CONVERGENT_QUINTIC,
     Coefficients,
+    Table,
     auto_schedule,
     scalar_map,
     schedule,
@@ -324,6 +329,225 @@ def _mcsgn_eig(X: torch.Tensor) -> torch.Tensor:
     return S.real
 
 
+def _mcsgn_compute(
+    M: torch.Tensor,
+    method: str | Table,
+    steps: int | str | None,
+    eps: float,
+    compute_dtype: torch.dtype,
+    check_convergence: bool,
+    cuda_graph: bool,
+) -> torch.Tensor:
+    """mcsgn of a non-empty ``M`` with validated options: the body of the ``matfn::mcsgn`` op.
+
+    ``steps`` is resolved: ``"auto"``, an int, or None for a table.
+    """
+    X, batch_shape = flatten_batch(M)
+    if method == "svd":
+        return unflatten_batch(_mcsgn_eig(X).to(M.dtype), batch_shape)
+    singular = False  # the Newton path broke down: a singular M or an eigenvalue on the axis
+    if steps == "auto":
+        if not bool((X == X.mT).all()):
+            # Inversions need float32 at least: a half-precision compute_dtype runs in float32.
+            newton_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
+            S = _mcsgn_newton(X, newton_dtype, check_convergence)
+            if S is not None:
+                return unflatten_batch(S.to(M.dtype), batch_shape)
+            singular = True
+        lower, target = AUTO_TARGETS[compute_dtype]
+        X = _normalize_trace(X, 1.01, eps, compute_dtype)
+        X = _run_sign_iteration(X, auto_schedule(lower, target))
+        tol = AUTO_TOL[compute_dtype]
+        X, converged = polish_until_converged(
+            X, lambda Y: _run_sign_iteration(Y, [CONVERGENT_QUINTIC]), tol
+        )
+        if not converged and check_convergence:
+            if singular:
+                raise MatrixSignConvergenceError(
+                    "mcsgn: M has eigenvalues on or too near the imaginary axis, or is singular: "
+                    "a Newton iterate was numerically singular, and the polynomial iteration "
+                    f"did not converge to tol={tol:g} either (for exact zero eigenvalues, which "
+                    "map to 0, pass an int `steps`)"
+                )
+            raise MatrixSignConvergenceError(
+                f"mcsgn(steps='auto') did not converge to tol={tol:g}: the symmetric M has "
+                f"eigenvalues below {lower:g}·√tr(M²) (for exact zeros, which map to 0, pass an "
+                "int `steps`)"
+            )
+        bound = 0.0
+    else:
+        coeffs, factor = schedule(method, steps)
+        iterate = functools.partial(
+            _normalized_sign_iteration,
+            coeffs=tuple(map(tuple, coeffs)), factor=factor, eps=eps, dtype=compute_dtype,
+        )  # fmt: skip
+        if cuda_graph and _graphs.ns_graph_applies(X):
+            X = _graphs.replay_or_capture(iterate, X)
+        else:
+            X = iterate(X)
+        bound = _scalar_residual_bound(coeffs, factor, 1e-3) if check_convergence else 0.0
+
+    if check_convergence:
+        cause = (
+            "M is singular or has eigenvalues on or too near the imaginary axis (a Newton "
+            "iterate was numerically singular; the polynomial iteration run instead handles "
+            "exact zero eigenvalues only)"
+            if singular
+            else "M has complex eigenvalues or eigenvalues on or near the imaginary axis, "
+            "which this polynomial schedule cannot map to ±1 (steps='auto' handles complex "
+            "eigenvalues)"
+        )
+        if not bool(torch.isfinite(X).all()):
+            raise MatrixSignConvergenceError(f"mcsgn diverged (non-finite iterate): {cause}")
+        residual, growth = _cubic_residual(X)
+        # ρ(S³ − S) ≤ ‖S³ − S‖_F, so every eigenvalue's scalar residual |f³ − f| is below the
+        # limit; √n sums the n eigenvalues' residuals, and ‖S‖²_F/n measures the non-normality
+        # that amplifies them and the rounding.
+        n = X.shape[-1]
+        limit = (bound + _RESIDUAL_SLACK[compute_dtype]) * n**0.5 * growth
+        bad = ~(residual <= limit)
+        if bool(bad.any()):
+            worst = float((residual / limit).max())
+            detail = (
+                cause
+                if singular
+                else "M has complex eigenvalues, eigenvalues near the imaginary axis, or "
+                "nonzero eigenvalues too small for this schedule (try steps='auto')"
+            )
+            raise MatrixSignConvergenceError(
+                f"mcsgn did not converge: ‖S³ − S‖_F is {worst:.3g}× its limit for "
+                f"{int(bad.sum())} of {bad.numel()} matrices; {detail}"
+            )
+    return unflatten_batch(X.to(M.dtype), batch_shape)
+
+
+def is_meta(x: object) -> bool:
+    """Whether ``x`` is a meta tensor (shape only), whose finiteness cannot be checked.
+
+    The public functions test this before the op, whose fake implementation would otherwise
+    answer for a meta tensor without the error the finiteness check gives.
+    """
+    return isinstance(x, torch.Tensor) and x.is_meta
+
+
+#: The ``method`` string of the ``matfn::mcsgn`` op for a per-step table (passed flat).
+TABLE_METHOD = "table"
+
+
+@torch.library.custom_op("matfn::mcsgn", mutates_args=())
+def mcsgn_op(
+    M: torch.Tensor,
+    method: str,
+    table: list[float],
+    steps: int | None,
+    auto: bool,
+    eps: float,
+    compute_dtype: torch.dtype,
+    check_finite: bool,
+    check_convergence: bool,
+    cuda_graph: bool,
+) -> torch.Tensor:
+    """The compute path of :func:`mcsgn` as one opaque op (``torch.ops.matfn.mcsgn``).
+
+    Arguments are :func:`mcsgn`'s after validation: ``method`` a method name, or
+    :data:`TABLE_METHOD` with the per-step table flattened row by row into ``table``
+    (``[a₁, b₁, c₁, a₂, …]``; empty otherwise); ``auto`` True for ``steps="auto"`` (then
+    ``steps`` is None), else ``steps`` is the int or None; ``compute_dtype`` resolved.
+    Everything that reads values runs here: the finiteness check, the symmetry test that picks
+    the path, the Newton iteration and the polishing to a tolerance, the convergence checks and
+    their :class:`MatrixSignConvergenceError` (raised unchanged to the caller). Needs a
+    non-empty ``M``; returns a new contiguous tensor of ``M``'s shape and dtype.
+    """
+    if check_finite:
+        assert_finite(M, "M")
+    chosen: str | Table = method
+    if method == TABLE_METHOD:
+        chosen = tuple(tuple(table[i : i + 3]) for i in range(0, len(table), 3))
+    out = _mcsgn_compute(
+        M, chosen, "auto" if auto else steps, eps, compute_dtype, check_convergence, cuda_graph
+    )
+    return out.contiguous()
+
+
+@mcsgn_op.register_fake
+def _mcsgn_fake(
+    M: torch.Tensor,
+    method: str,
+    table: list[float],
+    steps: int | None,
+    auto: bool,
+    eps: float,
+    compute_dtype: torch.dtype,
+    check_finite: bool,
+    check_convergence: bool,
+    cuda_graph: bool,
+) -> torch.Tensor:
+    return M.new_empty(M.shape)
+
+
+def _mcsgn_setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+    M, _method, _table, _steps, _auto, eps, compute_dtype, _finite, check_convergence, _ = inputs
+    ctx.save_for_backward(M)
+    ctx.eps = eps
+    ctx.compute_dtype = compute_dtype
+    ctx.check_convergence = check_convergence
+
+
+def _mcsgn_vjp(
+    M: torch.Tensor,
+    G: torch.Tensor,
+    *,
+    eps: float = 1e-30,
+    compute_dtype: torch.dtype | None = None,
+    check_convergence: bool = True,
+) -> torch.Tensor:
+    r"""The backward pass of :func:`mcsgn`: ``L(Mᵀ, G)``, the adjoint Fréchet derivative.
+
+    ``L(M, E)`` is the Fréchet derivative of the exact sign at ``M`` in the direction ``E``.
+
+    ``mcsgn([[X, E], [0, X]]) = [[mcsgn(X), L(X, E)], [0, mcsgn(X)]]`` (Higham, Functions of
+    Matrices, Thm 3.6), and ``L(M, ·)* = L(Mᵀ, ·)`` since the sign has a real power series
+    about each eigenvalue: so the gradient is the top-right block of mcsgn (``steps="auto"``)
+    of the ``2n × 2n`` block matrix ``[[Mᵀ, αG], [0, Mᵀ]]``, divided by ``α``. ``α =
+    max|Mᵢⱼ|/max|Gᵢⱼ|`` (float64) brings ``G`` to ``M``'s scale (L is linear in G), so the
+    blocks are balanced for any scaling of either. Cost: one mcsgn of side ``2n`` (Newton
+    path: about 8× the forward's Newton path, whose inversions cost ``n³``). Raises
+    :class:`MatrixSignConvergenceError` where the derivative does not exist (an eigenvalue on
+    the imaginary axis, a singular M). Calls ``torch.ops.matfn.mcsgn``, so it compiles.
+    """
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if M.dtype == torch.float64 else torch.float32
+    n = M.shape[-1]
+    Mt = M.mT
+    m_max = M.abs().amax(dim=(-2, -1), keepdim=True).to(torch.float64)
+    g_max = G.abs().amax(dim=(-2, -1), keepdim=True).to(torch.float64)
+    alpha = torch.where((g_max > 0) & (m_max > 0), m_max / g_max, torch.ones_like(g_max))
+    top = torch.cat([Mt, (G.to(torch.float64) * alpha).to(M.dtype)], dim=-1)
+    bottom = torch.cat([torch.zeros_like(Mt), Mt], dim=-1)
+    Z = torch.cat([top, bottom], dim=-2)
+    S = torch.ops.matfn.mcsgn(
+        Z, "polar_express", [], None, True, eps, compute_dtype, False, check_convergence, False
+    )
+    return (S[..., :n, n:].to(torch.float64) / alpha).to(M.dtype)
+
+
+def _mcsgn_backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN202
+    (M,) = ctx.saved_tensors
+    grad_M = None
+    if ctx.needs_input_grad[0]:
+        grad_M = _mcsgn_vjp(
+            M,
+            grad,
+            eps=ctx.eps,
+            compute_dtype=ctx.compute_dtype,
+            check_convergence=ctx.check_convergence,
+        )
+    return (grad_M,) + (None,) * 9
+
+
+mcsgn_op.register_autograd(_mcsgn_backward, setup_context=_mcsgn_setup_context)
+
+
 @no_autocast
 def mcsgn(
     M: torch.Tensor,
@@ -360,9 +584,10 @@ def mcsgn(
         ``None`` with ``polar_express`` means ``"auto"``: iterate until converged for the
         compute dtype, check, and raise :class:`MatrixSignConvergenceError` if not (the path is
         chosen from the input, see Notes). An int runs that many steps of the polynomial
-        schedule (fixed cost, CUDA-graph capturable, real eigenvalues only) and then checks the
-        result exactly; it raises where the schedule did not converge. A table (or a named
-        table) runs its own length: ``steps`` must be None or that length.
+        schedule (fixed cost, real eigenvalues only) and then checks the result exactly; it
+        raises where the schedule did not converge. With ``check_finite=False`` and
+        ``check_convergence=False`` an int needs no host sync (CUDA-graph capturable). A table
+        (or a named table) runs its own length: ``steps`` must be None or that length.
     eps : float
         Floor of the polynomial path's normaliser ``√tr(M²)``; mcsgn(0) = 0 there. The Newton
         path has no normaliser to floor (a singular M raises).
@@ -371,7 +596,7 @@ def mcsgn(
         mcsgn solves equations, where bf16 is too coarse). The Newton path inverts matrices,
         which needs float32 at least: there a half-precision ``compute_dtype`` means float32.
     check_finite : bool
-        Raise on NaN/Inf input.
+        Raise on NaN/Inf input (one host sync).
     check_convergence : bool
         Verify the result (see Raises; the checks cost a few products, and on the Newton path
         a second Newton run for the axis-distance test). ``False`` returns the last iterate
@@ -448,6 +673,28 @@ def mcsgn(
     (measured 3e-7–2e-6 for ``κ₂(Q) ≤ 10``, 3e-5 for 1e2). Scale invariance tested from
     1e-300 to 1e300 (float64) and 1e-30 to 1e30 (float32) on all three paths.
 
+    **Host synchronisation.** ``steps="auto"`` (the default with ``polar_express``) always
+    synchronises with the host: the symmetry test picks the path, and the Newton iteration and
+    the polishing stop on a tolerance. ``check_convergence=True`` synchronises (its tests decide
+    from the values whether to raise, which no deferred device-side flag can do without
+    returning unchecked results), and so does ``check_finite=True``. An int ``steps`` (or a
+    table) with ``check_finite=False`` and ``check_convergence=False`` only launches work: no
+    host sync, so the call can be captured in the caller's ``torch.cuda.graph``.
+
+    **torch.compile and torch.export.** The compute path is the custom op
+    ``torch.ops.matfn.mcsgn`` (one opaque node); the option checks above it are traced, so
+    ``torch.compile(mcsgn, fullgraph=True)`` and ``torch.export`` work, with the Triton kernels
+    and every data-dependent step inside the op.
+
+    **Autograd** (reverse mode). The backward pass is the adjoint Fréchet derivative of the
+    exact sign, ``∂M = L(Mᵀ, G)``, the top-right block of the sign of
+    ``[[Mᵀ, G], [0, Mᵀ]]`` (Higham, Thm 3.6; ``G`` rescaled to ``M``'s size), computed by this
+    function with ``steps="auto"`` whatever schedule the forward ran: for a short fixed
+    schedule it is the derivative of the sign the schedule approximates, not of the
+    polynomial. It raises :class:`MatrixSignConvergenceError` where the sign is not
+    differentiable (an eigenvalue on or near the imaginary axis, a singular M). Cost: one
+    mcsgn of side 2n. Forward-mode AD (dual tensors, ``torch.func.jvp``) is not supported.
+
     References
     ----------
     N. J. Higham, "Functions of Matrices", SIAM 2008, ch. 5 (§5.3 Newton, §5.5 scaling).
@@ -466,91 +713,35 @@ def mcsgn(
     tensor([[1., 0.],
             [0., 1.]], dtype=torch.float64)
     """
-    check_matrix(M, "M", square=True, check_finite=check_finite)
+    # Options and shapes only (traceable); the values are read inside the op. A meta tensor
+    # has no values to check: check_matrix names it.
+    check_matrix(M, "M", square=True, check_finite=check_finite and is_meta(M))
     method = check_options(method, steps, "auto")
     if M.numel() == 0:
         return torch.empty_like(M)
-    X, batch_shape = flatten_batch(M)
-    if method == "svd":
-        return unflatten_batch(_mcsgn_eig(X).to(M.dtype), batch_shape)
-    if compute_dtype is None:
-        compute_dtype = torch.float64 if M.dtype == torch.float64 else torch.float32
-
-    if steps is None and method == "polar_express":
-        steps = "auto"
-    singular = False  # the Newton path broke down: a singular M or an eigenvalue on the axis
-    if steps == "auto":
-        if method != "polar_express":
+    if method != "svd":
+        if compute_dtype is None:
+            compute_dtype = torch.float64 if M.dtype == torch.float64 else torch.float32
+        if steps is None and method == "polar_express":
+            steps = "auto"
+        if steps == "auto" and method != "polar_express":
             raise ValueError(f"steps='auto' uses the Polar-Express schedule; got method={method!r}")
-        if not bool((X == X.mT).all()):
-            # Inversions need float32 at least: a half-precision compute_dtype runs in float32.
-            newton_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
-            S = _mcsgn_newton(X, newton_dtype, check_convergence)
-            if S is not None:
-                return unflatten_batch(S.to(M.dtype), batch_shape)
-            singular = True
-        lower, target = AUTO_TARGETS[compute_dtype]
-        X = _normalize_trace(X, 1.01, eps, compute_dtype)
-        X = _run_sign_iteration(X, auto_schedule(lower, target))
-        tol = AUTO_TOL[compute_dtype]
-        X, converged = polish_until_converged(
-            X, lambda Y: _run_sign_iteration(Y, [CONVERGENT_QUINTIC]), tol
-        )
-        if not converged and check_convergence:
-            if singular:
-                raise MatrixSignConvergenceError(
-                    "mcsgn: M has eigenvalues on or too near the imaginary axis, or is singular: "
-                    "a Newton iterate was numerically singular, and the polynomial iteration "
-                    f"did not converge to tol={tol:g} either (for exact zero eigenvalues, which "
-                    "map to 0, pass an int `steps`)"
-                )
-            raise MatrixSignConvergenceError(
-                f"mcsgn(steps='auto') did not converge to tol={tol:g}: the symmetric M has "
-                f"eigenvalues below {lower:g}·√tr(M²) (for exact zeros, which map to 0, pass an "
-                "int `steps`)"
-            )
-        bound = 0.0
+    elif compute_dtype is None:
+        compute_dtype = torch.float64
+    auto = steps == "auto"
+    if isinstance(method, tuple):
+        name, table = TABLE_METHOD, [float(v) for row in method for v in row]
     else:
-        coeffs, factor = schedule(method, steps)
-        iterate = functools.partial(
-            _normalized_sign_iteration,
-            coeffs=tuple(map(tuple, coeffs)), factor=factor, eps=eps, dtype=compute_dtype,
-        )  # fmt: skip
-        if cuda_graph and _graphs.ns_graph_applies(X):
-            X = _graphs.replay_or_capture(iterate, X)
-        else:
-            X = iterate(X)
-        bound = _scalar_residual_bound(coeffs, factor, 1e-3)
-
-    if check_convergence:
-        cause = (
-            "M is singular or has eigenvalues on or too near the imaginary axis (a Newton "
-            "iterate was numerically singular; the polynomial iteration run instead handles "
-            "exact zero eigenvalues only)"
-            if singular
-            else "M has complex eigenvalues or eigenvalues on or near the imaginary axis, "
-            "which this polynomial schedule cannot map to ±1 (steps='auto' handles complex "
-            "eigenvalues)"
-        )
-        if not bool(torch.isfinite(X).all()):
-            raise MatrixSignConvergenceError(f"mcsgn diverged (non-finite iterate): {cause}")
-        residual, growth = _cubic_residual(X)
-        # ρ(S³ − S) ≤ ‖S³ − S‖_F, so every eigenvalue's scalar residual |f³ − f| is below the
-        # limit; √n sums the n eigenvalues' residuals, and ‖S‖²_F/n measures the non-normality
-        # that amplifies them and the rounding.
-        n = X.shape[-1]
-        limit = (bound + _RESIDUAL_SLACK[compute_dtype]) * n**0.5 * growth
-        bad = ~(residual <= limit)
-        if bool(bad.any()):
-            worst = float((residual / limit).max())
-            detail = (
-                cause
-                if singular
-                else "M has complex eigenvalues, eigenvalues near the imaginary axis, or "
-                "nonzero eigenvalues too small for this schedule (try steps='auto')"
-            )
-            raise MatrixSignConvergenceError(
-                f"mcsgn did not converge: ‖S³ − S‖_F is {worst:.3g}× its limit for "
-                f"{int(bad.sum())} of {bad.numel()} matrices; {detail}"
-            )
-    return unflatten_batch(X.to(M.dtype), batch_shape)
+        name, table = method, []
+    return torch.ops.matfn.mcsgn(
+        M,
+        name,
+        table,
+        None if auto else steps,
+        auto,
+        float(eps),
+        compute_dtype,
+        bool(check_finite),
+        bool(check_convergence),
+        bool(cuda_graph),
+    )

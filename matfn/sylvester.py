@@ -4,7 +4,9 @@ r"""Sylvester equations ``A X + X B = C`` through the matrix sign of a block-tri
 residuals, accepts only a verified residual and otherwise falls back to Bartels–Stewart
 (scipy, imported lazily) or raises. :func:`_solve_flat`, the Newton–Schulz block iteration (matrix
 products only), serves the msign derivative's Lyapunov solve with a symmetric positive definite
-coefficient. docs/math.md §2.3 and §4.3.
+coefficient. docs/math.md §2.3 and §4.3. The checked solve is the custom op
+``torch.ops.matfn.solve_sylvester`` (fake implementation, autograd through the adjoint
+equation), so :func:`solve_sylvester` compiles and exports.
 """
 
 from __future__ import annotations
@@ -12,12 +14,18 @@ from __future__ import annotations
 import torch
 
 from ._autocast import no_autocast
-from ._validation import check_matrix, check_same_device, float_result_dtype
+from ._validation import (
+    assert_all_finite,
+    check_matrix,
+    check_same_device,
+    float_result_dtype,
+)
 from .coefficients import CONVERGENT_QUINTIC, Coefficients, auto_schedule
 from .mcsgn import (
     NEWTON_MAX_STEPS,
     MatrixSignConvergenceError,
     NewtonProgress,
+    is_meta,
     newton_inverse,
     relative_change,
 )
@@ -467,6 +475,70 @@ def _solve_newton(
     return X * gamma
 
 
+@torch.library.custom_op("matfn::solve_sylvester", mutates_args=())
+def solve_sylvester_op(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    compute_dtype: torch.dtype,
+    refine: int | None,
+    check_finite: bool,
+) -> torch.Tensor:
+    """The compute path of :func:`solve_sylvester` as one opaque op (``torch.ops.matfn``).
+
+    ``A (K, n, n)``, ``B (K, m, m)``, ``C (K, n, m)``: flattened, already broadcast batches
+    (``K, n, m ≥ 1``), any real floating dtypes; ``compute_dtype`` float64 or float32;
+    ``refine`` as in :func:`solve_sylvester`. Returns ``X (K, n, m)`` in float64 (the public
+    function casts it). Everything that reads values runs here: the finiteness check, the
+    Newton iteration to its tolerance, refinement, the acceptance test, the Bartels–Stewart
+    fallback on the host and the errors (``ValueError``, :class:`SylvesterSolveError`),
+    raised unchanged to the caller. Differentiable in A, B and C (see :func:`solve_sylvester`).
+    """
+    if check_finite:
+        assert_all_finite(A=A, B=B, C=C)
+    return _solve_newton(A, B, C, compute_dtype, refine).contiguous()
+
+
+@solve_sylvester_op.register_fake
+def _solve_sylvester_fake(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    compute_dtype: torch.dtype,
+    refine: int | None,
+    check_finite: bool,
+) -> torch.Tensor:
+    return C.new_empty(C.shape, dtype=torch.float64)
+
+
+def _sylvester_setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+    A, B, C, compute_dtype, refine, _check_finite = inputs
+    ctx.save_for_backward(A, B, output)
+    ctx.c_dtype = C.dtype
+    ctx.compute_dtype = compute_dtype
+    ctx.refine = refine
+
+
+def _sylvester_backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN202
+    """The backward pass of :func:`solve_sylvester` through the adjoint equation.
+
+    ``Y`` with ``Aᵀ Y + Y Bᵀ = G`` (same spectra as the forward equation), then ``∂C = Y``,
+    ``∂A = −Y Xᵀ``, ``∂B = −Xᵀ Y`` (from ``dA X + A dX + dX B + X dB = dC``).
+    """
+    A, B, X = ctx.saved_tensors
+    Y = torch.ops.matfn.solve_sylvester(
+        A.mT, B.mT, grad.to(torch.float64), ctx.compute_dtype, ctx.refine, False
+    )
+    need_A, need_B, need_C = ctx.needs_input_grad[:3]
+    grad_A = -torch.bmm(Y, X.mT).to(A.dtype) if need_A else None
+    grad_B = -torch.bmm(X.mT, Y).to(B.dtype) if need_B else None
+    grad_C = Y.to(ctx.c_dtype) if need_C else None
+    return grad_A, grad_B, grad_C, None, None, None
+
+
+solve_sylvester_op.register_autograd(_sylvester_backward, setup_context=_sylvester_setup_context)
+
+
 @no_autocast
 def solve_sylvester(
     A: torch.Tensor,
@@ -570,6 +642,17 @@ def solve_sylvester(
     cast, and a float32 *output* carries its own rounding, ``≲ u·(‖A‖ + ‖B‖)‖X‖/‖C‖``
     (measured ≤ 3e-6 for Kronecker condition ≤ 1e3, ≤ 6e-5 up to 1e4).
 
+    **Host synchronisation.** Every call synchronises with the host, whatever the options: the
+    Newton iteration stops on a tolerance, refinement and the acceptance test decide from
+    residuals, and the matrices that fail go to scipy on the host. So it cannot be captured in
+    a CUDA graph. ``torch.compile`` (``fullgraph=True``) and ``torch.export`` keep the solve as
+    one opaque node, the custom op ``torch.ops.matfn.solve_sylvester``.
+
+    **Autograd** (reverse mode, in ``A``, ``B`` and ``C``). With ``Y`` solving the adjoint
+    equation ``Aᵀ Y + Y Bᵀ = G`` (same spectra, same options), ``∂C = Y``, ``∂A = −Y Xᵀ``,
+    ``∂B = −Xᵀ Y`` (from ``dA X + A dX + dX B + X dB = dC``): one more solve. Forward-mode AD
+    is not supported.
+
     References
     ----------
     J. D. Roberts, "Linear model reduction and solution of the algebraic Riccati equation by use
@@ -590,9 +673,11 @@ def solve_sylvester(
     >>> torch.allclose(A @ X + X @ B, C, atol=1e-12)
     True
     """
-    check_matrix(A, "A", square=True, check_finite=check_finite)
-    check_matrix(B, "B", square=True, check_finite=check_finite)
-    check_matrix(C, "C", check_finite=check_finite)
+    # Options and shapes only (traceable); the values are read inside the op. A meta tensor
+    # has no values to check: check_matrix names it.
+    check_matrix(A, "A", square=True, check_finite=check_finite and is_meta(A))
+    check_matrix(B, "B", square=True, check_finite=check_finite and is_meta(B))
+    check_matrix(C, "C", check_finite=check_finite and is_meta(C))
     check_same_device(A=A, B=B, C=C)
     n, m = A.shape[-1], B.shape[-1]
     if C.shape[-2:] != (n, m):
@@ -624,5 +709,5 @@ def solve_sylvester(
         isinstance(refine, bool) or not isinstance(refine, int) or refine < 0
     ):
         raise ValueError(f"`refine` must be a non-negative int or None, got {refine!r}")
-    X = _solve_newton(A_f, B_f, C_f, compute_dtype, refine)
+    X = torch.ops.matfn.solve_sylvester(A_f, B_f, C_f, compute_dtype, refine, bool(check_finite))
     return X.reshape(out_shape).to(out_dtype)
