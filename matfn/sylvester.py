@@ -422,20 +422,25 @@ def _solve_newton(
     newton = _NewtonSylvester(A64.to(compute_dtype), B64.to(compute_dtype))
     K = C64.shape[0]
     cause = ""
+    left = next(
+        (name for name, block in (("A", newton.A), ("B", newton.B))
+         if newton.converged and not newton.singular and _left_half_plane(block.to(torch.float64))),
+        None,
+    )  # fmt: skip
     if newton.singular or not newton.converged:
         what = "was numerically singular" if newton.singular else "did not converge"
         cause = (
             f"the Newton sign iteration of A and B {what} (A or B has eigenvalues on or too "
             "near the imaginary axis, or is too ill-conditioned for the compute dtype)"
         )
-    else:
-        for name, block in (("A", newton.A), ("B", newton.B)):
-            if _left_half_plane(block.to(torch.float64)):
-                raise ValueError(
-                    f"`{name}` has eigenvalues in the left half-plane: solve_sylvester needs the "
-                    "spectra of A and B in the open right half-plane (e.g. symmetric positive "
-                    "definite A and B)"
-                )
+    elif left is not None:
+        # Outside the sign route (which would solve another equation); a solvable equation is
+        # still solved by the fallback, as scipy does. A singular A or B lands here or above
+        # depending on rounding, so both must reach the fallback.
+        cause = (
+            f"`{left}` has eigenvalues in the left half-plane: the sign route needs the spectra "
+            "of A and B in the open right half-plane (e.g. symmetric positive definite A and B)"
+        )
     if cause:
         X = torch.zeros_like(C64)
         best = torch.full((K,), float("inf"), dtype=torch.float64, device=C64.device)
@@ -464,6 +469,11 @@ def _solve_newton(
         if not bool(ok_bs.all()):
             achieved = float(torch.minimum(rel_bs, best[idx]).max())
             sign_part = f" (relative residual {worst:.3g})" if worst < float("inf") else ""
+            if left is not None:
+                raise ValueError(
+                    f"{cause}; the Bartels–Stewart fallback reached only a relative residual of "
+                    f"{float(rel_bs.max()):.3g} (an eigenvalue of A near minus one of B)"
+                )
             raise SylvesterSolveError(
                 f"solve_sylvester: {cause}{sign_part}, and the "
                 "Bartels–Stewart fallback reached only a relative residual of "
@@ -592,7 +602,8 @@ def solve_sylvester(
         Fewer than 2 dims; ``A``/``B`` not square; ``C`` not ``n×m``; batch dims that do not
         broadcast; mixed devices; NaN/Inf; unsupported ``compute_dtype`` or ``refine``; ``A`` or
         ``B`` has eigenvalues in the left half-plane (its Newton iteration settles on a sign
-        matrix other than ``I``).
+        matrix other than ``I``) and the Bartels–Stewart fallback cannot solve the equation
+        either (a solvable one is solved there, as by scipy).
     SylvesterSolveError
         (a :class:`MatrixSignConvergenceError`) Neither the sign iteration nor the
         Bartels–Stewart fallback reached the residual bound (the equation is singular or too

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import matfn
 from matfn import MatrixSignConvergenceError
+from matfn import sylvester as sylvester_module
 from matfn.sylvester import SylvesterSolveError, _solve_flat
 from tests.strategies import (
     DTYPE_NAMES,
@@ -231,6 +232,25 @@ def test_singular_equation_raises_with_residual() -> None:
             matfn.solve_sylvester(rot.to(dtype), rot.to(dtype), C.to(dtype))
         assert isinstance(info.value, MatrixSignConvergenceError)
         assert "imaginary axis" in str(info.value) and info.value.residual > 1e-3
+
+
+def test_left_half_plane_solvable_equation_uses_fallback() -> None:
+    # A with an eigenvalue −1, B with spectrum {2, 3}: outside the sign route, but no eigenvalue
+    # of A is minus one of B, so the equation is solvable and the verified fallback returns it
+    # (scipy solves it too). The same path takes a singular A whose zero eigenvalue rounding
+    # moved to either side of the imaginary axis.
+    A = _spd(4, [2.0, 1.0, 0.5, -1.0])
+    B = _spd(2, [2.0, 3.0], seed=1)
+    C = torch.ones(4, 2, dtype=torch.float64)
+    X = matfn.solve_sylvester(A, B, C)
+    np.testing.assert_allclose(X.numpy(), sylvester_oracle(A, B, C), rtol=1e-12, atol=1e-12)
+    with pytest.MonkeyPatch.context() as mp:  # the sign route reads "left half-plane" for A
+        mp.setattr(sylvester_module, "_left_half_plane", lambda block: True)
+        singular = _spd(3, [1.0, 0.5, 0.0])
+        B2 = _spd(2, [1.0, 2.0])
+        C2 = torch.ones(3, 2, dtype=torch.float64)
+        X2 = matfn.solve_sylvester(singular, B2, C2)
+        np.testing.assert_allclose(X2.numpy(), sylvester_oracle(singular, B2, C2), atol=1e-12)
 
 
 def test_axis_or_singular_A_solvable_equation_uses_fallback() -> None:
