@@ -1,0 +1,356 @@
+r"""``tri_inv_chunks``: the per-chunk inverses of the WY form of (gated) DeltaNet and KDA.
+
+For chunks of ``C`` rows, ``c = 0, 1, …``, of keys ``K``, write-strengths ``β`` and optional
+log-decays ``ℓ``, the chunked delta rule needs (docs/math.md §5.3, §5.6)
+
+    Y_c = T_c⁻¹,   T_c = I + tril(diag(β_c) (K_c ⊙ Γ)(K_c ⊘ Γ)ᵀ, −1),
+
+i.e. ``(T_c)_ij = δ_ij + [i > j] β_i Σ_m K_im K_jm exp(R_im − R_jm)`` with ``R`` the cumulative
+sum of ``ℓ`` inside the chunk. Only the chunk-local block of each inverse is formed: the state
+across chunks is the recurrence's own business. This is what fla-core computes with
+``chunk_scaled_dot_kkt_fwd`` followed by ``solve_tril``; here it is one call (one fused kernel
+on CUDA) from ``K``, ``β`` and ``ℓ``.
+
+:func:`tri_inv_chunks`
+    The public function: validation, then the custom op ``torch.ops.matfn.tri_inv_chunks``.
+:func:`tri_inv_chunks_torch`
+    The torch form (every device and dtype; the tests' float64 oracle and the CPU path).
+:class:`ChunkInvConfig`, :data:`TRI_INV_CHUNKS_CONFIG`
+    The frozen launch config of the Triton kernel (:mod:`matfn.triangular.chunks_kernel`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from matfn._autocast import no_autocast
+from matfn._backend import triton_module, use_triton
+from matfn._validation import assert_all_finite, check_matrix, check_same_device
+
+__all__ = [
+    "tri_inv_chunks",
+    "tri_inv_chunks_torch",
+    "ChunkInvConfig",
+    "TRI_INV_CHUNKS_CONFIG",
+]
+
+
+@dataclass(frozen=True)
+class ChunkInvConfig:
+    """How the fused chunk-inverse kernel launches (benchmarks replace the module attribute)."""
+
+    #: Warps per program without decay or with one decay per row.
+    warps: int = 4
+    #: Warps per program with a per-channel decay. Why: its scaled key tiles and the exact
+    #: diagonal blocks hold about twice the registers.
+    warps_channel: int = 8
+    #: Precision of the dots forming ``A = diag(β) K Kᵀ``: ``"fp64"`` (float64 operands and
+    #: accumulation, rounded once), ``"ieee"`` (fp32) or ``"tf32x3"``. Why fp64: fp32
+    #: accumulation over ``d = 128`` channels alone gives about 6e-8 relative error in the
+    #: result against float64, the rounded ``A`` about 2.8e-8 (fla's ``solve_tril`` from an
+    #: exact ``A``: 2.7e-8).
+    prec_a: str = "fp64"
+    #: ``input_precision`` of the ``16×16`` block merges.
+    prec_m: str = "ieee"
+    #: Channels of ``K`` per step of the ``A`` accumulation.
+    block_k: int = 32
+    #: Channels per step of the exact per-channel diagonal blocks (a ``16×16×m`` tile).
+    block_channels: int = 16
+    #: Largest key dimension ``d`` the kernel takes (the ``K`` tiles of a chunk stay in
+    #: registers); larger ``d`` runs the torch form.
+    max_d: int = 256
+
+
+#: The launch config in force (replace, don't mutate: the dataclass is frozen).
+TRI_INV_CHUNKS_CONFIG = ChunkInvConfig()
+
+#: Chunk sizes the fused kernel takes (``16×16`` blocks, ``C/16 ∈ {1, 2, 4}``).
+KERNEL_CHUNKS = (16, 32, 64)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch form
+# ---------------------------------------------------------------------------------------------
+
+
+def tri_inv_chunks_torch(
+    K: torch.Tensor,
+    beta: torch.Tensor,
+    log_decay: torch.Tensor | None,
+    chunk_size: int,
+) -> torch.Tensor:
+    r"""Chunk inverses in torch, ``(B, n, C)``: chunk ``c`` at rows ``cC … cC + C − 1``.
+
+    ``K`` is ``(B, n, d)``, ``β`` ``(B, n)``, ``ℓ`` None, ``(B, n, 1)`` or ``(B, n, d)``, all of
+    one dtype.
+
+    ``n`` is padded to a multiple of ``C`` with zero keys (identity rows after the real ones, so
+    the top-left block of the last chunk's inverse is the real one). The exponents ``R_i − R_j``
+    are formed in float64 (differences of in-chunk sums that can each be in the hundreds) and
+    rounded to the compute dtype before ``exp``; below the diagonal they are ``≤ 0`` for
+    ``ℓ ≤ 0``, on and above it they are set to ``−∞``. A per-channel decay contracts a
+    ``C×C×d`` tile per chunk, taken in slices of chunks to bound memory. The inverse is a
+    batched triangular solve against ``I``. Cost ``O(n C d)`` (``O(n C²)`` for the solve).
+    """
+    B, n, d = K.shape
+    C = chunk_size
+    NC = -(-n // C)
+    pad = NC * C - n
+    dt = K.dtype
+    Kc = torch.nn.functional.pad(K, (0, 0, 0, pad)).reshape(B * NC, C, d)
+    bc = torch.nn.functional.pad(beta, (0, pad)).reshape(B * NC, C, 1)
+    below = torch.ones(C, C, dtype=torch.bool, device=K.device).tril(-1)
+    if log_decay is None:
+        A = (Kc @ Kc.mT) * below
+    else:
+        edt = torch.float32 if K.device.type == "mps" else torch.float64  # MPS has no float64
+        g = log_decay.shape[-1]
+        R = torch.nn.functional.pad(log_decay.to(edt), (0, 0, 0, pad))
+        R = R.reshape(B * NC, C, g).cumsum(1)
+        if g == 1:
+            D = torch.where(below, R[:, :, None, 0] - R[:, None, :, 0], -torch.inf)
+            A = (Kc @ Kc.mT) * D.to(dt).exp()
+        else:
+            step = max(1, 2**24 // (C * C * d))  # chunks per slice of the C×C×d tile
+            A = torch.cat(
+                [
+                    torch.einsum(
+                        "nic,njc,nijc->nij",
+                        Kc[s : s + step],
+                        Kc[s : s + step],
+                        torch.where(
+                            below[..., None],
+                            R[s : s + step, :, None] - R[s : s + step, None],
+                            -torch.inf,
+                        )
+                        .to(dt)
+                        .exp(),
+                    )
+                    for s in range(0, B * NC, step)
+                ]
+            )
+    eye = torch.eye(C, dtype=dt, device=K.device)
+    Y = torch.linalg.solve_triangular(eye + bc * A, eye.expand(B * NC, C, C), upper=False)
+    return Y.reshape(B, NC * C, C)[:, :n].contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# the custom op
+# ---------------------------------------------------------------------------------------------
+
+
+def _result_dtype(K: torch.Tensor, beta: torch.Tensor, log_decay: torch.Tensor | None):
+    dtype = torch.promote_types(K.dtype, beta.dtype)
+    if log_decay is not None:
+        dtype = torch.promote_types(dtype, log_decay.dtype)
+    return dtype
+
+
+@torch.library.custom_op("matfn::tri_inv_chunks", mutates_args=())
+def _tri_inv_chunks_op(
+    K: torch.Tensor,
+    beta: torch.Tensor,
+    log_decay: torch.Tensor | None,
+    chunk_size: int,
+    check_finite: bool,
+) -> torch.Tensor:
+    """``torch.ops.matfn.tri_inv_chunks(K, beta, log_decay, chunk_size, check_finite)``.
+
+    Validated inputs (:func:`tri_inv_chunks` checks shapes, dtypes and devices): ``K``
+    ``(..., n, d)``, ``beta`` ``(..., n)`` and ``log_decay`` None, ``(..., n)`` or
+    ``(..., n, d)``, all with the batch dims of ``K``. ``check_finite`` runs the NaN/Inf test
+    here (it needs values). Returns ``(..., n, chunk_size)`` in the promoted dtype.
+    """
+    dtype = _result_dtype(K, beta, log_decay)
+    *batch, n, d = K.shape
+    if check_finite:
+        assert_all_finite(K=K, beta=beta, log_decay=log_decay)
+    if n == 0 or math.prod(batch) == 0:
+        return K.new_zeros((*batch, n, chunk_size), dtype=dtype)
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    B = math.prod(batch)
+    Kf = K.reshape(B, n, d).to(cdt)
+    bf = beta.reshape(B, n).to(cdt)
+    Lf = None
+    if log_decay is not None:
+        Lf = log_decay.reshape(B, n, -1).to(cdt)
+    cfg = TRI_INV_CHUNKS_CONFIG
+    if (
+        use_triton(Kf)
+        and cdt == torch.float32
+        and chunk_size in KERNEL_CHUNKS
+        and 0 < d <= cfg.max_d
+    ):
+        kernel = triton_module("triangular.chunks_kernel")
+        per_channel = log_decay is not None and log_decay.ndim == K.ndim
+        Y = kernel.tri_inv_chunks_triton(
+            Kf,
+            bf,
+            None if Lf is None else (Lf if per_channel else Lf[..., 0]),
+            chunk_size=chunk_size,
+            num_warps=cfg.warps_channel if per_channel else cfg.warps,
+            prec_a=cfg.prec_a,
+            prec_m=cfg.prec_m,
+            block_k=cfg.block_k,
+            block_channels=cfg.block_channels,
+        )
+    else:
+        Y = tri_inv_chunks_torch(Kf, bf, Lf, chunk_size)
+    return Y.reshape(*batch, n, chunk_size).to(dtype)
+
+
+@_tri_inv_chunks_op.register_fake
+def _(K, beta, log_decay, chunk_size, check_finite):
+    return K.new_empty((*K.shape[:-1], chunk_size), dtype=_result_dtype(K, beta, log_decay))
+
+
+# ---------------------------------------------------------------------------------------------
+# public function
+# ---------------------------------------------------------------------------------------------
+
+
+def _shape(x: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in x.shape) + ")"
+
+
+def _fits(shape: torch.Size, target: torch.Size) -> bool:
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
+
+
+def _check_real(x: object, name: str, shape: str) -> torch.Tensor:
+    if (
+        not isinstance(x, torch.Tensor)
+        or x.layout != torch.strided
+        or x.is_complex()
+        or not x.is_floating_point()
+    ):
+        got = type(x).__name__ + (f" of dtype {x.dtype}" if isinstance(x, torch.Tensor) else "")
+        raise TypeError(f"`{name}` must be a real floating tensor of shape {shape}, got {got}")
+    return x
+
+
+@no_autocast
+def tri_inv_chunks(
+    K: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    log_decay: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    check_finite: bool = True,
+) -> torch.Tensor:
+    r"""Inverses of the ``C×C`` WY matrices of every ``C``-row chunk (DeltaNet, GDN, KDA).
+
+    For the chunk of rows ``[cC, cC + C)`` with keys ``K_c``, ``β_c`` and the in-chunk
+    cumulative log-decay ``R`` (``R_i = Σ_{k=cC}^{i} ℓ_k``),
+
+        Y_c = (I + tril(diag(β_c) (K_c ⊙ e^R)(K_c ⊘ e^R)ᵀ, −1))⁻¹,
+
+    evaluated entrywise as ``β_i Σ_m K_im K_jm exp(R_im − R_jm)`` for ``i > j``, so no
+    ``exp(±R)`` is formed on its own and every factor is ``≤ 1`` for ``ℓ ≤ 0`` (stable in
+    float32 however strong the decay; docs/math.md §5.6). ``Y_c`` is the "UT transform" of the
+    chunked delta rule (docs/math.md §5.3): with ``W = Y_c diag(β) K_c`` and
+    ``U = Y_c diag(β) V_c`` the chunk's state update follows.
+
+    Parameters
+    ----------
+    K : torch.Tensor
+        Keys ``(..., n, d)``, real floating; any batch/head dims. Unit-norm rows and
+        ``β ∈ (0, 1)`` (the DeltaNet case) keep every ``|Y_ij| ≤ 1``.
+    beta : torch.Tensor
+        ``(..., n)``: the write strengths ``β``; batch dims broadcast to those of ``K``.
+    log_decay : torch.Tensor, optional
+        Log-decays ``ℓ`` (``ℓ = log α ≤ 0``): ``(..., n)``, one per row (Gated DeltaNet), or
+        ``(..., n, d)`` with the dims of ``K``, one per row and channel (KDA); batch dims
+        broadcast. Positive entries are allowed (factors then exceed 1 and may overflow).
+    chunk_size : int
+        Rows per chunk ``C``. ``n`` need not be a multiple: the last chunk is short, its rows
+        past ``n`` are absent (its inverse is the top-left block of the padded one). The CUDA
+        kernel takes ``C ∈ {16, 32, 64}``; other sizes run the torch form.
+    check_finite : bool
+        Raise on NaN/Inf in the inputs (one host sync, inside the op).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(..., n, C)``: row ``cC + i`` holds row ``i`` of ``Y_c`` (fla-core's ``solve_tril``
+        layout ``[.., T, BT]``), lower triangular with a unit diagonal. The dtype is the
+        promotion of the inputs' (fp16/bf16 are computed in float32 and cast back).
+
+    Raises
+    ------
+    TypeError
+        A non-tensor, complex, integer, bool or sparse input.
+    ValueError
+        ``K`` with fewer than 2 dims; ``beta`` or ``log_decay`` of a shape that does not match
+        ``K``; ``chunk_size`` not a positive int; NaN/Inf (with ``check_finite``); inputs on
+        different devices.
+
+    Notes
+    -----
+    **Cost.** ``n C d`` multiply-adds for the blocks of ``A`` (half of ``C×C`` per chunk) plus
+    ``O(n C²)`` for the inverse; a per-channel decay adds the exact ``16×16×d`` diagonal blocks,
+    ``8 n d`` exponentials. On CUDA float32 (:mod:`matfn.triangular.chunks_kernel`) one program
+    per chunk loads ``K_c`` once, forms ``A`` in registers, inverts the ``16×16`` diagonal
+    blocks by forward substitution and merges them by block forward substitution, and writes
+    ``Y_c``: ``K`` is read once and ``Y`` written once, without the ``A`` round trip through
+    memory of ``chunk_scaled_dot_kkt_fwd`` + ``solve_tril``.
+
+    **Accuracy.** Forward substitution is backward stable; in the DeltaNet case
+    (``‖k‖ = 1``, ``β ∈ (0, 1)``) the float32 result is within a few ``1e-8`` (relative
+    Frobenius) of float64, like fla-core's ``solve_tril`` from an exact ``A``.
+
+    **Not differentiable**: the op has no autograd formula, so gradients do not flow to
+    ``K``, ``beta`` or ``log_decay`` (a backward through it raises).
+
+    Registered as ``torch.ops.matfn.tri_inv_chunks`` (``torch.compile`` / ``torch.export`` keep
+    it as one node); this wrapper validates and calls it.
+
+    Examples
+    --------
+    >>> import torch, matfn.triangular.chunks as tc
+    >>> g = torch.Generator().manual_seed(0)
+    >>> K = torch.nn.functional.normalize(torch.randn(2, 100, 8, generator=g), dim=-1)
+    >>> beta = torch.rand(2, 100, generator=g)
+    >>> Y = tc.tri_inv_chunks(K.double(), beta.double(), chunk_size=32)
+    >>> Y.shape
+    torch.Size([2, 100, 32])
+    >>> T = torch.eye(32, dtype=torch.float64) + torch.tril(
+    ...     beta[0, :32, None].double() * (K[0, :32] @ K[0, :32].T).double(), -1)
+    >>> bool(torch.allclose(Y[0, :32] @ T, torch.eye(32, dtype=torch.float64)))
+    True
+    """
+    K = check_matrix(K, "K", check_finite=False)
+    beta = _check_real(beta, "beta", "(..., n)")
+    lead = K.shape[:-1]
+    if not (beta.ndim >= 1 and beta.shape[-1] == lead[-1] and _fits(beta.shape, lead)):
+        raise ValueError(
+            f"`beta` must have shape (..., n) = {tuple(lead)} (the leading dims of `K`, batch "
+            f"dims broadcast), got {_shape(beta)}"
+        )
+    beta = beta.expand(lead)
+    if log_decay is not None:
+        log_decay = _check_real(log_decay, "log_decay", "(..., n) or (..., n, d)")
+        if log_decay.ndim == K.ndim and log_decay.shape[-2:] == K.shape[-2:]:
+            ok = _fits(log_decay.shape, K.shape)
+            target = K.shape
+        else:
+            ok = log_decay.ndim >= 1 and log_decay.shape[-1] == lead[-1]
+            ok = ok and _fits(log_decay.shape, lead)
+            target = lead
+        if not ok:
+            raise ValueError(
+                f"`log_decay` must have shape (..., n) = {tuple(lead)} (one decay per row) or "
+                f"(..., n, d) = {tuple(K.shape)} (per channel), up to broadcasting of the batch "
+                f"dims; got {_shape(log_decay)}"
+            )
+        log_decay = log_decay.expand(target)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}")
+    check_same_device(K=K, beta=beta, log_decay=log_decay)
+    return torch.ops.matfn.tri_inv_chunks(K, beta, log_decay, chunk_size, bool(check_finite))

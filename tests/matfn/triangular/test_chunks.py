@@ -1,0 +1,249 @@
+"""``tri_inv_chunks``: torch form vs a dense float64 oracle, the fused kernel (interpreter) vs the
+torch form, input checks and the custom op.
+
+Oracle: per chunk, the dense ``T_c`` built from its definition with the *global* cumulative
+decay ``G`` in float64 (``exp(G_i − G_j)``, i > j) and inverted by
+``torch.linalg.solve_triangular``. Tolerances: float64 ≤ 1e-12 relative (Frobenius) — the
+inverses of these unit-key, β ∈ (0, 1) chunks have entries in [−1, 1]; float32 ≤ 1e-6 (the
+forward substitution lands near 3e-8; a wrong block or a wrong decay factor is O(1e-2) or more).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from matfn.triangular.chunks import tri_inv_chunks, tri_inv_chunks_torch
+
+
+def make(batch, n, d, *, decay=None, strength=1.0, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    K = torch.nn.functional.normalize(torch.randn(*batch, n, d, generator=g), dim=-1)
+    beta = torch.rand(*batch, n, generator=g)
+    L = None
+    if decay == "row":
+        L = -strength * torch.rand(*batch, n, generator=g)
+    elif decay == "channel":
+        L = -strength * torch.rand(*batch, n, d, generator=g)
+    cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731
+    return cast(K), cast(beta), cast(L)
+
+
+def oracle(K, beta, L, C):
+    """Dense per-chunk inverses in float64 from the definition (global cumulative decay)."""
+    K, beta = K.double(), beta.double()
+    *batch, n, d = K.shape
+    if L is None:
+        G = torch.zeros(*batch, n, 1, dtype=torch.float64)
+    else:
+        L = L.double()
+        G = (L[..., None] if L.ndim == K.ndim - 1 else L).cumsum(-2)
+    out = torch.zeros(*batch, n, C, dtype=torch.float64)
+    for l in range(0, n, C):
+        e = min(l + C, n)
+        k, gg = K[..., l:e, :], G[..., l:e, :]
+        E = torch.exp(gg[..., :, None, :] - gg[..., None, :, :])  # (.., m, m, g); i > j used
+        A = torch.einsum("...ic,...jc,...ijc->...ij", k, k, E.expand(*E.shape[:-1], d))
+        T = torch.eye(e - l, dtype=torch.float64) + torch.tril(beta[..., l:e, None] * A, -1)
+        eye = torch.eye(e - l, dtype=torch.float64).expand_as(T)
+        out[..., l:e, : e - l] = torch.linalg.solve_triangular(T, eye, upper=False)
+    return out
+
+
+def rel(a, b):
+    assert torch.isfinite(a).all()
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# torch form and public function (CPU)
+# ---------------------------------------------------------------------------------------------
+
+
+@settings(deadline=None, max_examples=25)
+@given(
+    n=st.integers(1, 90),
+    d=st.integers(1, 12),
+    C=st.sampled_from([1, 4, 16, 32, 64]),
+    decay=st.sampled_from([None, "row", "channel"]),
+    strength=st.sampled_from([0.01, 1.0, 8.0, 60.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_torch_form_matches_dense_oracle(n, d, C, decay, strength, seed):
+    K, beta, L = make((2,), n, d, decay=decay, strength=strength, seed=seed)
+    Y = tri_inv_chunks(K, beta, log_decay=L, chunk_size=C)
+    assert Y.shape == (2, n, C) and Y.dtype == torch.float64
+    assert rel(Y, oracle(K, beta, L, C)) <= 1e-12
+
+
+@pytest.mark.parametrize("decay", [None, "row", "channel"])
+def test_float32_strong_decay_long_sequence(decay):
+    """Chunk-relative exponents: no overflow where exp(±G) alone would (|G| ≫ 88)."""
+    K, beta, L = make((3,), 512, 16, decay=decay, strength=5.0, seed=1, dtype=torch.float32)
+    Y = tri_inv_chunks(K, beta, log_decay=L)
+    assert rel(Y, oracle(K, beta, L, 64)) <= 1e-6
+
+
+def test_structure_and_dtypes():
+    K, beta, L = make((2, 3), 70, 8, decay="row", seed=2, dtype=torch.float32)
+    Y = tri_inv_chunks(K, beta, log_decay=L, chunk_size=32)
+    assert Y.shape == (2, 3, 70, 32) and Y.dtype == torch.float32
+    blocks = torch.nn.functional.pad(Y, (0, 0, 0, 26)).reshape(2, 3, 3, 32, 32)
+    assert torch.equal(blocks.triu(1), torch.zeros_like(blocks))
+    assert torch.equal(
+        torch.diagonal(blocks, dim1=-2, dim2=-1)[..., :, :6].flatten()[:6], torch.ones(6)
+    )
+    Yh = tri_inv_chunks(K.bfloat16(), beta.bfloat16(), chunk_size=32)
+    assert Yh.dtype == torch.bfloat16
+    # batch dims of beta and log_decay broadcast
+    Yb = tri_inv_chunks(K, beta[:1, :1].expand(2, 3, 70), log_decay=L[0, 0], chunk_size=32)
+    Yr = tri_inv_chunks(K, beta[:1, :1], log_decay=L[0, 0], chunk_size=32)
+    assert torch.equal(Yb, Yr)
+
+
+def test_matches_tri_inv_diagonal_blocks():
+    """Each chunk inverse is the diagonal block of T⁻¹ for Q = diag(β) K (docs/math.md §5.3)."""
+    import matfn
+
+    K, beta, L = make((), 96, 6, decay="channel", seed=3)
+    Tinv = matfn.tri_inv(beta[:, None] * K, K, log_decay=L)
+    Y = tri_inv_chunks(K, beta, log_decay=L, chunk_size=32)
+    for l in range(0, 96, 32):
+        torch.testing.assert_close(Y[l : l + 32], Tinv[l : l + 32, l : l + 32], rtol=0, atol=1e-13)
+
+
+def test_empty_inputs():
+    assert tri_inv_chunks(torch.zeros(2, 0, 4), torch.zeros(2, 0)).shape == (2, 0, 64)
+    assert tri_inv_chunks(torch.zeros(0, 5, 4), torch.zeros(0, 5), chunk_size=8).shape == (0, 5, 8)
+    Y = tri_inv_chunks(torch.zeros(5, 0), torch.rand(5), chunk_size=4)
+    assert torch.equal(Y[:4], torch.eye(4)) and torch.equal(Y[4], torch.eye(4)[0])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"K": [[1.0]]}, TypeError, "`K`"),
+        ({"K": torch.ones(4, 2, dtype=torch.int64)}, TypeError, "`K`"),
+        ({"K": torch.ones(4)}, ValueError, "`K`"),
+        ({"beta": torch.ones(5)}, ValueError, "`beta`"),
+        ({"beta": torch.ones(4, dtype=torch.complex64)}, TypeError, "`beta`"),
+        ({"beta": 0.5}, TypeError, "`beta`"),
+        ({"log_decay": torch.ones(4, 3)}, ValueError, "`log_decay`"),
+        ({"log_decay": torch.ones(5)}, ValueError, "`log_decay`"),
+        ({"log_decay": torch.ones(4, dtype=torch.bool)}, TypeError, "`log_decay`"),
+        ({"chunk_size": 0}, ValueError, "`chunk_size`"),
+        ({"chunk_size": 16.0}, ValueError, "`chunk_size`"),
+        ({"beta": torch.tensor([1.0, float("nan"), 1.0, 1.0])}, ValueError, "`beta`"),
+        ({"log_decay": torch.tensor([0.0, -float("inf"), 0.0, 0.0])}, ValueError, "`log_decay`"),
+        ({"beta": torch.ones(4, device="meta")}, ValueError, "device"),
+    ],
+)
+def test_bad_inputs(kwargs, error, match):
+    args = {"K": torch.ones(4, 2), "beta": torch.ones(4)} | kwargs
+    K, beta = args.pop("K"), args.pop("beta")
+    with pytest.raises(error, match=match):
+        tri_inv_chunks(K, beta, **args)
+
+
+def test_check_finite_off_skips_the_test():
+    K = torch.ones(4, 2)
+    Y = tri_inv_chunks(K, torch.tensor([1.0, float("nan"), 1.0, 1.0]), check_finite=False)
+    assert Y.shape == (4, 64)
+
+
+# ---------------------------------------------------------------------------------------------
+# the custom op
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("decay", [None, "row", "channel"])
+def test_opcheck(dtype, decay):
+    K, beta, L = make((2,), 40, 5, decay=decay, seed=4, dtype=dtype)
+    torch.library.opcheck(torch.ops.matfn.tri_inv_chunks, (K, beta, L, 16, True))
+
+
+def test_compile_and_export_keep_one_node():
+    K, beta, L = make((2,), 40, 5, decay="row", seed=5)
+    eager = tri_inv_chunks(K, beta, log_decay=L, chunk_size=16)
+
+    def fn(K, beta, L):
+        return tri_inv_chunks(K, beta, log_decay=L, chunk_size=16)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(K, beta, L), eager, rtol=0, atol=0)
+    dyn = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=True)
+    torch.testing.assert_close(dyn(K, beta, L), eager, rtol=0, atol=0)
+
+    class M(torch.nn.Module):
+        def forward(self, K, beta, L):
+            return fn(K, beta, L)
+
+    ep = torch.export.export(M(), (K, beta, L))
+    torch.testing.assert_close(ep.module()(K, beta, L), eager, rtol=0, atol=0)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    beta32 = beta.float()
+    with FakeTensorMode() as mode:
+        out = fn(mode.from_tensor(K), mode.from_tensor(beta32), mode.from_tensor(L))
+    assert out.shape == (2, 40, 16) and out.dtype == torch.float64
+
+
+# ---------------------------------------------------------------------------------------------
+# the fused kernel in the interpreter (CPU tensors into the launcher)
+# ---------------------------------------------------------------------------------------------
+
+kernel_only = pytest.mark.skipif(
+    bool(os.environ.get("MATFN_TEST_ON_GPU")), reason="needs TRITON_INTERPRET=1 (CPU tensors)"
+)
+
+
+@kernel_only
+@pytest.mark.parametrize(
+    ("n", "d", "C", "decay", "strength"),
+    [
+        (64, 16, 64, None, 1.0),
+        (100, 24, 64, "row", 1.0),
+        (70, 20, 32, "channel", 1.0),
+        (40, 8, 16, "row", 30.0),
+        (64, 40, 64, "channel", 8.0),
+    ],
+)
+def test_kernel_matches_reference(n, d, C, decay, strength):
+    pytest.importorskip("triton")
+    from matfn.triangular import chunks_kernel
+
+    K, beta, L = make((2,), n, d, decay=decay, strength=strength, seed=6, dtype=torch.float32)
+    for prec_a in ("ieee", "fp64"):
+        Y = chunks_kernel.tri_inv_chunks_triton(
+            K,
+            beta,
+            L,
+            chunk_size=C,
+            num_warps=4,
+            prec_a=prec_a,
+            prec_m="ieee",
+            block_k=16,
+            block_channels=16,
+        )
+        assert Y.shape == (2, n, C)
+        assert rel(Y, oracle(K, beta, L, C)) <= 1e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("decay", [None, "row", "channel"])
+def test_cuda_matches_float64(decay):
+    K, beta, L = make((2, 4), 4096 // 4, 128, decay=decay, seed=7, dtype=torch.float32)
+    K, beta, L = (None if x is None else x.cuda() for x in (K, beta, L))
+    Y = tri_inv_chunks(K, beta, log_decay=L)
+    ref = tri_inv_chunks_torch(
+        K.reshape(8, -1, 128).double(),
+        beta.reshape(8, -1).double(),
+        None if L is None else L.reshape(8, 1024, -1).double(),
+        64,
+    ).reshape(Y.shape)
+    assert rel(Y, ref) <= 5e-8
