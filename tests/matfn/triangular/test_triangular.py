@@ -23,10 +23,9 @@ from hypothesis import strategies as st
 from scipy.linalg import solve_triangular
 
 import matfn
-from matfn import triangular as tri
 from matfn.triangular import SingularTriangularError, tri_inv, tri_solve
-from matfn.triangular import reference as ref
 from matfn.triangular import ops as tri_ops
+from matfn.triangular import reference as ref
 
 U = {torch.float64: 2.0**-53, torch.float32: 2.0**-24}
 DIAG_KINDS = ("none", "scalar", "pos", "mixed", "tiny")
