@@ -190,7 +190,9 @@ def tri_inv(
         ``(..., n, d)`` real floating tensors of the same shape; any leading (batch/head) dims.
     diag : torch.Tensor or float, optional
         The diagonal ``λ`` of ``Λ``: ``None`` (identity, the default), a number, or a tensor that
-        broadcasts to ``(..., n)``. Every entry must be nonzero; negative values are fine.
+        broadcasts to ``(..., n)``. Every entry must be nonzero; negative values are fine. A
+        zero in a number is always caught (on the host); in a tensor only with
+        ``check_finite=True`` (else ``1/0`` shows as Inf/NaN in the result).
     log_decay : torch.Tensor, optional
         Log-decays ``ℓ`` of a decayed system (Gated DeltaNet, KDA): with ``G = cumsum(ℓ)``
         along the rows, ``T_ij = λ_i δ_ij + [i > j] Σ_c Q_ic K_jc exp(G_ic − G_jc)``. Shape
@@ -204,16 +206,18 @@ def tri_inv(
         the request rounded up to a power of two in ``[16, 64]``
         (:func:`matfn.triangular.config.inv_config`).
     check_finite : bool
-        Raise on NaN/Inf in the inputs (one host sync for all of them, shared with the
-        zero-pivot test of a tensor ``diag``).
+        Raise on NaN/Inf in the inputs and on a zero in a tensor ``diag``: one host sync for
+        all of them, the only one of the call. With ``check_finite=False`` no value is read
+        on the host (a tensor ``diag`` included), so the call can be captured in a CUDA graph
+        and compiled without a sync.
     cuda_graph : bool
         Replay the kernels from a CUDA graph captured for this input geometry
         (:mod:`matfn._graphs`): eager CUDA calls are bound by the host issuing about 8 Triton
         launches, several times the GPU work at n = 4096, d = 128 (docs/benchmarks.md). The
-        first call per geometry runs eagerly and captures. The input checks
-        still run eagerly: one host sync with ``check_finite=True`` or a tensor ``diag`` (its
-        zero-pivot test), none with ``check_finite=False`` and ``diag`` None or a number.
-        Ignored on CPU, under autograd and with ``log_decay``.
+        first call per geometry runs eagerly and captures. The input checks still run
+        eagerly, before the replay (one host sync with ``check_finite=True``). Ignored on CPU,
+        under autograd, with ``log_decay``, under ``torch.compile`` and inside a capture
+        already under way.
 
     Returns
     -------
@@ -262,15 +266,15 @@ def tri_inv(
     ``‖k_i‖ ≤ 1`` has all entries in ``[−1, 1]`` (each factor ``I − k kᵀ`` is a contraction):
     float32 errors stay near ``1e-6`` relative for ``n`` in the thousands.
 
-    **Gradients.** Exact gradients w.r.t. ``Q``, ``K`` and a tensor ``diag`` (a number or
-    ``None`` has none). Without ``log_decay``, when autograd records the call, an autograd
-    Function runs the forward above and a torch backward on every device: ``dT = −T⁻ᵀ dY T⁻ᵀ``
-    by two structured solves (the transposed one on reversed rows with ``Q`` and ``K``
-    swapped), then ``dλ = diag(dT)``, ``dQ = dL K``, ``dK = dLᵀ Q`` for ``dL = tril(dT, −1)``:
-    ``O(n² d)``, about ``(12 d + 4 C) n²`` FLOPs (:mod:`matfn.triangular.backward`). Calls that
-    autograd does not record take the plain path (no wrapper, no extra sync or copy). With
-    ``log_decay``, autograd differentiates the chunked torch form (``ℓ`` included), at a
-    constant multiple of its forward cost. Double backward is not supported.
+    **Gradients.** Exact gradients w.r.t. ``Q``, ``K``, a tensor ``diag`` (a number or
+    ``None`` has none) and ``log_decay``. The call is the custom op ``torch.ops.matfn.tri_inv``
+    (:mod:`matfn.triangular.ops`; one node under ``torch.compile`` and ``torch.export``), whose
+    registered backward runs in torch on every device: ``dT = −T⁻ᵀ dY T⁻ᵀ`` by two structured
+    solves (the transposed one on reversed rows with ``Q`` and ``K`` swapped), then
+    ``dλ = diag(dT)``, ``dQ = dL K``, ``dK = dLᵀ Q`` for ``dL = tril(dT, −1)``: ``O(n² d)``,
+    about ``(12 d + 4 C) n²`` FLOPs (:mod:`matfn.triangular.backward`). With ``log_decay``, the
+    backward recomputes the chunked torch form under autograd and differentiates it (``ℓ``
+    included), at a constant multiple of its forward cost. Double backward is not supported.
 
     References
     ----------
@@ -327,7 +331,7 @@ def tri_solve(
         ``(..., n, e)`` right-hand sides with the batch dims and ``n`` of ``Q``.
     diag : torch.Tensor or float, optional
         The diagonal ``λ`` (``None`` = identity, a number, or a tensor broadcasting to
-        ``(..., n)``); no zeros.
+        ``(..., n)``); no zeros (caught as in :func:`tri_inv`).
     log_decay : torch.Tensor, optional
         Log-decays ``ℓ``, ``(..., n)`` or ``(..., n, d)``, as in :func:`tri_inv`: the decayed
         system ``T_ij = λ_i δ_ij + [i > j] Σ_c Q_ic K_jc exp(G_ic − G_jc)``, ``G = cumsum(ℓ)``.
@@ -337,10 +341,12 @@ def tri_solve(
         Rows per chunk ``C``; the CUDA kernels take the request rounded up to a power of two in
         ``[16, 32]`` (:func:`matfn.triangular.config.solve_config`).
     check_finite : bool
-        Raise on NaN/Inf in the inputs.
+        Raise on NaN/Inf in the inputs and on a zero in a tensor ``diag`` (one host sync, the
+        only one of the call); ``False`` reads no value on the host, as in :func:`tri_inv`.
     cuda_graph : bool
         As in :func:`tri_inv`; under capture, small batches (``B·n ≤ 1024``) take the tree
-        solve, which has no sequential chain. Ignored under autograd and with ``log_decay``.
+        solve, which has no sequential chain. Ignored under autograd, with ``log_decay``, under
+        ``torch.compile`` and inside a capture already under way.
 
     Returns
     -------
@@ -377,9 +383,11 @@ def tri_solve(
     ``dV = T⁻ᵀ dX`` (the chunked solver on reversed rows with ``Q`` and ``K`` swapped),
     ``dλ = −Σ_e dV ⊙ X``, and the rank-``e`` ``dL = −tril(dV Xᵀ, −1)`` enters only through the
     causal products ``dQ_i = −Σ_{j<i} (dV_i·X_j) K_j`` and ``dK_j = −Σ_{i>j} (dV_i·X_j) Q_i``,
-    chunked with an ``e×d`` running state. ``X`` is saved for the backward. Calls autograd does
-    not record take the plain path. With ``log_decay``, autograd differentiates the chunked
-    torch form (``ℓ`` included). Double backward is not supported.
+    chunked with an ``e×d`` running state; this is the backward registered with the custom op
+    ``torch.ops.matfn.tri_solve`` (:mod:`matfn.triangular.ops`). ``X`` is saved for the
+    backward (solved again when the result was rounded to a half dtype). With ``log_decay``,
+    the backward differentiates the chunked torch form, recomputed (``ℓ`` included). Double
+    backward is not supported.
 
     References
     ----------

@@ -20,10 +20,14 @@ tensor in the promoted dtype of all tensor operands. ``check_finite=True`` tests
 for NaN/Inf and ``diag`` for zeros in one host sync; ``False`` reads no value on the host, so a
 call can be captured in a CUDA graph.
 
-Gradients (``register_autograd``) reuse the exact backward of :mod:`matfn.triangular.backward`
-on the inputs in the compute dtype. With ``log_decay`` the backward differentiates the decayed
-chunked torch form (recomputed under ``torch.enable_grad``), ``ℓ`` included. Once
-differentiable.
+Gradients (``register_autograd``): without ``log_decay`` through two more ops,
+``matfn::tri_inv_backward`` and ``matfn::tri_solve_backward``, which run the exact backward of
+:mod:`matfn.triangular.backward` on the inputs in the compute dtype; opaque nodes too, so a
+compiled backward neither unrolls their chunk loops nor recompiles per ``n``. With
+``log_decay`` the registered backward differentiates the decayed chunked torch form,
+recomputed under ``torch.enable_grad`` (``ℓ`` included); that plain torch is traced into a
+compiled backward (why not an op: an op's body runs below autograd, which the recomputation
+needs). Once differentiable (the backward ops have no autograd).
 """
 
 from __future__ import annotations
@@ -45,7 +49,15 @@ from .reference import (
     tri_solve_decay_chunked_torch,
 )
 
-__all__ = ["SingularTriangularError", "check_values", "result_dtype", "tri_inv_op", "tri_solve_op"]
+__all__ = [
+    "SingularTriangularError",
+    "check_values",
+    "result_dtype",
+    "tri_inv_op",
+    "tri_solve_op",
+    "tri_inv_backward_op",
+    "tri_solve_backward_op",
+]
 
 
 class SingularTriangularError(ZeroDivisionError, ValueError):
@@ -222,7 +234,7 @@ def _(Q, K, V, diag, log_decay, chunk_size, check_finite):
 
 
 # ---------------------------------------------------------------------------------------------
-# autograd
+# backward ops and autograd
 # ---------------------------------------------------------------------------------------------
 
 
@@ -245,14 +257,108 @@ def _autograd_of(
     """Gradients of ``fn(*inputs)`` w.r.t. the inputs marked in ``needs``, by recomputation.
 
     The decayed forms are plain torch written for autograd; recomputing them here keeps the
-    op's forward free of saved autograd graphs.
+    forward op free of saved autograd graphs.
     """
     with torch.enable_grad():
         leaves = [x.detach().requires_grad_(need) for x, need in zip(inputs, needs, strict=True)]
         out = fn(*leaves)
         wanted = [x for x, need in zip(leaves, needs, strict=True) if need]
-        got = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
+        got = iter(torch.autograd.grad(out, wanted, grad))
     return [next(got) if need else None for need in needs]
+
+
+def _fresh(
+    grads: Sequence[torch.Tensor | None], inputs: Sequence[torch.Tensor | None]
+) -> list[torch.Tensor]:
+    """The computed gradients, contiguous, none sharing memory with an input."""
+    ptrs = {x.untyped_storage().data_ptr() for x in inputs if x is not None and x.numel()}
+    out = []
+    for g in grads:
+        if g is not None:
+            g = g.contiguous()
+            shared = g.numel() and g.untyped_storage().data_ptr() in ptrs
+            out.append(g.clone() if shared else g)
+    return out
+
+
+def _needed_like(
+    inputs: Sequence[torch.Tensor | None], needs: Sequence[bool]
+) -> list[torch.Tensor]:
+    """The fake gradients: one empty tensor like each input marked in ``needs``."""
+    return [x.new_empty(x.shape) for x, need in zip(inputs, needs, strict=True) if need]
+
+
+@torch.library.custom_op("matfn::tri_inv_backward", mutates_args=())
+def tri_inv_backward_op(
+    Q: torch.Tensor,
+    K: torch.Tensor,
+    diag: torch.Tensor,
+    grad: torch.Tensor,
+    chunk_size: int,
+    needs: list[bool],
+) -> list[torch.Tensor]:
+    """Gradients of ``matfn::tri_inv`` (no decay) w.r.t. ``(Q, K, diag)``, those in ``needs``.
+
+    Returns the needed ones, in that order, in their inputs' shapes and dtypes:
+    :func:`matfn.triangular.backward.tri_inv_backward` in the compute dtype. One opaque node,
+    so a compiled backward neither unrolls the chunk loops nor recompiles per ``n``.
+    """
+    nq, nk, nl = needs
+    inputs = (Q, K, diag)
+    if _empty(Q):
+        return [x.new_zeros(x.shape) for x, need in zip(inputs, needs, strict=True) if need]
+    cdt = compute_dtype(result_dtype(Q, K, diag))
+    Qf, Kf, _, lamf = _prepare(Q, K, None, diag, cdt)
+    n = Qf.shape[1]
+    dYf = grad.reshape(-1, n, n).to(cdt)
+    grads = tri_inv_backward(Qf, Kf, lamf, dYf, chunk_size, (nq, nk, nl))
+    return _fresh(_cast_grads(grads, (Q, K, diag)), (*inputs, grad))
+
+
+@tri_inv_backward_op.register_fake
+def _(Q, K, diag, grad, chunk_size, needs):
+    return _needed_like((Q, K, diag), needs)
+
+
+@torch.library.custom_op("matfn::tri_solve_backward", mutates_args=())
+def tri_solve_backward_op(
+    Q: torch.Tensor,
+    K: torch.Tensor,
+    V: torch.Tensor,
+    diag: torch.Tensor,
+    X: torch.Tensor,
+    grad: torch.Tensor,
+    chunk_size: int,
+    needs: list[bool],
+) -> list[torch.Tensor]:
+    """Gradients of ``X = matfn::tri_solve(...)`` (no decay) w.r.t. ``(Q, K, V, diag)``.
+
+    As :func:`tri_inv_backward_op`, with
+    :func:`matfn.triangular.backward.tri_solve_backward`, which reads ``X`` in the compute
+    dtype: the saved result is it unless it was rounded to a half dtype, then it is solved
+    again.
+    """
+    nq, nk, nv, nl = needs
+    inputs = (Q, K, V, diag)
+    if _empty(Q, V):
+        return [x.new_zeros(x.shape) for x, need in zip(inputs, needs, strict=True) if need]
+    cdt = compute_dtype(result_dtype(Q, K, V, diag))
+    Qf, Kf, Vf, lamf = _prepare(Q, K, V, diag, cdt)
+    Xf = X.reshape(Vf.shape) if X.dtype == cdt else _solve_flat(Qf, Kf, Vf, lamf, chunk_size)
+    dXf = grad.reshape(Xf.shape).to(cdt)
+    dQ, dK, dV, dlam = tri_solve_backward(Qf, Kf, lamf, Xf, dXf, chunk_size, (nq, nk, nl))
+    grads = _cast_grads((dQ, dK, dV if nv else None, dlam), (Q, K, V, diag))
+    return _fresh(grads, (*inputs, X, grad))
+
+
+@tri_solve_backward_op.register_fake
+def _(Q, K, V, diag, X, grad, chunk_size, needs):
+    return _needed_like((Q, K, V, diag), needs)
+
+
+def _unpack(grads: Sequence[torch.Tensor], needs: Sequence[bool]) -> list[torch.Tensor | None]:
+    it = iter(grads)
+    return [next(it) if need else None for need in needs]
 
 
 def _setup_inv(ctx, inputs, output) -> None:
@@ -262,23 +368,16 @@ def _setup_inv(ctx, inputs, output) -> None:
 
 
 def _backward_inv(ctx, dY: torch.Tensor):
-    """``(dQ, dK, dλ, dℓ)`` for the inputs that need them, in their shapes and dtypes."""
+    """``(dQ, dK, dλ, dℓ)`` for the inputs that need them, through the backward op."""
     Q, K, lam, decay = ctx.saved_tensors
-    nq, nk, nl, nd = ctx.needs_input_grad[:4]
-    C = ctx.chunk_size
-    if not (nq or nk or nl or nd) or _empty(Q):
-        grads = [None] * 4
-    elif decay is not None:
-        fn = lambda *a: _inv_compute(*a, C)  # noqa: E731
-        grads = _autograd_of(fn, (Q, K, lam, decay), (nq, nk, nl, nd), dY)
-    else:
-        cdt = compute_dtype(result_dtype(Q, K, lam))
-        Qf, Kf, _, lamf = _prepare(Q, K, None, lam, cdt)
-        n = Qf.shape[1]
-        dYf = dY.reshape(-1, n, n).to(cdt)
-        grads = [*tri_inv_backward(Qf, Kf, lamf, dYf, C, (nq, nk, nl)), None]
-        grads = _cast_grads(grads, (Q, K, lam, None))
-    return (*grads, None, None)
+    needs = [bool(x) for x in ctx.needs_input_grad[:4]]
+    if not any(needs):
+        return (None,) * 6
+    if decay is not None:  # plain torch: traced into a compiled backward
+        fn = lambda *a: _inv_compute(*a, ctx.chunk_size)  # noqa: E731
+        return (*_autograd_of(fn, (Q, K, lam, decay), needs, dY), None, None)
+    grads = torch.ops.matfn.tri_inv_backward(Q, K, lam, dY, ctx.chunk_size, needs[:3])
+    return (*_unpack(grads, needs[:3]), None, None, None)
 
 
 def _setup_solve(ctx, inputs, output) -> None:
@@ -288,25 +387,16 @@ def _setup_solve(ctx, inputs, output) -> None:
 
 
 def _backward_solve(ctx, dX: torch.Tensor):
-    """``(dQ, dK, dV, dλ, dℓ)`` for the inputs that need them, in their shapes and dtypes."""
+    """``(dQ, dK, dV, dλ, dℓ)`` for the inputs that need them, through the backward op."""
     Q, K, V, lam, decay, X = ctx.saved_tensors
-    nq, nk, nv, nl, nd = ctx.needs_input_grad[:5]
-    C = ctx.chunk_size
-    if not (nq or nk or nv or nl or nd) or _empty(Q, V):
-        grads = [None] * 5
-    elif decay is not None:
-        fn = lambda *a: _solve_compute(*a, C)  # noqa: E731
-        grads = _autograd_of(fn, (Q, K, V, lam, decay), (nq, nk, nv, nl, nd), dX)
-    else:
-        cdt = compute_dtype(result_dtype(Q, K, V, lam))
-        Qf, Kf, Vf, lamf = _prepare(Q, K, V, lam, cdt)
-        # the backward reads the solution in the compute dtype: the saved result is it unless
-        # it was rounded to a half dtype, then it is solved again
-        Xf = X.reshape(Vf.shape) if X.dtype == cdt else _solve_flat(Qf, Kf, Vf, lamf, C)
-        dXf = dX.reshape(Xf.shape).to(cdt)
-        dQ, dK, dV, dlam = tri_solve_backward(Qf, Kf, lamf, Xf, dXf, C, (nq, nk, nl))
-        grads = _cast_grads((dQ, dK, dV if nv else None, dlam, None), (Q, K, V, lam, None))
-    return (*grads, None, None)
+    needs = [bool(x) for x in ctx.needs_input_grad[:5]]
+    if not any(needs):
+        return (None,) * 7
+    if decay is not None:  # plain torch: traced into a compiled backward
+        fn = lambda *a: _solve_compute(*a, ctx.chunk_size)  # noqa: E731
+        return (*_autograd_of(fn, (Q, K, V, lam, decay), needs, dX), None, None)
+    grads = torch.ops.matfn.tri_solve_backward(Q, K, V, lam, X, dX, ctx.chunk_size, needs[:4])
+    return (*_unpack(grads, needs[:4]), None, None, None)
 
 
 tri_inv_op.register_autograd(_backward_inv, setup_context=_setup_inv)
