@@ -6,14 +6,17 @@ The matrix is ``T = Λ + tril(Q Kᵀ, −1)`` with ``Q, K ∈ ℝ^{n×d}`` (``n 
 * ``tri_inv`` forms ``T⁻¹`` in ``O(n² d)`` FLOPs instead of the ``n³/3`` of dense inversion, and
 * ``tri_solve`` computes ``T⁻¹ V`` in ``O(n d e)`` without forming ``T⁻¹``.
 
-This module validates, picks the path and calls it. The modules of the package:
+This module validates and calls the custom ops of ``ops``. The modules of the package:
 
+``ops``
+    ``torch.ops.matfn.tri_inv`` / ``torch.ops.matfn.tri_solve``: the value checks, the path
+    choice and the autograd registration; one opaque node under ``torch.compile`` and
+    ``torch.export``.
 ``reference``
     The torch forms: the row recursion (the readable oracle), the chunked form (the CPU path)
     and the decayed chunked form (the ``log_decay`` path on every device).
 ``backward``
-    The exact backward (torch, every device) behind :class:`torch.autograd.Function` s, used
-    when autograd records the call.
+    The exact backward (torch, every device) that the ops register with autograd.
 ``config``
     The frozen tuning of the kernels, one config per op (no Triton).
 ``chunk``, ``inverse``, ``solve`` (``scan``, ``tree``, ``schedule``)
@@ -31,30 +34,12 @@ import torch
 
 from matfn import _graphs
 from matfn._autocast import no_autocast
-from matfn._backend import triton_module, use_triton
-from matfn._validation import (
-    assert_all_finite,
-    check_matrix,
-    check_same_device,
-    non_finite_error,
-)
+from matfn._validation import check_matrix, check_same_device, non_finite_error
 
-from .backward import TriInvFunction, TriSolveFunction
-from .config import SOLVE_MAX_D, inv_config, solve_config
-from .reference import (
-    DEFAULT_CHUNK,
-    tri_inv_chunked_torch,
-    tri_inv_decay_chunked_torch,
-    tri_solve_chunked_torch,
-    tri_solve_decay_chunked_torch,
-)
+from .ops import SingularTriangularError, check_values, result_dtype
+from .reference import DEFAULT_CHUNK
 
 __all__ = ["tri_inv", "tri_solve", "SingularTriangularError"]
-
-
-class SingularTriangularError(ZeroDivisionError, ValueError):
-    """``T`` has a zero on its diagonal, so it is singular (the message names the index)."""
-
 
 # ---------------------------------------------------------------------------------------------
 # validation
@@ -73,15 +58,14 @@ def _check_inputs(
     check_finite: bool,
     chunk_size: int,
     log_decay: object = None,
-) -> tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.dtype
-]:
-    """Validate and return ``(Q, K, V, λ, ℓ, result dtype)``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """Validate and return ``(Q, K, V, λ, ℓ)``; only a number ``diag`` is tested for values.
 
     ``λ`` has shape ``Q.shape[:-1]``; ``ℓ`` is ``None`` or ``(..., n, g)`` broadcast to the batch
-    dims of ``Q`` with ``g = 1`` (one decay per row) or ``g = d`` (per channel).
+    dims of ``Q`` with ``g = 1`` (one decay per row) or ``g = d`` (per channel). The tensors'
+    values (NaN/Inf, zero pivots of a tensor ``diag``) are tested inside the op, and only with
+    ``check_finite``: a test there is a host sync.
     """
-    # finiteness of every input and the zero-pivot test are fetched in one host sync, below
     Q = check_matrix(Q, "Q", check_finite=False)
     K = check_matrix(K, "K", check_finite=False)
     if Q.shape != K.shape:
@@ -98,9 +82,7 @@ def _check_inputs(
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}")
 
-    dtype = torch.promote_types(Q.dtype, K.dtype)
-    if V is not None:
-        dtype = torch.promote_types(dtype, V.dtype)
+    dtype = result_dtype(Q, K, V)
     lead = Q.shape[:-1]
     host_value = None  # the diagonal's one value when it is known on the host (no device test)
     if diag is None:
@@ -124,20 +106,16 @@ def _check_inputs(
                 f"`diag` must broadcast to (..., n) = {tuple(lead)} (the leading dims of `Q`), "
                 f"got shape {_shape(diag)}"
             )
-        dtype = torch.promote_types(dtype, diag.dtype)
         lam = diag.expand(lead)
     else:
         raise TypeError(
             f"`diag` must be None, a real number or a tensor of shape (..., n), "
             f"got {type(diag).__name__}"
         )
-    decay = None
-    if log_decay is not None:
-        decay = _check_decay(log_decay, Q)
-        dtype = torch.promote_types(dtype, decay.dtype)
+    decay = None if log_decay is None else _check_decay(log_decay, Q)
     check_same_device(Q=Q, K=K, V=V, diag=lam, log_decay=decay)
     if lam.numel() and host_value is not None:
-        # a scalar diagonal is tested on the host: no sync unless check_finite asks for one
+        # a number diagonal is tested on the host: no sync
         if check_finite and not math.isfinite(host_value):
             raise non_finite_error("diag")
         if host_value == 0:
@@ -145,18 +123,7 @@ def _check_inputs(
                 f"T is singular: its diagonal `diag` is zero at index 0 (the scalar {diag!r} "
                 "is every diagonal entry)"
             )
-        if check_finite:
-            assert_all_finite(Q=Q, K=K, V=V, log_decay=decay)
-    elif lam.numel():  # else Q, K, V are empty too
-        zero = lam == 0
-        inputs = {"Q": Q, "K": K, "V": V, "diag": lam, "log_decay": decay} if check_finite else {}
-        if assert_all_finite(zero.any(), **inputs):
-            idx = tuple(int(i) for i in zero.nonzero()[0])
-            raise SingularTriangularError(
-                f"T is singular: its diagonal `diag` is zero at index {idx[-1]} "
-                f"(full index {idx} of diag broadcast to {tuple(lead)})"
-            )
-    return Q, K, V, lam, decay, dtype
+    return Q, K, V, lam, decay
 
 
 def _check_decay(log_decay: object, Q: torch.Tensor) -> torch.Tensor:
@@ -199,35 +166,9 @@ def _check_decay(log_decay: object, Q: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # ---------------------------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------------------------
-
-
-def _prepare(
-    Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor | None, lam: torch.Tensor, dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    cdt = _compute_dtype(dtype)
-    n, d = Q.shape[-2:]
-    B = math.prod(Q.shape[:-2])
-    Qf = Q.reshape(B, n, d).to(cdt)
-    Kf = K.reshape(B, n, d).to(cdt)
-    Vf = None if V is None else V.reshape(B, n, V.shape[-1]).to(cdt)
-    lamf = lam.reshape(B, n).to(cdt)
-    return Qf, Kf, Vf, lamf
-
-
-def _records_grad(*tensors: torch.Tensor | None) -> bool:
-    """Whether autograd records a call on ``tensors`` (then the autograd Function runs)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _flat_decay(decay: torch.Tensor, B: int, cdt: torch.dtype) -> torch.Tensor:
-    return decay.reshape(B, *decay.shape[-2:]).to(cdt)
 
 
 @no_autocast
@@ -249,7 +190,9 @@ def tri_inv(
         ``(..., n, d)`` real floating tensors of the same shape; any leading (batch/head) dims.
     diag : torch.Tensor or float, optional
         The diagonal ``λ`` of ``Λ``: ``None`` (identity, the default), a number, or a tensor that
-        broadcasts to ``(..., n)``. Every entry must be nonzero; negative values are fine.
+        broadcasts to ``(..., n)``. Every entry must be nonzero; negative values are fine. A
+        zero in a number is always caught (on the host); in a tensor only with
+        ``check_finite=True`` (else ``1/0`` shows as Inf/NaN in the result).
     log_decay : torch.Tensor, optional
         Log-decays ``ℓ`` of a decayed system (Gated DeltaNet, KDA): with ``G = cumsum(ℓ)``
         along the rows, ``T_ij = λ_i δ_ij + [i > j] Σ_c Q_ic K_jc exp(G_ic − G_jc)``. Shape
@@ -263,16 +206,18 @@ def tri_inv(
         the request rounded up to a power of two in ``[16, 64]``
         (:func:`matfn.triangular.config.inv_config`).
     check_finite : bool
-        Raise on NaN/Inf in the inputs (one host sync for all of them, shared with the
-        zero-pivot test of a tensor ``diag``).
+        Raise on NaN/Inf in the inputs and on a zero in a tensor ``diag``: one host sync for
+        all of them, the only one of the call. With ``check_finite=False`` no value is read
+        on the host (a tensor ``diag`` included), so the call can be captured in a CUDA graph
+        and compiled without a sync.
     cuda_graph : bool
         Replay the kernels from a CUDA graph captured for this input geometry
         (:mod:`matfn._graphs`): eager CUDA calls are bound by the host issuing about 8 Triton
         launches, several times the GPU work at n = 4096, d = 128 (docs/benchmarks.md). The
-        first call per geometry runs eagerly and captures. The input checks
-        still run eagerly: one host sync with ``check_finite=True`` or a tensor ``diag`` (its
-        zero-pivot test), none with ``check_finite=False`` and ``diag`` None or a number.
-        Ignored on CPU, under autograd and with ``log_decay``.
+        first call per geometry runs eagerly and captures. The input checks still run
+        eagerly, before the replay (one host sync with ``check_finite=True``). Ignored on CPU,
+        under autograd, with ``log_decay``, under ``torch.compile`` and inside a capture
+        already under way.
 
     Returns
     -------
@@ -321,15 +266,15 @@ def tri_inv(
     ``‖k_i‖ ≤ 1`` has all entries in ``[−1, 1]`` (each factor ``I − k kᵀ`` is a contraction):
     float32 errors stay near ``1e-6`` relative for ``n`` in the thousands.
 
-    **Gradients.** Exact gradients w.r.t. ``Q``, ``K`` and a tensor ``diag`` (a number or
-    ``None`` has none). Without ``log_decay``, when autograd records the call, an autograd
-    Function runs the forward above and a torch backward on every device: ``dT = −T⁻ᵀ dY T⁻ᵀ``
-    by two structured solves (the transposed one on reversed rows with ``Q`` and ``K``
-    swapped), then ``dλ = diag(dT)``, ``dQ = dL K``, ``dK = dLᵀ Q`` for ``dL = tril(dT, −1)``:
-    ``O(n² d)``, about ``(12 d + 4 C) n²`` FLOPs (:mod:`matfn.triangular.backward`). Calls that
-    autograd does not record take the plain path (no wrapper, no extra sync or copy). With
-    ``log_decay``, autograd differentiates the chunked torch form (``ℓ`` included), at a
-    constant multiple of its forward cost. Double backward is not supported.
+    **Gradients.** Exact gradients w.r.t. ``Q``, ``K``, a tensor ``diag`` (a number or
+    ``None`` has none) and ``log_decay``. The call is the custom op ``torch.ops.matfn.tri_inv``
+    (:mod:`matfn.triangular.ops`; one node under ``torch.compile`` and ``torch.export``), whose
+    registered backward runs in torch on every device: ``dT = −T⁻ᵀ dY T⁻ᵀ`` by two structured
+    solves (the transposed one on reversed rows with ``Q`` and ``K`` swapped), then
+    ``dλ = diag(dT)``, ``dQ = dL K``, ``dK = dLᵀ Q`` for ``dL = tril(dT, −1)``: ``O(n² d)``,
+    about ``(12 d + 4 C) n²`` FLOPs (:mod:`matfn.triangular.backward`). With ``log_decay``, the
+    backward recomputes the chunked torch form under autograd and differentiates it (``ℓ``
+    included), at a constant multiple of its forward cost. Double backward is not supported.
 
     References
     ----------
@@ -345,41 +290,23 @@ def tri_inv(
     >>> bool(torch.allclose(Y @ T, torch.eye(100, dtype=torch.float64)))
     True
     """
-    Q, K, _, lam, decay, dtype = _check_inputs(
-        Q, K, None, diag, check_finite, chunk_size, log_decay
-    )
+    Q, K, _, lam, decay = _check_inputs(Q, K, None, diag, check_finite, chunk_size, log_decay)
     n, d = Q.shape[-2:]
     batch = Q.shape[:-2]
     if n == 0 or math.prod(batch) == 0:
-        return Q.new_zeros((*batch, n, n), dtype=dtype)
-    if decay is not None:  # torch on every device, differentiated by autograd
-        Qf, Kf, _, lamf = _prepare(Q, K, None, lam, dtype)
-        Lf = _flat_decay(decay, Qf.shape[0], Qf.dtype)
-        Y = tri_inv_decay_chunked_torch(Qf, Kf, lamf, Lf, chunk_size)
-        return Y.reshape(*batch, n, n).to(dtype)
-    if _records_grad(Q, K, lam):
-        invert = functools.partial(_tri_inv_flat, chunk_size=chunk_size)
-        return TriInvFunction.apply(Q, K, lam, _prepare, invert, dtype, chunk_size)
-    call = functools.partial(_tri_inv, dtype=dtype, chunk_size=chunk_size)
-    if cuda_graph and _graphs.graph_applies(Q, K, lam, work=math.prod(batch) * n * n * d):
+        return Q.new_zeros((*batch, n, n), dtype=result_dtype(Q, K, lam, decay))
+    work = math.prod(batch) * n * n * d
+    if cuda_graph and decay is None and _graphs.graph_applies(Q, K, lam, work=work):
+        if check_finite:  # eagerly, before the replay (a graph cannot raise)
+            check_values(Q, K, None, lam, None)
+        call = functools.partial(_tri_inv, chunk_size=chunk_size)
         return _graphs.replay_or_capture(call, Q, K, lam)
-    return call(Q, K, lam)
+    return torch.ops.matfn.tri_inv(Q, K, lam, decay, chunk_size, check_finite)
 
 
-def _tri_inv(Q, K, lam, *, dtype: torch.dtype, chunk_size: int) -> torch.Tensor:
-    """tri_inv of validated, non-empty inputs (the part a CUDA graph captures)."""
-    n = Q.shape[-2]
-    Qf, Kf, _, lamf = _prepare(Q, K, None, lam, dtype)
-    Y = _tri_inv_flat(Qf, Kf, lamf, chunk_size=chunk_size)
-    return Y.reshape(*Q.shape[:-2], n, n).to(dtype)
-
-
-def _tri_inv_flat(Qf, Kf, lamf, *, chunk_size: int) -> torch.Tensor:
-    """``T⁻¹`` of flattened compute-dtype operands: Triton on CUDA float32, else torch."""
-    if Qf.shape[-1] > 0 and use_triton(Qf) and Qf.dtype == torch.float32:
-        inverse = triton_module("triangular.inverse")
-        return inverse.tri_inv_triton(Qf, Kf, lamf, config=inv_config(chunk_size))
-    return tri_inv_chunked_torch(Qf, Kf, lamf, chunk_size)
+def _tri_inv(Q, K, lam, *, chunk_size: int) -> torch.Tensor:
+    """The op on validated, checked, non-empty inputs (what a CUDA graph captures)."""
+    return torch.ops.matfn.tri_inv(Q, K, lam, None, chunk_size, False)
 
 
 @no_autocast
@@ -404,7 +331,7 @@ def tri_solve(
         ``(..., n, e)`` right-hand sides with the batch dims and ``n`` of ``Q``.
     diag : torch.Tensor or float, optional
         The diagonal ``λ`` (``None`` = identity, a number, or a tensor broadcasting to
-        ``(..., n)``); no zeros.
+        ``(..., n)``); no zeros (caught as in :func:`tri_inv`).
     log_decay : torch.Tensor, optional
         Log-decays ``ℓ``, ``(..., n)`` or ``(..., n, d)``, as in :func:`tri_inv`: the decayed
         system ``T_ij = λ_i δ_ij + [i > j] Σ_c Q_ic K_jc exp(G_ic − G_jc)``, ``G = cumsum(ℓ)``.
@@ -414,10 +341,12 @@ def tri_solve(
         Rows per chunk ``C``; the CUDA kernels take the request rounded up to a power of two in
         ``[16, 32]`` (:func:`matfn.triangular.config.solve_config`).
     check_finite : bool
-        Raise on NaN/Inf in the inputs.
+        Raise on NaN/Inf in the inputs and on a zero in a tensor ``diag`` (one host sync, the
+        only one of the call); ``False`` reads no value on the host, as in :func:`tri_inv`.
     cuda_graph : bool
         As in :func:`tri_inv`; under capture, small batches (``B·n ≤ 1024``) take the tree
-        solve, which has no sequential chain. Ignored under autograd and with ``log_decay``.
+        solve, which has no sequential chain. Ignored under autograd, with ``log_decay``, under
+        ``torch.compile`` and inside a capture already under way.
 
     Returns
     -------
@@ -454,9 +383,11 @@ def tri_solve(
     ``dV = T⁻ᵀ dX`` (the chunked solver on reversed rows with ``Q`` and ``K`` swapped),
     ``dλ = −Σ_e dV ⊙ X``, and the rank-``e`` ``dL = −tril(dV Xᵀ, −1)`` enters only through the
     causal products ``dQ_i = −Σ_{j<i} (dV_i·X_j) K_j`` and ``dK_j = −Σ_{i>j} (dV_i·X_j) Q_i``,
-    chunked with an ``e×d`` running state. ``X`` is saved for the backward. Calls autograd does
-    not record take the plain path. With ``log_decay``, autograd differentiates the chunked
-    torch form (``ℓ`` included). Double backward is not supported.
+    chunked with an ``e×d`` running state; this is the backward registered with the custom op
+    ``torch.ops.matfn.tri_solve`` (:mod:`matfn.triangular.ops`). ``X`` is saved for the
+    backward (solved again when the result was rounded to a half dtype). With ``log_decay``,
+    the backward differentiates the chunked torch form, recomputed (``ℓ`` included). Double
+    backward is not supported.
 
     References
     ----------
@@ -473,37 +404,21 @@ def tri_solve(
     >>> bool(torch.allclose(T @ X, V))
     True
     """
-    Q, K, V, lam, decay, dtype = _check_inputs(Q, K, V, diag, check_finite, chunk_size, log_decay)
+    Q, K, V, lam, decay = _check_inputs(Q, K, V, diag, check_finite, chunk_size, log_decay)
     n, d = Q.shape[-2:]
     e = V.shape[-1]
     batch = Q.shape[:-2]
     if n == 0 or e == 0 or math.prod(batch) == 0:
-        return V.new_zeros((*batch, n, e), dtype=dtype)
-    if decay is not None:  # torch on every device, differentiated by autograd
-        Qf, Kf, Vf, lamf = _prepare(Q, K, V, lam, dtype)
-        Lf = _flat_decay(decay, Qf.shape[0], Qf.dtype)
-        X = tri_solve_decay_chunked_torch(Qf, Kf, Vf, lamf, Lf, chunk_size)
-        return X.reshape(V.shape).to(dtype)
-    if _records_grad(Q, K, V, lam):
-        solve = functools.partial(_tri_solve_flat, chunk_size=chunk_size)
-        return TriSolveFunction.apply(Q, K, V, lam, _prepare, solve, dtype, chunk_size)
-    call = functools.partial(_tri_solve, dtype=dtype, chunk_size=chunk_size)
+        return V.new_zeros((*batch, n, e), dtype=result_dtype(Q, K, V, lam, decay))
     work = math.prod(batch) * n * d * (d + e)
-    if cuda_graph and _graphs.graph_applies(Q, K, V, lam, work=work):
+    if cuda_graph and decay is None and _graphs.graph_applies(Q, K, V, lam, work=work):
+        if check_finite:  # eagerly, before the replay (a graph cannot raise)
+            check_values(Q, K, V, lam, None)
+        call = functools.partial(_tri_solve, chunk_size=chunk_size)
         return _graphs.replay_or_capture(call, Q, K, V, lam)
-    return call(Q, K, V, lam)
+    return torch.ops.matfn.tri_solve(Q, K, V, lam, decay, chunk_size, check_finite)
 
 
-def _tri_solve(Q, K, V, lam, *, dtype: torch.dtype, chunk_size: int) -> torch.Tensor:
-    """tri_solve of validated, non-empty inputs (the part a CUDA graph captures)."""
-    Qf, Kf, Vf, lamf = _prepare(Q, K, V, lam, dtype)
-    X = _tri_solve_flat(Qf, Kf, Vf, lamf, chunk_size=chunk_size)
-    return X.reshape(V.shape).to(dtype)
-
-
-def _tri_solve_flat(Qf, Kf, Vf, lamf, *, chunk_size: int) -> torch.Tensor:
-    """``T⁻¹ V`` of flattened compute-dtype operands: Triton on CUDA float32, else torch."""
-    if 0 < Qf.shape[-1] <= SOLVE_MAX_D and use_triton(Qf) and Qf.dtype == torch.float32:
-        solve = triton_module("triangular.solve")
-        return solve.tri_solve_triton(Qf, Kf, Vf, lamf, config=solve_config(chunk_size))
-    return tri_solve_chunked_torch(Qf, Kf, Vf, lamf, chunk_size)
+def _tri_solve(Q, K, V, lam, *, chunk_size: int) -> torch.Tensor:
+    """The op on validated, checked, non-empty inputs (what a CUDA graph captures)."""
+    return torch.ops.matfn.tri_solve(Q, K, V, lam, None, chunk_size, False)

@@ -16,16 +16,14 @@ For ``Y = T⁻¹`` and ``dY``: ``dT = −T⁻ᵀ dY T⁻ᵀ`` by two structured 
 ``dQ = dL K``, ``dK = dLᵀ Q``.
 
 The backward runs in torch on every device (the chunked solver of
-:mod:`matfn.triangular.reference`); the forward is whatever path the public function took. The
-Functions are once differentiable (no double backward).
+:mod:`matfn.triangular.reference`); the forward is whatever path the public function took.
+:mod:`matfn.triangular.ops` registers these functions as the backward of the custom ops (once
+differentiable: no double backward).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-from torch.autograd.function import once_differentiable
 
 from .reference import tri_solve_chunked_torch
 
@@ -34,8 +32,6 @@ __all__ = [
     "solve_transposed",
     "tri_solve_backward",
     "tri_inv_backward",
-    "TriSolveFunction",
-    "TriInvFunction",
 ]
 
 
@@ -121,94 +117,3 @@ def tri_inv_backward(
     dQ = dL @ K if need_q else None
     dK = dL.mT @ Q if need_k else None
     return dQ, dK, dlam
-
-
-class TriSolveFunction(torch.autograd.Function):
-    """``Z = T⁻¹ V`` with the structured backward of :func:`tri_solve_backward`.
-
-    ``apply(Q, K, V, λ, prepare, solve, dtype, chunk_size)``: ``prepare`` flattens the inputs
-    to ``(B, n, ·)`` compute-dtype tensors, ``solve`` runs the forward path on them; the
-    compute-dtype result is saved for the backward.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
-        Q: torch.Tensor,
-        K: torch.Tensor,
-        V: torch.Tensor,
-        lam: torch.Tensor,
-        prepare: Callable,
-        solve: Callable,
-        dtype: torch.dtype,
-        chunk_size: int,
-    ) -> torch.Tensor:
-        """Solve in the compute dtype, save ``(Q, K, λ, Z)`` flattened, return ``Z``."""
-        Qf, Kf, Vf, lamf = prepare(Q, K, V, lam, dtype)
-        Zf = solve(Qf, Kf, Vf, lamf)
-        ctx.save_for_backward(Qf, Kf, lamf, Zf)
-        ctx.chunk_size = chunk_size
-        ctx.metas = tuple((t.shape, t.dtype) for t in (Q, K, V, lam))
-        return Zf.reshape(V.shape).to(dtype)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dZ: torch.Tensor):  # type: ignore[override]
-        """``(dQ, dK, dV, dλ)`` for the inputs that need them, in their shapes and dtypes."""
-        Qf, Kf, lamf, Zf = ctx.saved_tensors
-        nq, nk, nv, nl = ctx.needs_input_grad[:4]
-        grads = [None] * 8
-        if not (nq or nk or nv or nl):
-            return tuple(grads)
-        dZf = dZ.reshape(Zf.shape).to(Zf.dtype)
-        dQ, dK, dV, dlam = tri_solve_backward(Qf, Kf, lamf, Zf, dZf, ctx.chunk_size, (nq, nk, nl))
-        for i, (g, need) in enumerate(zip((dQ, dK, dV, dlam), (nq, nk, nv, nl), strict=True)):
-            if need:
-                shape, dt = ctx.metas[i]
-                grads[i] = g.reshape(shape).to(dt)
-        return tuple(grads)
-
-
-class TriInvFunction(torch.autograd.Function):
-    """``Y = T⁻¹`` with the structured backward of :func:`tri_inv_backward`.
-
-    ``apply(Q, K, λ, prepare, invert, dtype, chunk_size)`` as in :class:`TriSolveFunction`.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
-        Q: torch.Tensor,
-        K: torch.Tensor,
-        lam: torch.Tensor,
-        prepare: Callable,
-        invert: Callable,
-        dtype: torch.dtype,
-        chunk_size: int,
-    ) -> torch.Tensor:
-        """Invert in the compute dtype, save ``(Q, K, λ)`` flattened, return ``Y``."""
-        Qf, Kf, _, lamf = prepare(Q, K, None, lam, dtype)
-        Yf = invert(Qf, Kf, lamf)
-        ctx.save_for_backward(Qf, Kf, lamf)
-        ctx.chunk_size = chunk_size
-        ctx.metas = tuple((t.shape, t.dtype) for t in (Q, K, lam))
-        n = Q.shape[-2]
-        return Yf.reshape(*Q.shape[:-2], n, n).to(dtype)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dY: torch.Tensor):  # type: ignore[override]
-        """``(dQ, dK, dλ)`` for the inputs that need them, in their shapes and dtypes."""
-        Qf, Kf, lamf = ctx.saved_tensors
-        nq, nk, nl = ctx.needs_input_grad[:3]
-        grads = [None] * 7
-        if not (nq or nk or nl):
-            return tuple(grads)
-        n = Qf.shape[1]
-        dYf = dY.reshape(-1, n, n).to(Qf.dtype)
-        dQ, dK, dlam = tri_inv_backward(Qf, Kf, lamf, dYf, ctx.chunk_size, (nq, nk, nl))
-        for i, (g, need) in enumerate(zip((dQ, dK, dlam), (nq, nk, nl), strict=True)):
-            if need:
-                shape, dt = ctx.metas[i]
-                grads[i] = g.reshape(shape).to(dt)
-        return tuple(grads)

@@ -77,7 +77,7 @@ def test_gradcheck_scalar_and_none_diag(diag):
 def test_grads_match_dense_autograd(n, d, e, chunk, seed):
     Q, K, V, lam = _inputs((2,), n, d, e, seed)
     X = matfn.tri_solve(Q, K, V, lam, chunk_size=chunk)
-    assert X.grad_fn is not None and "TriSolve" in type(X.grad_fn).__name__
+    assert X.grad_fn is not None and "matfn_tri_solve" in type(X.grad_fn).__name__
     got = _grads(X, (Q, K, V, lam))
     Xd = torch.linalg.solve_triangular(_dense_T(Q, K, lam), V, upper=False)
     want = _grads(Xd, (Q, K, V, lam))

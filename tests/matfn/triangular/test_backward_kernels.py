@@ -31,7 +31,7 @@ def test_gradients_through_the_kernel_forward(monkeypatch):
 
         return wrapped
 
-    monkeypatch.setattr(tri, "use_triton", lambda *t: True)
+    monkeypatch.setattr(tri.ops, "use_triton", lambda *t: True)
     monkeypatch.setattr(inverse, "tri_inv_triton", spy(inverse.tri_inv_triton))
     monkeypatch.setattr(solve, "tri_solve_triton", spy(solve.tri_solve_triton))
     g = torch.Generator().manual_seed(0)

@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from scipy.linalg import solve_triangular
 
 import matfn
-from matfn import triangular as tri
 from matfn.triangular import SingularTriangularError, tri_inv, tri_solve
+from matfn.triangular import ops as tri_ops
 from matfn.triangular import reference as ref
 
 U = {torch.float64: 2.0**-53, torch.float32: 2.0**-24}
@@ -395,24 +395,40 @@ def test_zero_diagonal_names_index():
         tri_inv(Q, K, 0.0)
 
 
-@pytest.mark.parametrize("diag", [None, 2.0, -0.5])
-def test_scalar_diagonal_is_checked_on_the_host(monkeypatch, diag):
-    """A None/number diagonal needs no device test: with check_finite=False no host sync (the
-    one fetch of ``assert_all_finite``) remains, which a CUDA-graph replay would wait on."""
-    Q, K, V, _, _ = TriCase((2,), 9, 2, 2, 0.5, "pos", 0).build()
+@pytest.mark.parametrize("diag", [None, 2.0, -0.5, "tensor"])
+def test_no_value_is_read_on_the_host_without_check_finite(monkeypatch, diag):
+    """With check_finite=False no host sync (the one fetch of ``assert_all_finite``) remains,
+    a tensor diagonal included, so the call can be captured in a CUDA graph; a number diagonal
+    is still tested on the host (free)."""
+    Q, K, V, lam, _ = TriCase((2,), 9, 2, 2, 0.5, "pos", 0).build()
+    if diag == "tensor":
+        diag = lam
     expect = tri_solve(Q, K, V, diag)
+    expect_inv = tri_inv(Q, K, diag)
 
     def no_sync(*args, **kwargs):
         raise AssertionError("host sync")
 
-    monkeypatch.setattr(tri, "assert_all_finite", no_sync)
+    monkeypatch.setattr(tri_ops, "assert_all_finite", no_sync)
     out = tri_solve(Q, K, V, diag, check_finite=False)
     torch.testing.assert_close(out, expect, rtol=0, atol=0)
-    tri_inv(Q, K, diag, check_finite=False)
-    with pytest.raises(AssertionError, match="host sync"):  # a tensor diagonal is tested
-        tri_inv(Q, K, torch.ones(9, dtype=Q.dtype), check_finite=False)
+    torch.testing.assert_close(tri_inv(Q, K, diag, check_finite=False), expect_inv, rtol=0, atol=0)
+    with pytest.raises(AssertionError, match="host sync"):  # check_finite=True syncs
+        tri_inv(Q, K, torch.ones(9, dtype=Q.dtype))
     with pytest.raises(ValueError, match="`diag`.*NaN or Inf"):
         tri_inv(Q, K, math.inf)
+    with pytest.raises(SingularTriangularError, match="index 0"):
+        tri_inv(Q, K, 0.0, check_finite=False)
+
+
+def test_zero_tensor_diagonal_unchecked_gives_inf():
+    """Without check_finite a zero in a tensor ``diag`` is not looked for: ``1/0`` shows."""
+    Q, K, V, lam, _ = TriCase((), 9, 2, 2, 0.5, "pos", 0).build()
+    lam[4] = 0.0
+    Y = tri_inv(Q, K, lam, check_finite=False)
+    assert torch.isinf(Y[4, 4]) and torch.isfinite(Y[:4, :4]).all()
+    X = tri_solve(Q, K, V, lam, check_finite=False)
+    assert not torch.isfinite(X[4:]).all() and torch.isfinite(X[:4]).all()
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,403 @@
+r"""The custom ops ``torch.ops.matfn.tri_inv`` and ``torch.ops.matfn.tri_solve``.
+
+:func:`matfn.tri_inv` / :func:`matfn.tri_solve` validate their arguments and call these ops, so
+that ``torch.compile(fullgraph=True)``, FakeTensor and ``torch.export`` keep each call as one
+opaque node: the body (value checks, the path choice, the Triton kernels on CUDA float32) runs
+eagerly inside the node, the fake implementation only gives the result's shape and dtype.
+
+Schema (operands already validated and broadcast by the public functions)::
+
+    matfn::tri_inv(Tensor Q, Tensor K, Tensor diag, Tensor? log_decay,
+                   int chunk_size, bool check_finite) -> Tensor
+    matfn::tri_solve(Tensor Q, Tensor K, Tensor V, Tensor diag, Tensor? log_decay,
+                     int chunk_size, bool check_finite) -> Tensor
+
+``Q, K`` ``(..., n, d)``; ``V`` ``(..., n, e)``; ``diag`` the diagonal ``λ`` with shape
+``(..., n) = Q.shape[:-1]`` (a number becomes a 0-dim tensor expanded to it); ``log_decay``
+``None`` or ``(..., n, g)`` with the batch dims of ``Q``, ``g = 1`` (one decay per row) or
+``g = d`` (per channel). The result, ``(..., n, n)`` or ``(..., n, e)``, is a fresh contiguous
+tensor in the promoted dtype of all tensor operands. ``check_finite=True`` tests every operand
+for NaN/Inf and ``diag`` for zeros in one host sync; ``False`` reads no value on the host, so a
+call can be captured in a CUDA graph.
+
+Gradients (``register_autograd``): without ``log_decay`` through two more ops,
+``matfn::tri_inv_backward`` and ``matfn::tri_solve_backward``, which run the exact backward of
+:mod:`matfn.triangular.backward` on the inputs in the compute dtype; opaque nodes too, so a
+compiled backward neither unrolls their chunk loops nor recompiles per ``n``. With
+``log_decay`` the registered backward differentiates the decayed chunked torch form,
+recomputed under ``torch.enable_grad`` (``ℓ`` included); that plain torch is traced into a
+compiled backward (why not an op: an op's body runs below autograd, which the recomputation
+needs). Once differentiable (the backward ops have no autograd).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from matfn._backend import triton_module, use_triton
+from matfn._validation import assert_all_finite
+
+from .backward import tri_inv_backward, tri_solve_backward
+from .config import SOLVE_MAX_D, inv_config, solve_config
+from .reference import (
+    tri_inv_chunked_torch,
+    tri_inv_decay_chunked_torch,
+    tri_solve_chunked_torch,
+    tri_solve_decay_chunked_torch,
+)
+
+__all__ = [
+    "SingularTriangularError",
+    "check_values",
+    "result_dtype",
+    "tri_inv_op",
+    "tri_solve_op",
+    "tri_inv_backward_op",
+    "tri_solve_backward_op",
+]
+
+
+class SingularTriangularError(ZeroDivisionError, ValueError):
+    """``T`` has a zero on its diagonal, so it is singular (the message names the index)."""
+
+
+SingularTriangularError.__module__ = "matfn.triangular"
+
+
+# ---------------------------------------------------------------------------------------------
+# shared pieces of the bodies
+# ---------------------------------------------------------------------------------------------
+
+
+def result_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """Promotion of the operands' dtypes (``None`` skipped)."""
+    dtypes = [t.dtype for t in tensors if t is not None]
+    dtype = dtypes[0]
+    for dt in dtypes[1:]:
+        dtype = torch.promote_types(dtype, dt)
+    return dtype
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_values(
+    Q: torch.Tensor,
+    K: torch.Tensor,
+    V: torch.Tensor | None,
+    lam: torch.Tensor,
+    decay: torch.Tensor | None,
+) -> None:
+    """Raise on NaN/Inf in any operand or a zero in ``λ``: one host sync for all of them."""
+    if not lam.numel():  # then Q, K, V are empty too
+        return
+    zero = lam == 0
+    if assert_all_finite(zero.any(), Q=Q, K=K, V=V, diag=lam, log_decay=decay):
+        idx = tuple(int(i) for i in zero.nonzero()[0])
+        raise SingularTriangularError(
+            f"T is singular: its diagonal `diag` is zero at index {idx[-1]} "
+            f"(full index {idx} of diag broadcast to {tuple(lam.shape)})"
+        )
+
+
+def _flat_decay(decay: torch.Tensor, B: int, cdt: torch.dtype) -> torch.Tensor:
+    """``ℓ`` ``(..., n, g)`` → ``(B, n, g)`` in ``cdt``."""
+    return decay.reshape(B, *decay.shape[-2:]).to(cdt)
+
+
+def _prepare(
+    Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor | None, lam: torch.Tensor, cdt: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Flatten the batch dims and convert to the compute dtype."""
+    n, d = Q.shape[-2:]
+    B = math.prod(Q.shape[:-2])
+    Qf = Q.reshape(B, n, d).to(cdt)
+    Kf = K.reshape(B, n, d).to(cdt)
+    Vf = None if V is None else V.reshape(B, n, V.shape[-1]).to(cdt)
+    lamf = lam.reshape(B, n).to(cdt)
+    return Qf, Kf, Vf, lamf
+
+
+def _inv_flat(Qf, Kf, lamf, chunk_size: int) -> torch.Tensor:
+    """``T⁻¹`` of flattened compute-dtype operands: Triton on CUDA float32, else torch."""
+    if Qf.shape[-1] > 0 and use_triton(Qf) and Qf.dtype == torch.float32:
+        inverse = triton_module("triangular.inverse")
+        return inverse.tri_inv_triton(Qf, Kf, lamf, config=inv_config(chunk_size))
+    return tri_inv_chunked_torch(Qf, Kf, lamf, chunk_size)
+
+
+def _solve_flat(Qf, Kf, Vf, lamf, chunk_size: int) -> torch.Tensor:
+    """``T⁻¹ V`` of flattened compute-dtype operands: Triton on CUDA float32, else torch."""
+    if 0 < Qf.shape[-1] <= SOLVE_MAX_D and use_triton(Qf) and Qf.dtype == torch.float32:
+        solve = triton_module("triangular.solve")
+        return solve.tri_solve_triton(Qf, Kf, Vf, lamf, config=solve_config(chunk_size))
+    return tri_solve_chunked_torch(Qf, Kf, Vf, lamf, chunk_size)
+
+
+def _inv_compute(Q, K, lam, decay, chunk_size: int) -> torch.Tensor:
+    """``T⁻¹`` in the result dtype (non-empty operands, no value checks)."""
+    dtype = result_dtype(Q, K, lam, decay)
+    n = Q.shape[-2]
+    batch = Q.shape[:-2]
+    Qf, Kf, _, lamf = _prepare(Q, K, None, lam, compute_dtype(dtype))
+    if decay is None:
+        Y = _inv_flat(Qf, Kf, lamf, chunk_size)
+    else:  # torch on every device (the kernels take no decay)
+        Lf = _flat_decay(decay, Qf.shape[0], Qf.dtype)
+        Y = tri_inv_decay_chunked_torch(Qf, Kf, lamf, Lf, chunk_size)
+    return Y.reshape(*batch, n, n).to(dtype)
+
+
+def _solve_compute(Q, K, V, lam, decay, chunk_size: int) -> torch.Tensor:
+    """``T⁻¹ V`` in the result dtype (non-empty operands, no value checks)."""
+    dtype = result_dtype(Q, K, V, lam, decay)
+    Qf, Kf, Vf, lamf = _prepare(Q, K, V, lam, compute_dtype(dtype))
+    if decay is None:
+        X = _solve_flat(Qf, Kf, Vf, lamf, chunk_size)
+    else:
+        Lf = _flat_decay(decay, Qf.shape[0], Qf.dtype)
+        X = tri_solve_decay_chunked_torch(Qf, Kf, Vf, lamf, Lf, chunk_size)
+    return X.reshape(V.shape).to(dtype)
+
+
+def _empty(Q: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether the batch or ``n`` (or ``e``) is zero: the result is then empty."""
+    return Q.shape[-2] == 0 or math.prod(Q.shape[:-2]) == 0 or any(t.shape[-1] == 0 for t in others)
+
+
+# ---------------------------------------------------------------------------------------------
+# the ops
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("matfn::tri_inv", mutates_args=())
+def tri_inv_op(
+    Q: torch.Tensor,
+    K: torch.Tensor,
+    diag: torch.Tensor,
+    log_decay: torch.Tensor | None,
+    chunk_size: int,
+    check_finite: bool,
+) -> torch.Tensor:
+    """``T⁻¹`` for ``T = Λ + tril(Q Kᵀ, −1)`` (decayed with ``log_decay``): see the module doc.
+
+    ``check_finite`` syncs once with the host (NaN/Inf and zero pivots); the body is otherwise
+    free of host syncs.
+    """
+    if check_finite:
+        check_values(Q, K, None, diag, log_decay)
+    n = Q.shape[-2]
+    if _empty(Q):
+        dtype = result_dtype(Q, K, diag, log_decay)
+        return Q.new_zeros((*Q.shape[:-2], n, n), dtype=dtype)
+    return _inv_compute(Q, K, diag, log_decay, chunk_size).contiguous()
+
+
+@tri_inv_op.register_fake
+def _(Q, K, diag, log_decay, chunk_size, check_finite):
+    n = Q.shape[-2]
+    dtype = result_dtype(Q, K, diag, log_decay)
+    return Q.new_empty((*Q.shape[:-2], n, n), dtype=dtype)
+
+
+@torch.library.custom_op("matfn::tri_solve", mutates_args=())
+def tri_solve_op(
+    Q: torch.Tensor,
+    K: torch.Tensor,
+    V: torch.Tensor,
+    diag: torch.Tensor,
+    log_decay: torch.Tensor | None,
+    chunk_size: int,
+    check_finite: bool,
+) -> torch.Tensor:
+    """``T⁻¹ V`` for ``T = Λ + tril(Q Kᵀ, −1)`` (decayed with ``log_decay``): see the module doc.
+
+    ``check_finite`` syncs once with the host; the body is otherwise free of host syncs.
+    """
+    if check_finite:
+        check_values(Q, K, V, diag, log_decay)
+    if _empty(Q, V):
+        dtype = result_dtype(Q, K, V, diag, log_decay)
+        return V.new_zeros(V.shape, dtype=dtype)
+    return _solve_compute(Q, K, V, diag, log_decay, chunk_size).contiguous()
+
+
+@tri_solve_op.register_fake
+def _(Q, K, V, diag, log_decay, chunk_size, check_finite):
+    dtype = result_dtype(Q, K, V, diag, log_decay)
+    return V.new_empty(V.shape, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# backward ops and autograd
+# ---------------------------------------------------------------------------------------------
+
+
+def _cast_grads(
+    grads: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor | None]
+) -> list[torch.Tensor | None]:
+    """Each gradient in the shape and dtype of its input (``None`` kept)."""
+    return [
+        None if g is None else g.reshape(x.shape).to(x.dtype)
+        for g, x in zip(grads, like, strict=True)
+    ]
+
+
+def _autograd_of(
+    fn: Callable[..., torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    needs: Sequence[bool],
+    grad: torch.Tensor,
+) -> list[torch.Tensor | None]:
+    """Gradients of ``fn(*inputs)`` w.r.t. the inputs marked in ``needs``, by recomputation.
+
+    The decayed forms are plain torch written for autograd; recomputing them here keeps the
+    forward op free of saved autograd graphs.
+    """
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_(need) for x, need in zip(inputs, needs, strict=True)]
+        out = fn(*leaves)
+        wanted = [x for x, need in zip(leaves, needs, strict=True) if need]
+        got = iter(torch.autograd.grad(out, wanted, grad))
+    return [next(got) if need else None for need in needs]
+
+
+def _fresh(
+    grads: Sequence[torch.Tensor | None], inputs: Sequence[torch.Tensor | None]
+) -> list[torch.Tensor]:
+    """The computed gradients, contiguous, none sharing memory with an input."""
+    ptrs = {x.untyped_storage().data_ptr() for x in inputs if x is not None and x.numel()}
+    out = []
+    for g in grads:
+        if g is not None:
+            g = g.contiguous()
+            shared = g.numel() and g.untyped_storage().data_ptr() in ptrs
+            out.append(g.clone() if shared else g)
+    return out
+
+
+def _needed_like(
+    inputs: Sequence[torch.Tensor | None], needs: Sequence[bool]
+) -> list[torch.Tensor]:
+    """The fake gradients: one empty tensor like each input marked in ``needs``."""
+    return [x.new_empty(x.shape) for x, need in zip(inputs, needs, strict=True) if need]
+
+
+@torch.library.custom_op("matfn::tri_inv_backward", mutates_args=())
+def tri_inv_backward_op(
+    Q: torch.Tensor,
+    K: torch.Tensor,
+    diag: torch.Tensor,
+    grad: torch.Tensor,
+    chunk_size: int,
+    needs: list[bool],
+) -> list[torch.Tensor]:
+    """Gradients of ``matfn::tri_inv`` (no decay) w.r.t. ``(Q, K, diag)``, those in ``needs``.
+
+    Returns the needed ones, in that order, in their inputs' shapes and dtypes:
+    :func:`matfn.triangular.backward.tri_inv_backward` in the compute dtype. One opaque node,
+    so a compiled backward neither unrolls the chunk loops nor recompiles per ``n``.
+    """
+    nq, nk, nl = needs
+    inputs = (Q, K, diag)
+    if _empty(Q):
+        return [x.new_zeros(x.shape) for x, need in zip(inputs, needs, strict=True) if need]
+    cdt = compute_dtype(result_dtype(Q, K, diag))
+    Qf, Kf, _, lamf = _prepare(Q, K, None, diag, cdt)
+    n = Qf.shape[1]
+    dYf = grad.reshape(-1, n, n).to(cdt)
+    grads = tri_inv_backward(Qf, Kf, lamf, dYf, chunk_size, (nq, nk, nl))
+    return _fresh(_cast_grads(grads, (Q, K, diag)), (*inputs, grad))
+
+
+@tri_inv_backward_op.register_fake
+def _(Q, K, diag, grad, chunk_size, needs):
+    return _needed_like((Q, K, diag), needs)
+
+
+@torch.library.custom_op("matfn::tri_solve_backward", mutates_args=())
+def tri_solve_backward_op(
+    Q: torch.Tensor,
+    K: torch.Tensor,
+    V: torch.Tensor,
+    diag: torch.Tensor,
+    X: torch.Tensor,
+    grad: torch.Tensor,
+    chunk_size: int,
+    needs: list[bool],
+) -> list[torch.Tensor]:
+    """Gradients of ``X = matfn::tri_solve(...)`` (no decay) w.r.t. ``(Q, K, V, diag)``.
+
+    As :func:`tri_inv_backward_op`, with
+    :func:`matfn.triangular.backward.tri_solve_backward`, which reads ``X`` in the compute
+    dtype: the saved result is it unless it was rounded to a half dtype, then it is solved
+    again.
+    """
+    nq, nk, nv, nl = needs
+    inputs = (Q, K, V, diag)
+    if _empty(Q, V):
+        return [x.new_zeros(x.shape) for x, need in zip(inputs, needs, strict=True) if need]
+    cdt = compute_dtype(result_dtype(Q, K, V, diag))
+    Qf, Kf, Vf, lamf = _prepare(Q, K, V, diag, cdt)
+    Xf = X.reshape(Vf.shape) if X.dtype == cdt else _solve_flat(Qf, Kf, Vf, lamf, chunk_size)
+    dXf = grad.reshape(Xf.shape).to(cdt)
+    dQ, dK, dV, dlam = tri_solve_backward(Qf, Kf, lamf, Xf, dXf, chunk_size, (nq, nk, nl))
+    grads = _cast_grads((dQ, dK, dV if nv else None, dlam), (Q, K, V, diag))
+    return _fresh(grads, (*inputs, X, grad))
+
+
+@tri_solve_backward_op.register_fake
+def _(Q, K, V, diag, X, grad, chunk_size, needs):
+    return _needed_like((Q, K, V, diag), needs)
+
+
+def _unpack(grads: Sequence[torch.Tensor], needs: Sequence[bool]) -> list[torch.Tensor | None]:
+    it = iter(grads)
+    return [next(it) if need else None for need in needs]
+
+
+def _setup_inv(ctx, inputs, output) -> None:
+    Q, K, diag, log_decay, chunk_size, _ = inputs
+    ctx.chunk_size = chunk_size
+    ctx.save_for_backward(Q, K, diag, log_decay)
+
+
+def _backward_inv(ctx, dY: torch.Tensor):
+    """``(dQ, dK, dλ, dℓ)`` for the inputs that need them, through the backward op."""
+    Q, K, lam, decay = ctx.saved_tensors
+    needs = [bool(x) for x in ctx.needs_input_grad[:4]]
+    if not any(needs):
+        return (None,) * 6
+    if decay is not None:  # plain torch: traced into a compiled backward
+        fn = lambda *a: _inv_compute(*a, ctx.chunk_size)  # noqa: E731
+        return (*_autograd_of(fn, (Q, K, lam, decay), needs, dY), None, None)
+    grads = torch.ops.matfn.tri_inv_backward(Q, K, lam, dY, ctx.chunk_size, needs[:3])
+    return (*_unpack(grads, needs[:3]), None, None, None)
+
+
+def _setup_solve(ctx, inputs, output) -> None:
+    Q, K, V, diag, log_decay, chunk_size, _ = inputs
+    ctx.chunk_size = chunk_size
+    ctx.save_for_backward(Q, K, V, diag, log_decay, output)
+
+
+def _backward_solve(ctx, dX: torch.Tensor):
+    """``(dQ, dK, dV, dλ, dℓ)`` for the inputs that need them, through the backward op."""
+    Q, K, V, lam, decay, X = ctx.saved_tensors
+    needs = [bool(x) for x in ctx.needs_input_grad[:5]]
+    if not any(needs):
+        return (None,) * 7
+    if decay is not None:  # plain torch: traced into a compiled backward
+        fn = lambda *a: _solve_compute(*a, ctx.chunk_size)  # noqa: E731
+        return (*_autograd_of(fn, (Q, K, V, lam, decay), needs, dX), None, None)
+    grads = torch.ops.matfn.tri_solve_backward(Q, K, V, lam, X, dX, ctx.chunk_size, needs[:4])
+    return (*_unpack(grads, needs[:4]), None, None, None)
+
+
+tri_inv_op.register_autograd(_backward_inv, setup_context=_setup_inv)
+tri_solve_op.register_autograd(_backward_solve, setup_context=_setup_solve)
