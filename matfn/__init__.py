@@ -12,7 +12,7 @@ from .mclip import mclip
 from .mcsgn import MatrixSignConvergenceError, mcsgn
 from .msign import msign
 from .sylvester import SylvesterSolveError, solve_sylvester
-from .triangular import tri_inv, tri_solve
+from .triangular import tri_inv, tri_inv_chunks, tri_solve
 
 __version__ = "0.1.0"
 
@@ -27,5 +27,6 @@ __all__ = [
     "msign_jvp",
     "msign_vjp",
     "tri_inv",
+    "tri_inv_chunks",
     "tri_solve",
 ]

@@ -36,10 +36,11 @@ from matfn import _graphs
 from matfn._autocast import no_autocast
 from matfn._validation import check_matrix, check_same_device, non_finite_error
 
+from .chunks import tri_inv_chunks
 from .ops import SingularTriangularError, check_values, result_dtype
 from .reference import DEFAULT_CHUNK
 
-__all__ = ["tri_inv", "tri_solve", "SingularTriangularError"]
+__all__ = ["tri_inv", "tri_solve", "tri_inv_chunks", "SingularTriangularError"]
 
 # ---------------------------------------------------------------------------------------------
 # validation
