@@ -465,14 +465,15 @@ def _derivative_op(
     check_finite: bool,
     O: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The body of both ops: the finiteness check, then :func:`_derivative`, in the layout of
-    :func:`matfn.msign.result_like` (what the fake implementation gives)."""
+    """The body of both ops: the finiteness check, then :func:`_derivative`.
+
+    The result has :func:`matfn.msign.result_like`'s layout (what the fake implementation gives).
+    """
     with autocast_disabled():
         if check_finite:
             assert_all_finite(M=M, **{name: D})
-        out = _derivative(
-            M, D, method=method, compute_dtype=compute_dtype, rank_tol=rank_tol, O=O
-        )  # type: ignore[arg-type]
+        route: Route = method  # type: ignore[assignment]
+        out = _derivative(M, D, method=route, compute_dtype=compute_dtype, rank_tol=rank_tol, O=O)
         return in_result_layout(out)
 
 

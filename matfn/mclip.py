@@ -303,8 +303,9 @@ def mclip_op(
     ``torch.ops.matfn.msign`` (:func:`matfn.msign.msign_op`); the other arguments are
     :func:`mclip`'s. The plan (:func:`_plan`: finiteness check, rescale, the exact-M rule) and
     the iterations run here. The result has :func:`matfn.msign.result_like`'s layout and never
-    aliases ``M``. Differentiable (reverse mode): the backward is ``torch.ops.matfn.mclip_backward``,
-    the gradient of the computation itself (the unrolled iterations, not of the exact clip).
+    aliases ``M``. Differentiable (reverse mode): the backward is
+    ``torch.ops.matfn.mclip_backward``, the gradient of the computation itself (the unrolled
+    iterations, not of the exact clip).
     """
     with autocast_disabled():
         method_, steps_ = from_op(method, table, steps, auto_steps)
@@ -405,8 +406,10 @@ def _mclip_eager(
     check_finite: bool,
     graph: bool = False,
 ) -> torch.Tensor:
-    """mclip of validated options: the plan, then :func:`_mclip` (from a CUDA graph with
-    ``graph``: the plan's sync runs first, outside the graph)."""
+    """mclip of validated options: the plan, then :func:`_mclip`.
+
+    With ``graph``, ``_mclip`` is replayed from a CUDA graph; the plan's sync runs before it.
+    """
     if M.numel() == 0:
         return torch.empty_like(M)
     rescale, keep = _plan(M, max_sv, eps, check_finite)

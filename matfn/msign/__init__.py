@@ -139,8 +139,11 @@ def register_autograd(function: type[torch.autograd.Function]) -> None:
 
 
 def wants_derivative(M: torch.Tensor) -> bool:
-    """Whether autograd tracks ``msign(M)``: reverse mode (grad mode and ``M.requires_grad``,
-    through the custom op's autograd) or forward mode (:func:`has_tangent`)."""
+    """Whether autograd tracks ``msign(M)``, in reverse or forward mode.
+
+    Reverse mode (grad mode and ``M.requires_grad``) runs through the custom op's autograd,
+    forward mode (:func:`has_tangent`) through the registered Function.
+    """
     if torch.is_grad_enabled() and M.requires_grad:
         return True
     return has_tangent(M)
@@ -413,8 +416,11 @@ def msign(
 
 
 def op_method(method: str | Table) -> tuple[str, list[float]]:
-    """``(name, table)`` for a custom op's schema: a method name and ``[]``, or ``"table"`` and
-    the per-step table's rows flattened to ``[a₁, b₁, c₁, a₂, …]``."""
+    """``(name, table)`` for a custom op's schema.
+
+    A method name and ``[]``, or ``"table"`` and the per-step table's rows flattened to
+    ``[a₁, b₁, c₁, a₂, …]``.
+    """
     if isinstance(method, str):
         return method, []
     return "table", [v for row in method for v in row]
@@ -460,8 +466,10 @@ def _result_strides(shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def in_result_layout(out: torch.Tensor) -> torch.Tensor:
-    """``out``, or a copy in :func:`result_like`'s layout when its strides differ (rare: the
-    paths write that layout; the copy only fixes degenerate and odd-strided cases)."""
+    """``out``, or a copy in :func:`result_like`'s layout when its strides differ.
+
+    Rare: the paths write that layout; the copy only fixes degenerate and odd-strided cases.
+    """
     strides = _result_strides(out.shape)
     if out.stride() == strides:
         return out
@@ -548,8 +556,10 @@ def _msign_eager(
     check_finite: bool,
     graph: bool = False,
 ) -> torch.Tensor:
-    """msign of validated options: the rescale, then :func:`_msign` (from a CUDA graph with
-    ``graph``: the rescale's check runs first, outside the graph)."""
+    """msign of validated options: the rescale, then :func:`_msign`.
+
+    With ``graph``, ``_msign`` is replayed from a CUDA graph; the rescale's check runs before it.
+    """
     if M.numel() == 0:
         return torch.empty_like(M)
     M = rescale_if_needed(M, eps, check_finite=check_finite)
