@@ -367,6 +367,13 @@ def msign_jvp(
     unless the result itself does. Meta tensors propagate shape and dtype; autocast is off
     inside.
 
+    Synchronisation: routes ``"sylvester"`` and ``"auto"`` iterate to a tolerance, so they
+    synchronise with the host (the σ_min estimate, the rank test, one sync per polishing step
+    of the msign and Lyapunov iterations); route ``"svd"`` with ``check_finite=False`` issues
+    no host sync of its own. The computation is the custom op ``torch.ops.matfn.msign_jvp``
+    (one node under ``torch.compile(fullgraph=True)`` and ``torch.export``), differentiable in
+    ``dM`` (``J`` is linear and self-adjoint) but not in ``M``.
+
     References
     ----------
     Su Jianlin, "msign的导数" (kexue.fm/archives/11025) and "SVD的导数" (10878), 2025.
@@ -436,7 +443,8 @@ def msign_vjp(
 
     Notes
     -----
-    Routes, cost and accuracy as in :func:`msign_jvp` (the same linear map).
+    Routes, cost, accuracy and host syncs as in :func:`msign_jvp` (the same linear map; the
+    custom op is ``torch.ops.matfn.msign_vjp``, which is also msign's backward).
 
     Examples
     --------

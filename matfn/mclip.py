@@ -215,6 +215,13 @@ def mclip(
     that range, as the optimizer's normalised ones are). Meta tensors propagate shape and
     dtype; autocast is off inside.
 
+    The computation is the custom op ``torch.ops.matfn.mclip`` (one node under
+    ``torch.compile(fullgraph=True)``, FakeTensor and ``torch.export``). Host syncs: the plan's
+    one (finiteness check, rescale test, exact-M rule) and those of ``steps="auto"``; none on
+    CUDA with ``check_finite=False`` and fixed steps (capturable in the caller's CUDA graph).
+    Differentiable in reverse mode: the backward (``torch.ops.matfn.mclip_backward``) recomputes
+    the forward with autograd on and differentiates what it computed, the unrolled iterations
+    (not the exact clip).
 
     With ``O = msign(M)`` and, on the short side, ``G = M Mᵀ``:
     ``mclip_[0,β](M) = ½[msign(G + β²I)(βO + M) + msign(G − β²I)(βO − M)]`` (F3). In exact

@@ -327,7 +327,8 @@ def msign(
         calls are bound by the host issuing 17–20 kernels. The first call per geometry runs
         eagerly and captures; later calls issue three operations (copy in, replay, copy out).
         Ignored (eager) on CPU, for GPU-bound inputs (above 2³⁴ multiply-adds per product,
-        e.g. 4096²), ``steps="auto"`` (host syncs), ``method="svd"`` and under autograd.
+        e.g. 4096²), ``steps="auto"`` (host syncs), ``method="svd"``, under autograd, under
+        ``torch.compile`` and inside a CUDA graph capture already under way.
         Combine with ``check_finite=False`` to avoid the host sync of the check.
 
     Returns
@@ -353,6 +354,13 @@ def msign(
     -----
     Meta tensors propagate shape and dtype (the result is an empty meta tensor like ``M``).
     Autocast is off inside (:mod:`matfn._autocast`): the dtypes are the ones described here.
+
+    The computation is the custom op ``torch.ops.matfn.msign``; this function validates the
+    options in plain Python and calls it, so ``torch.compile(fullgraph=True)``, FakeTensor and
+    ``torch.export`` see one node (the checks, the rescale and ``steps="auto"`` run inside it;
+    the Triton kernels too, on CUDA). Host syncs: one for ``check_finite=True``; one per
+    polishing step of ``steps="auto"``; none on CUDA with ``check_finite=False`` and fixed
+    steps, so such a call can be captured in the caller's CUDA graph.
 
     The iteration (docs/math.md §1.2): transpose to the wide orientation (``s = min(n, m)`` rows),
     ``X₀ = M / (sf ‖M‖_F)`` with ``sf = 1.01`` for Polar Express, 1.02 for its modded-nanogpt

@@ -265,6 +265,8 @@ def test_export():
     assert torch.equal(program.module()(M), _Muonish()(M))
 
 
+# torch's forward-AD set-up (make_dual) scripts its decompositions with the deprecated jit.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script")
 def test_forward_mode_ad_still_works():
     M = _matrix((5, 7))
     T = _randn((5, 7))
