@@ -252,7 +252,6 @@ def _check(
     M: object,
     D: object,
     name: str,
-    check_finite: bool,
     method: str,
     compute_dtype: object,
     rank_tol: object,
@@ -391,7 +390,7 @@ def msign_jvp(
     >>> torch.allclose(matfn.msign_jvp(M, dM), fd, atol=1e-8)
     True
     """
-    rank_tol = _check(M, dM, "dM", check_finite, method, compute_dtype, rank_tol)
+    rank_tol = _check(M, dM, "dM", method, compute_dtype, rank_tol)
     if M.is_meta or dM.is_meta:
         return torch.empty(M.shape, dtype=torch.promote_types(M.dtype, dM.dtype), device="meta")
     return torch.ops.matfn.msign_jvp(M, dM, method, compute_dtype, rank_tol, check_finite)
@@ -457,7 +456,7 @@ def msign_vjp(
     >>> bool(torch.isclose(lhs, rhs))
     True
     """
-    rank_tol = _check(M, G, "G", check_finite, method, compute_dtype, rank_tol)
+    rank_tol = _check(M, G, "G", method, compute_dtype, rank_tol)
     if M.is_meta or G.is_meta:
         return torch.empty(M.shape, dtype=torch.promote_types(M.dtype, G.dtype), device="meta")
     return torch.ops.matfn.msign_vjp(M, G, method, compute_dtype, rank_tol, check_finite)
