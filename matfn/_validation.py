@@ -191,7 +191,9 @@ def check_real(
     value = float(x)  # type: ignore[arg-type]
     lo_ok = value > low if low_open else value >= low
     hi_ok = value < high if high_open else value <= high
-    if math.isnan(value) or (finite and math.isinf(value)) or not (lo_ok and hi_ok):
+    # Comparisons, not math.isnan/isinf: torch.compile traces them on a symbolic float too.
+    nan, inf = value != value, abs(value) == math.inf
+    if nan or (finite and inf) or not (lo_ok and hi_ok):
         if math.isinf(high):
             where = f"{'>' if low_open else '>='} {low:g}"
         else:

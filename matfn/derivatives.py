@@ -25,23 +25,32 @@ from torch.autograd.function import once_differentiable
 from . import _scaling
 from ._autocast import autocast_disabled, no_autocast
 from ._batching import flatten_batch, to_wide, unflatten_batch
-from ._validation import check_compute_dtype, check_matrix, check_rank_tol, check_same_device
+from ._validation import (
+    assert_all_finite,
+    check_compute_dtype,
+    check_matrix,
+    check_rank_tol,
+    check_same_device,
+)
 from .coefficients import CONVERGENT_QUINTIC
 from .mcsgn import MatrixSignConvergenceError
 from .msign import (
     AUTO_TOL,
     Method,
     Steps,
+    forward_is_exact,
+    in_result_layout,
     msign,
     newton_schulz_torch,
     normalize,
     polish_until_converged,
     register_autograd,
+    result_like,
     run_newton_schulz,
 )
 from .sylvester import _solve_flat, schedule_from
 
-__all__ = ["msign_jvp", "msign_vjp", "MsignFunction"]
+__all__ = ["msign_jvp", "msign_vjp", "msign_jvp_op", "msign_vjp_op", "MsignFunction"]
 
 Route = Literal["auto", "sylvester", "svd"]
 ROUTES = ("auto", "sylvester", "svd")
@@ -243,14 +252,14 @@ def _check(
     M: object,
     D: object,
     name: str,
-    check_finite: bool,
     method: str,
     compute_dtype: object,
     rank_tol: object,
-) -> None:
-    meta = getattr(M, "is_meta", False) or getattr(D, "is_meta", False)
-    check_matrix(M, "M", check_finite=check_finite and not meta)
-    check_matrix(D, name, check_finite=check_finite and not meta)
+) -> float | None:
+    """Validate in pure Python (traceable); return ``rank_tol`` as a float or None."""
+    # The finiteness check needs the values (a host sync): the op body runs it.
+    check_matrix(M, "M", check_finite=False)
+    check_matrix(D, name, check_finite=False)
     check_same_device(M=M, **{name: D})
     assert isinstance(M, torch.Tensor) and isinstance(D, torch.Tensor)
     try:
@@ -265,7 +274,7 @@ def _check(
     if method not in ROUTES:
         raise ValueError(f"`method` must be one of {ROUTES}, got {method!r}")
     check_compute_dtype(compute_dtype, allowed=(torch.float64, torch.float32))
-    check_rank_tol(rank_tol)
+    return check_rank_tol(rank_tol)
 
 
 @no_autocast
@@ -357,6 +366,13 @@ def msign_jvp(
     unless the result itself does. Meta tensors propagate shape and dtype; autocast is off
     inside.
 
+    Synchronisation: routes ``"sylvester"`` and ``"auto"`` iterate to a tolerance, so they
+    synchronise with the host (the σ_min estimate, the rank test, one sync per polishing step
+    of the msign and Lyapunov iterations); route ``"svd"`` with ``check_finite=False`` issues
+    no host sync of its own. The computation is the custom op ``torch.ops.matfn.msign_jvp``
+    (one node under ``torch.compile(fullgraph=True)`` and ``torch.export``), differentiable in
+    ``dM`` (``J`` is linear and self-adjoint) but not in ``M``.
+
     References
     ----------
     Su Jianlin, "msign的导数" (kexue.fm/archives/11025) and "SVD的导数" (10878), 2025.
@@ -374,8 +390,10 @@ def msign_jvp(
     >>> torch.allclose(matfn.msign_jvp(M, dM), fd, atol=1e-8)
     True
     """
-    _check(M, dM, "dM", check_finite, method, compute_dtype, rank_tol)
-    return _derivative(M, dM, method=method, compute_dtype=compute_dtype, rank_tol=rank_tol)
+    rank_tol = _check(M, dM, "dM", method, compute_dtype, rank_tol)
+    if M.is_meta or dM.is_meta:
+        return torch.empty(M.shape, dtype=torch.promote_types(M.dtype, dM.dtype), device="meta")
+    return torch.ops.matfn.msign_jvp(M, dM, method, compute_dtype, rank_tol, check_finite)
 
 
 @no_autocast
@@ -424,7 +442,8 @@ def msign_vjp(
 
     Notes
     -----
-    Routes, cost and accuracy as in :func:`msign_jvp` (the same linear map).
+    Routes, cost, accuracy and host syncs as in :func:`msign_jvp` (the same linear map; the
+    custom op is ``torch.ops.matfn.msign_vjp``, which is also msign's backward).
 
     Examples
     --------
@@ -437,20 +456,106 @@ def msign_vjp(
     >>> bool(torch.isclose(lhs, rhs))
     True
     """
-    _check(M, G, "G", check_finite, method, compute_dtype, rank_tol)
-    return _derivative(M, G, method=method, compute_dtype=compute_dtype, rank_tol=rank_tol)
+    rank_tol = _check(M, G, "G", method, compute_dtype, rank_tol)
+    if M.is_meta or G.is_meta:
+        return torch.empty(M.shape, dtype=torch.promote_types(M.dtype, G.dtype), device="meta")
+    return torch.ops.matfn.msign_vjp(M, G, method, compute_dtype, rank_tol, check_finite)
 
 
-def _forward_is_exact(
-    method: str, steps: Steps, compute_dtype: torch.dtype | None, M: torch.Tensor
-) -> bool:
-    """Whether the forward output is msign to the dtype's accuracy (so backward may reuse it)."""
-    if method == "svd":
-        return M.dtype in (torch.float32, torch.float64)
-    cdt = compute_dtype or (torch.float64 if M.dtype == torch.float64 else None)
-    if cdt is None:
-        cdt = torch.bfloat16 if M.is_cuda else torch.float32
-    return steps == "auto" and cdt in (torch.float32, torch.float64) and M.dtype == cdt
+def _derivative_op(
+    M: torch.Tensor,
+    D: torch.Tensor,
+    name: str,
+    method: str,
+    compute_dtype: torch.dtype | None,
+    rank_tol: float | None,
+    check_finite: bool,
+    O: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The body of both ops: the finiteness check, then :func:`_derivative`.
+
+    The result has :func:`matfn.msign.result_like`'s layout (what the fake implementation gives).
+    """
+    with autocast_disabled():
+        if check_finite:
+            assert_all_finite(M=M, **{name: D})
+        route: Route = method  # type: ignore[assignment]
+        out = _derivative(M, D, method=route, compute_dtype=compute_dtype, rank_tol=rank_tol, O=O)
+        return in_result_layout(out)
+
+
+@torch.library.custom_op("matfn::msign_jvp", mutates_args=())
+def msign_jvp_op(
+    M: torch.Tensor,
+    dM: torch.Tensor,
+    method: str,
+    compute_dtype: torch.dtype | None,
+    rank_tol: float | None,
+    check_finite: bool,
+) -> torch.Tensor:
+    """``torch.ops.matfn.msign_jvp``: :func:`msign_jvp` of validated options, one graph node.
+
+    The arguments are :func:`msign_jvp`'s (``rank_tol`` None: the default). The finiteness check,
+    the σ_min estimate, the rank test and the iterations to a tolerance run here (host syncs;
+    see :func:`msign_jvp`). Linear in ``dM``: its backward with respect to ``dM`` is ``J[grad]``
+    (J is self-adjoint); with respect to ``M`` (a second derivative of msign) it raises.
+    """
+    return _derivative_op(M, dM, "dM", method, compute_dtype, rank_tol, check_finite)
+
+
+@torch.library.custom_op("matfn::msign_vjp", mutates_args=())
+def msign_vjp_op(
+    M: torch.Tensor,
+    G: torch.Tensor,
+    method: str,
+    compute_dtype: torch.dtype | None,
+    rank_tol: float | None,
+    check_finite: bool,
+    O: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``torch.ops.matfn.msign_vjp``: :func:`msign_vjp` of validated options, one graph node.
+
+    As :func:`msign_jvp_op` (the same linear map), plus ``O``: ``msign(M)`` when it is already
+    known to the dtype's accuracy (msign's backward passes its ``steps="auto"`` or ``"svd"``
+    output), which saves the msign iteration of the ``"sylvester"`` route. This op is msign's
+    backward.
+    """
+    return _derivative_op(M, G, "G", method, compute_dtype, rank_tol, check_finite, O)
+
+
+@msign_jvp_op.register_fake
+def _jvp_fake(M, dM, method, compute_dtype, rank_tol, check_finite):
+    return result_like(M, torch.promote_types(M.dtype, dM.dtype))
+
+
+@msign_vjp_op.register_fake
+def _vjp_fake(M, G, method, compute_dtype, rank_tol, check_finite, O=None):
+    return result_like(M, torch.promote_types(M.dtype, G.dtype))
+
+
+def _linear_setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    M, D, method, compute_dtype, rank_tol = inputs[:5]
+    ctx.options = (method, compute_dtype, rank_tol)
+    ctx.direction = (D.shape, D.dtype)
+    ctx.save_for_backward(M)
+
+
+def _linear_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """``J_Mᵀ[grad] = J_M[grad]`` for the direction; a second derivative of msign raises."""
+    if ctx.needs_input_grad[0]:
+        raise RuntimeError(
+            "msign's derivative is not differentiable with respect to M: trying to "
+            "differentiate twice (msign_jvp / msign_vjp, msign's backward)"
+        )
+    (M,) = ctx.saved_tensors
+    shape, dtype = ctx.direction
+    method, compute_dtype, rank_tol = ctx.options
+    gD = torch.ops.matfn.msign_vjp(M, grad, method, compute_dtype, rank_tol, False, None)
+    return (None, gD.sum_to_size(shape).to(dtype)) + (None,) * (len(ctx.needs_input_grad) - 2)
+
+
+msign_jvp_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+msign_vjp_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 
 
 class MsignFunction(torch.autograd.Function):
@@ -487,7 +592,7 @@ class MsignFunction(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
         """Save M, and the output when it is exact enough to reuse in the derivative."""
         M, method, steps, _, _, compute_dtype = inputs
-        reuse = _forward_is_exact(method, steps, compute_dtype, M)
+        reuse = forward_is_exact(method, steps, compute_dtype, M)
         ctx.reuse = reuse
         ctx.save_for_backward(M, output if reuse else None)
         ctx.save_for_forward(M, output if reuse else None)

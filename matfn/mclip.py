@@ -2,21 +2,34 @@ r"""mclip: singular-value clipping ``U clip(Σ, min_sv, max_sv) Vᵀ`` through m
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
 
 from . import _graphs, _scaling
-from ._autocast import no_autocast
+from ._autocast import autocast_disabled, no_autocast
 from ._batching import flatten_batch, to_wide, unflatten_batch
 from ._validation import assert_finite, check_compute_dtype, check_eps, check_matrix, check_real
+from .coefficients import Table
 from .kernels.recording import recording
-from .msign import Algorithm, Method, Steps, check_options, msign_wide
+from .msign import (
+    Algorithm,
+    Method,
+    Steps,
+    check_options,
+    from_op,
+    in_result_layout,
+    msign_wide,
+    op_method,
+    op_steps,
+    result_like,
+)
 
-__all__ = ["mclip"]
+__all__ = ["mclip", "mclip_op", "mclip_backward_op"]
 
 Form = Literal["F3", "F2", "dilation", "svd"]
 FORMS = ("F3", "F2", "dilation", "svd")
@@ -202,6 +215,13 @@ def mclip(
     that range, as the optimizer's normalised ones are). Meta tensors propagate shape and
     dtype; autocast is off inside.
 
+    The computation is the custom op ``torch.ops.matfn.mclip`` (one node under
+    ``torch.compile(fullgraph=True)``, FakeTensor and ``torch.export``). Host syncs: the plan's
+    one (finiteness check, rescale test, exact-M rule) and those of ``steps="auto"``; none on
+    CUDA with ``check_finite=False`` and fixed steps (capturable in the caller's CUDA graph).
+    Differentiable in reverse mode: the backward (``torch.ops.matfn.mclip_backward``) recomputes
+    the forward with autograd on and differentiates what it computed, the unrolled iterations
+    (not the exact clip).
 
     With ``O = msign(M)`` and, on the short side, ``G = M Mᵀ``:
     ``mclip_[0,β](M) = ½[msign(G + β²I)(βO + M) + msign(G − β²I)(βO − M)]`` (F3). In exact
@@ -248,22 +268,167 @@ def mclip(
     min_sv = check_real(min_sv, "min_sv", low=0.0)
     if min_sv > max_sv:
         raise ValueError(f"`min_sv` must satisfy 0 <= min_sv <= max_sv, got {min_sv!r}")
-    check_eps(eps)
+    eps = check_eps(eps)
     check_compute_dtype(compute_dtype)
-    if M.numel() == 0 or M.is_meta:
+    if M.is_meta:
+        return torch.empty_like(M)
+    options = (max_sv, min_sv, method, steps, form, algorithm, eps, compute_dtype, check_finite)
+    exact = method == "svd" or form == "svd"
+    if (
+        cuda_graph
+        and not torch.compiler.is_compiling()
+        and steps != "auto"
+        and not exact
+        and _graphs.ns_graph_applies(M)
+    ):
+        return _mclip_eager(M, *options, graph=True)
+    name, table = op_method(method)
+    return torch.ops.matfn.mclip(
+        M, max_sv, min_sv, name, table, *op_steps(steps), form, algorithm, eps, compute_dtype,
+        check_finite,
+    )  # fmt: skip
+
+
+@torch.library.custom_op("matfn::mclip", mutates_args=())
+def mclip_op(
+    M: torch.Tensor,
+    max_sv: float,
+    min_sv: float,
+    method: str,
+    table: list[float],
+    steps: int | None,
+    auto_steps: bool,
+    form: str,
+    algorithm: str,
+    eps: float,
+    compute_dtype: torch.dtype | None,
+    check_finite: bool,
+) -> torch.Tensor:
+    """``torch.ops.matfn.mclip``: :func:`mclip` of validated options, as one graph node.
+
+    ``method``, ``table``, ``steps`` and ``auto_steps`` encode the method and steps as in
+    ``torch.ops.matfn.msign`` (:func:`matfn.msign.msign_op`); the other arguments are
+    :func:`mclip`'s. The plan (:func:`_plan`: finiteness check, rescale, the exact-M rule) and
+    the iterations run here. The result has :func:`matfn.msign.result_like`'s layout and never
+    aliases ``M``. Differentiable (reverse mode): the backward is
+    ``torch.ops.matfn.mclip_backward``, the gradient of the computation itself (the unrolled
+    iterations, not of the exact clip).
+    """
+    with autocast_disabled():
+        method_, steps_ = from_op(method, table, steps, auto_steps)
+        options = (max_sv, min_sv, method_, steps_, form, algorithm, eps, compute_dtype)
+        return in_result_layout(_mclip_eager(M, *options, check_finite))
+
+
+@mclip_op.register_fake
+def _mclip_fake(M, *options):
+    return result_like(M)
+
+
+@torch.library.custom_op("matfn::mclip_backward", mutates_args=())
+def mclip_backward_op(
+    grad: torch.Tensor,
+    M: torch.Tensor,
+    max_sv: float,
+    min_sv: float,
+    method: str,
+    table: list[float],
+    steps: int | None,
+    auto_steps: bool,
+    form: str,
+    algorithm: str,
+    eps: float,
+    compute_dtype: torch.dtype | None,
+    check_finite: bool,
+) -> torch.Tensor:
+    """``torch.ops.matfn.mclip_backward``: the vector-Jacobian product of ``torch.ops.matfn.mclip``.
+
+    ``grad``: the cotangent of the result; the other arguments are the forward's. Recomputes
+    the forward with autograd on (every step is a torch operation on CPU) and back-propagates
+    ``grad`` through it: the derivative of what mclip computed, unrolled iterations included.
+    Cost: a forward and its backward; nothing is kept between the two passes.
+    """
+    with autocast_disabled(), _autograd_inside_op():
+        X = M.detach().requires_grad_()
+        method_, steps_ = from_op(method, table, steps, auto_steps)
+        options = (max_sv, min_sv, method_, steps_, form, algorithm, eps, compute_dtype)
+        out = _mclip_eager(X, *options, check_finite)
+        (gM,) = torch.autograd.grad(out, X, grad.to(out.dtype))
+    gM = in_result_layout(gM.to(M.dtype))
+    if gM.untyped_storage().data_ptr() == grad.untyped_storage().data_ptr():
+        gM = gM.clone()  # the exact-M rule's identity passes grad through: never alias it
+    return gM
+
+
+@contextlib.contextmanager
+def _autograd_inside_op() -> Iterator[None]:
+    """Grad mode and the autograd dispatch keys on, inside a custom op's body.
+
+    An op's body runs below autograd (its dispatch keys are excluded, so ``enable_grad`` alone
+    records nothing); :func:`mclip_backward_op` differentiates its recomputed forward, so it
+    lifts that exclusion for its own duration (the autocast keys stay excluded).
+    """
+    C = torch._C
+    exclude = C._dispatch_tls_local_exclude_set()
+    for key in (
+        C.DispatchKey.AutogradFunctionality,
+        C.DispatchKey.AutogradOther,
+        C.DispatchKey.AutogradNestedTensor,
+    ):
+        exclude = exclude.remove(key)
+    with C._ForceDispatchKeyGuard(C._dispatch_tls_local_include_set(), exclude):
+        with torch.enable_grad():
+            yield
+
+
+@mclip_backward_op.register_fake
+def _mclip_backward_fake(grad, M, *options):
+    return result_like(M)
+
+
+def _mclip_setup_context(ctx, inputs, output) -> None:
+    ctx.options = inputs[1:]
+    ctx.save_for_backward(inputs[0])
+
+
+def _mclip_backward(ctx, grad: torch.Tensor):
+    (M,) = ctx.saved_tensors
+    gM = torch.ops.matfn.mclip_backward(grad, M, *ctx.options)
+    return (gM,) + (None,) * len(ctx.options)
+
+
+mclip_op.register_autograd(_mclip_backward, setup_context=_mclip_setup_context)
+
+
+def _mclip_eager(
+    M: torch.Tensor,
+    max_sv: float,
+    min_sv: float,
+    method: str | Table,
+    steps: Steps,
+    form: str,
+    algorithm: str,
+    eps: float,
+    compute_dtype: torch.dtype | None,
+    check_finite: bool,
+    graph: bool = False,
+) -> torch.Tensor:
+    """mclip of validated options: the plan, then :func:`_mclip`.
+
+    With ``graph``, ``_mclip`` is replayed from a CUDA graph; the plan's sync runs before it.
+    """
+    if M.numel() == 0:
         return torch.empty_like(M)
     rescale, keep = _plan(M, max_sv, eps, check_finite)
     if keep == "all" and min_sv == 0:
         return M.clone(memory_format=torch.contiguous_format)
-
     if steps is None and method == "polar_express":
         steps = MCLIP_DEFAULT_STEPS
     if compute_dtype is None:
         compute_dtype = torch.float64 if M.dtype == torch.float64 else torch.float32
     options = (min_sv, max_sv, method, steps, form, algorithm, eps, compute_dtype, rescale, keep)
     call = functools.partial(_mclip, options=options)
-    exact = method == "svd" or form == "svd"
-    if cuda_graph and steps != "auto" and not exact and _graphs.ns_graph_applies(M):
+    if graph:
         return _graphs.replay_or_capture(call, M)
     return call(M)
 

@@ -8,9 +8,14 @@ The public function :func:`msign` validates, picks the path and calls; the packa
 * :mod:`matfn.msign.triton` and :mod:`matfn.msign.grouped`: the Triton launchers (imported on
   the first CUDA call).
 
-The derivative (:class:`matfn.derivatives.MsignFunction`) composes msign with the Lyapunov solve
-of :mod:`matfn.sylvester`, which imports this package; so it is not imported here but registered
-by :mod:`matfn.derivatives` through :func:`register_autograd` when ``matfn`` is imported.
+The compute path is the custom op ``torch.ops.matfn.msign`` (:func:`msign_op`): :func:`msign`
+validates in pure Python and calls it, so ``torch.compile(fullgraph=True)``, FakeTensor and
+``torch.export`` see one node, and everything data-dependent (the finiteness check, the rescale,
+``steps="auto"``) runs inside it. Its backward is ``torch.ops.matfn.msign_vjp``, which composes
+msign with the Lyapunov solve of :mod:`matfn.sylvester` (that module imports this package), so it
+is looked up in ``torch.ops`` when the backward runs; :mod:`matfn.derivatives` defines it. For
+forward-mode AD (dual tensors) msign defers to :class:`matfn.derivatives.MsignFunction`,
+registered through :func:`register_autograd` when ``matfn`` is imported.
 
 ``matfn.msign`` (the attribute) is the function; import the submodules as
 ``from matfn.msign import path`` (``import matfn.msign.path as p`` fails: the attribute
@@ -28,7 +33,7 @@ from typing import Literal, TypeAlias
 import torch
 
 from .. import _graphs, _scaling
-from .._autocast import no_autocast
+from .._autocast import autocast_disabled, no_autocast
 from .._batching import flatten_batch, to_wide, unflatten_batch
 from .._validation import check_compute_dtype, check_eps, check_matrix
 from ..coefficients import (
@@ -90,6 +95,14 @@ __all__ = [
     "ns_step_torch",
     "polish_until_converged",
     "register_autograd",
+    "forward_is_exact",
+    "from_op",
+    "has_tangent",
+    "in_result_layout",
+    "msign_op",
+    "op_method",
+    "op_steps",
+    "result_like",
     "rescale_if_needed",
     "PURIFYING_QUINTIC",
     "run_newton_schulz",
@@ -111,7 +124,7 @@ Steps = int | Literal["auto"] | None
 METHODS = (*DEFAULT_STEPS, "svd")
 ALGORITHMS = ("auto", "standard", "gram")
 
-#: The autograd Function :func:`msign` defers to while autograd tracks its input
+#: The autograd Function :func:`msign` defers to for a dual input (forward-mode AD)
 #: (:class:`matfn.derivatives.MsignFunction`, set by :func:`register_autograd`).
 _autograd: type[torch.autograd.Function] | None = None
 
@@ -126,13 +139,14 @@ def register_autograd(function: type[torch.autograd.Function]) -> None:
 
 
 def wants_derivative(M: torch.Tensor) -> bool:
-    """Whether ``msign(M)`` must go through its autograd Function (autograd is tracking M)."""
+    """Whether autograd tracks ``msign(M)``, in reverse or forward mode.
+
+    Reverse mode (grad mode and ``M.requires_grad``) runs through the custom op's autograd,
+    forward mode (:func:`has_tangent`) through the registered Function.
+    """
     if torch.is_grad_enabled() and M.requires_grad:
         return True
-    # Outside a forward-AD dual level (the optimizer, torch.compile) skip the unpack_dual call.
-    if getattr(torch.autograd.forward_ad, "_current_level", 0) < 0:
-        return False
-    return torch.autograd.forward_ad.unpack_dual(M).tangent is not None
+    return has_tangent(M)
 
 
 def default_compute_dtype(M: torch.Tensor) -> torch.dtype:
@@ -313,7 +327,8 @@ def msign(
         calls are bound by the host issuing 17–20 kernels. The first call per geometry runs
         eagerly and captures; later calls issue three operations (copy in, replay, copy out).
         Ignored (eager) on CPU, for GPU-bound inputs (above 2³⁴ multiply-adds per product,
-        e.g. 4096²), ``steps="auto"`` (host syncs), ``method="svd"`` and under autograd.
+        e.g. 4096²), ``steps="auto"`` (host syncs), ``method="svd"``, under autograd, under
+        ``torch.compile`` and inside a CUDA graph capture already under way.
         Combine with ``check_finite=False`` to avoid the host sync of the check.
 
     Returns
@@ -339,6 +354,13 @@ def msign(
     -----
     Meta tensors propagate shape and dtype (the result is an empty meta tensor like ``M``).
     Autocast is off inside (:mod:`matfn._autocast`): the dtypes are the ones described here.
+
+    The computation is the custom op ``torch.ops.matfn.msign``; this function validates the
+    options in plain Python and calls it, so ``torch.compile(fullgraph=True)``, FakeTensor and
+    ``torch.export`` see one node (the checks, the rescale and ``steps="auto"`` run inside it;
+    the Triton kernels too, on CUDA). Host syncs: one for ``check_finite=True``; one per
+    polishing step of ``steps="auto"``; none on CUDA with ``check_finite=False`` and fixed
+    steps, so such a call can be captured in the caller's CUDA graph.
 
     The iteration (docs/math.md §1.2): transpose to the wide orientation (``s = min(n, m)`` rows),
     ``X₀ = M / (sf ‖M‖_F)`` with ``sf = 1.01`` for Polar Express, 1.02 for its modded-nanogpt
@@ -374,24 +396,187 @@ def msign(
     """
     check_matrix(M, "M", check_finite=False)
     method = check_options(method, steps, algorithm)
-    check_eps(eps)
+    eps = check_eps(eps)
     check_compute_dtype(compute_dtype)
     if M.is_meta:
         return torch.empty_like(M)
-    if M.numel():
-        M = rescale_if_needed(M, eps, check_finite=check_finite)
-    if wants_derivative(M):
+    if not torch.compiler.is_compiling() and has_tangent(M):
+        # Forward-mode AD (a dual tensor): the autograd Function, whose jvp is msign_jvp; the
+        # custom op's autograd is reverse mode only.
+        if M.numel():
+            M = rescale_if_needed(M, eps, check_finite=check_finite)
         if _autograd is None:
             raise RuntimeError("msign's derivative is not registered: import matfn")
         return _autograd.apply(M, method, steps, algorithm, eps, compute_dtype)
+    if (
+        cuda_graph
+        and not torch.compiler.is_compiling()
+        and steps != "auto"
+        and method != "svd"
+        and _graphs.ns_graph_applies(M)
+    ):
+        options = (method, steps, algorithm, eps, compute_dtype, check_finite)
+        return _msign_eager(M, *options, graph=True)
+    name, table = op_method(method)
+    return torch.ops.matfn.msign(
+        M, name, table, *op_steps(steps), algorithm, eps, compute_dtype, check_finite
+    )
+
+
+def op_method(method: str | Table) -> tuple[str, list[float]]:
+    """``(name, table)`` for a custom op's schema.
+
+    A method name and ``[]``, or ``"table"`` and the per-step table's rows flattened to
+    ``[a₁, b₁, c₁, a₂, …]``.
+    """
+    if isinstance(method, str):
+        return method, []
+    return "table", [v for row in method for v in row]
+
+
+def op_steps(steps: Steps) -> tuple[int | None, bool]:
+    """``(steps, auto_steps)`` for a custom op's schema: ``"auto"`` becomes ``(None, True)``."""
+    if steps == "auto":
+        return None, True
+    return steps, False  # type: ignore[return-value]
+
+
+def from_op(method: str, table: Sequence[float], steps: int | None, auto_steps: bool):
+    """The inverse of :func:`op_method` and :func:`op_steps`: ``(method, steps)``."""
+    if method == "table":
+        method = tuple(tuple(table[i : i + 3]) for i in range(0, len(table), 3))  # type: ignore[assignment]
+    return method, ("auto" if auto_steps else steps)
+
+
+def result_like(M: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An empty tensor of ``M``'s shape in the layout of msign's results.
+
+    The results are computed in the wide orientation: contiguous for ``n ≤ m``, the transpose
+    of a contiguous ``(..., m, n)`` tensor for ``n > m``. Fake implementations give this layout
+    and the op bodies return it (:func:`in_result_layout`), because compiled graphs trust the
+    strides of the fake result.
+    """
+    *batch, n, m = M.shape
+    dtype = M.dtype if dtype is None else dtype
+    if n > m:
+        return M.new_empty((*batch, m, n), dtype=dtype).mT
+    return M.new_empty(M.shape, dtype=dtype)
+
+
+def _result_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    *batch, n, m = shape
+    strides = [1, n] if n > m else [m, 1]
+    size = max(n, 1) * max(m, 1)
+    for d in reversed(batch):
+        strides.insert(0, size)
+        size *= max(d, 1)
+    return tuple(strides)
+
+
+def in_result_layout(out: torch.Tensor) -> torch.Tensor:
+    """``out``, or a copy in :func:`result_like`'s layout when its strides differ.
+
+    Rare: the paths write that layout; the copy only fixes degenerate and odd-strided cases.
+    """
+    strides = _result_strides(out.shape)
+    if out.stride() == strides:
+        return out
+    return torch.empty_strided(out.shape, strides, dtype=out.dtype, device=out.device).copy_(out)
+
+
+def forward_is_exact(
+    method: object, steps: Steps, compute_dtype: torch.dtype | None, M: torch.Tensor
+) -> bool:
+    """Whether msign's output is msign to the dtype's accuracy (so its backward may reuse it)."""
+    if method == "svd":
+        return M.dtype in (torch.float32, torch.float64)
+    cdt = compute_dtype or (torch.float64 if M.dtype == torch.float64 else None)
+    if cdt is None:
+        cdt = torch.bfloat16 if M.is_cuda else torch.float32
+    return steps == "auto" and cdt in (torch.float32, torch.float64) and M.dtype == cdt
+
+
+def has_tangent(M: torch.Tensor) -> bool:
+    """Whether ``M`` carries a forward-mode AD tangent (a dual tensor)."""
+    # Outside a forward-AD dual level (the optimizer, torch.compile) skip the unpack_dual call.
+    if getattr(torch.autograd.forward_ad, "_current_level", 0) < 0:
+        return False
+    return torch.autograd.forward_ad.unpack_dual(M).tangent is not None
+
+
+@torch.library.custom_op("matfn::msign", mutates_args=())
+def msign_op(
+    M: torch.Tensor,
+    method: str,
+    table: list[float],
+    steps: int | None,
+    auto_steps: bool,
+    algorithm: str,
+    eps: float,
+    compute_dtype: torch.dtype | None,
+    check_finite: bool,
+) -> torch.Tensor:
+    """``torch.ops.matfn.msign``: :func:`matfn.msign` of validated options, as one graph node.
+
+    ``method``: a name of :data:`METHODS`, or ``"table"`` with ``table`` the per-step rows
+    flattened (``[a₁, b₁, c₁, a₂, …]``; else ``[]``). ``steps``: the step count or None for
+    the default; ``auto_steps`` for ``steps="auto"``. ``compute_dtype`` None: the default.
+    Everything data-dependent runs here: the finiteness check, the power-of-two rescale
+    (:func:`rescale_if_needed`), the ``steps="auto"`` polishing and the SVD. The result has
+    :func:`result_like`'s layout and never aliases ``M``. Differentiable (reverse mode): the
+    backward is ``torch.ops.matfn.msign_vjp``.
+    """
+    with autocast_disabled():
+        method_, steps_ = from_op(method, table, steps, auto_steps)
+        out = _msign_eager(M, method_, steps_, algorithm, eps, compute_dtype, check_finite)
+        return in_result_layout(out)
+
+
+@msign_op.register_fake
+def _msign_fake(M, method, table, steps, auto_steps, algorithm, eps, compute_dtype, check_finite):
+    return result_like(M)
+
+
+def _msign_setup_context(ctx, inputs, output) -> None:
+    M, method, _, _, auto_steps, _, _, compute_dtype, _ = inputs
+    steps = "auto" if auto_steps else None
+    reuse = forward_is_exact(method, steps, compute_dtype, M)
+    ctx.save_for_backward(M, output if reuse else None)
+
+
+def _msign_backward(ctx, grad: torch.Tensor):
+    """``msign_vjp(M, grad)``: the derivative of the exact msign (see :func:`msign`)."""
+    M, O = ctx.saved_tensors
+    G = torch.ops.matfn.msign_vjp(M, grad, "auto", None, None, False, O)
+    return (G.to(M.dtype),) + (None,) * 8
+
+
+msign_op.register_autograd(_msign_backward, setup_context=_msign_setup_context)
+
+
+def _msign_eager(
+    M: torch.Tensor,
+    method: str | Table,
+    steps: Steps,
+    algorithm: str,
+    eps: float,
+    compute_dtype: torch.dtype | None,
+    check_finite: bool,
+    graph: bool = False,
+) -> torch.Tensor:
+    """msign of validated options: the rescale, then :func:`_msign`.
+
+    With ``graph``, ``_msign`` is replayed from a CUDA graph; the rescale's check runs before it.
+    """
     if M.numel() == 0:
         return torch.empty_like(M)
+    M = rescale_if_needed(M, eps, check_finite=check_finite)
     compute_dtype = compute_dtype or default_compute_dtype(M)
     call = functools.partial(
         _msign, method=method, steps=steps, algorithm=algorithm, eps=eps,
         compute_dtype=compute_dtype,
     )  # fmt: skip
-    if cuda_graph and steps != "auto" and method != "svd" and _graphs.ns_graph_applies(M):
+    if graph:
         return _graphs.replay_or_capture(call, M)
     return call(M)
 
