@@ -71,7 +71,7 @@ def test_extras_list_what_is_imported(wheel):
     for r in extra("bench"):
         if not r.startswith("heavyball"):
             assert "platform_machine" in r, r
-    assert any("python_version >= \"3.12\"" in r for r in extra("bench") if "emerging" in r)
+    assert any('python_version >= "3.12"' in r for r in extra("bench") if "emerging" in r)
 
 
 def test_wheel_ships_the_library_not_the_tests(wheel):

@@ -164,8 +164,8 @@ def test_equals_msign_for_symmetric(case):
     seed=st.integers(0, 2**16),
 )
 def test_sylvester_block(n, m, cond, c_scale, seed):
-    # mcsgn([[A, −C], [0, −B]]) = [[I, −2X], [0, −I]] with A X + X B = C (docs/math.md §2.3(1), scipy's
-    # convention). X's conditioning: ‖X‖ ≤ ‖C‖/(λ_min(A) + λ_min(B)), so scale by 1/sep.
+    # mcsgn([[A, −C], [0, −B]]) = [[I, −2X], [0, −I]] with A X + X B = C (docs/math.md §2.3(1),
+    # scipy's convention). X's conditioning: ‖X‖ ≤ ‖C‖/(λ_min(A) + λ_min(B)), so scale by 1/sep.
     rng = np.random.default_rng(seed)
     A, B = _sym(rng, n, 1 / cond, 1.0), _sym(rng, m, 1 / cond, 1.0)
     C = c_scale * rng.standard_normal((n, m))

@@ -477,7 +477,8 @@ def test_large_schedule_exact(case):
 
 
 def test_scipy_polar_disagrees_on_rank_deficient():
-    # Why the oracle is U_r V_rᵀ, not scipy.linalg.polar (docs/math.md §1.6: 8×12 rank 4 → 2.0 apart).
+    # Why the oracle is U_r V_rᵀ, not scipy.linalg.polar (docs/math.md §1.6: 8×12 rank 4 → 2.0
+    # apart).
     A = MatrixCase((8, 12), rank=4, seed=0).array()
     diff = np.linalg.norm(scipy.linalg.polar(A)[0] - msign_oracle(A))
     assert diff == pytest.approx(2.0, abs=1e-8)
