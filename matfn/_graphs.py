@@ -3,8 +3,9 @@
 A 5-step msign issues 17–20 kernels. At 1024², or for a batch of 64 matrices of 512², each runs
 for a few microseconds, so an eager call is bound by the host issuing them (several times its
 GPU time; docs/benchmarks.md); tri_inv and tri_solve issue about 8 Triton launches. With
-``cuda_graph=True`` msign, mcsgn, mclip, tri_inv and tri_solve capture the call once per key and
-replay it afterwards: copy the inputs into the graph's static inputs, replay, clone the static
+``cuda_graph=True`` (the default of msign, mclip, tri_inv and tri_solve; mcsgn's is off, as its
+default ``steps="auto"`` syncs) these functions capture the call once per key and replay it
+afterwards: copy the inputs into the graph's static inputs, replay, clone the static
 output. The captured kernels are chosen by GPU time, not launch cost
 (:mod:`matfn.kernels.recording`).
 

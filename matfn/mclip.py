@@ -157,7 +157,7 @@ def mclip(
     eps: float = 1e-7,
     compute_dtype: torch.dtype | None = None,
     check_finite: bool = True,
-    cuda_graph: bool = False,
+    cuda_graph: bool = True,
 ) -> torch.Tensor:
     r"""Clip singular values into ``[min_sv, max_sv]``: ``U clip(Σ, min_sv, max_sv) Vᵀ``.
 

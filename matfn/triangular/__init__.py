@@ -181,7 +181,7 @@ def tri_inv(
     log_decay: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK,
     check_finite: bool = True,
-    cuda_graph: bool = False,
+    cuda_graph: bool = True,
 ) -> torch.Tensor:
     r"""Inverse of ``T = Λ + tril(Q Kᵀ, −1)`` in ``O(n² d)``, as a dense lower-triangular matrix.
 
@@ -213,12 +213,13 @@ def tri_inv(
         and compiled without a sync.
     cuda_graph : bool
         Replay the kernels from a CUDA graph captured for this input geometry
-        (:mod:`matfn._graphs`): eager CUDA calls are bound by the host issuing about 8 Triton
-        launches, several times the GPU work at n = 4096, d = 128 (docs/benchmarks.md). The
-        first call per geometry runs eagerly and captures. The input checks still run
-        eagerly, before the replay (one host sync with ``check_finite=True``). Ignored on CPU,
-        under autograd, with ``log_decay``, under ``torch.compile`` and inside a capture
-        already under way.
+        (:mod:`matfn._graphs`; on by default): eager CUDA calls are bound by the host issuing
+        about 8 Triton launches, several times the GPU work at n = 4096, d = 128
+        (docs/benchmarks.md). The first call per geometry runs eagerly and captures (at most 16
+        graphs are kept, each with a private memory pool); ``False``: always eager. The input
+        checks still run eagerly, before the replay (one host sync with ``check_finite=True``).
+        Ignored on CPU, under autograd, with ``log_decay``, under ``torch.compile`` and inside a
+        capture already under way.
 
     Returns
     -------
@@ -320,7 +321,7 @@ def tri_solve(
     log_decay: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK,
     check_finite: bool = True,
-    cuda_graph: bool = False,
+    cuda_graph: bool = True,
 ) -> torch.Tensor:
     r"""Solve ``T X = V`` for ``T = Λ + tril(Q Kᵀ, −1)`` in ``O(n d e)``, without forming ``T⁻¹``.
 

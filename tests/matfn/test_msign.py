@@ -635,7 +635,12 @@ def test_table_on_the_triton_kernels(monkeypatch, algorithm):
         if not torch.cuda.is_available():
             pytest.skip("MATFN_TEST_ON_GPU=1 without CUDA")
         M = M.cuda()
-    f32 = {"method": table, "algorithm": algorithm, "compute_dtype": torch.float32}
+    f32 = {
+        "method": table,
+        "algorithm": algorithm,
+        "compute_dtype": torch.float32,
+        "cuda_graph": False,
+    }  # eager, so that the patched kernel choice takes effect
     ref = matfn.msign(M, **f32)  # torch products (CPU, or CUDA below the kernels' threshold)
     monkeypatch.setattr(path, "kernels_apply", lambda X: True)
     out = matfn.msign(M, **f32)
