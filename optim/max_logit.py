@@ -10,7 +10,7 @@ The computation is the custom op ``torch.ops.matfn.max_logits`` (:func:`max_logi
 ``torch.compile(fullgraph=True)``, FakeTensor and ``torch.export`` keep it as one node (the
 Triton kernel runs inside it on CUDA); :func:`max_logits` validates and calls it. The op has no
 autograd formula: the statistic is taken without gradient (a max is not what QK-Clip
-differentiates), and the public function calls it under ``torch.no_grad()``.
+differentiates), and the public function passes it detached inputs.
 """
 
 from __future__ import annotations
@@ -157,8 +157,10 @@ def max_logits(
     """
     q, k = check_qk(q, k)
     scale = None if scale is None else float(scale)
-    with torch.no_grad():  # no autograd formula: the result never requires grad
-        return max_logits_op(q, k, causal=bool(causal), scale=scale, use_abs=bool(use_abs))
+    # no autograd formula: detached inputs, so the result never requires grad
+    return max_logits_op(
+        q.detach(), k.detach(), causal=bool(causal), scale=scale, use_abs=bool(use_abs)
+    )
 
 
 @torch.library.custom_op("matfn::max_logits", mutates_args=())
