@@ -234,6 +234,24 @@ def test_muon_orthogonalize_opcheck_and_eager_match(case):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@gpu
+@pytest.mark.parametrize("shape", [(4, 64, 96), (2, 256, 1024)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_muon_orthogonalize_opcheck_on_gpu(shape, dtype):
+    # bf16 iterations may run in fp16 inside (the folded path): the op returns the iteration
+    # dtype the fake promises, bf16, either way
+    X = torch.randn(shape, device="cuda").to(dtype)
+    group = _group()
+    args = (X, *op_options(group))
+    torch.library.opcheck(torch.ops.matfn.muon_orthogonalize.default, args)
+    got = orthogonalize_op(*args)
+    assert got.dtype == torch.bfloat16
+    want = orthogonalize(X, group, out_dtype=torch.bfloat16)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # the eager default (iteration dtype, fp16 on the folded path) to its rounding
+    torch.testing.assert_close(got.float(), orthogonalize(X, group).float(), rtol=0, atol=2e-2)
+
+
 def test_muon_orthogonalize_compiled_tall_and_empty():
     group = _group()
     X = torch.randn(2, 9, 4)  # tall: the wrapper transposes around the op
