@@ -572,8 +572,12 @@ class Muon(Optimizer):
                 m_bufs.append(state["momentum_buffer"])
             else:
                 if "step" not in state:
-                    # like torch.optim.AdamW (not capturable/fused): step lives on the CPU
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    # like torch.optim.AdamW: on the CPU eagerly (not capturable/fused), on the
+                    # param's device when created for torch.compile (which runs this method
+                    # eagerly while compiling, moves saved CPU steps there itself, and traces
+                    # AdamW's capturable form: no host sync in the graph)
+                    device = p.device if torch.compiler.is_compiling() else None
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32, device=device)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 a_params.append(p)
@@ -623,6 +627,7 @@ class Muon(Optimizer):
                     weight_decay=group["weight_decay"] if wd is None else wd,
                     eps=group["adamw_eps"],
                     maximize=False,
+                    capturable=torch.compiler.is_compiling(),
                 )
         return loss
 
