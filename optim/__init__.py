@@ -9,7 +9,10 @@ registered rows live) and :mod:`optim.max_logit` (its statistic).
 optim uses matfn through :mod:`matfn.functional` and, once a CUDA path runs, the kernel modules
 :mod:`matfn.kernels.elementwise` and :mod:`matfn.kernels.max_logit` (through
 :func:`matfn.functional.triton_module`), so
-``import optim`` does not import Triton.
+``import optim`` does not import Triton. Importing it registers the custom ops
+``torch.ops.matfn.max_logits`` (:mod:`optim.max_logit`) and ``torch.ops.matfn.muon_orthogonalize``
+(:mod:`optim._math`), through which ``torch.compile`` and ``torch.export`` trace QK-Clip's
+statistic and the Muon step.
 """
 
 from .distributed import distributed_muon

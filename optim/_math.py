@@ -48,7 +48,9 @@ __all__ = [
     "matrix_shape",
     "momentum_inputs",
     "ns_table",
+    "op_options",
     "orthogonalize",
+    "orthogonalize_op",
     "orthogonalize_bucket",
     "runs",
     "to_scalar",
@@ -185,7 +187,12 @@ def _mclip_wide(X: Tensor, group: Mapping[str, Any], compute_dtype: torch.dtype)
     )
 
 
-def orthogonalize(X: Tensor, group: Mapping[str, Any], norms: Tensor | None = None) -> Tensor:
+def orthogonalize(
+    X: Tensor,
+    group: Mapping[str, Any],
+    norms: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
     r"""The Muon direction of each matrix in a stacked batch ``X`` of shape ``(B, n, m)``.
 
     ``update="msign"``: ``msign(X_b) ≈ U Vᵀ`` by Newton–Schulz. With ``ns_coefficients=(a, b, c)``
@@ -202,12 +209,23 @@ def orthogonalize(X: Tensor, group: Mapping[str, Any], norms: Tensor | None = No
     a bf16 batch takes the folded CUDA path, see :func:`matfn.functional.iteration_dtype`;
     callers cast). ``X`` is never modified. ``norms``: the Frobenius norms of X's matrices,
     shape ``(B,)``, when the caller computed them while writing X (``update="msign"``), which
-    saves a read of X.
+    saves a read of X. ``out_dtype``: the result in this dtype instead (the last product of a
+    fixed schedule rounds to it; no cast pass).
+
+    Under ``torch.compile`` the iteration is the custom op ``torch.ops.matfn.muon_orthogonalize``
+    (:func:`orthogonalize_op`, result in the iteration dtype ``ns_dtype`` or the default): the
+    schedule's host computation, the path choice and the Triton kernels stay inside one opaque
+    node, so dynamo traces the optimizer step around it without graph breaks.
 
     Cost: ``T(4s²L + 2s³)`` FLOPs per ``s×L`` wide matrix for ``T`` steps (docs/math.md §1.4).
     """
+    if torch.compiler.is_compiling():
+        X, transposed = to_wide(X)
+        O = orthogonalize_op(X, *op_options(group))
+        O = O if out_dtype is None else O.to(out_dtype)
+        return O.mT if transposed else O
     if X.numel() == 0:
-        return torch.zeros_like(X)
+        return torch.zeros_like(X, dtype=out_dtype)
     X, transposed = to_wide(X)
     compute_dtype = iteration_dtype_of(group, X)
     algorithm = group.get("ns_algorithm", "auto")
@@ -216,9 +234,10 @@ def orthogonalize(X: Tensor, group: Mapping[str, Any], norms: Tensor | None = No
     steps = group.get("ns_steps")
     if group.get("update", "msign") == "mclip":
         O = _mclip_wide(X, group, compute_dtype)
+        O = O if out_dtype is None else O.to(out_dtype)
     elif coefficients is not None:
         X0 = normalize_for_iteration(X, 1.0, eps, compute_dtype, norms)
-        O = run_newton_schulz(X0, ns_table(coefficients, steps), algorithm)
+        O = run_newton_schulz(X0, ns_table(coefficients, steps), algorithm, out_dtype)
     else:
         O = msign_wide(
             X,
@@ -228,8 +247,83 @@ def orthogonalize(X: Tensor, group: Mapping[str, Any], norms: Tensor | None = No
             eps=eps,
             compute_dtype=compute_dtype,
             norms=norms,
+            out_dtype=out_dtype,
         )
     return O.mT if transposed else O
+
+
+def op_options(group: Mapping[str, Any]) -> tuple:
+    """The arguments after ``X`` of :func:`orthogonalize_op` for a param group's settings.
+
+    ``ns_coefficients`` becomes its resolved per-step table, flattened (3 floats per row;
+    None: the ``msign`` method's schedule, ``ns_steps`` steps). Pure Python on the group: runs
+    at trace time, the values are constants of the compiled graph.
+    """
+    coefficients = group.get("ns_coefficients")
+    flat = None
+    if coefficients is not None:
+        flat = [v for row in ns_table(coefficients, group.get("ns_steps")) for v in row]
+    return (
+        group.get("update", "msign"),
+        group["msign"],
+        flat,
+        group.get("ns_steps"),
+        group.get("ns_algorithm", "auto"),
+        float(group["eps"]),
+        group.get("ns_dtype"),
+        float(group.get("mclip_scale", 1.0)),
+    )
+
+
+@torch.library.custom_op("matfn::muon_orthogonalize", mutates_args=())
+def orthogonalize_op(
+    X: Tensor,
+    update: str,
+    method: str,
+    table: list[float] | None,
+    steps: int | None,
+    algorithm: str,
+    eps: float,
+    ns_dtype: torch.dtype | None,
+    mclip_scale: float,
+) -> Tensor:
+    """``torch.ops.matfn.muon_orthogonalize``: :func:`orthogonalize` of a wide batch, as one op.
+
+    Schema ``(Tensor X, str update, str method, float[]? table, int? steps, str algorithm,
+    float eps, ScalarType? ns_dtype, float mclip_scale) -> Tensor``. ``X``: ``(B, s, L)``,
+    ``s ≤ L``, never modified. ``update``, ``method`` (the ``msign`` key), ``steps``
+    (``ns_steps``), ``algorithm`` (``ns_algorithm``), ``eps``, ``ns_dtype`` and ``mclip_scale``
+    are the param group's keys; ``table`` is ``ns_coefficients`` as a flat per-step table
+    (3 floats per row, :func:`op_options`) or None. Returns a new contiguous ``(B, s, L)``
+    tensor in the iteration dtype (``ns_dtype``, default :func:`iteration_dtype_of`'s).
+    No autograd formula: the optimizer runs without gradient. Opaque to dynamo/AOT (Triton
+    kernels on CUDA; the schedule and path choice are host work inside).
+    """
+    group = {
+        "update": update,
+        "msign": method,
+        "ns_coefficients": None
+        if table is None
+        else [table[i : i + 3] for i in range(0, len(table), 3)],
+        "ns_steps": steps,
+        "ns_algorithm": algorithm,
+        "eps": eps,
+        "ns_dtype": ns_dtype,
+        "mclip_scale": mclip_scale,
+    }
+    dtype = iteration_dtype_of(group, X)
+    # contiguous: the layout the fake promises; a copy if it would alias X (ops never alias)
+    O = orthogonalize(X, group, out_dtype=dtype).contiguous()
+    return O.clone() if X.numel() and O.data_ptr() == X.data_ptr() else O
+
+
+@orthogonalize_op.register_fake
+def _(X: Tensor, update, method, table, steps, algorithm, eps, ns_dtype, mclip_scale) -> Tensor:
+    return torch.empty_like(
+        X,
+        dtype=iteration_dtype_of({"ns_dtype": ns_dtype}, X),
+        memory_format=torch.contiguous_format,
+    )
 
 
 def orthogonalize_bucket(updates: Sequence[Tensor], group: Mapping[str, Any]) -> list[Tensor]:

@@ -5,6 +5,12 @@ under GQA/MQA), ``S_h = max_{b, i, j ∈ M(i)} scale·⟨q_{b,h,i}, k_{b,h_kv,j}
 ``M(i) = {j ≤ i}`` when causal. :func:`max_logits` validates and picks the path: the fused
 Triton kernel (:func:`matfn.kernels.max_logit.max_logit_triton`) for bf16/fp16 CUDA inputs,
 else the chunked torch reference :func:`max_logit_torch`.
+
+The computation is the custom op ``torch.ops.matfn.max_logits`` (:func:`max_logits_op`), so that
+``torch.compile(fullgraph=True)``, FakeTensor and ``torch.export`` keep it as one node (the
+Triton kernel runs inside it on CUDA); :func:`max_logits` validates and calls it. The op has no
+autograd formula: the statistic is taken without gradient (a max is not what QK-Clip
+differentiates), and the public function passes it detached inputs.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import torch
 
 from matfn.functional import triton_module, use_triton
 
-__all__ = ["check_qk", "max_logit_torch", "max_logits"]
+__all__ = ["check_qk", "max_logit_torch", "max_logits", "max_logits_op"]
 
 
 def check_qk(q: object, k: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,6 +54,11 @@ def check_qk(q: object, k: object) -> tuple[torch.Tensor, torch.Tensor]:
     return q, k
 
 
+def _result_dtype(q: torch.Tensor) -> torch.dtype:
+    """The accumulate dtype of the statistic: float64 for float64 queries, else float32."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
 def max_logit_torch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -68,7 +79,7 @@ def max_logit_torch(
     B, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     G = H // Hkv
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = _result_dtype(q)
     out = torch.full((Hkv, G), float("-inf"), dtype=acc, device=q.device)
     if B == 0 or Sq == 0 or Sk == 0:
         return out.view(H)
@@ -145,14 +156,42 @@ def max_logits(
     tensor([0., 6.])
     """
     q, k = check_qk(q, k)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
-    with torch.no_grad():
-        # float32 stays on the torch path: the kernel's IEEE-fp32 dots are about 10× slower
-        # than the chunked reference's tensor-core matmuls (docs/benchmarks.md)
-        half = q.dtype in (torch.bfloat16, torch.float16)
-        if q.dtype == k.dtype and half and use_triton(q, k):
-            kernel = triton_module("kernels.max_logit")
-            if 0 < q.shape[-1] <= kernel.MAX_HEAD_DIM:
-                return kernel.max_logit_triton(q, k, causal=causal, scale=scale, use_abs=use_abs)
-        return max_logit_torch(q, k, causal=causal, scale=scale, use_abs=use_abs)
+    scale = None if scale is None else float(scale)
+    # no autograd formula: detached inputs, so the result never requires grad
+    return max_logits_op(
+        q.detach(), k.detach(), causal=bool(causal), scale=scale, use_abs=bool(use_abs)
+    )
+
+
+@torch.library.custom_op("matfn::max_logits", mutates_args=())
+def max_logits_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    causal: bool,
+    scale: float | None,
+    use_abs: bool,
+) -> torch.Tensor:
+    """``torch.ops.matfn.max_logits``: the compute of :func:`max_logits` on validated inputs.
+
+    Schema ``(Tensor q, Tensor k, bool causal, float? scale, bool use_abs) -> Tensor``: ``q``,
+    ``k`` as checked by :func:`check_qk`; ``scale`` None is ``1/√D`` (resolved here, so a
+    symbolic head dim never reaches the schema). Returns a new ``(H,)`` tensor, float32
+    (float64 for float64 ``q``); inputs are not modified. Opaque to dynamo/AOT: the Triton
+    kernel (bf16/fp16 CUDA inputs, head dim ≤ ``MAX_HEAD_DIM``) or the chunked torch reference
+    runs inside. No autograd formula (see the module docstring).
+    """
+    D = q.shape[-1]
+    s = (1.0 / math.sqrt(D) if D else 1.0) if scale is None else scale
+    # float32 stays on the torch path: the kernel's IEEE-fp32 dots are about 10× slower than
+    # the chunked reference's tensor-core matmuls (docs/benchmarks.md)
+    half = q.dtype in (torch.bfloat16, torch.float16)
+    if q.dtype == k.dtype and half and use_triton(q, k):
+        kernel = triton_module("kernels.max_logit")
+        if 0 < D <= kernel.MAX_HEAD_DIM:
+            return kernel.max_logit_triton(q, k, causal=causal, scale=s, use_abs=use_abs)
+    return max_logit_torch(q, k, causal=causal, scale=s, use_abs=use_abs)
+
+
+@max_logits_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float | None, use_abs: bool):
+    return q.new_empty((q.shape[1],), dtype=_result_dtype(q))

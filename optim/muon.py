@@ -390,6 +390,14 @@ class Muon(Optimizer):
 
     **Zero-size parameters** (a dimension of size 0) get state but are never updated.
 
+    **torch.compile.** ``torch.compile(opt.step)`` traces the whole step (``fullgraph=True``
+    works): under compile the batched torch path runs (no Triton element-wise passes, no bucket
+    graphs, no host syncs; inductor fuses the element-wise work) and each bucket's
+    orthogonalisation is one opaque custom op, ``torch.ops.matfn.muon_orthogonalize``
+    (:func:`optim._math.orthogonalize_op`), with the Triton Newton–Schulz kernels inside on
+    CUDA. The compiled step matches the eager one to float32 rounding on CPU; on CUDA, to the
+    bf16 iteration's rounding (its norms come from torch instead of the fused pass).
+
     **Update RMS.** For a full-rank ``A×B`` matrix ``‖msign(U)‖_F² = min(A, B)``, so
     ``RMS(O) = 1/√max(A, B)`` and ``RMS(r·O)`` is ``1/√B`` ("original") or exactly 0.2
     ("match_rms_adamw"). With ``update="mclip"``, ``‖O‖_F² = Σ min(σᵢ²/c², 1) ≤ min(s, s/κ²)``
@@ -564,8 +572,12 @@ class Muon(Optimizer):
                 m_bufs.append(state["momentum_buffer"])
             else:
                 if "step" not in state:
-                    # like torch.optim.AdamW (not capturable/fused): step lives on the CPU
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    # like torch.optim.AdamW: on the CPU eagerly (not capturable/fused), on the
+                    # param's device when created for torch.compile (which runs this method
+                    # eagerly while compiling, moves saved CPU steps there itself, and traces
+                    # AdamW's capturable form: no host sync in the graph)
+                    device = p.device if torch.compiler.is_compiling() else None
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32, device=device)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 a_params.append(p)
@@ -615,6 +627,7 @@ class Muon(Optimizer):
                     weight_decay=group["weight_decay"] if wd is None else wd,
                     eps=group["adamw_eps"],
                     maximize=False,
+                    capturable=torch.compiler.is_compiling(),
                 )
         return loss
 
