@@ -313,15 +313,15 @@ def tri_inv_chunks(
 
     Examples
     --------
-    >>> import torch, matfn.triangular.chunks as tc
+    >>> import torch, matfn
     >>> g = torch.Generator().manual_seed(0)
-    >>> K = torch.nn.functional.normalize(torch.randn(2, 100, 8, generator=g), dim=-1)
-    >>> beta = torch.rand(2, 100, generator=g)
-    >>> Y = tc.tri_inv_chunks(K.double(), beta.double(), chunk_size=32)
+    >>> K = torch.nn.functional.normalize(torch.randn(2, 100, 8, generator=g), dim=-1).double()
+    >>> beta = torch.rand(2, 100, generator=g).double()
+    >>> Y = matfn.tri_inv_chunks(K, beta, chunk_size=32)
     >>> Y.shape
     torch.Size([2, 100, 32])
     >>> T = torch.eye(32, dtype=torch.float64) + torch.tril(
-    ...     beta[0, :32, None].double() * (K[0, :32] @ K[0, :32].T).double(), -1)
+    ...     beta[0, :32, None] * (K[0, :32] @ K[0, :32].T), -1)
     >>> bool(torch.allclose(Y[0, :32] @ T, torch.eye(32, dtype=torch.float64)))
     True
     """
