@@ -5,7 +5,7 @@ DeltaNet's home case: batch 8, 16 heads, n = 4096, d = 128, chunk 64, unit-norm 
 (ℓ ∈ [−1, 0)) and strong (ℓ ∈ [−5, 0)). For each: the relative Frobenius error against the
 float64 torch form and the median time (``triton.testing.do_bench``) of
 
-* matfn ``tri_inv_chunks`` (one fused kernel) in each kernel variant below;
+* matfn ``tri_inv_chunks`` (the public call; the torch form on every device);
 * fla ``chunk_scaled_dot_kkt_fwd`` + ``solve_tril`` (not for KDA: that A takes no per-channel
   gate), fla ``solve_tril`` alone on a precomputed A (its error from the exactly rounded A),
   and fla's fused GDN ``kkt_solve`` kernel (tf32 dots) where fla-core is importable.
@@ -14,31 +14,18 @@ fla takes ``[B, T, H, d]`` and matfn ``(B, H, T, d)``: the transposes are made o
 the timed region. Install fla-core offline with
 ``pip install --no-deps .whl/einops-*.whl .whl/fla_core-*.whl``.
 
-Usage: ``python3 benchmarks/gpu_chunk_inverse.py [--variants ieee,fp64a,...] [--n 4096]``.
+Usage: ``python3 benchmarks/gpu_chunk_inverse.py [--cases none,gdn,kda] [--n 4096]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 
 import torch
 import triton
 
 from matfn.triangular import chunks
-
-#: Kernel variants (fields of ChunkInvConfig); the library keeps the winner frozen.
-VARIANTS = {
-    "fp64a": {},
-    "fp64a-w2": {"warps": 2},
-    "fp64a-w8": {"warps": 8},
-    "fp64a-bk64": {"block_k": 64},
-    "ieee": {"prec_a": "ieee"},
-    "tf32x3": {"prec_a": "tf32x3", "prec_m": "tf32x3"},
-    "kda-w4": {"warps_channel": 4},
-    "kda-bc8": {"block_channels": 8},
-}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -67,7 +54,6 @@ def try_fla():
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--n", type=int, default=4096)
@@ -83,7 +69,6 @@ def main() -> None:
     K = torch.nn.functional.normalize(torch.randn(B, H, n, d, device=dev, generator=g), dim=-1)
     beta = torch.rand(B, H, n, device=dev, generator=g)
     fla = try_fla()
-    base = chunks.TRI_INV_CHUNKS_CONFIG
     rows = []
     for case in a.cases.split(","):
         scale = 5.0 if case.endswith("strong") else 1.0
@@ -99,21 +84,11 @@ def main() -> None:
             None if Lf is None else Lf.double(),
             C,
         ).reshape(B, H, n, C)
-        for name in a.variants.split(","):
-            chunks.TRI_INV_CHUNKS_CONFIG = dataclasses.replace(base, **VARIANTS[name])
-            try:
 
-                def ours():
-                    return chunks.tri_inv_chunks(K, beta, log_decay=L, check_finite=False)
+        def ours():
+            return chunks.tri_inv_chunks(K, beta, log_decay=L, check_finite=False)
 
-                err = rel(ours(), ref)
-                rows.append((case, f"matfn {name}", bench(ours), err))
-            except Exception as exc:  # noqa: BLE001 - a variant that fails to build is reported
-                rows.append(
-                    (case, f"matfn {name}: {type(exc).__name__}: {exc}"[:90], math.nan, math.nan)
-                )
-            finally:
-                chunks.TRI_INV_CHUNKS_CONFIG = base
+        rows.append((case, "matfn tri_inv_chunks", bench(ours), rel(ours(), ref)))
         if fla is None:
             continue
         kkt, solve_tril, fused = fla

@@ -8,67 +8,25 @@ log-decays ``ℓ``, the chunked delta rule needs (docs/math.md §5.3, §5.6)
 i.e. ``(T_c)_ij = δ_ij + [i > j] β_i Σ_m K_im K_jm exp(R_im − R_jm)`` with ``R`` the cumulative
 sum of ``ℓ`` inside the chunk. Only the chunk-local block of each inverse is formed: the state
 across chunks is the recurrence's own business. This is what fla-core computes with
-``chunk_scaled_dot_kkt_fwd`` followed by ``solve_tril``; here it is one call (one fused kernel
-on CUDA) from ``K``, ``β`` and ``ℓ``.
+``chunk_scaled_dot_kkt_fwd`` followed by ``solve_tril``; here it is one call from ``K``, ``β``
+and ``ℓ``, in torch on every device (no fused kernel yet).
 
 :func:`tri_inv_chunks`
     The public function: validation, then the custom op ``torch.ops.matfn.tri_inv_chunks``.
 :func:`tri_inv_chunks_torch`
-    The torch form (every device and dtype; the tests' float64 oracle and the CPU path).
-:class:`ChunkInvConfig`, :data:`TRI_INV_CHUNKS_CONFIG`
-    The frozen launch config of the Triton kernel (:mod:`matfn.triangular.chunks_kernel`).
+    The torch form (every device and dtype; the tests' float64 oracle).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from matfn._autocast import no_autocast
-from matfn._backend import triton_module, use_triton
 from matfn._validation import assert_all_finite, check_matrix, check_same_device
 
-__all__ = [
-    "tri_inv_chunks",
-    "tri_inv_chunks_torch",
-    "ChunkInvConfig",
-    "TRI_INV_CHUNKS_CONFIG",
-]
-
-
-@dataclass(frozen=True)
-class ChunkInvConfig:
-    """How the fused chunk-inverse kernel launches (benchmarks replace the module attribute)."""
-
-    #: Warps per program without decay or with one decay per row.
-    warps: int = 4
-    #: Warps per program with a per-channel decay. Why: its scaled key tiles and the exact
-    #: diagonal blocks hold about twice the registers.
-    warps_channel: int = 8
-    #: Precision of the dots forming ``A = diag(β) K Kᵀ``: ``"fp64"`` (float64 operands and
-    #: accumulation, rounded once), ``"ieee"`` (fp32) or ``"tf32x3"``. Why fp64: fp32
-    #: accumulation over ``d = 128`` channels alone gives about 6e-8 relative error in the
-    #: result against float64, the rounded ``A`` about 2.8e-8 (fla's ``solve_tril`` from an
-    #: exact ``A``: 2.7e-8).
-    prec_a: str = "fp64"
-    #: ``input_precision`` of the ``16×16`` block merges.
-    prec_m: str = "ieee"
-    #: Channels of ``K`` per step of the ``A`` accumulation.
-    block_k: int = 32
-    #: Channels per step of the exact per-channel diagonal blocks (a ``16×16×m`` tile).
-    block_channels: int = 16
-    #: Largest key dimension ``d`` the kernel takes (the ``K`` tiles of a chunk stay in
-    #: registers); larger ``d`` runs the torch form.
-    max_d: int = 256
-
-
-#: The launch config in force (replace, don't mutate: the dataclass is frozen).
-TRI_INV_CHUNKS_CONFIG = ChunkInvConfig()
-
-#: Chunk sizes the fused kernel takes (``16×16`` blocks, ``C/16 ∈ {1, 2, 4}``).
-KERNEL_CHUNKS = (16, 32, 64)
+__all__ = ["tri_inv_chunks", "tri_inv_chunks_torch"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,27 +50,31 @@ def tri_inv_chunks_torch(
     are formed in float64 (differences of in-chunk sums that can each be in the hundreds) and
     rounded to the compute dtype before ``exp``; below the diagonal they are ``≤ 0`` for
     ``ℓ ≤ 0``, on and above it they are set to ``−∞``. A per-channel decay contracts a
-    ``C×C×d`` tile per chunk, taken in slices of chunks to bound memory. The inverse is a
-    batched triangular solve against ``I``. Cost ``O(n C d)`` (``O(n C²)`` for the solve).
+    ``C×C×d`` tile per chunk, taken in slices of chunks to bound memory. ``A`` is accumulated
+    in float64 (float32 on MPS) and rounded once to the input dtype: float32 accumulation over
+    ``d = 128`` channels alone would give about 6e-8 relative error in the result, the rounded
+    exact ``A`` about 3e-8 (as fla-core's ``solve_tril`` from an exact ``A``). The inverse is a
+    batched triangular solve against ``I`` in the input dtype. Cost ``O(n C d)``
+    (``O(n C²)`` for the solve).
     """
     B, n, d = K.shape
     C = chunk_size
     NC = -(-n // C)
     pad = NC * C - n
     dt = K.dtype
-    Kc = torch.nn.functional.pad(K, (0, 0, 0, pad)).reshape(B * NC, C, d)
+    edt = torch.float32 if K.device.type == "mps" else torch.float64  # MPS has no float64
+    Kc = torch.nn.functional.pad(K.to(edt), (0, 0, 0, pad)).reshape(B * NC, C, d)
     bc = torch.nn.functional.pad(beta, (0, pad)).reshape(B * NC, C, 1)
     below = torch.ones(C, C, dtype=torch.bool, device=K.device).tril(-1)
     if log_decay is None:
         A = (Kc @ Kc.mT) * below
     else:
-        edt = torch.float32 if K.device.type == "mps" else torch.float64  # MPS has no float64
         g = log_decay.shape[-1]
         R = torch.nn.functional.pad(log_decay.to(edt), (0, 0, 0, pad))
         R = R.reshape(B * NC, C, g).cumsum(1)
         if g == 1:
             D = torch.where(below, R[:, :, None, 0] - R[:, None, :, 0], -torch.inf)
-            A = (Kc @ Kc.mT) * D.to(dt).exp()
+            A = (Kc @ Kc.mT) * D.to(dt).exp().to(edt)
         else:
             step = max(1, 2**24 // (C * C * d))  # chunks per slice of the C×C×d tile
             A = torch.cat(
@@ -127,13 +89,15 @@ def tri_inv_chunks_torch(
                             -torch.inf,
                         )
                         .to(dt)
-                        .exp(),
+                        .exp()
+                        .to(edt),
                     )
                     for s in range(0, B * NC, step)
                 ]
             )
     eye = torch.eye(C, dtype=dt, device=K.device)
-    Y = torch.linalg.solve_triangular(eye + bc * A, eye.expand(B * NC, C, C), upper=False)
+    T = eye + bc * A.to(dt)
+    Y = torch.linalg.solve_triangular(T, eye.expand(B * NC, C, C), upper=False)
     return Y.reshape(B, NC * C, C)[:, :n].contiguous()
 
 
@@ -177,28 +141,7 @@ def _tri_inv_chunks_op(
     Lf = None
     if log_decay is not None:
         Lf = log_decay.reshape(B, n, -1).to(cdt)
-    cfg = TRI_INV_CHUNKS_CONFIG
-    if (
-        use_triton(Kf)
-        and cdt == torch.float32
-        and chunk_size in KERNEL_CHUNKS
-        and 0 < d <= cfg.max_d
-    ):
-        kernel = triton_module("triangular.chunks_kernel")
-        per_channel = log_decay is not None and log_decay.ndim == K.ndim
-        Y = kernel.tri_inv_chunks_triton(
-            Kf,
-            bf,
-            None if Lf is None else (Lf if per_channel else Lf[..., 0]),
-            chunk_size=chunk_size,
-            num_warps=cfg.warps_channel if per_channel else cfg.warps,
-            prec_a=cfg.prec_a,
-            prec_m=cfg.prec_m,
-            block_k=cfg.block_k,
-            block_channels=cfg.block_channels,
-        )
-    else:
-        Y = tri_inv_chunks_torch(Kf, bf, Lf, chunk_size)
+    Y = tri_inv_chunks_torch(Kf, bf, Lf, chunk_size)
     return Y.reshape(*batch, n, chunk_size).to(dtype)
 
 
@@ -295,11 +238,10 @@ def tri_inv_chunks(
     -----
     **Cost.** ``n C d`` multiply-adds for the blocks of ``A`` (half of ``C×C`` per chunk) plus
     ``O(n C²)`` for the inverse; a per-channel decay adds the exact ``16×16×d`` diagonal blocks,
-    ``8 n d`` exponentials. On CUDA float32 (:mod:`matfn.triangular.chunks_kernel`) one program
-    per chunk loads ``K_c`` once, forms ``A`` in registers, inverts the ``16×16`` diagonal
-    blocks by forward substitution and merges them by block forward substitution, and writes
-    ``Y_c``: ``K`` is read once and ``Y`` written once, without the ``A`` round trip through
-    memory of ``chunk_scaled_dot_kkt_fwd`` + ``solve_tril``.
+    ``8 n d`` exponentials. Every device runs the torch form (:func:`tri_inv_chunks_torch`):
+    the products of ``A`` in float64, one batched triangular solve per chunk. A fused kernel
+    that forms ``A`` in registers (one read of ``K``, one write of ``Y``) is not part of the
+    library yet, so on CUDA fla-core's ``solve_tril`` is faster (docs/benchmarks.md).
 
     **Accuracy.** Forward substitution is backward stable; in the DeltaNet case
     (``‖k‖ = 1``, ``β ∈ (0, 1)``) the float32 result is within a few ``1e-8`` (relative

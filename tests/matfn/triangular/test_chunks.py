@@ -1,5 +1,4 @@
-"""``tri_inv_chunks``: torch form vs a dense float64 oracle, the fused kernel (interpreter) vs the
-torch form, input checks and the custom op.
+"""``tri_inv_chunks``: torch form vs a dense float64 oracle, input checks and the custom op.
 
 Oracle: per chunk, the dense ``T_c`` built from its definition with the *global* cumulative
 decay ``G`` in float64 (``exp(G_i − G_j)``, i > j) and inverted by
@@ -9,8 +8,6 @@ forward substitution lands near 3e-8; a wrong block or a wrong decay factor is O
 """
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
@@ -191,47 +188,6 @@ def test_compile_and_export_keep_one_node():
     with FakeTensorMode() as mode:
         out = fn(mode.from_tensor(K), mode.from_tensor(beta32), mode.from_tensor(L))
     assert out.shape == (2, 40, 16) and out.dtype == torch.float64
-
-
-# ---------------------------------------------------------------------------------------------
-# the fused kernel in the interpreter (CPU tensors into the launcher)
-# ---------------------------------------------------------------------------------------------
-
-kernel_only = pytest.mark.skipif(
-    bool(os.environ.get("MATFN_TEST_ON_GPU")), reason="needs TRITON_INTERPRET=1 (CPU tensors)"
-)
-
-
-@kernel_only
-@pytest.mark.parametrize(
-    ("n", "d", "C", "decay", "strength"),
-    [
-        (64, 16, 64, None, 1.0),
-        (100, 24, 64, "row", 1.0),
-        (70, 20, 32, "channel", 1.0),
-        (40, 8, 16, "row", 30.0),
-        (64, 40, 64, "channel", 8.0),
-    ],
-)
-def test_kernel_matches_reference(n, d, C, decay, strength):
-    pytest.importorskip("triton")
-    from matfn.triangular import chunks_kernel
-
-    K, beta, L = make((2,), n, d, decay=decay, strength=strength, seed=6, dtype=torch.float32)
-    for prec_a in ("ieee", "fp64"):
-        Y = chunks_kernel.tri_inv_chunks_triton(
-            K,
-            beta,
-            L,
-            chunk_size=C,
-            num_warps=4,
-            prec_a=prec_a,
-            prec_m="ieee",
-            block_k=16,
-            block_channels=16,
-        )
-        assert Y.shape == (2, n, C)
-        assert rel(Y, oracle(K, beta, L, C)) <= 1e-6
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
