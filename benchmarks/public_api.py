@@ -87,11 +87,11 @@ def record(
     try:
         out = fn()
         torch.cuda.synchronize()
+        if error is not None:  # before the timing: a compiled graph's output is overwritten
+            row["error"] = error(out)
         row["ms"] = bench(fn, rep)
         if host:
             row["host_ms"] = host_ms(fn)
-        if error is not None:
-            row["error"] = error(out)
     except Exception as exc:  # a failing row is reported; the others still run
         row["failed"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
     ROWS.append(row)

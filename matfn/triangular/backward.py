@@ -15,8 +15,9 @@ For ``Y = T⁻¹`` and ``dY``: ``dT = −T⁻ᵀ dY T⁻ᵀ`` by two structured 
 (``W = T⁻ᵀ tril(dY)``, ``dT = −(T⁻¹ Wᵀ)ᵀ``), ``O(n² d)``, then ``dλ = diag(dT)``,
 ``dQ = dL K``, ``dK = dLᵀ Q``.
 
-The backward runs in torch on every device (the chunked solver of
-:mod:`matfn.triangular.reference`); the forward is whatever path the public function took.
+The transposed solves run the forward's solver (:func:`matfn.triangular.paths.solve_flat`:
+the Triton kernel on CUDA float32, the chunked torch form elsewhere), so they cost what a
+forward solve costs; the causal products are a few batched torch products.
 :mod:`matfn.triangular.ops` registers these functions as the backward of the custom ops (once
 differentiable: no double backward).
 """
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import tri_solve_chunked_torch
+from .paths import solve_flat
 
 __all__ = [
     "causal_product",
@@ -68,9 +69,7 @@ def solve_transposed(
     Q: torch.Tensor, K: torch.Tensor, W: torch.Tensor, lam: torch.Tensor, chunk_size: int
 ) -> torch.Tensor:
     """``T⁻ᵀ W`` as ``J · T'⁻¹ (J W)`` with ``T' = JΛJ + tril((JK)(JQ)ᵀ, −1)``."""
-    flipped = tri_solve_chunked_torch(
-        K.flip(1), Q.flip(1), W.flip(1).contiguous(), lam.flip(1), chunk_size
-    )
+    flipped = solve_flat(K.flip(1), Q.flip(1), W.flip(1).contiguous(), lam.flip(1), chunk_size)
     return flipped.flip(1)
 
 
@@ -111,7 +110,7 @@ def tri_inv_backward(
     """
     need_q, need_k, need_lam = needs
     W = solve_transposed(Q, K, torch.tril(dY), lam, chunk_size)  # T⁻ᵀ dY
-    dT = -tri_solve_chunked_torch(Q, K, W.mT.contiguous(), lam, chunk_size).mT  # −W T⁻ᵀ
+    dT = -solve_flat(Q, K, W.mT.contiguous(), lam, chunk_size).mT  # −W T⁻ᵀ
     dlam = torch.diagonal(dT, dim1=-2, dim2=-1) if need_lam else None
     dL = torch.tril(dT, -1)
     dQ = dL @ K if need_q else None

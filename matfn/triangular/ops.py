@@ -37,15 +37,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from matfn._backend import triton_module, use_triton
 from matfn._validation import assert_all_finite
 
 from .backward import tri_inv_backward, tri_solve_backward
-from .config import SOLVE_MAX_D, inv_config, solve_config
+from .paths import inv_flat, solve_flat
 from .reference import (
-    tri_inv_chunked_torch,
     tri_inv_decay_chunked_torch,
-    tri_solve_chunked_torch,
     tri_solve_decay_chunked_torch,
 )
 
@@ -123,22 +120,6 @@ def _prepare(
     return Qf, Kf, Vf, lamf
 
 
-def _inv_flat(Qf, Kf, lamf, chunk_size: int) -> torch.Tensor:
-    """``T⁻¹`` of flattened compute-dtype operands: Triton on CUDA float32, else torch."""
-    if Qf.shape[-1] > 0 and use_triton(Qf) and Qf.dtype == torch.float32:
-        inverse = triton_module("triangular.inverse")
-        return inverse.tri_inv_triton(Qf, Kf, lamf, config=inv_config(chunk_size))
-    return tri_inv_chunked_torch(Qf, Kf, lamf, chunk_size)
-
-
-def _solve_flat(Qf, Kf, Vf, lamf, chunk_size: int) -> torch.Tensor:
-    """``T⁻¹ V`` of flattened compute-dtype operands: Triton on CUDA float32, else torch."""
-    if 0 < Qf.shape[-1] <= SOLVE_MAX_D and use_triton(Qf) and Qf.dtype == torch.float32:
-        solve = triton_module("triangular.solve")
-        return solve.tri_solve_triton(Qf, Kf, Vf, lamf, config=solve_config(chunk_size))
-    return tri_solve_chunked_torch(Qf, Kf, Vf, lamf, chunk_size)
-
-
 def _inv_compute(Q, K, lam, decay, chunk_size: int) -> torch.Tensor:
     """``T⁻¹`` in the result dtype (non-empty operands, no value checks)."""
     dtype = result_dtype(Q, K, lam, decay)
@@ -146,7 +127,7 @@ def _inv_compute(Q, K, lam, decay, chunk_size: int) -> torch.Tensor:
     batch = Q.shape[:-2]
     Qf, Kf, _, lamf = _prepare(Q, K, None, lam, compute_dtype(dtype))
     if decay is None:
-        Y = _inv_flat(Qf, Kf, lamf, chunk_size)
+        Y = inv_flat(Qf, Kf, lamf, chunk_size)
     else:  # torch on every device (the kernels take no decay)
         Lf = _flat_decay(decay, Qf.shape[0], Qf.dtype)
         Y = tri_inv_decay_chunked_torch(Qf, Kf, lamf, Lf, chunk_size)
@@ -158,7 +139,7 @@ def _solve_compute(Q, K, V, lam, decay, chunk_size: int) -> torch.Tensor:
     dtype = result_dtype(Q, K, V, lam, decay)
     Qf, Kf, Vf, lamf = _prepare(Q, K, V, lam, compute_dtype(dtype))
     if decay is None:
-        X = _solve_flat(Qf, Kf, Vf, lamf, chunk_size)
+        X = solve_flat(Qf, Kf, Vf, lamf, chunk_size)
     else:
         Lf = _flat_decay(decay, Qf.shape[0], Qf.dtype)
         X = tri_solve_decay_chunked_torch(Qf, Kf, Vf, lamf, Lf, chunk_size)
@@ -344,7 +325,7 @@ def tri_solve_backward_op(
         return [x.new_zeros(x.shape) for x, need in zip(inputs, needs, strict=True) if need]
     cdt = compute_dtype(result_dtype(Q, K, V, diag))
     Qf, Kf, Vf, lamf = _prepare(Q, K, V, diag, cdt)
-    Xf = X.reshape(Vf.shape) if X.dtype == cdt else _solve_flat(Qf, Kf, Vf, lamf, chunk_size)
+    Xf = X.reshape(Vf.shape) if X.dtype == cdt else solve_flat(Qf, Kf, Vf, lamf, chunk_size)
     dXf = grad.reshape(Xf.shape).to(cdt)
     dQ, dK, dV, dlam = tri_solve_backward(Qf, Kf, lamf, Xf, dXf, chunk_size, (nq, nk, nl))
     grads = _cast_grads((dQ, dK, dV if nv else None, dlam), (Q, K, V, diag))

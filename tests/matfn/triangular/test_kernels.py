@@ -363,7 +363,7 @@ def test_public_api_dispatches_to_kernels(monkeypatch):
 
         return wrapped
 
-    monkeypatch.setattr(tri.ops, "use_triton", lambda *t: True)
+    monkeypatch.setattr(tri.paths, "use_triton", lambda *t: True)
     monkeypatch.setattr(inverse, "tri_inv_triton", spy(inverse.tri_inv_triton))
     monkeypatch.setattr(solve, "tri_solve_triton", spy(solve.tri_solve_triton))
     Q, K, lam, V = make(6, 40, 4, 3, seed=4)
