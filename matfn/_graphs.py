@@ -20,8 +20,10 @@ How it stays correct:
   its result is returned), then captures. At most :data:`MAX_GRAPHS` graphs are kept, least
   recently used dropped; each holds a private memory pool for its intermediates.
 * Inputs whose products exceed :data:`MAX_WORK` multiply-adds run eagerly: they are GPU-bound,
-  and a graph would pin their intermediates for no gain. So do CPU inputs, calls under
-  ``torch.compile`` or inside a capture already under way, and calls that autograd records.
+  and a graph would pin their intermediates for no gain. So do inputs above
+  :data:`MAX_INPUT_BYTES`, whose copies into the graph cost more than the launches saved, CPU
+  inputs, calls under ``torch.compile`` or inside a capture already under way, and calls that
+  autograd records.
 * The result is a fresh tensor (a clone of the static output), never an alias of the cache.
 """
 
@@ -41,6 +43,8 @@ from .kernels import recording
 __all__ = [
     "MAX_GRAPHS",
     "MAX_WORK",
+    "MAX_INPUT_BYTES",
+    "input_bytes",
     "gram_work",
     "graph_applies",
     "ns_graph_applies",
@@ -55,6 +59,10 @@ MAX_GRAPHS = 16
 #: (``NewtonSchulzConfig.min_triton_work = 2³⁴``). Why: above it the kernels outlast their
 #: launches and the copies in and out only add time (docs/benchmarks.md).
 MAX_WORK = 2**34
+#: Largest total input size captured, in bytes. Why: every replay copies the inputs into the
+#: graph's static buffers, and for large, cheap problems the copies outweigh the launches saved
+#: (8192 DeltaNet chunks of 64×128: 536 MB of Q and K, 1.10 ms replayed against 0.66 ms eager).
+MAX_INPUT_BYTES = 2**27
 
 
 @dataclass
@@ -73,6 +81,11 @@ def gram_work(M: torch.Tensor) -> int:
     return M.numel() * min(M.shape[-2:])
 
 
+def input_bytes(*tensors: torch.Tensor) -> int:
+    """Bytes a replay copies into the graph's static inputs."""
+    return sum(T.numel() * T.element_size() for T in tensors)
+
+
 def ns_graph_applies(M: torch.Tensor) -> bool:
     """:func:`graph_applies` for a Newton–Schulz call on ``M`` (msign, mcsgn, mclip)."""
     return graph_applies(M, work=gram_work(M))
@@ -86,6 +99,7 @@ def graph_applies(*tensors: torch.Tensor, work: int) -> bool:
     return (
         all(T.is_cuda for T in tensors)
         and 0 < work <= MAX_WORK
+        and input_bytes(*tensors) <= MAX_INPUT_BYTES
         and not any(T.requires_grad for T in tensors)
         and not torch.compiler.is_compiling()
         and not torch.cuda.is_current_stream_capturing()

@@ -61,6 +61,16 @@ def test_graph_applies_rules():
     assert applies(torch.empty(64, 512, 512, device="cuda"))  # 2³³
     assert not applies(torch.empty(4096, 4096, device="cuda"))  # 2³⁶: GPU-bound
     assert not applies(torch.empty(4, 4))
+    # 8192 DeltaNet chunks: 2³² multiply-adds but 2 × 268 MB to copy in per replay
+    Kc = torch.empty(8192, 64, 128, device="cuda")
+    assert not _graphs.graph_applies(Kc, Kc, work=8192 * 64 * 64 * 128)
+
+
+def test_input_bytes_bound():
+    # the size rule alone, on CPU tensors (the rule's other conditions need CUDA)
+    assert _graphs.input_bytes(torch.empty(2, 3), torch.empty(4, dtype=torch.float64)) == 56
+    big = torch.empty(_graphs.MAX_INPUT_BYTES // 4 + 1, device="meta")
+    assert _graphs.input_bytes(big) > _graphs.MAX_INPUT_BYTES
 
 
 @gpu
