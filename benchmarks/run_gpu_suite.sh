@@ -24,6 +24,8 @@ run() {  # run NAME SECONDS CMD...: log to $OUT/NAME.log, keep the tail visible
 if [ -f benchmarks/headline.py ]; then  # the headline cases of docs/benchmarks.md, one line each
   run headline 300 python3 benchmarks/headline.py
 fi
+run public_api 420 python3 benchmarks/public_api.py --rep 60 --json "$OUT/public_api.json"
+run chunk_inverse 120 python3 benchmarks/gpu_chunk_inverse.py
 run profile 100 python3 benchmarks/gpu_profile.py
 run muon 90 python3 benchmarks/gpu_muon.py --json "$OUT/muon.json"
 run max_logit 75 python3 benchmarks/gpu_max_logit.py
