@@ -14,7 +14,7 @@ the host never waits for the GPU (the floor an eager call cannot go below howeve
 kernels). ``compiled`` wraps the public call in ``torch.compile`` (``mode="reduce-overhead"``
 replays CUDA graphs).
 
-    python3 benchmarks/public_api.py [--rep 200] [--only msign] [--json out.json]
+    python3 benchmarks/public_api.py [--rep 200] [--only msign] [--cases 64×512²] [--json out.json]
 """
 
 from __future__ import annotations
@@ -164,9 +164,11 @@ def peers() -> dict[str, Callable[[torch.Tensor], object] | str]:
     return out
 
 
-def section_msign(rep: int) -> None:
+def section_msign(rep: int, cases: list[str] | None = None) -> None:
     others = peers()
     for case, shape in MSIGN_CASES.items():
+        if cases and case not in cases:
+            continue
         M = torch.randn(shape, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(1))
         err = (lambda O, M=M: msign_error(M, O)) if M.numel() <= 2**24 else None
         record("msign", case, "matfn eager", lambda M=M: matfn.msign(M), rep, host=True, error=err)
@@ -394,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rep", type=int, default=200, help="do_bench repetition time, ms")
     ap.add_argument("--only", choices=["msign", "tri", "muon"], action="append")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument(
+        "--cases", nargs="+", choices=list(MSIGN_CASES), help="msign cases (default: all)"
+    )
     args = ap.parse_args(argv)
     import triton
 
@@ -404,7 +409,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(env)
     print("| case | impl | ms | host ms | error | note |\n|---|---|---|---|---|---|")
-    sections = {"msign": section_msign, "tri": section_triangular, "muon": section_muon}
+    sections = {
+        "msign": lambda rep: section_msign(rep, args.cases),
+        "tri": section_triangular,
+        "muon": section_muon,
+    }
     for name, section in sections.items():
         if not args.only or name in args.only:
             section(args.rep)
