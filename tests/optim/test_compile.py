@@ -337,6 +337,7 @@ STEP_CASES = {
     ),
     "mclip-match-rms": dict(update="mclip", mclip_scale=0.5, adjust_lr_fn="match_rms_adamw"),
     "tensor-lr-table": dict(ns_coefficients=[(3.0, -3.2, 1.2), (2.0, -1.5, 0.5)]),
+    "gram": dict(ns_algorithm="gram"),  # the path CUDA takes for 768×3072 buckets
 }
 
 
