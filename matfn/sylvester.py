@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ._autocast import no_autocast
+from ._newton import NEWTON_MAX_STEPS, NewtonProgress, newton_inverse, relative_change
 from ._validation import (
     assert_all_finite,
     check_matrix,
@@ -21,14 +22,7 @@ from ._validation import (
     float_result_dtype,
 )
 from .coefficients import CONVERGENT_QUINTIC, Coefficients, auto_schedule
-from .mcsgn import (
-    NEWTON_MAX_STEPS,
-    MatrixSignConvergenceError,
-    NewtonProgress,
-    is_meta,
-    newton_inverse,
-    relative_change,
-)
+from .mcsgn import MatrixSignConvergenceError, is_meta
 from .msign import AUTO_MAX_POLISH, AUTO_TARGETS, AUTO_TOL
 
 __all__ = ["SylvesterSolveError", "solve_sylvester"]
