@@ -30,7 +30,16 @@ from .coefficients import (
     scalar_map,
     schedule,
 )
-from .msign import AUTO_TARGETS, AUTO_TOL, Method, Steps, check_options
+from .msign import (
+    AUTO_TARGETS,
+    AUTO_TOL,
+    Method,
+    Steps,
+    check_options,
+    from_op,
+    op_method,
+    op_steps,
+)
 from .msign.path import sign_step
 from .msign.reference import polish_until_converged, sign_step_torch
 
@@ -318,10 +327,6 @@ def is_meta(x: object) -> bool:
     return isinstance(x, torch.Tensor) and x.is_meta
 
 
-#: The ``method`` string of the ``matfn::mcsgn`` op for a per-step table (passed flat).
-TABLE_METHOD = "table"
-
-
 @torch.library.custom_op("matfn::mcsgn", mutates_args=())
 def mcsgn_op(
     M: torch.Tensor,
@@ -337,10 +342,9 @@ def mcsgn_op(
 ) -> torch.Tensor:
     """The compute path of :func:`mcsgn` as one opaque op (``torch.ops.matfn.mcsgn``).
 
-    Arguments are :func:`mcsgn`'s after validation: ``method`` a method name, or
-    :data:`TABLE_METHOD` with the per-step table flattened row by row into ``table``
-    (``[a₁, b₁, c₁, a₂, …]``; empty otherwise); ``auto`` True for ``steps="auto"`` (then
-    ``steps`` is None), else ``steps`` is the int or None; ``compute_dtype`` resolved.
+    Arguments are :func:`mcsgn`'s after validation, ``method``/``table`` and ``steps``/``auto``
+    encoded as for ``torch.ops.matfn.msign`` (:func:`matfn.msign.op_method`,
+    :func:`matfn.msign.op_steps`); ``compute_dtype`` resolved.
     Everything that reads values runs here: the finiteness check, the symmetry test that picks
     the path, the Newton iteration and the polishing to a tolerance, the convergence checks and
     their :class:`MatrixSignConvergenceError` (raised unchanged to the caller). Needs a
@@ -348,28 +352,13 @@ def mcsgn_op(
     """
     if check_finite:
         assert_finite(M, "M")
-    chosen: str | Table = method
-    if method == TABLE_METHOD:
-        chosen = tuple(tuple(table[i : i + 3]) for i in range(0, len(table), 3))
-    out = _mcsgn_compute(
-        M, chosen, "auto" if auto else steps, eps, compute_dtype, check_convergence, cuda_graph
-    )
+    chosen, steps_ = from_op(method, table, steps, auto)
+    out = _mcsgn_compute(M, chosen, steps_, eps, compute_dtype, check_convergence, cuda_graph)
     return out.contiguous()
 
 
 @mcsgn_op.register_fake
-def _mcsgn_fake(
-    M: torch.Tensor,
-    method: str,
-    table: list[float],
-    steps: int | None,
-    auto: bool,
-    eps: float,
-    compute_dtype: torch.dtype,
-    check_finite: bool,
-    check_convergence: bool,
-    cuda_graph: bool,
-) -> torch.Tensor:
+def _mcsgn_fake(M: torch.Tensor, *options) -> torch.Tensor:
     return M.new_empty(M.shape)
 
 
@@ -616,17 +605,12 @@ def mcsgn(
             raise ValueError(f"steps='auto' uses the Polar-Express schedule; got method={method!r}")
     elif compute_dtype is None:
         compute_dtype = torch.float64
-    auto = steps == "auto"
-    if isinstance(method, tuple):
-        name, table = TABLE_METHOD, [float(v) for row in method for v in row]
-    else:
-        name, table = method, []
+    name, table = op_method(method)
     return torch.ops.matfn.mcsgn(
         M,
         name,
         table,
-        None if auto else steps,
-        auto,
+        *op_steps(steps),
         float(eps),
         compute_dtype,
         bool(check_finite),

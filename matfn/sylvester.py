@@ -504,14 +504,7 @@ def solve_sylvester_op(
 
 
 @solve_sylvester_op.register_fake
-def _solve_sylvester_fake(
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    compute_dtype: torch.dtype,
-    refine: int | None,
-    check_finite: bool,
-) -> torch.Tensor:
+def _solve_sylvester_fake(A, B, C: torch.Tensor, *options) -> torch.Tensor:
     return C.new_empty(C.shape, dtype=torch.float64)
 
 

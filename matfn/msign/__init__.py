@@ -101,6 +101,7 @@ __all__ = [
     "in_result_layout",
     "msign_op",
     "op_method",
+    "TABLE_METHOD",
     "op_steps",
     "result_like",
     "rescale_if_needed",
@@ -427,6 +428,11 @@ def msign(
     )
 
 
+#: The ``method`` string of the msign-family ops (msign, mclip, mcsgn) for a per-step table,
+#: whose rows travel flattened in their ``table`` argument.
+TABLE_METHOD = "table"
+
+
 def op_method(method: str | Table) -> tuple[str, list[float]]:
     """``(name, table)`` for a custom op's schema.
 
@@ -435,7 +441,7 @@ def op_method(method: str | Table) -> tuple[str, list[float]]:
     """
     if isinstance(method, str):
         return method, []
-    return "table", [v for row in method for v in row]
+    return TABLE_METHOD, [v for row in method for v in row]
 
 
 def op_steps(steps: Steps) -> tuple[int | None, bool]:
@@ -447,7 +453,7 @@ def op_steps(steps: Steps) -> tuple[int | None, bool]:
 
 def from_op(method: str, table: Sequence[float], steps: int | None, auto_steps: bool):
     """The inverse of :func:`op_method` and :func:`op_steps`: ``(method, steps)``."""
-    if method == "table":
+    if method == TABLE_METHOD:
         method = tuple(tuple(table[i : i + 3]) for i in range(0, len(table), 3))  # type: ignore[assignment]
     return method, ("auto" if auto_steps else steps)
 

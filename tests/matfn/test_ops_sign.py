@@ -18,7 +18,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import matfn
-from matfn.mcsgn import TABLE_METHOD, _mcsgn_compute
+from matfn.mcsgn import _mcsgn_compute
+from matfn.msign import TABLE_METHOD
 
 ON_GPU = bool(os.environ.get("MATFN_TEST_ON_GPU")) and torch.cuda.is_available()
 gpu = pytest.mark.skipif(not ON_GPU, reason="needs a GPU (MATFN_TEST_ON_GPU=1)")
