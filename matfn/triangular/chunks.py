@@ -26,6 +26,8 @@ import torch
 from matfn._autocast import no_autocast
 from matfn._validation import assert_all_finite, check_matrix, check_same_device
 
+from .reference import decay_factors
+
 __all__ = ["tri_inv_chunks", "tri_inv_chunks_torch"]
 
 
@@ -65,16 +67,15 @@ def tri_inv_chunks_torch(
     edt = torch.float32 if K.device.type == "mps" else torch.float64  # MPS has no float64
     Kc = torch.nn.functional.pad(K.to(edt), (0, 0, 0, pad)).reshape(B * NC, C, d)
     bc = torch.nn.functional.pad(beta, (0, pad)).reshape(B * NC, C, 1)
-    below = torch.ones(C, C, dtype=torch.bool, device=K.device).tril(-1)
     if log_decay is None:
+        below = torch.ones(C, C, dtype=torch.bool, device=K.device).tril(-1)
         A = (Kc @ Kc.mT) * below
     else:
         g = log_decay.shape[-1]
         R = torch.nn.functional.pad(log_decay.to(edt), (0, 0, 0, pad))
         R = R.reshape(B * NC, C, g).cumsum(1)
         if g == 1:
-            D = torch.where(below, R[:, :, None, 0] - R[:, None, :, 0], -torch.inf)
-            A = (Kc @ Kc.mT) * D.to(dt).exp().to(edt)
+            A = (Kc @ Kc.mT) * decay_factors(R, dt).to(edt)
         else:
             step = max(1, 2**24 // (C * C * d))  # chunks per slice of the C×C×d tile
             A = torch.cat(
@@ -83,14 +84,7 @@ def tri_inv_chunks_torch(
                         "nic,njc,nijc->nij",
                         Kc[s : s + step],
                         Kc[s : s + step],
-                        torch.where(
-                            below[..., None],
-                            R[s : s + step, :, None] - R[s : s + step, None],
-                            -torch.inf,
-                        )
-                        .to(dt)
-                        .exp()
-                        .to(edt),
+                        decay_factors(R[s : s + step], dt).to(edt),
                     )
                     for s in range(0, B * NC, step)
                 ]

@@ -149,6 +149,23 @@ def _chunk_rows(x: torch.Tensor, NC: int, C: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, 0, 0, NC * C - n)).reshape(B, NC, C, m)
 
 
+def decay_factors(R: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``exp(R_i − R_j)`` for ``i > j`` inside each chunk, 0 on and above the diagonal.
+
+    ``R`` ``(..., C, g)``: the in-chunk cumulative log-decays (``g = 1``: one per row, giving
+    ``(..., C, C)``; ``g = d``: per channel, giving ``(..., C, C, d)``). The exponents are formed
+    in ``R``'s dtype (float64: differences of large sums) and rounded to ``dtype`` before
+    ``exp``; for ``ℓ ≤ 0`` they are ``≤ 0`` below the diagonal, and ``−∞`` above it.
+    """
+    C = R.shape[-2]
+    below = torch.ones(C, C, dtype=torch.bool, device=R.device).tril(-1)
+    if R.shape[-1] == 1:
+        D = R[..., :, None, 0] - R[..., None, :, 0]
+        return torch.where(below, D, -torch.inf).to(dtype).exp()
+    D = R[..., :, None, :] - R[..., None, :, :]
+    return torch.where(below[..., None], D, -torch.inf).to(dtype).exp()
+
+
 def tri_solve_decay_chunked_torch(
     Q: torch.Tensor,
     K: torch.Tensor,
@@ -186,14 +203,10 @@ def tri_solve_decay_chunked_torch(
     Qt = Qc * R.to(dt).exp()
     Kt = Kc * (last - R).to(dt).exp()
     step = last.squeeze(2).to(dt).exp()  # (B, NC, g): the state's decay across a chunk
-    below = torch.ones(C, C, dtype=torch.bool, device=Q.device).tril(-1)
+    E = decay_factors(R, dt)  # (B, NC, C, C) or (B, NC, C, C, d)
     if log_decay.shape[-1] == 1:
-        D = R[..., :, None, 0] - R[..., None, :, 0]  # (B, NC, C, C)
-        E = torch.where(below, D, -torch.inf).to(dt).exp()
         A = (Qc @ Kc.mT) * E
     else:
-        D = R[..., :, None, :] - R[..., None, :, :]  # (B, NC, C, C, d)
-        E = torch.where(below[..., None], D, -torch.inf).to(dt).exp()
         A = torch.einsum("bnic,bnjc,bnijc->bnij", Qc, Kc, E)
     Tcc = torch.diag_embed(lc) + A
     Uc = torch.linalg.solve_triangular(Tcc, Vc, upper=False)
