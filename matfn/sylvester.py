@@ -416,18 +416,17 @@ def _solve_newton(
     newton = _NewtonSylvester(A64.to(compute_dtype), B64.to(compute_dtype))
     K = C64.shape[0]
     cause = ""
-    left = next(
-        (name for name, block in (("A", newton.A), ("B", newton.B))
-         if newton.converged and not newton.singular and _left_half_plane(block.to(torch.float64))),
-        None,
-    )  # fmt: skip
+    left = None  # the block whose Newton iteration settled in the left half-plane
     if newton.singular or not newton.converged:
         what = "was numerically singular" if newton.singular else "did not converge"
         cause = (
             f"the Newton sign iteration of A and B {what} (A or B has eigenvalues on or too "
             "near the imaginary axis, or is too ill-conditioned for the compute dtype)"
         )
-    elif left is not None:
+    else:
+        blocks = (("A", newton.A), ("B", newton.B))
+        left = next((n for n, b in blocks if _left_half_plane(b.to(torch.float64))), None)
+    if left is not None:
         # Outside the sign route (which would solve another equation); a solvable equation is
         # still solved by the fallback, as scipy does. A singular A or B lands here or above
         # depending on rounding, so both must reach the fallback.
