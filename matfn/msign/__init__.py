@@ -108,7 +108,6 @@ __all__ = [
     "PURIFYING_QUINTIC",
     "run_newton_schulz",
     "sign_step_torch",
-    "wants_derivative",
 ]
 
 #: A schedule's name, ``"svd"`` (exact), or a per-step table ``[(a, b, c), …]``.
@@ -137,17 +136,6 @@ def register_autograd(function: type[torch.autograd.Function]) -> None:
     """
     global _autograd
     _autograd = function
-
-
-def wants_derivative(M: torch.Tensor) -> bool:
-    """Whether autograd tracks ``msign(M)``, in reverse or forward mode.
-
-    Reverse mode (grad mode and ``M.requires_grad``) runs through the custom op's autograd,
-    forward mode (:func:`has_tangent`) through the registered Function.
-    """
-    if torch.is_grad_enabled() and M.requires_grad:
-        return True
-    return has_tangent(M)
 
 
 def default_compute_dtype(M: torch.Tensor) -> torch.dtype:
