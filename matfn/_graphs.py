@@ -24,7 +24,9 @@ How it stays correct:
   :data:`MAX_INPUT_BYTES`, whose copies into the graph cost more than the launches saved, CPU
   inputs, calls under ``torch.compile`` or inside a capture already under way, and calls that
   autograd records.
-* The result is a fresh tensor (a clone of the static output), never an alias of the cache.
+* The result is a fresh tensor (a clone of the static output), never an alias of the cache; a
+  call may also return a tuple of tensors (a result and a device-side check flag, read by the
+  caller after the replay has been issued).
 """
 
 from __future__ import annotations
@@ -55,21 +57,25 @@ __all__ = [
 #: Most captured graphs kept (per process; least recently used dropped).
 MAX_GRAPHS = 16
 #: Largest problem captured, in multiply-adds of its largest product (for Newton–Schulz one
-#: ``X Xᵀ``, ``batch · s² · L`` for sides ``s ≤ L``): the launch-bound range of the path choice
-#: (``NewtonSchulzConfig.min_triton_work = 2³⁴``). Why: above it the kernels outlast their
-#: launches and the copies in and out only add time (docs/benchmarks.md).
-MAX_WORK = 2**34
+#: ``X Xᵀ``, ``batch · s² · L`` for sides ``s ≤ L``). Why: up to here an eager call still costs
+#: more host time than GPU time (48 × 768², 2.2·10¹⁰: 1.5 ms of GPU work, 1.9 ms of host time
+#: for its TMA launches on an H100); above it the kernels outlast their launches and the copies
+#: in and out only add time (docs/benchmarks.md).
+MAX_WORK = 2**35
 #: Largest total input size captured, in bytes. Why: every replay copies the inputs into the
 #: graph's static buffers, and for large, cheap problems the copies outweigh the launches saved
 #: (8192 DeltaNet chunks of 64×128: 536 MB of Q and K, 1.10 ms replayed against 0.66 ms eager).
 MAX_INPUT_BYTES = 2**27
 
 
+Result = torch.Tensor | tuple[torch.Tensor, ...]
+
+
 @dataclass
 class _Entry:
     graph: torch.cuda.CUDAGraph
     static_in: tuple[torch.Tensor, ...]
-    static_out: torch.Tensor
+    static_out: Result
 
 
 _ENTRIES: OrderedDict[Hashable, _Entry] = OrderedDict()
@@ -119,14 +125,15 @@ def _key(call: functools.partial, tensors: tuple[torch.Tensor, ...]) -> tuple:
     return (bound, geometry, stream, _backend.graph_key())
 
 
-def replay_or_capture(call: functools.partial, *tensors: torch.Tensor) -> torch.Tensor:
+def replay_or_capture(call: functools.partial, *tensors: torch.Tensor) -> Result:
     """``call(*tensors)``, replayed from the graph captured for this key.
 
     The key is ``call``'s function and bound arguments (which must be hashable) and the tensors'
     geometry, so what the graph computes cannot drift from what the key says; the first call
     with a key runs ``call`` eagerly, then captures it. ``call`` must be a pure function of the
     tensors' values (no host syncs, no data-dependent control flow): the captured kernels are
-    replayed on new values.
+    replayed on new values. It returns a tensor or a tuple of tensors, and so does this (fresh
+    clones of the graph's outputs).
     """
     key = _key(call, tensors)
     with _LOCK:
@@ -138,10 +145,12 @@ def replay_or_capture(call: functools.partial, *tensors: torch.Tensor) -> torch.
     for static, T in zip(entry.static_in, tensors, strict=True):
         static.copy_(T)
     entry.graph.replay()
+    if isinstance(entry.static_out, tuple):
+        return tuple(out.clone() for out in entry.static_out)
     return entry.static_out.clone()
 
 
-def _capture(key: Hashable, fn: Callable[..., torch.Tensor], tensors: tuple[torch.Tensor, ...]):
+def _capture(key: Hashable, fn: Callable[..., Result], tensors: tuple[torch.Tensor, ...]):
     stream = torch.cuda.current_stream(tensors[0].device)
     static_in = tuple(torch.empty_like(T).copy_(T) for T in tensors)
     side = torch.cuda.Stream(device=tensors[0].device)
@@ -152,7 +161,8 @@ def _capture(key: Hashable, fn: Callable[..., torch.Tensor], tensors: tuple[torc
         with torch.cuda.stream(side):
             result = fn(*static_in)
         stream.wait_stream(side)
-        result.record_stream(stream)
+        for out in result if isinstance(result, tuple) else (result,):
+            out.record_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
             static_out = fn(*static_in)

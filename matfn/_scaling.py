@@ -11,8 +11,9 @@ under powers of two (no under/overflow), a function computed on ``2^{-e} M`` and
 * :func:`exponents` — per matrix ``e`` with ``max|M_b| = m·2^e``, ``m ∈ [½, 1)`` (0 for zero or
   non-finite matrices), one max-abs reduction;
 * :func:`scale_pow2` — ``M_b·2^{k_b}``, exact (two multiplies, so the factors stay in range);
-* :func:`norms_in_range` — whether the plain norms of a batch are trustworthy and above a floor
-  (one norm pass and one host sync; callers rescale only when not).
+* :func:`in_range` — whether the plain norms of a batch are trustworthy and above a floor, as a
+  device flag (one norm pass, no sync); :func:`norms_in_range` reads it on the host (callers
+  rescale only when not).
 
 Imports only torch and :mod:`matfn._validation`.
 """
@@ -25,7 +26,14 @@ import torch
 
 from ._validation import assert_finite
 
-__all__ = ["accumulate_dtype", "exponents", "norm_range", "norms_in_range", "scale_pow2"]
+__all__ = [
+    "accumulate_dtype",
+    "exponents",
+    "in_range",
+    "norm_range",
+    "norms_in_range",
+    "scale_pow2",
+]
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -72,21 +80,28 @@ def scale_pow2(M: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return M * f1 * f2
 
 
-def norms_in_range(M: torch.Tensor, floor: float, *, check_finite: bool, name: str = "M") -> bool:
-    """Whether every matrix of ``M`` has a Frobenius norm in range and ``≥ floor`` (one sync).
+def in_range(M: torch.Tensor, floor: float) -> torch.Tensor:
+    """A 0-dim bool tensor: every matrix of ``M`` has a Frobenius norm in range and ``≥ floor``.
 
     In range: within :func:`norm_range` of the accumulate dtype (so the plain norm is correct to
-    rounding). With ``check_finite`` a failure also checks ``M`` for NaN/Inf and raises
-    ``ValueError`` naming ``name``: the norms are NaN/Inf exactly when M has NaN/Inf or they
-    overflow, so this one pass replaces the finiteness check's pass in the common case.
+    rounding). False for NaN/Inf entries (their norms are NaN/Inf). No host sync: a caller may
+    launch the work that assumes the answer and read it afterwards.
     """
     acc = accumulate_dtype(M.dtype)
     lo, hi = norm_range(acc)
     norms = torch.linalg.matrix_norm(M.detach(), dtype=acc)
-    # min and max in one launch and one transfer (as many launches as the finiteness check's
-    # isfinite/all/stack, and one read of M instead of two passes); NaN fails both comparisons
-    smallest, largest = torch.stack(torch.aminmax(norms.reshape(-1))).tolist()
-    ok = max(lo, floor) <= smallest and largest <= hi
+    smallest, largest = torch.aminmax(norms.reshape(-1))  # NaN fails both comparisons
+    return (smallest >= max(lo, floor)) & (largest <= hi)
+
+
+def norms_in_range(M: torch.Tensor, floor: float, *, check_finite: bool, name: str = "M") -> bool:
+    """:func:`in_range`, read on the host (one sync).
+
+    With ``check_finite`` a failure also checks ``M`` for NaN/Inf and raises ``ValueError``
+    naming ``name``: the norms are NaN/Inf exactly when M has NaN/Inf or they overflow, so this
+    one pass replaces the finiteness check's pass in the common case.
+    """
+    ok = bool(in_range(M, floor))
     if not ok and check_finite:
         assert_finite(M, name)
     return ok

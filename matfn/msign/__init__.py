@@ -309,7 +309,10 @@ def msign(
         CUDA bf16 batches with a short side below 2048 iterate in fp16 (same speed, 3× smaller
         error; :func:`matfn.msign.path.iteration_dtype`), the Gram path always does.
     check_finite : bool
-        Raise on NaN/Inf (one host sync). The optimizer passes ``False``; NaN then propagates.
+        Raise on NaN/Inf (one host sync). On CUDA with fixed steps the test runs on the GPU
+        beside the iteration and is read once all kernels are issued, so it costs the wait for
+        the result, not a stall before the launches. The optimizer passes ``False``; NaN then
+        propagates.
     cuda_graph : bool
         Replay the call from a CUDA graph captured for this input geometry and these options,
         a table's values included (:mod:`matfn._graphs`). On by default: small CUDA inputs are
@@ -319,10 +322,10 @@ def msign(
         dropped; each holds its intermediates in a private memory pool); later calls issue three
         operations (copy in, replay, copy out), and every call, the first included, runs the
         same kernels, so repeated calls give identical results. Not used (eager) on CPU, for
-        GPU-bound inputs (above 2³⁴ multiply-adds per product, e.g. 4096²), ``steps="auto"``
+        GPU-bound inputs (above 2³⁵ multiply-adds per product, e.g. 4096²), ``steps="auto"``
         (host syncs), ``method="svd"``, under autograd, under ``torch.compile`` and inside a
         CUDA graph capture already under way. ``False``: always eager (no cached graphs).
-        Combine with ``check_finite=False`` to avoid the host sync of the check.
+        The replay includes ``check_finite``'s test; its result is read after the replay.
 
     Returns
     -------
@@ -351,9 +354,10 @@ def msign(
     The computation is the custom op ``torch.ops.matfn.msign``; this function validates the
     options in plain Python and calls it, so ``torch.compile(fullgraph=True)``, FakeTensor and
     ``torch.export`` see one node (the checks, the rescale and ``steps="auto"`` run inside it;
-    the Triton kernels too, on CUDA). Host syncs: one for ``check_finite=True``; one per
-    polishing step of ``steps="auto"``; none on CUDA with ``check_finite=False`` and fixed
-    steps, so such a call can be captured in the caller's CUDA graph.
+    the Triton kernels too, on CUDA). Host syncs: one for ``check_finite=True`` (after the
+    launches on CUDA); one per polishing step of ``steps="auto"``; none on CUDA with
+    ``check_finite=False`` and fixed steps, so such a call can be captured in the caller's CUDA
+    graph.
 
     The iteration (docs/math.md §1.2): transpose to the wide orientation (``s = min(n, m)`` rows),
     ``X₀ = M / (sf ‖M‖_F)`` with ``sf = 1.01`` for Polar Express, 1.02 for its modded-nanogpt
@@ -562,21 +566,54 @@ def _msign_eager(
     check_finite: bool,
     graph: bool = False,
 ) -> torch.Tensor:
-    """msign of validated options: the rescale, then :func:`_msign`.
+    """msign of validated options: the check and rescale, then :func:`_msign`.
 
-    With ``graph``, ``_msign`` is replayed from a CUDA graph; the rescale's check runs before it.
+    On CUDA with ``check_finite`` and a fixed schedule the check does not hold up the launches
+    (:func:`_check_deferred`): the iteration runs on M as it is, beside the device-side test of
+    its norms (:func:`matfn._scaling.in_range`), and the host reads the verdict once, after
+    issuing every kernel. A failed test (NaN/Inf, or a norm out of range, rare) discards that
+    result and takes the rescue: :func:`rescale_if_needed` raises or rescales, and the call runs
+    again. With ``graph``, ``_msign`` (with the test) is replayed from a CUDA graph.
     """
     if M.numel() == 0:
         return torch.empty_like(M)
-    M = rescale_if_needed(M, eps, check_finite=check_finite)
     compute_dtype = compute_dtype or default_compute_dtype(M)
-    call = functools.partial(
-        _msign, method=method, steps=steps, algorithm=algorithm, eps=eps,
-        compute_dtype=compute_dtype,
-    )  # fmt: skip
+    options = {
+        "method": method, "steps": steps, "algorithm": algorithm, "eps": eps,
+        "compute_dtype": compute_dtype,
+    }  # fmt: skip
+    if check_finite and _check_deferred(M, method, steps):
+        checked = functools.partial(_msign_checked, **options)
+        out, ok = _graphs.replay_or_capture(checked, M) if graph else checked(M)
+        if ok.item():  # the call's one host sync, after its launches
+            return out
+    M = rescale_if_needed(M, eps, check_finite=check_finite)
+    call = functools.partial(_msign, **options)
     if graph:
         return _graphs.replay_or_capture(call, M)
     return call(M)
+
+
+def _check_deferred(M: torch.Tensor, method: str | Table, steps: Steps) -> bool:
+    """Whether msign's check may be read after the launches (see :func:`_msign_eager`).
+
+    CUDA, a fixed schedule (``steps="auto"`` and the SVD read values themselves), and not under
+    ``torch.compile`` or inside a CUDA graph capture, where no value can be read.
+    """
+    return (
+        M.is_cuda
+        and steps != "auto"
+        and not (isinstance(method, str) and method == "svd")
+        and not recording()
+        and not torch.compiler.is_compiling()
+        and not torch.cuda.is_current_stream_capturing()
+    )
+
+
+def _msign_checked(M: torch.Tensor, **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(_msign(M), ok)`` with ``ok`` the device flag of :func:`matfn._scaling.in_range`."""
+    ok = _scaling.in_range(M, options["eps"])
+    return _msign(M, **options), ok
 
 
 def rescale_if_needed(M: torch.Tensor, floor: float, *, check_finite: bool) -> torch.Tensor:

@@ -37,7 +37,7 @@ from matfn._autocast import no_autocast
 from matfn._validation import check_matrix, check_same_device, non_finite_error
 
 from .chunks import tri_inv_chunks
-from .ops import SingularTriangularError, check_values, result_dtype
+from .ops import SingularTriangularError, check_values, result_dtype, values_ok
 from .reference import DEFAULT_CHUNK
 
 __all__ = ["tri_inv", "tri_solve", "tri_inv_chunks", "SingularTriangularError"]
@@ -208,18 +208,20 @@ def tri_inv(
         (:func:`matfn.triangular.config.inv_config`).
     check_finite : bool
         Raise on NaN/Inf in the inputs and on a zero in a tensor ``diag``: one host sync for
-        all of them, the only one of the call. With ``check_finite=False`` no value is read
-        on the host (a tensor ``diag`` included), so the call can be captured in a CUDA graph
-        and compiled without a sync.
+        all of them, the only one of the call. A graph-replayed call (``cuda_graph``) runs the
+        test inside the graph and reads it after the replay is issued, so the sync waits for
+        the result instead of holding up the launch. With ``check_finite=False`` no value is
+        read on the host (a tensor ``diag`` included), so the call can be captured in a CUDA
+        graph and compiled without a sync.
     cuda_graph : bool
         Replay the kernels from a CUDA graph captured for this input geometry
         (:mod:`matfn._graphs`; on by default): eager CUDA calls are bound by the host issuing
         about 8 Triton launches, several times the GPU work at n = 4096, d = 128
         (docs/benchmarks.md). The first call per geometry runs eagerly and captures (at most 16
-        graphs are kept, each with a private memory pool); ``False``: always eager. The input
-        checks still run eagerly, before the replay (one host sync with ``check_finite=True``).
-        Ignored on CPU, under autograd, with ``log_decay``, under ``torch.compile`` and inside a
-        capture already under way.
+        graphs are kept, each with a private memory pool); ``False``: always eager. With
+        ``check_finite=True`` the input test is part of the replay and read after it.
+        Under autograd the backward is replayed too. Ignored on CPU, with ``log_decay``, under
+        ``torch.compile`` and inside a capture already under way.
 
     Returns
     -------
@@ -298,17 +300,48 @@ def tri_inv(
     if n == 0 or math.prod(batch) == 0:
         return Q.new_zeros((*batch, n, n), dtype=result_dtype(Q, K, lam, decay))
     work = math.prod(batch) * n * n * d
-    if cuda_graph and decay is None and _graphs.graph_applies(Q, K, lam, work=work):
-        if check_finite:  # eagerly, before the replay (a graph cannot raise)
-            check_values(Q, K, None, lam, None)
-        call = functools.partial(_tri_inv, chunk_size=chunk_size)
-        return _graphs.replay_or_capture(call, Q, K, lam)
+    if cuda_graph and decay is None and _graphs.graph_applies(*_detached(Q, K, lam), work=work):
+        if _records_grad(Q, K, lam):
+            return _ReplayedInv.apply(Q, K, lam, chunk_size, check_finite)
+        return _replayed_inv(Q, K, lam, chunk_size, check_finite)
     return torch.ops.matfn.tri_inv(Q, K, lam, decay, chunk_size, check_finite)
 
 
-def _tri_inv(Q, K, lam, *, chunk_size: int) -> torch.Tensor:
-    """The op on validated, checked, non-empty inputs (what a CUDA graph captures)."""
-    return torch.ops.matfn.tri_inv(Q, K, lam, None, chunk_size, False)
+def _detached(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(x.detach() for x in tensors)
+
+
+def _records_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+
+
+def _replayed_inv(Q, K, lam, chunk_size: int, check_finite: bool) -> torch.Tensor:
+    """:func:`tri_inv` replayed from a CUDA graph, with ``check_finite``'s test inside it."""
+    call = functools.partial(_tri_inv, checked=check_finite, chunk_size=chunk_size)
+    if not check_finite:
+        return _graphs.replay_or_capture(call, *_detached(Q, K, lam))
+    Y, ok = _graphs.replay_or_capture(call, *_detached(Q, K, lam))
+    return _checked(ok, Y, Q, K, None, lam)
+
+
+def _tri_inv(Q, K, lam, *, chunk_size: int, checked: bool = False):
+    """The op on validated, non-empty inputs (what a CUDA graph captures).
+
+    ``checked``: also return :func:`~matfn.triangular.ops.values_ok`'s device flag.
+    """
+    Y = torch.ops.matfn.tri_inv(Q, K, lam, None, chunk_size, False)
+    return (Y, values_ok(Q, K, None, lam)) if checked else Y
+
+
+def _checked(ok: torch.Tensor, out: torch.Tensor, Q, K, V, lam) -> torch.Tensor:
+    """``out``, once the replayed check ``ok`` passed; else the error of :func:`check_values`.
+
+    The flag is read after the replay is issued: the call's one host sync waits for the result
+    instead of holding up the launch.
+    """
+    if not ok.item():
+        check_values(Q, K, V, lam, None)
+    return out
 
 
 @no_autocast
@@ -347,8 +380,9 @@ def tri_solve(
         only one of the call); ``False`` reads no value on the host, as in :func:`tri_inv`.
     cuda_graph : bool
         As in :func:`tri_inv`; under capture, small batches (``B·n ≤ 1024``) take the tree
-        solve, which has no sequential chain. Ignored under autograd, with ``log_decay``, under
-        ``torch.compile`` and inside a capture already under way.
+        solve, which has no sequential chain. Under autograd the backward is replayed too.
+        Ignored with ``log_decay``, under ``torch.compile`` and inside a capture already under
+        way.
 
     Returns
     -------
@@ -413,14 +447,67 @@ def tri_solve(
     if n == 0 or e == 0 or math.prod(batch) == 0:
         return V.new_zeros((*batch, n, e), dtype=result_dtype(Q, K, V, lam, decay))
     work = math.prod(batch) * n * d * (d + e)
-    if cuda_graph and decay is None and _graphs.graph_applies(Q, K, V, lam, work=work):
-        if check_finite:  # eagerly, before the replay (a graph cannot raise)
-            check_values(Q, K, V, lam, None)
-        call = functools.partial(_tri_solve, chunk_size=chunk_size)
-        return _graphs.replay_or_capture(call, Q, K, V, lam)
+    if cuda_graph and decay is None and _graphs.graph_applies(*_detached(Q, K, V, lam), work=work):
+        if _records_grad(Q, K, V, lam):
+            return _ReplayedSolve.apply(Q, K, V, lam, chunk_size, check_finite)
+        return _replayed_solve(Q, K, V, lam, chunk_size, check_finite)
     return torch.ops.matfn.tri_solve(Q, K, V, lam, decay, chunk_size, check_finite)
 
 
-def _tri_solve(Q, K, V, lam, *, chunk_size: int) -> torch.Tensor:
-    """The op on validated, checked, non-empty inputs (what a CUDA graph captures)."""
-    return torch.ops.matfn.tri_solve(Q, K, V, lam, None, chunk_size, False)
+def _replayed_solve(Q, K, V, lam, chunk_size: int, check_finite: bool) -> torch.Tensor:
+    """:func:`tri_solve` replayed from a CUDA graph, with ``check_finite``'s test inside it."""
+    call = functools.partial(_tri_solve, checked=check_finite, chunk_size=chunk_size)
+    if not check_finite:
+        return _graphs.replay_or_capture(call, *_detached(Q, K, V, lam))
+    X, ok = _graphs.replay_or_capture(call, *_detached(Q, K, V, lam))
+    return _checked(ok, X, Q, K, V, lam)
+
+
+def _tri_solve(Q, K, V, lam, *, chunk_size: int, checked: bool = False):
+    """The op on validated, non-empty inputs (what a CUDA graph captures).
+
+    ``checked``: also return :func:`~matfn.triangular.ops.values_ok`'s device flag.
+    """
+    X = torch.ops.matfn.tri_solve(Q, K, V, lam, None, chunk_size, False)
+    return (X, values_ok(Q, K, V, lam)) if checked else X
+
+
+class _ReplayedInv(torch.autograd.Function):
+    """:func:`tri_inv` with ``cuda_graph=True`` under autograd.
+
+    The forward is replayed (:func:`_replayed_inv`); the backward is the op's,
+    ``torch.ops.matfn.tri_inv_backward``, replayed too where it is launch-bound.
+    """
+
+    @staticmethod
+    def forward(ctx, Q, K, lam, chunk_size: int, check_finite: bool):
+        ctx.chunk_size = chunk_size
+        ctx.save_for_backward(Q, K, lam)
+        return _replayed_inv(Q, K, lam, chunk_size, check_finite)
+
+    @staticmethod
+    def backward(ctx, dY):
+        Q, K, lam = ctx.saved_tensors
+        needs = list(ctx.needs_input_grad[:3])
+        grads = torch.ops.matfn.tri_inv_backward(Q, K, lam, dY, ctx.chunk_size, needs, True)
+        it = iter(grads)
+        return (*(next(it) if need else None for need in needs), None, None)
+
+
+class _ReplayedSolve(torch.autograd.Function):
+    """As :class:`_ReplayedInv`, for :func:`tri_solve` (``X`` is saved for the backward)."""
+
+    @staticmethod
+    def forward(ctx, Q, K, V, lam, chunk_size: int, check_finite: bool):
+        X = _replayed_solve(Q, K, V, lam, chunk_size, check_finite)
+        ctx.chunk_size = chunk_size
+        ctx.save_for_backward(Q, K, V, lam, X)
+        return X
+
+    @staticmethod
+    def backward(ctx, dX):
+        Q, K, V, lam, X = ctx.saved_tensors
+        needs = list(ctx.needs_input_grad[:4])
+        grads = torch.ops.matfn.tri_solve_backward(Q, K, V, lam, X, dX, ctx.chunk_size, needs, True)
+        it = iter(grads)
+        return (*(next(it) if need else None for need in needs), None, None)

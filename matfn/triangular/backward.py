@@ -8,8 +8,8 @@ For ``Z = T⁻¹ V`` and an upstream gradient ``dZ``:
   reversed rows (:func:`solve_transposed`).
 * ``dT = −dV Zᵀ``, so ``dλ = −Σ_e dV ⊙ Z`` (row sums), and with ``dL = tril(dT, −1)``
   (rank ``e``, never formed): ``dQ_i = −Σ_{j<i} (dV_i·Z_j) K_j`` and
-  ``dK_j = −Σ_{i>j} (dV_i·Z_j) Q_i`` — causal linear-attention products
-  (:func:`causal_product`), ``O(n (C (d + e) + d e))``.
+  ``dK_j = −Σ_{i>j} (dV_i·Z_j) Q_i`` — causal and anti-causal linear-attention products
+  (:func:`causal_products`), ``O(n (C (d + e) + d e))``.
 
 For ``Y = T⁻¹`` and ``dY``: ``dT = −T⁻ᵀ dY T⁻ᵀ`` by two structured solves
 (``W = T⁻ᵀ tril(dY)``, ``dT = −(T⁻¹ Wᵀ)ᵀ``), ``O(n² d)``, then ``dλ = diag(dT)``,
@@ -29,40 +29,50 @@ import torch
 from .paths import solve_flat
 
 __all__ = [
-    "causal_product",
+    "causal_products",
     "solve_transposed",
     "tri_solve_backward",
     "tri_inv_backward",
 ]
 
 
-def causal_product(
-    A: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor, chunk_size: int
-) -> torch.Tensor:
-    """``out_i = Σ_{j<i} (A_i · B_j) C_j`` for ``A, B`` ``(b, n, e)``, ``C`` ``(b, n, d)``.
+def causal_products(
+    dV: torch.Tensor, Z: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P K, Pᵀ Q)`` for ``P = tril(dV Zᵀ, −1)``, never formed.
 
-    Strictly causal linear attention in chunks of ``C`` rows: the strictly lower masked
-    ``C×C`` products inside a chunk plus ``A_c S_c`` with the exclusive prefix sum
-    ``S_c = Σ_{chunks c' < c} B_{c'}ᵀ C_{c'}`` (``e×d``). Cost ``O(n (C (e + d) + e d))``;
-    no ``n×n`` matrix is formed.
+    ``dV, Z`` are ``(b, n, e)``, ``Q, K`` ``(b, n, d)``: ``(P K)_i = Σ_{j<i} (dV_i·Z_j) K_j`` and
+    ``(Pᵀ Q)_j = Σ_{i>j} (dV_i·Z_j) Q_i``, the strictly causal and anti-causal linear-attention
+    products, in chunks of ``C`` rows. The ``C×C`` block ``P_cc = tril(dV_c Z_cᵀ, −1)`` of each
+    chunk serves both; the other chunks enter through ``e×d`` states,
+    ``dV_c Σ_{c' < c} Z_{c'}ᵀ K_{c'}`` and ``Z_c Σ_{c' > c} dV_{c'}ᵀ Q_{c'}``, whose exclusive
+    prefix and suffix sums over chunks are one product each with a strictly triangular matrix
+    of ones. Cost ``O(n (C (e + d) + e d))`` plus ``O((n/C)² e d)`` for the sums; no ``n×n``
+    matrix is formed.
     """
-    b, n, e = A.shape
-    d = Cm.shape[-1]
+    b, n, e = dV.shape
+    d = Q.shape[-1]
     C = chunk_size
     NC = -(-n // C)
     pad = NC * C - n
 
     def rows(x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.pad(x, (0, 0, 0, pad)).reshape(b, NC, C, x.shape[-1])
+        if pad:
+            x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+        return x.reshape(b, NC, C, x.shape[-1])
 
-    Ac, Bc, Cc = rows(A), rows(Bm), rows(Cm)
-    below = torch.ones(C, C, dtype=torch.bool, device=A.device).tril(-1)
-    out = ((Ac @ Bc.mT) * below) @ Cc
+    dVc, Zc, Qc, Kc = rows(dV), rows(Z), rows(Q), rows(K)
+    P = torch.tril(dVc @ Zc.mT, -1)
+    dQ = P @ Kc
+    dK = P.mT @ Qc
     if NC > 1:
-        states = Bc[:, :-1].mT @ Cc[:, :-1]  # (b, NC − 1, e, d)
-        prefix = states.cumsum(1)
-        out[:, 1:] += Ac[:, 1:] @ prefix
-    return out.reshape(b, NC * C, d)[:, :n]
+        earlier = torch.ones(NC, NC, dtype=dV.dtype, device=dV.device).tril(-1)
+        flat = (b, NC, e * d)
+        before = (earlier @ (Zc.mT @ Kc).reshape(flat)).reshape(b, NC, e, d)
+        after = (earlier.mT @ (dVc.mT @ Qc).reshape(flat)).reshape(b, NC, e, d)
+        dQ = dQ + dVc @ before
+        dK = dK + Zc @ after
+    return dQ.reshape(b, NC * C, d)[:, :n], dK.reshape(b, NC * C, d)[:, :n]
 
 
 def solve_transposed(
@@ -89,10 +99,11 @@ def tri_solve_backward(
     need_q, need_k, need_lam = needs
     dV = solve_transposed(Q, K, dZ, lam, chunk_size)
     dlam = -(dV * Z).sum(-1) if need_lam else None
-    dQ = -causal_product(dV, Z, K, chunk_size) if need_q else None
-    dK = None
-    if need_k:
-        dK = -causal_product(Z.flip(1), dV.flip(1), Q.flip(1), chunk_size).flip(1)
+    dQ = dK = None
+    if need_q or need_k:
+        PK, PtQ = causal_products(dV, Z, Q, K, chunk_size)
+        dQ = -PK if need_q else None
+        dK = -PtQ if need_k else None
     return dQ, dK, dV, dlam
 
 

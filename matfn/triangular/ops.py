@@ -32,11 +32,13 @@ needs). Once differentiable (the backward ops have no autograd).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
 import torch
 
+from matfn import _graphs
 from matfn._validation import assert_all_finite
 
 from .backward import tri_inv_backward, tri_solve_backward
@@ -49,6 +51,7 @@ from .reference import (
 __all__ = [
     "SingularTriangularError",
     "check_values",
+    "values_ok",
     "result_dtype",
     "tri_inv_op",
     "tri_solve_op",
@@ -100,6 +103,18 @@ def check_values(
             f"T is singular: its diagonal `diag` is zero at index {idx[-1]} "
             f"(full index {idx} of diag broadcast to {tuple(lam.shape)})"
         )
+
+
+def values_ok(
+    Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor | None, lam: torch.Tensor
+) -> torch.Tensor:
+    """The test of :func:`check_values` as a 0-dim bool device tensor (no host sync).
+
+    True when every operand is finite and ``λ`` has no zero; a caller reads it after launching
+    the work and calls :func:`check_values` for the error when it is False.
+    """
+    flags = [torch.isfinite(x).all() for x in (Q, K, V, lam) if x is not None]
+    return torch.stack([*flags, (lam != 0).all()]).all()
 
 
 def _flat_decay(decay: torch.Tensor, B: int, cdt: torch.dtype) -> torch.Tensor:
@@ -277,12 +292,15 @@ def tri_inv_backward_op(
     grad: torch.Tensor,
     chunk_size: int,
     needs: list[bool],
+    replay: bool,
 ) -> list[torch.Tensor]:
     """Gradients of ``matfn::tri_inv`` (no decay) w.r.t. ``(Q, K, diag)``, those in ``needs``.
 
     Returns the needed ones, in that order, in their inputs' shapes and dtypes:
     :func:`matfn.triangular.backward.tri_inv_backward` in the compute dtype. One opaque node,
     so a compiled backward neither unrolls the chunk loops nor recompiles per ``n``.
+    ``replay``: replay the computation from a CUDA graph where it is launch-bound
+    (:mod:`matfn._graphs`; the backward of a ``cuda_graph=True`` call).
     """
     nq, nk, nl = needs
     inputs = (Q, K, diag)
@@ -290,15 +308,39 @@ def tri_inv_backward_op(
         return [x.new_zeros(x.shape) for x, need in zip(inputs, needs, strict=True) if need]
     cdt = compute_dtype(result_dtype(Q, K, diag))
     Qf, Kf, _, lamf = _prepare(Q, K, None, diag, cdt)
-    n = Qf.shape[1]
+    B, n, d = Qf.shape
     dYf = grad.reshape(-1, n, n).to(cdt)
-    grads = tri_inv_backward(Qf, Kf, lamf, dYf, chunk_size, (nq, nk, nl))
-    return _fresh(_cast_grads(grads, (Q, K, diag)), (*inputs, grad))
+    call = functools.partial(_inv_grads, chunk_size=chunk_size, needs=(nq, nk, nl))
+    grads = _maybe_replayed(replay, call, (Qf, Kf, lamf, dYf), work=B * n * n * d)
+    return _fresh(_cast_grads(_unpack(grads, needs), (Q, K, diag)), (*inputs, grad))
 
 
 @tri_inv_backward_op.register_fake
-def _(Q, K, diag, grad, chunk_size, needs):
+def _(Q, K, diag, grad, chunk_size, needs, replay):
     return _needed_like((Q, K, diag), needs)
+
+
+def _inv_grads(Qf, Kf, lamf, dYf, *, chunk_size: int, needs: tuple[bool, ...]):
+    """The needed gradients of :func:`tri_inv_backward`, as a tuple (what a graph captures)."""
+    grads = tri_inv_backward(Qf, Kf, lamf, dYf, chunk_size, needs)
+    return tuple(g for g in grads if g is not None)
+
+
+def _solve_grads(Qf, Kf, lamf, Xf, dXf, *, chunk_size: int, needs: tuple[bool, ...]):
+    """``dV`` and the needed ones of ``(dQ, dK, dλ)`` of :func:`tri_solve_backward`, in order."""
+    grads = tri_solve_backward(Qf, Kf, lamf, Xf, dXf, chunk_size, needs)
+    return tuple(g for g in grads if g is not None)
+
+
+def _maybe_replayed(replay: bool, call: functools.partial, operands, *, work: int) -> tuple:
+    """``call(*operands)``, replayed from a CUDA graph when ``replay`` and it is launch-bound.
+
+    Launch-bound: :func:`matfn._graphs.graph_applies` (on the detached operands).
+    """
+    operands = tuple(x.detach() for x in operands)
+    if replay and _graphs.graph_applies(*operands, work=work):
+        return _graphs.replay_or_capture(call, *operands)
+    return call(*operands)
 
 
 @torch.library.custom_op("matfn::tri_solve_backward", mutates_args=())
@@ -311,6 +353,7 @@ def tri_solve_backward_op(
     grad: torch.Tensor,
     chunk_size: int,
     needs: list[bool],
+    replay: bool,
 ) -> list[torch.Tensor]:
     """Gradients of ``X = matfn::tri_solve(...)`` (no decay) w.r.t. ``(Q, K, V, diag)``.
 
@@ -327,13 +370,17 @@ def tri_solve_backward_op(
     Qf, Kf, Vf, lamf = _prepare(Q, K, V, diag, cdt)
     Xf = X.reshape(Vf.shape) if X.dtype == cdt else solve_flat(Qf, Kf, Vf, lamf, chunk_size)
     dXf = grad.reshape(Xf.shape).to(cdt)
-    dQ, dK, dV, dlam = tri_solve_backward(Qf, Kf, lamf, Xf, dXf, chunk_size, (nq, nk, nl))
+    B, n, d = Qf.shape
+    work = B * n * d * (d + Xf.shape[-1])
+    call = functools.partial(_solve_grads, chunk_size=chunk_size, needs=(nq, nk, nl))
+    grads = _maybe_replayed(replay, call, (Qf, Kf, lamf, Xf, dXf), work=work)
+    dQ, dK, dV, dlam = _unpack(grads, (nq, nk, True, nl))
     grads = _cast_grads((dQ, dK, dV if nv else None, dlam), (Q, K, V, diag))
     return _fresh(grads, (*inputs, X, grad))
 
 
 @tri_solve_backward_op.register_fake
-def _(Q, K, V, diag, X, grad, chunk_size, needs):
+def _(Q, K, V, diag, X, grad, chunk_size, needs, replay):
     return _needed_like((Q, K, V, diag), needs)
 
 
@@ -357,7 +404,7 @@ def _backward_inv(ctx, dY: torch.Tensor):
     if decay is not None:  # plain torch: traced into a compiled backward
         fn = lambda *a: _inv_compute(*a, ctx.chunk_size)  # noqa: E731
         return (*_autograd_of(fn, (Q, K, lam, decay), needs, dY), None, None)
-    grads = torch.ops.matfn.tri_inv_backward(Q, K, lam, dY, ctx.chunk_size, needs[:3])
+    grads = torch.ops.matfn.tri_inv_backward(Q, K, lam, dY, ctx.chunk_size, needs[:3], False)
     return (*_unpack(grads, needs[:3]), None, None, None)
 
 
@@ -376,7 +423,9 @@ def _backward_solve(ctx, dX: torch.Tensor):
     if decay is not None:  # plain torch: traced into a compiled backward
         fn = lambda *a: _solve_compute(*a, ctx.chunk_size)  # noqa: E731
         return (*_autograd_of(fn, (Q, K, V, lam, decay), needs, dX), None, None)
-    grads = torch.ops.matfn.tri_solve_backward(Q, K, V, lam, X, dX, ctx.chunk_size, needs[:4])
+    grads = torch.ops.matfn.tri_solve_backward(
+        Q, K, V, lam, X, dX, ctx.chunk_size, needs[:4], False
+    )
     return (*_unpack(grads, needs[:4]), None, None, None)
 
 

@@ -19,6 +19,7 @@ from torch.testing import assert_close
 
 import matfn
 from matfn import _graphs
+from matfn.triangular import SingularTriangularError
 
 ON_GPU = bool(os.environ.get("MATFN_TEST_ON_GPU")) and torch.cuda.is_available()
 gpu = pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU (MATFN_TEST_ON_GPU=1)")
@@ -59,6 +60,7 @@ def test_graph_applies_rules():
     assert not applies(M.requires_grad_())
     assert not applies(torch.empty(0, 4, device="cuda"))
     assert applies(torch.empty(64, 512, 512, device="cuda"))  # 2³³
+    assert applies(torch.empty(48, 768, 768, device="cuda"))  # 2.2·10¹⁰: host-bound eager
     assert not applies(torch.empty(4096, 4096, device="cuda"))  # 2³⁶: GPU-bound
     assert not applies(torch.empty(4, 4))
     # 8192 DeltaNet chunks: 2³² multiply-adds but 2 × 268 MB to copy in per replay
@@ -284,3 +286,149 @@ def test_tables_key_their_own_graphs(monkeypatch, fake_cuda):
         out = matfn.mcsgn(S, method=table, check_convergence=False, cuda_graph=True)
         assert torch.equal(out, matfn.mcsgn(S, method=table, check_convergence=False))
     assert len(_graphs._ENTRIES) == 7
+
+
+def _spy_replay(monkeypatch, seen):
+    def fake_replay(call, *tensors):
+        seen.append(call.func.__name__)
+        return call(*tensors)
+
+    monkeypatch.setattr(_graphs, "graph_applies", lambda *tensors, work: True)
+    monkeypatch.setattr(_graphs, "replay_or_capture", fake_replay)
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_msign_reads_its_check_after_the_launches(monkeypatch, graph):
+    """On CUDA, ``check_finite=True`` runs the norms' test beside the iteration and reads it
+    once at the end (:func:`matfn.msign._check_deferred`). Forced on the CPU here: an in-range
+    input returns the iteration's result (bitwise that of ``check_finite=False``); NaN/Inf
+    raise the usual error; out-of-range norms (float32 overflow, below ``eps``) are rescued by
+    the exact rescale, so their results match the in-range input's to float32 rounding."""
+    import importlib
+
+    msign_module = importlib.import_module("matfn.msign")
+    monkeypatch.setattr(msign_module, "_check_deferred", lambda M, method, steps: True)
+    seen = []
+    _spy_replay(monkeypatch, seen)
+    M = torch.randn(3, 24, 40, generator=torch.Generator().manual_seed(0))
+    ref = matfn.msign(M, check_finite=False, cuda_graph=False)
+    out = matfn.msign(M, cuda_graph=graph)
+    assert torch.equal(out, ref)
+    assert seen == (["_msign_checked"] if graph else [])
+    for scale in (1e30, 1e-30):
+        assert_close(matfn.msign(M * scale, cuda_graph=graph), ref, rtol=1e-5, atol=1e-5)
+    for bad in (float("nan"), float("inf")):
+        X = M.clone()
+        X[1, 3, 4] = bad
+        with pytest.raises(ValueError, match="`M` contains NaN or Inf"):
+            matfn.msign(X, cuda_graph=graph)
+
+
+def test_triangular_replays_read_their_check_after_the_replay(monkeypatch):
+    """tri_inv / tri_solve replayed with ``check_finite=True`` return the flag of the input test
+    beside the result and raise the eager check's errors (naming the argument or the zero
+    pivot) only once the replay is issued."""
+    seen = []
+    _spy_replay(monkeypatch, seen)
+    g = torch.Generator().manual_seed(1)
+    Q, K = (torch.randn(2, 2, 40, 3, dtype=torch.float64, generator=g) / 4).unbind(0)
+    V = torch.randn(2, 40, 2, dtype=torch.float64, generator=g)
+    diag = 1 + torch.rand(2, 40, dtype=torch.float64, generator=g)
+    assert torch.equal(matfn.tri_inv(Q, K, diag), matfn.tri_inv(Q, K, diag, cuda_graph=False))
+    assert torch.equal(
+        matfn.tri_solve(Q, K, V, diag), matfn.tri_solve(Q, K, V, diag, cuda_graph=False)
+    )
+    assert seen == ["_tri_inv", "_tri_solve"]
+    bad = V.clone()
+    bad[1, 7, 0] = float("nan")
+    with pytest.raises(ValueError, match="`V` contains NaN or Inf"):
+        matfn.tri_solve(Q, K, bad, diag)
+    zero = diag.clone()
+    zero[1, 5] = 0
+    with pytest.raises(SingularTriangularError, match="index 5"):
+        matfn.tri_inv(Q, K, zero)
+    with pytest.raises(SingularTriangularError, match="index 5"):
+        matfn.tri_solve(Q, K, V, zero)
+
+
+@gpu
+@pytest.mark.parametrize("graph", [False, True])
+def test_deferred_checks_on_the_gpu(graph):
+    """The same on CUDA, where the deferral is real (replayed and eager)."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    M = torch.randn(2, 256, 384, device="cuda", generator=g)
+    ref = matfn.msign(M, check_finite=False, cuda_graph=graph)
+    for _ in range(2):  # capture, then replay
+        _close(matfn.msign(M, cuda_graph=graph), ref)
+    for scale in (1e30, 1e-30):
+        assert_close(matfn.msign(M * scale, cuda_graph=graph), ref, rtol=2**-7, atol=2**-7)
+    X = M.clone()
+    X[0, 1, 2] = float("inf")
+    with pytest.raises(ValueError, match="`M` contains NaN or Inf"):
+        matfn.msign(X, cuda_graph=graph)
+    Q, K = (torch.randn(2, 2, 256, 32, device="cuda", generator=g) / 8).unbind(0)
+    V = torch.randn(2, 256, 16, device="cuda", generator=g)
+    for _ in range(2):
+        matfn.tri_solve(Q, K, V, cuda_graph=graph)
+    V[1, 3, 0] = float("nan")
+    with pytest.raises(ValueError, match="`V` contains NaN or Inf"):
+        matfn.tri_solve(Q, K, V, cuda_graph=graph)
+    with pytest.raises(SingularTriangularError, match="index 9"):
+        matfn.tri_inv(
+            Q,
+            K,
+            torch.ones(256, device="cuda").index_fill(0, torch.tensor([9], device="cuda"), 0.0),
+            cuda_graph=graph,
+        )
+
+
+def test_triangular_replays_under_autograd(monkeypatch):
+    """With inputs that require grad, ``cuda_graph=True`` replays the forward and the backward
+    op (forced on the CPU here); the gradients are those of the op path (``cuda_graph=False``)
+    exactly, for every subset of inputs that needs them."""
+    seen = []
+    _spy_replay(monkeypatch, seen)
+    g = torch.Generator().manual_seed(4)
+    Q, K = (torch.randn(2, 2, 70, 3, dtype=torch.float64, generator=g) / 4).unbind(0)
+    V = torch.randn(2, 70, 2, dtype=torch.float64, generator=g)
+    diag = 1 + torch.rand(2, 70, dtype=torch.float64, generator=g)
+    dX, dY = torch.randn_like(V), torch.randn(2, 70, 70, dtype=torch.float64, generator=g)
+    for wanted in ((0, 1, 2, 3), (1,), (2, 3)):
+        grads = []
+        for graph in (True, False):
+            leaves = [x.clone().requires_grad_(i in wanted) for i, x in enumerate((Q, K, V, diag))]
+            X = matfn.tri_solve(*leaves, chunk_size=16, cuda_graph=graph)
+            picked = [leaves[i] for i in wanted]
+            grads.append(torch.autograd.grad(X, picked, dX))
+        assert seen == ["_tri_solve", "_solve_grads"]
+        seen.clear()
+        for a, b in zip(*grads, strict=True):
+            assert torch.equal(a, b)
+    leaves = [x.clone().requires_grad_() for x in (Q, K, diag)]
+    ref = torch.autograd.grad(matfn.tri_inv(*leaves, cuda_graph=False), leaves, dY)
+    got = torch.autograd.grad(matfn.tri_inv(*leaves), leaves, dY)
+    assert seen == ["_tri_inv", "_inv_grads"]
+    for a, b in zip(got, ref, strict=True):
+        assert torch.equal(a, b)
+
+
+@gpu
+def test_triangular_backward_replay_on_the_gpu():
+    """Replayed forward and backward on CUDA agree with the op path. fp32 kernels, and the
+    captured solves may take the tree algorithm instead of the scan: each is accurate to about
+    1e-6 relative here, and the gradients' causal sums over 512 rows cancel, so single entries
+    differ by up to ~1e-2 relative; the check is normwise, 1e-4 (a wrong gradient is off by
+    O(1))."""
+    g = torch.Generator(device="cuda").manual_seed(5)
+    Q, K = (torch.randn(2, 2, 512, 32, device="cuda", generator=g) / 8).unbind(0)
+    V = torch.randn(2, 512, 16, device="cuda", generator=g)
+    dX = torch.randn_like(V)
+    for _ in range(3):  # capture, replay, replay
+        grads = []
+        for graph in (True, False):
+            leaves = [x.clone().requires_grad_() for x in (Q, K, V)]
+            X = matfn.tri_solve(*leaves, cuda_graph=graph)
+            grads.append(torch.autograd.grad(X, leaves, dX))
+        for a, b in zip(*grads, strict=True):
+            assert float(torch.linalg.norm(a - b) / torch.linalg.norm(b)) < 1e-4
+    assert len(_graphs._ENTRIES) == 2

@@ -148,13 +148,15 @@ def test_no_grad_path_is_unwrapped():
     torch.testing.assert_close(Xg.detach(), X, rtol=0, atol=0)
 
 
-def test_causal_product_and_transposed_solve():
+def test_causal_products_and_transposed_solve():
     g = torch.Generator().manual_seed(0)
-    A, Bm = torch.randn(2, 2, 77, 3, generator=g, dtype=F64)
-    Cm = torch.randn(2, 77, 5, generator=g, dtype=F64)
-    want = torch.tril(A @ Bm.mT, -1) @ Cm
+    dV, Z = torch.randn(2, 2, 77, 3, generator=g, dtype=F64)
+    Q, K = torch.randn(2, 2, 77, 5, generator=g, dtype=F64)
+    P = torch.tril(dV @ Z.mT, -1)
     for C in (1, 16, 77, 128):
-        torch.testing.assert_close(bwd.causal_product(A, Bm, Cm, C), want)
+        PK, PtQ = bwd.causal_products(dV, Z, Q, K, C)
+        torch.testing.assert_close(PK, P @ K)
+        torch.testing.assert_close(PtQ, P.mT @ Q)
     Q, K, V, lam = (x.detach() for x in _inputs((2,), 77, 3, 4, seed=1))
     want = torch.linalg.solve_triangular(_dense_T(Q, K, lam).mT, V, upper=True)
     torch.testing.assert_close(bwd.solve_transposed(Q, K, V, lam, 16), want)

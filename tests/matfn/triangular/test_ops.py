@@ -90,9 +90,9 @@ def test_opcheck_backward_ops():
     Q, K, V, lam, _ = _case((2,), 10, 3, 2)
     dY, dX = torch.randn(2, 10, 10, dtype=F64), torch.randn(2, 10, 2, dtype=F64)
     X = torch.ops.matfn.tri_solve(Q, K, V, lam, None, 4, False)
-    args = (Q, K, lam, dY, 4, [True, False, True])
+    args = (Q, K, lam, dY, 4, [True, False, True], False)
     torch.library.opcheck(torch.ops.matfn.tri_inv_backward.default, args)
-    args = (Q, K, V, lam.float(), X, dX, 4, [False, True, True, True])
+    args = (Q, K, V, lam.float(), X, dX, 4, [False, True, True, True], False)
     torch.library.opcheck(torch.ops.matfn.tri_solve_backward.default, args)
 
 
