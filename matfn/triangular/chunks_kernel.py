@@ -33,8 +33,9 @@ only the blocks ``I ≥ J`` of ``A`` and ``Y`` are formed (zeros are stored abov
    arithmetic emulated in float64 (each ``tl.dot`` one sequential fp32 FMA chain over ``k``, as
    Triton lowers FMA dots; reductions as binary trees) 6.6e-8, 3.5e-8 and 2.8e-8 — only the
    split meets 3e-8. It costs three dots per slab instead of one plus a two-sum, and reads
-   the chunk's keys twice (the second time from L2). Float64 dots would be simpler but do not
-   compile on sm90.
+   the chunk's keys twice (the second time from L2); ``SPLIT=False`` (the launcher's
+   ``exact_gram=False``) runs the two-sum instead, to weigh the two on a GPU. Float64 dots
+   would be simpler but do not compile on sm90.
 3. **Per-row decay** (Gated DeltaNet; ``ℓ`` one per row): ``R`` is the cumulative sum of ``ℓ``
    inside the chunk in float64 (each block's ``tl.cumsum`` plus the last entry of the block
    before), ``D_IJ = exp(fp32(R_I − R_J))`` with the exponent ``−∞`` on and above the diagonal
@@ -99,23 +100,40 @@ def _grid_shift(ss):
 
 
 @triton.jit
-def _load_split(k_ptr, row, n, d, cols, M):
+def _load_split(k_ptr, row, n, d, cols, M, SPLIT: tl.constexpr):
     """Keys ``k`` of one block and slab, and ``k = hi + lo`` (``h``, ``l`` of step 2).
 
     ``(k + M) − M`` rounds ``k`` to the spacing of fp32 numbers near ``M``, ``2⁻¹¹σ``
-    (``|k| ≤ ‖k‖ ≲ σ`` keeps ``k + M`` in ``M``'s binade); ``lo = k − hi`` is exact.
+    (``|k| ≤ ‖k‖ ≲ σ`` keeps ``k + M`` in ``M``'s binade); ``lo = k − hi`` is exact. Without
+    ``SPLIT``: ``hi = lo = k`` (unused).
     """
     k = _load_keys(k_ptr, row, n, d, cols)
-    hi = (k + M[:, None]) - M[:, None]
-    return k, hi, k - hi
+    hi = k
+    lo = k
+    if SPLIT:
+        hi = (k + M[:, None]) - M[:, None]
+        lo = k - hi
+    return k, hi, lo
 
 
 @triton.jit
-def _add_slab(H, X, k_i, hi_i, lo_i, hi_j, lo_j):
-    """``H += hi_i hi_jᵀ`` (exact) and ``X += lo_i hi_jᵀ + k_i lo_jᵀ``: one slab of ``K_I K_Jᵀ``."""
-    H = tl.dot(hi_i, tl.trans(hi_j), H, input_precision="ieee")
-    X = tl.dot(lo_i, tl.trans(hi_j), X, input_precision="ieee")
-    return H, tl.dot(k_i, tl.trans(lo_j), X, input_precision="ieee")
+def _add_slab(H, X, k_i, hi_i, lo_i, hi_j, lo_j, SPLIT: tl.constexpr):
+    """One slab of ``K_I K_Jᵀ``, added to the pair ``(H, X)``.
+
+    ``SPLIT``: ``H += hi_i hi_jᵀ`` (exact) and ``X += lo_i hi_jᵀ + k_i lo_jᵀ``. Otherwise the
+    slab product ``P = k_i k_jᵀ`` (``hi_j = k_j``) is added to the double-float ``(H, X)`` by an
+    error-free two-sum (the cheaper scheme of step 2, rounded inside each slab).
+    """
+    if SPLIT:
+        H_new = tl.dot(hi_i, tl.trans(hi_j), H, input_precision="ieee")
+        X = tl.dot(lo_i, tl.trans(hi_j), X, input_precision="ieee")
+        X = tl.dot(k_i, tl.trans(lo_j), X, input_precision="ieee")
+    else:
+        p = tl.dot(k_i, tl.trans(hi_j), input_precision="ieee")
+        H_new = H + p
+        bp = H_new - H
+        X += (H - (H_new - bp)) + (p - bp)
+    return H_new, X
 
 
 @triton.jit
@@ -182,7 +200,7 @@ def _store(y_ptr, row, col, n, C: tl.constexpr, Y):
 _CONFIGS = [triton.Config({"BK": bk}, num_warps=w, num_stages=2) for bk in (16, 32) for w in (4, 8)]
 
 
-@triton.autotune(configs=_CONFIGS, key=["C", "d", "DECAY"])
+@triton.autotune(configs=_CONFIGS, key=["C", "d", "DECAY", "SPLIT"])
 @triton.jit
 def tri_inv_chunks_kernel(
     k_ptr,
@@ -194,12 +212,14 @@ def tri_inv_chunks_kernel(
     C: tl.constexpr,
     BK: tl.constexpr,
     DECAY: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """Chunk ``pid mod ⌈n/C⌉`` of batch entry ``pid div ⌈n/C⌉`` (module docstring, steps 1–5).
 
     ``K`` ``(B, n, d)``, ``β`` and ``ℓ`` ``(B, n)`` (``ℓ`` read only with ``DECAY``), ``Y``
-    ``(B, n, C)``, all contiguous float32; ``BK`` channels per slab. Blocks are named by
-    (block row, block column).
+    ``(B, n, C)``, all contiguous float32; ``BK`` channels per slab; ``SPLIT``: the exact Gram
+    of step 2 (else the two-sum of slab products). Blocks are named by (block row, block
+    column).
     """
     NB: tl.constexpr = C // BLOCK
     nc = tl.cdiv(n, C)
@@ -209,26 +229,31 @@ def tri_inv_chunks_kernel(
     kb = k_ptr + b * n * d
 
     # 1. the grid of each row: σ ≥ ‖k‖ from a first pass over the chunk's keys
-    ss0 = tl.zeros((BLOCK,), dtype=tl.float32)
-    ss1 = ss0
-    ss2 = ss0
-    ss3 = ss0
-    for k0 in range(0, d, BK):
-        cols = k0 + tl.arange(0, BK)
-        k_0 = _load_keys(kb, c0, n, d, cols)
-        ss0 += tl.sum(k_0 * k_0, 1)
-        if NB > 1:
-            k_1 = _load_keys(kb, c0 + BLOCK, n, d, cols)
-            ss1 += tl.sum(k_1 * k_1, 1)
-        if NB > 2:
-            k_2 = _load_keys(kb, c0 + 2 * BLOCK, n, d, cols)
-            k_3 = _load_keys(kb, c0 + 3 * BLOCK, n, d, cols)
-            ss2 += tl.sum(k_2 * k_2, 1)
-            ss3 += tl.sum(k_3 * k_3, 1)
-    M0 = _grid_shift(ss0)
-    M1 = _grid_shift(ss1)
-    M2 = _grid_shift(ss2)
-    M3 = _grid_shift(ss3)
+    M0 = 0.0
+    M1 = 0.0
+    M2 = 0.0
+    M3 = 0.0
+    if SPLIT:
+        ss0 = tl.zeros((BLOCK,), dtype=tl.float32)
+        ss1 = ss0
+        ss2 = ss0
+        ss3 = ss0
+        for k0 in range(0, d, BK):
+            cols = k0 + tl.arange(0, BK)
+            k_0 = _load_keys(kb, c0, n, d, cols)
+            ss0 += tl.sum(k_0 * k_0, 1)
+            if NB > 1:
+                k_1 = _load_keys(kb, c0 + BLOCK, n, d, cols)
+                ss1 += tl.sum(k_1 * k_1, 1)
+            if NB > 2:
+                k_2 = _load_keys(kb, c0 + 2 * BLOCK, n, d, cols)
+                k_3 = _load_keys(kb, c0 + 3 * BLOCK, n, d, cols)
+                ss2 += tl.sum(k_2 * k_2, 1)
+                ss3 += tl.sum(k_3 * k_3, 1)
+        M0 = _grid_shift(ss0)
+        M1 = _grid_shift(ss1)
+        M2 = _grid_shift(ss2)
+        M3 = _grid_shift(ss3)
 
     # 2. K_I K_Jᵀ = H + X for the blocks I ≥ J, one BK-channel slab at a time
     zero = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
@@ -240,22 +265,22 @@ def tri_inv_chunks_kernel(
         H30, X30, H31, X31, H32, X32, H33, X33 = zero, zero, zero, zero, zero, zero, zero, zero
     for k0 in range(0, d, BK):
         cols = k0 + tl.arange(0, BK)
-        k_0, h_0, l_0 = _load_split(kb, c0, n, d, cols, M0)
-        H00, X00 = _add_slab(H00, X00, k_0, h_0, l_0, h_0, l_0)
+        k_0, h_0, l_0 = _load_split(kb, c0, n, d, cols, M0, SPLIT)
+        H00, X00 = _add_slab(H00, X00, k_0, h_0, l_0, h_0, l_0, SPLIT)
         if NB > 1:
-            k_1, h_1, l_1 = _load_split(kb, c0 + BLOCK, n, d, cols, M1)
-            H10, X10 = _add_slab(H10, X10, k_1, h_1, l_1, h_0, l_0)
-            H11, X11 = _add_slab(H11, X11, k_1, h_1, l_1, h_1, l_1)
+            k_1, h_1, l_1 = _load_split(kb, c0 + BLOCK, n, d, cols, M1, SPLIT)
+            H10, X10 = _add_slab(H10, X10, k_1, h_1, l_1, h_0, l_0, SPLIT)
+            H11, X11 = _add_slab(H11, X11, k_1, h_1, l_1, h_1, l_1, SPLIT)
         if NB > 2:
-            k_2, h_2, l_2 = _load_split(kb, c0 + 2 * BLOCK, n, d, cols, M2)
-            k_3, h_3, l_3 = _load_split(kb, c0 + 3 * BLOCK, n, d, cols, M3)
-            H20, X20 = _add_slab(H20, X20, k_2, h_2, l_2, h_0, l_0)
-            H21, X21 = _add_slab(H21, X21, k_2, h_2, l_2, h_1, l_1)
-            H22, X22 = _add_slab(H22, X22, k_2, h_2, l_2, h_2, l_2)
-            H30, X30 = _add_slab(H30, X30, k_3, h_3, l_3, h_0, l_0)
-            H31, X31 = _add_slab(H31, X31, k_3, h_3, l_3, h_1, l_1)
-            H32, X32 = _add_slab(H32, X32, k_3, h_3, l_3, h_2, l_2)
-            H33, X33 = _add_slab(H33, X33, k_3, h_3, l_3, h_3, l_3)
+            k_2, h_2, l_2 = _load_split(kb, c0 + 2 * BLOCK, n, d, cols, M2, SPLIT)
+            k_3, h_3, l_3 = _load_split(kb, c0 + 3 * BLOCK, n, d, cols, M3, SPLIT)
+            H20, X20 = _add_slab(H20, X20, k_2, h_2, l_2, h_0, l_0, SPLIT)
+            H21, X21 = _add_slab(H21, X21, k_2, h_2, l_2, h_1, l_1, SPLIT)
+            H22, X22 = _add_slab(H22, X22, k_2, h_2, l_2, h_2, l_2, SPLIT)
+            H30, X30 = _add_slab(H30, X30, k_3, h_3, l_3, h_0, l_0, SPLIT)
+            H31, X31 = _add_slab(H31, X31, k_3, h_3, l_3, h_1, l_1, SPLIT)
+            H32, X32 = _add_slab(H32, X32, k_3, h_3, l_3, h_2, l_2, SPLIT)
+            H33, X33 = _add_slab(H33, X33, k_3, h_3, l_3, h_3, l_3, SPLIT)
 
     # 3. A_IJ = (H + X) ⊙ β_I D_IJ, R in float64 (the in-chunk cumulative log-decay)
     bb = beta_ptr + b * n
@@ -349,6 +374,7 @@ def tri_inv_chunks_triton(
     *,
     out: torch.Tensor | None = None,
     slab: int | None = None,
+    exact_gram: bool = True,
 ) -> torch.Tensor:
     """Chunk inverses ``(B, n, C)`` of float32 ``K`` ``(B, n, d)``, ``β`` ``(B, n)``, ``ℓ``.
 
@@ -358,6 +384,8 @@ def tri_inv_chunks_triton(
     float32 ``(B, n, C)`` result buffer (the tests poison it). ``slab``: channels per Gram slab
     (16 or 32) for one plain launch instead of the autotuned one (tests, benchmarks); the
     interpreter always runs one plain launch (16 by default), as it cannot time configs.
+    ``exact_gram=False``: the two-sum Gram instead of the split (module docstring, step 2), to
+    compare their cost and error on a GPU.
     """
     C = chunk_size
     if C not in KERNEL_CHUNK_SIZES:
@@ -384,8 +412,8 @@ def tri_inv_chunks_triton(
     grid = (B * triton.cdiv(n, C),)
     if INTERPRET or slab is not None:
         tri_inv_chunks_kernel.fn[grid](
-            K, beta, L, out, n, d, C=C, BK=slab or 16, DECAY=decay, num_warps=4
+            K, beta, L, out, n, d, C=C, BK=slab or 16, DECAY=decay, SPLIT=exact_gram, num_warps=4
         )
     else:
-        tri_inv_chunks_kernel[grid](K, beta, L, out, n, d, C=C, DECAY=decay)
+        tri_inv_chunks_kernel[grid](K, beta, L, out, n, d, C=C, DECAY=decay, SPLIT=exact_gram)
     return out

@@ -201,9 +201,9 @@ if chunks_kernel is not None:
         X = tl.zeros((16, 16), dtype=tl.float32)
         for k0 in range(0, d, BK):
             cols = k0 + tl.arange(0, BK)
-            k, h, lo = chunks_kernel._load_split(k_ptr, 0, 16, d, cols, M)
+            k, h, lo = chunks_kernel._load_split(k_ptr, 0, 16, d, cols, M, True)
             tl.store(hk_ptr + r[:, None] * d + cols[None, :], h)
-            H, X = chunks_kernel._add_slab(H, X, k, h, lo, h, lo)
+            H, X = chunks_kernel._add_slab(H, X, k, h, lo, h, lo, True)
         tl.store(h_ptr + r[:, None] * 16 + r[None, :], H)
         tl.store(x_ptr + r[:, None] * 16 + r[None, :], X)
 
@@ -226,6 +226,15 @@ def test_kernel_matches_float64(n, d, C, decay, strength, slab):
     Y = chunks_kernel.tri_inv_chunks_triton(K, beta, L, C, out=out, slab=slab)
     assert Y is out
     assert rel(Y, torch_form(K, beta, L, C)) <= KERNEL_RTOL
+
+
+@interpreted
+@pytest.mark.parametrize(("decay", "slab"), [(None, 16), ("row", 32)])
+def test_kernel_two_sum_gram(decay, slab):
+    """The launcher's ``exact_gram=False`` (the cheaper Gram, for GPU comparisons) works too."""
+    K, beta, L = make((2,), 130, 48, decay=decay, seed=14, dtype=torch.float32)
+    Y = chunks_kernel.tri_inv_chunks_triton(K, beta, L, 64, slab=slab, exact_gram=False)
+    assert rel(Y, torch_form(K, beta, L, 64)) <= KERNEL_RTOL
 
 
 @interpreted
