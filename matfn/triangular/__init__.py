@@ -22,9 +22,6 @@ This module validates and calls the custom ops of ``ops``. The modules of the pa
 ``chunk``, ``inverse``, ``solve`` (``scan``, ``tree``, ``schedule``)
     The Triton kernels and launchers for CUDA float32 tensors, imported on first use
     (:func:`matfn._backend.triton_module`).
-``chunks``, ``chunks_kernel``
-    ``tri_inv_chunks`` (the per-chunk inverses of DeltaNet's WY form): validation, custom op
-    and torch form; its Triton kernel (CUDA float32, imported on first use).
 """
 
 from __future__ import annotations

@@ -9,15 +9,12 @@ i.e. ``(T_c)_ij = δ_ij + [i > j] β_i Σ_m K_im K_jm exp(R_im − R_jm)`` with 
 sum of ``ℓ`` inside the chunk. Only the chunk-local block of each inverse is formed: the state
 across chunks is the recurrence's own business. This is what fla-core computes with
 ``chunk_scaled_dot_kkt_fwd`` followed by ``solve_tril``; here it is one call from ``K``, ``β``
-and ``ℓ``.
+and ``ℓ``, in torch on every device (no fused kernel yet).
 
 :func:`tri_inv_chunks`
     The public function: validation, then the custom op ``torch.ops.matfn.tri_inv_chunks``.
 :func:`tri_inv_chunks_torch`
     The torch form (every device and dtype; the tests' float64 oracle).
-:mod:`matfn.triangular.chunks_kernel`
-    The Triton kernel (CUDA float32, ``C ∈ {16, 32, 64}``, no decay or one per row), one
-    program per chunk from ``K`` to ``Y_c``; imported on the first call that takes it.
 """
 
 from __future__ import annotations
@@ -27,7 +24,6 @@ import math
 import torch
 
 from matfn._autocast import no_autocast
-from matfn._backend import triton_module, use_triton
 from matfn._validation import assert_all_finite, check_matrix, check_same_device
 
 from .reference import decay_factors
@@ -111,25 +107,6 @@ def _result_dtype(K: torch.Tensor, beta: torch.Tensor, log_decay: torch.Tensor |
     return dtype
 
 
-#: The chunk sizes the CUDA kernel takes (multiples of its 16-row blocks).
-KERNEL_CHUNK_SIZES = (16, 32, 64)
-
-
-def _takes_kernel(K: torch.Tensor, log_decay: torch.Tensor | None, chunk_size: int) -> bool:
-    """Whether the flattened compute-dtype operands run the Triton kernel.
-
-    CUDA float32 (fp16/bf16 inputs are computed in float32), ``C`` in
-    :data:`KERNEL_CHUNK_SIZES`, no decay or one per row; a per-channel decay (KDA) and every
-    other case run :func:`tri_inv_chunks_torch`.
-    """
-    return (
-        K.dtype == torch.float32
-        and chunk_size in KERNEL_CHUNK_SIZES
-        and (log_decay is None or log_decay.shape[-1] == 1)
-        and use_triton(K)
-    )
-
-
 @torch.library.custom_op("matfn::tri_inv_chunks", mutates_args=())
 def _tri_inv_chunks_op(
     K: torch.Tensor,
@@ -158,11 +135,7 @@ def _tri_inv_chunks_op(
     Lf = None
     if log_decay is not None:
         Lf = log_decay.reshape(B, n, -1).to(cdt)
-    if _takes_kernel(Kf, Lf, chunk_size):
-        kernel = triton_module("triangular.chunks_kernel")
-        Y = kernel.tri_inv_chunks_triton(Kf, bf, Lf, chunk_size)
-    else:
-        Y = tri_inv_chunks_torch(Kf, bf, Lf, chunk_size)
+    Y = tri_inv_chunks_torch(Kf, bf, Lf, chunk_size)
     return Y.reshape(*batch, n, chunk_size).to(dtype)
 
 
@@ -257,27 +230,16 @@ def tri_inv_chunks(
 
     Notes
     -----
-    **Cost.** The products of ``A`` take ``n C d / 2`` multiply-adds (the lower half of each
-    ``C×C``), the inverse ``O(n C²)``; a per-channel decay adds the exact ``16×16×d`` diagonal
-    blocks, ``8 n d`` exponentials. On CUDA in float32 (fp16/bf16 inputs are computed in
-    float32) with ``C ∈ {16, 32, 64}`` and no decay or one per row, one Triton kernel
-    (:mod:`matfn.triangular.chunks_kernel`) forms each chunk's ``A`` in registers and inverts
-    it, reading ``K`` once and writing ``Y`` once; its products take ``3 d (C + 16)/2``
-    multiply-adds per row (``16×16`` blocks, three products each: the price of an exact ``A``,
-    see below), and it autotunes on its first call per ``(C, d, decay)``. Everything else
-    (CPU, float64, other ``C``, a per-channel decay) runs the torch form
-    (:func:`tri_inv_chunks_torch`): the products in float64, one batched triangular solve per
-    chunk.
+    **Cost.** ``n C d`` multiply-adds for the blocks of ``A`` (half of ``C×C`` per chunk) plus
+    ``O(n C²)`` for the inverse; a per-channel decay adds the exact ``16×16×d`` diagonal blocks,
+    ``8 n d`` exponentials. Every device runs the torch form (:func:`tri_inv_chunks_torch`):
+    the products of ``A`` in float64, one batched triangular solve per chunk. A fused kernel
+    that forms ``A`` in registers (one read of ``K``, one write of ``Y``) is not part of the
+    library yet, so on CUDA fla-core's ``solve_tril`` is faster (docs/benchmarks.md).
 
-    **Accuracy.** The kernel's ``A`` is the exact ``β_i k_i·k_j`` (times the decay factor)
-    rounded once to float32: each key splits as ``k = h + l`` with ``h`` on a grid of
-    ``2⁻¹¹`` times a power of two above its norm, so the products ``h_i·h_j`` sum exactly in
-    float32 and the small rest ``l_i·h_j + k_i·l_j`` adds well below one rounding (plain
-    float32 accumulation over ``d = 128`` channels would double the error of the result).
-    Forward substitution is backward stable; in the DeltaNet case (``‖k‖ = 1``,
-    ``β ∈ (0, 1)``) the kernel's result is within about 3e-8 (relative Frobenius) of float64,
-    like fla-core's ``solve_tril`` from an exactly rounded ``A``, the torch form's within a
-    few 1e-8.
+    **Accuracy.** Forward substitution is backward stable; in the DeltaNet case
+    (``‖k‖ = 1``, ``β ∈ (0, 1)``) the float32 result is within a few ``1e-8`` (relative
+    Frobenius) of float64, like fla-core's ``solve_tril`` from an exact ``A``.
 
     **Not differentiable**: the op has no autograd formula, so gradients do not flow to
     ``K``, ``beta`` or ``log_decay`` (a backward through it raises).
