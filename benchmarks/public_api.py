@@ -9,7 +9,9 @@ runs fastest), heavyball, and fla-core's ``solve_tril``. Peers are benchmark-onl
 wheels beside the repository (``benchmarks/run_gpu_suite.sh`` does). Inputs are fp32, as an
 optimizer passes them; msign runs its default 5 Polar-Express steps in bf16.
 
-``host ms`` is the host's time per call: calls issued back to back behind a long GPU sleep, so
+The defaults (``check_finite=True``, ``cuda_graph=True``) replay launch-bound calls from CUDA
+graphs; the ``cuda_graph=False`` rows are plain eager launches. ``host ms`` is the host's time
+per call: calls issued back to back behind a long GPU sleep, so
 the host never waits for the GPU (the floor an eager call cannot go below however fast the
 kernels). ``compiled`` wraps the public call in ``torch.compile`` (``mode="reduce-overhead"``
 replays CUDA graphs).
@@ -171,11 +173,13 @@ def section_msign(rep: int, cases: list[str] | None = None) -> None:
             continue
         M = torch.randn(shape, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(1))
         err = (lambda O, M=M: msign_error(M, O)) if M.numel() <= 2**24 else None
-        record("msign", case, "matfn eager", lambda M=M: matfn.msign(M), rep, host=True, error=err)
+        record(
+            "msign", case, "matfn default", lambda M=M: matfn.msign(M), rep, host=True, error=err
+        )
         record(
             "msign",
             case,
-            "matfn eager check_finite=False",
+            "matfn check_finite=False",
             lambda M=M: matfn.msign(M, check_finite=False),
             rep,
             host=True,
@@ -183,8 +187,8 @@ def section_msign(rep: int, cases: list[str] | None = None) -> None:
         record(
             "msign",
             case,
-            "matfn cuda_graph=True",
-            lambda M=M: matfn.msign(M, check_finite=False, cuda_graph=True),
+            "matfn check_finite=False cuda_graph=False",
+            lambda M=M: matfn.msign(M, check_finite=False, cuda_graph=False),
             rep,
             host=True,
         )
@@ -220,11 +224,11 @@ def section_triangular(rep: int) -> None:
         return float(torch.linalg.norm(T @ Z[0].double() - V[0].double()) / V.double().norm())
 
     case = f"n={n} d=e={d}"
-    record("tri", case, "tri_inv eager", lambda: matfn.tri_inv(Q, K), rep, host=True)
+    record("tri", case, "tri_inv default", lambda: matfn.tri_inv(Q, K), rep, host=True)
     record(
         "tri",
         case,
-        "tri_inv eager check_finite=False",
+        "tri_inv check_finite=False",
         lambda: matfn.tri_inv(Q, K, check_finite=False),
         rep,
         host=True,
@@ -232,8 +236,8 @@ def section_triangular(rep: int) -> None:
     record(
         "tri",
         case,
-        "tri_inv cuda_graph=True",
-        lambda: matfn.tri_inv(Q, K, check_finite=False, cuda_graph=True),
+        "tri_inv check_finite=False cuda_graph=False",
+        lambda: matfn.tri_inv(Q, K, check_finite=False, cuda_graph=False),
         rep,
     )
     inv_c = torch.compile(
@@ -243,7 +247,7 @@ def section_triangular(rep: int) -> None:
     record(
         "tri",
         case,
-        "tri_solve eager",
+        "tri_solve default",
         lambda: matfn.tri_solve(Q, K, V),
         rep,
         host=True,
@@ -252,7 +256,7 @@ def section_triangular(rep: int) -> None:
     record(
         "tri",
         case,
-        "tri_solve eager check_finite=False",
+        "tri_solve check_finite=False",
         lambda: matfn.tri_solve(Q, K, V, check_finite=False),
         rep,
         host=True,
@@ -260,8 +264,8 @@ def section_triangular(rep: int) -> None:
     record(
         "tri",
         case,
-        "tri_solve cuda_graph=True",
-        lambda: matfn.tri_solve(Q, K, V, check_finite=False, cuda_graph=True),
+        "tri_solve check_finite=False cuda_graph=False",
+        lambda: matfn.tri_solve(Q, K, V, check_finite=False, cuda_graph=False),
         rep,
     )
     solve_c = torch.compile(

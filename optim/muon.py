@@ -396,7 +396,13 @@ class Muon(Optimizer):
     orthogonalisation is one opaque custom op, ``torch.ops.matfn.muon_orthogonalize``
     (:func:`optim._math.orthogonalize_op`), with the Triton Newton–Schulz kernels inside on
     CUDA. The compiled step matches the eager one to float32 rounding on CPU; on CUDA, to the
-    bf16 iteration's rounding (its norms come from torch instead of the fused pass).
+    bf16 iteration's rounding (its norms come from torch instead of the fused pass). It is not
+    faster: on an H100 GPT-2-small's 72 matrices take 6.4 ms compiled against 3.6 ms eager
+    (docs/benchmarks.md; the compiled step runs inductor's element-wise code instead of the two
+    fused Triton passes, and no bucket graphs). On torch 2.11 inductor's loop reordering
+    asserts on this step's fused ``_foreach`` nodes at that size;
+    ``torch._inductor.config.loop_ordering_after_fusion = False`` avoids it (torch 2.13 skips
+    such nodes).
 
     **Update RMS.** For a full-rank ``A×B`` matrix ``‖msign(U)‖_F² = min(A, B)``, so
     ``RMS(O) = 1/√max(A, B)`` and ``RMS(r·O)`` is ``1/√B`` ("original") or exactly 0.2

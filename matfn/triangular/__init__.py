@@ -273,8 +273,9 @@ def tri_inv(
     **Gradients.** Exact gradients w.r.t. ``Q``, ``K``, a tensor ``diag`` (a number or
     ``None`` has none) and ``log_decay``. The call is the custom op ``torch.ops.matfn.tri_inv``
     (:mod:`matfn.triangular.ops`; one node under ``torch.compile`` and ``torch.export``), whose
-    registered backward runs in torch on every device: ``dT = −T⁻ᵀ dY T⁻ᵀ`` by two structured
-    solves (the transposed one on reversed rows with ``Q`` and ``K`` swapped), then
+    registered backward is ``torch.ops.matfn.tri_inv_backward``: ``dT = −T⁻ᵀ dY T⁻ᵀ`` by two
+    structured solves (the forward's solver, Triton on CUDA float32; the transposed one on
+    reversed rows with ``Q`` and ``K`` swapped), then
     ``dλ = diag(dT)``, ``dQ = dL K``, ``dK = dLᵀ Q`` for ``dL = tril(dT, −1)``: ``O(n² d)``,
     about ``(12 d + 4 C) n²`` FLOPs (:mod:`matfn.triangular.backward`). With ``log_decay``, the
     backward recomputes the chunked torch form under autograd and differentiates it (``ℓ``
@@ -415,11 +416,11 @@ def tri_solve(
     Accuracy and conditioning are those of forward substitution; see :func:`tri_inv`.
 
     **Gradients** w.r.t. ``Q``, ``K``, ``V`` and a tensor ``diag``, exact, in ``O(n d e)`` like
-    the forward (:mod:`matfn.triangular.backward`, torch on every device): for ``X = T⁻¹ V``,
-    ``dV = T⁻ᵀ dX`` (the chunked solver on reversed rows with ``Q`` and ``K`` swapped),
+    the forward (:mod:`matfn.triangular.backward`): for ``X = T⁻¹ V``, ``dV = T⁻ᵀ dX`` (the
+    forward's solver, Triton on CUDA float32, on reversed rows with ``Q`` and ``K`` swapped),
     ``dλ = −Σ_e dV ⊙ X``, and the rank-``e`` ``dL = −tril(dV Xᵀ, −1)`` enters only through the
     causal products ``dQ_i = −Σ_{j<i} (dV_i·X_j) K_j`` and ``dK_j = −Σ_{i>j} (dV_i·X_j) Q_i``,
-    chunked with an ``e×d`` running state; this is the backward registered with the custom op
+    chunked with ``e×d`` states summed over chunks; this is the backward registered with the op
     ``torch.ops.matfn.tri_solve`` (:mod:`matfn.triangular.ops`). ``X`` is saved for the
     backward (solved again when the result was rounded to a half dtype). With ``log_decay``,
     the backward differentiates the chunked torch form, recomputed (``ℓ`` included). Double
