@@ -45,10 +45,9 @@ def causal_products(
     ``(Pᵀ Q)_j = Σ_{i>j} (dV_i·Z_j) Q_i``, the strictly causal and anti-causal linear-attention
     products, in chunks of ``C`` rows. The ``C×C`` block ``P_cc = tril(dV_c Z_cᵀ, −1)`` of each
     chunk serves both; the other chunks enter through ``e×d`` states,
-    ``dV_c Σ_{c' < c} Z_{c'}ᵀ K_{c'}`` and ``Z_c Σ_{c' > c} dV_{c'}ᵀ Q_{c'}``, whose exclusive
-    prefix and suffix sums over chunks are one product each with a strictly triangular matrix
-    of ones. Cost ``O(n (C (e + d) + e d))`` plus ``O((n/C)² e d)`` for the sums; no ``n×n``
-    matrix is formed.
+    ``dV_c Σ_{c' < c} Z_{c'}ᵀ K_{c'}`` and ``Z_c Σ_{c' > c} dV_{c'}ᵀ Q_{c'}``, exclusive prefix
+    and suffix sums over the chunks. Cost ``O(n (C (e + d) + e d))``; no ``n×n`` matrix is
+    formed.
     """
     b, n, e = dV.shape
     d = Q.shape[-1]
@@ -66,12 +65,10 @@ def causal_products(
     dQ = P @ Kc
     dK = P.mT @ Qc
     if NC > 1:
-        earlier = torch.ones(NC, NC, dtype=dV.dtype, device=dV.device).tril(-1)
-        flat = (b, NC, e * d)
-        before = (earlier @ (Zc.mT @ Kc).reshape(flat)).reshape(b, NC, e, d)
-        after = (earlier.mT @ (dVc.mT @ Qc).reshape(flat)).reshape(b, NC, e, d)
-        dQ = dQ + dVc @ before
-        dK = dK + Zc @ after
+        before = (Zc[:, :-1].mT @ Kc[:, :-1]).cumsum(1)  # Σ_{c' < c}, for c = 1 … NC − 1
+        after = (dVc[:, 1:].mT @ Qc[:, 1:]).flip(1).cumsum(1).flip(1)  # Σ_{c' > c}, c < NC − 1
+        dQ[:, 1:] += dVc[:, 1:] @ before
+        dK[:, :-1] += Zc[:, :-1] @ after
     return dQ.reshape(b, NC * C, d)[:, :n], dK.reshape(b, NC * C, d)[:, :n]
 
 

@@ -90,10 +90,11 @@ def test_opcheck_backward_ops():
     Q, K, V, lam, _ = _case((2,), 10, 3, 2)
     dY, dX = torch.randn(2, 10, 10, dtype=F64), torch.randn(2, 10, 2, dtype=F64)
     X = torch.ops.matfn.tri_solve(Q, K, V, lam, None, 4, False)
-    args = (Q, K, lam, dY, 4, [True, False, True], False)
-    torch.library.opcheck(torch.ops.matfn.tri_inv_backward.default, args)
-    args = (Q, K, V, lam.float(), X, dX, 4, [False, True, True, True], False)
-    torch.library.opcheck(torch.ops.matfn.tri_solve_backward.default, args)
+    for replay in (False, True):  # replay: a CUDA graph where launch-bound, else the same call
+        args = (Q, K, lam, dY, 4, [True, False, True], replay)
+        torch.library.opcheck(torch.ops.matfn.tri_inv_backward.default, args)
+        args = (Q, K, V, lam.float(), X, dX, 4, [False, True, True, True], replay)
+        torch.library.opcheck(torch.ops.matfn.tri_solve_backward.default, args)
 
 
 def test_ops_are_registered_and_do_not_alias():
