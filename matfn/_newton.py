@@ -65,11 +65,13 @@ def relative_change(new: torch.Tensor, old: torch.Tensor) -> float:
 class NewtonProgress:
     """The stopping rule of a scaled Newton sign iteration, fed one relative change per step.
 
-    :meth:`update` says ``"singular"`` for a NaN change, ``"converged"`` once the change is
-    below ``tol`` or stops decreasing at the rounding floor (below 1e-3 and no longer halving),
-    else ``None``; :attr:`scaled` turns off once a step moves the iterate by less than
-    :data:`NEWTON_UNSCALED_BELOW`, so the unscaled iteration's quadratic convergence is kept.
-    Shared by :class:`NewtonSign` and the Sylvester solve's block iteration.
+    :meth:`update` returns whether to stop: ``singular`` is set for a NaN change (or by the
+    caller, :meth:`stop_singular`, when an iterate cannot be inverted), ``converged`` once the
+    change is below ``tol`` or stops decreasing at the rounding floor (below 1e-3 and no longer
+    halving); ``last_change`` is the latest change. :attr:`scaled` turns off once a step moves
+    the iterate by less than :data:`NEWTON_UNSCALED_BELOW`, so the unscaled iteration's
+    quadratic convergence is kept. Shared by :class:`NewtonSign` and the Sylvester solve's
+    block iteration.
     """
 
     def __init__(self, tol: float) -> None:
@@ -77,17 +79,26 @@ class NewtonProgress:
         self.previous = float("inf")
         self.scaled = True
         self.last_change = float("inf")
+        self.singular = False
+        self.converged = False
 
-    def update(self, change: float) -> str | None:
+    def stop_singular(self) -> None:
+        """Record a numerically singular iterate (the iteration stops)."""
+        self.singular = True
+
+    def update(self, change: float) -> bool:
+        """Record a step's relative change; True when the iteration should stop."""
         self.last_change = change
         if change != change:  # NaN
-            return "singular"
+            self.singular = True
+            return True
         if change <= self.tol or (self.previous < 1e-3 and change > 0.5 * self.previous):
-            return "converged"
+            self.converged = True
+            return True
         if change < NEWTON_UNSCALED_BELOW:
             self.scaled = False
         self.previous = change
-        return None
+        return False
 
 
 class NewtonSign:
@@ -114,7 +125,7 @@ class NewtonSign:
         for _ in range(max_steps):
             inv, x_norm, inv_norm, limit, ok = newton_inverse(X, limit)
             if not ok:
-                self.singular = True
+                progress.stop_singular()
                 break
             # Frobenius-norm scaling μ = (‖X⁻¹‖/‖X‖)^{1/2} balances the eigenvalue moduli about
             # 1 (Higham, Functions of Matrices, §5.5), per matrix; off near convergence.
@@ -123,11 +134,9 @@ class NewtonSign:
             change = relative_change(X_next, X)
             X = X_next
             self.steps += 1
-            verdict = progress.update(change)
-            self.last_change = change
-            if verdict is not None:
-                self.singular = verdict == "singular"
-                self.converged = verdict == "converged"
+            if progress.update(change):
                 break
         self.X = X
+        self.singular, self.converged = progress.singular, progress.converged
+        self.last_change = progress.last_change
         return X

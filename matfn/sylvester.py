@@ -277,9 +277,6 @@ class _NewtonSylvester:
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor) -> None:
         self.steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self.singular = False
-        self.converged = False
-        self.last_change = float("inf")
         tiny = torch.finfo(A.dtype).tiny
         progress = NewtonProgress(
             4 * torch.finfo(A.dtype).eps * max(A.shape[-1], B.shape[-1]) ** 0.5
@@ -289,7 +286,7 @@ class _NewtonSylvester:
             Ai, a_norm, ai_norm, a_limit, a_ok = newton_inverse(A, a_limit)
             Bi, b_norm, bi_norm, b_limit, b_ok = newton_inverse(B, b_limit)
             if not (a_ok and b_ok):
-                self.singular = True
+                progress.stop_singular()
                 break
             if progress.scaled:
                 # One μ for the whole block matrix (it must stay block-triangular), from the
@@ -304,13 +301,11 @@ class _NewtonSylvester:
             B_next = 0.5 * (mu * B + Bi / mu)
             change = max(relative_change(A_next, A), relative_change(B_next, B))
             A, B = A_next, B_next
-            verdict = progress.update(change)
-            self.last_change = change
-            if verdict is not None:
-                self.singular = verdict == "singular"
-                self.converged = verdict == "converged"
+            if progress.update(change):
                 break
         self.A, self.B = A, B
+        self.singular, self.converged = progress.singular, progress.converged
+        self.last_change = progress.last_change
 
     def apply(self, C: torch.Tensor) -> torch.Tensor:
         """``X`` with ``A X + X B = C`` for the recorded ``A``, ``B`` (any ``(K, n, m)`` C)."""
