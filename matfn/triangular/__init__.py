@@ -37,7 +37,7 @@ from matfn._autocast import no_autocast
 from matfn._validation import check_matrix, check_same_device, non_finite_error
 
 from .chunks import tri_inv_chunks
-from .ops import SingularTriangularError, check_values, result_dtype, values_ok
+from .ops import SingularTriangularError, check_values, result_dtype, unpack_needed, values_ok
 from .reference import DEFAULT_CHUNK
 
 __all__ = ["tri_inv", "tri_solve", "tri_inv_chunks", "SingularTriangularError"]
@@ -304,7 +304,7 @@ def tri_inv(
     if cuda_graph and decay is None and _graphs.graph_applies(*_detached(Q, K, lam), work=work):
         if _records_grad(Q, K, lam):
             return _ReplayedInv.apply(Q, K, lam, chunk_size, check_finite)
-        return _replayed_inv(Q, K, lam, chunk_size, check_finite)
+        return _replayed(_tri_inv, Q, K, None, lam, chunk_size, check_finite)
     return torch.ops.matfn.tri_inv(Q, K, lam, decay, chunk_size, check_finite)
 
 
@@ -316,13 +316,22 @@ def _records_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
 
 
-def _replayed_inv(Q, K, lam, chunk_size: int, check_finite: bool) -> torch.Tensor:
-    """:func:`tri_inv` replayed from a CUDA graph, with ``check_finite``'s test inside it."""
-    call = functools.partial(_tri_inv, checked=check_finite, chunk_size=chunk_size)
+def _replayed(compute, Q, K, V, lam, chunk_size: int, check_finite: bool) -> torch.Tensor:
+    """``compute`` (:func:`_tri_inv`, ``V`` None, or :func:`_tri_solve`) replayed from a CUDA graph.
+
+    With ``check_finite`` the input test is part of the graph and its flag is read after the
+    replay is issued: the call's one host sync waits for the result instead of holding up the
+    launch; a failed test raises :func:`check_values`'s error. No autograd is recorded here
+    (grad mode is off, or the caller is :class:`_ReplayedInv`/:class:`_ReplayedSolve`).
+    """
+    tensors = tuple(x for x in (Q, K, V, lam) if x is not None)
+    call = functools.partial(compute, checked=check_finite, chunk_size=chunk_size)
     if not check_finite:
-        return _graphs.replay_or_capture(call, *_detached(Q, K, lam))
-    Y, ok = _graphs.replay_or_capture(call, *_detached(Q, K, lam))
-    return _checked(ok, Y, Q, K, None, lam)
+        return _graphs.replay_or_capture(call, *tensors)
+    out, ok = _graphs.replay_or_capture(call, *tensors)
+    if not ok.item():
+        check_values(Q, K, V, lam, None)
+    return out
 
 
 def _tri_inv(Q, K, lam, *, chunk_size: int, checked: bool = False):
@@ -332,17 +341,6 @@ def _tri_inv(Q, K, lam, *, chunk_size: int, checked: bool = False):
     """
     Y = torch.ops.matfn.tri_inv(Q, K, lam, None, chunk_size, False)
     return (Y, values_ok(Q, K, None, lam)) if checked else Y
-
-
-def _checked(ok: torch.Tensor, out: torch.Tensor, Q, K, V, lam) -> torch.Tensor:
-    """``out``, once the replayed check ``ok`` passed; else the error of :func:`check_values`.
-
-    The flag is read after the replay is issued: the call's one host sync waits for the result
-    instead of holding up the launch.
-    """
-    if not ok.item():
-        check_values(Q, K, V, lam, None)
-    return out
 
 
 @no_autocast
@@ -451,17 +449,8 @@ def tri_solve(
     if cuda_graph and decay is None and _graphs.graph_applies(*_detached(Q, K, V, lam), work=work):
         if _records_grad(Q, K, V, lam):
             return _ReplayedSolve.apply(Q, K, V, lam, chunk_size, check_finite)
-        return _replayed_solve(Q, K, V, lam, chunk_size, check_finite)
+        return _replayed(_tri_solve, Q, K, V, lam, chunk_size, check_finite)
     return torch.ops.matfn.tri_solve(Q, K, V, lam, decay, chunk_size, check_finite)
-
-
-def _replayed_solve(Q, K, V, lam, chunk_size: int, check_finite: bool) -> torch.Tensor:
-    """:func:`tri_solve` replayed from a CUDA graph, with ``check_finite``'s test inside it."""
-    call = functools.partial(_tri_solve, checked=check_finite, chunk_size=chunk_size)
-    if not check_finite:
-        return _graphs.replay_or_capture(call, *_detached(Q, K, V, lam))
-    X, ok = _graphs.replay_or_capture(call, *_detached(Q, K, V, lam))
-    return _checked(ok, X, Q, K, V, lam)
 
 
 def _tri_solve(Q, K, V, lam, *, chunk_size: int, checked: bool = False):
@@ -476,7 +465,7 @@ def _tri_solve(Q, K, V, lam, *, chunk_size: int, checked: bool = False):
 class _ReplayedInv(torch.autograd.Function):
     """:func:`tri_inv` with ``cuda_graph=True`` under autograd.
 
-    The forward is replayed (:func:`_replayed_inv`); the backward is the op's,
+    The forward is replayed (:func:`_replayed`); the backward is the op's,
     ``torch.ops.matfn.tri_inv_backward``, replayed too where it is launch-bound.
     """
 
@@ -484,15 +473,14 @@ class _ReplayedInv(torch.autograd.Function):
     def forward(ctx, Q, K, lam, chunk_size: int, check_finite: bool):
         ctx.chunk_size = chunk_size
         ctx.save_for_backward(Q, K, lam)
-        return _replayed_inv(Q, K, lam, chunk_size, check_finite)
+        return _replayed(_tri_inv, Q, K, None, lam, chunk_size, check_finite)
 
     @staticmethod
     def backward(ctx, dY):
         Q, K, lam = ctx.saved_tensors
         needs = list(ctx.needs_input_grad[:3])
         grads = torch.ops.matfn.tri_inv_backward(Q, K, lam, dY, ctx.chunk_size, needs, True)
-        it = iter(grads)
-        return (*(next(it) if need else None for need in needs), None, None)
+        return (*unpack_needed(grads, needs), None, None)
 
 
 class _ReplayedSolve(torch.autograd.Function):
@@ -500,7 +488,7 @@ class _ReplayedSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, Q, K, V, lam, chunk_size: int, check_finite: bool):
-        X = _replayed_solve(Q, K, V, lam, chunk_size, check_finite)
+        X = _replayed(_tri_solve, Q, K, V, lam, chunk_size, check_finite)
         ctx.chunk_size = chunk_size
         ctx.save_for_backward(Q, K, V, lam, X)
         return X
@@ -510,5 +498,4 @@ class _ReplayedSolve(torch.autograd.Function):
         Q, K, V, lam, X = ctx.saved_tensors
         needs = list(ctx.needs_input_grad[:4])
         grads = torch.ops.matfn.tri_solve_backward(Q, K, V, lam, X, dX, ctx.chunk_size, needs, True)
-        it = iter(grads)
-        return (*(next(it) if need else None for need in needs), None, None)
+        return (*unpack_needed(grads, needs), None, None)

@@ -52,6 +52,7 @@ __all__ = [
     "SingularTriangularError",
     "check_values",
     "values_ok",
+    "unpack_needed",
     "result_dtype",
     "tri_inv_op",
     "tri_solve_op",
@@ -312,7 +313,7 @@ def tri_inv_backward_op(
     dYf = grad.reshape(-1, n, n).to(cdt)
     call = functools.partial(_inv_grads, chunk_size=chunk_size, needs=(nq, nk, nl))
     grads = _maybe_replayed(replay, call, (Qf, Kf, lamf, dYf), work=B * n * n * d)
-    return _fresh(_cast_grads(_unpack(grads, needs), (Q, K, diag)), (*inputs, grad))
+    return _fresh(_cast_grads(unpack_needed(grads, needs), (Q, K, diag)), (*inputs, grad))
 
 
 @tri_inv_backward_op.register_fake
@@ -374,7 +375,7 @@ def tri_solve_backward_op(
     work = B * n * d * (d + Xf.shape[-1])
     call = functools.partial(_solve_grads, chunk_size=chunk_size, needs=(nq, nk, nl))
     grads = _maybe_replayed(replay, call, (Qf, Kf, lamf, Xf, dXf), work=work)
-    dQ, dK, dV, dlam = _unpack(grads, (nq, nk, True, nl))
+    dQ, dK, dV, dlam = unpack_needed(grads, (nq, nk, True, nl))
     grads = _cast_grads((dQ, dK, dV if nv else None, dlam), (Q, K, V, diag))
     return _fresh(grads, (*inputs, X, grad))
 
@@ -384,7 +385,10 @@ def _(Q, K, V, diag, X, grad, chunk_size, needs, replay):
     return _needed_like((Q, K, V, diag), needs)
 
 
-def _unpack(grads: Sequence[torch.Tensor], needs: Sequence[bool]) -> list[torch.Tensor | None]:
+def unpack_needed(
+    grads: Sequence[torch.Tensor], needs: Sequence[bool]
+) -> list[torch.Tensor | None]:
+    """The gradients of the inputs marked in ``needs`` in their slots, ``None`` elsewhere."""
     it = iter(grads)
     return [next(it) if need else None for need in needs]
 
@@ -405,7 +409,7 @@ def _backward_inv(ctx, dY: torch.Tensor):
         fn = lambda *a: _inv_compute(*a, ctx.chunk_size)  # noqa: E731
         return (*_autograd_of(fn, (Q, K, lam, decay), needs, dY), None, None)
     grads = torch.ops.matfn.tri_inv_backward(Q, K, lam, dY, ctx.chunk_size, needs[:3], False)
-    return (*_unpack(grads, needs[:3]), None, None, None)
+    return (*unpack_needed(grads, needs[:3]), None, None, None)
 
 
 def _setup_solve(ctx, inputs, output) -> None:
@@ -426,7 +430,7 @@ def _backward_solve(ctx, dX: torch.Tensor):
     grads = torch.ops.matfn.tri_solve_backward(
         Q, K, V, lam, X, dX, ctx.chunk_size, needs[:4], False
     )
-    return (*_unpack(grads, needs[:4]), None, None, None)
+    return (*unpack_needed(grads, needs[:4]), None, None, None)
 
 
 tri_inv_op.register_autograd(_backward_inv, setup_context=_setup_inv)
