@@ -5,7 +5,9 @@ DeltaNet's home case: batch 8, 16 heads, n = 4096, d = 128, chunk 64, unit-norm 
 (ℓ ∈ [−1, 0)) and strong (ℓ ∈ [−5, 0)). For each: the relative Frobenius error against the
 float64 torch form and the median time (``triton.testing.do_bench``) of
 
-* matfn ``tri_inv_chunks`` (the public call; the torch form on every device);
+* matfn ``tri_inv_chunks`` (the public call: the Triton kernel of
+  ``matfn.triangular.chunks_kernel`` without decay and for GDN, the torch form for KDA; the
+  first call per case autotunes, outside the timed region);
 * fla ``chunk_scaled_dot_kkt_fwd`` + ``solve_tril`` (not for KDA: that A takes no per-channel
   gate), fla ``solve_tril`` alone on a precomputed A (its error from the exactly rounded A),
   and fla's fused GDN ``kkt_solve`` kernel (tf32 dots) where fla-core is importable.
@@ -88,7 +90,8 @@ def main() -> None:
         def ours():
             return chunks.tri_inv_chunks(K, beta, log_decay=L, check_finite=False)
 
-        rows.append((case, "matfn tri_inv_chunks", bench(ours), rel(ours(), ref)))
+        err = rel(ours(), ref)  # the first call autotunes the kernel
+        rows.append((case, "matfn tri_inv_chunks", bench(ours), err))
         if fla is None:
             continue
         kkt, solve_tril, fused = fla

@@ -22,6 +22,9 @@ This module validates and calls the custom ops of ``ops``. The modules of the pa
 ``chunk``, ``inverse``, ``solve`` (``scan``, ``tree``, ``schedule``)
     The Triton kernels and launchers for CUDA float32 tensors, imported on first use
     (:func:`matfn._backend.triton_module`).
+``chunks``, ``chunks_kernel``
+    ``tri_inv_chunks`` (the per-chunk inverses of DeltaNet's WY form): validation, custom op
+    and torch form; its Triton kernel (CUDA float32, imported on first use).
 """
 
 from __future__ import annotations
@@ -37,7 +40,15 @@ from matfn._autocast import no_autocast
 from matfn._validation import check_matrix, check_same_device, non_finite_error
 
 from .chunks import tri_inv_chunks
-from .ops import SingularTriangularError, check_values, result_dtype, unpack_needed, values_ok
+from .ops import (
+    SingularTriangularError,
+    check_values,
+    inv_grads,
+    result_dtype,
+    solve_grads,
+    unpack_needed,
+    values_ok,
+)
 from .reference import DEFAULT_CHUNK
 
 __all__ = ["tri_inv", "tri_solve", "tri_inv_chunks", "SingularTriangularError"]
@@ -465,8 +476,10 @@ def _tri_solve(Q, K, V, lam, *, chunk_size: int, checked: bool = False):
 class _ReplayedInv(torch.autograd.Function):
     """:func:`tri_inv` with ``cuda_graph=True`` under autograd.
 
-    The forward is replayed (:func:`_replayed`); the backward is the op's,
-    ``torch.ops.matfn.tri_inv_backward``, replayed too where it is launch-bound.
+    The forward is replayed (:func:`_replayed`); the backward is the body of the op
+    ``torch.ops.matfn.tri_inv_backward`` (:func:`~matfn.triangular.ops.inv_grads`), called
+    directly and replayed too where it is launch-bound: the op's dispatch cost more host time
+    than the replay it wraps.
     """
 
     @staticmethod
@@ -479,7 +492,7 @@ class _ReplayedInv(torch.autograd.Function):
     def backward(ctx, dY):
         Q, K, lam = ctx.saved_tensors
         needs = list(ctx.needs_input_grad[:3])
-        grads = torch.ops.matfn.tri_inv_backward(Q, K, lam, dY, ctx.chunk_size, needs, True)
+        grads = inv_grads(Q, K, lam, dY, ctx.chunk_size, needs, replay=True)
         return (*unpack_needed(grads, needs), None, None)
 
 
@@ -497,5 +510,5 @@ class _ReplayedSolve(torch.autograd.Function):
     def backward(ctx, dX):
         Q, K, V, lam, X = ctx.saved_tensors
         needs = list(ctx.needs_input_grad[:4])
-        grads = torch.ops.matfn.tri_solve_backward(Q, K, V, lam, X, dX, ctx.chunk_size, needs, True)
+        grads = solve_grads(Q, K, V, lam, X, dX, ctx.chunk_size, needs, replay=True)
         return (*unpack_needed(grads, needs), None, None)

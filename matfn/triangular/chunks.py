@@ -9,12 +9,15 @@ i.e. ``(T_c)_ij = δ_ij + [i > j] β_i Σ_m K_im K_jm exp(R_im − R_jm)`` with 
 sum of ``ℓ`` inside the chunk. Only the chunk-local block of each inverse is formed: the state
 across chunks is the recurrence's own business. This is what fla-core computes with
 ``chunk_scaled_dot_kkt_fwd`` followed by ``solve_tril``; here it is one call from ``K``, ``β``
-and ``ℓ``, in torch on every device (no fused kernel yet).
+and ``ℓ``.
 
 :func:`tri_inv_chunks`
     The public function: validation, then the custom op ``torch.ops.matfn.tri_inv_chunks``.
 :func:`tri_inv_chunks_torch`
     The torch form (every device and dtype; the tests' float64 oracle).
+:mod:`matfn.triangular.chunks_kernel`
+    The Triton kernel (CUDA float32, ``C = 64``, no decay or one per row), one program per
+    chunk from ``K`` to ``Y_c``; imported on the first call that takes it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import math
 import torch
 
 from matfn._autocast import no_autocast
+from matfn._backend import triton_module, use_triton
 from matfn._validation import assert_all_finite, check_matrix, check_same_device
 
 from .reference import decay_factors
@@ -107,6 +111,25 @@ def _result_dtype(K: torch.Tensor, beta: torch.Tensor, log_decay: torch.Tensor |
     return dtype
 
 
+#: The chunk size the CUDA kernel takes (four blocks of 16 rows), DeltaNet's and KDA's.
+KERNEL_CHUNK = 64
+
+
+def _takes_kernel(K: torch.Tensor, log_decay: torch.Tensor | None, chunk_size: int) -> bool:
+    """Whether the flattened compute-dtype operands run the Triton kernel.
+
+    CUDA float32 (fp16/bf16 inputs are computed in float32), ``C =``
+    :data:`KERNEL_CHUNK`, no decay or one per row; a per-channel decay (KDA) and every other
+    case run :func:`tri_inv_chunks_torch`.
+    """
+    return (
+        K.dtype == torch.float32
+        and chunk_size == KERNEL_CHUNK
+        and (log_decay is None or log_decay.shape[-1] == 1)
+        and use_triton(K)
+    )
+
+
 @torch.library.custom_op("matfn::tri_inv_chunks", mutates_args=())
 def _tri_inv_chunks_op(
     K: torch.Tensor,
@@ -135,7 +158,11 @@ def _tri_inv_chunks_op(
     Lf = None
     if log_decay is not None:
         Lf = log_decay.reshape(B, n, -1).to(cdt)
-    Y = tri_inv_chunks_torch(Kf, bf, Lf, chunk_size)
+    if _takes_kernel(Kf, Lf, chunk_size):
+        kernel = triton_module("triangular.chunks_kernel")
+        Y = kernel.tri_inv_chunks_triton(Kf, bf, Lf)
+    else:
+        Y = tri_inv_chunks_torch(Kf, bf, Lf, chunk_size)
     return Y.reshape(*batch, n, chunk_size).to(dtype)
 
 
@@ -208,7 +235,7 @@ def tri_inv_chunks(
     chunk_size : int
         Rows per chunk ``C``. ``n`` need not be a multiple: the last chunk is short, its rows
         past ``n`` are absent (its inverse is the top-left block of the padded one). The CUDA
-        kernel takes ``C ∈ {16, 32, 64}``; other sizes run the torch form.
+        kernel takes ``C = 64``; other sizes run the torch form.
     check_finite : bool
         Raise on NaN/Inf in the inputs (one host sync, inside the op).
 
@@ -230,16 +257,24 @@ def tri_inv_chunks(
 
     Notes
     -----
-    **Cost.** ``n C d`` multiply-adds for the blocks of ``A`` (half of ``C×C`` per chunk) plus
-    ``O(n C²)`` for the inverse; a per-channel decay adds the exact ``16×16×d`` diagonal blocks,
-    ``8 n d`` exponentials. Every device runs the torch form (:func:`tri_inv_chunks_torch`):
-    the products of ``A`` in float64, one batched triangular solve per chunk. A fused kernel
-    that forms ``A`` in registers (one read of ``K``, one write of ``Y``) is not part of the
-    library yet, so on CUDA fla-core's ``solve_tril`` is faster (docs/benchmarks.md).
+    **Cost.** The products of ``A`` take ``n C d / 2`` multiply-adds (the lower half of each
+    ``C×C``), the inverse ``O(n C²)``; a per-channel decay adds the exact ``16×16×d`` diagonal
+    blocks, ``8 n d`` exponentials. On CUDA in float32 (fp16/bf16 inputs are computed in
+    float32) with ``C = 64`` and no decay or one per row, one Triton kernel
+    (:mod:`matfn.triangular.chunks_kernel`) forms each chunk's ``A`` on the tensor cores and
+    inverts it by ``16×16`` blocks, reading ``K`` and writing ``Y`` once from and to DRAM; it
+    autotunes on its first call per ``(d, decay)``. Everything else (CPU, float64, other
+    ``C``, a per-channel decay) runs the torch form (:func:`tri_inv_chunks_torch`): the
+    products in float64, one batched triangular solve per chunk.
 
-    **Accuracy.** Forward substitution is backward stable; in the DeltaNet case
-    (``‖k‖ = 1``, ``β ∈ (0, 1)``) the float32 result is within a few ``1e-8`` (relative
-    Frobenius) of float64, like fla-core's ``solve_tril`` from an exact ``A``.
+    **Accuracy.** Forward substitution is backward stable, so the error of ``Y`` is set by
+    that of ``A``. The torch form rounds the float64 ``A`` once; the kernel splits each key
+    into three TF32 numbers, ``k = h + l₁ + l₂`` with ``h`` on a grid of ``2⁻¹⁰`` times a
+    power of two above ``‖k‖``, so that ``h_i·h_j`` sums exactly on the tensor cores and the
+    small rest adds about one rounding (plain float32 accumulation over ``d = 128`` channels
+    would double the error of the result; :mod:`~matfn.triangular.chunks_kernel`). In the
+    DeltaNet case (``‖k‖ = 1``, ``β ∈ (0, 1)``) both are within about 3e-8 (relative
+    Frobenius) of float64, like fla-core's ``solve_tril`` from an exactly rounded ``A``.
 
     **Not differentiable**: the op has no autograd formula, so gradients do not flow to
     ``K``, ``beta`` or ``log_decay`` (a backward through it raises).

@@ -23,7 +23,9 @@ call can be captured in a CUDA graph.
 Gradients (``register_autograd``): without ``log_decay`` through two more ops,
 ``matfn::tri_inv_backward`` and ``matfn::tri_solve_backward``, which run the exact backward of
 :mod:`matfn.triangular.backward` on the inputs in the compute dtype; opaque nodes too, so a
-compiled backward neither unrolls their chunk loops nor recompiles per ``n``. With
+compiled backward neither unrolls their chunk loops nor recompiles per ``n``. Their bodies,
+:func:`inv_grads` and :func:`solve_grads`, are also what a graph-replayed call's backward runs
+(without the op's dispatch). With
 ``log_decay`` the registered backward differentiates the decayed chunked torch form,
 recomputed under ``torch.enable_grad`` (``ℓ`` included); that plain torch is traced into a
 compiled backward (why not an op: an op's body runs below autograd, which the recomputation
@@ -58,6 +60,8 @@ __all__ = [
     "tri_solve_op",
     "tri_inv_backward_op",
     "tri_solve_backward_op",
+    "inv_grads",
+    "solve_grads",
 ]
 
 
@@ -285,23 +289,23 @@ def _needed_like(
     return [x.new_empty(x.shape) for x, need in zip(inputs, needs, strict=True) if need]
 
 
-@torch.library.custom_op("matfn::tri_inv_backward", mutates_args=())
-def tri_inv_backward_op(
+def inv_grads(
     Q: torch.Tensor,
     K: torch.Tensor,
     diag: torch.Tensor,
     grad: torch.Tensor,
     chunk_size: int,
-    needs: list[bool],
+    needs: Sequence[bool],
+    *,
     replay: bool,
 ) -> list[torch.Tensor]:
-    """Gradients of ``matfn::tri_inv`` (no decay) w.r.t. ``(Q, K, diag)``, those in ``needs``.
+    """Gradients of ``T⁻¹`` (no decay) w.r.t. ``(Q, K, diag)``, those in ``needs``.
 
     Returns the needed ones, in that order, in their inputs' shapes and dtypes:
-    :func:`matfn.triangular.backward.tri_inv_backward` in the compute dtype. One opaque node,
-    so a compiled backward neither unrolls the chunk loops nor recompiles per ``n``.
-    ``replay``: replay the computation from a CUDA graph where it is launch-bound
-    (:mod:`matfn._graphs`; the backward of a ``cuda_graph=True`` call).
+    :func:`matfn.triangular.backward.tri_inv_backward` in the compute dtype. ``replay``:
+    replay the computation from a CUDA graph where it is launch-bound (:mod:`matfn._graphs`;
+    the backward of a ``cuda_graph=True`` call, which calls this directly: the op's dispatch
+    costs more host time than the replay).
     """
     nq, nk, nl = needs
     inputs = (Q, K, diag)
@@ -311,23 +315,39 @@ def tri_inv_backward_op(
     Qf, Kf, _, lamf = _prepare(Q, K, None, diag, cdt)
     B, n, d = Qf.shape
     dYf = grad.reshape(-1, n, n).to(cdt)
-    call = functools.partial(_inv_grads, chunk_size=chunk_size, needs=(nq, nk, nl))
+    call = functools.partial(_inv_grads_flat, chunk_size=chunk_size, needs=(nq, nk, nl))
     grads = _maybe_replayed(replay, call, (Qf, Kf, lamf, dYf), work=B * n * n * d)
     return _fresh(_cast_grads(unpack_needed(grads, needs), (Q, K, diag)), (*inputs, grad))
 
 
+@torch.library.custom_op("matfn::tri_inv_backward", mutates_args=())
+def tri_inv_backward_op(
+    Q: torch.Tensor,
+    K: torch.Tensor,
+    diag: torch.Tensor,
+    grad: torch.Tensor,
+    chunk_size: int,
+    needs: list[bool],
+) -> list[torch.Tensor]:
+    """:func:`inv_grads` as one opaque node.
+
+    So a compiled backward neither unrolls the chunk loops nor recompiles per ``n``.
+    """
+    return inv_grads(Q, K, diag, grad, chunk_size, needs, replay=False)
+
+
 @tri_inv_backward_op.register_fake
-def _(Q, K, diag, grad, chunk_size, needs, replay):
+def _(Q, K, diag, grad, chunk_size, needs):
     return _needed_like((Q, K, diag), needs)
 
 
-def _inv_grads(Qf, Kf, lamf, dYf, *, chunk_size: int, needs: tuple[bool, ...]):
+def _inv_grads_flat(Qf, Kf, lamf, dYf, *, chunk_size: int, needs: tuple[bool, ...]):
     """The needed gradients of :func:`tri_inv_backward`, as a tuple (what a graph captures)."""
     grads = tri_inv_backward(Qf, Kf, lamf, dYf, chunk_size, needs)
     return tuple(g for g in grads if g is not None)
 
 
-def _solve_grads(Qf, Kf, lamf, Xf, dXf, *, chunk_size: int, needs: tuple[bool, ...]):
+def _solve_grads_flat(Qf, Kf, lamf, Xf, dXf, *, chunk_size: int, needs: tuple[bool, ...]):
     """``dV`` and the needed ones of ``(dQ, dK, dλ)`` of :func:`tri_solve_backward`, in order."""
     grads = tri_solve_backward(Qf, Kf, lamf, Xf, dXf, chunk_size, needs)
     return tuple(g for g in grads if g is not None)
@@ -344,8 +364,7 @@ def _maybe_replayed(replay: bool, call: functools.partial, operands, *, work: in
     return call(*operands)
 
 
-@torch.library.custom_op("matfn::tri_solve_backward", mutates_args=())
-def tri_solve_backward_op(
+def solve_grads(
     Q: torch.Tensor,
     K: torch.Tensor,
     V: torch.Tensor,
@@ -353,15 +372,15 @@ def tri_solve_backward_op(
     X: torch.Tensor,
     grad: torch.Tensor,
     chunk_size: int,
-    needs: list[bool],
+    needs: Sequence[bool],
+    *,
     replay: bool,
 ) -> list[torch.Tensor]:
-    """Gradients of ``X = matfn::tri_solve(...)`` (no decay) w.r.t. ``(Q, K, V, diag)``.
+    """Gradients of ``X = T⁻¹ V`` (no decay) w.r.t. ``(Q, K, V, diag)``, those in ``needs``.
 
-    As :func:`tri_inv_backward_op`, with
-    :func:`matfn.triangular.backward.tri_solve_backward`, which reads ``X`` in the compute
-    dtype: the saved result is it unless it was rounded to a half dtype, then it is solved
-    again.
+    As :func:`inv_grads`, with :func:`matfn.triangular.backward.tri_solve_backward`, which
+    reads ``X`` in the compute dtype: the saved result is it unless it was rounded to a half
+    dtype, then it is solved again.
     """
     nq, nk, nv, nl = needs
     inputs = (Q, K, V, diag)
@@ -373,15 +392,30 @@ def tri_solve_backward_op(
     dXf = grad.reshape(Xf.shape).to(cdt)
     B, n, d = Qf.shape
     work = B * n * d * (d + Xf.shape[-1])
-    call = functools.partial(_solve_grads, chunk_size=chunk_size, needs=(nq, nk, nl))
+    call = functools.partial(_solve_grads_flat, chunk_size=chunk_size, needs=(nq, nk, nl))
     grads = _maybe_replayed(replay, call, (Qf, Kf, lamf, Xf, dXf), work=work)
     dQ, dK, dV, dlam = unpack_needed(grads, (nq, nk, True, nl))
     grads = _cast_grads((dQ, dK, dV if nv else None, dlam), (Q, K, V, diag))
     return _fresh(grads, (*inputs, X, grad))
 
 
+@torch.library.custom_op("matfn::tri_solve_backward", mutates_args=())
+def tri_solve_backward_op(
+    Q: torch.Tensor,
+    K: torch.Tensor,
+    V: torch.Tensor,
+    diag: torch.Tensor,
+    X: torch.Tensor,
+    grad: torch.Tensor,
+    chunk_size: int,
+    needs: list[bool],
+) -> list[torch.Tensor]:
+    """:func:`solve_grads` as one opaque node (as :func:`tri_inv_backward_op`)."""
+    return solve_grads(Q, K, V, diag, X, grad, chunk_size, needs, replay=False)
+
+
 @tri_solve_backward_op.register_fake
-def _(Q, K, V, diag, X, grad, chunk_size, needs, replay):
+def _(Q, K, V, diag, X, grad, chunk_size, needs):
     return _needed_like((Q, K, V, diag), needs)
 
 
@@ -408,7 +442,7 @@ def _backward_inv(ctx, dY: torch.Tensor):
     if decay is not None:  # plain torch: traced into a compiled backward
         fn = lambda *a: _inv_compute(*a, ctx.chunk_size)  # noqa: E731
         return (*_autograd_of(fn, (Q, K, lam, decay), needs, dY), None, None)
-    grads = torch.ops.matfn.tri_inv_backward(Q, K, lam, dY, ctx.chunk_size, needs[:3], False)
+    grads = torch.ops.matfn.tri_inv_backward(Q, K, lam, dY, ctx.chunk_size, needs[:3])
     return (*unpack_needed(grads, needs[:3]), None, None, None)
 
 
@@ -427,9 +461,7 @@ def _backward_solve(ctx, dX: torch.Tensor):
     if decay is not None:  # plain torch: traced into a compiled backward
         fn = lambda *a: _solve_compute(*a, ctx.chunk_size)  # noqa: E731
         return (*_autograd_of(fn, (Q, K, V, lam, decay), needs, dX), None, None)
-    grads = torch.ops.matfn.tri_solve_backward(
-        Q, K, V, lam, X, dX, ctx.chunk_size, needs[:4], False
-    )
+    grads = torch.ops.matfn.tri_solve_backward(Q, K, V, lam, X, dX, ctx.chunk_size, needs[:4])
     return (*unpack_needed(grads, needs[:4]), None, None, None)
 
 

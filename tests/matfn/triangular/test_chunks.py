@@ -1,19 +1,28 @@
-"""``tri_inv_chunks``: torch form vs a dense float64 oracle, input checks and the custom op.
+"""``tri_inv_chunks``: torch form and Triton kernel vs float64, input checks and the custom op.
 
 Oracle: per chunk, the dense ``T_c`` built from its definition with the *global* cumulative
 decay ``G`` in float64 (``exp(G_i − G_j)``, i > j) and inverted by
 ``torch.linalg.solve_triangular``. Tolerances: float64 ≤ 1e-12 relative (Frobenius) — the
 inverses of these unit-key, β ∈ (0, 1) chunks have entries in [−1, 1]; float32 ≤ 1e-6 (the
 forward substitution lands near 3e-8; a wrong block or a wrong decay factor is O(1e-2) or more).
+
+The kernel runs in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set by the root
+conftest; skipped on a GPU run of the suite, where ``test_cuda_matches_float64`` runs it) against
+the float64 torch form, ≤ 8e-8 relative (``KERNEL_RTOL``): its ``A`` is exact to one rounding and
+the substitution is fp32, which lands at 0.1–3.6e-8 here (the most for d = 16, whose larger
+``|k_i·k_j|`` condition ``T`` worse); a wrong block, row or decay factor is 1e-4 or more.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from matfn.triangular import chunks
 from matfn.triangular.chunks import tri_inv_chunks, tri_inv_chunks_torch
 
 
@@ -153,6 +162,152 @@ def test_check_finite_off_skips_the_test():
 
 
 # ---------------------------------------------------------------------------------------------
+# the Triton kernel, in the interpreter
+# ---------------------------------------------------------------------------------------------
+
+try:  # the kernel module imports Triton; without it the kernel tests are skipped
+    import triton
+    import triton.language as tl
+
+    from matfn.triangular import chunks_kernel
+except ImportError:
+    chunks_kernel = None
+
+KERNEL_RTOL = 8e-8
+interpreted = pytest.mark.skipif(
+    chunks_kernel is None or bool(os.environ.get("MATFN_TEST_ON_GPU")),
+    reason="needs Triton and TRITON_INTERPRET=1 (CPU tensors)",
+)
+
+
+def torch_form(K, beta, L, C):
+    """The float64 torch form of flattened ``(B, n, d)`` / ``(B, n)`` operands."""
+    L = None if L is None else L.double()[..., None]
+    return tri_inv_chunks_torch(K.double(), beta.double(), L, C)
+
+
+if chunks_kernel is not None:
+
+    @triton.jit
+    def gram_kernel(k_ptr, parts_ptr, h_ptr, x_ptr, d, BK: tl.constexpr):
+        """``h, l₁, l₂`` (3×64×d), ``H`` and ``X`` of 64 rows, as the kernel forms them."""
+        r = tl.arange(0, 64)
+        ss = tl.zeros((64,), dtype=tl.float32)
+        for k0 in range(0, d, BK):
+            k = chunks_kernel._load_keys(k_ptr, 0, 64, d, k0 + tl.arange(0, BK), 64)
+            ss += tl.sum(k * k, 1)
+        M_h, M_l = chunks_kernel._grid_shifts(ss)
+        H = tl.zeros((64, 64), dtype=tl.float32)
+        X = tl.zeros((64, 64), dtype=tl.float32)
+        for k0 in range(0, d, BK):
+            cols = k0 + tl.arange(0, BK)
+            k = chunks_kernel._load_keys(k_ptr, 0, 64, d, cols, 64)
+            h, l1, l2 = chunks_kernel._split(k, M_h, M_l)
+            at = r[:, None] * d + cols[None, :]
+            tl.store(parts_ptr + at, h)
+            tl.store(parts_ptr + 64 * d + at, l1)
+            tl.store(parts_ptr + 128 * d + at, l2)
+            H, X = chunks_kernel._gram_slab(H, X, h, l1, l2)
+        tl.store(h_ptr + r[:, None] * 64 + r[None, :], H)
+        tl.store(x_ptr + r[:, None] * 64 + r[None, :], X)
+
+
+@interpreted
+@pytest.mark.parametrize(
+    ("n", "d", "decay", "strength", "slab"),
+    [
+        (200, 128, None, 1.0, 32),
+        (200, 128, "row", 5.0, 64),
+        (150, 48, "row", 1.0, 32),  # a full and a half-masked 32-channel slab
+        (77, 48, "row", 5.0, 64),
+        (100, 16, None, 1.0, 32),
+        (37, 16, None, 1.0, 32),  # one short chunk
+    ],
+)
+def test_kernel_matches_float64(n, d, decay, strength, slab):
+    K, beta, L = make((2,), n, d, decay=decay, strength=strength, seed=n + d, dtype=torch.float32)
+    out = torch.full((2, n, 64), float("nan"))  # an unwritten entry fails
+    Y = chunks_kernel.tri_inv_chunks_triton(K, beta, L, out=out, slab=slab)
+    assert Y is out
+    assert rel(Y, torch_form(K, beta, L, 64)) <= KERNEL_RTOL
+
+
+@interpreted
+def test_kernel_zero_keys_and_three_batch_entries():
+    """Zero, tiny and long keys (other grids), three batch entries, ℓ of shape (B, n, 1)."""
+    K, beta, L = make((3,), 64, 16, decay="row", seed=11, dtype=torch.float32)
+    K[0, 5] = 0.0
+    K[1, 40] *= 1e-6
+    K[2, 7] *= 5.0
+    Y = chunks_kernel.tri_inv_chunks_triton(K, beta, L[..., None])
+    assert rel(Y, torch_form(K, beta, L, 64)) <= KERNEL_RTOL
+
+
+@pytest.mark.skipif(chunks_kernel is None, reason="needs Triton")
+def test_kernel_gram_is_exact():
+    """``k = h + l₁ + l₂`` exactly, ``h`` and ``l₁`` are TF32 numbers, ``H = h hᵀ`` has no
+    rounding at all, and ``H + X`` is ``K Kᵀ`` but for the roundings of ``X``.
+
+    ``X ≲ 2⁻¹⁰‖k_i‖‖k_j‖``: rounded to nearest in fp32 (the interpreter) its error is below
+    ``2⁻³⁰‖k_i‖‖k_j‖``; the H100's tensor cores, which truncate as they accumulate, reach
+    about ``2⁻²⁷``. On a GPU run this checks the tensor cores (the interpreter otherwise).
+    """
+    device = "cuda" if os.environ.get("MATFN_TEST_ON_GPU") else "cpu"
+    if (device == "cuda") == bool(os.environ.get("TRITON_INTERPRET")):
+        pytest.skip("the interpreter runs on CPU tensors, a compiled kernel on CUDA ones")
+    g = torch.Generator().manual_seed(12)
+    scales = 2.0 ** torch.randint(-30, 30, (64, 1), generator=g)
+    K = torch.randn(64, 128, generator=g) * scales  # rows of every size
+    K[5] = 0.0
+    K[6, ::2] = 0.0
+    parts = torch.empty(3, 64, 128, device=device)
+    H, X = torch.empty(64, 64, device=device), torch.empty(64, 64, device=device)
+    gram_kernel[(1,)](K.to(device), parts, H, X, 128, BK=32)
+    h, l1, l2 = parts.double().cpu()
+    H, X = H.double().cpu(), X.double().cpu()
+    K64 = K.double()
+    norms = K64.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(h + l1 + l2, K64, rtol=0, atol=0)
+    tf32 = lambda x: x.float().view(torch.int32) & 0x1FFF == 0  # noqa: E731 - 13 low bits zero
+    assert tf32(h).all() and tf32(l1).all()
+    assert ((h - K64).abs() <= 2**-10 * norms).all()  # grids 2⁻¹⁰σ and 2⁻²¹σ, σ < 2‖k‖
+    assert (l2.abs() <= 2**-21 * norms).all()
+    torch.testing.assert_close(H, h @ h.T, rtol=0, atol=0)
+    err = (H + X - K64 @ K64.T).abs() / (norms * norms.T).clamp_min(1e-300)
+    assert err.max() <= (2**-26 if device == "cuda" else 2**-30)
+
+
+@interpreted
+@pytest.mark.parametrize(
+    ("dtype", "decay", "C", "kernel"),
+    [
+        (torch.float32, None, 64, True),
+        (torch.bfloat16, "row", 64, True),
+        (torch.float32, "channel", 64, False),
+        (torch.float32, None, 32, False),
+        (torch.float32, None, 8, False),
+        (torch.float64, "row", 16, False),
+    ],
+)
+def test_op_dispatch(monkeypatch, dtype, decay, C, kernel):
+    """CUDA float32, C = 64, no decay or one per row: the kernel; else the torch form."""
+    calls = []
+    launch = chunks_kernel.tri_inv_chunks_triton
+
+    def launcher(*args, **kwargs):
+        calls.append(args)
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(chunks, "use_triton", lambda *t: True)
+    monkeypatch.setattr(chunks_kernel, "tri_inv_chunks_triton", launcher)
+    K, beta, L = make((2, 2), 40, 16, decay=decay, seed=13, dtype=dtype)
+    Y = tri_inv_chunks(K, beta, log_decay=L, chunk_size=C)
+    assert len(calls) == int(kernel) and Y.dtype == dtype
+    tol = {torch.float64: 1e-12, torch.float32: KERNEL_RTOL, torch.bfloat16: 1e-2}[dtype]
+    assert rel(Y, oracle(K, beta, L, C)) <= tol
+
+
+# ---------------------------------------------------------------------------------------------
 # the custom op
 # ---------------------------------------------------------------------------------------------
 
@@ -191,15 +346,24 @@ def test_compile_and_export_keep_one_node():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("decay", [None, "row", "channel"])
-def test_cuda_matches_float64(decay):
-    K, beta, L = make((2, 4), 4096 // 4, 128, decay=decay, seed=7, dtype=torch.float32)
+@pytest.mark.parametrize(
+    ("decay", "strength", "C", "tol"),
+    [
+        (None, 1.0, 64, 3e-8),  # the benchmark case, smaller: the kernel's goal
+        (None, 1.0, 16, 3e-8),
+        ("row", 1.0, 64, 5e-8),
+        ("row", 5.0, 32, 5e-8),
+        ("channel", 1.0, 64, 5e-8),  # the torch form
+    ],
+)
+def test_cuda_matches_float64(decay, strength, C, tol):
+    """The public call on CUDA (the kernel but for KDA) against the float64 torch form."""
+    K, beta, L = make(
+        (2, 4), 1000, 128, decay=decay, strength=strength, seed=7, dtype=torch.float32
+    )
     K, beta, L = (None if x is None else x.cuda() for x in (K, beta, L))
-    Y = tri_inv_chunks(K, beta, log_decay=L)
-    ref = tri_inv_chunks_torch(
-        K.reshape(8, -1, 128).double(),
-        beta.reshape(8, -1).double(),
-        None if L is None else L.reshape(8, 1024, -1).double(),
-        64,
-    ).reshape(Y.shape)
-    assert rel(Y, ref) <= 5e-8
+    Y = tri_inv_chunks(K, beta, log_decay=L, chunk_size=C)
+    double = lambda x: None if x is None else x.double()  # noqa: E731
+    ref = tri_inv_chunks(double(K), double(beta), log_decay=double(L), chunk_size=C)
+    assert Y.dtype == torch.float32
+    assert rel(Y, ref) <= tol

@@ -19,6 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.testing import assert_close
 
 import matfn
+from matfn.triangular import ops
 
 F64 = torch.float64
 ON_GPU = bool(os.environ.get("MATFN_TEST_ON_GPU")) and torch.cuda.is_available()
@@ -90,11 +91,19 @@ def test_opcheck_backward_ops():
     Q, K, V, lam, _ = _case((2,), 10, 3, 2)
     dY, dX = torch.randn(2, 10, 10, dtype=F64), torch.randn(2, 10, 2, dtype=F64)
     X = torch.ops.matfn.tri_solve(Q, K, V, lam, None, 4, False)
-    for replay in (False, True):  # replay: a CUDA graph where launch-bound, else the same call
-        args = (Q, K, lam, dY, 4, [True, False, True], replay)
-        torch.library.opcheck(torch.ops.matfn.tri_inv_backward.default, args)
-        args = (Q, K, V, lam.float(), X, dX, 4, [False, True, True, True], replay)
-        torch.library.opcheck(torch.ops.matfn.tri_solve_backward.default, args)
+    args = (Q, K, lam, dY, 4, [True, False, True])
+    torch.library.opcheck(torch.ops.matfn.tri_inv_backward.default, args)
+    args = (Q, K, V, lam.float(), X, dX, 4, [False, True, True, True])
+    torch.library.opcheck(torch.ops.matfn.tri_solve_backward.default, args)
+    # the bodies, as a replayed call's backward runs them (no graph on CPU: the same values)
+    got = ops.inv_grads(Q, K, lam, dY, 4, [True, False, True], replay=True)
+    want = torch.ops.matfn.tri_inv_backward(Q, K, lam, dY, 4, [True, False, True])
+    for g, w in zip(got, want, strict=True):
+        assert_close(g, w, rtol=0, atol=0)
+    got = ops.solve_grads(Q, K, V, lam, X, dX, 4, [True, True, True, False], replay=True)
+    want = torch.ops.matfn.tri_solve_backward(Q, K, V, lam, X, dX, 4, [True, True, True, False])
+    for g, w in zip(got, want, strict=True):
+        assert_close(g, w, rtol=0, atol=0)
 
 
 def test_ops_are_registered_and_do_not_alias():
