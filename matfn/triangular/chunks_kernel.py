@@ -66,6 +66,9 @@ from .chunks import KERNEL_CHUNK
 
 __all__ = ["tri_inv_chunks_kernel", "tri_inv_chunks_triton"]
 
+#: Rows of a chunk (the row stride of the result), as the kernels see it.
+C = tl.constexpr(KERNEL_CHUNK)
+
 
 @triton.jit
 def _load_keys(k_ptr, row, n, d, cols, ROWS: tl.constexpr):
@@ -135,7 +138,7 @@ def _block_ptrs(y_ptr, c0, n, I: tl.constexpr, J: tl.constexpr):
     """Pointers and row mask of block ``(I, J)`` of the chunk starting at row ``c0``."""
     r = tl.arange(0, 16)
     rows = c0 + I * 16 + r
-    return y_ptr + rows[:, None] * 64 + (J * 16 + r)[None, :], (rows < n)[:, None]
+    return y_ptr + rows[:, None] * C + (J * 16 + r)[None, :], (rows < n)[:, None]
 
 
 @triton.jit
@@ -159,7 +162,7 @@ def _substitute_row(y_ptr, c0, n, i, I: tl.constexpr, Z):
     """
     r = tl.arange(0, 16)
     row = c0 + I * 16 + i
-    a = -tl.load(y_ptr + row * 64 + I * 16 + r, mask=row + 0 * r < n, other=0.0)
+    a = -tl.load(y_ptr + row * C + I * 16 + r, mask=row + 0 * r < n, other=0.0)
     z = a + tl.sum(a[:, None] * Z, 0)
     return tl.where((r == i)[:, None], z[None, :], Z)
 
@@ -188,7 +191,6 @@ def tri_inv_chunks_kernel(
     ``K`` ``(B, n, d)``, ``β`` and ``ℓ`` ``(B, n)`` (``ℓ`` read only with ``DECAY``), ``Y``
     ``(B, n, 64)``, all contiguous float32; ``BK`` channels per slab.
     """
-    C: tl.constexpr = 64
     nc = tl.cdiv(n, C)
     pid = tl.program_id(0).to(tl.int64)
     b = pid // nc
@@ -279,7 +281,6 @@ def tri_inv_chunks_triton(
     autotuned one (tests); the interpreter always runs one plain launch (32 by default), as it
     cannot time configs.
     """
-    C = KERNEL_CHUNK
     if log_decay is not None and log_decay.ndim == 3:
         if log_decay.shape[-1] != 1:
             raise ValueError("the kernel takes one decay per row, (B, n) or (B, n, 1)")
@@ -290,16 +291,17 @@ def tri_inv_chunks_triton(
     B, n, d = K.shape
     if beta.shape != (B, n) or (log_decay is not None and log_decay.shape != (B, n)):
         raise ValueError(f"expected K (B, n, d) and beta, log_decay (B, n), got {K.shape}")
+    shape = (B, n, KERNEL_CHUNK)
     if out is None:
-        out = torch.empty(B, n, C, dtype=torch.float32, device=K.device)
-    elif out.shape != (B, n, C) or out.dtype != torch.float32 or not out.is_contiguous():
-        raise ValueError(f"`out` must be a contiguous float32 tensor of shape {(B, n, C)}")
+        out = torch.empty(shape, dtype=torch.float32, device=K.device)
+    elif out.shape != shape or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"`out` must be a contiguous float32 tensor of shape {shape}")
     if B == 0 or n == 0:
         return out
     decay = log_decay is not None
     K, beta = K.contiguous(), beta.contiguous()
     L = log_decay.contiguous() if decay else beta  # not read without decay
-    grid = (B * triton.cdiv(n, C),)
+    grid = (B * triton.cdiv(n, KERNEL_CHUNK),)
     if INTERPRET or slab is not None:
         tri_inv_chunks_kernel.fn[grid](
             K, beta, L, out, n, d, BK=slab or 32, DECAY=decay, num_warps=4
