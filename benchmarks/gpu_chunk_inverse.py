@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 import torch
 import triton
@@ -92,6 +93,10 @@ def main() -> None:
 
         err = rel(ours(), ref)  # the first call autotunes the kernel
         rows.append((case, "matfn tri_inv_chunks", bench(ours), err))
+        tuner = sys.modules.get("matfn.triangular.chunks_kernel")
+        if tuner is not None:
+            for key, cfg in tuner.tri_inv_chunks_kernel.cache.items():
+                print(f"{case}: kernel config {cfg} for key {key}")
         if fla is None:
             continue
         kkt, solve_tril, fused = fla

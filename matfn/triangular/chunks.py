@@ -268,9 +268,9 @@ def tri_inv_chunks(
     products in float64, one batched triangular solve per chunk.
 
     **Accuracy.** Forward substitution is backward stable, so the error of ``Y`` is set by
-    that of ``A``. The torch form rounds the float64 ``A`` once; the kernel splits each key
-    into three TF32 numbers, ``k = h + l₁ + l₂`` with ``h`` on a grid of ``2⁻¹⁰`` times a
-    power of two above ``‖k‖``, so that ``h_i·h_j`` sums exactly on the tensor cores and the
+    that of ``A``. The torch form rounds the float64 ``A`` once; the kernel scales each key
+    by a power of two ``σ ≥ ‖k‖`` and splits it into fp16 parts, ``k/σ = h + l₁ + l₂`` with
+    ``h`` on a grid of ``2⁻¹⁰``, so that ``h_i·h_j`` sums exactly on the tensor cores and the
     small rest adds about one rounding (plain float32 accumulation over ``d = 128`` channels
     would double the error of the result; :mod:`~matfn.triangular.chunks_kernel`). In the
     DeltaNet case (``‖k‖ = 1``, ``β ∈ (0, 1)``) both are within about 3e-8 (relative

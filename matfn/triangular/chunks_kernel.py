@@ -7,49 +7,54 @@ For the chunk of rows ``[cC, cC + C)``, ``C = 64``, of batch entry ``b`` the pro
 and writes ``Y_c = (I + A)⁻¹`` at rows ``cC … cC + C − 1`` of the ``(B, n, C)`` result
 (:func:`matfn.triangular.chunks.tri_inv_chunks`).
 
-1. **Row grids.** A first pass over the chunk's keys gives each row a power of two
-   ``σ_i ≥ ‖k_i‖`` (from the exponent bits of ``‖k_i‖²``).
-2. **Exact Gram on tensor cores.** Each key splits into three parts that TF32 holds exactly,
-   ``k = h + l₁ + l₂``: ``h`` is ``k`` rounded to the grid ``2⁻¹⁰σ_i``, ``l₁`` the rest rounded
-   to ``2⁻²¹σ_i``, ``l₂`` what remains (``|l₂| ≤ 2⁻²²σ_i``, exact in fp32; TF32 keeps its top
-   11 bits). Each rounding is ``(x + M) − M`` with ``M = 1.5·2^{23}`` times the grid, whose
-   fp32 spacing is that grid. ``|h| ≤ σ_i`` on a ``2⁻¹⁰σ_i`` grid and ``|l₁| ≤ 2⁻¹¹σ_i`` on a
-   ``2⁻²¹σ_i`` grid have at most 11 significant bits: TF32 operands without rounding. Then,
-   one ``BK``-channel slab at a time, with TF32 products (``tl.dot``, ``input_precision=
-   "tf32"``) of the whole ``C×C`` chunk,
+1. **Row scales.** A first pass over the chunk's keys gives each row a power of two
+   ``σ_i ≥ ‖k_i‖`` (from the exponent bits of ``‖k_i‖²``); ``k̃ = k/σ_i`` is exact and
+   ``‖k̃‖ ≤ 1``.
+2. **Exact Gram on fp16 tensor cores.** Each scaled key splits as ``k̃ = h + l₁ + l₂``: ``h`` is
+   ``k̃`` rounded to the grid ``2⁻¹⁰``, ``l₁`` the rest rounded to ``2⁻²¹``, ``l₂`` what
+   remains (``|l₂| ≤ 2⁻²²``). Each rounding is ``(x + M) − M`` with ``M = 1.5·2^{23}`` times
+   the grid, whose fp32 spacing is that grid. The fp16 operands of the products are
 
-       H = h hᵀ,   X = l₁hᵀ + h l₁ᵀ + l₂hᵀ + h l₂ᵀ + l₁l₁ᵀ + l₁l₂ᵀ + l₂l₁ᵀ.
+       h,   2¹¹l₁,   2¹¹l₂,   m = ½l₁ + l₂.
 
-   Every product ``h_im h_jm`` and every partial sum of ``H`` is a multiple of
-   ``2⁻²⁰σ_iσ_j`` below ``‖h_i‖‖h_j‖ < 4σ_iσ_j``, i.e. fits fp32's 24 bits: ``H`` is exact in
-   any order of summation (checked on an H100: its tensor cores keep every bit of ``H``).
-   ``|X| ≲ 2⁻¹⁰σ_iσ_j``, and the dropped ``l₂l₂ᵀ`` is ``≤ 2⁻⁴⁴d σ_iσ_j``; the terms ``l₁l₂ᵀ``
-   are kept (about ``2⁻²⁹σ_iσ_j`` at ``d = 128``, a rounding of a typical entry
-   ``k_i·k_j ≈ d^{-1/2}``). Rounded to nearest, ``X``'s errors would be below
-   ``2⁻³⁰σ_iσ_j``; the H100's tensor cores truncate as they accumulate, and reach about
-   ``2⁻²⁷σ_iσ_j``, so ``A`` is within about one rounding of the exact one rather than exactly
-   rounded. The result's error is nonetheless that of fla-core's ``solve_tril`` from an
-   exactly rounded ``A`` (2.8e-8 against 2.7e-8 relative in the DeltaNet case,
-   docs/benchmarks.md). Then
-   ``A = (H + X) ⊙ β_i D`` is rounded once (``H + X`` kept as a two-sum pair, one ``fma``):
-   without decay, ``β_i k_i·k_j`` to about one rounding. Why not plain fp32 (or 3×TF32)
-   accumulation of ``K Kᵀ``: over ``d = 128`` channels its roundings about double the error
-   of ``Y`` (5e-8 instead of 3e-8 relative in the DeltaNet case), whatever the order.
+   ``h`` (``|h| ≤ 1`` on ``2⁻¹⁰``) and ``2¹¹l₁`` (``≤ 1`` on ``2⁻¹⁰``) are multiples of
+   ``2⁻¹⁰`` up to ``2¹⁰`` of them: 11 significant bits, so fp16 holds them exactly; rounding
+   ``2¹¹l₂`` and ``m`` to fp16 costs at most ``2⁻³⁴`` and ``2⁻²³`` in ``l₂`` and ``m``. One
+   ``BK``-channel slab at a time, with fp16 products accumulated in fp32 (``tl.dot``),
+
+       H = h hᵀ,   S = (2¹¹l₁) hᵀ + (2¹¹l₂) hᵀ + (2¹¹l₁) mᵀ,
+
+   and ``X = 2⁻¹¹(S + Sᵀ) = l₁hᵀ + h l₁ᵀ + l₂hᵀ + h l₂ᵀ + l₁l₁ᵀ + l₁l₂ᵀ + l₂l₁ᵀ``: every
+   term of ``k̃_i·k̃_j`` but ``l₂l₂ᵀ ≤ 2⁻⁴⁴d``, from three products a slab besides ``H``. Every
+   product ``h_im h_jm`` and every partial sum of ``H`` is a multiple of ``2⁻²⁰`` below
+   ``‖h_i‖‖h_j‖ < 4``, i.e. fits fp32's 24 bits: ``H`` is exact in any order of summation
+   (checked on an H100, whose tensor cores keep every bit of it). ``|X| ≲ 2⁻¹⁰``; rounded to
+   nearest its accumulation errs by below ``2⁻³⁰``, and the H100's tensor cores, which truncate
+   as they accumulate, reach about ``2⁻²⁷``: ``A`` is within about one rounding of the exact
+   one. The result's error is that of fla-core's ``solve_tril`` from an exactly rounded ``A``
+   (2.75e-8 against 2.74e-8 relative in the DeltaNet case, docs/benchmarks.md). Then
+   ``A = (H + X) ⊙ β_i σ_iσ_j D`` is rounded once (``H + X`` kept as a two-sum pair, one
+   ``fma``; ``σ_iσ_j`` is a power of two): without decay, ``β_i k_i·k_j`` to about one
+   rounding. Why not plain fp32 (or 3×TF32) accumulation of ``K Kᵀ``: over ``d = 128``
+   channels its roundings about double the error of ``Y`` (5e-8 instead of 3e-8 relative in
+   the DeltaNet case), whatever the order. Why fp16 rather than TF32 operands of the same 11
+   bits: twice the tensor-core rate and half the operand traffic (the ``σ`` scaling keeps
+   them in fp16's range).
 3. **Per-row decay** (Gated DeltaNet; one ``ℓ`` per row): ``R`` is the cumulative sum of ``ℓ``
    inside the chunk in float64 (one ``tl.cumsum``), ``D_ij = exp(fp32(R_i − R_j))`` with the
    exponent ``−∞`` on and above the diagonal (docs/math.md §5.6): no ``exp(±R)`` on its own,
    so no overflow however strong the decay. A per-channel decay (KDA) runs the torch form.
 4. **Inverse by 16×16 blocks** (the scheme of fla-core's ``solve_tril``, docs/math.md §5.4).
-   ``A`` is stored to the chunk's rows of the result (L1/L2-resident scratch) and its ten
-   lower ``16×16`` blocks are loaded back. The four diagonal blocks are inverted by forward
-   substitution, ``z_i = −a_i − Σ_{j<i} a_ij z_j`` for rows ``i = 2 … 15``, the four chains
-   interleaved in one loop; the blocks below the diagonal follow from
-   ``Y_IJ = −Y_II Σ_{J≤M<I} A_IM Y_MJ`` by fp32 products (``input_precision="ieee"``), and
-   the ten blocks overwrite ``A``'s (the zeros above the diagonal are ``A``'s too).
+   ``A`` is stored to the chunk's rows of the result (L1/L2-resident scratch). The four
+   diagonal blocks, one ``(4, 16, 16)`` tile, are inverted together by forward substitution,
+   ``z_i = −a_i − Σ_{j<i} a_ij z_j`` for rows ``i = 2 … 15`` (the sums run inside a block, so
+   they stay within a warp), and stored; the blocks below the diagonal follow from
+   ``Y_IJ = −Y_II Σ_{J≤M<I} A_IM Y_MJ`` by fp32 products (``input_precision="ieee"``) and
+   overwrite ``A``'s (the zeros above the diagonal are ``A``'s too).
 
 Rows past ``n`` load zero keys and ``β = 0`` and are neither stored nor read back.
 Memory: ``K`` is read twice (the second pass from L2), ``C²`` floats per chunk are written
-twice (``A``, then ``Y``). Work: eight ``C×C×d`` TF32 products per chunk (``8 C d`` per row),
+twice (``A``, then ``Y``). Work: four ``C×C×d`` fp16 products per chunk (``4 C d`` per row),
 ``O(n C²)`` fp32 for the inverse. ``BK`` and the warps come from a small autotune per
 ``(d, decay)``; the interpreter runs one plain launch.
 """
@@ -68,6 +73,8 @@ __all__ = ["tri_inv_chunks_kernel", "tri_inv_chunks_triton"]
 
 #: Rows of a chunk (the row stride of the result), as the kernels see it.
 C = tl.constexpr(KERNEL_CHUNK)
+#: Diagonal 16×16 blocks of a chunk.
+NB = tl.constexpr(KERNEL_CHUNK // 16)
 
 
 @triton.jit
@@ -79,57 +86,63 @@ def _load_keys(k_ptr, row, n, d, cols, ROWS: tl.constexpr):
 
 
 @triton.jit
-def _grid_shifts(ss):
-    """``(M_h, M_l) = 1.5·2²³ · (2⁻¹⁰σ, 2⁻²¹σ)`` per row, ``σ`` a power of two ``≥ ‖k‖``.
+def _row_scales(ss):
+    """``(σ, 1/σ)`` per row: ``σ`` a power of two ``≥ ‖k‖`` from ``ss = ‖k‖²`` (step 1).
 
-    ``ss = ‖k‖² ∈ [2^e, 2^{e+1})`` with ``e`` its exponent field, so ``σ = 2^{⌈(e+1)/2⌉}``
-    bounds the norm; both shifts are built from their bits (no ``log2``/``exp2``
-    approximations).
+    ``ss ∈ [2^e, 2^{e+1})`` with ``e`` its exponent field, so ``σ = 2^{⌈(e+1)/2⌉}`` bounds the
+    norm; both are built from their bits (no ``log2``/``exp2`` approximations).
     """
     e = ((ss.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
     s = (e + 2) >> 1  # ⌈(e + 1)/2⌉
-    M_h = (((127 + 13 + s) << 23) | (1 << 22)).to(tl.float32, bitcast=True)
-    M_l = (((127 + 2 + s) << 23) | (1 << 22)).to(tl.float32, bitcast=True)
-    return M_h, M_l
+    sigma = ((127 + s) << 23).to(tl.float32, bitcast=True)
+    inv_sigma = ((127 - s) << 23).to(tl.float32, bitcast=True)
+    return sigma, inv_sigma
 
 
 @triton.jit
-def _split(k, M_h, M_l):
-    """``k = h + l₁ + l₂`` (step 2): ``h``, ``l₁`` exact TF32 operands, ``l₂`` the small rest."""
-    h = (k + M_h[:, None]) - M_h[:, None]
+def _split(k, inv_sigma):
+    """The fp16 operands ``h, 2¹¹l₁, 2¹¹l₂, ½l₁ + l₂`` of ``k/σ = h + l₁ + l₂`` (step 2)."""
+    k = k * inv_sigma[:, None]
+    h = (k + 12288.0) - 12288.0  # 1.5·2²³ · 2⁻¹⁰
     lo = k - h
-    l1 = (lo + M_l[:, None]) - M_l[:, None]
-    return h, l1, lo - l1
+    l1 = (lo + 6.0) - 6.0  # 1.5·2²³ · 2⁻²¹
+    l2 = lo - l1
+    return (
+        h.to(tl.float16),
+        (l1 * 2048.0).to(tl.float16),
+        (l2 * 2048.0).to(tl.float16),
+        (l1 * 0.5 + l2).to(tl.float16),
+    )
 
 
 @triton.jit
-def _gram_slab(H, X, h, l1, l2):
-    """One slab of ``K Kᵀ``: ``H += h hᵀ`` (exact), ``X +=`` the rest but ``l₂l₂ᵀ`` (step 2)."""
+def _gram_slab(H, S, h, l1, l2, m):
+    """One slab: ``H += h hᵀ`` (exact), ``S += (2¹¹l₁) hᵀ + (2¹¹l₂) hᵀ + (2¹¹l₁) mᵀ`` (step 2)."""
     hT = tl.trans(h)
-    l1T = tl.trans(l1)
-    l2T = tl.trans(l2)
-    H = tl.dot(h, hT, H, input_precision="tf32")
-    X = tl.dot(l1, hT, X, input_precision="tf32")
-    X = tl.dot(h, l1T, X, input_precision="tf32")
-    X = tl.dot(l2, hT, X, input_precision="tf32")
-    X = tl.dot(h, l2T, X, input_precision="tf32")
-    X = tl.dot(l1, l1T, X, input_precision="tf32")
-    X = tl.dot(l1, l2T, X, input_precision="tf32")
-    X = tl.dot(l2, l1T, X, input_precision="tf32")
-    return H, X
+    H = tl.dot(h, hT, H)
+    S = tl.dot(l1, hT, S)
+    S = tl.dot(l2, hT, S)
+    return H, tl.dot(l1, tl.trans(m), S)
 
 
 @triton.jit
-def _round_a(H, X, beta, R, rows, DECAY: tl.constexpr):
-    """``A_ij = (H + X)_ij β_i D_ij``, zero for ``j ≥ i``; each entry rounded once."""
+def _round_a(H, S, beta, sigma, R, rows, DECAY: tl.constexpr):
+    """``A_ij = (H + 2⁻¹¹(S + Sᵀ))_ij σ_j · β_i σ_i D_ij``, zero for ``j ≥ i``; rounded once.
+
+    The powers of two ``σ_j`` and ``σ_i`` scale exactly, one per side, so ``σ_iσ_j`` cannot
+    overflow or underflow where ``A_ij`` does not.
+    """
     lower = rows[:, None] > rows[None, :]
-    f = tl.broadcast_to(beta[:, None], H.shape)
+    f = tl.broadcast_to((beta * sigma)[:, None], H.shape)
     if DECAY:
         x = tl.where(lower, (R[:, None] - R[None, :]).to(tl.float32), float("-inf"))
         f = f * tl.exp(x)
+    X = (S + tl.trans(S)) * (1.0 / 2048.0)
     G = H + X
     bp = G - H
     err = (H - (G - bp)) + (X - bp)  # two-sum: G + err = H + X exactly
+    G = G * sigma[None, :]
+    err = err * sigma[None, :]
     return tl.where(lower, tl.fma(G, f, err * f), 0.0)
 
 
@@ -154,17 +167,32 @@ def _store_block(y_ptr, c0, n, I: tl.constexpr, J: tl.constexpr, Y):
 
 
 @triton.jit
-def _substitute_row(y_ptr, c0, n, i, I: tl.constexpr, Z):
-    """Row ``i`` of ``(I + A_II)⁻¹ − I`` into ``Z``: ``z_i = −a_i − Σ_{j<i} a_ij z_j``.
-
-    ``Z`` holds ``−A_II`` in rows ``≥ i`` and the finished rows above (``a_ij = 0`` for
-    ``j ≥ i``, so the sum over all 16 rows of ``Z`` is the sum over ``j < i``).
-    """
+def _diagonal_ptrs(y_ptr, c0, n):
+    """Pointers and row mask of the diagonal blocks as one ``(NB, 16, 16)`` tile."""
+    blk = tl.arange(0, NB)[:, None, None]
     r = tl.arange(0, 16)
-    row = c0 + I * 16 + i
-    a = -tl.load(y_ptr + row * C + I * 16 + r, mask=row + 0 * r < n, other=0.0)
-    z = a + tl.sum(a[:, None] * Z, 0)
-    return tl.where((r == i)[:, None], z[None, :], Z)
+    rows = c0 + blk * 16 + r[None, :, None]
+    return y_ptr + rows * C + blk * 16 + r[None, None, :], rows < n
+
+
+@triton.jit
+def _invert_diagonal(y_ptr, c0, n):
+    """``(I + A_II)⁻¹`` of the ``NB`` diagonal blocks, one ``(NB, 16, 16)`` tile (step 4).
+
+    ``Z`` starts as ``−A_II``; row ``i`` becomes ``z_i = −a_i − Σ_{j<i} a_ij z_j``. Rows ``≥ i``
+    still hold ``−A_II`` and ``a_ij = 0`` for ``j ≥ i``, so the sum over all 16 rows of ``Z``
+    is the sum over ``j < i``; rows 0 and 1 are final from the start.
+    """
+    ptrs, mask = _diagonal_ptrs(y_ptr, c0, n)
+    Z = -tl.load(ptrs, mask=mask, other=0.0)
+    blk = tl.arange(0, NB)[:, None]
+    r = tl.arange(0, 16)
+    for i in range(2, 16):
+        row = c0 + blk * 16 + i
+        a = -tl.load(y_ptr + row * C + blk * 16 + r[None, :], mask=row < n, other=0.0)
+        z = a + tl.sum(a[:, :, None] * Z, 1)
+        Z = tl.where((r == i)[None, :, None], z[:, None, :], Z)
+    return Z + (r[:, None] == r[None, :]).to(tl.float32)[None, :, :]
 
 
 @triton.jit
@@ -173,11 +201,11 @@ def _mm(a, b):
     return tl.dot(a, b, input_precision="ieee")
 
 
+# Two warps hold the two 64×64 fp32 accumulators in 255 registers (sm90: no spills at
+# BK = 16, a few bytes at 32); four warps take 214 for BK up to 64.
 _CONFIGS = [
     triton.Config({"BK": bk}, num_warps=w, num_stages=s)
-    for bk in (32, 64)
-    for w in (4, 8)
-    for s in (1, 2)
+    for bk, w, s in ((16, 2, 1), (16, 2, 2), (32, 2, 1), (32, 2, 2), (32, 4, 1), (64, 4, 1))
 ]
 
 
@@ -200,51 +228,45 @@ def tri_inv_chunks_kernel(
     rows = c0 + tl.arange(0, C)
     in_n = rows < n
 
-    # 1. row grids; R in float64 (the in-chunk cumulative log-decay)
+    # 1. row scales; R in float64 (the in-chunk cumulative log-decay)
     ss = tl.zeros((C,), dtype=tl.float32)
     for k0 in tl.range(0, d, BK):
         k = _load_keys(kb, c0, n, d, k0 + tl.arange(0, BK), C)
         ss += tl.sum(k * k, 1)
-    M_h, M_l = _grid_shifts(ss)
+    sigma, inv_sigma = _row_scales(ss)
     R = tl.zeros((C,), dtype=tl.float64)
     if DECAY:
         R = tl.cumsum(tl.load(l_ptr + b * n + rows, mask=in_n, other=0.0).to(tl.float64), 0)
 
-    # 2.–3. A = tril((H + X) ⊙ β D, −1), stored to the chunk's rows of Y (zeros above the diagonal)
+    # 2.–3. A = tril((H + X) ⊙ β σσᵀ D, −1), stored to the chunk's rows of Y (zeros above the
+    # diagonal)
     H = tl.zeros((C, C), dtype=tl.float32)
-    X = tl.zeros((C, C), dtype=tl.float32)
+    S = tl.zeros((C, C), dtype=tl.float32)
     for k0 in tl.range(0, d, BK):
-        h, l1, l2 = _split(_load_keys(kb, c0, n, d, k0 + tl.arange(0, BK), C), M_h, M_l)
-        H, X = _gram_slab(H, X, h, l1, l2)
+        h, l1, l2, m = _split(_load_keys(kb, c0, n, d, k0 + tl.arange(0, BK), C), inv_sigma)
+        H, S = _gram_slab(H, S, h, l1, l2, m)
     beta = tl.load(beta_ptr + b * n + rows, mask=in_n, other=0.0)
-    A = _round_a(H, X, beta, R, tl.arange(0, C), DECAY)
+    A = _round_a(H, S, beta, sigma, R, tl.arange(0, C), DECAY)
     tl.store(yb + rows[:, None] * C + tl.arange(0, C)[None, :], A, mask=in_n[:, None])
     tl.debug_barrier()
 
-    # 4. the inverse by 16×16 blocks: diagonal blocks by forward substitution (rows 0 and 1 of
-    # Z = −A_II are final), the four chains interleaved
-    Z0 = -_load_block(yb, c0, n, 0, 0)
-    Z1 = -_load_block(yb, c0, n, 1, 1)
-    Z2 = -_load_block(yb, c0, n, 2, 2)
-    Z3 = -_load_block(yb, c0, n, 3, 3)
-    for i in range(2, 16):
-        Z0 = _substitute_row(yb, c0, n, i, 0, Z0)
-        Z1 = _substitute_row(yb, c0, n, i, 1, Z1)
-        Z2 = _substitute_row(yb, c0, n, i, 2, Z2)
-        Z3 = _substitute_row(yb, c0, n, i, 3, Z3)
-    r = tl.arange(0, 16)
-    eye = (r[:, None] == r[None, :]).to(tl.float32)
-    Y00 = Z0 + eye
-    Y11 = Z1 + eye
-    Y22 = Z2 + eye
-    Y33 = Z3 + eye
+    # 4. the inverse by 16×16 blocks: the diagonal ones by forward substitution, stored over
+    # A's; then those below the diagonal, Y_IJ = −Y_II Σ_{J≤M<I} A_IM Y_MJ
+    Yd = _invert_diagonal(yb, c0, n)
+    tl.debug_barrier()  # every warp has read A's diagonal blocks
+    ptrs, mask = _diagonal_ptrs(yb, c0, n)
+    tl.store(ptrs, Yd, mask=mask)
+    tl.debug_barrier()
+    Y00 = _load_block(yb, c0, n, 0, 0)
+    Y11 = _load_block(yb, c0, n, 1, 1)
+    Y22 = _load_block(yb, c0, n, 2, 2)
+    Y33 = _load_block(yb, c0, n, 3, 3)
     A10 = _load_block(yb, c0, n, 1, 0)
     A20 = _load_block(yb, c0, n, 2, 0)
     A21 = _load_block(yb, c0, n, 2, 1)
     A30 = _load_block(yb, c0, n, 3, 0)
     A31 = _load_block(yb, c0, n, 3, 1)
     A32 = _load_block(yb, c0, n, 3, 2)
-    # below the diagonal: Y_IJ = −Y_II Σ_{J≤M<I} A_IM Y_MJ
     Y10 = -_mm(Y11, _mm(A10, Y00))
     Y21 = -_mm(Y22, _mm(A21, Y11))
     Y32 = -_mm(Y33, _mm(A32, Y22))
@@ -252,10 +274,6 @@ def tri_inv_chunks_kernel(
     Y31 = -_mm(Y33, _mm(A31, Y11) + _mm(A32, Y21))
     Y30 = -_mm(Y33, _mm(A30, Y00) + _mm(A31, Y10) + _mm(A32, Y20))
     tl.debug_barrier()  # every warp has read A
-    _store_block(yb, c0, n, 0, 0, Y00)
-    _store_block(yb, c0, n, 1, 1, Y11)
-    _store_block(yb, c0, n, 2, 2, Y22)
-    _store_block(yb, c0, n, 3, 3, Y33)
     _store_block(yb, c0, n, 1, 0, Y10)
     _store_block(yb, c0, n, 2, 1, Y21)
     _store_block(yb, c0, n, 3, 2, Y32)
@@ -277,7 +295,7 @@ def tri_inv_chunks_triton(
     The layout and meaning of :func:`matfn.triangular.chunks.tri_inv_chunks_torch` with
     ``C = 64``. ``log_decay``: None or one decay per row, ``(B, n)`` or ``(B, n, 1)``.
     ``out``: an optional contiguous float32 ``(B, n, 64)`` result buffer (the tests poison
-    it). ``slab``: channels per Gram slab (32 or 64) for one plain launch instead of the
+    it). ``slab``: channels per Gram slab (16, 32 or 64) for one plain launch instead of the
     autotuned one (tests); the interpreter always runs one plain launch (32 by default), as it
     cannot time configs.
     """
@@ -304,7 +322,7 @@ def tri_inv_chunks_triton(
     grid = (B * triton.cdiv(n, KERNEL_CHUNK),)
     if INTERPRET or slab is not None:
         tri_inv_chunks_kernel.fn[grid](
-            K, beta, L, out, n, d, BK=slab or 32, DECAY=decay, num_warps=4
+            K, beta, L, out, n, d, BK=slab or 32, DECAY=decay, num_warps=2
         )
     else:
         tri_inv_chunks_kernel[grid](K, beta, L, out, n, d, DECAY=decay)
