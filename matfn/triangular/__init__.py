@@ -14,14 +14,15 @@ This module validates and calls the custom ops of ``ops``. The modules of the pa
     ``torch.export``.
 ``reference``
     The torch forms: the row recursion (the readable oracle), the chunked form (the CPU path)
-    and the decayed chunked form (the ``log_decay`` path on every device).
+    and the decayed chunked form (the ``log_decay`` path off CUDA float32).
 ``backward``
     The exact backward (torch, every device) that the ops register with autograd.
 ``config``
     The frozen tuning of the kernels, one config per op (no Triton).
-``chunk``, ``inverse``, ``solve`` (``scan``, ``tree``, ``schedule``)
+``chunk``, ``inverse``, ``solve`` (``scan``, ``tree``, ``schedule``), ``decay``
     The Triton kernels and launchers for CUDA float32 tensors, imported on first use
-    (:func:`matfn._backend.triton_module`).
+    (:func:`matfn._backend.triton_module`); ``decay`` for decayed systems (the solve and the
+    causal products of their backward).
 ``chunks``, ``chunks_kernel``
     ``tri_inv_chunks`` (the per-chunk inverses of DeltaNet's WY form): validation, custom op
     and torch form; its Triton kernel (CUDA float32, imported on first use).
@@ -210,9 +211,10 @@ def tri_inv(
         along the rows, ``T_ij = λ_i δ_ij + [i > j] Σ_c Q_ic K_jc exp(G_ic − G_jc)``. Shape
         ``(..., n)`` (one decay per row) or ``(..., n, d)`` with the dims of ``Q`` (per
         channel); batch dims broadcast. Stable in float32 for any ``ℓ ≤ 0`` (only
-        chunk-relative exponents, all ``≤ 0``, are formed; docs/math.md §5.6). Runs the torch
-        chunked form on every device (the Triton kernels take no decay yet), in
-        ``O(n² (d + C))``.
+        chunk-relative exponents, all ``≤ 0``, are formed; docs/math.md §5.6). The solve of
+        :func:`tri_solve` on ``V = I``, in ``O(n² (d + C))``: the Triton kernels of
+        :mod:`matfn.triangular.decay` on CUDA float32 (``d ≤ 128``), the chunked torch form
+        elsewhere.
     chunk_size : int
         Rows per chunk ``C`` (results agree to rounding for every ``C``). The CUDA kernels take
         the request rounded up to a power of two in ``[16, 64]``
@@ -288,9 +290,10 @@ def tri_inv(
     structured solves (the forward's solver, Triton on CUDA float32; the transposed one on
     reversed rows with ``Q`` and ``K`` swapped), then
     ``dλ = diag(dT)``, ``dQ = dL K``, ``dK = dLᵀ Q`` for ``dL = tril(dT, −1)``: ``O(n² d)``,
-    about ``(12 d + 4 C) n²`` FLOPs (:mod:`matfn.triangular.backward`). With ``log_decay``, the
-    backward recomputes the chunked torch form under autograd and differentiates it (``ℓ``
-    included), at a constant multiple of its forward cost. Double backward is not supported.
+    about ``(12 d + 4 C) n²`` FLOPs (:mod:`matfn.triangular.backward`). With ``log_decay``,
+    ``Y`` is saved and the backward is :func:`tri_solve`'s with ``X = Y``, ``dX = tril(dY)``
+    (one transposed decayed solve and two decayed causal products with ``n`` columns),
+    ``dℓ`` included (docs/math.md §5.6). Double backward is not supported.
 
     References
     ----------
@@ -380,8 +383,9 @@ def tri_solve(
     log_decay : torch.Tensor, optional
         Log-decays ``ℓ``, ``(..., n)`` or ``(..., n, d)``, as in :func:`tri_inv`: the decayed
         system ``T_ij = λ_i δ_ij + [i > j] Σ_c Q_ic K_jc exp(G_ic − G_jc)``, ``G = cumsum(ℓ)``.
-        Torch chunked form on every device (the kernels take no decay yet),
-        ``O(n (d e + C e + C d))``, stable in float32 for any ``ℓ ≤ 0``.
+        ``O(n (d e + C e + C d))``, stable in float32 for any ``ℓ ≤ 0``: the Triton kernels of
+        :mod:`matfn.triangular.decay` on CUDA float32 (``d ≤ 128``; 64-row chunks), the
+        chunked torch form elsewhere.
     chunk_size : int
         Rows per chunk ``C``; the CUDA kernels take the request rounded up to a power of two in
         ``[16, 32]`` (:func:`matfn.triangular.config.solve_config`).
@@ -431,9 +435,11 @@ def tri_solve(
     causal products ``dQ_i = −Σ_{j<i} (dV_i·X_j) K_j`` and ``dK_j = −Σ_{i>j} (dV_i·X_j) Q_i``,
     chunked with ``e×d`` states summed over chunks; this is the backward registered with the op
     ``torch.ops.matfn.tri_solve`` (:mod:`matfn.triangular.ops`). ``X`` is saved for the
-    backward (solved again when the result was rounded to a half dtype). With ``log_decay``,
-    the backward differentiates the chunked torch form, recomputed (``ℓ`` included). Double
-    backward is not supported.
+    backward (solved again when the result was rounded to a half dtype). With ``log_decay`` the
+    same steps carry the decay factors: the transposed solve is the decayed solve on reversed
+    rows, the two products are decayed causal products (Triton on CUDA float32), and
+    ``dℓ`` is the reverse cumulative sum of ``Q ⊙ dQ − K ⊙ dK`` (docs/math.md §5.6), all
+    ``O(n d e)``. Double backward is not supported.
 
     References
     ----------
@@ -492,7 +498,7 @@ class _ReplayedInv(torch.autograd.Function):
     def backward(ctx, dY):
         Q, K, lam = ctx.saved_tensors
         needs = list(ctx.needs_input_grad[:3])
-        grads = inv_grads(Q, K, lam, dY, ctx.chunk_size, needs, replay=True)
+        grads = inv_grads(Q, K, lam, None, None, dY, ctx.chunk_size, [*needs, False], replay=True)
         return (*unpack_needed(grads, needs), None, None)
 
 
@@ -510,5 +516,5 @@ class _ReplayedSolve(torch.autograd.Function):
     def backward(ctx, dX):
         Q, K, V, lam, X = ctx.saved_tensors
         needs = list(ctx.needs_input_grad[:4])
-        grads = solve_grads(Q, K, V, lam, X, dX, ctx.chunk_size, needs, replay=True)
+        grads = solve_grads(Q, K, V, lam, None, X, dX, ctx.chunk_size, [*needs, False], replay=True)
         return (*unpack_needed(grads, needs), None, None)

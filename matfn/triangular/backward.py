@@ -15,6 +15,15 @@ For ``Y = T⁻¹`` and ``dY``: ``dT = −T⁻ᵀ dY T⁻ᵀ`` by two structured 
 (``W = T⁻ᵀ tril(dY)``, ``dT = −(T⁻¹ Wᵀ)ᵀ``), ``O(n² d)``, then ``dλ = diag(dT)``,
 ``dQ = dL K``, ``dK = dLᵀ Q``.
 
+**Decayed systems** (``T_ij = λ_i δ_ij + [i > j] Σ_c Q_ic K_jc exp(G_ic − G_jc)``): the same
+formulas with the decay factors inside the products. The transposed system on reversed rows is
+the decayed system of ``(JK, JQ)`` with the log-decays :func:`~matfn.triangular.reference.
+reverse_log_decay`; ``dQ = dL ∘ K`` and ``dK = dLᵀ ∘ Q`` become decayed causal products
+(:func:`matfn.triangular.paths.causal_decay_flat`, the anti-causal one on reversed rows); and
+``dG = Q ⊙ dQ − K ⊙ dK`` (summed over the channels for one decay per row), whose reverse
+cumulative sum along the rows is ``dℓ``. ``tri_inv`` takes the solve's backward with ``Z = T⁻¹``
+and ``dZ = tril(dY)``: ``dL = −tril(W Yᵀ, −1)`` with ``W = T⁻ᵀ tril(dY)``.
+
 The transposed solves run the forward's solver (:func:`matfn.triangular.paths.solve_flat`:
 the Triton kernel on CUDA float32, the chunked torch form elsewhere), so they cost what a
 forward solve costs; the causal products are a few batched torch products.
@@ -26,20 +35,27 @@ from __future__ import annotations
 
 import torch
 
-from .paths import solve_flat
+from .paths import causal_decay_flat, solve_flat
+from .reference import reverse_log_decay
 
 __all__ = [
     "causal_products",
     "solve_transposed",
+    "decay_grad",
     "tri_solve_backward",
     "tri_inv_backward",
 ]
 
 
 def causal_products(
-    dV: torch.Tensor, Z: torch.Tensor, Q: torch.Tensor, K: torch.Tensor, chunk_size: int
+    dV: torch.Tensor,
+    Z: torch.Tensor,
+    Q: torch.Tensor,
+    K: torch.Tensor,
+    chunk_size: int,
+    decay: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(P K, Pᵀ Q)`` for ``P = tril(dV Zᵀ, −1)``, never formed.
+    """``(P ∘ K, Pᵀ ∘ Q)`` for ``P = tril(dV Zᵀ, −1)``, never formed.
 
     ``dV, Z`` are ``(b, n, e)``, ``Q, K`` ``(b, n, d)``: ``(P K)_i = Σ_{j<i} (dV_i·Z_j) K_j`` and
     ``(Pᵀ Q)_j = Σ_{i>j} (dV_i·Z_j) Q_i``, the strictly causal and anti-causal linear-attention
@@ -47,8 +63,16 @@ def causal_products(
     chunk serves both; the other chunks enter through ``e×d`` states,
     ``dV_c Σ_{c' < c} Z_{c'}ᵀ K_{c'}`` and ``Z_c Σ_{c' > c} dV_{c'}ᵀ Q_{c'}``, exclusive prefix
     and suffix sums over the chunks. Cost ``O(n (C (e + d) + e d))``; no ``n×n`` matrix is
-    formed.
+    formed. With ``decay`` ``(b, n, g)`` each term carries ``exp(G_i − G_j)`` (per channel of
+    ``K``, ``Q`` for ``g = d``): the decayed causal product, and the anti-causal one as the
+    causal one on reversed rows (:func:`~matfn.triangular.reference.reverse_log_decay`).
     """
+    if decay is not None:
+        PK = causal_decay_flat(dV, Z, K, decay, chunk_size)
+        flipped = causal_decay_flat(
+            Z.flip(1), dV.flip(1), Q.flip(1), reverse_log_decay(decay), chunk_size
+        )
+        return PK, flipped.flip(1)
     b, n, e = dV.shape
     d = Q.shape[-1]
     C = chunk_size
@@ -73,11 +97,32 @@ def causal_products(
 
 
 def solve_transposed(
-    Q: torch.Tensor, K: torch.Tensor, W: torch.Tensor, lam: torch.Tensor, chunk_size: int
+    Q: torch.Tensor,
+    K: torch.Tensor,
+    W: torch.Tensor,
+    lam: torch.Tensor,
+    chunk_size: int,
+    decay: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``T⁻ᵀ W`` as ``J · T'⁻¹ (J W)`` with ``T' = JΛJ + tril((JK)(JQ)ᵀ, −1)``."""
-    flipped = solve_flat(K.flip(1), Q.flip(1), W.flip(1).contiguous(), lam.flip(1), chunk_size)
+    """``T⁻ᵀ W`` as ``J · T'⁻¹ (J W)`` with ``T' = JΛJ + tril((JK)(JQ)ᵀ, −1)`` (decayed alike)."""
+    flipped_decay = None if decay is None else reverse_log_decay(decay)
+    flipped = solve_flat(
+        K.flip(1), Q.flip(1), W.flip(1).contiguous(), lam.flip(1), chunk_size, flipped_decay
+    )
     return flipped.flip(1)
+
+
+def decay_grad(
+    Q: torch.Tensor, K: torch.Tensor, dQ: torch.Tensor, dK: torch.Tensor, groups: int
+) -> torch.Tensor:
+    """``dℓ`` ``(b, n, g)``: the reverse cumulative sum of ``dG = Q ⊙ dQ − K ⊙ dK``.
+
+    ``G = cumsum(ℓ)``; with one decay per row (``g = 1``) ``dG`` is summed over the channels.
+    """
+    dG = Q * dQ - K * dK
+    if groups == 1:
+        dG = dG.sum(-1, keepdim=True)
+    return dG.flip(1).cumsum(1).flip(1)
 
 
 def tri_solve_backward(
@@ -87,21 +132,27 @@ def tri_solve_backward(
     Z: torch.Tensor,
     dZ: torch.Tensor,
     chunk_size: int,
-    needs: tuple[bool, bool, bool],
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-    """``(dQ, dK, dV, dλ)`` of ``Z = T⁻¹ V`` (flattened ``(B, n, ·)`` operands, one dtype).
+    needs: tuple[bool, bool, bool] | tuple[bool, bool, bool, bool],
+    decay: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, ...]:
+    """``(dQ, dK, dV, dλ, dℓ)`` of ``Z = T⁻¹ V`` (flattened ``(B, n, ·)`` operands, one dtype).
 
-    ``needs`` says which of ``dQ, dK, dλ`` to compute (``dV`` is always needed by the others).
+    ``needs`` says which of ``dQ, dK, dλ`` (and ``dℓ``, a fourth flag, with ``decay``) to
+    compute; ``dV`` is always needed by the others. ``dℓ`` is ``None`` without ``decay``.
     """
-    need_q, need_k, need_lam = needs
-    dV = solve_transposed(Q, K, dZ, lam, chunk_size)
+    need_q, need_k, need_lam = needs[:3]
+    need_decay = decay is not None and len(needs) > 3 and needs[3]
+    dV = solve_transposed(Q, K, dZ, lam, chunk_size, decay)
     dlam = -(dV * Z).sum(-1) if need_lam else None
-    dQ = dK = None
-    if need_q or need_k:
-        PK, PtQ = causal_products(dV, Z, Q, K, chunk_size)
-        dQ = -PK if need_q else None
-        dK = -PtQ if need_k else None
-    return dQ, dK, dV, dlam
+    dQ = dK = ddecay = None
+    if need_q or need_k or need_decay:
+        PK, PtQ = causal_products(dV, Z, Q, K, chunk_size, decay)
+        dQ, dK = -PK, -PtQ
+        if need_decay:
+            ddecay = decay_grad(Q, K, dQ, dK, decay.shape[-1])
+        dQ = dQ if need_q else None
+        dK = dK if need_k else None
+    return dQ, dK, dV, dlam, ddecay
 
 
 def tri_inv_backward(
@@ -110,17 +161,29 @@ def tri_inv_backward(
     lam: torch.Tensor,
     dY: torch.Tensor,
     chunk_size: int,
-    needs: tuple[bool, bool, bool],
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """``(dQ, dK, dλ)`` of ``Y = T⁻¹``: ``dT = −T⁻ᵀ dY T⁻ᵀ`` by two solves, ``O(n² d)``.
+    needs: tuple[bool, bool, bool] | tuple[bool, bool, bool, bool],
+    decay: torch.Tensor | None = None,
+    Y: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, ...]:
+    """``(dQ, dK, dλ, dℓ)`` of ``Y = T⁻¹``: ``dT = −T⁻ᵀ dY T⁻ᵀ``, ``O(n² d)``.
 
     Only ``tril(dY)`` matters (the upper part of ``Y`` is constant zero), so it is masked first.
+    Without ``decay``: two solves, ``W = T⁻ᵀ dY`` and ``dT = −W T⁻ᵀ``, then ``dQ = dL K`` and
+    ``dK = dLᵀ Q`` for ``dL = tril(dT, −1)``. With ``decay``: the solve's backward with
+    ``Z = Y`` (required) and ``dZ = tril(dY)``, through the decayed causal products.
     """
-    need_q, need_k, need_lam = needs
+    need_q, need_k, need_lam = needs[:3]
+    if decay is not None:
+        if Y is None:
+            raise ValueError("the decayed backward of tri_inv needs Y = T⁻¹")
+        dQ, dK, _, dlam, ddecay = tri_solve_backward(
+            Q, K, lam, Y, torch.tril(dY), chunk_size, needs, decay
+        )
+        return dQ, dK, dlam, ddecay
     W = solve_transposed(Q, K, torch.tril(dY), lam, chunk_size)  # T⁻ᵀ dY
     dT = -solve_flat(Q, K, W.mT.contiguous(), lam, chunk_size).mT  # −W T⁻ᵀ
     dlam = torch.diagonal(dT, dim1=-2, dim2=-1) if need_lam else None
     dL = torch.tril(dT, -1)
     dQ = dL @ K if need_q else None
     dK = dL.mT @ Q if need_k else None
-    return dQ, dK, dlam
+    return dQ, dK, dlam, None

@@ -22,7 +22,16 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["SENTINEL", "init_scratch", "tf32_split", "mm", "tri_chunk_kernel", "pow2", "chunk_pass"]
+__all__ = [
+    "SENTINEL",
+    "init_scratch",
+    "tf32_split",
+    "mm",
+    "chunk_inverse",
+    "tri_chunk_kernel",
+    "pow2",
+    "chunk_pass",
+]
 
 #: Bit pattern (a NaN with a payload that arithmetic never produces: NVIDIA GPUs return the
 #: canonical NaN ``0x7FFFFFFF``) that marks the scan's buffers not yet written.
@@ -76,7 +85,7 @@ def mm(a, b):
 
 
 @triton.jit
-def _chunk_inverse(A, lam, BC: tl.constexpr, BS: tl.constexpr, LOG_M: tl.constexpr):
+def chunk_inverse(A, lam, BC: tl.constexpr, BS: tl.constexpr, LOG_M: tl.constexpr):
     """``(Λ + A)⁻¹`` for a strictly lower ``BC×BC`` tile ``A`` and the diagonal ``lam``."""
     N = A / lam[:, None]
     rows = tl.arange(0, BC)
@@ -189,7 +198,7 @@ def tri_chunk_kernel(
             kt = tl.load(kb + rows[:, None] * stride_qn + cols[None, :], mask=m, other=0.0)
             A += mm(qt, tl.trans(kt))
     A = tl.where(ar[:, None] > ar[None, :], A, 0.0)
-    Y = _chunk_inverse(A, lam, BC, BS, LOG_M)
+    Y = chunk_inverse(A, lam, BC, BS, LOG_M)
     if STORE_Y:
         yp = y_ptr + b * stride_yb + rows[:, None] * stride_yn + rows[None, :]
         tl.store(yp, Y, mask=rm[:, None] & rm[None, :])

@@ -15,12 +15,15 @@ from dataclasses import dataclass, replace
 __all__ = [
     "TriInvConfig",
     "TriSolveConfig",
+    "TriDecayConfig",
     "TRI_INV_CONFIG",
     "TRI_SOLVE_CONFIG",
+    "TRI_DECAY_CONFIG",
     "SOLVE_MAX_D",
     "kernel_chunk",
     "inv_config",
     "solve_config",
+    "decay_config",
 ]
 
 #: The solve's kernels keep ``d``-wide tiles on chip: above 128 they need more than the 227 KB
@@ -151,8 +154,42 @@ class TriSolveConfig:
             )
 
 
+@dataclass(frozen=True)
+class TriDecayConfig:
+    """How the decayed kernels of :mod:`matfn.triangular.decay` run (solve and causal product)."""
+
+    #: Rows ``C`` of a chunk (16/32/64): the state pass is a chain of ``n/C`` dependent steps,
+    #: so the largest chunk; the chunk kernel inverts it in parallel over all chunks.
+    chunk_size: int = 64
+    #: Rows of the chunk kernel's diagonal blocks before doubling (as :class:`TriInvConfig`).
+    block_s: int = 16
+    #: Warps of the chunk kernel (1/2/4/8). 8: the 64×64 inverse and the ``C×d`` products
+    #: of 3xTF32 splits need the registers (sm90 ahead-of-time compile: 4 warps spill twice
+    #: as much).
+    chunk_warps: int = 8
+    #: Channels of ``Q, K`` per slab of the chunk kernel's block ``A`` (16/32/64). 16: the
+    #: fewest spills.
+    slab: int = 16
+    #: Columns of ``V`` per program of the state pass (16/32/64).
+    state_block: int = 32
+    #: Warps of the state pass (1/2/4/8). 8: its ``C×d`` tile of ``P`` spills at 4.
+    state_warps: int = 8
+    #: Channels of ``W`` per program of the causal product (16/32/64).
+    product_block: int = 32
+    #: Warps of the causal product (1/2/4/8), 8 as the state pass.
+    product_warps: int = 8
+
+    def __post_init__(self) -> None:
+        _check_chunk(self.chunk_size, self.block_s)
+        for name in ("slab", "state_block", "product_block"):
+            _check_in(name, getattr(self, name), _TILES)
+        for name in ("chunk_warps", "state_warps", "product_warps"):
+            _check_in(name, getattr(self, name), _WARPS)
+
+
 TRI_INV_CONFIG = TriInvConfig()
 TRI_SOLVE_CONFIG = TriSolveConfig()
+TRI_DECAY_CONFIG = TriDecayConfig()
 
 
 def kernel_chunk(chunk_size: int, largest: int) -> int:
@@ -181,3 +218,13 @@ def solve_config(chunk_size: int) -> TriSolveConfig:
     if C == base.chunk_size:
         return base
     return replace(base, chunk_size=C, tree_rows=min(base.tree_rows, 2 * C))
+
+
+@functools.lru_cache(maxsize=16)
+def decay_config(chunk_size: int) -> TriDecayConfig:
+    """:data:`TRI_DECAY_CONFIG` with the kernel chunk for a requested ``chunk_size``."""
+    base = TRI_DECAY_CONFIG
+    C = kernel_chunk(chunk_size, base.chunk_size)
+    if C == base.chunk_size:
+        return base
+    return replace(base, chunk_size=C, block_s=min(base.block_s, C))

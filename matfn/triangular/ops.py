@@ -20,23 +20,19 @@ tensor in the promoted dtype of all tensor operands. ``check_finite=True`` tests
 for NaN/Inf and ``diag`` for zeros in one host sync; ``False`` reads no value on the host, so a
 call can be captured in a CUDA graph.
 
-Gradients (``register_autograd``): without ``log_decay`` through two more ops,
-``matfn::tri_inv_backward`` and ``matfn::tri_solve_backward``, which run the exact backward of
-:mod:`matfn.triangular.backward` on the inputs in the compute dtype; opaque nodes too, so a
-compiled backward neither unrolls their chunk loops nor recompiles per ``n``. Their bodies,
+Gradients (``register_autograd``) go through two more ops, ``matfn::tri_inv_backward`` and
+``matfn::tri_solve_backward``, which run the exact backward of :mod:`matfn.triangular.backward`
+(``log_decay`` included) on the inputs in the compute dtype; opaque nodes too, so a compiled
+backward neither unrolls their chunk loops nor recompiles per ``n``. Their bodies,
 :func:`inv_grads` and :func:`solve_grads`, are also what a graph-replayed call's backward runs
-(without the op's dispatch). With
-``log_decay`` the registered backward differentiates the decayed chunked torch form,
-recomputed under ``torch.enable_grad`` (``ℓ`` included); that plain torch is traced into a
-compiled backward (why not an op: an op's body runs below autograd, which the recomputation
-needs). Once differentiable (the backward ops have no autograd).
+(without the op's dispatch). Once differentiable (the backward ops have no autograd).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -45,10 +41,6 @@ from matfn._validation import assert_all_finite
 
 from .backward import tri_inv_backward, tri_solve_backward
 from .paths import inv_flat, solve_flat
-from .reference import (
-    tri_inv_decay_chunked_torch,
-    tri_solve_decay_chunked_torch,
-)
 
 __all__ = [
     "SingularTriangularError",
@@ -146,11 +138,8 @@ def _inv_compute(Q, K, lam, decay, chunk_size: int) -> torch.Tensor:
     n = Q.shape[-2]
     batch = Q.shape[:-2]
     Qf, Kf, _, lamf = _prepare(Q, K, None, lam, compute_dtype(dtype))
-    if decay is None:
-        Y = inv_flat(Qf, Kf, lamf, chunk_size)
-    else:  # torch on every device (the kernels take no decay)
-        Lf = _flat_decay(decay, Qf.shape[0], Qf.dtype)
-        Y = tri_inv_decay_chunked_torch(Qf, Kf, lamf, Lf, chunk_size)
+    Lf = None if decay is None else _flat_decay(decay, Qf.shape[0], Qf.dtype)
+    Y = inv_flat(Qf, Kf, lamf, chunk_size, Lf)
     return Y.reshape(*batch, n, n).to(dtype)
 
 
@@ -158,11 +147,8 @@ def _solve_compute(Q, K, V, lam, decay, chunk_size: int) -> torch.Tensor:
     """``T⁻¹ V`` in the result dtype (non-empty operands, no value checks)."""
     dtype = result_dtype(Q, K, V, lam, decay)
     Qf, Kf, Vf, lamf = _prepare(Q, K, V, lam, compute_dtype(dtype))
-    if decay is None:
-        X = solve_flat(Qf, Kf, Vf, lamf, chunk_size)
-    else:
-        Lf = _flat_decay(decay, Qf.shape[0], Qf.dtype)
-        X = tri_solve_decay_chunked_torch(Qf, Kf, Vf, lamf, Lf, chunk_size)
+    Lf = None if decay is None else _flat_decay(decay, Qf.shape[0], Qf.dtype)
+    X = solve_flat(Qf, Kf, Vf, lamf, chunk_size, Lf)
     return X.reshape(V.shape).to(dtype)
 
 
@@ -249,25 +235,6 @@ def _cast_grads(
     ]
 
 
-def _autograd_of(
-    fn: Callable[..., torch.Tensor],
-    inputs: Sequence[torch.Tensor],
-    needs: Sequence[bool],
-    grad: torch.Tensor,
-) -> list[torch.Tensor | None]:
-    """Gradients of ``fn(*inputs)`` w.r.t. the inputs marked in ``needs``, by recomputation.
-
-    The decayed forms are plain torch written for autograd; recomputing them here keeps the
-    forward op free of saved autograd graphs.
-    """
-    with torch.enable_grad():
-        leaves = [x.detach().requires_grad_(need) for x, need in zip(inputs, needs, strict=True)]
-        out = fn(*leaves)
-        wanted = [x for x, need in zip(leaves, needs, strict=True) if need]
-        got = iter(torch.autograd.grad(out, wanted, grad))
-    return [next(got) if need else None for need in needs]
-
-
 def _fresh(
     grads: Sequence[torch.Tensor | None], inputs: Sequence[torch.Tensor | None]
 ) -> list[torch.Tensor]:
@@ -293,31 +260,38 @@ def inv_grads(
     Q: torch.Tensor,
     K: torch.Tensor,
     diag: torch.Tensor,
+    decay: torch.Tensor | None,
+    Y: torch.Tensor | None,
     grad: torch.Tensor,
     chunk_size: int,
     needs: Sequence[bool],
     *,
     replay: bool,
 ) -> list[torch.Tensor]:
-    """Gradients of ``T⁻¹`` (no decay) w.r.t. ``(Q, K, diag)``, those in ``needs``.
+    """Gradients of ``Y = T⁻¹`` w.r.t. ``(Q, K, diag, log_decay)``, those in ``needs``.
 
     Returns the needed ones, in that order, in their inputs' shapes and dtypes:
-    :func:`matfn.triangular.backward.tri_inv_backward` in the compute dtype. ``replay``:
-    replay the computation from a CUDA graph where it is launch-bound (:mod:`matfn._graphs`;
-    the backward of a ``cuda_graph=True`` call, which calls this directly: the op's dispatch
-    costs more host time than the replay).
+    :func:`matfn.triangular.backward.tri_inv_backward` in the compute dtype. ``Y``: the
+    forward's result, read with ``decay`` (solved again where it was rounded to a half dtype),
+    else ignored. ``replay``: replay the computation from a CUDA graph where it is launch-bound
+    (:mod:`matfn._graphs`; the backward of a ``cuda_graph=True`` call, which calls this
+    directly: the op's dispatch costs more host time than the replay).
     """
-    nq, nk, nl = needs
-    inputs = (Q, K, diag)
+    inputs = (Q, K, diag, decay)
     if _empty(Q):
         return [x.new_zeros(x.shape) for x, need in zip(inputs, needs, strict=True) if need]
-    cdt = compute_dtype(result_dtype(Q, K, diag))
+    cdt = compute_dtype(result_dtype(Q, K, diag, decay))
     Qf, Kf, _, lamf = _prepare(Q, K, None, diag, cdt)
     B, n, d = Qf.shape
     dYf = grad.reshape(-1, n, n).to(cdt)
-    call = functools.partial(_inv_grads_flat, chunk_size=chunk_size, needs=(nq, nk, nl))
-    grads = _maybe_replayed(replay, call, (Qf, Kf, lamf, dYf), work=B * n * n * d)
-    return _fresh(_cast_grads(unpack_needed(grads, needs), (Q, K, diag)), (*inputs, grad))
+    operands = [Qf, Kf, lamf, dYf]
+    if decay is not None:
+        Lf = _flat_decay(decay, B, cdt)
+        Yf = Y.reshape(B, n, n) if Y.dtype == cdt else inv_flat(Qf, Kf, lamf, chunk_size, Lf)
+        operands += [Lf, Yf]
+    call = functools.partial(_inv_grads_flat, chunk_size=chunk_size, needs=tuple(needs))
+    grads = _maybe_replayed(replay, call, operands, work=B * n * n * d)
+    return _fresh(_cast_grads(unpack_needed(grads, needs), inputs), (*inputs, Y, grad))
 
 
 @torch.library.custom_op("matfn::tri_inv_backward", mutates_args=())
@@ -325,6 +299,8 @@ def tri_inv_backward_op(
     Q: torch.Tensor,
     K: torch.Tensor,
     diag: torch.Tensor,
+    log_decay: torch.Tensor | None,
+    Y: torch.Tensor | None,
     grad: torch.Tensor,
     chunk_size: int,
     needs: list[bool],
@@ -333,24 +309,25 @@ def tri_inv_backward_op(
 
     So a compiled backward neither unrolls the chunk loops nor recompiles per ``n``.
     """
-    return inv_grads(Q, K, diag, grad, chunk_size, needs, replay=False)
+    return inv_grads(Q, K, diag, log_decay, Y, grad, chunk_size, needs, replay=False)
 
 
 @tri_inv_backward_op.register_fake
-def _(Q, K, diag, grad, chunk_size, needs):
-    return _needed_like((Q, K, diag), needs)
+def _(Q, K, diag, log_decay, Y, grad, chunk_size, needs):
+    return _needed_like((Q, K, diag, log_decay), needs)
 
 
-def _inv_grads_flat(Qf, Kf, lamf, dYf, *, chunk_size: int, needs: tuple[bool, ...]):
+def _inv_grads_flat(Qf, Kf, lamf, dYf, Lf=None, Yf=None, *, chunk_size: int, needs):
     """The needed gradients of :func:`tri_inv_backward`, as a tuple (what a graph captures)."""
-    grads = tri_inv_backward(Qf, Kf, lamf, dYf, chunk_size, needs)
-    return tuple(g for g in grads if g is not None)
+    grads = tri_inv_backward(Qf, Kf, lamf, dYf, chunk_size, needs, Lf, Yf)
+    return tuple(g for g, need in zip(grads, needs, strict=False) if need)
 
 
-def _solve_grads_flat(Qf, Kf, lamf, Xf, dXf, *, chunk_size: int, needs: tuple[bool, ...]):
-    """``dV`` and the needed ones of ``(dQ, dK, dλ)`` of :func:`tri_solve_backward`, in order."""
-    grads = tri_solve_backward(Qf, Kf, lamf, Xf, dXf, chunk_size, needs)
-    return tuple(g for g in grads if g is not None)
+def _solve_grads_flat(Qf, Kf, lamf, Xf, dXf, Lf=None, *, chunk_size: int, needs):
+    """``dV`` and the needed ones of ``(dQ, dK, dλ, dℓ)`` of :func:`tri_solve_backward`."""
+    dQ, dK, dV, dlam, ddecay = tri_solve_backward(Qf, Kf, lamf, Xf, dXf, chunk_size, needs, Lf)
+    grads = (dQ, dK, dV, dlam, ddecay)
+    return tuple(g for g, need in zip(grads, (*needs[:2], True, *needs[2:]), strict=False) if need)
 
 
 def _maybe_replayed(replay: bool, call: functools.partial, operands, *, work: int) -> tuple:
@@ -369,6 +346,7 @@ def solve_grads(
     K: torch.Tensor,
     V: torch.Tensor,
     diag: torch.Tensor,
+    decay: torch.Tensor | None,
     X: torch.Tensor,
     grad: torch.Tensor,
     chunk_size: int,
@@ -376,26 +354,28 @@ def solve_grads(
     *,
     replay: bool,
 ) -> list[torch.Tensor]:
-    """Gradients of ``X = T⁻¹ V`` (no decay) w.r.t. ``(Q, K, V, diag)``, those in ``needs``.
+    """Gradients of ``X = T⁻¹ V`` w.r.t. ``(Q, K, V, diag, log_decay)``, those in ``needs``.
 
     As :func:`inv_grads`, with :func:`matfn.triangular.backward.tri_solve_backward`, which
     reads ``X`` in the compute dtype: the saved result is it unless it was rounded to a half
     dtype, then it is solved again.
     """
-    nq, nk, nv, nl = needs
-    inputs = (Q, K, V, diag)
+    nq, nk, nv, nl, nd = needs
+    inputs = (Q, K, V, diag, decay)
     if _empty(Q, V):
         return [x.new_zeros(x.shape) for x, need in zip(inputs, needs, strict=True) if need]
-    cdt = compute_dtype(result_dtype(Q, K, V, diag))
+    cdt = compute_dtype(result_dtype(Q, K, V, diag, decay))
     Qf, Kf, Vf, lamf = _prepare(Q, K, V, diag, cdt)
-    Xf = X.reshape(Vf.shape) if X.dtype == cdt else solve_flat(Qf, Kf, Vf, lamf, chunk_size)
-    dXf = grad.reshape(Xf.shape).to(cdt)
     B, n, d = Qf.shape
+    Lf = None if decay is None else _flat_decay(decay, B, cdt)
+    Xf = X.reshape(Vf.shape) if X.dtype == cdt else solve_flat(Qf, Kf, Vf, lamf, chunk_size, Lf)
+    dXf = grad.reshape(Xf.shape).to(cdt)
     work = B * n * d * (d + Xf.shape[-1])
-    call = functools.partial(_solve_grads_flat, chunk_size=chunk_size, needs=(nq, nk, nl))
-    grads = _maybe_replayed(replay, call, (Qf, Kf, lamf, Xf, dXf), work=work)
-    dQ, dK, dV, dlam = unpack_needed(grads, (nq, nk, True, nl))
-    grads = _cast_grads((dQ, dK, dV if nv else None, dlam), (Q, K, V, diag))
+    operands = [Qf, Kf, lamf, Xf, dXf] + ([] if Lf is None else [Lf])
+    call = functools.partial(_solve_grads_flat, chunk_size=chunk_size, needs=(nq, nk, nl, nd))
+    grads = _maybe_replayed(replay, call, operands, work=work)
+    dQ, dK, dV, dlam, ddecay = unpack_needed(grads, (nq, nk, True, nl, nd))
+    grads = _cast_grads((dQ, dK, dV if nv else None, dlam, ddecay), inputs)
     return _fresh(grads, (*inputs, X, grad))
 
 
@@ -405,18 +385,19 @@ def tri_solve_backward_op(
     K: torch.Tensor,
     V: torch.Tensor,
     diag: torch.Tensor,
+    log_decay: torch.Tensor | None,
     X: torch.Tensor,
     grad: torch.Tensor,
     chunk_size: int,
     needs: list[bool],
 ) -> list[torch.Tensor]:
     """:func:`solve_grads` as one opaque node (as :func:`tri_inv_backward_op`)."""
-    return solve_grads(Q, K, V, diag, X, grad, chunk_size, needs, replay=False)
+    return solve_grads(Q, K, V, diag, log_decay, X, grad, chunk_size, needs, replay=False)
 
 
 @tri_solve_backward_op.register_fake
-def _(Q, K, V, diag, X, grad, chunk_size, needs):
-    return _needed_like((Q, K, V, diag), needs)
+def _(Q, K, V, diag, log_decay, X, grad, chunk_size, needs):
+    return _needed_like((Q, K, V, diag, log_decay), needs)
 
 
 def unpack_needed(
@@ -430,20 +411,18 @@ def unpack_needed(
 def _setup_inv(ctx, inputs, output) -> None:
     Q, K, diag, log_decay, chunk_size, _ = inputs
     ctx.chunk_size = chunk_size
-    ctx.save_for_backward(Q, K, diag, log_decay)
+    # the decayed backward reads T⁻¹; the undecayed one solves twice instead of keeping it
+    ctx.save_for_backward(Q, K, diag, log_decay, None if log_decay is None else output)
 
 
 def _backward_inv(ctx, dY: torch.Tensor):
     """``(dQ, dK, dλ, dℓ)`` for the inputs that need them, through the backward op."""
-    Q, K, lam, decay = ctx.saved_tensors
+    Q, K, lam, decay, Y = ctx.saved_tensors
     needs = [bool(x) for x in ctx.needs_input_grad[:4]]
     if not any(needs):
         return (None,) * 6
-    if decay is not None:  # plain torch: traced into a compiled backward
-        fn = lambda *a: _inv_compute(*a, ctx.chunk_size)  # noqa: E731
-        return (*_autograd_of(fn, (Q, K, lam, decay), needs, dY), None, None)
-    grads = torch.ops.matfn.tri_inv_backward(Q, K, lam, dY, ctx.chunk_size, needs[:3])
-    return (*unpack_needed(grads, needs[:3]), None, None, None)
+    grads = torch.ops.matfn.tri_inv_backward(Q, K, lam, decay, Y, dY, ctx.chunk_size, needs)
+    return (*unpack_needed(grads, needs), None, None)
 
 
 def _setup_solve(ctx, inputs, output) -> None:
@@ -458,11 +437,8 @@ def _backward_solve(ctx, dX: torch.Tensor):
     needs = [bool(x) for x in ctx.needs_input_grad[:5]]
     if not any(needs):
         return (None,) * 7
-    if decay is not None:  # plain torch: traced into a compiled backward
-        fn = lambda *a: _solve_compute(*a, ctx.chunk_size)  # noqa: E731
-        return (*_autograd_of(fn, (Q, K, V, lam, decay), needs, dX), None, None)
-    grads = torch.ops.matfn.tri_solve_backward(Q, K, V, lam, X, dX, ctx.chunk_size, needs[:4])
-    return (*unpack_needed(grads, needs[:4]), None, None, None)
+    grads = torch.ops.matfn.tri_solve_backward(Q, K, V, lam, decay, X, dX, ctx.chunk_size, needs)
+    return (*unpack_needed(grads, needs), None, None)
 
 
 tri_inv_op.register_autograd(_backward_inv, setup_context=_setup_inv)

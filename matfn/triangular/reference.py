@@ -31,6 +31,8 @@ __all__ = [
     "tri_solve_chunked_torch",
     "tri_inv_decay_chunked_torch",
     "tri_solve_decay_chunked_torch",
+    "causal_product_decay_torch",
+    "reverse_log_decay",
     "decay_dense_torch",
 ]
 
@@ -235,6 +237,58 @@ def tri_inv_decay_chunked_torch(
     B, n, _ = Q.shape
     eye = torch.eye(n, dtype=Q.dtype, device=Q.device).expand(B, n, n)
     return torch.tril(tri_solve_decay_chunked_torch(Q, K, eye, lam, log_decay, chunk_size))
+
+
+def causal_product_decay_torch(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    W: torch.Tensor,
+    log_decay: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    r"""``O_r = Σ_{s<r} (A_r·B_s) W_s ⊙ exp(G_r − G_s)``, ``G = cumsum(ℓ)``, in chunks.
+
+    ``A, B`` ``(b, n, e)``, ``W`` ``(b, n, d)``, ``ℓ`` ``(b, n, 1)`` or ``(b, n, d)`` (a decay per
+    channel of ``W``). The strictly causal, decayed linear-attention product of the backward
+    (docs/math.md §5.6): inside a chunk ``P = tril(A_c B_cᵀ, −1)`` weighted by the chunk-relative
+    factors of :func:`decay_factors`; across chunks the ``e×d`` state
+    ``H = Σ_{s<l} B_sᵀ (W_s ⊙ exp(G_{l−1} − G_s))`` enters as ``e^{R} ⊙ (A_c H)`` and is carried by
+    ``H ← e^{R_last} ⊙ H + B_cᵀ (W_c ⊙ e^{R_last − R})``; every exponent is ``≤ 0`` for ``ℓ ≤ 0``.
+    Cost ``≈ n (2 C e + 2 C d + 4 e d)`` (plus the ``C×C×d`` factors per channel).
+    """
+    b, n, _ = A.shape
+    C = chunk_size
+    NC = -(-n // C)
+    dt = A.dtype
+    edt = torch.float32 if A.device.type == "mps" else torch.float64
+    Ac, Bc, Wc = _chunk_rows(A, NC, C), _chunk_rows(B, NC, C), _chunk_rows(W, NC, C)
+    R = _chunk_rows(log_decay.to(edt), NC, C).cumsum(2)  # (b, NC, C, g)
+    last = R[:, :, -1:]
+    P = torch.tril(Ac @ Bc.mT, -1)
+    E = decay_factors(R, dt)
+    if log_decay.shape[-1] == 1:
+        O = (P * E) @ Wc
+    else:
+        O = torch.einsum("bnij,bnjc,bnijc->bnic", P, Wc, E)
+    Wt = Wc * (last - R).to(dt).exp()
+    Rq = R.to(dt).exp()
+    step = last.to(dt).exp()  # (b, NC, 1, g)
+    H = A.new_zeros(b, A.shape[-1], W.shape[-1])
+    out = [O[:, 0]]
+    for c in range(1, NC):
+        H = step[:, c - 1] * H + Bc[:, c - 1].mT @ Wt[:, c - 1]
+        out.append(O[:, c] + Rq[:, c] * (Ac[:, c] @ H))
+    return torch.stack(out, 1).reshape(b, NC * C, -1)[:, :n]
+
+
+def reverse_log_decay(log_decay: torch.Tensor) -> torch.Tensor:
+    """``ℓ' = [0, ℓ_{n−1}, …, ℓ_1]``, the log-decays of the reversed rows (``G' = −flip(G)``).
+
+    With ``G'_k = −G_{n−1−k}``, ``G_i − G_j = G'_{j'} − G'_{i'}`` (``i' = n−1−i``): the transposed
+    decayed system and the anti-causal product are the causal ones on reversed rows with this
+    decay; ``ℓ'_0`` only shifts ``G'`` and cancels, and ``ℓ' ≤ 0`` where ``ℓ ≤ 0``.
+    """
+    return torch.cat([torch.zeros_like(log_decay[:, :1]), log_decay.flip(1)[:, :-1]], 1)
 
 
 def decay_dense_torch(

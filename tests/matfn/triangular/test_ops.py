@@ -75,7 +75,7 @@ OPCHECK_CASES = [
 
 @pytest.mark.parametrize(("dtype", "batch", "diag", "decay"), OPCHECK_CASES)
 def test_opcheck(dtype, batch, diag, decay):
-    n = 10 if decay is None else 6  # the decayed backward is traced: keep it to 2 chunks
+    n = 10
     Q, K, V, lam, ld = _case(batch, n, 3, 2, dtype=dtype, decay=decay)
     if diag == "float":  # what the public functions pass for a number: a 0-dim tensor expanded
         lam = torch.full((), 2.0, dtype=dtype).expand(Q.shape[:-1])
@@ -87,21 +87,28 @@ def test_opcheck(dtype, batch, diag, decay):
     torch.library.opcheck(torch.ops.matfn.tri_solve.default, (Q, K, V, lam, ld, 4, False))
 
 
-def test_opcheck_backward_ops():
-    Q, K, V, lam, _ = _case((2,), 10, 3, 2)
+@pytest.mark.parametrize("decay", [None, "row", "channel"])
+def test_opcheck_backward_ops(decay):
+    Q, K, V, lam, ld = _case((2,), 10, 3, 2, decay=decay)
+    ld = _op_decay(ld, Q)
     dY, dX = torch.randn(2, 10, 10, dtype=F64), torch.randn(2, 10, 2, dtype=F64)
-    X = torch.ops.matfn.tri_solve(Q, K, V, lam, None, 4, False)
-    args = (Q, K, lam, dY, 4, [True, False, True])
+    X = torch.ops.matfn.tri_solve(Q, K, V, lam, ld, 4, False)
+    Y = torch.ops.matfn.tri_inv(Q, K, lam, ld, 4, False)
+    need_ld = ld is not None
+    inv_needs = [True, False, True, need_ld]
+    solve_needs = [False, True, True, True, need_ld]
+    args = (Q, K, lam, ld, Y if need_ld else None, dY, 4, inv_needs)
     torch.library.opcheck(torch.ops.matfn.tri_inv_backward.default, args)
-    args = (Q, K, V, lam.float(), X, dX, 4, [False, True, True, True])
+    args = (Q, K, V, lam.float(), ld, X, dX, 4, solve_needs)
     torch.library.opcheck(torch.ops.matfn.tri_solve_backward.default, args)
     # the bodies, as a replayed call's backward runs them (no graph on CPU: the same values)
-    got = ops.inv_grads(Q, K, lam, dY, 4, [True, False, True], replay=True)
-    want = torch.ops.matfn.tri_inv_backward(Q, K, lam, dY, 4, [True, False, True])
+    got = ops.inv_grads(Q, K, lam, ld, Y, dY, 4, inv_needs, replay=True)
+    want = torch.ops.matfn.tri_inv_backward(Q, K, lam, ld, Y, dY, 4, inv_needs)
     for g, w in zip(got, want, strict=True):
         assert_close(g, w, rtol=0, atol=0)
-    got = ops.solve_grads(Q, K, V, lam, X, dX, 4, [True, True, True, False], replay=True)
-    want = torch.ops.matfn.tri_solve_backward(Q, K, V, lam, X, dX, 4, [True, True, True, False])
+    needs = [True, True, True, False, need_ld]
+    got = ops.solve_grads(Q, K, V, lam, ld, X, dX, 4, needs, replay=True)
+    want = torch.ops.matfn.tri_solve_backward(Q, K, V, lam, ld, X, dX, 4, needs)
     for g, w in zip(got, want, strict=True):
         assert_close(g, w, rtol=0, atol=0)
 

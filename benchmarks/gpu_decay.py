@@ -1,0 +1,133 @@
+"""Decayed ``tri_solve`` / ``tri_inv`` on CUDA: the Triton kernels against the torch form.
+
+Gated DeltaNet (one log-decay per row) and KDA (one per channel) systems with DeltaNet's inputs:
+unit keys, ``Q = β K`` with ``β ∈ U(0, 1)``, ``λ = 1``, ``V`` Gaussian, ``ℓ = −U(0, s)``. Every
+row is a public call, eager unless it says so, timed by ``triton.testing.do_bench`` (median):
+
+* ``forward``: ``matfn.tri_solve(Q, K, V, log_decay=ℓ, check_finite=False)``, its relative
+  Frobenius error against the float64 result (the same call on float64 inputs: the torch form,
+  which matches the dense system to 1e-15 in the tests);
+* ``torch form``: the same call with ``MATFN_DISABLE_TRITON=1`` (what ran before the kernels);
+* ``forward+backward``: ``torch.autograd.grad`` w.r.t. ``Q, K, V, ℓ``, and the worst relative
+  error of the four gradients against float64; ``compiled``: ``torch.compile`` with
+  ``mode="reduce-overhead"`` (forward replayed from a CUDA graph);
+* ``tri_inv``: the decayed inverse (``V = I`` through the same kernels).
+
+Usage: ``python3 benchmarks/gpu_decay.py [--n 4096] [--d 128] [--batch 1,16]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+
+import matfn  # noqa: E402
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, return_mode="median")
+
+
+def make(B: int, n: int, d: int, per_channel: bool, strength: float, seed: int = 0):
+    g = torch.Generator("cuda").manual_seed(seed)
+    K = torch.nn.functional.normalize(torch.randn(B, n, d, device="cuda", generator=g), dim=-1)
+    Q = torch.rand(B, n, 1, device="cuda", generator=g) * K
+    V = torch.randn(B, n, d, device="cuda", generator=g)
+    shape = (B, n, d) if per_channel else (B, n)
+    L = -strength * torch.rand(shape, device="cuda", generator=g)
+    return Q, K, V, L
+
+
+def torch_form(fn):
+    os.environ["MATFN_DISABLE_TRITON"] = "1"
+    try:
+        return fn()
+    finally:
+        del os.environ["MATFN_DISABLE_TRITON"]
+
+
+def row(case: str, what: str, ms: float, err: float | None = None, note: str = "") -> None:
+    e = "" if err is None else f"{err:.1e}"
+    print(f"| {case} | {what} | {ms:.3f} | {e} | {note} |", flush=True)
+
+
+def run_case(B: int, n: int, d: int, per_channel: bool, strength: float, inv: bool) -> None:
+    kind = "KDA" if per_channel else "GDN"
+    case = f"{kind} s={strength:g} B={B} n={n} d=e={d}"
+    Q, K, V, L = make(B, n, d, per_channel, strength)
+    args64 = [x.double() for x in (Q, K, V, L)]
+
+    def fwd():
+        return matfn.tri_solve(Q, K, V, log_decay=L, check_finite=False)
+
+    X64 = matfn.tri_solve(*args64[:3], log_decay=args64[3])
+    t_fwd = bench(fwd)
+    row(case, "forward", t_fwd, rel(fwd(), X64))
+    t_torch = torch_form(lambda: bench(fwd))
+    row(case, "torch form (MATFN_DISABLE_TRITON=1)", t_torch, torch_form(lambda: rel(fwd(), X64)))
+
+    leaves = [x.clone().requires_grad_() for x in (Q, K, V, L)]
+    dX = torch.randn_like(V)
+    leaves64 = [x.double().requires_grad_() for x in leaves]
+    want = torch.autograd.grad(
+        matfn.tri_solve(*leaves64[:3], log_decay=leaves64[3]), leaves64, dX.double()
+    )
+
+    def fwd_bwd():
+        X = matfn.tri_solve(*leaves[:3], log_decay=leaves[3], check_finite=False)
+        return torch.autograd.grad(X, leaves, dX)
+
+    got = fwd_bwd()
+    errs = [rel(a, b) for a, b in zip(got, want, strict=True)]
+    t_fb = bench(fwd_bwd)
+    note = "dQ dK dV dℓ: " + " ".join(f"{e:.1e}" for e in errs)
+    row(case, "forward+backward", t_fb, max(errs), f"{t_fb / t_fwd:.2f}× forward; {note}")
+    t_fb_torch = torch_form(lambda: bench(fwd_bwd))
+    row(case, "forward+backward, torch form", t_fb_torch)
+
+    compiled = torch.compile(
+        lambda Q, K, V, L: matfn.tri_solve(Q, K, V, log_decay=L, check_finite=False),
+        mode="reduce-overhead",
+        fullgraph=True,
+    )
+    out = compiled(Q, K, V, L)
+    err = rel(out, X64)
+    row(case, "forward, compile reduce-overhead", bench(lambda: compiled(Q, K, V, L)), err)
+    if inv:
+        Y64 = matfn.tri_inv(args64[0], args64[1], log_decay=args64[3])
+
+        def inv_fwd():
+            return matfn.tri_inv(Q, K, log_decay=L, check_finite=False)
+
+        row(case, "tri_inv forward", bench(inv_fwd), rel(inv_fwd(), Y64))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=4096)
+    p.add_argument("--d", type=int, default=128)
+    p.add_argument("--batch", default="1,16")
+    p.add_argument("--strength", default="1,5")
+    args = p.parse_args()
+    print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
+    print("| case | call | ms | rel. error vs float64 | notes |")
+    print("|---|---|---|---|---|")
+    for B in (int(b) for b in args.batch.split(",")):
+        for per_channel in (False, True):
+            for s in (float(x) for x in args.strength.split(",")):
+                run_case(B, args.n, args.d, per_channel, s, inv=B == 1 and s == 1.0)
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
