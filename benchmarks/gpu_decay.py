@@ -11,7 +11,8 @@ row is a public call, eager unless it says so, timed by ``triton.testing.do_benc
 * ``forward+backward``: ``torch.autograd.grad`` w.r.t. ``Q, K, V, ℓ``, and the worst relative
   error of the four gradients against float64; ``compiled``: ``torch.compile`` with
   ``mode="reduce-overhead"`` (forward replayed from a CUDA graph);
-* ``tri_inv``: the decayed inverse (``V = I`` through the same kernels).
+* ``tri_inv``: the decayed inverse (``V = I`` through the same kernels); this and the compiled
+  row only for the first batch size and decay strength.
 
 Usage: ``python3 benchmarks/gpu_decay.py [--n 4096] [--d 128] [--batch 1,16]``.
 """
@@ -61,7 +62,7 @@ def row(case: str, what: str, ms: float, err: float | None = None, note: str = "
     print(f"| {case} | {what} | {ms:.3f} | {e} | {note} |", flush=True)
 
 
-def run_case(B: int, n: int, d: int, per_channel: bool, strength: float, inv: bool) -> None:
+def run_case(B: int, n: int, d: int, per_channel: bool, strength: float, extra: bool) -> None:
     kind = "KDA" if per_channel else "GDN"
     case = f"{kind} s={strength:g} B={B} n={n} d=e={d}"
     Q, K, V, L = make(B, n, d, per_channel, strength)
@@ -95,21 +96,21 @@ def run_case(B: int, n: int, d: int, per_channel: bool, strength: float, inv: bo
     t_fb_torch = torch_form(lambda: bench(fwd_bwd))
     row(case, "forward+backward, torch form", t_fb_torch)
 
+    if not extra:
+        return
     compiled = torch.compile(
         lambda Q, K, V, L: matfn.tri_solve(Q, K, V, log_decay=L, check_finite=False),
         mode="reduce-overhead",
         fullgraph=True,
     )
-    out = compiled(Q, K, V, L)
-    err = rel(out, X64)
+    err = rel(compiled(Q, K, V, L), X64)
     row(case, "forward, compile reduce-overhead", bench(lambda: compiled(Q, K, V, L)), err)
-    if inv:
-        Y64 = matfn.tri_inv(args64[0], args64[1], log_decay=args64[3])
+    Y64 = matfn.tri_inv(args64[0], args64[1], log_decay=args64[3])
 
-        def inv_fwd():
-            return matfn.tri_inv(Q, K, log_decay=L, check_finite=False)
+    def inv_fwd():
+        return matfn.tri_inv(Q, K, log_decay=L, check_finite=False)
 
-        row(case, "tri_inv forward", bench(inv_fwd), rel(inv_fwd(), Y64))
+    row(case, "tri_inv forward", bench(inv_fwd), rel(inv_fwd(), Y64))
 
 
 def main() -> None:
@@ -125,7 +126,7 @@ def main() -> None:
     for B in (int(b) for b in args.batch.split(",")):
         for per_channel in (False, True):
             for s in (float(x) for x in args.strength.split(",")):
-                run_case(B, args.n, args.d, per_channel, s, inv=B == 1 and s == 1.0)
+                run_case(B, args.n, args.d, per_channel, s, extra=B == 1 and s == 1.0)
                 torch.cuda.empty_cache()
 
 
