@@ -88,6 +88,24 @@ def tri_case(op: str):
     return lambda: tri_solve_triton(Q, K, V, lam)
 
 
+def tri_backward(decay: str | None):
+    """``tri_solve`` forward + ``autograd.grad`` (n = 4096, d = e = 128), eager launches."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    K = torch.nn.functional.normalize(torch.randn(1, 4096, 128, device="cuda", generator=g), dim=-1)
+    Q = torch.rand(1, 4096, 1, device="cuda", generator=g) * K
+    V = torch.randn(1, 4096, 128, device="cuda", generator=g)
+    shape = {None: None, "gdn": (1, 4096), "kda": (1, 4096, 128)}[decay]
+    L = None if shape is None else -torch.rand(shape, device="cuda", generator=g)
+    leaves = [x.requires_grad_() for x in (Q, K, V, L) if x is not None]
+    dX = torch.randn_like(V)
+
+    def step():
+        X = matfn.tri_solve(*leaves[:3], log_decay=L, check_finite=False, cuda_graph=False)
+        return torch.autograd.grad(X, leaves, dX)
+
+    return step
+
+
 def triton_launch(n_args: int):
     """One empty Triton kernel with ``n_args`` int arguments: the bare cost of a launch."""
     import triton
@@ -107,6 +125,9 @@ def triton_launch(n_args: int):
 CASES = {
     "tri_inv4096": lambda: tri_case("inv"),
     "tri_solve4096": lambda: tri_case("solve"),
+    "tri_solve_backward4096": lambda: tri_backward(None),
+    "gdn_backward4096": lambda: tri_backward("gdn"),
+    "kda_backward4096": lambda: tri_backward("kda"),
     "triton_launch1": lambda: triton_launch(1),
     "triton_launch19": lambda: triton_launch(19),
     "muon": gpt2_muon,

@@ -18,10 +18,12 @@ order that makes it ``≤ 0`` for ``ℓ ≤ 0``, so no factor exceeds 1 however 
    ``X_c = U_c − P_c S``, ``S ← e^{R_last} ⊙ S + K̃_cᵀ X_c`` with the ``d×e`` state
    ``S = Σ_{j<l} exp(G_{l−1} − G_j) ⊙ K_j x_jᵀ``.
 
-:func:`causal_product_decay_triton` (one launch, one program per batch entry and ``W`` channel
-tile, over the chunks in order): ``O_r = Σ_{s<r} (A_r·B_s) W_s ⊙ exp(G_r − G_s)``, the
+:func:`causal_product_decay_triton`: ``O_r = Σ_{s<r} (A_r·B_s) W_s ⊙ exp(G_r − G_s)``, the
 decayed form of the backward's ``dQ = dL K`` (docs/math.md §5.6), with the ``e×d`` state
-``H = Σ_{s<l} B_sᵀ (W_s ⊙ exp(G_{l−1} − G_s))``.
+``H = Σ_{s<l} B_sᵀ (W_s ⊙ exp(G_{l−1} − G_s))``. Unlike the solve's, this state does not depend
+on the result, so every chunk's write ``ΔH_c`` is formed at once (one program per chunk), the
+states ``H_{c+1} = e^{R_last} ⊙ H_c + ΔH_c`` follow by an elementwise scan, and every chunk's rows
+``O_c = [in-chunk part] + e^R ⊙ (A_c H_c)`` at once: three launches, parallel over the chunks.
 
 With a decay per channel the block ``A`` (and the product's in-chunk part) is not one matrix
 product: the 16-row sub-blocks below the diagonal take one product each through the last row
@@ -227,83 +229,175 @@ def _decay_state_kernel(
 
 
 @triton.jit
-def _decay_product_kernel(
+def _product_delta_kernel(
+    b_ptr,
+    w_ptr,
+    r_ptr,
+    h_ptr,
+    n,
+    e,
+    d,
+    stride_bb,
+    stride_bn,
+    stride_wb,
+    stride_wn,
+    stride_rb,
+    stride_rn,
+    stride_hb,
+    stride_hc,
+    BC: tl.constexpr,
+    EP: tl.constexpr,
+    BD: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,
+):
+    """Chunk ``c``'s write to the state, ``ΔH_c = B_cᵀ (W_c ⊙ e^{R_last − R})`` (channels ``dt``).
+
+    ``H`` ``(b, NC, e, d)`` contiguous in its last two dims.
+    """
+    c = tl.program_id(0).to(tl.int64)
+    dt = tl.program_id(1)
+    bi = tl.program_id(2).to(tl.int64)
+    rows = c * BC + tl.arange(0, BC)
+    rm = (rows < n)[:, None]
+    ce = tl.arange(0, EP)
+    cd = dt * BD + tl.arange(0, BD)
+    cdm = cd < d
+    rb = r_ptr + bi * stride_rb
+    Bc = tl.load(
+        b_ptr + bi * stride_bb + rows[:, None] * stride_bn + ce[None, :],
+        mask=rm & (ce < e)[None, :],
+        other=0.0,
+    )
+    Wc = tl.load(
+        w_ptr + bi * stride_wb + rows[:, None] * stride_wn + cd[None, :],
+        mask=rm & cdm[None, :],
+        other=0.0,
+    )
+    last = c * BC + BC - 1
+    if PER_CHANNEL:
+        R = tl.load(rb + rows[:, None] * stride_rn + cd[None, :], mask=cdm[None, :], other=0.0)
+        rl = tl.load(rb + last * stride_rn + cd, mask=cdm, other=0.0)
+        Wt = Wc * _below(rl[None, :] - R)
+    else:
+        Wt = Wc * _below(tl.load(rb + last * stride_rn) - tl.load(rb + rows * stride_rn))[:, None]
+    hp = h_ptr + bi * stride_hb + c * stride_hc + ce[:, None] * d + cd[None, :]
+    tl.store(hp, mm(tl.trans(Bc), Wt), mask=(ce < e)[:, None] & cdm[None, :])
+
+
+@triton.jit
+def _product_scan_kernel(
+    h_ptr,
+    r_ptr,
+    e,
+    d,
+    NC,
+    stride_rb,
+    stride_rn,
+    stride_hb,
+    stride_hc,
+    BC: tl.constexpr,
+    BE: tl.constexpr,
+    BD: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,
+):
+    """In place, ``ΔH_c → H_c``: ``H_0 = 0``, ``H_{c+1} = e^{R_last} ⊙ H_c + ΔH_c`` (elementwise).
+
+    One program per ``BE×BD`` tile of the ``e×d`` state: the only chain of the product, of
+    ``NC`` elementwise steps.
+    """
+    et = tl.program_id(0)
+    dt = tl.program_id(1)
+    bi = tl.program_id(2).to(tl.int64)
+    ce = et * BE + tl.arange(0, BE)
+    cd = dt * BD + tl.arange(0, BD)
+    m = (ce < e)[:, None] & (cd < d)[None, :]
+    hp = h_ptr + bi * stride_hb + ce[:, None] * d + cd[None, :]
+    rb = r_ptr + bi * stride_rb
+    H = tl.zeros((BE, BD), dtype=tl.float32)
+    for c in range(NC):
+        dH = tl.load(hp + c * stride_hc, mask=m, other=0.0)
+        tl.store(hp + c * stride_hc, H, mask=m)
+        last = rb + (c * BC + BC - 1) * stride_rn
+        if PER_CHANNEL:
+            step = _below(tl.load(last + cd, mask=cd < d, other=0.0))[None, :]
+        else:
+            step = _below(tl.load(last))
+        H = H * step + dH
+
+
+@triton.jit
+def _product_out_kernel(
     a_ptr,
     b_ptr,
     w_ptr,
     r_ptr,
+    h_ptr,
     o_ptr,
     n,
     e,
     d,
-    NC,
     stride_ab,
     stride_an,
     stride_wb,
     stride_wn,
     stride_rb,
     stride_rn,
+    stride_hb,
+    stride_hc,
     BC: tl.constexpr,
     EP: tl.constexpr,
     BD: tl.constexpr,
     PER_CHANNEL: tl.constexpr,
 ):
-    """Channels ``dt·BD …`` of ``O`` for batch entry ``bi`` (module doc).
+    """Chunk ``c``'s rows of ``O`` (channels ``dt``): the in-chunk part plus ``e^R ⊙ (A_c H_c)``.
 
     ``B`` has the strides of ``A``; ``O`` those of ``W``.
     """
-    dt = tl.program_id(0)
-    bi = tl.program_id(1).to(tl.int64)
+    c = tl.program_id(0).to(tl.int64)
+    dt = tl.program_id(1)
+    bi = tl.program_id(2).to(tl.int64)
     ar = tl.arange(0, BC)
+    rows = c * BC + ar
+    rm = (rows < n)[:, None]
     below = ar[:, None] > ar[None, :]
     ce = tl.arange(0, EP)
-    cem = (ce < e)[None, :]
+    cem = ce < e
     cd = dt * BD + tl.arange(0, BD)
     cdm = cd < d
     rb = r_ptr + bi * stride_rb
-    H = tl.zeros((EP, BD), dtype=tl.float32)
-    for c in range(NC):
-        rows = c * BC + ar
-        rm = (rows < n)[:, None]
-        aoff = bi * stride_ab + rows[:, None] * stride_an + ce[None, :]
-        woff = bi * stride_wb + rows[:, None] * stride_wn + cd[None, :]
-        Ac = tl.load(a_ptr + aoff, mask=rm & cem, other=0.0)
-        Bc = tl.load(b_ptr + aoff, mask=rm & cem, other=0.0)
-        Wc = tl.load(w_ptr + woff, mask=rm & cdm[None, :], other=0.0)
-        P = tl.where(below, mm(Ac, tl.trans(Bc)), 0.0)
-        last = c * BC + BC - 1
-        if PER_CHANNEL:
-            R = tl.load(rb + rows[:, None] * stride_rn + cd[None, :], mask=cdm[None, :], other=0.0)
-            rl = tl.load(rb + last * stride_rn + cd, mask=cdm, other=0.0)
-            O = _below(R) * mm(Ac, H)
-            for J in tl.static_range(BC // SUB - 1):
-                ref_row = J * SUB + SUB - 1
-                ref = tl.load(rb + (c * BC + ref_row) * stride_rn + cd, mask=cdm, other=0.0)
-                ws = Wc * _below(tl.where((ar // SUB == J)[:, None], ref[None, :] - R, _NEG_INF))
-                gi = _below(tl.where((ar > ref_row)[:, None], R - ref[None, :], _NEG_INF))
-                O += gi * mm(P, ws)
-            for jj in range(SUB):
-                jrow = (ar // SUB) * SUB + jj
-                p = tl.sum(tl.where(ar[None, :] == jrow[:, None], P, 0.0), axis=1)
-                rj = c * BC + jrow
-                mj = (rj < n)[:, None] & cdm[None, :]
-                wj = tl.load(
-                    w_ptr + bi * stride_wb + rj[:, None] * stride_wn + cd[None, :],
-                    mask=mj,
-                    other=0.0,
-                )
-                Rj = tl.load(
-                    rb + rj[:, None] * stride_rn + cd[None, :], mask=cdm[None, :], other=0.0
-                )
-                O += p[:, None] * wj * _below(tl.where((ar > jrow)[:, None], R - Rj, _NEG_INF))
-            H = _below(rl)[None, :] * H + mm(tl.trans(Bc), Wc * _below(rl[None, :] - R))
-        else:
-            R = tl.load(rb + rows * stride_rn)
-            rl = tl.load(rb + last * stride_rn)
-            Pd = P * _below(tl.where(below, R[:, None] - R[None, :], _NEG_INF))
-            O = mm(Pd, Wc) + _below(R)[:, None] * mm(Ac, H)
-            H = _below(rl) * H + mm(tl.trans(Bc), Wc * _below(rl - R)[:, None])
-        tl.store(o_ptr + woff, O, mask=rm & cdm[None, :])
+    aoff = bi * stride_ab + rows[:, None] * stride_an + ce[None, :]
+    woff = bi * stride_wb + rows[:, None] * stride_wn + cd[None, :]
+    Ac = tl.load(a_ptr + aoff, mask=rm & cem[None, :], other=0.0)
+    Bc = tl.load(b_ptr + aoff, mask=rm & cem[None, :], other=0.0)
+    Wc = tl.load(w_ptr + woff, mask=rm & cdm[None, :], other=0.0)
+    hp = h_ptr + bi * stride_hb + c * stride_hc + ce[:, None] * d + cd[None, :]
+    H = tl.load(hp, mask=cem[:, None] & cdm[None, :], other=0.0)
+    P = tl.where(below, mm(Ac, tl.trans(Bc)), 0.0)
+    if PER_CHANNEL:
+        R = tl.load(rb + rows[:, None] * stride_rn + cd[None, :], mask=cdm[None, :], other=0.0)
+        O = _below(R) * mm(Ac, H)
+        for J in tl.static_range(BC // SUB - 1):
+            ref_row = J * SUB + SUB - 1
+            ref = tl.load(rb + (c * BC + ref_row) * stride_rn + cd, mask=cdm, other=0.0)
+            ws = Wc * _below(tl.where((ar // SUB == J)[:, None], ref[None, :] - R, _NEG_INF))
+            gi = _below(tl.where((ar > ref_row)[:, None], R - ref[None, :], _NEG_INF))
+            O += gi * mm(P, ws)
+        for jj in range(SUB):
+            jrow = (ar // SUB) * SUB + jj
+            p = tl.sum(tl.where(ar[None, :] == jrow[:, None], P, 0.0), axis=1)
+            rj = c * BC + jrow
+            wj = tl.load(
+                w_ptr + bi * stride_wb + rj[:, None] * stride_wn + cd[None, :],
+                mask=(rj < n)[:, None] & cdm[None, :],
+                other=0.0,
+            )
+            Rj = tl.load(rb + rj[:, None] * stride_rn + cd[None, :], mask=cdm[None, :], other=0.0)
+            O += p[:, None] * wj * _below(tl.where((ar > jrow)[:, None], R - Rj, _NEG_INF))
+    else:
+        R = tl.load(rb + rows * stride_rn)
+        Pd = P * _below(tl.where(below, R[:, None] - R[None, :], _NEG_INF))
+        O = mm(Pd, Wc) + _below(R)[:, None] * mm(Ac, H)
+    tl.store(o_ptr + woff, O, mask=rm & cdm[None, :])
 
 
 def chunk_log_decay(log_decay: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -427,8 +521,10 @@ def causal_product_decay_triton(
     """``O_r = Σ_{s<r} (A_r·B_s) W_s ⊙ exp(G_r − G_s)`` (module doc), ``G = cumsum(ℓ)``.
 
     ``A, B`` float32 ``(b, n, e)`` with ``e ≤ 128``, ``W`` ``(b, n, d)``, ``ℓ`` ``(b, n, 1)``
-    or ``(b, n, d)``. Cost ``≈ n (2 C e + 2 C d + 4 e d)`` FLOPs (plus ``C² d`` per channel),
-    ``n/C`` dependent steps.
+    or ``(b, n, d)``. Cost ``≈ n (2 C e + 2 C d + 4 e d)`` FLOPs (plus ``C² d`` per channel) in
+    three launches: every chunk's write to the state, the scan of the state over the chunks
+    (``n/C`` elementwise steps, the only chain), and every chunk's rows; ``n/C`` states of
+    ``e×d`` are kept in between.
     """
     b, n, e = A.shape
     d = W.shape[-1]
@@ -440,29 +536,71 @@ def causal_product_decay_triton(
     if b == 0 or n == 0 or d == 0 or e == 0:
         return torch.zeros((b, n, d), dtype=torch.float32, device=A.device)
     C = config.chunk_size
+    NC = triton.cdiv(n, C)
     R = chunk_log_decay(log_decay, C)
     O = torch.empty_like(W)
+    H = torch.empty((b, NC, e, d), dtype=torch.float32, device=A.device)
     BD = max(_MIN_N, min(config.product_block, pow2(d)))
-    _decay_product_kernel[(triton.cdiv(d, BD), b)](
+    EP = pow2(e, _MIN_N)
+    common = dict(BC=C, PER_CHANNEL=per_channel)
+    _product_delta_kernel[(NC, triton.cdiv(d, BD), b)](
+        B,
+        W,
+        R,
+        H,
+        n,
+        e,
+        d,
+        B.stride(0),
+        B.stride(1),
+        W.stride(0),
+        W.stride(1),
+        R.stride(0),
+        R.stride(1),
+        H.stride(0),
+        H.stride(1),
+        EP=EP,
+        BD=BD,
+        num_warps=config.product_warps,
+        **common,
+    )
+    BS = 32
+    _product_scan_kernel[(triton.cdiv(e, BS), triton.cdiv(d, BS), b)](
+        H,
+        R,
+        e,
+        d,
+        NC,
+        R.stride(0),
+        R.stride(1),
+        H.stride(0),
+        H.stride(1),
+        BE=BS,
+        BD=BS,
+        num_warps=4,
+        **common,
+    )
+    _product_out_kernel[(NC, triton.cdiv(d, BD), b)](
         A,
         B,
         W,
         R,
+        H,
         O,
         n,
         e,
         d,
-        triton.cdiv(n, C),
         A.stride(0),
         A.stride(1),
         W.stride(0),
         W.stride(1),
         R.stride(0),
         R.stride(1),
-        BC=C,
-        EP=pow2(e, _MIN_N),
+        H.stride(0),
+        H.stride(1),
+        EP=EP,
         BD=BD,
-        PER_CHANNEL=per_channel,
         num_warps=config.product_warps,
+        **common,
     )
     return O
