@@ -38,7 +38,9 @@ def case(decay: str):
     needs = [True, True, True, False, L is not None]
     rows = {
         "solve_flat (launcher)": lambda: paths.solve_flat(Q, K, V, lam, 64, Lop),
-        "torch.ops.matfn.tri_solve": lambda: torch.ops.matfn.tri_solve(Q, K, V, lam, Lop, 64, False),
+        "torch.ops.matfn.tri_solve": lambda: torch.ops.matfn.tri_solve(
+            Q, K, V, lam, Lop, 64, False
+        ),
         "matfn.tri_solve cuda_graph=False": lambda: matfn.tri_solve(
             Q, K, V, log_decay=L, check_finite=False, cuda_graph=False
         ),
