@@ -26,6 +26,8 @@ if [ -f benchmarks/headline.py ]; then  # the headline cases of docs/benchmarks.
 fi
 run public_api 420 python3 benchmarks/public_api.py --rep 60 --json "$OUT/public_api.json"
 run chunk_inverse 120 python3 benchmarks/gpu_chunk_inverse.py
+run decay 300 python3 benchmarks/gpu_decay.py
+run backward_host 100 python3 benchmarks/gpu_backward_host.py
 run profile 100 python3 benchmarks/gpu_profile.py
 run muon 90 python3 benchmarks/gpu_muon.py --json "$OUT/muon.json"
 run max_logit 75 python3 benchmarks/gpu_max_logit.py
