@@ -7,7 +7,8 @@ row is a public call, eager unless it says so, timed by ``triton.testing.do_benc
 * ``forward``: ``matfn.tri_solve(Q, K, V, log_decay=ℓ, check_finite=False)``, its relative
   Frobenius error against the float64 result (the same call on float64 inputs: the torch form,
   which matches the dense system to 1e-15 in the tests);
-* ``torch form``: the same call with ``MATFN_DISABLE_TRITON=1`` (what ran before the kernels);
+* ``torch form``: the same call with ``MATFN_DISABLE_TRITON=1`` (the chunked torch form, the
+  path off CUDA);
 * ``forward+backward``: ``torch.autograd.grad`` w.r.t. ``Q, K, V, ℓ``, and the worst relative
   error of the four gradients against float64; ``compiled``: ``torch.compile`` with
   ``mode="reduce-overhead"`` (forward replayed from a CUDA graph);
