@@ -1,4 +1,4 @@
-"""Stand-ins for CUDA calls, so that CPU tests can run code that captures CUDA graphs."""
+"""Stand-ins for CUDA calls (CPU tests of code that captures CUDA graphs), and a call spy."""
 
 from __future__ import annotations
 
@@ -42,3 +42,14 @@ def fake_cuda(monkeypatch):
     """Replace ``torch.cuda``'s stream and graph calls by :class:`FakeCuda`'s for one test."""
     for name in ("Stream", "CUDAGraph", "current_stream", "stream", "graph"):
         monkeypatch.setattr(torch.cuda, name, getattr(FakeCuda, name))
+
+
+def spy_on(monkeypatch, module, name: str, calls: list) -> None:
+    """Replace ``module.name`` by a wrapper that appends ``name`` to ``calls``, then calls it."""
+    fn = getattr(module, name)
+
+    def wrapped(*args, **kwargs):
+        calls.append(name)
+        return fn(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)

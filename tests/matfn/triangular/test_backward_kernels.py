@@ -19,21 +19,14 @@ pytestmark = pytest.mark.skipif(
 
 import matfn.triangular as tri  # noqa: E402
 from matfn.triangular import inverse, solve  # noqa: E402
+from tests.fakes import spy_on  # noqa: E402
 
 
 def test_gradients_through_the_kernel_forward(monkeypatch):
     calls = []
-
-    def spy(fn):
-        def wrapped(*args, **kwargs):
-            calls.append(fn.__name__)
-            return fn(*args, **kwargs)
-
-        return wrapped
-
     monkeypatch.setattr(tri.paths, "use_triton", lambda *t: True)
-    monkeypatch.setattr(inverse, "tri_inv_triton", spy(inverse.tri_inv_triton))
-    monkeypatch.setattr(solve, "tri_solve_triton", spy(solve.tri_solve_triton))
+    spy_on(monkeypatch, inverse, "tri_inv_triton", calls)
+    spy_on(monkeypatch, solve, "tri_solve_triton", calls)
     g = torch.Generator().manual_seed(0)
     B, n, d, e = 2, 70, 4, 3
     K = torch.nn.functional.normalize(torch.randn(B, n, d, generator=g), dim=-1)

@@ -27,6 +27,7 @@ pytest.importorskip("triton")
 import matfn.triangular as tri  # noqa: E402
 from matfn.triangular import decay, reference  # noqa: E402
 from matfn.triangular.config import TRI_DECAY_CONFIG, TriDecayConfig, decay_config  # noqa: E402
+from tests.fakes import spy_on  # noqa: E402
 
 DEVICE = "cuda" if os.environ.get("MATFN_TEST_ON_GPU") else "cpu"
 RTOL = 1e-5
@@ -139,19 +140,9 @@ def test_public_calls_and_gradients_run_the_kernels(monkeypatch, per_channel):
     """``tri_solve`` / ``tri_inv`` with ``log_decay`` on float32: forward and backward through
     the kernels (the transposed solve and both causal products), against float64 autograd."""
     calls = []
-
-    def spy(fn):
-        def wrapped(*args, **kwargs):
-            calls.append(fn.__name__)
-            return fn(*args, **kwargs)
-
-        return wrapped
-
     monkeypatch.setattr(tri.paths, "use_triton", lambda *t: True)
-    monkeypatch.setattr(decay, "tri_solve_decay_triton", spy(decay.tri_solve_decay_triton))
-    monkeypatch.setattr(
-        decay, "causal_product_decay_triton", spy(decay.causal_product_decay_triton)
-    )
+    spy_on(monkeypatch, decay, "tri_solve_decay_triton", calls)
+    spy_on(monkeypatch, decay, "causal_product_decay_triton", calls)
     Q, K, V, lam, L = make(2, 90, 6, 4, per_channel=per_channel, seed=4)
     L = L if per_channel else L[..., 0]
     xs = [run(x).requires_grad_() for x in (Q, K, V, lam, L)]
