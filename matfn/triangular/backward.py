@@ -135,16 +135,16 @@ def tri_solve_backward(
     Z: torch.Tensor,
     dZ: torch.Tensor,
     chunk_size: int,
-    needs: tuple[bool, bool, bool] | tuple[bool, bool, bool, bool],
+    needs: tuple[bool, bool, bool, bool],
     decay: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """``(dQ, dK, dV, dλ, dℓ)`` of ``Z = T⁻¹ V`` (flattened ``(B, n, ·)`` operands, one dtype).
 
-    ``needs`` says which of ``dQ, dK, dλ`` (and ``dℓ``, a fourth flag, with ``decay``) to
-    compute; ``dV`` is always needed by the others. ``dℓ`` is ``None`` without ``decay``.
+    ``needs`` says which of ``dQ, dK, dλ, dℓ`` to compute (``dV`` is always needed by the
+    others); ``dℓ`` only with ``decay``, and it is ``None`` without.
     """
-    need_q, need_k, need_lam = needs[:3]
-    need_decay = decay is not None and len(needs) > 3 and needs[3]
+    need_q, need_k, need_lam, need_decay = needs
+    need_decay = need_decay and decay is not None
     dV = solve_transposed(Q, K, dZ, lam, chunk_size, decay)
     dlam = -(dV * Z).sum(-1) if need_lam else None
     dQ = dK = ddecay = None
@@ -164,7 +164,7 @@ def tri_inv_backward(
     lam: torch.Tensor,
     dY: torch.Tensor,
     chunk_size: int,
-    needs: tuple[bool, bool, bool] | tuple[bool, bool, bool, bool],
+    needs: tuple[bool, bool, bool, bool],
     decay: torch.Tensor | None = None,
     Y: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
@@ -175,7 +175,7 @@ def tri_inv_backward(
     ``dK = dLᵀ Q`` for ``dL = tril(dT, −1)``. With ``decay``: the solve's backward with
     ``Z = Y`` (required) and ``dZ = tril(dY)``, through the decayed causal products.
     """
-    need_q, need_k, need_lam = needs[:3]
+    need_q, need_k, need_lam, _ = needs
     if decay is not None:
         if Y is None:
             raise ValueError("the decayed backward of tri_inv needs Y = T⁻¹")

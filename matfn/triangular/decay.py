@@ -4,9 +4,10 @@ The system is ``T_ij = λ_i δ_ij + [i > j] Σ_c Q_ic K_jc exp(G_ic − G_jc)`` 
 ``G = cumsum(ℓ)`` along the rows, one log-decay per row (``g = 1``, Gated DeltaNet) or per
 channel (``g = d``, KDA); docs/math.md §5.6. Only chunk-relative exponents are formed:
 ``R = G − G_{l−1}``, the cumulative sum of ``ℓ`` inside each ``C``-row chunk starting at row
-``l``, computed once in float64 (:func:`chunk_log_decay`) so that differences of long sums do
-not cancel. Every exponent a kernel forms is a difference of two ``R`` of one chunk taken in the
-order that makes it ``≤ 0`` for ``ℓ ≤ 0``, so no factor exceeds 1 however strong the decay.
+``l``, computed once in float64 (:func:`~matfn.triangular.reference.chunk_log_decay`) so
+that differences of long sums do not cancel. Every exponent a kernel forms is a difference of
+two ``R`` of one chunk taken in the order that makes it ``≤ 0`` for ``ℓ ≤ 0``, so no factor
+exceeds 1 however strong the decay.
 
 :func:`tri_solve_decay_triton` (``T⁻¹ V``), two launches:
 
@@ -43,10 +44,10 @@ import triton.language as tl
 
 from .chunk import chunk_inverse, mm, pow2
 from .config import SOLVE_MAX_D, TRI_DECAY_CONFIG, TriDecayConfig
+from .reference import chunk_log_decay
 
 __all__ = [
     "SUB",
-    "chunk_log_decay",
     "tri_solve_decay_triton",
     "causal_product_decay_triton",
 ]
@@ -400,15 +401,10 @@ def _product_out_kernel(
     tl.store(o_ptr + woff, O, mask=rm & cdm[None, :])
 
 
-def chunk_log_decay(log_decay: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """``R`` ``(B, NC·C, g)`` float64: the cumulative sum of ``ℓ`` inside each ``C``-row chunk.
-
-    Padded rows have ``ℓ = 0``, so their ``R`` repeats the chunk's last real one.
-    """
-    B, n, g = log_decay.shape
-    NC = -(-n // chunk_size)
-    L = torch.nn.functional.pad(log_decay.to(torch.float64), (0, 0, 0, NC * chunk_size - n))
-    return L.view(B, NC, chunk_size, g).cumsum(2).view(B, NC * chunk_size, g)
+def _flat_log_decay(log_decay: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """``R`` of :func:`~matfn.triangular.reference.chunk_log_decay` as ``(B, NC·C, g)`` rows."""
+    R = chunk_log_decay(log_decay, chunk_size)
+    return R.view(R.shape[0], -1, R.shape[-1])
 
 
 def _check(name: str, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -452,7 +448,7 @@ def tri_solve_decay_triton(
         return X if d else X.copy_(V / lam[..., None])
     C = config.chunk_size
     NC = triton.cdiv(n, C)
-    R = chunk_log_decay(log_decay, C)
+    R = _flat_log_decay(log_decay, C)
     U = torch.empty_like(X)
     P = torch.empty_like(Q)
     Kt = torch.empty_like(Q)
@@ -537,7 +533,7 @@ def causal_product_decay_triton(
         return torch.zeros((b, n, d), dtype=torch.float32, device=A.device)
     C = config.chunk_size
     NC = triton.cdiv(n, C)
-    R = chunk_log_decay(log_decay, C)
+    R = _flat_log_decay(log_decay, C)
     O = torch.empty_like(W)
     H = torch.empty((b, NC, e, d), dtype=torch.float32, device=A.device)
     BD = max(_MIN_N, min(config.product_block, pow2(d)))

@@ -114,22 +114,26 @@ def values_ok(
     return torch.stack([*flags, (lam != 0).all()]).all()
 
 
-def _flat_decay(decay: torch.Tensor, B: int, cdt: torch.dtype) -> torch.Tensor:
-    """``ℓ`` ``(..., n, g)`` → ``(B, n, g)`` in ``cdt``."""
-    return decay.reshape(B, *decay.shape[-2:]).to(cdt)
-
-
 def _prepare(
-    Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor | None, lam: torch.Tensor, cdt: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Flatten the batch dims and convert to the compute dtype."""
+    Q: torch.Tensor,
+    K: torch.Tensor,
+    V: torch.Tensor | None,
+    lam: torch.Tensor,
+    decay: torch.Tensor | None,
+    cdt: torch.dtype,
+) -> tuple[torch.Tensor, ...]:
+    """Flatten the batch dims and convert to the compute dtype (``None`` kept).
+
+    ``Q, K`` → ``(B, n, d)``, ``V`` → ``(B, n, e)``, ``λ`` → ``(B, n)``, ``ℓ`` → ``(B, n, g)``.
+    """
     n, d = Q.shape[-2:]
     B = math.prod(Q.shape[:-2])
     Qf = Q.reshape(B, n, d).to(cdt)
     Kf = K.reshape(B, n, d).to(cdt)
     Vf = None if V is None else V.reshape(B, n, V.shape[-1]).to(cdt)
     lamf = lam.reshape(B, n).to(cdt)
-    return Qf, Kf, Vf, lamf
+    Lf = None if decay is None else decay.reshape(B, n, decay.shape[-1]).to(cdt)
+    return Qf, Kf, Vf, lamf, Lf
 
 
 def _inv_compute(Q, K, lam, decay, chunk_size: int) -> torch.Tensor:
@@ -137,8 +141,7 @@ def _inv_compute(Q, K, lam, decay, chunk_size: int) -> torch.Tensor:
     dtype = result_dtype(Q, K, lam, decay)
     n = Q.shape[-2]
     batch = Q.shape[:-2]
-    Qf, Kf, _, lamf = _prepare(Q, K, None, lam, compute_dtype(dtype))
-    Lf = None if decay is None else _flat_decay(decay, Qf.shape[0], Qf.dtype)
+    Qf, Kf, _, lamf, Lf = _prepare(Q, K, None, lam, decay, compute_dtype(dtype))
     Y = inv_flat(Qf, Kf, lamf, chunk_size, Lf)
     return Y.reshape(*batch, n, n).to(dtype)
 
@@ -146,8 +149,7 @@ def _inv_compute(Q, K, lam, decay, chunk_size: int) -> torch.Tensor:
 def _solve_compute(Q, K, V, lam, decay, chunk_size: int) -> torch.Tensor:
     """``T⁻¹ V`` in the result dtype (non-empty operands, no value checks)."""
     dtype = result_dtype(Q, K, V, lam, decay)
-    Qf, Kf, Vf, lamf = _prepare(Q, K, V, lam, compute_dtype(dtype))
-    Lf = None if decay is None else _flat_decay(decay, Qf.shape[0], Qf.dtype)
+    Qf, Kf, Vf, lamf, Lf = _prepare(Q, K, V, lam, decay, compute_dtype(dtype))
     X = solve_flat(Qf, Kf, Vf, lamf, chunk_size, Lf)
     return X.reshape(V.shape).to(dtype)
 
@@ -281,12 +283,11 @@ def inv_grads(
     if _empty(Q):
         return [x.new_zeros(x.shape) for x, need in zip(inputs, needs, strict=True) if need]
     cdt = compute_dtype(result_dtype(Q, K, diag, decay))
-    Qf, Kf, _, lamf = _prepare(Q, K, None, diag, cdt)
+    Qf, Kf, _, lamf, Lf = _prepare(Q, K, None, diag, decay, cdt)
     B, n, d = Qf.shape
     dYf = grad.reshape(-1, n, n).to(cdt)
     operands = [Qf, Kf, lamf, dYf]
     if decay is not None:
-        Lf = _flat_decay(decay, B, cdt)
         Yf = Y.reshape(B, n, n) if Y.dtype == cdt else inv_flat(Qf, Kf, lamf, chunk_size, Lf)
         operands += [Lf, Yf]
     call = functools.partial(_inv_grads_flat, chunk_size=chunk_size, needs=tuple(needs))
@@ -320,14 +321,13 @@ def _(Q, K, diag, log_decay, Y, grad, chunk_size, needs):
 def _inv_grads_flat(Qf, Kf, lamf, dYf, Lf=None, Yf=None, *, chunk_size: int, needs):
     """The needed gradients of :func:`tri_inv_backward`, as a tuple (what a graph captures)."""
     grads = tri_inv_backward(Qf, Kf, lamf, dYf, chunk_size, needs, Lf, Yf)
-    return tuple(g for g, need in zip(grads, needs, strict=False) if need)
+    return tuple(g for g, need in zip(grads, needs, strict=True) if need)
 
 
 def _solve_grads_flat(Qf, Kf, lamf, Xf, dXf, Lf=None, *, chunk_size: int, needs):
     """``dV`` and the needed ones of ``(dQ, dK, dλ, dℓ)`` of :func:`tri_solve_backward`."""
-    dQ, dK, dV, dlam, ddecay = tri_solve_backward(Qf, Kf, lamf, Xf, dXf, chunk_size, needs, Lf)
-    grads = (dQ, dK, dV, dlam, ddecay)
-    return tuple(g for g, need in zip(grads, (*needs[:2], True, *needs[2:]), strict=False) if need)
+    grads = tri_solve_backward(Qf, Kf, lamf, Xf, dXf, chunk_size, needs, Lf)
+    return tuple(g for g, need in zip(grads, (*needs[:2], True, *needs[2:]), strict=True) if need)
 
 
 def _maybe_replayed(replay: bool, call: functools.partial, operands, *, work: int) -> tuple:
@@ -365,9 +365,8 @@ def solve_grads(
     if _empty(Q, V):
         return [x.new_zeros(x.shape) for x, need in zip(inputs, needs, strict=True) if need]
     cdt = compute_dtype(result_dtype(Q, K, V, diag, decay))
-    Qf, Kf, Vf, lamf = _prepare(Q, K, V, diag, cdt)
+    Qf, Kf, Vf, lamf, Lf = _prepare(Q, K, V, diag, decay, cdt)
     B, n, d = Qf.shape
-    Lf = None if decay is None else _flat_decay(decay, B, cdt)
     Xf = X.reshape(Vf.shape) if X.dtype == cdt else solve_flat(Qf, Kf, Vf, lamf, chunk_size, Lf)
     dXf = grad.reshape(Xf.shape).to(cdt)
     work = B * n * d * (d + Xf.shape[-1])

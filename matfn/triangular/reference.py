@@ -10,10 +10,11 @@ Each form is the blueprint of the next:
     (``d×e``) state passed across chunks. The CPU (and float64) path of the public functions.
 :mod:`matfn.triangular.inverse`, :mod:`matfn.triangular.solve`
     The Triton kernels for CUDA float32, built on the chunked form.
-:func:`tri_inv_decay_chunked_torch` / :func:`tri_solve_decay_chunked_torch`
+:func:`tri_solve_decay_chunked_torch`, :func:`causal_product_decay_torch`
     The decayed systems ``T_ij = λ_i δ_ij + [i > j] Σ_c Q_ic K_jc exp(G_ic − G_jc)`` with
-    ``G = cumsum(ℓ)`` (docs/math.md §5.6), chunked with chunk-relative exponents only; written
-    without in-place updates so that autograd differentiates them (every device).
+    ``G = cumsum(ℓ)`` (docs/math.md §5.6) and the decayed causal product of their backward,
+    chunked with chunk-relative exponents only (:func:`chunk_log_decay`); the path off CUDA
+    float32 (the inverse is the solve on ``V = I``, :func:`matfn.triangular.paths.inv_flat`).
 
 All take ``Q, K`` ``(B, n, d)``, ``V`` ``(B, n, e)`` and ``λ`` ``(B, n)`` of one dtype; the
 decayed forms also take ``ℓ`` ``(B, n, 1)`` (one decay per row) or ``(B, n, d)`` (per channel).
@@ -29,7 +30,7 @@ __all__ = [
     "tri_solve_torch",
     "tri_inv_chunked_torch",
     "tri_solve_chunked_torch",
-    "tri_inv_decay_chunked_torch",
+    "chunk_log_decay",
     "tri_solve_decay_chunked_torch",
     "causal_product_decay_torch",
     "reverse_log_decay",
@@ -168,6 +169,19 @@ def decay_factors(R: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(below[..., None], D, -torch.inf).to(dtype).exp()
 
 
+def chunk_log_decay(log_decay: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """``R`` ``(B, NC, C, g)``: the cumulative sum of ``ℓ`` ``(B, n, g)`` inside each chunk.
+
+    ``R_i = G_i − G_{l−1}`` for the chunk starting at row ``l``: every exponent the decayed forms
+    and kernels use is a difference of two of these. In float64 (float32 on MPS, which has no
+    float64), so that differences of large sums do not cancel. Padded rows have ``ℓ = 0``, so
+    their ``R`` repeats the chunk's last real one.
+    """
+    NC = -(-log_decay.shape[1] // chunk_size)
+    wide = torch.float32 if log_decay.device.type == "mps" else torch.float64
+    return _chunk_rows(log_decay.to(wide), NC, chunk_size).cumsum(2)
+
+
 def tri_solve_decay_chunked_torch(
     Q: torch.Tensor,
     K: torch.Tensor,
@@ -179,10 +193,9 @@ def tri_solve_decay_chunked_torch(
     r"""Chunked ``T⁻¹ V`` for the decayed ``T`` (docs/math.md §5.6), stable for any ``ℓ ≤ 0``.
 
     ``ℓ`` is ``(B, n, 1)`` (one decay per row) or ``(B, n, d)`` (one per channel). Only
-    chunk-relative log-decays are formed, each in float64 (so that differences of large
-    cumulative sums do not cancel; float32 on MPS) and cast to the compute dtype before
-    ``exp``: with ``R`` the cumulative sum of ``ℓ`` inside a chunk (``R_i = G_i − G_{l−1}``,
-    the last row of the previous chunk as reference, ``G_{−1} = 0``),
+    chunk-relative log-decays are formed (:func:`chunk_log_decay`, in float64) and cast to the
+    compute dtype before ``exp``: with ``R`` the cumulative sum of ``ℓ`` inside a chunk
+    (``R_i = G_i − G_{l−1}``, the last row of the previous chunk as reference, ``G_{−1} = 0``),
 
     * the chunk block ``A_ij = Σ_c Q_ic K_jc exp(R_ic − R_jc)`` for ``i > j`` (exponent masked
       to ``−∞`` on and above the diagonal before ``exp``),
@@ -199,8 +212,7 @@ def tri_solve_decay_chunked_torch(
     Qc, Kc, Vc = _chunk_rows(Q, NC, C), _chunk_rows(K, NC, C), _chunk_rows(V, NC, C)
     lc = torch.nn.functional.pad(lam, (0, NC * C - n), value=1.0).reshape(B, NC, C)
     dt = Q.dtype
-    edt = torch.float32 if Q.device.type == "mps" else torch.float64  # MPS has no float64
-    R = _chunk_rows(log_decay.to(edt), NC, C).cumsum(2)  # (B, NC, C, g)
+    R = chunk_log_decay(log_decay, C)  # (B, NC, C, g)
     last = R[:, :, -1:]  # (B, NC, 1, g)
     Qt = Qc * R.to(dt).exp()
     Kt = Kc * (last - R).to(dt).exp()
@@ -221,22 +233,6 @@ def tri_solve_decay_chunked_torch(
         if c + 1 < NC:
             S = step[:, c, :, None] * S + Kt[:, c].mT @ Xc
     return torch.stack(X, 1).reshape(B, NC * C, -1)[:, :n]
-
-
-def tri_inv_decay_chunked_torch(
-    Q: torch.Tensor,
-    K: torch.Tensor,
-    lam: torch.Tensor,
-    log_decay: torch.Tensor,
-    chunk_size: int = DEFAULT_CHUNK,
-) -> torch.Tensor:
-    """Chunked ``T⁻¹`` of the decayed ``T``: :func:`tri_solve_decay_chunked_torch` on ``V = I``.
-
-    The ``d×n`` state makes it ``O(n² (d + C))``; the result is exactly lower triangular.
-    """
-    B, n, _ = Q.shape
-    eye = torch.eye(n, dtype=Q.dtype, device=Q.device).expand(B, n, n)
-    return torch.tril(tri_solve_decay_chunked_torch(Q, K, eye, lam, log_decay, chunk_size))
 
 
 def causal_product_decay_torch(
@@ -260,9 +256,8 @@ def causal_product_decay_torch(
     C = chunk_size
     NC = -(-n // C)
     dt = A.dtype
-    edt = torch.float32 if A.device.type == "mps" else torch.float64
     Ac, Bc, Wc = _chunk_rows(A, NC, C), _chunk_rows(B, NC, C), _chunk_rows(W, NC, C)
-    R = _chunk_rows(log_decay.to(edt), NC, C).cumsum(2)  # (b, NC, C, g)
+    R = chunk_log_decay(log_decay, C)  # (b, NC, C, g)
     last = R[:, :, -1:]
     P = torch.tril(Ac @ Bc.mT, -1)
     E = decay_factors(R, dt)

@@ -165,7 +165,7 @@ def test_causal_products_and_transposed_solve():
 def test_tri_inv_backward_ignores_upper_part_of_dY():
     Q, K, _, lam = (x.detach() for x in _inputs((1,), 50, 3, 1, seed=4))
     dY = torch.randn(1, 50, 50, dtype=F64)
-    a = bwd.tri_inv_backward(Q, K, lam, dY, 16, (True, True, True))
-    b = bwd.tri_inv_backward(Q, K, lam, torch.tril(dY), 16, (True, True, True))
+    a = bwd.tri_inv_backward(Q, K, lam, dY, 16, (True, True, True, False))
+    b = bwd.tri_inv_backward(Q, K, lam, torch.tril(dY), 16, (True, True, True, False))
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
