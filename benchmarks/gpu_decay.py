@@ -4,9 +4,10 @@ Gated DeltaNet (one log-decay per row) and KDA (one per channel) systems with De
 unit keys, ``Q = β K`` with ``β ∈ U(0, 1)``, ``λ = 1``, ``V`` Gaussian, ``ℓ = −U(0, s)``. Every
 row is a public call, eager unless it says so, timed by ``triton.testing.do_bench`` (median):
 
-* ``forward``: ``matfn.tri_solve(Q, K, V, log_decay=ℓ, check_finite=False)``, its relative
-  Frobenius error against the float64 result (the same call on float64 inputs: the torch form,
-  which matches the dense system to 1e-15 in the tests);
+* ``forward``: ``matfn.tri_solve(Q, K, V, log_decay=ℓ, check_finite=False)`` (replayed from a
+  CUDA graph, the default; ``cuda_graph=False``: eager launches), its relative Frobenius error
+  against the float64 result (the same call on float64 inputs: the torch form, which matches
+  the dense system to 1e-15 in the tests);
 * ``torch form``: the same call with ``MATFN_DISABLE_TRITON=1`` (the chunked torch form, the
   path off CUDA);
 * ``forward+backward``: ``torch.autograd.grad`` w.r.t. ``Q, K, V, ℓ``, and the worst relative
@@ -69,12 +70,13 @@ def run_case(B: int, n: int, d: int, per_channel: bool, strength: float, extra: 
     Q, K, V, L = make(B, n, d, per_channel, strength)
     args64 = [x.double() for x in (Q, K, V, L)]
 
-    def fwd():
-        return matfn.tri_solve(Q, K, V, log_decay=L, check_finite=False)
+    def fwd(graph=True):
+        return matfn.tri_solve(Q, K, V, log_decay=L, check_finite=False, cuda_graph=graph)
 
     X64 = matfn.tri_solve(*args64[:3], log_decay=args64[3])
     t_fwd = bench(fwd)
     row(case, "forward", t_fwd, rel(fwd(), X64))
+    row(case, "forward, cuda_graph=False", bench(lambda: fwd(False)))
     t_torch = torch_form(lambda: bench(fwd))
     row(case, "torch form (MATFN_DISABLE_TRITON=1)", t_torch, torch_form(lambda: rel(fwd(), X64)))
 
@@ -85,8 +87,8 @@ def run_case(B: int, n: int, d: int, per_channel: bool, strength: float, extra: 
         matfn.tri_solve(*leaves64[:3], log_decay=leaves64[3]), leaves64, dX.double()
     )
 
-    def fwd_bwd():
-        X = matfn.tri_solve(*leaves[:3], log_decay=leaves[3], check_finite=False)
+    def fwd_bwd(graph=True):
+        X = matfn.tri_solve(*leaves[:3], log_decay=leaves[3], check_finite=False, cuda_graph=graph)
         return torch.autograd.grad(X, leaves, dX)
 
     got = fwd_bwd()
@@ -94,6 +96,7 @@ def run_case(B: int, n: int, d: int, per_channel: bool, strength: float, extra: 
     t_fb = bench(fwd_bwd)
     note = "dQ dK dV dℓ: " + " ".join(f"{e:.1e}" for e in errs)
     row(case, "forward+backward", t_fb, max(errs), f"{t_fb / t_fwd:.2f}× forward; {note}")
+    row(case, "forward+backward, cuda_graph=False", bench(lambda: fwd_bwd(False)))
     t_fb_torch = torch_form(lambda: bench(fwd_bwd))
     row(case, "forward+backward, torch form", t_fb_torch)
 

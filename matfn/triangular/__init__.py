@@ -233,8 +233,8 @@ def tri_inv(
         (docs/benchmarks.md). The first call per geometry runs eagerly and captures (at most 16
         graphs are kept, each with a private memory pool); ``False``: always eager. With
         ``check_finite=True`` the input test is part of the replay and read after it.
-        Under autograd the backward is replayed too. Ignored on CPU, with ``log_decay``, under
-        ``torch.compile`` and inside a capture already under way.
+        Under autograd the backward is replayed too; with ``log_decay`` as well. Ignored on CPU,
+        under ``torch.compile`` and inside a capture already under way.
 
     Returns
     -------
@@ -315,10 +315,11 @@ def tri_inv(
     if n == 0 or math.prod(batch) == 0:
         return Q.new_zeros((*batch, n, n), dtype=result_dtype(Q, K, lam, decay))
     work = math.prod(batch) * n * n * d
-    if cuda_graph and decay is None and _graphs.graph_applies(*_detached(Q, K, lam), work=work):
-        if _records_grad(Q, K, lam):
-            return _ReplayedInv.apply(Q, K, lam, chunk_size, check_finite)
-        return _replayed(_tri_inv, Q, K, None, lam, chunk_size, check_finite)
+    operands = tuple(x for x in (Q, K, lam, decay) if x is not None)
+    if cuda_graph and _graphs.graph_applies(*_detached(*operands), work=work):
+        if _records_grad(*operands):
+            return _ReplayedInv.apply(Q, K, lam, decay, chunk_size, check_finite)
+        return _replayed(_tri_inv, Q, K, None, lam, decay, chunk_size, check_finite)
     return torch.ops.matfn.tri_inv(Q, K, lam, decay, chunk_size, check_finite)
 
 
@@ -330,7 +331,7 @@ def _records_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
 
 
-def _replayed(compute, Q, K, V, lam, chunk_size: int, check_finite: bool) -> torch.Tensor:
+def _replayed(compute, Q, K, V, lam, decay, chunk_size: int, check_finite: bool) -> torch.Tensor:
     """``compute`` (:func:`_tri_inv`, ``V`` None, or :func:`_tri_solve`) replayed from a CUDA graph.
 
     With ``check_finite`` the input test is part of the graph and its flag is read after the
@@ -338,23 +339,23 @@ def _replayed(compute, Q, K, V, lam, chunk_size: int, check_finite: bool) -> tor
     launch; a failed test raises :func:`check_values`'s error. No autograd is recorded here
     (grad mode is off, or the caller is :class:`_ReplayedInv`/:class:`_ReplayedSolve`).
     """
-    tensors = tuple(x for x in (Q, K, V, lam) if x is not None)
+    tensors = tuple(x for x in (Q, K, V, lam, decay) if x is not None)
     call = functools.partial(compute, checked=check_finite, chunk_size=chunk_size)
     if not check_finite:
         return _graphs.replay_or_capture(call, *tensors)
     out, ok = _graphs.replay_or_capture(call, *tensors)
     if not ok.item():
-        check_values(Q, K, V, lam, None)
+        check_values(Q, K, V, lam, decay)
     return out
 
 
-def _tri_inv(Q, K, lam, *, chunk_size: int, checked: bool = False):
+def _tri_inv(Q, K, lam, decay=None, *, chunk_size: int, checked: bool = False):
     """The op on validated, non-empty inputs (what a CUDA graph captures).
 
     ``checked``: also return :func:`~matfn.triangular.ops.values_ok`'s device flag.
     """
-    Y = torch.ops.matfn.tri_inv(Q, K, lam, None, chunk_size, False)
-    return (Y, values_ok(Q, K, None, lam)) if checked else Y
+    Y = torch.ops.matfn.tri_inv(Q, K, lam, decay, chunk_size, False)
+    return (Y, values_ok(Q, K, None, lam, decay)) if checked else Y
 
 
 @no_autocast
@@ -394,9 +395,9 @@ def tri_solve(
         only one of the call); ``False`` reads no value on the host, as in :func:`tri_inv`.
     cuda_graph : bool
         As in :func:`tri_inv`; under capture, small batches (``B·n ≤ 1024``) take the tree
-        solve, which has no sequential chain. Under autograd the backward is replayed too.
-        Ignored with ``log_decay``, under ``torch.compile`` and inside a capture already under
-        way.
+        solve, which has no sequential chain (without decay). Under autograd the backward is
+        replayed too. Ignored on CPU, under ``torch.compile`` and inside a capture already
+        under way.
 
     Returns
     -------
@@ -463,20 +464,21 @@ def tri_solve(
     if n == 0 or e == 0 or math.prod(batch) == 0:
         return V.new_zeros((*batch, n, e), dtype=result_dtype(Q, K, V, lam, decay))
     work = math.prod(batch) * n * d * (d + e)
-    if cuda_graph and decay is None and _graphs.graph_applies(*_detached(Q, K, V, lam), work=work):
-        if _records_grad(Q, K, V, lam):
-            return _ReplayedSolve.apply(Q, K, V, lam, chunk_size, check_finite)
-        return _replayed(_tri_solve, Q, K, V, lam, chunk_size, check_finite)
+    operands = tuple(x for x in (Q, K, V, lam, decay) if x is not None)
+    if cuda_graph and _graphs.graph_applies(*_detached(*operands), work=work):
+        if _records_grad(*operands):
+            return _ReplayedSolve.apply(Q, K, V, lam, decay, chunk_size, check_finite)
+        return _replayed(_tri_solve, Q, K, V, lam, decay, chunk_size, check_finite)
     return torch.ops.matfn.tri_solve(Q, K, V, lam, decay, chunk_size, check_finite)
 
 
-def _tri_solve(Q, K, V, lam, *, chunk_size: int, checked: bool = False):
+def _tri_solve(Q, K, V, lam, decay=None, *, chunk_size: int, checked: bool = False):
     """The op on validated, non-empty inputs (what a CUDA graph captures).
 
     ``checked``: also return :func:`~matfn.triangular.ops.values_ok`'s device flag.
     """
-    X = torch.ops.matfn.tri_solve(Q, K, V, lam, None, chunk_size, False)
-    return (X, values_ok(Q, K, V, lam)) if checked else X
+    X = torch.ops.matfn.tri_solve(Q, K, V, lam, decay, chunk_size, False)
+    return (X, values_ok(Q, K, V, lam, decay)) if checked else X
 
 
 class _ReplayedInv(torch.autograd.Function):
@@ -489,16 +491,18 @@ class _ReplayedInv(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, Q, K, lam, chunk_size: int, check_finite: bool):
+    def forward(ctx, Q, K, lam, decay, chunk_size: int, check_finite: bool):
+        Y = _replayed(_tri_inv, Q, K, None, lam, decay, chunk_size, check_finite)
         ctx.chunk_size = chunk_size
-        ctx.save_for_backward(Q, K, lam)
-        return _replayed(_tri_inv, Q, K, None, lam, chunk_size, check_finite)
+        # the decayed backward reads T⁻¹ (ops._setup_inv)
+        ctx.save_for_backward(Q, K, lam, decay, None if decay is None else Y)
+        return Y
 
     @staticmethod
     def backward(ctx, dY):
-        Q, K, lam = ctx.saved_tensors
-        needs = list(ctx.needs_input_grad[:3])
-        grads = inv_grads(Q, K, lam, None, None, dY, ctx.chunk_size, [*needs, False], replay=True)
+        Q, K, lam, decay, Y = ctx.saved_tensors
+        needs = [bool(x) for x in ctx.needs_input_grad[:4]]
+        grads = inv_grads(Q, K, lam, decay, Y, dY, ctx.chunk_size, needs, replay=True)
         return (*unpack_needed(grads, needs), None, None)
 
 
@@ -506,15 +510,15 @@ class _ReplayedSolve(torch.autograd.Function):
     """As :class:`_ReplayedInv`, for :func:`tri_solve` (``X`` is saved for the backward)."""
 
     @staticmethod
-    def forward(ctx, Q, K, V, lam, chunk_size: int, check_finite: bool):
-        X = _replayed(_tri_solve, Q, K, V, lam, chunk_size, check_finite)
+    def forward(ctx, Q, K, V, lam, decay, chunk_size: int, check_finite: bool):
+        X = _replayed(_tri_solve, Q, K, V, lam, decay, chunk_size, check_finite)
         ctx.chunk_size = chunk_size
-        ctx.save_for_backward(Q, K, V, lam, X)
+        ctx.save_for_backward(Q, K, V, lam, decay, X)
         return X
 
     @staticmethod
     def backward(ctx, dX):
-        Q, K, V, lam, X = ctx.saved_tensors
-        needs = list(ctx.needs_input_grad[:4])
-        grads = solve_grads(Q, K, V, lam, None, X, dX, ctx.chunk_size, [*needs, False], replay=True)
+        Q, K, V, lam, decay, X = ctx.saved_tensors
+        needs = [bool(x) for x in ctx.needs_input_grad[:5]]
+        grads = solve_grads(Q, K, V, lam, decay, X, dX, ctx.chunk_size, needs, replay=True)
         return (*unpack_needed(grads, needs), None, None)

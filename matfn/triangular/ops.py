@@ -103,14 +103,18 @@ def check_values(
 
 
 def values_ok(
-    Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor | None, lam: torch.Tensor
+    Q: torch.Tensor,
+    K: torch.Tensor,
+    V: torch.Tensor | None,
+    lam: torch.Tensor,
+    decay: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The test of :func:`check_values` as a 0-dim bool device tensor (no host sync).
 
     True when every operand is finite and ``λ`` has no zero; a caller reads it after launching
     the work and calls :func:`check_values` for the error when it is False.
     """
-    flags = [torch.isfinite(x).all() for x in (Q, K, V, lam) if x is not None]
+    flags = [torch.isfinite(x).all() for x in (Q, K, V, lam, decay) if x is not None]
     return torch.stack([*flags, (lam != 0).all()]).all()
 
 

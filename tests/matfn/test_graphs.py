@@ -412,6 +412,38 @@ def test_triangular_replays_under_autograd(monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("per_channel", [False, True], ids=["gdn", "kda"])
+def test_decayed_triangular_replays_under_autograd(monkeypatch, per_channel):
+    """With ``log_decay`` the replay covers the decay too (forced on the CPU here): the graph's
+    inputs include ℓ, the check reads it, and forward and backward (``dℓ`` included) equal the
+    op path's exactly."""
+    seen = []
+    _spy_replay(monkeypatch, seen)
+    g = torch.Generator().manual_seed(6)
+    Q, K = (torch.randn(2, 2, 70, 3, dtype=torch.float64, generator=g) / 4).unbind(0)
+    V = torch.randn(2, 70, 2, dtype=torch.float64, generator=g)
+    L = -torch.rand((2, 70, 3) if per_channel else (2, 70), dtype=torch.float64, generator=g)
+    dX, dY = torch.randn_like(V), torch.randn(2, 70, 70, dtype=torch.float64, generator=g)
+    results = {}
+    for graph in (True, False):
+        leaves = [x.clone().requires_grad_() for x in (Q, K, V, L)]
+        X = matfn.tri_solve(*leaves[:3], log_decay=leaves[3], chunk_size=16, cuda_graph=graph)
+        Y = matfn.tri_inv(
+            leaves[0], leaves[1], log_decay=leaves[3], chunk_size=16, cuda_graph=graph
+        )
+        results[graph] = (
+            X.detach(),
+            Y.detach(),
+            *torch.autograd.grad(X, leaves, dX),
+            *torch.autograd.grad(Y, [leaves[i] for i in (0, 1, 3)], dY),
+        )
+    assert seen == ["_tri_solve", "_tri_inv", "_solve_grads_flat", "_inv_grads_flat"]
+    for a, b in zip(results[True], results[False], strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="log_decay"):
+        matfn.tri_solve(Q, K, V, log_decay=L.clone().fill_(float("nan")))
+
+
 @gpu
 def test_triangular_backward_replay_on_the_gpu():
     """Replayed forward and backward on CUDA agree with the op path. fp32 kernels, and the
@@ -431,4 +463,27 @@ def test_triangular_backward_replay_on_the_gpu():
             grads.append(torch.autograd.grad(X, leaves, dX))
         for a, b in zip(*grads, strict=True):
             assert float(torch.linalg.norm(a - b) / torch.linalg.norm(b)) < 1e-4
+    assert len(_graphs._ENTRIES) == 2
+
+
+@gpu
+@pytest.mark.parametrize("per_channel", [False, True], ids=["gdn", "kda"])
+def test_decayed_backward_replay_on_the_gpu(per_channel):
+    """Decayed calls replayed from graphs (forward and backward) agree with the op path on
+    CUDA: the same kernels, so to rounding (the check is normwise, 1e-5)."""
+    _graphs.clear()
+    g = torch.Generator(device="cuda").manual_seed(7)
+    K = torch.nn.functional.normalize(torch.randn(2, 300, 32, device="cuda", generator=g), dim=-1)
+    Q = torch.rand(2, 300, 1, device="cuda", generator=g) * K
+    V = torch.randn(2, 300, 16, device="cuda", generator=g)
+    L = -torch.rand((2, 300, 32) if per_channel else (2, 300), device="cuda", generator=g)
+    dX = torch.randn_like(V)
+    for _ in range(3):  # capture, replay, replay
+        grads = []
+        for graph in (True, False):
+            leaves = [x.clone().requires_grad_() for x in (Q, K, V, L)]
+            X = matfn.tri_solve(*leaves[:3], log_decay=leaves[3], cuda_graph=graph)
+            grads.append((X.detach(), *torch.autograd.grad(X, leaves, dX)))
+        for a, b in zip(*grads, strict=True):
+            assert float(torch.linalg.norm(a - b) / torch.linalg.norm(b)) < 1e-5
     assert len(_graphs._ENTRIES) == 2
