@@ -88,8 +88,11 @@ def tri_case(op: str):
     return lambda: tri_solve_triton(Q, K, V, lam)
 
 
-def tri_backward(decay: str | None):
-    """``tri_solve`` forward + ``autograd.grad`` (n = 4096, d = e = 128), eager launches."""
+def tri_backward(decay: str | None, graph: bool = False):
+    """``tri_solve`` forward + ``autograd.grad`` (n = 4096, d = e = 128).
+
+    ``graph``: the default ``cuda_graph=True`` (forward and backward replayed), else eager.
+    """
     g = torch.Generator(device="cuda").manual_seed(0)
     K = torch.nn.functional.normalize(torch.randn(1, 4096, 128, device="cuda", generator=g), dim=-1)
     Q = torch.rand(1, 4096, 1, device="cuda", generator=g) * K
@@ -100,7 +103,7 @@ def tri_backward(decay: str | None):
     dX = torch.randn_like(V)
 
     def step():
-        X = matfn.tri_solve(*leaves[:3], log_decay=L, check_finite=False, cuda_graph=False)
+        X = matfn.tri_solve(*leaves[:3], log_decay=L, check_finite=False, cuda_graph=graph)
         return torch.autograd.grad(X, leaves, dX)
 
     return step
@@ -126,7 +129,9 @@ CASES = {
     "tri_inv4096": lambda: tri_case("inv"),
     "tri_solve4096": lambda: tri_case("solve"),
     "tri_solve_backward4096": lambda: tri_backward(None),
+    "tri_solve_backward4096_graph": lambda: tri_backward(None, graph=True),
     "gdn_backward4096": lambda: tri_backward("gdn"),
+    "gdn_backward4096_graph": lambda: tri_backward("gdn", graph=True),
     "kda_backward4096": lambda: tri_backward("kda"),
     "triton_launch1": lambda: triton_launch(1),
     "triton_launch19": lambda: triton_launch(19),

@@ -15,11 +15,9 @@ exceeds 1 however strong the decay.
    ``A_ij = Σ_c Q_ic K_jc exp(R_ic − R_jc)`` (``i > j``), its inverse ``Y = (Λ_c + A)⁻¹``
    (:func:`matfn.triangular.chunk.chunk_inverse`), ``U = Y V_c``, ``P = Y (Q_c ⊙ e^{R})`` and
    ``K̃ = K_c ⊙ e^{R_last − R}``;
-2. state pass, ``X_c = U_c − P_c S``, ``S ← e^{R_last} ⊙ S + K̃_cᵀ X_c`` with the ``d×e``
-   state ``S = Σ_{j<l} exp(G_{l−1} − G_j) ⊙ K_j x_jᵀ``, as
-   ``S ← e^{R_last} ⊙ S − G_c S + B_c`` with ``G_c = K̃_cᵀ P_c`` and ``B_c = K̃_cᵀ U_c`` formed
-   for every chunk at once: one product per step of the chain (one program per batch entry and
-   ``V`` column tile), then ``X_c = U_c − P_c S_c`` for every chunk at once.
+2. state pass, one program per batch entry and ``V`` column tile, over the chunks in order:
+   ``X_c = U_c − P_c S``, ``S ← e^{R_last} ⊙ S + K̃_cᵀ X_c`` with the ``d×e`` state
+   ``S = Σ_{j<l} exp(G_{l−1} − G_j) ⊙ K_j x_jᵀ``.
 
 :func:`causal_product_decay_triton`: ``O_r = Σ_{s<r} (A_r·B_s) W_s ⊙ exp(G_r − G_s)``, the
 decayed form of the backward's ``dQ = dL K`` (docs/math.md §5.6), with the ``e×d`` state
@@ -27,8 +25,6 @@ decayed form of the backward's ``dQ = dL K`` (docs/math.md §5.6), with the ``e�
 on the result, so every chunk's write ``ΔH_c`` is formed at once (one program per chunk), the
 states ``H_{c+1} = e^{R_last} ⊙ H_c + ΔH_c`` follow by an elementwise scan, and every chunk's rows
 ``O_c = [in-chunk part] + e^R ⊙ (A_c H_c)`` at once: three launches, parallel over the chunks.
-The solve keeps ``n/C`` states of ``d×e`` (and ``n/C`` matrices ``G_c``), the product ``n/C``
-states of ``e×d``.
 
 With a decay per channel the block ``A`` (and the product's in-chunk part) is not one matrix
 product: the 16-row sub-blocks below the diagonal take one product each through the last row
@@ -182,60 +178,20 @@ def _decay_chunk_kernel(
 
 
 @triton.jit
-def _chunk_gram_kernel(
-    k_ptr,
-    w_ptr,
-    o_ptr,
-    n,
-    d,
-    m,
-    stride_kb,
-    stride_kn,
-    stride_wb,
-    stride_wn,
-    stride_ob,
-    stride_oc,
-    BC: tl.constexpr,
-    DP: tl.constexpr,
-    BM: tl.constexpr,
-):
-    """``O[b, c] = K̃_cᵀ W_c`` (``d × m``, columns ``mt·BM …``) for chunk ``c`` of entry ``b``.
-
-    ``O`` ``(B, NC, d, m)`` contiguous in its last two dims.
-    """
-    c = tl.program_id(0).to(tl.int64)
-    mt = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    rows = c * BC + tl.arange(0, BC)
-    rm = (rows < n)[:, None]
-    cd = tl.arange(0, DP)
-    cm = mt * BM + tl.arange(0, BM)
-    Kc = tl.load(
-        k_ptr + b * stride_kb + rows[:, None] * stride_kn + cd[None, :],
-        mask=rm & (cd < d)[None, :],
-        other=0.0,
-    )
-    Wc = tl.load(
-        w_ptr + b * stride_wb + rows[:, None] * stride_wn + cm[None, :],
-        mask=rm & (cm < m)[None, :],
-        other=0.0,
-    )
-    op = o_ptr + b * stride_ob + c * stride_oc + cd[:, None] * m + cm[None, :]
-    tl.store(op, mm(tl.trans(Kc), Wc), mask=(cd < d)[:, None] & (cm < m)[None, :])
-
-
-@triton.jit
 def _decay_state_kernel(
-    g_ptr,
-    s_ptr,
+    u_ptr,
+    p_ptr,
+    kt_ptr,
     r_ptr,
+    x_ptr,
+    n,
     d,
     e,
     NC,
-    stride_gb,
-    stride_gc,
-    stride_sb,
-    stride_sc,
+    stride_ub,
+    stride_un,
+    stride_pb,
+    stride_pn,
     stride_rb,
     stride_rn,
     BC: tl.constexpr,
@@ -243,77 +199,34 @@ def _decay_state_kernel(
     BE: tl.constexpr,
     PER_CHANNEL: tl.constexpr,
 ):
-    """The chain over the chunks on columns ``et·BE …`` of the state, in place in ``S``.
+    """Columns ``et·BE …`` of ``X`` for batch entry ``b``: the chain over the chunks (module doc).
 
-    ``S[b, c]`` holds ``B_c = K̃_cᵀ U_c`` on entry and the state ``S_c`` before chunk ``c`` on
-    exit: ``S_0 = 0``, ``S_{c+1} = e^{R_last} ⊙ S_c − G_c S_c + B_c`` with ``G_c = K̃_cᵀ P_c``
-    (``G`` ``(B, NC, d, d)``): one product per step.
+    ``X`` has the strides of ``U``; ``K̃`` those of ``P``.
     """
     et = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    ar = tl.arange(0, BC)
     ce = et * BE + tl.arange(0, BE)
+    cem = (ce < e)[None, :]
     cd = tl.arange(0, DP)
-    md = (cd < d)[:, None]
-    ms = md & (ce < e)[None, :]
-    gp = g_ptr + b * stride_gb + cd[:, None] * d + cd[None, :]
-    sp = s_ptr + b * stride_sb + cd[:, None] * e + ce[None, :]
+    cdm = (cd < d)[None, :]
     S = tl.zeros((DP, BE), dtype=tl.float32)
     for c in range(NC):
-        G = tl.load(gp + c * stride_gc, mask=md & (cd < d)[None, :], other=0.0)
-        Bc = tl.load(sp + c * stride_sc, mask=ms, other=0.0)
+        rows = c * BC + ar
+        rm = (rows < n)[:, None]
+        uoff = b * stride_ub + rows[:, None] * stride_un + ce[None, :]
+        poff = b * stride_pb + rows[:, None] * stride_pn + cd[None, :]
+        Uc = tl.load(u_ptr + uoff, mask=rm & cem, other=0.0)
+        Pc = tl.load(p_ptr + poff, mask=rm & cdm, other=0.0)
+        Kc = tl.load(kt_ptr + poff, mask=rm & cdm, other=0.0)
         last = r_ptr + b * stride_rb + (c * BC + BC - 1) * stride_rn
         if PER_CHANNEL:
             step = _below(tl.load(last + cd, mask=cd < d, other=0.0))[:, None]
         else:
             step = _below(tl.load(last))
-        tl.store(sp + c * stride_sc, S, mask=ms)
-        S = S * step - mm(G, S) + Bc
-
-
-@triton.jit
-def _decay_correct_kernel(
-    u_ptr,
-    p_ptr,
-    s_ptr,
-    x_ptr,
-    n,
-    d,
-    e,
-    stride_ub,
-    stride_un,
-    stride_pb,
-    stride_pn,
-    stride_sb,
-    stride_sc,
-    BC: tl.constexpr,
-    DP: tl.constexpr,
-    BE: tl.constexpr,
-):
-    """``X_c = U_c − P_c S_c`` for chunk ``c`` of entry ``b`` (columns ``et·BE …``).
-
-    ``X`` has the strides of ``U``.
-    """
-    c = tl.program_id(0).to(tl.int64)
-    et = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    rows = c * BC + tl.arange(0, BC)
-    rm = (rows < n)[:, None]
-    ce = et * BE + tl.arange(0, BE)
-    cem = (ce < e)[None, :]
-    cd = tl.arange(0, DP)
-    uoff = b * stride_ub + rows[:, None] * stride_un + ce[None, :]
-    Uc = tl.load(u_ptr + uoff, mask=rm & cem, other=0.0)
-    Pc = tl.load(
-        p_ptr + b * stride_pb + rows[:, None] * stride_pn + cd[None, :],
-        mask=rm & (cd < d)[None, :],
-        other=0.0,
-    )
-    S = tl.load(
-        s_ptr + b * stride_sb + c * stride_sc + cd[:, None] * e + ce[None, :],
-        mask=(cd < d)[:, None] & cem,
-        other=0.0,
-    )
-    tl.store(x_ptr + uoff, Uc - mm(Pc, S), mask=rm & cem)
+        X = Uc - mm(Pc, S)
+        tl.store(x_ptr + uoff, X, mask=rm & cem)
+        S = S * step + mm(tl.trans(Kc), X)
 
 
 @triton.jit
@@ -520,8 +433,8 @@ def tri_solve_decay_triton(
     """``T⁻¹ V`` for the decayed ``T`` (module doc): float32 ``(B, n, ·)`` operands, ``d ≤ 128``.
 
     ``log_decay`` is ``(B, n, 1)`` or ``(B, n, d)`` of any floating dtype. Cost
-    ``≈ n (2 C d + 2 C e + 4 d e + 2 d²) + 2 n d² e / C`` FLOPs (plus ``C² d`` for a decay per
-    channel) in five launches; the chain is ``n/C`` steps of one ``d×d`` by ``d×e`` product.
+    ``≈ n (2 C d + 2 C e + 4 d e)`` FLOPs (plus ``C² d`` for a decay per channel), in
+    ``n/C`` dependent steps of the state pass.
     """
     B, n, d = Q.shape
     e = V.shape[-1]
@@ -567,69 +480,28 @@ def tri_solve_decay_triton(
         PER_CHANNEL=per_channel,
         num_warps=config.chunk_warps,
     )
-    DP = pow2(d, _MIN_N)
-    G = torch.empty((B, NC, d, d), dtype=torch.float32, device=Q.device)
-    S = torch.empty((B, NC, d, e), dtype=torch.float32, device=Q.device)
-    for W, out in ((P, G), (U, S)):
-        m = W.shape[-1]
-        BM = min(64, pow2(m, _MIN_N))
-        _chunk_gram_kernel[(NC, triton.cdiv(m, BM), B)](
-            Kt,
-            W,
-            out,
-            n,
-            d,
-            m,
-            Kt.stride(0),
-            Kt.stride(1),
-            W.stride(0),
-            W.stride(1),
-            out.stride(0),
-            out.stride(1),
-            BC=C,
-            DP=DP,
-            BM=BM,
-            num_warps=config.chunk_warps,
-        )
     BE = max(_MIN_N, min(config.state_block, pow2(e)))
     _decay_state_kernel[(triton.cdiv(e, BE), B)](
-        G,
-        S,
-        R,
-        d,
-        e,
-        NC,
-        G.stride(0),
-        G.stride(1),
-        S.stride(0),
-        S.stride(1),
-        R.stride(0),
-        R.stride(1),
-        BC=C,
-        DP=DP,
-        BE=BE,
-        PER_CHANNEL=per_channel,
-        num_warps=config.state_warps,
-    )
-    BX = min(64, pow2(e, _MIN_N))
-    _decay_correct_kernel[(NC, triton.cdiv(e, BX), B)](
         U,
         P,
-        S,
+        Kt,
+        R,
         X,
         n,
         d,
         e,
+        NC,
         U.stride(0),
         U.stride(1),
         P.stride(0),
         P.stride(1),
-        S.stride(0),
-        S.stride(1),
+        R.stride(0),
+        R.stride(1),
         BC=C,
-        DP=DP,
-        BE=BX,
-        num_warps=config.chunk_warps,
+        DP=pow2(d, _MIN_N),
+        BE=BE,
+        PER_CHANNEL=per_channel,
+        num_warps=config.state_warps,
     )
     return X
 
