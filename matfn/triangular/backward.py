@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from .paths import causal_decay_flat, solve_flat
-from .reference import reverse_log_decay
+from .reference import reverse_log_decay, wide_dtype
 
 __all__ = [
     "causal_products",
@@ -118,14 +118,13 @@ def decay_grad(
     """``dℓ`` ``(b, n, g)``: the reverse cumulative sum of ``dG = Q ⊙ dQ − K ⊙ dK``.
 
     ``G = cumsum(ℓ)``; with one decay per row (``g = 1``) ``dG`` is summed over the channels.
-    The sum runs in float64 (float32 on MPS): over thousands of rows a float32 sum would add
-    ``n·u`` relative error to ``dℓ``'s small entries.
+    The sum runs in float64 (:func:`~matfn.triangular.reference.wide_dtype`): over thousands of
+    rows a float32 sum would add ``n·u`` relative error to ``dℓ``'s small entries.
     """
     dG = Q * dQ - K * dK
     if groups == 1:
         dG = dG.sum(-1, keepdim=True)
-    wide = torch.float32 if dG.device.type == "mps" else torch.float64
-    return dG.to(wide).flip(1).cumsum(1).flip(1).to(dG.dtype)
+    return dG.to(wide_dtype(dG.device)).flip(1).cumsum(1).flip(1).to(dG.dtype)
 
 
 def tri_solve_backward(

@@ -30,7 +30,7 @@ from matfn._autocast import no_autocast
 from matfn._backend import triton_module, use_triton
 from matfn._validation import assert_all_finite, check_matrix, check_same_device
 
-from .reference import decay_factors
+from .reference import chunk_log_decay, decay_factors, wide_dtype
 
 __all__ = ["tri_inv_chunks", "tri_inv_chunks_torch"]
 
@@ -68,7 +68,7 @@ def tri_inv_chunks_torch(
     NC = -(-n // C)
     pad = NC * C - n
     dt = K.dtype
-    edt = torch.float32 if K.device.type == "mps" else torch.float64  # MPS has no float64
+    edt = wide_dtype(K.device)
     Kc = torch.nn.functional.pad(K.to(edt), (0, 0, 0, pad)).reshape(B * NC, C, d)
     bc = torch.nn.functional.pad(beta, (0, pad)).reshape(B * NC, C, 1)
     if log_decay is None:
@@ -76,8 +76,7 @@ def tri_inv_chunks_torch(
         A = (Kc @ Kc.mT) * below
     else:
         g = log_decay.shape[-1]
-        R = torch.nn.functional.pad(log_decay.to(edt), (0, 0, 0, pad))
-        R = R.reshape(B * NC, C, g).cumsum(1)
+        R = chunk_log_decay(log_decay, C).reshape(B * NC, C, g)
         if g == 1:
             A = (Kc @ Kc.mT) * decay_factors(R, dt).to(edt)
         else:

@@ -30,6 +30,7 @@ __all__ = [
     "tri_solve_torch",
     "tri_inv_chunked_torch",
     "tri_solve_chunked_torch",
+    "wide_dtype",
     "chunk_log_decay",
     "tri_solve_decay_chunked_torch",
     "causal_product_decay_torch",
@@ -169,16 +170,21 @@ def decay_factors(R: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(below[..., None], D, -torch.inf).to(dtype).exp()
 
 
+def wide_dtype(device: torch.device) -> torch.dtype:
+    """float64 for sums that must not cancel or drift; float32 on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def chunk_log_decay(log_decay: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """``R`` ``(B, NC, C, g)``: the cumulative sum of ``ℓ`` ``(B, n, g)`` inside each chunk.
 
     ``R_i = G_i − G_{l−1}`` for the chunk starting at row ``l``: every exponent the decayed forms
-    and kernels use is a difference of two of these. In float64 (float32 on MPS, which has no
-    float64), so that differences of large sums do not cancel. Padded rows have ``ℓ = 0``, so
-    their ``R`` repeats the chunk's last real one.
+    and kernels use is a difference of two of these. In :func:`wide_dtype`, so that differences
+    of large sums do not cancel. Padded rows have ``ℓ = 0``, so their ``R`` repeats the chunk's
+    last real one.
     """
     NC = -(-log_decay.shape[1] // chunk_size)
-    wide = torch.float32 if log_decay.device.type == "mps" else torch.float64
+    wide = wide_dtype(log_decay.device)
     return _chunk_rows(log_decay.to(wide), NC, chunk_size).cumsum(2)
 
 
