@@ -68,6 +68,33 @@ def _below(x):
 
 
 @triton.jit
+def _through_row(R, rb, stride_rn, row0, J: tl.constexpr, cols, cm, BC: tl.constexpr):
+    """The factors of ``exp(R_i − R_j)`` for ``j`` in sub-block ``J`` and ``i`` below it.
+
+    Through the sub-block's last row ``b``: ``(exp(R_i − R_b)`` on the rows ``i > b``,
+    ``exp(R_b − R_j)`` on the rows of sub-block ``J``), 0 elsewhere, both ``≤ 1``. ``R``
+    ``(BC, ·)`` holds the chunk's rows (from row ``row0``) on the channels ``cols``.
+    """
+    ar = tl.arange(0, BC)
+    ref_row = J * SUB + SUB - 1
+    ref = tl.load(rb + (row0 + ref_row) * stride_rn + cols, mask=cm, other=0.0)
+    after = _below(tl.where((ar > ref_row)[:, None], R - ref[None, :], _NEG_INF))
+    before = _below(tl.where((ar // SUB == J)[:, None], ref[None, :] - R, _NEG_INF))
+    return after, before
+
+
+@triton.jit
+def _diagonal_factor(R, rb, stride_rn, rj, jrow, cols, cm, BC: tl.constexpr):
+    """``exp(R_i − R_j)`` for each row ``i`` and the row ``j = jrow[i]`` of its own sub-block.
+
+    ``rj`` is ``jrow``'s row in the array; 0 where ``i ≤ j``.
+    """
+    ar = tl.arange(0, BC)
+    Rj = tl.load(rb + rj[:, None] * stride_rn + cols[None, :], mask=cm[None, :], other=0.0)
+    return _below(tl.where((ar > jrow)[:, None], R - Rj, _NEG_INF))
+
+
+@triton.jit
 def _decay_chunk_kernel(
     q_ptr,
     k_ptr,
@@ -124,21 +151,15 @@ def _decay_chunk_kernel(
             R = tl.load(rb + rows[:, None] * stride_rn + cols[None, :], mask=cm[None, :], other=0.0)
             # sub-blocks below the diagonal: through the last row of the earlier one
             for J in tl.static_range(BC // SUB - 1):
-                ref_row = J * SUB + SUB - 1
-                ref = tl.load(rb + (c * BC + ref_row) * stride_rn + cols, mask=cm, other=0.0)
-                qs = qt * _below(tl.where((ar > ref_row)[:, None], R - ref[None, :], _NEG_INF))
-                ks = kt * _below(tl.where((sub == J)[:, None], ref[None, :] - R, _NEG_INF))
-                A += mm(qs, tl.trans(ks))
+                after, before = _through_row(R, rb, stride_rn, c * BC, J, cols, cm, BC)
+                A += mm(qt * after, tl.trans(kt * before))
             # diagonal sub-blocks: column j = jrow of every row at once
             for jj in range(SUB):
                 jrow = sub * SUB + jj
                 rj = c * BC + jrow
                 mj = (rj < n)[:, None] & cm[None, :]
                 kj = tl.load(kb + rj[:, None] * stride_qn + cols[None, :], mask=mj, other=0.0)
-                Rj = tl.load(
-                    rb + rj[:, None] * stride_rn + cols[None, :], mask=cm[None, :], other=0.0
-                )
-                w = qt * kj * _below(tl.where((ar > jrow)[:, None], R - Rj, _NEG_INF))
+                w = qt * kj * _diagonal_factor(R, rb, stride_rn, rj, jrow, cols, cm, BC)
                 A += tl.where(ar[None, :] == jrow[:, None], tl.sum(w, axis=1)[:, None], 0.0)
     else:
         for k0 in range(0, d, BK):
@@ -378,11 +399,8 @@ def _product_out_kernel(
         R = tl.load(rb + rows[:, None] * stride_rn + cd[None, :], mask=cdm[None, :], other=0.0)
         O = _below(R) * mm(Ac, H)
         for J in tl.static_range(BC // SUB - 1):
-            ref_row = J * SUB + SUB - 1
-            ref = tl.load(rb + (c * BC + ref_row) * stride_rn + cd, mask=cdm, other=0.0)
-            ws = Wc * _below(tl.where((ar // SUB == J)[:, None], ref[None, :] - R, _NEG_INF))
-            gi = _below(tl.where((ar > ref_row)[:, None], R - ref[None, :], _NEG_INF))
-            O += gi * mm(P, ws)
+            after, before = _through_row(R, rb, stride_rn, c * BC, J, cd, cdm, BC)
+            O += after * mm(P, Wc * before)
         for jj in range(SUB):
             jrow = (ar // SUB) * SUB + jj
             p = tl.sum(tl.where(ar[None, :] == jrow[:, None], P, 0.0), axis=1)
@@ -392,8 +410,7 @@ def _product_out_kernel(
                 mask=(rj < n)[:, None] & cdm[None, :],
                 other=0.0,
             )
-            Rj = tl.load(rb + rj[:, None] * stride_rn + cd[None, :], mask=cdm[None, :], other=0.0)
-            O += p[:, None] * wj * _below(tl.where((ar > jrow)[:, None], R - Rj, _NEG_INF))
+            O += p[:, None] * wj * _diagonal_factor(R, rb, stride_rn, rj, jrow, cd, cdm, BC)
     else:
         R = tl.load(rb + rows * stride_rn)
         Pd = P * _below(tl.where(below, R[:, None] - R[None, :], _NEG_INF))
