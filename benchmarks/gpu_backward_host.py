@@ -5,7 +5,7 @@ for it; ``benchmarks.public_api.host_ms``), from the innermost launcher outwards
 time (``do_bench``) for comparison. A row far above the one inside it is Python or dispatch
 cost of that layer.
 
-Usage: ``python3 benchmarks/gpu_backward_host.py [--decay none,gdn]``.
+Usage: ``python3 benchmarks/gpu_backward_host.py [--decay none,GDN,KDA]``.
 """
 
 from __future__ import annotations
@@ -20,18 +20,15 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
 import matfn  # noqa: E402
+from benchmarks.gpu_decay import make  # noqa: E402
 from benchmarks.public_api import host_ms  # noqa: E402
 from matfn.triangular import backward, ops, paths  # noqa: E402
 
 
 def case(decay: str):
-    g = torch.Generator("cuda").manual_seed(0)
-    K = torch.nn.functional.normalize(torch.randn(1, 4096, 128, device="cuda", generator=g), dim=-1)
-    Q = torch.rand(1, 4096, 1, device="cuda", generator=g) * K
-    V = torch.randn(1, 4096, 128, device="cuda", generator=g)
-    L = None if decay == "none" else -torch.rand(1, 4096, device="cuda", generator=g)
+    Q, K, V, L = make(1, 4096, 128, decay, 1.0)
     lam = torch.ones(1, 4096, device="cuda")
-    Lop = None if L is None else L.unsqueeze(-1)
+    Lop = None if L is None else L.reshape(1, 4096, -1)  # the ops' (B, n, g)
     X = matfn.tri_solve(Q, K, V, log_decay=L)
     dX = torch.randn_like(X)
     leaves = [x.clone().requires_grad_() for x in (Q, K, V)]
@@ -70,7 +67,7 @@ def case(decay: str):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--decay", default="none,gdn")
+    p.add_argument("--decay", default="none,GDN", help="kinds of benchmarks.gpu_decay.make")
     args = p.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
     print("| decay | call | host ms | do_bench ms |\n|---|---|---|---|")

@@ -24,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
 import matfn  # noqa: E402
+from benchmarks.gpu_decay import make  # noqa: E402
 from optim import Muon  # noqa: E402
 
 
@@ -88,17 +89,13 @@ def tri_case(op: str):
     return lambda: tri_solve_triton(Q, K, V, lam)
 
 
-def tri_backward(decay: str | None, graph: bool = False):
-    """``tri_solve`` forward + ``autograd.grad`` (n = 4096, d = e = 128).
+def tri_backward(kind: str, graph: bool = False):
+    """``tri_solve`` forward + ``autograd.grad`` (n = 4096, d = e = 128, batch 1).
 
+    ``kind``: as in :func:`benchmarks.gpu_decay.make` (``none``, ``GDN``, ``KDA``).
     ``graph``: the default ``cuda_graph=True`` (forward and backward replayed), else eager.
     """
-    g = torch.Generator(device="cuda").manual_seed(0)
-    K = torch.nn.functional.normalize(torch.randn(1, 4096, 128, device="cuda", generator=g), dim=-1)
-    Q = torch.rand(1, 4096, 1, device="cuda", generator=g) * K
-    V = torch.randn(1, 4096, 128, device="cuda", generator=g)
-    shape = {None: None, "gdn": (1, 4096), "kda": (1, 4096, 128)}[decay]
-    L = None if shape is None else -torch.rand(shape, device="cuda", generator=g)
+    Q, K, V, L = make(1, 4096, 128, kind, 1.0)
     leaves = [x.requires_grad_() for x in (Q, K, V, L) if x is not None]
     dX = torch.randn_like(V)
 
@@ -128,11 +125,11 @@ def triton_launch(n_args: int):
 CASES = {
     "tri_inv4096": lambda: tri_case("inv"),
     "tri_solve4096": lambda: tri_case("solve"),
-    "tri_solve_backward4096": lambda: tri_backward(None),
-    "tri_solve_backward4096_graph": lambda: tri_backward(None, graph=True),
-    "gdn_backward4096": lambda: tri_backward("gdn"),
-    "gdn_backward4096_graph": lambda: tri_backward("gdn", graph=True),
-    "kda_backward4096": lambda: tri_backward("kda"),
+    "tri_solve_backward4096": lambda: tri_backward("none"),
+    "tri_solve_backward4096_graph": lambda: tri_backward("none", graph=True),
+    "gdn_backward4096": lambda: tri_backward("GDN"),
+    "gdn_backward4096_graph": lambda: tri_backward("GDN", graph=True),
+    "kda_backward4096": lambda: tri_backward("KDA"),
     "triton_launch1": lambda: triton_launch(1),
     "triton_launch19": lambda: triton_launch(19),
     "muon": gpt2_muon,
